@@ -1,0 +1,110 @@
+"""Procedural dSprites-style shapes: no files, deterministic from a seed.
+
+Each image is one white shape on black, drawn from five ground-truth factors on the grids
+of dSprites (Matthey et al. 2017): shape (square, ellipse, heart), scale (6 values in
+[0.5, 1]), orientation (40 values in [0, 2 pi)), position x and y (32 values each in [0, 1]).
+Images are binary, float32 in {0, 1}, shape (1, S, S); the factors come with each image as a
+float tensor ``[shape, scale, orientation, pos_x, pos_y]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from datamodules.base import ImageDataModule
+
+__all__ = ["FACTOR_NAMES", "SHAPE_NAMES", "ShapesDataModule", "render_shapes", "sample_factors"]
+
+SHAPE_NAMES = ("square", "ellipse", "heart")
+FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
+SCALES = torch.linspace(0.5, 1.0, 6)
+ORIENTATIONS = torch.arange(40) * (2 * math.pi / 40)
+POSITIONS = torch.linspace(0.0, 1.0, 32)
+# Largest half-extent of a shape (at scale 1), as a fraction of the image side; centres stay
+# far enough from the border that every shape is fully inside the image.
+MAX_HALF_EXTENT = 0.18
+
+
+def sample_factors(num_images: int, seed: int) -> Tensor:
+    """Factors (num_images, 5) drawn uniformly from the dSprites grids with a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(values: Tensor) -> Tensor:
+        return values[torch.randint(len(values), (num_images,), generator=g)]
+
+    shape = torch.randint(len(SHAPE_NAMES), (num_images,), generator=g).float()
+    return torch.stack([shape, pick(SCALES), pick(ORIENTATIONS), pick(POSITIONS), pick(POSITIONS)], dim=1)
+
+
+def render_shapes(factors: Tensor, image_size: int = 64, chunk_size: int = 4096) -> Tensor:
+    """Binary images (N, 1, S, S), float32 in {0, 1}, from factors (N, 5) (see module docstring)."""
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
+    py, px = torch.meshgrid(coords, coords, indexing="ij")  # (S, S), y down
+    images = []
+    for chunk in factors.split(chunk_size):
+        shape, scale, angle, pos_x, pos_y = (f.view(-1, 1, 1) for f in chunk.T)
+        margin = MAX_HALF_EXTENT * 1.3
+        cx, cy = margin + (1 - 2 * margin) * pos_x, margin + (1 - 2 * margin) * pos_y
+        half = MAX_HALF_EXTENT * scale
+        dx, dy = px - cx, py - cy
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # Pixel in the shape's own frame (rotated by -angle), in units of its half extent.
+        a = (cos * dx + sin * dy) / half
+        b = (-sin * dx + cos * dy) / half
+        square = (a.abs() <= 0.8) & (b.abs() <= 0.8)
+        ellipse = a.pow(2) + (b / 0.5).pow(2) <= 1.0
+        hx, hy = 1.15 * a, -1.15 * b + 0.15  # heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, point down
+        heart = (hx.pow(2) + hy.pow(2) - 1).pow(3) - hx.pow(2) * hy.pow(3) <= 0
+        inside = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
+        images.append(inside.float().unsqueeze(1))
+    return torch.cat(images)
+
+
+class ShapesDataModule(ImageDataModule):
+    """dSprites-style shapes generated in memory (no download, no files).
+
+    Batches are ``(images, factors)``: images (B, 1, S, S) in {0, 1}, factors (B, 5).
+
+    Args:
+        image_size: side S of the square images.
+        num_train, num_val: images in each split (generated from disjoint seeds).
+        seed: seed of the factors; the same seed gives the same images on every rank and run.
+        batch_size, num_workers, shuffle, pin_memory: see :class:`ImageDataModule`.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        num_train: int = 20_000,
+        num_val: int = 2_000,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory)
+        if image_size < 8:
+            raise ValueError(f"ShapesDataModule image_size must be at least 8 pixels, got {image_size!r}.")
+        if num_train < 1 or num_val < 1:
+            raise ValueError(f"num_train and num_val must be positive, got {num_train!r} and {num_val!r}.")
+        self.image_size = image_size
+        self.num_train = num_train
+        self.num_val = num_val
+        self.seed = seed
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, self.image_size, self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        train_factors = sample_factors(self.num_train, seed=2 * self.seed)
+        val_factors = sample_factors(self.num_val, seed=2 * self.seed + 1)
+        self.train_dataset = TensorDataset(render_shapes(train_factors, self.image_size), train_factors)
+        self.val_dataset = TensorDataset(render_shapes(val_factors, self.image_size), val_factors)

@@ -1,0 +1,69 @@
+"""Decoder likelihoods p(x | z) for ELBO reporting and ELBO-type objectives.
+
+A decoder outputs one tensor of the image's shape (N, C, H, W); the likelihood says how to
+read it: its ``mean`` (the reconstruction, in data units) and its ``log_prob`` of the data in
+nats per image (summed over C, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BernoulliLikelihood", "GaussianLikelihood", "Likelihood"]
+
+
+class Likelihood(nn.Module):
+    """Interface: how to read a decoder output as a distribution over images."""
+
+    def mean(self, decoder_output: Tensor) -> Tensor:
+        """The reconstruction E[x | z], shape (N, C, H, W)."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor, decoder_output: Tensor) -> Tensor:
+        """log p(x | z) in nats per image, shape (N,)."""
+        raise NotImplementedError
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian with the decoder output as mean (unbounded, no sigmoid) and a scalar std.
+
+    Args:
+        sigma: standard deviation in data units (initial value when learned).
+        learn_sigma: learn ``log sigma`` by gradient descent (one scalar shared by all pixels).
+    """
+
+    def __init__(self, sigma: float = 0.1, learn_sigma: bool = False) -> None:
+        super().__init__()
+        if not sigma > 0:
+            raise ValueError(f"GaussianLikelihood sigma must be positive, got {sigma!r}.")
+        log_sigma = torch.tensor(math.log(sigma), dtype=torch.float32)
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def mean(self, decoder_output: Tensor) -> Tensor:
+        return decoder_output
+
+    def log_prob(self, x: Tensor, decoder_output: Tensor) -> Tensor:
+        log_sigma = self.log_sigma.float()
+        squared_error = (x.float() - decoder_output.float()).pow(2).flatten(1).sum(dim=1)
+        num_elements = x[0].numel()
+        return -0.5 * squared_error * torch.exp(-2.0 * log_sigma) - num_elements * (
+            log_sigma + 0.5 * math.log(2.0 * math.pi)
+        )
+
+
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli with the decoder output as logits; for binary (or [0, 1]) images."""
+
+    def mean(self, decoder_output: Tensor) -> Tensor:
+        return torch.sigmoid(decoder_output)
+
+    def log_prob(self, x: Tensor, decoder_output: Tensor) -> Tensor:
+        bce = F.binary_cross_entropy_with_logits(decoder_output.float(), x.float(), reduction="none")
+        return -bce.flatten(1).sum(dim=1)

@@ -1,0 +1,102 @@
+"""Convolutional encoder and decoder for images of any size and channel count.
+
+Each level halves the spatial size (kernel 4, stride 2, padding 1: ``H -> floor(H / 2)``); the
+decoder mirrors the encoder and asks each transposed convolution for the exact size the
+encoder saw, so odd sizes (28, 33, ...) round-trip without cropping or padding tricks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ConvDecoder", "ConvEncoder", "conv_feature_sizes"]
+
+
+def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
+    """Spatial sizes ``[(H, W), (H/2, W/2), ...]`` of the ``num_levels + 1`` feature maps."""
+    sizes = [(height, width)]
+    for _ in range(num_levels):
+        h, w = sizes[-1]
+        if h < 2 or w < 2:
+            raise ValueError(
+                f"Images of size {height}x{width} are too small for {num_levels} stride-2 levels "
+                f"(level {len(sizes)} would be {h // 2}x{w // 2}); use fewer widths or larger images."
+            )
+        sizes.append((h // 2, w // 2))
+    return sizes
+
+
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
+        raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {tuple(image_shape)}.")
+    c, h, w = (int(s) for s in image_shape)
+    return c, h, w
+
+
+class ConvEncoder(nn.Module):
+    """Image (N, C, H, W) -> feature vector (N, hidden_dim).
+
+    Args:
+        image_shape: (C, H, W) of the inputs.
+        widths: output channels of each stride-2 level.
+        hidden_dim: size of the fully connected layer after the convolutions.
+    """
+
+    def __init__(self, image_shape: Sequence[int], widths: Sequence[int] = (32, 32, 64, 64), hidden_dim: int = 256):
+        super().__init__()
+        channels, height, width = _check_image_shape(image_shape)
+        self.sizes = conv_feature_sizes(height, width, len(widths))
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for out_channels in widths:
+            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        h, w = self.sizes[-1]
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, hidden_dim), nn.SiLU())
+        self.out_features = hidden_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.convs(x))
+
+
+class ConvDecoder(nn.Module):
+    """Latent (N, latent_dim) -> decoder output (N, C, H, W), unbounded (the likelihood reads it).
+
+    Mirrors :class:`ConvEncoder` with the same ``image_shape``, ``widths`` and ``hidden_dim``.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        widths: Sequence[int] = (32, 32, 64, 64),
+        hidden_dim: int = 256,
+    ):
+        super().__init__()
+        channels, height, width = _check_image_shape(image_shape)
+        self.sizes = conv_feature_sizes(height, width, len(widths))
+        widths = list(widths)
+        h, w = self.sizes[-1]
+        self.top_shape = (widths[-1], h, w)
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, widths[-1] * h * w), nn.SiLU()
+        )
+        out_channels = widths[-2::-1] + [channels]
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+            for c_in, c_out in zip(widths[::-1], out_channels)
+        )
+        self.activation = nn.SiLU()
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.fc(z).view(z.shape[0], *self.top_shape)
+        targets = self.sizes[-2::-1]
+        for i, (deconv, size) in enumerate(zip(self.deconvs, targets)):
+            h = deconv(h, output_size=list(size))
+            if i < len(self.deconvs) - 1:
+                h = self.activation(h)
+        return h

@@ -1,0 +1,117 @@
+"""Training objectives: what a VAE's loss is made of, independent of the model.
+
+Every objective maps a :class:`~lightning_geco.models.base.VAEOutput` (per-image rate,
+distortion and log-likelihood) to a scalar loss in nats per image. The model always logs
+the unit-weight ELBO beside the loss, so the two are never confused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lightning_geco.constraints import Constraint, ReconstructionMSE
+from lightning_geco.geco import GECO
+
+if TYPE_CHECKING:
+    from lightning_geco.models.base import VAEOutput
+
+__all__ = ["BetaVAE", "ELBO", "GECOObjective", "Objective"]
+
+
+class Objective(nn.Module):
+    """Interface: ``loss(output) -> scalar`` (nats per image, averaged over the batch)."""
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        raise NotImplementedError
+
+
+class ELBO(Objective):
+    """Negative evidence lower bound: ``-(log p(x|z) - KL)`` under the model's likelihood."""
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return -(output.log_likelihood - output.rate).mean()
+
+
+class BetaVAE(Objective):
+    """beta-VAE (Higgins et al. 2017): ``-(log p(x|z) - beta * KL)`` with a fixed beta."""
+
+    def __init__(self, beta: float = 4.0) -> None:
+        super().__init__()
+        if not beta >= 0:
+            raise ValueError(f"BetaVAE beta must be >= 0, got {beta!r}.")
+        self.beta = float(beta)
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return -(output.log_likelihood - self.beta * output.rate).mean()
+
+
+class GECOObjective(Objective):
+    """GECO Lagrangian: ``E[rate] + sum_k lambda_k * D_k * C_k`` (Rezende & Viola 2018).
+
+    ``C_k`` is the stop-gradient constraint of Algorithm 1 (value: moving average, gradient:
+    this batch) and ``D_k`` the constraint's elements per example, so each term is in nats per
+    image like the rate. The multipliers live in a :class:`~lightning_geco.geco.GECO` that
+    :class:`~lightning_geco.callbacks.GECOCallback` attaches and moves; training without it
+    raises instead of silently keeping lambda = 1.
+
+    Args:
+        constraints: one or more constraints; default: per-element MSE at most 0.01 (20 dB).
+    """
+
+    def __init__(self, constraints: Sequence[Constraint] | None = None) -> None:
+        super().__init__()
+        constraints = list(constraints) if constraints is not None else [ReconstructionMSE()]
+        if not constraints:
+            raise ValueError("GECOObjective needs at least one constraint, got an empty list.")
+        names = [c.name for c in constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"GECOObjective constraint names must be unique, got {names}.")
+        self.constraints = nn.ModuleList(constraints)
+        self.geco: GECO | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.constraints]
+
+    def describe(self) -> list[dict[str, float | str]]:
+        return [c.describe() for c in self.constraints]
+
+    def attach(self, geco: GECO) -> None:
+        """Give the objective the multipliers it reads (done by GECOCallback)."""
+        if geco.names != self.names:
+            raise ValueError(f"GECO state is for constraints {geco.names}, objective has {self.names}.")
+        self.geco = geco
+
+    def constraint_values(self, output: VAEOutput) -> Tensor:
+        """Per-example constraint values, shape (N, K), fp32."""
+        return torch.stack([c(output).float() for c in self.constraints], dim=1)
+
+    def forward(self, output: VAEOutput) -> Tensor | None:
+        """The Lagrangian; in eval mode the batch's own constraint with the current lambda.
+
+        Returns None in eval mode when no GECO state is attached (e.g. ``trainer.validate``
+        without the callback): there is no lambda to weigh the constraint with.
+        """
+        values = self.constraint_values(output)
+        if self.geco is None:
+            if not self.training:
+                return None
+            raise RuntimeError(
+                "GECOObjective has no Lagrange multipliers to read: nothing would update lambda. "
+                "Add lightning_geco.GECOCallback() to Trainer(callbacks=[...])."
+            )
+        if self.training:
+            constraint = self.geco.constraint_term(values)
+        else:
+            # Validation reads lambda but never records statistics or moves the state.
+            constraint = values.mean(dim=0)
+        scale = torch.tensor([c.num_elements(output) for c in self.constraints], dtype=torch.float32)
+        lagrangian = (self.geco.lagrange_multiplier * scale.to(constraint.device) * constraint).sum()
+        loss = output.rate.float().mean() + lagrangian
+        if self.training:
+            self.geco.record_loss(loss)
+        return loss

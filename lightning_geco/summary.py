@@ -1,0 +1,115 @@
+"""RunSummary: the final figures of a run in ``summary.json``, next to the run's logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+
+from lightning_geco.callbacks import GECOCallback
+
+__all__ = ["RunSummary", "run_directory"]
+
+VALIDATION_KEYS = ("distortion", "rate", "elbo", "marginal_kl", "mutual_info")
+
+
+def run_directory(trainer: pl.Trainer) -> Path:
+    """Where this run's own files go: the W&B run's files folder, else the logger's log_dir."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return Path(logger.experiment.dir)
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class RunSummary(Callback):
+    """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
+
+    Fields: the final validation ``distortion``, ``rate``, ``elbo``, ``marginal_kl``,
+    ``mutual_info`` (per image, see DESIGN.md's units); for a GECO model ``lambda``,
+    ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
+    unit as configured) and ``satisfied`` (every constraint's validation reading meets its
+    tolerance); ``global_step``, ``wall_clock_seconds`` and ``path``. With several constraints,
+    ``lambda``, ``constraint_ema`` and ``tolerance`` are dicts keyed by constraint name.
+    The W&B run summary gets the same fields.
+    """
+
+    def __init__(self, filename: str = "summary.json") -> None:
+        super().__init__()
+        self.filename = filename
+        self.path: Path | None = None
+        self.summary: dict[str, Any] = {}
+        self._validation: dict[str, float] = {}
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+        self._validation = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
+        # asking it to stop at max_steps gets the final validation the summary reports.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self._validation = {k: float(metrics[f"val/{k}"]) for k in VALIDATION_KEYS if f"val/{k}" in metrics}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
+        summary.update(self._geco_fields(trainer))
+        summary["global_step"] = trainer.global_step
+        summary["wall_clock_seconds"] = round(time.monotonic() - self._start, 3)
+        directory = run_directory(trainer)
+        self.path = directory / self.filename
+        summary["path"] = str(self.path)
+        self.summary = summary
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(summary, indent=2) + "\n")
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items()})
+
+    def _geco_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
+        callback = next((c for c in trainer.callbacks if isinstance(c, GECOCallback)), None)
+        if callback is None or callback.geco is None or callback.objective is None:
+            return {}
+        constraints = list(callback.objective.constraints)
+        lam = callback.geco.lagrange_multiplier.tolist()
+        ema = callback.geco.constraint_ema.tolist()
+        satisfied = [
+            c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
+        ]
+        tolerance = [getattr(c, "tolerance_mse", c.tolerance) for c in constraints]
+        stated = [{"value": c.tolerance, "unit": c.unit} for c in constraints]
+        if len(constraints) == 1:
+            fields: dict[str, Any] = {
+                "lambda": lam[0],
+                "constraint_ema": ema[0],
+                "tolerance": tolerance[0],
+                "tolerance_stated": stated[0],
+            }
+        else:
+            names = [c.name for c in constraints]
+            fields = {
+                "lambda": dict(zip(names, lam)),
+                "constraint_ema": dict(zip(names, ema)),
+                "tolerance": dict(zip(names, tolerance)),
+                "tolerance_stated": dict(zip(names, stated)),
+            }
+        fields["satisfied"] = all(satisfied)
+        return fields
