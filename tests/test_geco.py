@@ -1,0 +1,164 @@
+import math
+
+import pytest
+import torch
+
+from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
+
+
+def test_psnr_mse_conversion():
+    assert psnr_to_mse(20.0) == pytest.approx(0.01)
+    assert mse_to_psnr(0.001) == pytest.approx(30.0)
+    assert mse_to_psnr(psnr_to_mse(17.3)) == pytest.approx(17.3)
+
+
+def test_starts_at_lambda_one_and_first_update_seeds_the_moving_average():
+    geco = GECO(["a", "b"], alpha=0.9, step_size=0.5)
+    assert geco.lagrange_multiplier.tolist() == [1.0, 1.0]
+    assert not geco.seeded
+    values = torch.tensor([[0.2, -0.4], [0.4, -0.2]])
+    geco.constraint_term(values)
+    assert geco.update(geco.pending_statistics())
+    # Seeded with the first batch mean (no blending with the zero initial value).
+    assert geco.constraint_ema.tolist() == pytest.approx([0.3, -0.3])
+    assert geco.log_lagrange_multiplier.tolist() == pytest.approx([0.15, -0.15])
+    assert geco.seeded and geco.num_updates == 1
+
+
+def test_moving_average_and_log_space_update_follow_algorithm_1():
+    alpha, nu = 0.8, 0.3
+    geco = GECO(["c"], alpha=alpha, step_size=nu)
+    ema, log_lam = None, 0.0
+    for c_hat in [0.5, 0.1, -0.2, 0.05, -0.3]:
+        geco.constraint_term(torch.full((4, 1), c_hat))
+        geco.update(geco.pending_statistics())
+        ema = c_hat if ema is None else alpha * ema + (1 - alpha) * c_hat
+        log_lam += nu * ema
+        assert geco.constraint_ema.item() == pytest.approx(ema, abs=1e-6)
+        assert geco.lagrange_multiplier.item() == pytest.approx(math.exp(log_lam), rel=1e-5)
+
+
+def test_loss_value_is_the_moving_average_and_gradient_is_the_batch_gradient():
+    geco = GECO(["c"], alpha=0.9)
+    geco.constraint_term(torch.full((3, 1), 0.5))
+    geco.update(geco.pending_statistics())  # ema = 0.5
+    theta = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    per_example = (theta**2 / 10).unsqueeze(1)  # batch mean 14/30
+    term = geco.constraint_term(per_example)
+    expected_value = 0.9 * 0.5 + 0.1 * (14 / 30)
+    assert term.item() == pytest.approx(expected_value, rel=1e-6)
+    term.sum().backward()
+    # d/dtheta of mean(theta^2 / 10) = 2 theta / 30
+    assert theta.grad.tolist() == pytest.approx([2 / 30, 4 / 30, 6 / 30], rel=1e-6)
+
+
+@pytest.mark.parametrize("sign, direction", [(1.0, 1), (-1.0, -1), (0.0, 0)])
+def test_lambda_rises_when_violated_falls_when_satisfied_and_holds_at_zero(sign, direction):
+    geco = GECO(["c"], alpha=0.5, step_size=1.0)
+    previous = geco.lagrange_multiplier.item()
+    for _ in range(5):
+        geco.constraint_term(torch.full((2, 1), 0.1 * sign))
+        geco.update(geco.pending_statistics())
+        current = geco.lagrange_multiplier.item()
+        if direction > 0:
+            assert current > previous
+        elif direction < 0:
+            assert current < previous
+        else:
+            assert current == previous == 1.0
+        previous = current
+
+
+def test_log_lambda_bounds_keep_exp_finite_and_positive():
+    geco = GECO(["c"], alpha=0.0, step_size=1e6, log_lambda_bounds=(-5.0, 7.0))
+    geco.constraint_term(torch.full((1, 1), 1e30))
+    geco.update(geco.pending_statistics())
+    assert geco.log_lagrange_multiplier.item() == 7.0
+    assert math.isfinite(geco.lagrange_multiplier.item())
+    geco.constraint_term(torch.full((1, 1), -1e30))
+    geco.update(geco.pending_statistics())
+    assert geco.log_lagrange_multiplier.item() == -5.0
+    assert geco.lagrange_multiplier.item() > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_skip_the_update_and_leave_the_state_intact(bad):
+    geco = GECO(["c"], alpha=0.9, step_size=1.0)
+    geco.constraint_term(torch.full((2, 1), 0.2))
+    geco.update(geco.pending_statistics())
+    before = geco.state_dict()
+    geco.constraint_term(torch.tensor([[0.1], [bad]]))
+    assert not geco.update(geco.pending_statistics())
+    after = geco.state_dict()
+    assert torch.equal(before["log_lagrange_multiplier"], after["log_lagrange_multiplier"])
+    assert torch.equal(before["constraint_ema"], after["constraint_ema"])
+    assert after["num_updates"] == 1 and after["num_skipped_updates"] == 1
+    # The next finite batch updates normally from the untouched state.
+    geco.constraint_term(torch.full((2, 1), 0.2))
+    assert geco.update(geco.pending_statistics())
+    assert torch.isfinite(geco.lagrange_multiplier).all()
+
+
+def test_non_finite_loss_flag_skips_the_update():
+    geco = GECO(["c"])
+    geco.constraint_term(torch.full((2, 1), 0.2))
+    geco.record_loss(torch.tensor(float("nan")))
+    assert not geco.update(geco.pending_statistics())
+    assert not geco.seeded
+
+
+def test_micro_batches_accumulate_into_one_update():
+    whole, parts = GECO(["c"], alpha=0.5), GECO(["c"], alpha=0.5)
+    data = torch.tensor([[0.1], [0.3], [0.5], [0.9]])
+    whole.constraint_term(data)
+    parts.constraint_term(data[:1])
+    parts.constraint_term(data[1:])
+    torch.testing.assert_close(whole.pending_statistics(), parts.pending_statistics())
+    whole.update(whole.pending_statistics())
+    parts.update(parts.pending_statistics())
+    assert parts.num_updates == 1
+    torch.testing.assert_close(whole.log_lagrange_multiplier, parts.log_lagrange_multiplier)
+
+
+def test_state_stays_fp32_under_autocast():
+    geco = GECO(["c"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = torch.full((4, 1), 0.25, dtype=torch.bfloat16)
+        term = geco.constraint_term(values)
+        geco.update(geco.pending_statistics())
+    assert term.dtype == torch.float32
+    assert geco.lagrange_multiplier.dtype == torch.float32
+    assert geco.constraint_ema.dtype == torch.float32
+
+
+def test_state_dict_round_trip_and_incompatible_names():
+    geco = GECO(["a", "b"], alpha=0.5)
+    geco.constraint_term(torch.tensor([[0.1, -0.2]]))
+    geco.update(geco.pending_statistics())
+    restored = GECO(["a", "b"], alpha=0.5)
+    restored.load_state_dict(geco.state_dict())
+    assert torch.equal(restored.log_lagrange_multiplier, geco.log_lagrange_multiplier)
+    assert restored.seeded and restored.num_updates == 1
+    with pytest.raises(ValueError, match=r"holds constraints \['a', 'b'\], but this model has \['a'\]"):
+        GECO(["a"]).load_state_dict(geco.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 1.0}, r"alpha must lie in \[0, 1\), got 1.0"),
+        ({"alpha": -0.1}, r"alpha must lie in \[0, 1\), got -0.1"),
+        ({"step_size": 0.0}, r"step_size \(nu\) must be a positive finite number, got 0.0"),
+        ({"step_size": -1.0}, r"step_size \(nu\) must be a positive finite number, got -1.0"),
+        ({"log_lambda_bounds": (3.0, 1.0)}, r"log_lambda_bounds must be finite with low < high"),
+        ({"initial_lambda": 0.0}, r"initial_lambda must be positive"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_with_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GECO(["c"], **kwargs)
+
+
+def test_constraint_shape_is_checked():
+    with pytest.raises(ValueError, match=r"shape \(N, 2\), got \(4,\)"):
+        GECO(["a", "b"]).constraint_term(torch.zeros(4))

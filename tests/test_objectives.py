@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
+from lightning_geco import ELBO, BetaVAE, GaussianLikelihood, GECOObjective, ReconstructionMSE
+
+
+def _grads(loss, model):
+    return torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+
+
+@pytest.mark.parametrize("lam", [0.3, 2.0, 25.0])
+def test_geco_gradient_at_fixed_lambda_equals_gaussian_elbo_with_sigma2_one_over_two_lambda(lam):
+    torch.manual_seed(0)
+    sigma = math.sqrt(1.0 / (2.0 * lam))
+    model = tiny_conv_vae(likelihood=GaussianLikelihood(sigma=sigma))
+    attach_fixed_lambda(model.objective, lam)
+    model.train()
+    x = random_images()
+    output = model(x)
+    geco_loss = model.objective(output)
+    elbo_loss = ELBO()(output)
+    for g_geco, g_elbo in zip(_grads(geco_loss, model), _grads(elbo_loss, model)):
+        torch.testing.assert_close(g_geco, g_elbo, rtol=1e-4, atol=1e-6)
+
+
+def test_geco_loss_value_is_rate_plus_lambda_times_per_image_constraint():
+    torch.manual_seed(0)
+    model = tiny_conv_vae(tolerance=0.02)
+    attach_fixed_lambda(model.objective, 3.0)
+    model.train()
+    output = model(random_images())
+    loss = model.objective(output)
+    d = output.x[0].numel()
+    # First step: the moving average is seeded with this batch, so value = batch mean.
+    expected = output.rate.mean() + 3.0 * d * (output.distortion.mean() - 0.02)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_elbo_and_beta_vae_match_their_formulas():
+    torch.manual_seed(0)
+    model = tiny_conv_vae(objective=ELBO(), likelihood=GaussianLikelihood(sigma=0.2))
+    output = model(random_images())
+    x, mean = output.x, output.reconstruction
+    d = x[0].numel()
+    log_lik = -((x - mean) ** 2).flatten(1).sum(1) / (2 * 0.04) - d * math.log(0.2 * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(output.log_likelihood, log_lik, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ELBO()(output), -(log_lik - output.rate).mean(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(BetaVAE(4.0)(output), -(log_lik - 4.0 * output.rate).mean(), rtol=1e-5, atol=1e-3)
+
+
+def test_rate_is_the_closed_form_gaussian_kl():
+    torch.manual_seed(0)
+    model = tiny_conv_vae()
+    output = model(random_images())
+    q = torch.distributions.Normal(output.posterior.mean, (0.5 * output.posterior.log_variance).exp())
+    p = torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(output.rate, torch.distributions.kl_divergence(q, p).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_distortion_is_per_element_mse_of_the_reconstruction():
+    torch.manual_seed(0)
+    model = tiny_conv_vae()
+    output = model(random_images())
+    torch.testing.assert_close(output.distortion, ((output.x - output.reconstruction) ** 2).mean(dim=(1, 2, 3)))
+
+
+def test_geco_objective_without_callback_fails_loudly_in_training():
+    model = tiny_conv_vae()
+    model.train()
+    with pytest.raises(RuntimeError, match=r"nothing would update lambda\. Add lightning_geco\.GECOCallback"):
+        model.objective(model(random_images()))
+
+
+def test_validation_loss_reads_lambda_without_recording():
+    model = tiny_conv_vae()
+    geco = attach_fixed_lambda(model.objective, 2.0)
+    model.eval()
+    with torch.no_grad():
+        model.objective(model(random_images()))
+    assert geco.pending_statistics().abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tolerance": 0.0}, r"tolerance 0.0 \(unit 'mse'\) cannot be expressed: .* must lie in \(0, 1\]"),
+        ({"tolerance": -0.01}, r"tolerance -0.01 \(unit 'mse'\) cannot be expressed"),
+        ({"tolerance": 1.5}, r"tolerance 1.5 \(unit 'mse'\) cannot be expressed"),
+        ({"tolerance": 0.0, "unit": "psnr"}, r"tolerance 0.0 \(unit 'psnr'\) is out of range: .* \(0, 100\]"),
+        ({"tolerance": 140.0, "unit": "psnr"}, r"tolerance 140.0 \(unit 'psnr'\) is out of range"),
+        ({"tolerance": 0.01, "unit": "db"}, r"unit must be 'mse' or 'psnr', got 'db'"),
+    ],
+)
+def test_bad_tolerances_are_rejected_with_the_value_and_the_accepted_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReconstructionMSE(**kwargs)
+
+
+def test_psnr_tolerance_is_converted_to_mse():
+    constraint = ReconstructionMSE(20.0, unit="psnr")
+    assert constraint.tolerance_mse == pytest.approx(0.01)
+    assert constraint.tolerance_psnr == pytest.approx(20.0)
+
+
+def test_duplicate_constraint_names_are_rejected():
+    with pytest.raises(ValueError, match="constraint names must be unique"):
+        GECOObjective([ReconstructionMSE(0.1), ReconstructionMSE(0.2)])
