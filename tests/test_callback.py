@@ -1,0 +1,110 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import tiny_conv_vae
+from lightning_geco import ELBO, GECOCallback
+from lightning_geco.models.base import VAEModule
+
+
+def _loader(n=64, batch_size=8, shape=(1, 16, 16), seed=0):
+    images = torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed)).round()
+    return DataLoader(TensorDataset(images), batch_size=batch_size)
+
+
+def _trainer(callbacks, **kwargs):
+    kwargs.setdefault("max_steps", 6)
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+class UpdateSpy(GECOCallback):
+    """Records the reduced statistics of every update."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append(self.geco.pending_statistics().clone())
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+
+def test_lambda_moves_once_per_optimizer_step_and_logs_the_geco_keys():
+    pl.seed_everything(0)
+    callback = GECOCallback(step_size=0.5)
+    trainer = _trainer([callback], max_steps=6, limit_val_batches=2, val_check_interval=3)
+    trainer.fit(tiny_conv_vae(), _loader(), _loader(16))
+    assert callback.geco.num_updates == 6 == trainer.global_step
+    for key in ("geco/lambda", "geco/constraint", "geco/constraint_ema"):
+        assert key in trainer.callback_metrics
+    assert trainer.callback_metrics["geco/lambda"].item() == pytest.approx(callback.geco.lagrange_multiplier.item())
+
+
+def test_gradient_accumulation_updates_once_per_window_from_all_micro_batches():
+    pl.seed_everything(0)
+    spy = UpdateSpy()
+    trainer = _trainer([spy], max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(tiny_conv_vae(), _loader(batch_size=8))
+    assert spy.geco.num_updates == 3
+    # count (index K) = 2 micro-batches x 8 examples per update
+    assert [s[1].item() for s in spy.seen] == [16.0, 16.0, 16.0]
+
+
+def test_validation_and_test_never_move_lambda():
+    pl.seed_everything(0)
+    callback = GECOCallback()
+    model = tiny_conv_vae()
+    trainer = _trainer([callback], max_steps=4, limit_val_batches=0)
+    trainer.fit(model, _loader())
+    before = callback.geco.state_dict()
+    trainer.validate(model, _loader(32))
+    after = callback.geco.state_dict()
+    assert torch.equal(before["log_lagrange_multiplier"], after["log_lagrange_multiplier"])
+    assert torch.equal(before["constraint_ema"], after["constraint_ema"])
+    assert before["num_updates"] == after["num_updates"] == 4
+    assert callback.geco.pending_statistics().abs().sum() == 0
+
+
+def test_training_a_geco_model_without_the_callback_fails_loudly():
+    trainer = _trainer([], max_steps=2, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="nothing would update lambda"):
+        trainer.fit(tiny_conv_vae(), _loader())
+
+
+def test_callback_on_a_model_without_a_geco_objective_is_rejected():
+    trainer = _trainer([GECOCallback()], max_steps=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"exactly one GECOObjective, found 0 in ConvVAE"):
+        trainer.fit(tiny_conv_vae(objective=ELBO()), _loader())
+
+
+def test_elbo_model_trains_without_the_callback():
+    trainer = _trainer([], max_steps=2, limit_val_batches=0)
+    trainer.fit(tiny_conv_vae(objective=ELBO()), _loader())
+    assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 1.5}, r"alpha must lie in \[0, 1\), got 1.5"),
+        ({"step_size": -0.1}, r"step_size \(nu\) must be a positive finite number, got -0.1"),
+        ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be a positive int, got 0"),
+    ],
+)
+def test_callback_rejects_bad_settings_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GECOCallback(**kwargs)
+
+
+def test_base_module_is_abstract():
+    with pytest.raises(NotImplementedError):
+        VAEModule(image_shape=(1, 8, 8)).encode(torch.zeros(1, 1, 8, 8))

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from datamodules import ShapesDataModule
+from datamodules.shapes import FACTOR_NAMES, ORIENTATIONS, POSITIONS, SCALES, render_shapes, sample_factors
+
+
+def test_same_seed_same_images_different_seed_different_images():
+    a = render_shapes(sample_factors(50, seed=3), 32)
+    b = render_shapes(sample_factors(50, seed=3), 32)
+    c = render_shapes(sample_factors(50, seed=4), 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_images_are_binary_float_with_the_requested_shape():
+    images = render_shapes(sample_factors(20, seed=0), 40)
+    assert images.shape == (20, 1, 40, 40)
+    assert images.dtype == torch.float32
+    assert set(images.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_factors_lie_on_the_dsprites_grids():
+    factors = sample_factors(500, seed=1)
+    assert factors.shape == (500, len(FACTOR_NAMES))
+    assert set(factors[:, 0].unique().tolist()) == {0.0, 1.0, 2.0}
+    for column, grid in ((1, SCALES), (2, ORIENTATIONS), (3, POSITIONS), (4, POSITIONS)):
+        assert torch.isin(factors[:, column], grid).all()
+
+
+def test_every_shape_is_drawn_and_fully_inside_the_image():
+    images = render_shapes(sample_factors(300, seed=2), 64)
+    assert (images.flatten(1).sum(1) > 10).all()
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    assert border.sum() == 0
+
+
+def test_area_grows_with_scale_and_position_moves_the_centre():
+    base = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.5]])
+    big = base.clone()
+    big[0, 1] = 1.0
+    assert render_shapes(big, 64).sum() > 2.5 * render_shapes(base, 64).sum()  # area ~ scale^2 = 4x, pixelised
+    left, right = base.clone(), base.clone()
+    left[0, 3], right[0, 3] = 0.0, 1.0
+    columns = torch.arange(64, dtype=torch.float32)
+
+    def centre_x(f):
+        image = render_shapes(f, 64)[0, 0]
+        return (image.sum(0) * columns).sum() / image.sum()
+
+    assert centre_x(left) < 25 < 39 < centre_x(right)
+
+
+def test_square_rotation_by_a_quarter_turn_gives_the_same_image():
+    square = torch.tensor([[0.0, 1.0, 0.0, 0.5, 0.5]])
+    turned = square.clone()
+    turned[0, 2] = math.pi / 2
+    assert (render_shapes(square, 64) != render_shapes(turned, 64)).sum() <= 4
+
+
+def test_datamodule_knows_its_shape_before_setup_and_yields_images_with_factors():
+    dm = ShapesDataModule(image_size=24, num_train=100, num_val=30, batch_size=16)
+    assert dm.image_shape == (1, 24, 24)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 100 and len(dm.val_dataset) == 30
+    images, factors = next(iter(dm.train_dataloader()))
+    assert images.shape == (16, 1, 24, 24) and factors.shape == (16, 5)
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert torch.equal(val_images, dm.val_dataset.tensors[0][:16])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 4}, r"image_size must be at least 8 pixels, got 4"),
+        ({"num_train": 0}, r"num_train and num_val must be positive, got 0 and 2000"),
+        ({"batch_size": 0}, r"batch_size must be a positive int, got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesDataModule(**kwargs)
