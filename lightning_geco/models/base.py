@@ -36,8 +36,11 @@ class DiagonalGaussian:
     mean: Tensor
     log_variance: Tensor
 
-    def rsample(self) -> Tensor:
-        return self.mean + torch.randn_like(self.mean) * torch.exp(0.5 * self.log_variance)
+    def rsample(self, noise: Tensor | None = None) -> Tensor:
+        """Reparameterised draw ``mean + noise * std``; ``noise`` ~ N(0, I) unless given."""
+        if noise is None:
+            noise = torch.randn_like(self.mean)
+        return self.mean + noise * torch.exp(0.5 * self.log_variance)
 
     def kl_to_standard_normal(self) -> Tensor:
         """KL(q || N(0, I)) in nats, summed over latent dimensions, shape (N,)."""
@@ -78,6 +81,10 @@ def batch_images(batch: Any) -> Tensor:
     )
 
 
+def _as_comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 class VAEModule(pl.LightningModule):
     """Base LightningModule of the VAE collection.
 
@@ -91,6 +98,9 @@ class VAEModule(pl.LightningModule):
         num_logged_images: images in the ``val/reconstructions`` and ``val/samples`` panels.
         marginal_kl_chunk_size: rows per chunk of the marginal-KL estimator (bounds its memory).
     """
+
+    #: hyperparameters that fix the parameter shapes; a checkpoint must agree on all of them
+    architecture_keys: tuple[str, ...] = ("image_shape", "latent_dim")
 
     def __init__(
         self,
@@ -144,9 +154,17 @@ class VAEModule(pl.LightningModule):
                     f"[{low:g}, {high:g}]. Rescale the data (e.g. torchvision's ToTensor) before the model."
                 )
 
+    def reparameterization_noise(self, x: Tensor, posterior: DiagonalGaussian) -> Tensor | None:
+        """The N(0, I) noise of z = mean + noise * std; None draws it from torch's RNG.
+
+        Override to make the draws a function of the data (tests comparing a 2-rank DDP run
+        with a 1-process run use this so both see the same noise for the same example).
+        """
+        return None
+
     def forward(self, x: Tensor) -> VAEOutput:
         posterior = self.encode(x)
-        z = posterior.rsample()
+        z = posterior.rsample(self.reparameterization_noise(x, posterior))
         decoder_output = self.decode(z)
         reconstruction = self.likelihood.mean(decoder_output)
         # fp32 before squaring: per-image sums overflow fp16 under autocast.
@@ -216,6 +234,17 @@ class VAEModule(pl.LightningModule):
         reconstruction = self.likelihood.mean(self.decode(self.encode(x).mean))
         log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), self.global_step)
         log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of a differently built model with the differing setting named."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in self.architecture_keys:
+            current = self.hparams.get(key, getattr(self, key, None))
+            if key in saved and _as_comparable(saved[key]) != _as_comparable(current):
+                raise ValueError(
+                    f"The checkpoint comes from an incompatible model: it was built with {key}={saved[key]!r}, "
+                    f"this model has {key}={current!r}. Build the model with the checkpoint's settings."
+                )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.learning_rate)

@@ -26,6 +26,8 @@ class ConvVAE(VAEModule):
             see :class:`~lightning_geco.models.base.VAEModule`.
     """
 
+    architecture_keys = ("image_shape", "latent_dim", "widths", "hidden_dim")
+
     def __init__(
         self,
         image_shape: Sequence[int] = (1, 64, 64),

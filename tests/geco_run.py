@@ -1,0 +1,150 @@
+"""A small, fully deterministic GECO training run shared by the DDP, resume and precision tests.
+
+Run in-process through :func:`run`, or as a script (DDP re-executes the script once per rank):
+
+    python tests/geco_run.py --devices 2 --batch-size 8 --max-steps 10 --out DIR
+
+Each rank writes ``DIR/rank<r>.json`` with lambda and the moving average after every optimizer
+step, and rank 0 writes ``DIR/params.pt`` with the final parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
+
+IMAGE_SHAPE = (1, 16, 16)
+
+
+class DataSeededNoiseVAE(ConvVAE):
+    """ConvVAE whose reparameterisation noise is a fixed function of each image.
+
+    A 2-rank run with batch B and a 1-process run with batch 2B then see identical noise for
+    identical examples, so their trajectories must agree to float tolerance.
+    """
+
+    def __init__(self, nan_at_step: int = -1, nan_rank: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_at_step = nan_at_step
+        self.nan_rank = nan_rank
+        generator = torch.Generator().manual_seed(123)
+        self.register_buffer("projection", torch.randn(math.prod(IMAGE_SHAPE), self.latent_dim, generator=generator))
+
+    def reparameterization_noise(self, x, posterior):
+        noise = torch.sin(3.0 * (x.flatten(1).float() @ self.projection)).to(posterior.mean.dtype)
+        if self.training and self.global_step == self.nan_at_step and self.global_rank == self.nan_rank:
+            noise = noise * float("nan")
+        return noise
+
+
+class Trajectory(pl.Callback):
+    """lambda and the moving average after every optimizer step, on this rank."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        geco = next(c for c in trainer.callbacks if isinstance(c, GECOCallback)).geco
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "log_lambda": geco.log_lagrange_multiplier.tolist(),
+                "ema": geco.constraint_ema.tolist(),
+                "skipped": geco.num_skipped_updates,
+                "updates": geco.num_updates,
+            }
+        )
+
+
+def dataset(num_images: int = 512) -> TensorDataset:
+    images = torch.rand(num_images, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(7))
+    return TensorDataset((images > 0.7).float())
+
+
+def build_model(nan_at_step: int = -1, nan_rank: int = 0, tolerance: float = 0.05) -> DataSeededNoiseVAE:
+    torch.manual_seed(0)
+    return DataSeededNoiseVAE(
+        nan_at_step=nan_at_step,
+        nan_rank=nan_rank,
+        image_shape=IMAGE_SHAPE,
+        latent_dim=4,
+        widths=(8, 8),
+        hidden_dim=32,
+        learning_rate=3e-3,
+        objective=GECOObjective([ReconstructionMSE(tolerance)]),
+    )
+
+
+def run(
+    out: str | Path,
+    devices: int = 1,
+    batch_size: int = 16,
+    max_steps: int = 10,
+    accumulate: int = 1,
+    precision: str = "32-true",
+    nan_at_step: int = -1,
+    nan_rank: int = 0,
+    ckpt_in: str | None = None,
+    ckpt_out: str | None = None,
+    tolerance: float = 0.05,
+    max_nonfinite_steps: int = 10,
+) -> pl.Trainer:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory = Trajectory()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[GECOCallback(alpha=0.9, step_size=2.0, max_nonfinite_steps=max_nonfinite_steps), trajectory],
+    )
+    loader = DataLoader(dataset(), batch_size=batch_size, shuffle=False)
+    model = build_model(nan_at_step, nan_rank, tolerance)
+    try:
+        trainer.fit(model, loader, ckpt_path=ckpt_in)
+    finally:
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(trajectory.rows))
+    if ckpt_out:
+        trainer.save_checkpoint(ckpt_out)
+    if trainer.global_rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "params.pt")
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--nan-at-step", type=int, default=-1)
+    parser.add_argument("--nan-rank", type=int, default=0)
+    args = parser.parse_args()
+    run(
+        args.out,
+        devices=args.devices,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        accumulate=args.accumulate,
+        precision=args.precision,
+        nan_at_step=args.nan_at_step,
+        nan_rank=args.nan_rank,
+    )

@@ -1,0 +1,64 @@
+"""GECO across 2 DDP ranks (gloo, CPU), against a single process with the same global batch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from geco_run import run
+
+SCRIPT = Path(__file__).with_name("geco_run.py")
+
+
+def _ddp(out: Path, *args: str) -> list[list[dict]]:
+    command = [sys.executable, str(SCRIPT), "--devices", "2", "--out", str(out), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _single(out: Path, **kwargs) -> list[dict]:
+    run(out, devices=1, **kwargs)
+    return json.loads((out / "rank0.json").read_text())
+
+
+def _log_lambda(rows):
+    return torch.tensor([row["log_lambda"] for row in rows])
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_hold_identical_lambda_and_follow_the_single_process_trajectory(tmp_path):
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "12")
+    # Bit-identical state on both ranks at every step, without any broadcast.
+    assert rank0 == rank1
+    assert [row["updates"] for row in rank0] == list(range(1, 13))
+    single = _single(tmp_path / "single", batch_size=16, max_steps=12)
+    torch.testing.assert_close(_log_lambda(rank0), _log_lambda(single), rtol=1e-4, atol=1e-5)
+    assert _log_lambda(rank0).abs().max() > 0.05  # lambda really moved
+    ddp_params = torch.load(tmp_path / "ddp" / "params.pt")
+    single_params = torch.load(tmp_path / "single" / "params.pt")
+    for name, value in single_params.items():
+        torch.testing.assert_close(ddp_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_with_gradient_accumulation_matches_one_process_with_the_whole_batch(tmp_path):
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "4", "--accumulate", "2", "--max-steps", "6")
+    assert rank0 == rank1
+    assert [row["updates"] for row in rank0][1::2] == list(range(1, 7))  # once per optimizer step
+    single = _single(tmp_path / "single", batch_size=16, max_steps=6)
+    torch.testing.assert_close(_log_lambda(rank0)[1::2], _log_lambda(single), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_nan_on_one_rank_skips_the_update_on_both_ranks_together(tmp_path):
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "6", "--nan-at-step", "3", "--nan-rank", "1")
+    assert rank0 == rank1
+    assert [row["skipped"] for row in rank0] == [0, 0, 0, 1, 1, 1]
+    assert rank0[3]["log_lambda"] == rank0[2]["log_lambda"]
+    assert rank0[4]["log_lambda"] != rank0[3]["log_lambda"]
+    params = torch.load(tmp_path / "ddp" / "params.pt")
+    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())

@@ -1,0 +1,91 @@
+"""train.py end to end: every config runs a few steps, writes summary.json, logs to W&B offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_geco.cli import main
+from lightning_geco.wandb_records import read_history
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+EXPECTED_KEYS = {
+    "train/distortion",
+    "train/rate",
+    "train/elbo",
+    "train/loss",
+    "geco/lambda",
+    "geco/constraint",
+    "geco/constraint_ema",
+    "val/distortion",
+    "val/rate",
+    "val/marginal_kl",
+    "val/mutual_info",
+}
+
+
+def _small_data_overrides(config: Path) -> list[str]:
+    """Shrink the data of a config so a few steps take seconds."""
+    data = yaml.safe_load(config.read_text()).get("data", {})
+    if data.get("class_path", "").endswith("ShapesDataModule"):
+        return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
+    return []
+
+
+def _fit(config: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "2",
+        "--data.init_args.batch_size",
+        "16",
+        *_small_data_overrides(config),
+        *extra,
+    ]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
+    cli = main(_fit(config))
+    assert cli.trainer.global_step == 4
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(Path(last_line).read_text())
+    assert summary["global_step"] == 4
+    for key in ("distortion", "rate", "marginal_kl", "mutual_info", "wall_clock_seconds"):
+        assert isinstance(summary[key], float)
+    if "lambda" in summary:
+        assert isinstance(summary["satisfied"], bool)
+        assert summary["lambda"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys):
+    cli = main(_fit(REPO / "configs" / "default.yaml"))
+    out = capsys.readouterr().out.strip().splitlines()
+    summary_path = Path(out[-1])
+    run_dir = summary_path.parent.parent
+    assert run_dir.name.startswith("offline-run-")
+    assert any(line.startswith("W&B run (offline): ") for line in out)
+    history = read_history(run_dir)
+    logged = set().union(*history)
+    assert EXPECTED_KEYS <= logged
+    for panel in ("val/reconstructions", "val/samples"):
+        assert any(key.startswith(panel + "/") for key in logged), panel
+    assert (summary_path.parent / "config.yaml").exists()
+    summary = json.loads(summary_path.read_text())
+    assert summary["tolerance"] == pytest.approx(0.01) or summary["tolerance"] > 0
+    assert summary["lambda"] == pytest.approx(cli.trainer.callback_metrics["geco/lambda"].item())
+
+
+def test_image_shape_comes_from_the_data_and_cannot_be_repeated_in_the_config():
+    cli = main(_fit(REPO / "configs" / "default.yaml", "--data.init_args.image_size", "32"))
+    assert cli.model.image_shape == (1, 32, 32)
