@@ -63,7 +63,9 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
         save_config_callback=SaveConfigToRun,
         save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults={
-            "logger": lazy_instance(WandbLogger, project="lightning_geco", save_dir="runs"),
+            # Absolute: W&B's service process keeps the working directory of the first run in
+            # this process and would resolve a relative folder against that.
+            "logger": lazy_instance(WandbLogger, project="lightning_geco", save_dir=os.path.abspath("runs")),
             "callbacks": [RunSummary()],
         },
         args=args,

@@ -38,6 +38,14 @@ class DataSeededNoiseVAE(ConvVAE):
         generator = torch.Generator().manual_seed(123)
         self.register_buffer("projection", torch.randn(math.prod(IMAGE_SHAPE), self.latent_dim, generator=generator))
 
+    #: when set, training batches are a function of the optimizer step (see ``run(step_indexed=...)``)
+    batch_for_step = None
+
+    def training_step(self, batch, batch_idx):
+        if self.batch_for_step is not None:
+            batch = self.batch_for_step(self.global_step).to(self.device)
+        return super().training_step(batch, batch_idx)
+
     def reparameterization_noise(self, x, posterior):
         noise = torch.sin(3.0 * (x.flatten(1).float() @ self.projection)).to(posterior.mean.dtype)
         if self.training and self.global_step == self.nan_at_step and self.global_rank == self.nan_rank:
@@ -69,6 +77,11 @@ def dataset(num_images: int = 512) -> TensorDataset:
     return TensorDataset((images > 0.7).float())
 
 
+def distributed_order(n: int, seed: int = 0) -> list[int]:
+    """The order DistributedSampler(shuffle=True, seed=seed) visits in epoch 0, over all ranks."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def build_model(nan_at_step: int = -1, nan_rank: int = 0, tolerance: float = 0.05) -> DataSeededNoiseVAE:
     torch.manual_seed(0)
     return DataSeededNoiseVAE(
@@ -94,12 +107,14 @@ def run(
     nan_rank: int = 0,
     ckpt_in: str | None = None,
     ckpt_out: str | None = None,
+    step_indexed: bool = False,
     tolerance: float = 0.05,
     max_nonfinite_steps: int = 10,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = Trajectory()
+    callbacks = [GECOCallback(alpha=0.9, step_size=2.0, max_nonfinite_steps=max_nonfinite_steps), trajectory]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -112,10 +127,28 @@ def run(
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[GECOCallback(alpha=0.9, step_size=2.0, max_nonfinite_steps=max_nonfinite_steps), trajectory],
+        callbacks=callbacks,
     )
-    loader = DataLoader(dataset(), batch_size=batch_size, shuffle=False)
+    data = dataset()
+    if devices == 1:
+        # Lightning gives DDP training a DistributedSampler(shuffle=True, seed=0): epoch 0 visits
+        # randperm(n) with rank r taking every devices-th index, so one process walking the same
+        # permutation with the global batch sees the same examples at every step.
+        loader = DataLoader(data, batch_size=batch_size, sampler=distributed_order(len(data)))
+    else:
+        loader = DataLoader(data, batch_size=batch_size)
     model = build_model(nan_at_step, nan_rank, tolerance)
+    if step_indexed:
+        # Lightning restarts a non-stateful loader at the start of an epoch on resume (and
+        # replays a batch after an end-of-epoch checkpoint), so a resume test that must match
+        # an uninterrupted run draws step t's batch from the step number itself.
+        images, order = data.tensors[0], distributed_order(len(data))
+
+        def batch_for_step(step: int) -> torch.Tensor:
+            start = (step * batch_size) % len(order)
+            return images[order[start : start + batch_size]]
+
+        model.batch_for_step = batch_for_step
     try:
         trainer.fit(model, loader, ckpt_path=ckpt_in)
     finally:

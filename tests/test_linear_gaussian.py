@@ -68,11 +68,12 @@ def test_linear_vae_with_geco_lands_on_the_gaussian_rate_distortion_curve():
     # Whole batches by fancy indexing: no per-example collate for a model this small.
     batches = BatchSampler(RandomSampler(dataset), batch_size=500, drop_last=True)
     loader = DataLoader(dataset, sampler=batches, batch_size=None)
-    model = LinearVAE(n, GECOObjective([ReconstructionMSE(tolerance)]), learning_rate=3e-3)
-    callback = GECOCallback(alpha=0.99, step_size=2.0)
+    model = LinearVAE(n, GECOObjective([ReconstructionMSE(tolerance)]), learning_rate=1e-2)
+    # nu is in 1 / (per-element MSE): this problem's violations are ~1, the shapes' ~0.01.
+    callback = GECOCallback(alpha=0.9, step_size=0.02)
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=4000,
+        max_steps=2500,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from geco_run import build_model, run
 from lightning_geco import GECOCallback, NonFiniteConstraintError
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 8  # 512 images / batch 64
 
 
 def _rows(out):
@@ -35,10 +35,10 @@ def test_checkpoint_holds_the_geco_state_with_its_tolerance(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_n_plus_n_steps_from_a_checkpoint_equal_2n_uninterrupted_steps(tmp_path):
-    n = STEPS_PER_EPOCH
-    run(tmp_path / "full", batch_size=64, max_steps=2 * n)
-    run(tmp_path / "first", batch_size=64, max_steps=n, ckpt_out=str(tmp_path / "half.ckpt"))
-    run(tmp_path / "second", batch_size=64, max_steps=2 * n, ckpt_in=str(tmp_path / "half.ckpt"))
+    n = 5
+    run(tmp_path / "full", batch_size=64, max_steps=2 * n, step_indexed=True)
+    run(tmp_path / "first", batch_size=64, max_steps=n, ckpt_out=str(tmp_path / "half.ckpt"), step_indexed=True)
+    run(tmp_path / "second", batch_size=64, max_steps=2 * n, ckpt_in=str(tmp_path / "half.ckpt"), step_indexed=True)
     full, first, second = _rows(tmp_path / "full"), _rows(tmp_path / "first"), _rows(tmp_path / "second")
     assert len(first) == n and len(second) == n
     resumed = first + second
@@ -115,48 +115,34 @@ def test_consecutive_non_finite_steps_stop_training_with_a_clear_error(tmp_path)
 
 @pytest.mark.timeout(300)
 def test_a_run_killed_with_sigkill_continues_from_its_last_checkpoint(tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     checkpoints = tmp_path / "checkpoints"
-    common = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "fit",
-        "--config",
-        str(REPO / "configs" / "default.yaml"),
-        "--data.init_args.num_train",
-        "512",
-        "--data.init_args.num_val",
-        "64",
-        "--data.init_args.image_size",
-        "32",
-        "--data.init_args.batch_size",
-        "16",
-        "--trainer.val_check_interval",
-        "1000",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.dirpath",
-        str(checkpoints),
-        "--trainer.callbacks.every_n_train_steps",
-        "5",
-        "--trainer.callbacks.save_last",
-        "true",
-    ]
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"].update(dirpath=str(checkpoints), every_n_train_steps=5, save_last=True)
+    config["trainer"].update(val_check_interval=1000, limit_val_batches=1, enable_progress_bar=False)
+    config["data"]["init_args"].update(num_train=512, num_val=64, image_size=32, batch_size=16)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(tmp_path / "config.yaml")]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    victim = subprocess.Popen([*common, "--trainer.max_steps", "100000"], cwd=tmp_path, env=env,
+
+    victim = subprocess.Popen([*command, "--trainer.max_steps", "100000"], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not list(checkpoints.glob("*step=10*.ckpt")):
-        time.sleep(0.5)
+    while time.monotonic() < deadline and not (checkpoints / "last.ckpt").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)  # let it train on past the checkpoint, so the kill loses work
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert (checkpoints / "last.ckpt").exists(), "no checkpoint was written before the kill"
     saved_step = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
-    assert saved_step >= 10
-    proc = subprocess.run([*common, "--trainer.max_steps", str(saved_step + 5), "--ckpt_path", "last"],
+    assert saved_step >= 5
+
+    proc = subprocess.run([*command, "--trainer.max_steps", str(saved_step + 5), "--ckpt_path", "last"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    summary = json.loads((tmp_path / proc.stdout.strip().splitlines()[-1]).read_text())
     assert summary["global_step"] == saved_step + 5  # 5 more steps, not a fresh start
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    (state,) = [v for k, v in resumed["callbacks"].items() if k.startswith("GECOCallback")]
+    assert state["geco"]["num_updates"] == saved_step + 5  # lambda's history continued too
