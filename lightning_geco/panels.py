@@ -14,7 +14,6 @@ __all__ = ["log_image_grid", "reconstruction_grid", "sample_grid"]
 
 def reconstruction_grid(x: Tensor, reconstruction: Tensor, columns: int = 8) -> Tensor:
     """Rows alternate inputs and their reconstructions; (3, H', W') in [0, 1]."""
-    x, reconstruction = x[: columns * (x.shape[0] // columns or 1)], reconstruction[: x.shape[0]]
     rows = []
     for start in range(0, x.shape[0], columns):
         rows += [x[start : start + columns], reconstruction[start : start + columns]]

@@ -231,6 +231,8 @@ class VAEModule(pl.LightningModule):
 
     @torch.no_grad()
     def _log_panels(self, x: Tensor) -> None:
+        # Panels decode the posterior mean (what a user means by "the reconstruction"); the
+        # logged distortion samples z, as the constraint does.
         reconstruction = self.likelihood.mean(self.decode(self.encode(x).mean))
         log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), self.global_step)
         log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), self.global_step)
