@@ -29,6 +29,8 @@ def log_image_grid(loggers: Iterable[Logger], key: str, grid: Tensor, step: int)
     """Send an image to every logger that takes images (W&B, TensorBoard); others are skipped."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid], step=step)
+            # uint8 HWC is the one layout wandb.Image reads without guessing the value range.
+            pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            logger.log_image(key=key, images=[pixels], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step)

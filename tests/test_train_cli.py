@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy
 import pytest
 import yaml
+from PIL import Image
 
 from lightning_geco.cli import main
 from lightning_geco.wandb_records import read_history
@@ -80,6 +82,10 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     assert EXPECTED_KEYS <= logged
     for panel in ("val/reconstructions", "val/samples"):
         assert any(key.startswith(panel + "/") for key in logged), panel
+    for panel in ("reconstructions", "samples"):
+        (png,) = (summary_path.parent / "media" / "images" / "val").glob(f"{panel}_*.png")
+        pixels = numpy.asarray(Image.open(png).convert("L"))
+        assert pixels.max() == 255, f"{panel} panel is blank"  # at least the white grid lines
     assert (summary_path.parent / "config.yaml").exists()
     summary = json.loads(summary_path.read_text())
     assert summary["tolerance"] == pytest.approx(0.01) or summary["tolerance"] > 0
