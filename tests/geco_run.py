@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import quiet_trainer
 from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
 
 IMAGE_SHAPE = (1, 16, 16)
@@ -31,9 +32,9 @@ class DataSeededNoiseVAE(ConvVAE):
     identical examples, so their trajectories must agree to float tolerance.
     """
 
-    def __init__(self, nan_at_step: int = -1, nan_rank: int = 0, **kwargs):
+    def __init__(self, nan_steps=(), nan_rank: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.nan_at_step = nan_at_step
+        self.nan_steps = set(nan_steps)
         self.nan_rank = nan_rank
         generator = torch.Generator().manual_seed(123)
         self.register_buffer("projection", torch.randn(math.prod(IMAGE_SHAPE), self.latent_dim, generator=generator))
@@ -48,7 +49,7 @@ class DataSeededNoiseVAE(ConvVAE):
 
     def reparameterization_noise(self, x, posterior):
         noise = torch.sin(3.0 * (x.flatten(1).float() @ self.projection)).to(posterior.mean.dtype)
-        if self.training and self.global_step == self.nan_at_step and self.global_rank == self.nan_rank:
+        if self.training and self.global_step in self.nan_steps and self.global_rank == self.nan_rank:
             noise = noise * float("nan")
         return noise
 
@@ -82,10 +83,10 @@ def distributed_order(n: int, seed: int = 0) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def build_model(nan_at_step: int = -1, nan_rank: int = 0, tolerance: float = 0.05) -> DataSeededNoiseVAE:
+def build_model(nan_steps=(), nan_rank: int = 0, tolerance: float = 0.05) -> DataSeededNoiseVAE:
     torch.manual_seed(0)
     return DataSeededNoiseVAE(
-        nan_at_step=nan_at_step,
+        nan_steps=nan_steps,
         nan_rank=nan_rank,
         image_shape=IMAGE_SHAPE,
         latent_dim=4,
@@ -103,7 +104,7 @@ def run(
     max_steps: int = 10,
     accumulate: int = 1,
     precision: str = "32-true",
-    nan_at_step: int = -1,
+    nan_steps=(),
     nan_rank: int = 0,
     ckpt_in: str | None = None,
     ckpt_out: str | None = None,
@@ -115,17 +116,12 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     trajectory = Trajectory()
     callbacks = [GECOCallback(alpha=0.9, step_size=2.0, max_nonfinite_steps=max_nonfinite_steps), trajectory]
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=callbacks,
     )
@@ -137,7 +133,7 @@ def run(
         loader = DataLoader(data, batch_size=batch_size, sampler=distributed_order(len(data)))
     else:
         loader = DataLoader(data, batch_size=batch_size)
-    model = build_model(nan_at_step, nan_rank, tolerance)
+    model = build_model(nan_steps, nan_rank, tolerance)
     if step_indexed:
         # Lightning restarts a non-stateful loader at the start of an epoch on resume (and
         # replays a batch after an end-of-epoch checkpoint), so a resume test that must match
@@ -178,6 +174,6 @@ if __name__ == "__main__":
         max_steps=args.max_steps,
         accumulate=args.accumulate,
         precision=args.precision,
-        nan_at_step=args.nan_at_step,
+        nan_steps=[args.nan_at_step] if args.nan_at_step >= 0 else [],
         nan_rank=args.nan_rank,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytorch_lightning as pl
 import torch
 
 from lightning_geco import GECO, ConvVAE, GECOObjective, ReconstructionMSE
@@ -23,3 +24,18 @@ def attach_fixed_lambda(objective: GECOObjective, value: float) -> GECO:
 
 def random_images(n=6, shape=(1, 16, 16), seed=0) -> torch.Tensor:
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or model summary."""
+    for key in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"):
+        kwargs.setdefault(key, False)
+    return pl.Trainer(accelerator="cpu", **kwargs)
+
+
+def assert_same_parameters(saved_a, saved_b, rtol: float, atol: float) -> None:
+    """Two ``state_dict`` files hold the same tensors up to the tolerances."""
+    a, b = torch.load(saved_a), torch.load(saved_b)
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=rtol, atol=atol, msg=name)

@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import tiny_conv_vae
+from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import ELBO, GECOCallback
 from lightning_geco.models.base import VAEModule
 
@@ -15,15 +15,7 @@ def _loader(n=64, batch_size=8, shape=(1, 16, 16), seed=0):
 
 def _trainer(callbacks, **kwargs):
     kwargs.setdefault("max_steps", 6)
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return quiet_trainer(callbacks=callbacks, **kwargs)
 
 
 class UpdateSpy(GECOCallback):

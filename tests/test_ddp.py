@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from geco_run import run
+from helpers import assert_same_parameters
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
 
@@ -38,10 +39,7 @@ def test_two_ranks_hold_identical_lambda_and_follow_the_single_process_trajector
     single = _single(tmp_path / "single", batch_size=16, max_steps=12)
     torch.testing.assert_close(_log_lambda(rank0), _log_lambda(single), rtol=1e-4, atol=1e-5)
     assert _log_lambda(rank0).abs().max() > 0.05  # lambda really moved
-    ddp_params = torch.load(tmp_path / "ddp" / "params.pt")
-    single_params = torch.load(tmp_path / "single" / "params.pt")
-    for name, value in single_params.items():
-        torch.testing.assert_close(ddp_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_parameters(tmp_path / "single" / "params.pt", tmp_path / "ddp" / "params.pt", rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.timeout(300)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from helpers import quiet_trainer
 from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
 from lightning_geco.models.base import DiagonalGaussian, VAEModule
 
@@ -71,13 +72,8 @@ def test_linear_vae_with_geco_lands_on_the_gaussian_rate_distortion_curve():
     model = LinearVAE(n, GECOObjective([ReconstructionMSE(tolerance)]), learning_rate=1e-2)
     # nu is in 1 / (per-element MSE): this problem's violations are ~1, the shapes' ~0.01.
     callback = GECOCallback(alpha=0.9, step_size=0.02)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=2500,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[callback],
     )

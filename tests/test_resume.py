@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
 
-from geco_run import build_model, run
+from geco_run import run
+from helpers import assert_same_parameters
 from lightning_geco import GECOCallback, NonFiniteConstraintError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,7 @@ def test_n_plus_n_steps_from_a_checkpoint_equal_2n_uninterrupted_steps(tmp_path)
         assert a["log_lambda"] == pytest.approx(b["log_lambda"], rel=1e-6, abs=1e-7)
         assert a["ema"] == pytest.approx(b["ema"], rel=1e-6, abs=1e-7)
         assert a["updates"] == b["updates"]
-    full_params = torch.load(tmp_path / "full" / "params.pt")
-    resumed_params = torch.load(tmp_path / "second" / "params.pt")
-    for name, value in full_params.items():
-        torch.testing.assert_close(resumed_params[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert_same_parameters(tmp_path / "full" / "params.pt", tmp_path / "second" / "params.pt", rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.timeout(120)
@@ -82,7 +79,7 @@ def test_bf16_mixed_precision_trains_and_keeps_geco_in_fp32(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_nan_loss_never_reaches_the_optimizer_state(tmp_path):
-    trainer = run(tmp_path / "nan", batch_size=64, max_steps=3, nan_at_step=1)
+    trainer = run(tmp_path / "nan", batch_size=64, max_steps=3, nan_steps=[1])
     rows = _rows(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [0, 1, 1]
     optimizer = trainer.optimizers[0]
@@ -93,24 +90,9 @@ def test_nan_loss_never_reaches_the_optimizer_state(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_consecutive_non_finite_steps_stop_training_with_a_clear_error(tmp_path):
-    class AlwaysNaN(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.nan_at_step = trainer.global_step
-
     with pytest.raises(NonFiniteConstraintError, match=r"non-finite constraint or loss on 3 consecutive optimizer steps"):
-        pl.seed_everything(0)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=10,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-            callbacks=[GECOCallback(max_nonfinite_steps=3), AlwaysNaN()],
-        )
-        from geco_run import dataset
-
-        trainer.fit(build_model(), torch.utils.data.DataLoader(dataset(), batch_size=32))
+        run(tmp_path / "nan", batch_size=32, max_steps=10, nan_steps=range(1, 10), max_nonfinite_steps=3)
+    assert [r["skipped"] for r in _rows(tmp_path / "nan")] == [0, 1, 2]
 
 
 @pytest.mark.timeout(300)

@@ -83,9 +83,11 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     for panel in ("val/reconstructions", "val/samples"):
         assert any(key.startswith(panel + "/") for key in logged), panel
     for panel in ("reconstructions", "samples"):
-        (png,) = (summary_path.parent / "media" / "images" / "val").glob(f"{panel}_*.png")
-        pixels = numpy.asarray(Image.open(png).convert("L"))
-        assert pixels.max() == 255, f"{panel} panel is blank"  # at least the white grid lines
+        pngs = list((summary_path.parent / "media" / "images" / "val").glob(f"{panel}_*.png"))
+        assert len(pngs) == 2  # one per validation (steps 2 and 4)
+        for png in pngs:
+            pixels = numpy.asarray(Image.open(png).convert("L"))
+            assert pixels.max() == 255, f"{png.name} is blank"  # at least the white grid lines
     assert (summary_path.parent / "config.yaml").exists()
     summary = json.loads(summary_path.read_text())
     assert summary["tolerance"] == pytest.approx(0.01) or summary["tolerance"] > 0
