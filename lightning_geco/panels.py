@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy
 import torch
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["log_image_grid", "reconstruction_grid", "sample_grid"]
+__all__ = ["log_image_grid", "rate_distortion_figure", "reconstruction_grid", "sample_grid", "traversal_grid"]
 
 
 def reconstruction_grid(x: Tensor, reconstruction: Tensor, columns: int = 8) -> Tensor:
@@ -23,6 +24,46 @@ def reconstruction_grid(x: Tensor, reconstruction: Tensor, columns: int = 8) -> 
 def sample_grid(samples: Tensor, columns: int = 8) -> Tensor:
     """Samples in a grid; (3, H', W') in [0, 1]."""
     return make_grid(samples.float().clamp(0, 1).cpu(), nrow=columns, pad_value=1.0)
+
+
+def traversal_grid(images: Tensor, steps: int = 9) -> Tensor:
+    """Latent traversals, one latent dimension per row of ``steps`` images; (3, H', W')."""
+    return make_grid(images.float().clamp(0, 1).cpu(), nrow=steps, pad_value=1.0)
+
+
+def rate_distortion_figure(history: Sequence[tuple[int, float, float]], tolerance: float | None) -> Tensor:
+    """Distortion against rate at each validation, the path coloured by step, with the tolerance.
+
+    Args:
+        history: ``(global_step, rate in nats per image, per-element MSE)`` per validation.
+        tolerance: the MSE tolerance drawn as a horizontal line (None: no line).
+
+    Returns:
+        The rendered chart, (3, H, W) float in [0, 1].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [h[0] for h in history]
+    rates = [h[1] for h in history]
+    distortions = [h[2] for h in history]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+    ax.plot(rates, distortions, color="0.6", linewidth=1, zorder=1)
+    points = ax.scatter(rates, distortions, c=steps, cmap="viridis", zorder=2)
+    fig.colorbar(points, ax=ax, label="step")
+    if tolerance is not None:
+        ax.axhline(tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:g}")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("rate (nats / image)")
+    ax.set_ylabel("distortion (MSE / element)")
+    ax.set_title("validation rate-distortion")
+    fig.tight_layout()
+    fig.canvas.draw()
+    pixels = torch.from_numpy(numpy.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    plt.close(fig)
+    return pixels.permute(2, 0, 1).float() / 255.0
 
 
 def log_image_grid(loggers: Iterable[Logger], key: str, grid: Tensor, step: int) -> None:

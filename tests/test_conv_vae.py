@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from helpers import tiny_conv_vae
-from lightning_geco import ConvVAE
+from helpers import random_images, tiny_conv_vae
+from lightning_geco import ConvVAE, GaussianLikelihood
 
 
 @pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 33, 47), (3, 64, 64), (2, 16, 16)])
@@ -42,3 +42,37 @@ def test_bad_model_arguments_are_rejected():
         ConvVAE(latent_dim=0)
     with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\)"):
         ConvVAE(image_shape=(28, 28))
+
+
+def test_iwae_bound_equals_the_elbo_at_k1_in_expectation_and_grows_with_k():
+    torch.manual_seed(0)
+    model = tiny_conv_vae(likelihood=GaussianLikelihood(sigma=0.3)).eval()
+    x = random_images(4)
+    repeats = 400
+    with torch.no_grad():
+        iwae_1 = torch.stack([model.importance_weighted_bound(x, 1) for _ in range(repeats)])
+        elbo = torch.stack([model(x).elbo for _ in range(repeats)])
+        difference = iwae_1.mean(0) - elbo.mean(0)
+        standard_error = (iwae_1.var(0) / repeats + elbo.var(0) / repeats).sqrt()
+        assert (difference.abs() < 4 * standard_error).all()
+        by_k = [torch.stack([model.importance_weighted_bound(x, k) for _ in range(40)]).mean().item() for k in (1, 10, 100)]
+    assert by_k[0] < by_k[1] < by_k[2]
+
+
+def test_traversal_moves_one_latent_per_row():
+    torch.manual_seed(0)
+    model = tiny_conv_vae().eval()
+    x = random_images(1)
+    seen = []
+    decode = model.decode
+    model.decode = lambda z: seen.append(z.clone()) or decode(z)
+    images = model.latent_traversal(x, dims=[2, 0], steps=5, span=2.0)
+    assert images.shape == (10, 1, 16, 16)
+    (z,) = seen
+    mean = model.encode(x).mean[0]
+    values = torch.linspace(-2.0, 2.0, 5)
+    torch.testing.assert_close(z[:5, 2], values)
+    torch.testing.assert_close(z[5:, 0], values)
+    for row, dim in ((slice(0, 5), 2), (slice(5, 10), 0)):
+        others = [j for j in range(4) if j != dim]
+        torch.testing.assert_close(z[row][:, others], mean[others].expand(5, 3))

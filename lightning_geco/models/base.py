@@ -22,9 +22,17 @@ import torch
 from torch import Tensor
 
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
-from lightning_geco.metrics import AggregatePosteriorKL
+from torchmetrics import MeanMetric
+
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
 from lightning_geco.objectives import GECOObjective, Objective
-from lightning_geco.panels import log_image_grid, reconstruction_grid, sample_grid
+from lightning_geco.panels import (
+    log_image_grid,
+    rate_distortion_figure,
+    reconstruction_grid,
+    sample_grid,
+    traversal_grid,
+)
 
 __all__ = ["DiagonalGaussian", "VAEModule", "VAEOutput"]
 
@@ -97,6 +105,10 @@ class VAEModule(pl.LightningModule):
         learning_rate: Adam's learning rate.
         num_logged_images: images in the ``val/reconstructions`` and ``val/samples`` panels.
         marginal_kl_chunk_size: rows per chunk of the marginal-KL estimator (bounds its memory).
+        iwae_samples: K of the importance-weighted bound ``val/iwae`` on log p(x) (0: not computed;
+            it costs K decoder passes per validation batch).
+        active_unit_threshold: variance of the posterior mean above which a latent dimension
+            counts as active (``val/active_units``).
     """
 
     #: hyperparameters that fix the parameter shapes; a checkpoint must agree on all of them
@@ -111,6 +123,8 @@ class VAEModule(pl.LightningModule):
         learning_rate: float = 1e-3,
         num_logged_images: int = 32,
         marginal_kl_chunk_size: int = 1024,
+        iwae_samples: int = 0,
+        active_unit_threshold: float = 0.01,
     ) -> None:
         super().__init__()
         if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
@@ -119,13 +133,19 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}.")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+        if iwae_samples < 0:
+            raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
         self.learning_rate = learning_rate
         self.num_logged_images = num_logged_images
+        self.iwae_samples = iwae_samples
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
+        self.latent_activity = LatentActivity(threshold=active_unit_threshold)
+        self.validation_distortion = MeanMetric()
+        self._rate_distortion_history: list[tuple[int, float, float]] = []
         self._panel_batch: Tensor | None = None
         self._checked_range = False
 
@@ -181,6 +201,24 @@ class VAEModule(pl.LightningModule):
         )
 
     @torch.no_grad()
+    def importance_weighted_bound(self, x: Tensor, num_samples: int) -> Tensor:
+        """IWAE bound (Burda et al. 2016) on log p(x) with K = ``num_samples``, nats per image, (N,).
+
+        ``log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)`` with z_k ~ q(z|x): equal to the ELBO in
+        expectation at K = 1, non-decreasing in K in expectation, -> log p(x) as K -> inf.
+        """
+        posterior = self.encode(x)
+        mean, log_variance = posterior.mean.float(), posterior.log_variance.float()
+        log_weights = []
+        for _ in range(num_samples):
+            noise = torch.randn_like(mean)
+            z = mean + noise * torch.exp(0.5 * log_variance)
+            log_q = -0.5 * (noise.pow(2) + log_variance + math.log(2 * math.pi)).sum(dim=1)
+            log_prior = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(dim=1)
+            log_weights.append(self.likelihood.log_prob(x, self.decode(z.to(posterior.mean.dtype))) + log_prior - log_q)
+        return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+
+    @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:
         """Images decoded from z ~ p(z), shape (num_samples, C, H, W), as the likelihood's mean."""
         z = torch.randn(num_samples, self.latent_dim, device=self.device)
@@ -202,17 +240,35 @@ class VAEModule(pl.LightningModule):
         output = self(x)
         loss = self.objective(output)
         self._log_terms("val", output, loss, on_step=False)
-        self.aggregate_posterior.update(output.posterior.mean, output.posterior.log_variance)
+        posterior = output.posterior
+        self.aggregate_posterior.update(posterior.mean, posterior.log_variance)
+        self.latent_activity.update(posterior.mean, posterior.log_variance)
+        self.validation_distortion.update(output.distortion)
+        if self.iwae_samples:
+            iwae = self.importance_weighted_bound(x, self.iwae_samples)
+            self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0:
             self._panel_batch = x[: self.num_logged_images]
 
     def on_validation_epoch_end(self) -> None:
+        # Metrics gather every rank's states, so these cover the whole validation set and are
+        # the same on every rank; no sync_dist needed.
         estimates = self.aggregate_posterior.compute()
-        self.aggregate_posterior.reset()
-        self.log("val/marginal_kl", estimates["marginal_kl"])
-        self.log("val/mutual_info", estimates["mutual_info"])
-        if self._panel_batch is not None and not self.trainer.sanity_checking:
-            self._log_panels(self._panel_batch)
+        activity = self.latent_activity.compute()
+        distortion = self.validation_distortion.compute()
+        for metric in (self.aggregate_posterior, self.latent_activity, self.validation_distortion):
+            metric.reset()
+        for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
+            self.log(f"val/{key}", estimates[key])
+        self.log("val/active_units", activity["active_units"].float())
+        for j, kl in enumerate(activity["kl_per_dim"]):
+            self.log(f"val/kl_dim/{j}", kl)
+        if self.trainer.sanity_checking:
+            self._panel_batch = None
+            return
+        self._rate_distortion_history.append((self.global_step, float(estimates["rate"]), float(distortion)))
+        if self._panel_batch is not None:
+            self._log_panels(self._panel_batch, activity["kl_per_dim"])
         self._panel_batch = None
 
     def _log_terms(self, stage: str, output: VAEOutput, loss: Tensor | None, on_step: bool) -> None:
@@ -230,12 +286,35 @@ class VAEModule(pl.LightningModule):
         self.log_dict(terms, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size)
 
     @torch.no_grad()
-    def _log_panels(self, x: Tensor) -> None:
+    def latent_traversal(self, x: Tensor, dims: Sequence[int], steps: int = 9, span: float = 2.5) -> Tensor:
+        """Decoded images, shape (len(dims) * steps, C, H, W): row r moves z[dims[r]] over
+        ``[-span, span]`` with the other coordinates at the posterior mean of ``x`` (1, C, H, W)."""
+        mean = self.encode(x[:1]).mean
+        values = torch.linspace(-span, span, steps, device=mean.device, dtype=mean.dtype)
+        z = mean.repeat(len(dims) * steps, 1)
+        for row, dim in enumerate(dims):
+            z[row * steps : (row + 1) * steps, dim] = values
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def _log_panels(self, x: Tensor, kl_per_dim: Tensor) -> None:
         # Panels decode the posterior mean (what a user means by "the reconstruction"); the
         # logged distortion samples z, as the constraint does.
+        step = self.global_step
         reconstruction = self.likelihood.mean(self.decode(self.encode(x).mean))
-        log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), self.global_step)
-        log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), self.global_step)
+        log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), step)
+        log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), step)
+        dims = torch.argsort(kl_per_dim, descending=True)[:10].tolist()  # most informative first
+        log_image_grid(self.loggers, "val/traversals", traversal_grid(self.latent_traversal(x, dims)), step)
+        figure = rate_distortion_figure(self._rate_distortion_history, self.distortion_tolerance())
+        log_image_grid(self.loggers, "val/rate_distortion", figure, step)
+
+    def distortion_tolerance(self) -> float | None:
+        """The MSE tolerance of a reconstruction constraint, if the objective has one."""
+        for constraint in getattr(self.objective, "constraints", []):
+            if getattr(constraint, "reading_name", None) == "distortion":
+                return float(constraint.tolerance_mse)
+        return None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a differently built model with the differing setting named."""

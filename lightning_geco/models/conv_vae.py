@@ -22,7 +22,8 @@ class ConvVAE(VAEModule):
         latent_dim: size of z.
         widths: channels of each stride-2 level of the encoder (mirrored by the decoder).
         hidden_dim: width of the fully connected layers.
-        objective, likelihood, learning_rate, num_logged_images, marginal_kl_chunk_size:
+        objective, likelihood, learning_rate, num_logged_images, marginal_kl_chunk_size,
+        iwae_samples, active_unit_threshold:
             see :class:`~lightning_geco.models.base.VAEModule`.
     """
 
@@ -39,6 +40,8 @@ class ConvVAE(VAEModule):
         learning_rate: float = 1e-3,
         num_logged_images: int = 32,
         marginal_kl_chunk_size: int = 1024,
+        iwae_samples: int = 0,
+        active_unit_threshold: float = 0.01,
     ) -> None:
         super().__init__(
             image_shape=image_shape,
@@ -48,6 +51,8 @@ class ConvVAE(VAEModule):
             learning_rate=learning_rate,
             num_logged_images=num_logged_images,
             marginal_kl_chunk_size=marginal_kl_chunk_size,
+            iwae_samples=iwae_samples,
+            active_unit_threshold=active_unit_threshold,
         )
         self.save_hyperparameters(ignore=["objective", "likelihood"])
         self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)
