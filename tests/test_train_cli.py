@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from lightning_geco.cli import main
+from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,13 @@ EXPECTED_KEYS = {
     "val/rate",
     "val/marginal_kl",
     "val/mutual_info",
+    "val/total_correlation",
+    "val/dimensionwise_kl",
+    "val/active_units",
+    "val/kl_dim/0",
+    "val/iwae",
 }
+PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_distortion")
 
 
 def _small_data_overrides(config: Path) -> list[str]:
@@ -80,9 +87,9 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     history = read_history(run_dir)
     logged = set().union(*history)
     assert EXPECTED_KEYS <= logged
-    for panel in ("val/reconstructions", "val/samples"):
+    for panel in PANELS:
         assert any(key.startswith(panel + "/") for key in logged), panel
-    for panel in ("reconstructions", "samples"):
+    for panel in (p.split("/")[1] for p in PANELS):
         pngs = list((summary_path.parent / "media" / "images" / "val").glob(f"{panel}_*.png"))
         assert len(pngs) == 2  # one per validation (steps 2 and 4)
         for png in pngs:
@@ -97,3 +104,26 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
 def test_image_shape_comes_from_the_data_and_cannot_be_repeated_in_the_config():
     cli = main(_fit(REPO / "configs" / "default.yaml", "--data.init_args.image_size", "32"))
     assert cli.model.image_shape == (1, 32, 32)
+
+
+def test_other_loggers_get_the_same_scalars(tmp_path):
+    cli = main(_fit(REPO / "configs" / "default.yaml", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)))
+    (metrics_csv,) = Path(cli.trainer.logger.log_dir).glob("metrics.csv")
+    header = metrics_csv.read_text().splitlines()[0].split(",")
+    assert EXPECTED_KEYS <= set(header)
+
+
+def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
+    summaries = []
+    for tolerance in ("0.05", "0.02"):
+        main(_fit(REPO / "configs" / "default.yaml", "--model.init_args.objective.init_args.constraints.init_args.tolerance", tolerance))
+        summaries.append(Path(capsys.readouterr().out.strip().splitlines()[-1]))
+    run_dir = summaries[0].parent.parent
+    written = compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert run_dir.name in table and summaries[1].parent.parent.name in table
+    assert "| 0.05 |" in table and "| 0.02 |" in table
+    for png in (p for p in written if p.suffix == ".png"):
+        image = Image.open(png)
+        assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
+    assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
