@@ -109,6 +109,9 @@ class VAEModule(pl.LightningModule):
             it costs K decoder passes per validation batch).
         active_unit_threshold: variance of the posterior mean above which a latent dimension
             counts as active (``val/active_units``).
+        lr_schedule: ``"constant"``, or ``"cosine"``: anneal to 5% of the rate at ``max_steps``.
+            As the model stops improving, GECO's multiplier catches up with it and the
+            constraint ends close to its tolerance instead of trailing below it.
     """
 
     #: hyperparameters that fix the parameter shapes; a checkpoint must agree on all of them
@@ -125,6 +128,7 @@ class VAEModule(pl.LightningModule):
         marginal_kl_chunk_size: int = 1024,
         iwae_samples: int = 0,
         active_unit_threshold: float = 0.01,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
@@ -133,6 +137,8 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}.")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
         if iwae_samples < 0:
             raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -142,6 +148,7 @@ class VAEModule(pl.LightningModule):
         self.learning_rate = learning_rate
         self.num_logged_images = num_logged_images
         self.iwae_samples = iwae_samples
+        self.lr_schedule = lr_schedule
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
         self.validation_distortion = MeanMetric()
@@ -327,5 +334,12 @@ class VAEModule(pl.LightningModule):
                     f"this model has {key}={current!r}. Build the model with the checkpoint's settings."
                 )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        if self.lr_schedule == "constant":
+            return optimizer
+        total_steps = self.trainer.max_steps
+        if total_steps <= 0:
+            raise ValueError("lr_schedule='cosine' anneals over Trainer(max_steps=...); set max_steps > 0.")
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=0.05 * self.learning_rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -23,7 +23,7 @@ class ConvVAE(VAEModule):
         widths: channels of each stride-2 level of the encoder (mirrored by the decoder).
         hidden_dim: width of the fully connected layers.
         objective, likelihood, learning_rate, num_logged_images, marginal_kl_chunk_size,
-        iwae_samples, active_unit_threshold:
+        iwae_samples, active_unit_threshold, lr_schedule:
             see :class:`~lightning_geco.models.base.VAEModule`.
     """
 
@@ -42,6 +42,7 @@ class ConvVAE(VAEModule):
         marginal_kl_chunk_size: int = 1024,
         iwae_samples: int = 0,
         active_unit_threshold: float = 0.01,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__(
             image_shape=image_shape,
@@ -53,6 +54,7 @@ class ConvVAE(VAEModule):
             marginal_kl_chunk_size=marginal_kl_chunk_size,
             iwae_samples=iwae_samples,
             active_unit_threshold=active_unit_threshold,
+            lr_schedule=lr_schedule,
         )
         self.save_hyperparameters(ignore=["objective", "likelihood"])
         self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)

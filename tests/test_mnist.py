@@ -1,0 +1,103 @@
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_idx(path: Path, data: torch.Tensor, gzipped: bool) -> None:
+    """Write ``data`` (uint8) in LeCun's idx format, optionally gzipped."""
+    header = struct.pack(">HBB", 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    raw = header + data.to(torch.uint8).numpy().tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if gzipped else raw)
+
+
+def make_mnist(folder: Path, n: int, prefix: str, gzipped: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+    suffix = ".gz" if gzipped else ""
+    write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gzipped)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gzipped)
+    return images, labels
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_idx_round_trip(tmp_path, gzipped):
+    data = torch.randint(0, 256, (5, 3, 4), dtype=torch.uint8)
+    write_idx(tmp_path / "x.idx", data, gzipped)
+    assert torch.equal(read_idx(tmp_path / "x.idx"), data)
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    (tmp_path / "x").write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(ValueError, match="is not an idx file"):
+        read_idx(tmp_path / "x")
+
+
+@pytest.mark.parametrize("layout", ["MNIST/raw", "mnist/raw", "raw", "."])
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_mnist_loads_from_every_layout_gzipped_or_not(tmp_path, layout, gzipped):
+    images, labels = make_mnist(tmp_path / layout, 120, "train", gzipped)
+    dm = MNISTDataModule(root=str(tmp_path), num_val=20, batch_size=16)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 100 and len(dm.val_dataset) == 20
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    all_images, all_labels = dm.train_dataset.dataset.tensors
+    assert 0.0 <= all_images.min() and all_images.max() <= 1.0
+    torch.testing.assert_close(all_images[:, 0] * 255, images.float())
+    assert torch.equal(all_labels, labels.long())
+
+
+def test_split_is_seeded_and_disjoint(tmp_path):
+    make_mnist(tmp_path / "MNIST" / "raw", 100, "t10k", True)
+    a = MNISTDataModule(root=str(tmp_path), source="test", num_val=30, seed=1)
+    b = MNISTDataModule(root=str(tmp_path), source="test", num_val=30, seed=1)
+    c = MNISTDataModule(root=str(tmp_path), source="test", num_val=30, seed=2)
+    for dm in (a, b, c):
+        dm.setup()
+    assert a.val_dataset.indices == b.val_dataset.indices != c.val_dataset.indices
+    assert not set(a.train_dataset.indices) & set(a.val_dataset.indices)
+
+
+def test_missing_files_get_one_error_naming_paths_files_and_source(tmp_path):
+    make_mnist(tmp_path / "MNIST" / "raw", 10, "train", True)
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        MNISTDataModule(root=str(tmp_path)).prepare_data()
+    message = str(error.value)
+    assert "MNIST (train split): missing train-labels-idx1-ubyte (or the same names with .gz)" in message
+    for folder in ("MNIST/raw", "mnist/raw", "raw"):
+        assert str(tmp_path / folder) in message
+    assert "yann.lecun.com" in message and f"--data.root {tmp_path}" in message
+
+
+def test_fashion_mnist_uses_its_own_folder_and_names_it_in_errors(tmp_path):
+    make_mnist(tmp_path / "FashionMNIST" / "raw", 40, "t10k", False)
+    dm = FashionMNISTDataModule(root=str(tmp_path), source="test", num_val=10)
+    dm.setup()
+    assert len(dm.train_dataset) == 30
+    with pytest.raises(FileNotFoundError, match=r"FashionMNIST \(train split\): missing .*fashion-mnist"):
+        FashionMNISTDataModule(root=str(tmp_path)).prepare_data()
+
+
+def test_bad_source_is_rejected():
+    with pytest.raises(ValueError, match="source must be 'train' or 'test', got 'val'"):
+        MNISTDataModule(source="val")
+
+
+@pytest.mark.skipif(not (SHARED_MNIST / "mnist" / "raw").exists(), reason="real MNIST test split not present")
+def test_real_mnist_test_split_has_the_known_label_counts():
+    dm = MNISTDataModule(root=str(SHARED_MNIST), source="test", num_val=1000)
+    dm.setup()
+    images, labels = dm.train_dataset.dataset.tensors
+    assert images.shape == (10_000, 1, 28, 28)
+    assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert images.min() == 0.0 and images.max() == 1.0
