@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -39,3 +42,21 @@ def assert_same_parameters(saved_a, saved_b, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=rtol, atol=atol, msg=name)
+
+
+def write_idx(path: Path, data: torch.Tensor, gzipped: bool) -> None:
+    """Write ``data`` (uint8) in LeCun's idx format, optionally gzipped."""
+    header = struct.pack(">HBB", 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
+    raw = header + data.to(torch.uint8).numpy().tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if gzipped else raw)
+
+
+def make_mnist(folder: Path, n: int, prefix: str, gzipped: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+    suffix = ".gz" if gzipped else ""
+    write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gzipped)
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gzipped)
+    return images, labels

@@ -1,31 +1,12 @@
-import gzip
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
+from helpers import make_mnist, write_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def write_idx(path: Path, data: torch.Tensor, gzipped: bool) -> None:
-    """Write ``data`` (uint8) in LeCun's idx format, optionally gzipped."""
-    header = struct.pack(">HBB", 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
-    raw = header + data.to(torch.uint8).numpy().tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(raw) if gzipped else raw)
-
-
-def make_mnist(folder: Path, n: int, prefix: str, gzipped: bool, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
-    suffix = ".gz" if gzipped else ""
-    write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gzipped)
-    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gzipped)
-    return images, labels
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
@@ -84,7 +65,7 @@ def test_fashion_mnist_uses_its_own_folder_and_names_it_in_errors(tmp_path):
     dm = FashionMNISTDataModule(root=str(tmp_path), source="test", num_val=10)
     dm.setup()
     assert len(dm.train_dataset) == 30
-    with pytest.raises(FileNotFoundError, match=r"FashionMNIST \(train split\): missing .*fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)FashionMNIST \(train split\): missing .*fashion-mnist"):
         FashionMNISTDataModule(root=str(tmp_path)).prepare_data()
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import make_mnist
 from lightning_geco.cli import main
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
@@ -36,11 +37,15 @@ PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_dist
 
 
 def _small_data_overrides(config: Path) -> list[str]:
-    """Shrink the data of a config so a few steps take seconds."""
-    data = yaml.safe_load(config.read_text()).get("data", {})
-    if data.get("class_path", "").endswith("ShapesDataModule"):
+    """Shrink the data of a config so a few steps take seconds; write file fixtures it needs."""
+    data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
+    if data_class.endswith("ShapesDataModule"):
         return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
-    return []
+    if data_class.endswith("MNISTDataModule"):
+        folder = Path.cwd() / "fixture_data"
+        make_mnist(folder / data_class.split(".")[-1].removesuffix("DataModule") / "raw", 96, "train", gzipped=True)
+        return ["--data.init_args.root", str(folder), "--data.init_args.num_val", "32"]
+    raise AssertionError(f"{config.name}: add a small-data fixture for {data_class} to this test")
 
 
 def _fit(config: Path, *extra: str) -> list[str]:
