@@ -1,7 +1,22 @@
 """LightningDataModules that wrap datasets, offline-first, on a shared base."""
 
-from datamodules.base import ImageDataModule, seeded_split
-from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule
+from datamodules.base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
+from datamodules.celeba import CelebADataModule
+from datamodules.cifar import CIFAR10DataModule
+from datamodules.dsprites import DSpritesDataModule
+from datamodules.mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
 from datamodules.shapes import ShapesDataModule
 
-__all__ = ["FashionMNISTDataModule", "ImageDataModule", "MNISTDataModule", "ShapesDataModule", "seeded_split"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CelebADataModule",
+    "ColouredMNISTDataModule",
+    "DSpritesDataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "MNISTDataModule",
+    "MissingDatasetError",
+    "ShapesDataModule",
+    "UInt8Images",
+    "seeded_split",
+]

@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST from the standard idx files, gzipped or extracted. No download.
+"""MNIST and Fashion-MNIST from the standard idx files, gzipped or extracted.
 
 Looked for, in order, under ``root``: ``<Name>/raw`` (torchvision's layout: ``MNIST/raw``,
 ``FashionMNIST/raw``), ``<name>/raw`` (lower case), ``raw``, and ``root`` itself. Each of the
@@ -9,21 +9,31 @@ four files may be gzipped (``.gz``) or extracted:
 
 ``source="train"`` reads the 60,000-image training files, ``source="test"`` the 10,000-image
 test files; either is split (seeded) into the DataModule's train and validation sets.
+``download=True`` fetches the four gzipped files into ``<root>/<Name>/raw`` first (off by
+default: nothing touches the network unless asked).
 """
 
 from __future__ import annotations
 
+import colorsys
 import gzip
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
 
-from datamodules.base import ImageDataModule, seeded_split
+from datamodules.base import (
+    ImageDataModule,
+    MissingDatasetError,
+    UInt8Images,
+    download_files,
+    find_file,
+    missing_files_message,
+    seeded_split,
+)
 
-__all__ = ["FashionMNISTDataModule", "MNISTDataModule", "find_idx_file", "read_idx"]
+__all__ = ["HUES", "ColouredMNISTDataModule", "FashionMNISTDataModule", "MNISTDataModule", "read_idx"]
 
 _DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32}
 _STEMS = {
@@ -53,14 +63,6 @@ def read_idx(path: str | Path) -> Tensor:
     return data.reshape(shape)
 
 
-def find_idx_file(folders: list[Path], stem: str) -> Path | None:
-    for folder in folders:
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
 class MNISTDataModule(ImageDataModule):
     """MNIST digits, (1, 28, 28) in [0, 1]; batches are ``(images, labels)``.
 
@@ -70,11 +72,14 @@ class MNISTDataModule(ImageDataModule):
         num_val: images of the source held out (seeded) for validation.
         seed: seed of the split.
         binarize: threshold at 0.5 (for a Bernoulli likelihood or constraint).
-        batch_size, num_workers, shuffle, pin_memory: see :class:`ImageDataModule`.
+        download: fetch the files when missing (default off).
+        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
     """
 
     name = "MNIST"
+    folder_name = "MNIST"
     source_url = "http://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
+    mirror = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
     def __init__(
         self,
@@ -83,12 +88,14 @@ class MNISTDataModule(ImageDataModule):
         num_val: int = 5000,
         seed: int = 0,
         binarize: bool = False,
+        download: bool = False,
         batch_size: int = 64,
         num_workers: int = 0,
         shuffle: bool = True,
         pin_memory: bool = False,
+        device: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
         if source not in _STEMS:
             raise ValueError(f"{self.name} source must be 'train' or 'test', got {source!r}.")
         self.root = Path(root)
@@ -96,31 +103,31 @@ class MNISTDataModule(ImageDataModule):
         self.num_val = num_val
         self.seed = seed
         self.binarize = binarize
+        self.download = download
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (1, 28, 28)
 
     def candidate_folders(self) -> list[Path]:
-        return [self.root / self.name / "raw", self.root / self.name.lower() / "raw", self.root / "raw", self.root]
+        folder = self.folder_name
+        return [self.root / folder / "raw", self.root / folder.lower() / "raw", self.root / "raw", self.root]
 
     def files(self) -> tuple[Path, Path]:
         """The (images, labels) idx files of ``source``; a clear error naming what is missing."""
         folders = self.candidate_folders()
-        found = [find_idx_file(folders, stem) for stem in _STEMS[self.source]]
+        found = [find_file(folders, (stem, stem + ".gz")) for stem in _STEMS[self.source]]
         if all(found):
             return found[0], found[1]
-        missing = [stem for stem, path in zip(_STEMS[self.source], found) if path is None]
-        looked = "\n".join(f"  {folder}" for folder in folders)
-        raise FileNotFoundError(
-            f"{self.name} ({self.source} split): missing {', '.join(missing)} (or the same names with .gz).\n"
-            f"Looked in:\n{looked}\n"
-            f"Get the four idx files from {self.source_url} and put them in "
-            f"{self.root / self.name / 'raw'} (gzipped or extracted), then pass --data.root {self.root}."
+        missing = [f"{stem} (or {stem}.gz)" for stem, path in zip(_STEMS[self.source], found) if path is None]
+        raise MissingDatasetError(
+            missing_files_message(
+                f"{self.name} ({self.source} split)", missing, folders, self.source_url, folders[0], self.root
+            )
         )
 
-    def load(self) -> TensorDataset:
-        """The whole source split as tensors: images (N, 1, 28, 28) float in [0, 1], labels (N,) int64."""
+    def load(self) -> UInt8Images:
+        """The whole source split: images (N, 1, 28, 28) served in [0, 1], labels (N,) int64."""
         image_file, label_file = self.files()
         images = read_idx(image_file)
         labels = read_idx(label_file).long()
@@ -129,12 +136,19 @@ class MNISTDataModule(ImageDataModule):
                 f"{image_file} holds {tuple(images.shape)} and {label_file} holds {tuple(labels.shape)}: "
                 "expected (N, 28, 28) images with N labels."
             )
-        images = images.unsqueeze(1).float().div_(255.0)
+        images = images.unsqueeze(1)
         if self.binarize:
-            images = (images > 0.5).float()
-        return TensorDataset(images, labels)
+            return UInt8Images((images > 127).to(torch.uint8), labels, scale=1.0)
+        return UInt8Images(images, labels)
 
     def prepare_data(self) -> None:
+        # File work on one process only (Lightning calls this on local rank 0).
+        if self.download:
+            try:
+                self.files()
+            except MissingDatasetError:
+                urls = [self.mirror + stem + ".gz" for split in _STEMS.values() for stem in split]
+                download_files(self.name, urls, self.candidate_folders()[0])
         self.files()  # fail before any process loads anything
 
     def setup(self, stage: str | None = None) -> None:
@@ -146,4 +160,40 @@ class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST (Xiao et al. 2017): the MNIST file names and format, under ``FashionMNIST/raw``."""
 
     name = "FashionMNIST"
+    folder_name = "FashionMNIST"
     source_url = "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)"
+    mirror = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+
+# Twelve fully saturated hues, 30 degrees apart: red, orange, yellow, ..., rose.
+HUES = torch.tensor([colorsys.hsv_to_rgb(i / 12, 1.0, 1.0) for i in range(12)], dtype=torch.float32)
+
+
+class ColouredMNISTDataModule(MNISTDataModule):
+    """Coloured MNIST, (3, 28, 28) in [0, 1], made from the MNIST files by a documented recipe.
+
+    Recipe: image n gets hue ``k_n`` drawn uniformly from 12 saturated hues 30 degrees apart
+    (``HUES``) by a generator seeded with ``colour_seed``; its RGB image is the grey digit times
+    that colour, on black. Batches are ``(images, targets)`` with targets ``[digit, hue index]``
+    (N, 2) int64, so the colour is a known ground-truth factor next to the digit.
+    Same files, layouts and arguments as :class:`MNISTDataModule`, plus ``colour_seed``.
+    """
+
+    name = "Coloured MNIST (made from the MNIST files)"
+    folder_name = "MNIST"
+
+    def __init__(self, *args, colour_seed: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.colour_seed = colour_seed
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, 28, 28)
+
+    def load(self) -> UInt8Images:
+        grey = super().load()
+        generator = torch.Generator().manual_seed(self.colour_seed)
+        hue = torch.randint(len(HUES), (len(grey),), generator=generator)
+        colours = HUES[hue].view(-1, 3, 1, 1)
+        images = (grey.images.float() / grey.scale * colours * 255).round().to(torch.uint8)
+        return UInt8Images(images, torch.stack([grey.targets, hue], dim=1))

@@ -73,7 +73,7 @@ class ShapesDataModule(ImageDataModule):
         image_size: side S of the square images.
         num_train, num_val: images in each split (generated from disjoint seeds).
         seed: seed of the factors; the same seed gives the same images on every rank and run.
-        batch_size, num_workers, shuffle, pin_memory: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -86,8 +86,9 @@ class ShapesDataModule(ImageDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         pin_memory: bool = False,
+        device: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
         if image_size < 8:
             raise ValueError(f"ShapesDataModule image_size must be at least 8 pixels, got {image_size!r}.")
         if num_train < 1 or num_val < 1:

@@ -60,3 +60,59 @@ def make_mnist(folder: Path, n: int, prefix: str, gzipped: bool, seed: int = 0):
     write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gzipped)
     write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gzipped)
     return images, labels
+
+
+def make_cifar(folder: Path, per_batch: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, list[int]]]:
+    """CIFAR-10 python pickles (five data batches and the test batch) with random content."""
+    import pickle
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = torch.randint(0, 256, (per_batch, 3072), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (per_batch,), generator=g).tolist()
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data.numpy(), b"labels": labels, b"batch_label": name.encode()}, handle)
+        written[name] = (data, labels)
+    return written
+
+
+def make_dsprites(path: Path, n: int, seed: int = 0) -> dict[str, "numpy.ndarray"]:
+    """A dSprites-format npz: imgs (n, 64, 64) uint8 in {0, 1}, latents_values / latents_classes (n, 6)."""
+    import numpy
+
+    rng = numpy.random.default_rng(seed)
+    arrays = {
+        "imgs": rng.integers(0, 2, (n, 64, 64), dtype=numpy.uint8),
+        "latents_classes": numpy.stack(
+            [numpy.zeros(n), rng.integers(0, 3, n), rng.integers(0, 6, n), rng.integers(0, 40, n),
+             rng.integers(0, 32, n), rng.integers(0, 32, n)], axis=1).astype(numpy.int64),
+    }
+    arrays["latents_values"] = numpy.stack(
+        [numpy.ones(n), arrays["latents_classes"][:, 1] + 1.0, 0.5 + arrays["latents_classes"][:, 2] / 10,
+         arrays["latents_classes"][:, 3] * 2 * numpy.pi / 40, arrays["latents_classes"][:, 4] / 31,
+         arrays["latents_classes"][:, 5] / 31], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    numpy.savez_compressed(path, **arrays)
+    return arrays
+
+
+def make_celeba(folder: Path, partitions: list[int], seed: int = 0) -> None:
+    """A CelebA folder: aligned 178x218 JPEGs, the partition list and the attribute table."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    (folder / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    names = [f"{i + 1:06d}.jpg" for i in range(len(partitions))]
+    attribute_names = [f"Attr_{j}" for j in range(40)]
+    rows = []
+    for name in names:
+        pixels = torch.randint(0, 256, (218, 178, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / "img_align_celeba" / name)
+        signs = (torch.randint(0, 2, (40,), generator=g) * 2 - 1).tolist()
+        rows.append(name + " " + " ".join(f"{s:2d}" for s in signs))
+    (folder / "list_eval_partition.txt").write_text("\n".join(f"{n} {p}" for n, p in zip(names, partitions)) + "\n")
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{len(names)}\n" + " ".join(attribute_names) + "\n" + "\n".join(rows) + "\n"
+    )

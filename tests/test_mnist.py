@@ -31,9 +31,9 @@ def test_mnist_loads_from_every_layout_gzipped_or_not(tmp_path, layout, gzipped)
     assert len(dm.train_dataset) == 100 and len(dm.val_dataset) == 20
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    all_images, all_labels = dm.train_dataset.dataset.tensors
+    all_images, all_labels = dm.train_dataset.dataset.images.float() / 255, dm.train_dataset.dataset.targets
     assert 0.0 <= all_images.min() and all_images.max() <= 1.0
-    torch.testing.assert_close(all_images[:, 0] * 255, images.float())
+    torch.testing.assert_close(all_images[:, 0] * 255, images.float(), rtol=0, atol=1e-4)
     assert torch.equal(all_labels, labels.long())
 
 
@@ -54,7 +54,7 @@ def test_missing_files_get_one_error_naming_paths_files_and_source(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         MNISTDataModule(root=str(tmp_path)).prepare_data()
     message = str(error.value)
-    assert "MNIST (train split): missing train-labels-idx1-ubyte (or the same names with .gz)" in message
+    assert "MNIST (train split): missing train-labels-idx1-ubyte (or train-labels-idx1-ubyte.gz)" in message
     for folder in ("MNIST/raw", "mnist/raw", "raw"):
         assert str(tmp_path / folder) in message
     assert "yann.lecun.com" in message and f"--data.root {tmp_path}" in message
@@ -78,7 +78,7 @@ def test_bad_source_is_rejected():
 def test_real_mnist_test_split_has_the_known_label_counts():
     dm = MNISTDataModule(root=str(SHARED_MNIST), source="test", num_val=1000)
     dm.setup()
-    images, labels = dm.train_dataset.dataset.tensors
+    images, labels = dm.train_dataset.dataset.images.float() / 255, dm.train_dataset.dataset.targets
     assert images.shape == (10_000, 1, 28, 28)
     assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert images.min() == 0.0 and images.max() == 1.0

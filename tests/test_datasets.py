@@ -1,0 +1,132 @@
+"""CIFAR-10, dSprites, coloured MNIST and CelebA from fixtures in their real file formats."""
+
+import time
+
+import pytest
+import torch
+
+from datamodules import (
+    CelebADataModule,
+    CIFAR10DataModule,
+    ColouredMNISTDataModule,
+    DSpritesDataModule,
+    MissingDatasetError,
+    MNISTDataModule,
+    ShapesDataModule,
+)
+from datamodules.dsprites import FILE_NAME
+from datamodules.mnist import HUES
+from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
+
+
+def test_cifar10_loads_the_pickles_in_chw_order(tmp_path):
+    written = make_cifar(tmp_path / "cifar-10-batches-py", per_batch=20)
+    dm = CIFAR10DataModule(root=str(tmp_path), num_val=10, batch_size=8)
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.train_dataset) == 90 and len(dm.val_dataset) == 10
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    full = dm.train_dataset.dataset
+    first, first_labels = written["data_batch_1"]
+    torch.testing.assert_close(full.images[0], first[0].reshape(3, 32, 32))
+    assert full.targets[:20].tolist() == first_labels
+    test = CIFAR10DataModule(root=str(tmp_path), source="test", num_val=5)
+    test.setup()
+    assert len(test.train_dataset) + len(test.val_dataset) == 20
+
+
+def test_dsprites_loads_images_and_factors_in_the_shapes_layout(tmp_path):
+    arrays = make_dsprites(tmp_path / "dsprites" / FILE_NAME, n=50)
+    dm = DSpritesDataModule(root=str(tmp_path), num_val=10, batch_size=5)
+    dm.setup()
+    assert dm.image_shape == ShapesDataModule().image_shape == (1, 64, 64)
+    images, factors = next(iter(dm.val_dataloader()))
+    assert images.shape == (5, 1, 64, 64) and set(images.unique().tolist()) <= {0.0, 1.0}
+    assert factors.shape == (5, 5)
+    full = dm.train_dataset.dataset
+    assert torch.equal(full.images[:, 0], torch.from_numpy(arrays["imgs"]))
+    assert full.targets[3, 0].item() == arrays["latents_classes"][3, 1]
+    assert full.targets[3, 1:].tolist() == pytest.approx(arrays["latents_values"][3, 2:].tolist())
+
+
+def test_coloured_mnist_follows_its_recipe(tmp_path):
+    grey, labels = make_mnist(tmp_path / "MNIST" / "raw", 60, "train", gzipped=True)
+    dm = ColouredMNISTDataModule(root=str(tmp_path), num_val=10, colour_seed=3)
+    dm.setup()
+    assert dm.image_shape == (3, 28, 28)
+    full = dm.train_dataset.dataset
+    targets = full.targets
+    assert targets.shape == (60, 2) and torch.equal(targets[:, 0], labels.long())
+    hue = torch.randint(len(HUES), (60,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(targets[:, 1], hue)
+    expected = (grey.float().unsqueeze(1) / 255 * HUES[hue].view(-1, 3, 1, 1) * 255).round()
+    torch.testing.assert_close(full.images.float(), expected)
+
+
+def test_celeba_crops_resizes_and_uses_the_official_partitions(tmp_path):
+    make_celeba(tmp_path / "celeba", partitions=[0, 0, 0, 1, 1, 2])
+    dm = CelebADataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.image_shape == (3, 32, 32)
+    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 2
+    images, attributes = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 3, 32, 32) and 0.0 <= images.min() and images.max() <= 1.0
+    assert attributes.shape == (2, 40) and set(attributes.unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    "module, kwargs, expected",
+    [
+        (CIFAR10DataModule, {}, ["CIFAR-10 (train split): missing data_batch_1", "cifar-10-batches-py", "cs.toronto.edu"]),
+        (DSpritesDataModule, {}, ["dSprites: missing " + FILE_NAME, "dsprites", "deepmind/dsprites-dataset"]),
+        (CelebADataModule, {}, ["CelebA: missing img_align_celeba/", "list_eval_partition.txt", "mmlab.ie.cuhk.edu.hk"]),
+        (ColouredMNISTDataModule, {}, ["Coloured MNIST (made from the MNIST files) (train split): missing", "MNIST/raw"]),
+    ],
+)
+def test_missing_files_get_one_clear_error(tmp_path, module, kwargs, expected):
+    with pytest.raises(MissingDatasetError) as error:
+        module(root=str(tmp_path), **kwargs).prepare_data()
+    message = str(error.value)
+    for text in expected + [str(tmp_path), f"--data.root {tmp_path}"]:
+        assert text in message, (text, message)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("module", [MNISTDataModule, CIFAR10DataModule, DSpritesDataModule])
+def test_download_without_network_fails_within_seconds_and_leaves_nothing(tmp_path, monkeypatch, module):
+    # A closed local port stands in for "no network": the connection is refused at once.
+    import datamodules.cifar
+    import datamodules.dsprites
+
+    monkeypatch.setattr(MNISTDataModule, "mirror", "http://127.0.0.1:9/")
+    monkeypatch.setattr(datamodules.cifar, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(datamodules.dsprites, "URL", "http://127.0.0.1:9/" + FILE_NAME)
+    start = time.monotonic()
+    with pytest.raises(MissingDatasetError, match=r"download=True but fetching http://127\.0\.0\.1:9/.* failed"):
+        module(root=str(tmp_path), download=True).prepare_data()
+    assert time.monotonic() - start < 10
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_celeba_download_explains_the_manual_route(tmp_path):
+    with pytest.raises(MissingDatasetError, match="CelebA cannot be downloaded automatically"):
+        CelebADataModule(root=str(tmp_path), download=True).prepare_data()
+
+
+def test_in_memory_device_option_serves_the_same_batches(tmp_path):
+    make_mnist(tmp_path / "MNIST" / "raw", 40, "train", gzipped=False)
+    on_disk = MNISTDataModule(root=str(tmp_path), num_val=8, batch_size=8, shuffle=False)
+    in_memory = MNISTDataModule(root=str(tmp_path), num_val=8, batch_size=8, shuffle=False, device="cpu")
+    for dm in (on_disk, in_memory):
+        dm.setup()
+    for (a, ya), (b, yb) in zip(on_disk.train_dataloader(), in_memory.train_dataloader()):
+        torch.testing.assert_close(a, b)
+        assert torch.equal(ya, yb)
+    assert in_memory.train_dataloader().num_workers == 0
+    celeba = CelebADataModule(root=str(tmp_path))
+    celeba.device = "cpu"
+    celeba.train_dataset = torch.utils.data.Dataset()
+    with pytest.raises(ValueError, match=r"needs an in-memory dataset; Dataset reads from disk"):
+        celeba.train_dataloader()
