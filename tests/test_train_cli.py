@@ -8,7 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import make_mnist
+from datamodules.dsprites import FILE_NAME
+from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
 from lightning_geco.cli import main
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
@@ -41,10 +42,20 @@ def _small_data_overrides(config: Path) -> list[str]:
     data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
     if data_class.endswith("ShapesDataModule"):
         return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
+    root = Path.cwd() / "fixture_data"
     if data_class.endswith("MNISTDataModule"):
-        folder = Path.cwd() / "fixture_data"
-        make_mnist(folder / data_class.split(".")[-1].removesuffix("DataModule") / "raw", 96, "train", gzipped=True)
-        return ["--data.init_args.root", str(folder), "--data.init_args.num_val", "32"]
+        folder = "FashionMNIST" if "Fashion" in data_class else "MNIST"
+        make_mnist(root / folder / "raw", 96, "train", gzipped=True)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+    if data_class.endswith("CIFAR10DataModule"):
+        make_cifar(root / "cifar-10-batches-py", per_batch=20)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "36"]
+    if data_class.endswith("DSpritesDataModule"):
+        make_dsprites(root / "dsprites" / FILE_NAME, n=96)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+    if data_class.endswith("CelebADataModule"):
+        make_celeba(root / "celeba", partitions=[0] * 64 + [1] * 32)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_workers", "0"]
     raise AssertionError(f"{config.name}: add a small-data fixture for {data_class} to this test")
 
 
