@@ -172,13 +172,14 @@ class GECO:
         return batch_mean + (smoothed - batch_mean).detach()
 
     def record(self, per_example: Tensor) -> None:
-        """Add a (micro-)batch's constraint values (N, K) to the statistics of the coming update."""
-        per_example = per_example.detach().float()
-        total = per_example.sum(dim=0)
-        if not torch.isfinite(total).all():
-            self._pending_nonfinite += 1.0
-            total = torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
-        self._pending_sum += total.to(self._pending_sum.device)
+        """Add a (micro-)batch's constraint values (N, K) to the statistics of the coming update.
+
+        Tensor ops only, no host sync: a non-finite sum is counted in the flag and left out.
+        """
+        total = per_example.detach().float().sum(dim=0).to(self._pending_sum.device)
+        finite = torch.isfinite(total)
+        self._pending_nonfinite += (~finite).any().float()
+        self._pending_sum += torch.where(finite, total, torch.zeros_like(total))
         self._pending_count += float(per_example.shape[0])
 
     def record_loss(self, loss: Tensor) -> None:

@@ -50,7 +50,7 @@ def gaussian_kl_per_dimension(mean: Tensor, log_variance: Tensor) -> Tensor:
 
 
 def aggregate_log_densities(
-    z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int = 1024
+    z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int = 256
 ) -> tuple[Tensor, Tensor]:
     """``log q(z_i)`` and ``log q(z_ij)`` for the mixture ``q = 1/N sum_n N(mean_n, diag(var_n))``.
 
@@ -97,7 +97,7 @@ class AggregatePosteriorKL(Metric):
     higher_is_better = False
     is_differentiable = False
 
-    def __init__(self, chunk_size: int = 1024, seed: int = 0, **kwargs) -> None:
+    def __init__(self, chunk_size: int = 256, seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")

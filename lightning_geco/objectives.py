@@ -109,8 +109,8 @@ class GECOObjective(Objective):
         else:
             # Validation reads lambda but never records statistics or moves the state.
             constraint = values.mean(dim=0)
-        scale = torch.tensor([c.num_elements(output) for c in self.constraints], dtype=torch.float32)
-        lagrangian = (self.geco.lagrange_multiplier * scale.to(constraint.device) * constraint).sum()
+        lam = self.geco.lagrange_multiplier
+        lagrangian = sum(lam[k] * c.num_elements(output) * constraint[k] for k, c in enumerate(self.constraints))
         loss = output.rate.float().mean() + lagrangian
         if self.training:
             self.geco.record_loss(loss)

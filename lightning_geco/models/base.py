@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_geco.callbacks import is_logging_step
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from torchmetrics import MeanMetric
 
@@ -125,7 +126,7 @@ class VAEModule(pl.LightningModule):
         likelihood: Likelihood | None = None,
         learning_rate: float = 1e-3,
         num_logged_images: int = 32,
-        marginal_kl_chunk_size: int = 1024,
+        marginal_kl_chunk_size: int = 256,
         iwae_samples: int = 0,
         active_unit_threshold: float = 0.01,
         lr_schedule: str = "constant",
@@ -238,7 +239,8 @@ class VAEModule(pl.LightningModule):
         self._checked_range = True
         output = self(x)
         loss = self.objective(output)
-        self._log_terms("train", output, loss, on_step=True)
+        if is_logging_step(self.trainer):
+            self._log_terms("train", output, loss, on_step=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

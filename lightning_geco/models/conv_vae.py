@@ -39,7 +39,7 @@ class ConvVAE(VAEModule):
         likelihood: Likelihood | None = None,
         learning_rate: float = 1e-3,
         num_logged_images: int = 32,
-        marginal_kl_chunk_size: int = 1024,
+        marginal_kl_chunk_size: int = 256,
         iwae_samples: int = 0,
         active_unit_threshold: float = 0.01,
         lr_schedule: str = "constant",

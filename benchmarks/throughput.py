@@ -1,0 +1,182 @@
+"""Training throughput of ConvVAE: Lightning + GECO vs Lightning + ELBO vs a plain PyTorch loop.
+
+    python benchmarks/throughput.py [--steps 60] [--warmup 10] [--repeats 5] [--image-size 64]
+
+All three variants train the same ConvVAE with the same Adam and the same DataLoader over the
+same in-memory shapes; only the loop differs:
+
+- ``plain``: a hand-written PyTorch loop, loss = rate + lambda * ||x - g(z)||^2 with a fixed
+  lambda (no Lightning, no GECO): the floor;
+- ``elbo``: ``Trainer.fit`` with the ELBO objective;
+- ``geco``: ``Trainer.fit`` with the GECO objective and ``GECOCallback``.
+
+Each variant runs in its own process (so peak memory is its own), the variants are interleaved
+over ``--repeats`` rounds (so machine noise hits them alike), and the medians are compared.
+Reported: images/s, peak memory (GPU: max allocated; CPU: peak RSS growth of the process),
+and the fraction of step time spent outside the training step (waiting on data and the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from datamodules.shapes import render_shapes, sample_factors
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _loader(image_size: int, batch_size: int, device: str):
+    images = render_shapes(sample_factors(batch_size * 64, seed=0), image_size)
+    dataset = torch.utils.data.TensorDataset(images)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+def _model(image_size: int, objective):
+    from lightning_geco import ConvVAE
+
+    torch.manual_seed(0)
+    return ConvVAE(image_shape=(1, image_size, image_size), objective=objective)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_plain(args) -> dict:
+    from lightning_geco import ELBO
+
+    model = _model(args.image_size, ELBO()).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    lam = 5.0
+    step, started, in_step = 0, 0.0, 0.0
+    while step < args.steps:
+        for (x,) in _loader(args.image_size, args.batch_size, args.device):
+            if step == args.warmup:
+                _sync(args.device)
+                started, in_step = time.perf_counter(), 0.0
+            begin = time.perf_counter()
+            x = x.to(args.device, non_blocking=True)
+            out = model(x)
+            loss = (out.rate + lam * x[0].numel() * out.distortion).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _sync(args.device)
+            in_step += time.perf_counter() - begin
+            step += 1
+            if step == args.steps:
+                break
+    elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "in_step": in_step}
+
+
+def run_lightning(args, geco: bool) -> dict:
+    import pytorch_lightning as pl
+
+    from lightning_geco import ELBO, GECOCallback, GECOObjective, ReconstructionMSE
+
+    class StepTimer(pl.Callback):
+        def __init__(self):
+            self.started = 0.0
+            self.in_step = 0.0
+            self._begin = 0.0
+            self.finished = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == args.warmup:
+                _sync(args.device)
+                self.started, self.in_step = time.perf_counter(), 0.0
+            self._begin = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(args.device)
+            now = time.perf_counter()
+            self.in_step += now - self._begin
+            self.finished = now
+
+    objective = GECOObjective([ReconstructionMSE(0.005)]) if geco else ELBO()
+    timer = StepTimer()
+    callbacks = [timer] + ([GECOCallback()] if geco else [])
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(_model(args.image_size, objective), _loader(args.image_size, args.batch_size, args.device))
+    return {"seconds": timer.finished - timer.started, "in_step": timer.in_step}
+
+
+def worker(args) -> None:
+    baseline = _rss_mb()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = run_plain(args) if args.variant == "plain" else run_lightning(args, geco=args.variant == "geco")
+    timed = args.steps - args.warmup
+    result["images_per_s"] = timed * args.batch_size / result["seconds"]
+    result["outside_step_fraction"] = max(0.0, 1.0 - result["in_step"] / result["seconds"])
+    if args.device == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = _rss_mb() - baseline
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=["plain", "elbo", "geco"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        worker(args)
+        return
+
+    variants = ("plain", "elbo", "geco")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for round_ in range(args.repeats):
+        for variant in variants:
+            command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            results[variant].append(json.loads(out.strip().splitlines()[-1]))
+        print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+
+    def median(variant: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[variant])
+
+    print(f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps - args.warmup} timed "
+          f"steps, median of {args.repeats} interleaved runs, device {args.device}")
+    print(f"{'variant':<8} {'images/s':>10} {'peak MB':>9} {'outside step':>13}")
+    for variant in variants:
+        print(f"{variant:<8} {median(variant, 'images_per_s'):>10.1f} {median(variant, 'peak_memory_mb'):>9.1f} "
+              f"{median(variant, 'outside_step_fraction'):>12.1%}")
+    plain, elbo, geco = (median(v, "images_per_s") for v in variants)
+    print(f"GECO cost over ELBO (Lightning):     {elbo / geco - 1:+.1%} time per image (goal <= +2%)")
+    print(f"Lightning + GECO over the plain loop: {plain / geco - 1:+.1%} time per image (goal <= +5%)")
+    # Per-round ratios: each round's three runs share the machine's state at that moment.
+    per_round = [r_p["images_per_s"] / r_g["images_per_s"] - 1 for r_p, r_g in zip(results["plain"], results["geco"])]
+    print(f"  (per-round GECO-vs-plain ratios: {', '.join(f'{x:+.1%}' for x in per_round)})")
+
+
+if __name__ == "__main__":
+    main()
