@@ -60,8 +60,9 @@ def run_plain(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     lam = 5.0
     step, started, in_step = 0, 0.0, 0.0
+    loader = _loader(args.image_size, args.batch_size, args.device)
     while step < args.steps:
-        for (x,) in _loader(args.image_size, args.batch_size, args.device):
+        for (x,) in loader:
             if step == args.warmup:
                 _sync(args.device)
                 started, in_step = time.perf_counter(), 0.0

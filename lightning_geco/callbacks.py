@@ -26,7 +26,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, GECO
@@ -51,6 +53,16 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     due = connector.should_update_logs if connector is not None else True
     last = 0 < trainer.max_steps <= trainer.global_step + 1
     return due or last
+
+
+def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """Sum over all ranks, identical everywhere. One all-reduce under torch.distributed (the
+    strategy's ``reduce`` adds a barrier: a second collective per step); other strategies
+    (e.g. XLA) go through ``strategy.reduce``."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
 def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
@@ -124,7 +136,7 @@ class GECOCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         geco = self.geco
-        statistics = trainer.strategy.reduce(geco.pending_statistics(), reduce_op="sum")
+        statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         k = geco.num_constraints
         batch_mean = statistics[:k] / statistics[k].clamp_min(1.0)
         moved = geco.update(statistics)

@@ -73,16 +73,17 @@ class RunSummary(Callback):
         summary.update(self._geco_fields(trainer))
         summary["global_step"] = trainer.global_step
         summary["wall_clock_seconds"] = round(time.monotonic() - self._start, 3)
+        self.summary = summary
+        if not trainer.is_global_zero:
+            return  # other ranks hold the same numbers; only rank 0 has the run folder
         directory = run_directory(trainer)
         self.path = directory / self.filename
         summary["path"] = str(self.path)
-        self.summary = summary
-        if trainer.is_global_zero:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(summary, indent=2) + "\n")
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items()})
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items()})
 
     def _geco_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         callback = next((c for c in trainer.callbacks if isinstance(c, GECOCallback)), None)

@@ -1,6 +1,9 @@
 """train.py end to end: every config runs a few steps, writes summary.json, logs to W&B offline."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy
@@ -143,3 +146,20 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         image = Image.open(png)
         assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
     assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
+
+
+@pytest.mark.timeout(300)
+def test_two_process_ddp_run_through_train_py_logs_to_wandb_and_writes_one_summary(tmp_path):
+    command = [
+        sys.executable, str(REPO / "train.py"), *_fit(REPO / "configs" / "default.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary_path = Path(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(summary_path.read_text())
+    assert summary["global_step"] == 4 and summary["lambda"] > 0
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
+    assert {"geco/lambda", "val/marginal_kl"} <= set().union(*read_history(summary_path.parent.parent))
