@@ -180,3 +180,14 @@ def download_files(dataset: str, urls: list[str], folder: Path, timeout_s: float
                 f"download the files by hand into {folder} and leave download off."
             ) from error
         partial.replace(target)
+
+
+def ensure_files(download: bool, check, fetch) -> None:
+    """``prepare_data``'s file work: when ``download`` is on and ``check()`` finds files missing,
+    ``fetch()`` them; then ``check()`` again, raising its clear error if they are still missing."""
+    if download:
+        try:
+            check()
+        except MissingDatasetError:
+            fetch()
+    check()

@@ -19,6 +19,7 @@ from datamodules.base import (
     MissingDatasetError,
     UInt8Images,
     download_files,
+    ensure_files,
     find_file,
     missing_files_message,
     seeded_split,
@@ -83,16 +84,14 @@ class CIFAR10DataModule(ImageDataModule):
         return list(found.values())
 
     def prepare_data(self) -> None:
-        if self.download:
-            try:
-                self.files()
-            except MissingDatasetError:
-                import tarfile
+        ensure_files(self.download, self.files, self._fetch)
 
-                download_files("CIFAR-10", [URL], self.root)
-                with tarfile.open(self.root / URL.rsplit("/", 1)[-1]) as archive:
-                    archive.extractall(self.root, filter="data")
-        self.files()
+    def _fetch(self) -> None:
+        import tarfile
+
+        download_files("CIFAR-10", [URL], self.root)
+        with tarfile.open(self.root / URL.rsplit("/", 1)[-1]) as archive:
+            archive.extractall(self.root, filter="data")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:

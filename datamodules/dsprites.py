@@ -20,6 +20,7 @@ from datamodules.base import (
     MissingDatasetError,
     UInt8Images,
     download_files,
+    ensure_files,
     find_file,
     missing_files_message,
     seeded_split,
@@ -70,12 +71,7 @@ class DSpritesDataModule(ImageDataModule):
         return path
 
     def prepare_data(self) -> None:
-        if self.download:
-            try:
-                self.file()
-            except MissingDatasetError:
-                download_files("dSprites", [URL], self.root / "dsprites")
-        self.file()
+        ensure_files(self.download, self.file, lambda: download_files("dSprites", [URL], self.root / "dsprites"))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

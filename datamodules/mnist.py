@@ -28,6 +28,7 @@ from datamodules.base import (
     MissingDatasetError,
     UInt8Images,
     download_files,
+    ensure_files,
     find_file,
     missing_files_message,
     seeded_split,
@@ -143,13 +144,8 @@ class MNISTDataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         # File work on one process only (Lightning calls this on local rank 0).
-        if self.download:
-            try:
-                self.files()
-            except MissingDatasetError:
-                urls = [self.mirror + stem + ".gz" for split in _STEMS.values() for stem in split]
-                download_files(self.name, urls, self.candidate_folders()[0])
-        self.files()  # fail before any process loads anything
+        urls = [self.mirror + stem + ".gz" for split in _STEMS.values() for stem in split]
+        ensure_files(self.download, self.files, lambda: download_files(self.name, urls, self.candidate_folders()[0]))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:

@@ -78,7 +78,7 @@ def make_cifar(folder: Path, per_batch: int, seed: int = 0) -> dict[str, tuple[t
     return written
 
 
-def make_dsprites(path: Path, n: int, seed: int = 0) -> dict[str, "numpy.ndarray"]:
+def make_dsprites(path: Path, n: int, seed: int = 0) -> dict:
     """A dSprites-format npz: imgs (n, 64, 64) uint8 in {0, 1}, latents_values / latents_classes (n, 6)."""
     import numpy
 

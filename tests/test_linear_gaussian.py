@@ -8,7 +8,6 @@ level theta = 1 / (2 lambda)):
     rate       = 1/2 sum_i max(0, ln(s_i / theta))      (nats per image)
 """
 
-import math
 
 import pytest
 import pytorch_lightning as pl
