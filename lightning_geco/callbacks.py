@@ -156,7 +156,7 @@ class GECOCallback(Callback):
                 "precision with more range (bf16-mixed or 32)."
             )
 
-    def _log(self, pl_module: pl.LightningModule, batch_mean) -> None:
+    def _log(self, pl_module: pl.LightningModule, batch_mean: Tensor) -> None:
         geco = self.geco
         values = {}
         for i, name in enumerate(geco.names):
