@@ -1,7 +1,7 @@
 """Compare finished runs: a table and PNG plots of rate, distortion and marginal KL.
 
-    python -m lightning_geco.compare RUN [RUN ...] --out DIR
-    lightning-geco-compare RUN [RUN ...] --out DIR
+    python -m lightning_geco.compare RUN [RUN ...] --out DIR [--names NAME ...]
+    lightning-geco-compare RUN [RUN ...] --out DIR [--names NAME ...]
 
 Each RUN is a W&B run folder (``runs/wandb/offline-run-...``), its ``files`` folder, or a
 ``summary.json`` (from any logger). Writes to DIR: ``comparison.md`` and ``comparison.csv``
@@ -140,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="W&B run folders, their files/ folders, or summary.json files")
     parser.add_argument("--out", required=True, help="folder for the table and the plots")
+    parser.add_argument("--names", nargs="+", help="labels for the runs, in order (default: folder names)")
     args = parser.parse_args(argv)
+    if args.names and len(args.names) != len(args.runs):
+        parser.error(f"--names got {len(args.names)} labels for {len(args.runs)} runs")
 
     import matplotlib
 
@@ -148,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     from matplotlib import pyplot as plt
 
     runs = [load_run(path) for path in args.runs]
+    for run, name in zip(runs, args.names or []):
+        run.name = name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)

@@ -146,6 +146,11 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         image = Image.open(png)
         assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
     assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
+    compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "named"), "--names", "loose", "tight"])
+    named = (tmp_path / "named" / "comparison.md").read_text()
+    assert "| loose | " in named and "| tight | " in named
+    with pytest.raises(SystemExit):
+        compare_main([str(run_dir), "--out", str(tmp_path / "bad"), "--names", "a", "b"])
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,68 @@
+"""GECO vs the ELBO vs a beta-VAE sweep on MNIST, same architecture: the figures of docs/RESULTS.md.
+
+    python benchmarks/results.py --data-root ../shared/data --source test --out docs/results
+
+Trains ConvVAE from ``configs/mnist_convvae_geco.yaml`` once with GECO and once per baseline
+(the ELBO, i.e. beta = 1, and beta-VAEs with the config's Gaussian likelihood, sigma = 0.1),
+each in its own process through ``train.py``, then runs ``lightning_geco.compare`` over all of
+them: ``comparison.md`` / ``.csv``, ``rate_distortion.png``, ``metrics.png``, ``curves.png``.
+A Gaussian likelihood with sigma = 0.1 weighs the squared error by 1 / (2 sigma^2) = 50, so a
+beta-VAE at beta is GECO at a fixed lambda = 50 / beta: the sweep brackets GECO's lambda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lightning_geco.compare import main as compare
+
+REPO = Path(__file__).resolve().parents[1]
+BETAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def baseline_config(config: dict, beta: float) -> dict:
+    config = yaml.safe_load(yaml.safe_dump(config))
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("GECOCallback")]
+    objective = {"class_path": "lightning_geco.ELBO"} if beta == 1.0 else {
+        "class_path": "lightning_geco.BetaVAE", "init_args": {"beta": beta}}
+    config["model"]["init_args"]["objective"] = objective
+    return config
+
+
+def train(config_path: Path, args) -> Path:
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config_path),
+               "--data.init_args.root", args.data_root, "--data.init_args.source", args.source,
+               "--trainer.enable_progress_bar", "false"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    summary = Path(out.strip().splitlines()[-1])
+    return summary.parent.parent  # the W&B run folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--source", default="train")
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args()
+    base = yaml.safe_load((REPO / "configs" / "mnist_convvae_geco.yaml").read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [train(REPO / "configs" / "mnist_convvae_geco.yaml", args)]
+    print(f"geco: {runs[-1]}", file=sys.stderr)
+    for beta in BETAS:
+        path = out / f"mnist_beta{beta:g}.yaml"
+        path.write_text(yaml.safe_dump(baseline_config(base, beta)))
+        runs.append(train(path, args))
+        print(f"beta {beta:g}: {runs[-1]}", file=sys.stderr)
+    names = ["GECO"] + ["ELBO (beta 1)" if b == 1.0 else f"beta {b:g}" for b in BETAS]
+    compare([str(r) for r in runs] + ["--out", str(out), "--names", *names])
+
+
+if __name__ == "__main__":
+    main()
