@@ -1,8 +1,10 @@
-"""GECO vs the ELBO vs a beta-VAE sweep on MNIST, same architecture: the figures of docs/RESULTS.md.
+"""GECO vs the ELBO vs a beta-VAE sweep, same architecture: the figures of docs/RESULTS.md.
 
     python benchmarks/results.py --data-root ../shared/data --source test --out docs/results
+    python benchmarks/results.py --config configs/default.yaml --out docs/results/shapes
 
-Trains ConvVAE from ``configs/mnist_convvae_geco.yaml`` once with GECO and once per baseline
+Trains the ConvVAE of ``--config`` (default: ``configs/mnist_convvae_geco.yaml``; its data
+read from ``--data-root`` when given) once with GECO and once per baseline
 (the ELBO, i.e. beta = 1, and beta-VAEs with the config's Gaussian likelihood, sigma = 0.1),
 each in its own process through ``train.py``, then runs ``lightning_geco.compare`` over all of
 them: ``comparison.md`` / ``.csv``, ``rate_distortion.png``, ``metrics.png``, ``curves.png``.
@@ -37,8 +39,9 @@ def baseline_config(config: dict, beta: float) -> dict:
 
 def train(config_path: Path, args) -> Path:
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config_path),
-               "--data.init_args.root", args.data_root, "--data.init_args.source", args.source,
                "--trainer.enable_progress_bar", "false"]
+    if args.data_root:
+        command += ["--data.init_args.root", args.data_root, "--data.init_args.source", args.source]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     summary = Path(out.strip().splitlines()[-1])
     return summary.parent.parent  # the W&B run folder
@@ -46,17 +49,19 @@ def train(config_path: Path, args) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--config", default=str(REPO / "configs" / "mnist_convvae_geco.yaml"))
+    parser.add_argument("--data-root", help="the data's root folder, for configs that read files")
     parser.add_argument("--source", default="train")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args()
-    base = yaml.safe_load((REPO / "configs" / "mnist_convvae_geco.yaml").read_text())
+    config = Path(args.config)
+    base = yaml.safe_load(config.read_text())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [train(REPO / "configs" / "mnist_convvae_geco.yaml", args)]
+    runs = [train(config, args)]
     print(f"geco: {runs[-1]}", file=sys.stderr)
     for beta in BETAS:
-        path = out / f"mnist_beta{beta:g}.yaml"
+        path = out / f"{config.stem.split('_')[0]}_beta{beta:g}.yaml"
         path.write_text(yaml.safe_dump(baseline_config(base, beta)))
         runs.append(train(path, args))
         print(f"beta {beta:g}: {runs[-1]}", file=sys.stderr)
