@@ -38,6 +38,11 @@ class Constraint(nn.Module):
     #: the metric the validation loop logs this constraint's reading under (``val/<reading_name>``)
     reading_name: str
 
+    @property
+    def reading_tolerance(self) -> float:
+        """The tolerance in the reading's units (what a chart of the reading draws as its line)."""
+        return self.tolerance
+
     def satisfied_by(self, reading: float) -> bool:
         """Whether a reading (e.g. a validation average) meets the tolerance."""
         raise NotImplementedError
@@ -97,6 +102,10 @@ class ReconstructionMSE(Constraint):
         self.name = name
 
     reading_name = "distortion"
+
+    @property
+    def reading_tolerance(self) -> float:
+        return self.tolerance_mse
 
     def satisfied_by(self, reading: float) -> bool:
         return reading <= self.tolerance_mse

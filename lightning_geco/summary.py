@@ -95,7 +95,7 @@ class RunSummary(Callback):
         satisfied = [
             c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
         ]
-        tolerance = [getattr(c, "tolerance_mse", c.tolerance) for c in constraints]
+        tolerance = [c.reading_tolerance for c in constraints]
         stated = [{"value": c.tolerance, "unit": c.unit} for c in constraints]
         if len(constraints) == 1:
             fields: dict[str, Any] = {

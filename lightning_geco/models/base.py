@@ -25,7 +25,7 @@ from lightning_geco.callbacks import is_logging_step
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from torchmetrics import MeanMetric
 
-from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, gaussian_kl_per_dimension
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.panels import (
     log_image_grid,
@@ -53,8 +53,7 @@ class DiagonalGaussian:
 
     def kl_to_standard_normal(self) -> Tensor:
         """KL(q || N(0, I)) in nats, summed over latent dimensions, shape (N,)."""
-        mean, log_variance = self.mean.float(), self.log_variance.float()
-        return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).sum(dim=1)
+        return gaussian_kl_per_dimension(self.mean.float(), self.log_variance.float()).sum(dim=1)
 
 
 @dataclass
@@ -322,7 +321,7 @@ class VAEModule(pl.LightningModule):
         """The MSE tolerance of a reconstruction constraint, if the objective has one."""
         for constraint in getattr(self.objective, "constraints", []):
             if getattr(constraint, "reading_name", None) == "distortion":
-                return float(constraint.tolerance_mse)
+                return float(constraint.reading_tolerance)
         return None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
