@@ -19,14 +19,32 @@ from lightning_geco.geco import GECO
 if TYPE_CHECKING:
     from lightning_geco.models.base import VAEOutput
 
-__all__ = ["BetaVAE", "ELBO", "GECOObjective", "Objective"]
+__all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective"]
 
 
 class Objective(nn.Module):
-    """Interface: ``loss(output) -> scalar`` (nats per image, averaged over the batch)."""
+    """Interface: ``loss(output) -> scalar`` (nats per image, averaged over the batch).
+
+    Schedules read :attr:`step`, the optimizer step the model sets before each training
+    step (Lightning's ``global_step``, restored on resume, so a schedule resumes exactly).
+    """
+
+    step: int = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def logged_values(self) -> dict[str, float]:
+        """Scalars the model logs under ``train/<key>`` (e.g. a scheduled beta)."""
+        return {}
 
     def forward(self, output: VAEOutput) -> Tensor:
         raise NotImplementedError
+
+
+def _check_steps(name: str, value: int) -> None:
+    if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{name} must be a positive int (optimizer steps), got {value!r}.")
 
 
 class ELBO(Objective):
@@ -47,6 +65,70 @@ class BetaVAE(Objective):
 
     def forward(self, output: VAEOutput) -> Tensor:
         return -(output.log_likelihood - self.beta * output.rate).mean()
+
+
+class KLWarmup(Objective):
+    """ELBO with a linear KL warm-up (Bowman et al. 2016; Sonderby et al. 2016).
+
+    ``-(log p(x|z) - beta_t * KL)`` with ``beta_t = start_beta + (1 - start_beta) * min(1, t / warmup_steps)``
+    at optimizer step t: the plain ELBO from ``warmup_steps`` on.
+
+    Args:
+        warmup_steps: optimizer steps until beta reaches 1.
+        start_beta: beta at step 0, in [0, 1].
+    """
+
+    def __init__(self, warmup_steps: int = 1000, start_beta: float = 0.0) -> None:
+        super().__init__()
+        _check_steps("KLWarmup warmup_steps", warmup_steps)
+        if not 0.0 <= start_beta <= 1.0:
+            raise ValueError(f"KLWarmup start_beta must lie in [0, 1], got {start_beta!r}.")
+        self.warmup_steps = warmup_steps
+        self.start_beta = float(start_beta)
+
+    @property
+    def beta(self) -> float:
+        return self.start_beta + (1.0 - self.start_beta) * min(1.0, self.step / self.warmup_steps)
+
+    def logged_values(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return -(output.log_likelihood - self.beta * output.rate).mean()
+
+
+class CapacityBetaVAE(Objective):
+    """Capacity-controlled beta-VAE (Burgess et al. 2018, "Understanding disentangling in beta-VAE").
+
+    ``-log p(x|z) + gamma * |KL - C_t|`` with the capacity ``C_t = max_capacity * min(1, t / capacity_steps)``
+    nats at optimizer step t. The absolute value is per batch mean, as in the paper's code.
+
+    Args:
+        gamma: weight of the capacity term (the paper: 1000 for Bernoulli pixels).
+        max_capacity: nats per image the KL is pushed towards at the end of the schedule.
+        capacity_steps: optimizer steps over which C grows linearly from 0.
+    """
+
+    def __init__(self, gamma: float = 100.0, max_capacity: float = 25.0, capacity_steps: int = 1000) -> None:
+        super().__init__()
+        if not gamma > 0:
+            raise ValueError(f"CapacityBetaVAE gamma must be positive, got {gamma!r}.")
+        if not max_capacity >= 0:
+            raise ValueError(f"CapacityBetaVAE max_capacity must be >= 0 nats, got {max_capacity!r}.")
+        _check_steps("CapacityBetaVAE capacity_steps", capacity_steps)
+        self.gamma = float(gamma)
+        self.max_capacity = float(max_capacity)
+        self.capacity_steps = capacity_steps
+
+    @property
+    def capacity(self) -> float:
+        return self.max_capacity * min(1.0, self.step / self.capacity_steps)
+
+    def logged_values(self) -> dict[str, float]:
+        return {"capacity": self.capacity}
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return -output.log_likelihood.mean() + self.gamma * (output.rate.mean() - self.capacity).abs()
 
 
 class GECOObjective(Objective):

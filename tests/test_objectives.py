@@ -1,10 +1,11 @@
 import math
+import re
 
 import pytest
 import torch
 
 from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
-from lightning_geco import ELBO, BetaVAE, GaussianLikelihood, GECOObjective, ReconstructionMSE
+from lightning_geco import ELBO, BetaVAE, CapacityBetaVAE, GaussianLikelihood, GECOObjective, KLWarmup, ReconstructionMSE
 
 
 def _grads(loss, model):
@@ -108,3 +109,55 @@ def test_psnr_tolerance_is_converted_to_mse():
 def test_duplicate_constraint_names_are_rejected():
     with pytest.raises(ValueError, match="constraint names must be unique"):
         GECOObjective([ReconstructionMSE(0.1), ReconstructionMSE(0.2)])
+
+
+def test_kl_warmup_moves_beta_linearly_from_its_start_to_one_and_stays_there():
+    torch.manual_seed(0)
+    model = tiny_conv_vae(objective=ELBO())
+    output = model(random_images())
+    warmup = KLWarmup(warmup_steps=100, start_beta=0.2)
+    log_lik, rate = output.log_likelihood, output.rate
+    for step, beta in [(0, 0.2), (50, 0.6), (100, 1.0), (1000, 1.0)]:
+        warmup.set_step(step)
+        assert warmup.logged_values() == {"beta": pytest.approx(beta)}
+        torch.testing.assert_close(warmup(output), -(log_lik - beta * rate).mean())
+    torch.testing.assert_close(warmup(output), ELBO()(output))
+
+
+def test_capacity_beta_vae_penalises_the_distance_of_the_kl_from_a_growing_capacity():
+    torch.manual_seed(0)
+    model = tiny_conv_vae(objective=ELBO())
+    output = model(random_images())
+    objective = CapacityBetaVAE(gamma=50.0, max_capacity=20.0, capacity_steps=200)
+    for step, capacity in [(0, 0.0), (50, 5.0), (200, 20.0), (500, 20.0)]:
+        objective.set_step(step)
+        assert objective.capacity == pytest.approx(capacity)
+        expected = -output.log_likelihood.mean() + 50.0 * (output.rate.mean() - capacity).abs()
+        torch.testing.assert_close(objective(output), expected)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: KLWarmup(warmup_steps=0), "KLWarmup warmup_steps must be a positive int (optimizer steps), got 0"),
+        (lambda: KLWarmup(start_beta=1.5), "KLWarmup start_beta must lie in [0, 1], got 1.5"),
+        (lambda: CapacityBetaVAE(gamma=0.0), "CapacityBetaVAE gamma must be positive, got 0.0"),
+        (lambda: CapacityBetaVAE(max_capacity=-1.0), "CapacityBetaVAE max_capacity must be >= 0 nats, got -1.0"),
+        (lambda: CapacityBetaVAE(capacity_steps=2.5), "CapacityBetaVAE capacity_steps must be a positive int"),
+    ],
+)
+def test_scheduled_objectives_reject_bad_settings(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+def test_scheduled_objective_follows_the_trainers_step_and_logs_its_weight():
+    from helpers import quiet_trainer
+
+    model = tiny_conv_vae(objective=KLWarmup(warmup_steps=10))
+    images = random_images(64)
+    trainer = quiet_trainer(max_steps=6, log_every_n_steps=1)
+    trainer.fit(model, torch.utils.data.DataLoader(images, batch_size=8))
+    # The last training step ran at global_step 5: beta = 5 / 10.
+    assert model.objective.step == 5
+    assert trainer.callback_metrics["train/beta"].item() == pytest.approx(0.5)

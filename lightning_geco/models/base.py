@@ -1,9 +1,13 @@
 """The shared LightningModule of every VAE variant.
 
-A variant implements :meth:`VAEModule.encode` and :meth:`VAEModule.decode` (and, when its
-posterior is not a diagonal Gaussian, :meth:`VAEModule.posterior`); this base does the rest:
-the per-image terms, the objective, the logging under the names of DESIGN.md, the
-aggregate-posterior metrics and the image panels.
+A variant with one diagonal-Gaussian latent and an N(0, I) prior implements
+:meth:`VAEModule.encode` and :meth:`VAEModule.decode`. A variant with another latent structure
+(a flow, several stochastic layers, recurrent steps) overrides :meth:`VAEModule.infer` (one
+stochastic pass: decoder output, rate, its parts) and the three deterministic views the
+panels use (:meth:`~VAEModule.reconstruct`, :meth:`~VAEModule.generate`,
+:meth:`~VAEModule.latent_traversal`). This base does the rest: the per-image terms, the
+objective, the logging under the names of DESIGN.md, the aggregate-posterior metrics and the
+image panels.
 
 Units: images in [0, 1], shape (N, C, H, W). ``rate`` is KL(q(z|x) || p(z)) in nats per
 image; ``distortion`` is the per-element MSE of the reconstruction (the likelihood's mean);
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,12 +39,17 @@ from lightning_geco.panels import (
     traversal_grid,
 )
 
-__all__ = ["DiagonalGaussian", "VAEModule", "VAEOutput"]
+__all__ = ["DiagonalGaussian", "LatentPass", "VAEModule", "VAEOutput", "gaussian_kl", "normal_log_density"]
+
+_LOG_2PI = math.log(2 * math.pi)
+#: per-dimension KLs are logged as ``val/kl_dim/<j>`` up to this many dimensions (spatial
+#: latents have thousands; their per-part rates are logged instead)
+MAX_LOGGED_DIMENSIONS = 64
 
 
 @dataclass
 class DiagonalGaussian:
-    """q(z|x) = N(mean, diag(exp(log_variance))), each of shape (N, latent_dim)."""
+    """q(z|x) = N(mean, diag(exp(log_variance))), each of shape (N, latent_dim) or (N, C, h, w)."""
 
     mean: Tensor
     log_variance: Tensor
@@ -52,8 +61,71 @@ class DiagonalGaussian:
         return self.mean + noise * torch.exp(0.5 * self.log_variance)
 
     def kl_to_standard_normal(self) -> Tensor:
-        """KL(q || N(0, I)) in nats, summed over latent dimensions, shape (N,)."""
-        return gaussian_kl_per_dimension(self.mean.float(), self.log_variance.float()).sum(dim=1)
+        """KL(q || N(0, I)) in nats, summed over every latent dimension, shape (N,)."""
+        return gaussian_kl_per_dimension(self.mean.float(), self.log_variance.float()).flatten(1).sum(dim=1)
+
+
+    def log_density(self, z: Tensor) -> Tensor:
+        """log N(z; mean, diag(var)) summed over every non-batch dimension, nats, shape (N,)."""
+        return normal_log_density(z.float(), self.mean.float(), self.log_variance.float()).flatten(1).sum(dim=1)
+
+    def whitened(self, prior: DiagonalGaussian) -> DiagonalGaussian:
+        """This Gaussian in the coordinates ``(z - prior.mean) / prior.std``, where the prior is N(0, I).
+
+        KL is invariant under that map, so ``whitened(prior).kl_to_standard_normal()`` equals
+        KL(self || prior): models with learned priors hand these to the N(0, I) metrics.
+        """
+        return DiagonalGaussian(
+            (self.mean - prior.mean) * torch.exp(-0.5 * prior.log_variance),
+            self.log_variance - prior.log_variance,
+        )
+
+    def flatten(self) -> DiagonalGaussian:
+        """Every dimension but the batch's flattened: (N, ...) -> (N, d)."""
+        return DiagonalGaussian(self.mean.flatten(1), self.log_variance.flatten(1))
+
+    @staticmethod
+    def concatenate(parts: Sequence[DiagonalGaussian]) -> DiagonalGaussian:
+        """Independent Gaussians side by side, each (N, ...) flattened: (N, sum of sizes)."""
+        flat = [part.flatten() for part in parts]
+        return DiagonalGaussian(torch.cat([f.mean for f in flat], 1), torch.cat([f.log_variance for f in flat], 1))
+
+
+def normal_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tensor:
+    """Elementwise log N(z; mean, exp(log_variance)), nats, broadcast shape."""
+    return -0.5 * ((z - mean).pow(2) * torch.exp(-log_variance) + log_variance + _LOG_2PI)
+
+
+def gaussian_kl(q: DiagonalGaussian, p: DiagonalGaussian) -> Tensor:
+    """KL(q || p) of diagonal Gaussians of the same shape (N, ...), summed per example, nats, (N,)."""
+    q_lv, p_lv = q.log_variance.float(), p.log_variance.float()
+    kl = 0.5 * (p_lv - q_lv + (q_lv.exp() + (q.mean.float() - p.mean.float()).pow(2)) * torch.exp(-p_lv) - 1.0)
+    return kl.flatten(1).sum(dim=1)
+
+
+@dataclass
+class LatentPass:
+    """One stochastic pass through a variant's latent variables, for a batch of N images.
+
+    Attributes:
+        decoder_output: (N, C, H, W), what the likelihood reads.
+        rate: KL(q(z|x) || p(z)) in nats per image, (N,): closed form where the model has one,
+            else a one-sample Monte Carlo estimate.
+        log_weight: ``log p(z) - log q(z|x)`` at this pass's sample, nats, (N,); the importance
+            weight of the IWAE bound (its negative is the one-sample rate estimate).
+        posterior: the diagonal Gaussian the aggregate-posterior metrics read, against an
+            N(0, I) prior, (N, d); each variant says what it is.
+        z: the sampled code, (N, ...).
+        rate_terms: the parts of the rate (per layer, per step), each (N,), summing to ``rate``;
+            empty for a single-part rate. Logged as ``<stage>/rate/<name>``.
+    """
+
+    decoder_output: Tensor
+    rate: Tensor
+    log_weight: Tensor
+    posterior: DiagonalGaussian
+    z: Tensor
+    rate_terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +140,8 @@ class VAEOutput:
     rate: Tensor
     distortion: Tensor
     log_likelihood: Tensor
+    rate_terms: dict[str, Tensor] = field(default_factory=dict)
+    labels: Tensor | None = None
 
     @property
     def elbo(self) -> Tensor:
@@ -87,6 +161,25 @@ def batch_images(batch: Any) -> Tensor:
         f"Cannot find images in a batch of type {type(batch).__name__}: expected a tensor, "
         "a tuple/list whose first item is the image tensor, or a dict with key 'image'."
     )
+
+
+def batch_labels(batch: Any) -> Tensor | None:
+    """The labels of a batch, if it carries any: the second item of a tuple/list, or ``batch["label"]``."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, dict) and isinstance(batch.get("label"), Tensor):
+        return batch["label"]
+    return None
+
+
+def traversal_codes(origin: Tensor, dims: Sequence[int], steps: int, span: float) -> Tensor:
+    """Codes (len(dims) * steps, d): row block r is ``origin`` (1, d) with coordinate ``dims[r]``
+    moved over ``[-span, span]`` in ``steps`` steps."""
+    values = torch.linspace(-span, span, steps, device=origin.device, dtype=origin.dtype)
+    codes = origin.repeat(len(dims) * steps, 1)
+    for row, dim in enumerate(dims):
+        codes[row * steps : (row + 1) * steps, dim] = values
+    return codes
 
 
 def _as_comparable(value: Any) -> Any:
@@ -145,6 +238,8 @@ class VAEModule(pl.LightningModule):
         self.latent_dim = int(latent_dim)
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
+        for constraint in self.constraints:
+            constraint.check_model(self)
         self.learning_rate = learning_rate
         self.num_logged_images = num_logged_images
         self.iwae_samples = iwae_samples
@@ -152,9 +247,15 @@ class VAEModule(pl.LightningModule):
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
         self.validation_distortion = MeanMetric()
+        self.validation_rate = MeanMetric()
         self._rate_distortion_history: list[tuple[int, float, float]] = []
         self._panel_batch: Tensor | None = None
         self._checked_range = False
+
+    @property
+    def constraints(self) -> list:
+        """The objective's GECO constraints (empty for ELBO-type objectives)."""
+        return list(getattr(self.objective, "constraints", []))
 
     # ------------------------------------------------------------- variants
     def encode(self, x: Tensor) -> DiagonalGaussian:
@@ -189,22 +290,43 @@ class VAEModule(pl.LightningModule):
         """
         return None
 
-    def forward(self, x: Tensor) -> VAEOutput:
+    def infer(self, x: Tensor) -> LatentPass:
+        """One stochastic pass: z ~ q(z|x), the decoder's output and the rate.
+
+        This default is the one-Gaussian-latent model: ``encode``, reparameterise, ``decode``,
+        closed-form KL to N(0, I).
+        """
         posterior = self.encode(x)
-        z = posterior.rsample(self.reparameterization_noise(x, posterior))
-        decoder_output = self.decode(z)
-        reconstruction = self.likelihood.mean(decoder_output)
+        noise = self.reparameterization_noise(x, posterior)
+        if noise is None:
+            noise = torch.randn_like(posterior.mean)
+        z = posterior.rsample(noise)
+        log_q = -0.5 * (noise.float().pow(2) + posterior.log_variance.float() + _LOG_2PI).sum(dim=1)
+        log_prior = -0.5 * (z.float().pow(2) + _LOG_2PI).sum(dim=1)
+        return LatentPass(
+            decoder_output=self.decode(z),
+            rate=posterior.kl_to_standard_normal(),
+            log_weight=log_prior - log_q,
+            posterior=posterior,
+            z=z,
+        )
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> VAEOutput:
+        latent = self.infer(x)
+        reconstruction = self.likelihood.mean(latent.decoder_output)
         # fp32 before squaring: per-image sums overflow fp16 under autocast.
         distortion = (reconstruction.float() - x.float()).pow(2).flatten(1).mean(dim=1)
         return VAEOutput(
             x=x,
-            decoder_output=decoder_output,
+            decoder_output=latent.decoder_output,
             reconstruction=reconstruction,
-            posterior=posterior,
-            z=z,
-            rate=posterior.kl_to_standard_normal(),
+            posterior=latent.posterior,
+            z=latent.z,
+            rate=latent.rate,
             distortion=distortion,
-            log_likelihood=self.likelihood.log_prob(x, decoder_output),
+            log_likelihood=self.likelihood.log_prob(x, latent.decoder_output),
+            rate_terms=latent.rate_terms,
+            labels=labels,
         )
 
     @torch.no_grad()
@@ -214,44 +336,64 @@ class VAEModule(pl.LightningModule):
         ``log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)`` with z_k ~ q(z|x): equal to the ELBO in
         expectation at K = 1, non-decreasing in K in expectation, -> log p(x) as K -> inf.
         """
-        posterior = self.encode(x)
-        mean, log_variance = posterior.mean.float(), posterior.log_variance.float()
         log_weights = []
         for _ in range(num_samples):
-            noise = torch.randn_like(mean)
-            z = mean + noise * torch.exp(0.5 * log_variance)
-            log_q = -0.5 * (noise.pow(2) + log_variance + math.log(2 * math.pi)).sum(dim=1)
-            log_prior = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(dim=1)
-            log_weights.append(self.likelihood.log_prob(x, self.decode(z.to(posterior.mean.dtype))) + log_prior - log_q)
+            latent = self.infer(x)
+            log_weights.append(self.likelihood.log_prob(x, latent.decoder_output) + latent.log_weight)
         return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+
+    def posterior_code(self, x: Tensor) -> Tensor:
+        """The deterministic code of ``x`` the panels decode (the posterior mean), (N, latent_dim)."""
+        return self.encode(x).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoder output for the posterior code (no sampling), (N, C, H, W)."""
+        return self.decode(self.posterior_code(x))
+
+    @torch.no_grad()
+    def generate(self, num_samples: int) -> Tensor:
+        """Decoder output for codes drawn from the prior, (num_samples, C, H, W)."""
+        return self.decode(torch.randn(num_samples, self.latent_dim, device=self.device))
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:
         """Images decoded from z ~ p(z), shape (num_samples, C, H, W), as the likelihood's mean."""
-        z = torch.randn(num_samples, self.latent_dim, device=self.device)
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.mean(self.generate(num_samples))
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch_images(batch)
-        self.check_images(x, check_range=not self._checked_range)
-        self._checked_range = True
-        output = self(x)
+        output = None
+        if not self._checked_range:
+            self.check_images(x, check_range=True)
+            output = self(x, batch_labels(batch))
+            for constraint in self.constraints:
+                constraint.check_data(output)
+            self._checked_range = True
+        else:
+            self.check_images(x)
+        output = output if output is not None else self(x, batch_labels(batch))
+        self.objective.set_step(self.global_step)
         loss = self.objective(output)
         if is_logging_step(self.trainer):
             self._log_terms("train", output, loss, on_step=True)
+            for key, value in self.objective.logged_values().items():
+                self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = batch_images(batch)
         self.check_images(x, check_range=batch_idx == 0)
-        output = self(x)
+        output = self(x, batch_labels(batch))
         loss = self.objective(output)
         self._log_terms("val", output, loss, on_step=False)
+        self._log_constraint_readings(output)
         posterior = output.posterior
         self.aggregate_posterior.update(posterior.mean, posterior.log_variance)
         self.latent_activity.update(posterior.mean, posterior.log_variance)
         self.validation_distortion.update(output.distortion)
+        self.validation_rate.update(output.rate)
         if self.iwae_samples:
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
             self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
@@ -264,17 +406,19 @@ class VAEModule(pl.LightningModule):
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
         distortion = self.validation_distortion.compute()
-        for metric in (self.aggregate_posterior, self.latent_activity, self.validation_distortion):
+        rate = self.validation_rate.compute()
+        for metric in (self.aggregate_posterior, self.latent_activity, self.validation_distortion, self.validation_rate):
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
             self.log(f"val/{key}", estimates[key])
         self.log("val/active_units", activity["active_units"].float())
-        for j, kl in enumerate(activity["kl_per_dim"]):
-            self.log(f"val/kl_dim/{j}", kl)
+        if len(activity["kl_per_dim"]) <= MAX_LOGGED_DIMENSIONS:
+            for j, kl in enumerate(activity["kl_per_dim"]):
+                self.log(f"val/kl_dim/{j}", kl)
         if self.trainer.sanity_checking:
             self._panel_batch = None
             return
-        self._rate_distortion_history.append((self.global_step, float(estimates["rate"]), float(distortion)))
+        self._rate_distortion_history.append((self.global_step, float(rate), float(distortion)))
         if self._panel_batch is not None:
             self._log_panels(self._panel_batch, activity["kl_per_dim"])
         self._panel_batch = None
@@ -288,32 +432,49 @@ class VAEModule(pl.LightningModule):
             f"{stage}/rate": output.rate.mean(),
             f"{stage}/elbo": output.elbo.mean(),
         }
+        for name, part in output.rate_terms.items():
+            terms[f"{stage}/rate/{name}"] = part.mean()
         if loss is not None:
             terms[f"{stage}/loss"] = loss.detach()
         batch_size = output.x.shape[0]
         self.log_dict(terms, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size)
 
     @torch.no_grad()
-    def latent_traversal(self, x: Tensor, dims: Sequence[int], steps: int = 9, span: float = 2.5) -> Tensor:
+    def _log_constraint_readings(self, output: VAEOutput) -> None:
+        # The distortion is logged for every model already; other constraints' readings (pNCC,
+        # class cross-entropy and accuracy, ...) go beside it, reduced over ranks.
+        readings = {}
+        for constraint in self.constraints:
+            if constraint.reading_name != "distortion":
+                readings[constraint.reading_name] = constraint.reading(output)
+            readings.update(constraint.extra_readings(output))
+        for name, values in readings.items():
+            self.log(f"val/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
+
+    @torch.no_grad()
+    def latent_traversal(self, x: Tensor, dims: Sequence[int], steps: int = 9, span: float = 2.5) -> Tensor | None:
         """Decoded images, shape (len(dims) * steps, C, H, W): row r moves z[dims[r]] over
-        ``[-span, span]`` with the other coordinates at the posterior mean of ``x`` (1, C, H, W)."""
-        mean = self.encode(x[:1]).mean
-        values = torch.linspace(-span, span, steps, device=mean.device, dtype=mean.dtype)
-        z = mean.repeat(len(dims) * steps, 1)
-        for row, dim in enumerate(dims):
-            z[row * steps : (row + 1) * steps, dim] = values
-        return self.likelihood.mean(self.decode(z))
+        ``[-span, span]`` with the other coordinates at :meth:`posterior_code` of ``x`` (1, C, H, W).
+
+        A variant whose codes have no meaningful single coordinates returns None (no panel).
+        """
+        return self.likelihood.mean(self.decode(traversal_codes(self.posterior_code(x[:1]), dims, steps, span)))
+
+    def traversal_dimensions(self, kl_per_dim: Tensor, count: int = 10) -> list[int]:
+        """The dimensions the traversal panel moves: the most informative first."""
+        return torch.argsort(kl_per_dim, descending=True)[:count].tolist()
 
     @torch.no_grad()
     def _log_panels(self, x: Tensor, kl_per_dim: Tensor) -> None:
         # Panels decode the posterior mean (what a user means by "the reconstruction"); the
         # logged distortion samples z, as the constraint does.
         step = self.global_step
-        reconstruction = self.likelihood.mean(self.decode(self.encode(x).mean))
+        reconstruction = self.likelihood.mean(self.reconstruct(x))
         log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), step)
         log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), step)
-        dims = torch.argsort(kl_per_dim, descending=True)[:10].tolist()  # most informative first
-        log_image_grid(self.loggers, "val/traversals", traversal_grid(self.latent_traversal(x, dims)), step)
+        traversal = self.latent_traversal(x, self.traversal_dimensions(kl_per_dim))
+        if traversal is not None:
+            log_image_grid(self.loggers, "val/traversals", traversal_grid(traversal), step)
         figure = rate_distortion_figure(self._rate_distortion_history, self.distortion_tolerance())
         log_image_grid(self.loggers, "val/rate_distortion", figure, step)
 
@@ -336,7 +497,8 @@ class VAEModule(pl.LightningModule):
                 )
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        # Frozen networks inside constraints have no gradients and no place in the optimizer.
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
         if self.lr_schedule == "constant":
             return optimizer
         total_steps = self.trainer.max_steps

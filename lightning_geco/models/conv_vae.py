@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_geco.likelihoods import Likelihood
 from lightning_geco.models.base import DiagonalGaussian, VAEModule
 from lightning_geco.nets import ConvDecoder, ConvEncoder
-from lightning_geco.objectives import Objective
 
 __all__ = ["ConvVAE"]
 
@@ -22,9 +21,8 @@ class ConvVAE(VAEModule):
         latent_dim: size of z.
         widths: channels of each stride-2 level of the encoder (mirrored by the decoder).
         hidden_dim: width of the fully connected layers.
-        objective, likelihood, learning_rate, num_logged_images, marginal_kl_chunk_size,
-        iwae_samples, active_unit_threshold, lr_schedule:
-            see :class:`~lightning_geco.models.base.VAEModule`.
+        kwargs: the base's (objective, likelihood, learning_rate, ...), see
+            :class:`~lightning_geco.models.base.VAEModule`; LightningCLI lists them too.
     """
 
     architecture_keys = ("image_shape", "latent_dim", "widths", "hidden_dim")
@@ -35,26 +33,12 @@ class ConvVAE(VAEModule):
         latent_dim: int = 10,
         widths: Sequence[int] = (32, 32, 64, 64),
         hidden_dim: int = 256,
-        objective: Objective | None = None,
-        likelihood: Likelihood | None = None,
-        learning_rate: float = 1e-3,
-        num_logged_images: int = 32,
-        marginal_kl_chunk_size: int = 256,
-        iwae_samples: int = 0,
-        active_unit_threshold: float = 0.01,
-        lr_schedule: str = "constant",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             image_shape=image_shape,
             latent_dim=latent_dim,
-            objective=objective,
-            likelihood=likelihood,
-            learning_rate=learning_rate,
-            num_logged_images=num_logged_images,
-            marginal_kl_chunk_size=marginal_kl_chunk_size,
-            iwae_samples=iwae_samples,
-            active_unit_threshold=active_unit_threshold,
-            lr_schedule=lr_schedule,
+            **kwargs,
         )
         self.save_hyperparameters(ignore=["objective", "likelihood"])
         self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)

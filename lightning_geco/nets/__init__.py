@@ -1,5 +1,6 @@
-"""Encoder and decoder building blocks."""
+"""Encoder, decoder, flow and recurrent building blocks."""
 
-from lightning_geco.nets.conv import ConvDecoder, ConvEncoder, conv_feature_sizes
+from lightning_geco.nets.conv import ConvDecoder, ConvDownsampler, ConvEncoder, ConvUpsampler, conv_feature_sizes
+from lightning_geco.nets.recurrent import ConvLSTMCell
 
-__all__ = ["ConvDecoder", "ConvEncoder", "conv_feature_sizes"]
+__all__ = ["ConvDecoder", "ConvDownsampler", "ConvEncoder", "ConvLSTMCell", "ConvUpsampler", "conv_feature_sizes"]

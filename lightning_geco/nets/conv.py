@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["ConvDecoder", "ConvEncoder", "conv_feature_sizes"]
+__all__ = ["ConvDecoder", "ConvDownsampler", "ConvEncoder", "ConvUpsampler", "conv_feature_sizes"]
 
 
 def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
@@ -35,7 +35,54 @@ def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return c, h, w
 
 
-class ConvEncoder(nn.Module):
+class ConvDownsampler(nn.Module):
+    """Feature maps (N, in_channels, H, W) -> (N, widths[-1], H / 2^L, W / 2^L), L = len(widths).
+
+    Attributes:
+        sizes: the spatial size at each level, ``[(H, W), ..., (h, w)]``.
+    """
+
+    def __init__(self, in_channels: int, height: int, width: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.sizes = conv_feature_sizes(height, width, len(widths))
+        layers: list[nn.Module] = []
+        for out_channels in widths:
+            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.convs(x)
+
+
+class ConvUpsampler(nn.Module):
+    """The mirror of :class:`ConvDownsampler`: (N, widths[-1], h, w) -> (N, out_channels, H, W).
+
+    Each transposed convolution is asked for the exact size the downsampler saw, so odd sizes
+    round-trip. The output is unbounded (no final activation).
+    """
+
+    def __init__(self, out_channels: int, height: int, width: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.sizes = conv_feature_sizes(height, width, len(widths))
+        widths = list(widths)
+        channels = widths[-2::-1] + [out_channels]
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+            for c_in, c_out in zip(widths[::-1], channels)
+        )
+        self.activation = nn.SiLU()
+
+    def forward(self, h: Tensor) -> Tensor:
+        targets = self.sizes[-2::-1]
+        for i, (deconv, size) in enumerate(zip(self.deconvs, targets)):
+            h = deconv(h, output_size=list(size))
+            if i < len(self.deconvs) - 1:
+                h = self.activation(h)
+        return h
+
+
+class ConvEncoder(ConvDownsampler):
     """Image (N, C, H, W) -> feature vector (N, hidden_dim).
 
     Args:
@@ -45,24 +92,17 @@ class ConvEncoder(nn.Module):
     """
 
     def __init__(self, image_shape: Sequence[int], widths: Sequence[int] = (32, 32, 64, 64), hidden_dim: int = 256):
-        super().__init__()
         channels, height, width = _check_image_shape(image_shape)
-        self.sizes = conv_feature_sizes(height, width, len(widths))
-        layers: list[nn.Module] = []
-        in_channels = channels
-        for out_channels in widths:
-            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1), nn.SiLU()]
-            in_channels = out_channels
-        self.convs = nn.Sequential(*layers)
+        super().__init__(channels, height, width, widths)
         h, w = self.sizes[-1]
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, hidden_dim), nn.SiLU())
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * h * w, hidden_dim), nn.SiLU())
         self.out_features = hidden_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.convs(x))
+        return self.fc(super().forward(x))
 
 
-class ConvDecoder(nn.Module):
+class ConvDecoder(ConvUpsampler):
     """Latent (N, latent_dim) -> decoder output (N, C, H, W), unbounded (the likelihood reads it).
 
     Mirrors :class:`ConvEncoder` with the same ``image_shape``, ``widths`` and ``hidden_dim``.
@@ -75,27 +115,13 @@ class ConvDecoder(nn.Module):
         widths: Sequence[int] = (32, 32, 64, 64),
         hidden_dim: int = 256,
     ):
-        super().__init__()
         channels, height, width = _check_image_shape(image_shape)
-        self.sizes = conv_feature_sizes(height, width, len(widths))
-        widths = list(widths)
+        super().__init__(channels, height, width, widths)
         h, w = self.sizes[-1]
         self.top_shape = (widths[-1], h, w)
         self.fc = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, widths[-1] * h * w), nn.SiLU()
         )
-        out_channels = widths[-2::-1] + [channels]
-        self.deconvs = nn.ModuleList(
-            nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
-            for c_in, c_out in zip(widths[::-1], out_channels)
-        )
-        self.activation = nn.SiLU()
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.fc(z).view(z.shape[0], *self.top_shape)
-        targets = self.sizes[-2::-1]
-        for i, (deconv, size) in enumerate(zip(self.deconvs, targets)):
-            h = deconv(h, output_size=list(size))
-            if i < len(self.deconvs) - 1:
-                h = self.activation(h)
-        return h
+        return super().forward(self.fc(z).view(z.shape[0], *self.top_shape))

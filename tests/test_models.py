@@ -1,0 +1,171 @@
+"""The VAE collection: every variant's shapes, rates, closed forms and a short GECO training run."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import quiet_trainer, random_images
+from datamodules import ShapesDataModule
+from lightning_geco import (
+    ELBO,
+    ConvDRAW,
+    ConvVAE,
+    FlowVAE,
+    GECOCallback,
+    GECOObjective,
+    LadderVAE,
+    ReconstructionMSE,
+)
+from lightning_geco.metrics import gaussian_kl_per_dimension
+from lightning_geco.models.base import DiagonalGaussian, gaussian_kl
+from lightning_geco.nets.flows import CouplingFlow
+
+
+def build(name, image_shape, **kwargs):
+    """A small model of each kind (two stride-2 levels, narrow layers)."""
+    if name == "ConvVAE":
+        return ConvVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, **kwargs)
+    if name == "FlowVAE":
+        return FlowVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, flow_depth=3, flow_hidden_dim=16, **kwargs)
+    if name == "LadderVAE":
+        return LadderVAE(image_shape=image_shape, latent_dims=(6, 3), widths=(8, 16), hidden_dim=32, **kwargs)
+    if name == "ConvDRAW":
+        return ConvDRAW(image_shape=image_shape, num_steps=3, latent_channels=2, hidden_channels=8, widths=(8, 16), **kwargs)
+    raise KeyError(name)
+
+
+MODELS = ["ConvVAE", "FlowVAE", "LadderVAE", "ConvDRAW"]
+
+
+def _randomise(model, seed=0):
+    """Give zero-initialised layers (the flows' last layers) random weights, so tests see a non-trivial model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 28, 20)])
+def test_every_model_gives_finite_terms_of_the_right_shapes(name, image_shape):
+    torch.manual_seed(0)
+    model = _randomise(build(name, image_shape, objective=ELBO()))
+    x = random_images(5, image_shape)
+    output = model(x)
+    assert output.decoder_output.shape == output.reconstruction.shape == x.shape
+    for term in (output.rate, output.distortion, output.log_likelihood, output.elbo):
+        assert term.shape == (5,) and torch.isfinite(term).all()
+    assert output.posterior.mean.shape == output.posterior.log_variance.shape == (5, model.latent_dim)
+    model.objective(output).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.sample(3).shape == (3, *image_shape)
+    assert model.reconstruct(x).shape == x.shape
+    assert torch.isfinite(model.importance_weighted_bound(x, 4)).all()
+    traversal = model.latent_traversal(x, dims=[0, 1], steps=3)
+    assert traversal is None if name == "ConvDRAW" else traversal.shape == (6, *image_shape)
+
+
+@pytest.mark.parametrize("name", ["LadderVAE", "ConvDRAW"])
+def test_rate_is_the_sum_of_its_parts_and_the_whitened_posterior_carries_it_exactly(name):
+    torch.manual_seed(0)
+    model = _randomise(build(name, (1, 32, 32), objective=ELBO()))
+    output = model(random_images(4, (1, 32, 32)))
+    expected_parts = [f"layer_{l}" for l in (1, 2)] if name == "LadderVAE" else [f"step_{t}" for t in (1, 2, 3)]
+    assert list(output.rate_terms) == expected_parts
+    torch.testing.assert_close(sum(output.rate_terms.values()), output.rate)
+    # The N(0, I) metrics read the whitened posterior: its KL is the model's rate, image by image.
+    torch.testing.assert_close(output.posterior.kl_to_standard_normal(), output.rate, rtol=1e-5, atol=1e-5)
+
+
+def test_convdraw_step_rates_are_the_closed_form_kls_between_its_posteriors_and_priors():
+    torch.manual_seed(0)
+    model = _randomise(build("ConvDRAW", (1, 32, 32), objective=ELBO()))
+    x = random_images(4, (1, 32, 32))
+    torch.manual_seed(1)
+    steps, _ = model.draw(x, 4)
+    torch.manual_seed(1)
+    output = model(x)
+    for t, (posterior, prior, z) in enumerate(steps):
+        assert z.shape == (4, 2, 8, 8)
+        q = torch.distributions.Normal(posterior.mean, (0.5 * posterior.log_variance).exp())
+        p = torch.distributions.Normal(prior.mean, (0.5 * prior.log_variance).exp())
+        expected = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+        torch.testing.assert_close(output.rate_terms[f"step_{t + 1}"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.rate, sum(output.rate_terms[f"step_{t}"] for t in (1, 2, 3)))
+
+
+def test_gaussian_kl_and_whitening_match_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    q = DiagonalGaussian(torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g))
+    p = DiagonalGaussian(torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g))
+    normal = lambda d: torch.distributions.Normal(d.mean, (0.5 * d.log_variance).exp())  # noqa: E731
+    expected = torch.distributions.kl_divergence(normal(q), normal(p)).sum(1)
+    torch.testing.assert_close(gaussian_kl(q, p), expected)
+    torch.testing.assert_close(q.whitened(p).kl_to_standard_normal(), expected)
+    z = torch.randn(3, 5, generator=g)
+    torch.testing.assert_close(q.log_density(z), normal(q).log_prob(z).sum(1))
+
+
+def test_coupling_flow_log_determinant_equals_autograd_jacobian():
+    torch.manual_seed(0)
+    flow = _randomise(CouplingFlow(dim=5, context_dim=3, depth=4, hidden_dim=16), seed=1).double()
+    z = torch.randn(4, 5, dtype=torch.float64)
+    context = torch.randn(4, 3, dtype=torch.float64)
+    _, log_det = flow(z, context)
+    for n in range(4):
+        jacobian = torch.autograd.functional.jacobian(lambda v: flow(v[None], context[n : n + 1])[0][0], z[n])
+        expected = torch.linalg.slogdet(jacobian).logabsdet
+        torch.testing.assert_close(log_det[n].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_flow_is_the_identity_and_its_monte_carlo_rate_averages_to_the_base_kl():
+    torch.manual_seed(0)
+    model = build("FlowVAE", (1, 32, 32), objective=ELBO())
+    x = random_images(3, (1, 32, 32))
+    base = model.encode(x)
+    z, log_det = model.flow(base.mean, model.encode_with_context(x)[1])
+    torch.testing.assert_close(z, base.mean)
+    assert torch.all(log_det == 0)
+    with torch.no_grad():
+        rates = torch.stack([model(x).rate for _ in range(4000)])
+    closed_form = gaussian_kl_per_dimension(base.mean, base.log_variance).sum(1)
+    standard_error = rates.std(0) / math.sqrt(rates.shape[0])
+    assert torch.all((rates.mean(0) - closed_form).abs() < 4 * standard_error + 1e-4)
+
+
+def test_flow_rate_and_importance_weight_are_the_same_monte_carlo_log_ratio():
+    torch.manual_seed(0)
+    model = _randomise(build("FlowVAE", (1, 32, 32), objective=ELBO()))
+    latent = model.infer(random_images(3, (1, 32, 32)))
+    torch.testing.assert_close(latent.log_weight, -latent.rate)
+
+
+def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
+    with pytest.raises(ValueError, match=r"LadderVAE needs at least two stochastic layers of positive size, got latent_dims=\[8\]"):
+        LadderVAE(latent_dims=(8,))
+    with pytest.raises(ValueError, match="ConvDRAW num_steps, latent_channels and hidden_channels must be positive"):
+        ConvDRAW(num_steps=0)
+    with pytest.raises(ValueError, match="A coupling flow needs a code of at least 2 dimensions, got latent_dim=1"):
+        FlowVAE(latent_dim=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_trains_with_geco_on_the_shapes_and_reduces_its_distortion(name):
+    torch.manual_seed(0)
+    data = ShapesDataModule(image_size=32, num_train=3000, num_val=256, batch_size=32)
+    data.setup("fit")
+    model = build(name, data.image_shape, objective=GECOObjective([ReconstructionMSE(0.02)]), learning_rate=2e-3)
+    val = DataLoader(data.val_dataset, batch_size=256)
+    trainer = quiet_trainer(max_steps=300, callbacks=[GECOCallback()], num_sanity_val_steps=0, limit_val_batches=1)
+    before = trainer.validate(model, val, verbose=False)[0]["val/distortion"]
+    trainer = quiet_trainer(max_steps=300, callbacks=[GECOCallback()], num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=300)
+    trainer.fit(model, data.train_dataloader(), val)
+    after = trainer.callback_metrics["val/distortion"].item()
+    assert after < 0.6 * before, (before, after)
+    parts = {"LadderVAE": ["layer_1", "layer_2"], "ConvDRAW": ["step_1", "step_2", "step_3"]}.get(name, [])
+    logged = sum(trainer.callback_metrics[f"val/rate/{part}"] for part in parts) if parts else None
+    if parts:
+        torch.testing.assert_close(logged, trainer.callback_metrics["val/rate"], rtol=1e-4, atol=1e-4)
