@@ -15,15 +15,14 @@ beta-VAE at beta is GECO at a fixed lambda = 50 / beta: the sweep brackets GECO'
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from runs import REPO, train
 
 from lightning_geco.compare import main as compare
 
-REPO = Path(__file__).resolve().parents[1]
 BETAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
@@ -37,16 +36,6 @@ def baseline_config(config: dict, beta: float) -> dict:
     return config
 
 
-def train(config_path: Path, args) -> Path:
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config_path),
-               "--trainer.enable_progress_bar", "false"]
-    if args.data_root:
-        command += ["--data.init_args.root", args.data_root, "--data.init_args.source", args.source]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    summary = Path(out.strip().splitlines()[-1])
-    return summary.parent.parent  # the W&B run folder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "mnist_convvae_geco.yaml"))
@@ -58,12 +47,12 @@ def main() -> None:
     base = yaml.safe_load(config.read_text())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [train(config, args)]
+    runs = [train(config, args.data_root, args.source)]
     print(f"geco: {runs[-1]}", file=sys.stderr)
     for beta in BETAS:
         path = out / f"{config.stem.split('_')[0]}_beta{beta:g}.yaml"
         path.write_text(yaml.safe_dump(baseline_config(base, beta)))
-        runs.append(train(path, args))
+        runs.append(train(path, args.data_root, args.source))
         print(f"beta {beta:g}: {runs[-1]}", file=sys.stderr)
     names = ["GECO"] + ["ELBO (beta 1)" if b == 1.0 else f"beta {b:g}" for b in BETAS]
     compare([str(r) for r in runs] + ["--out", str(out), "--names", *names])

@@ -119,9 +119,9 @@ class GECOCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.objective = find_geco_objective(pl_module)
         if self.geco is None or self.geco.names != self.objective.names:
-            self.geco = GECO(
-                self.objective.names, self.alpha, self.step_size, self.log_lambda_bounds, self.initial_lambda
-            )
+            # A constraint may carry its own step size (its values live on another scale).
+            step_sizes = [c.step_size if c.step_size is not None else self.step_size for c in self.objective.constraints]
+            self.geco = GECO(self.objective.names, self.alpha, step_sizes, self.log_lambda_bounds, self.initial_lambda)
         self.objective.attach(self.geco)
         self._restore_if_pending()
 

@@ -13,7 +13,6 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 
 from datamodules.base import ImageDataModule
-from lightning_geco.models.base import VAEModule
 from lightning_geco.summary import RunSummary, run_directory
 
 __all__ = ["GECOLightningCLI", "SaveConfigToRun", "main"]
@@ -56,7 +55,8 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
     """Run the CLI (``args=None`` reads ``sys.argv``); W&B logs offline unless WANDB_MODE says otherwise."""
     os.environ.setdefault("WANDB_MODE", "offline")
     return GECOLightningCLI(
-        VAEModule,
+        # Any LightningModule: the VAEs, and the classifier the classification constraint reads.
+        LightningModule,
         ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -13,14 +13,28 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Literal
 
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_geco.classifier import class_labels
+from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
+from lightning_geco.likelihoods import BernoulliLikelihood
 
 if TYPE_CHECKING:
-    from lightning_geco.models.base import VAEOutput
+    from lightning_geco.models.base import VAEModule, VAEOutput
 
-__all__ = ["Constraint", "ReconstructionMSE"]
+__all__ = [
+    "ClassificationConstraint",
+    "Constraint",
+    "FeatureReconstruction",
+    "PatchNCC",
+    "ReconstructionBCE",
+    "ReconstructionMSE",
+    "patch_ncc",
+]
 
 # Above ~100 dB the MSE (1e-10) is below what fp32 images in [0, 1] can resolve.
 MAX_PSNR_DB = 100.0
@@ -29,7 +43,9 @@ MAX_PSNR_DB = 100.0
 class Constraint(nn.Module):
     """Interface of a GECO constraint.
 
-    Subclasses set ``name`` and ``unit`` and implement :meth:`reading`, :meth:`forward`.
+    Subclasses set ``name``, ``unit``, ``tolerance`` and ``reading_name`` and implement
+    :meth:`reading` and :meth:`forward`. ``step_size`` (None: the callback's) gives this
+    constraint its own GECO step size, for constraints whose values live on another scale.
     """
 
     name: str
@@ -37,6 +53,17 @@ class Constraint(nn.Module):
     tolerance: float
     #: the metric the validation loop logs this constraint's reading under (``val/<reading_name>``)
     reading_name: str
+    step_size: float | None = None
+
+    def check_model(self, model: VAEModule) -> None:
+        """Raise a clear error when the model cannot be constrained this way (called at construction)."""
+
+    def check_data(self, output: VAEOutput) -> None:
+        """Raise (or warn) when the first training batch shows the tolerance cannot be met."""
+
+    def extra_readings(self, output: VAEOutput) -> dict[str, Tensor]:
+        """Other per-example readings logged beside the main one (``val/<key>``)."""
+        return {}
 
     @property
     def reading_tolerance(self) -> float:
@@ -44,8 +71,8 @@ class Constraint(nn.Module):
         return self.tolerance
 
     def satisfied_by(self, reading: float) -> bool:
-        """Whether a reading (e.g. a validation average) meets the tolerance."""
-        raise NotImplementedError
+        """Whether a reading (e.g. a validation average) meets the tolerance (default: at most it)."""
+        return reading <= self.reading_tolerance
 
     def reading(self, output: VAEOutput) -> Tensor:
         """The raw per-example quantity the tolerance is stated on, shape (N,)."""
@@ -107,9 +134,6 @@ class ReconstructionMSE(Constraint):
     def reading_tolerance(self) -> float:
         return self.tolerance_mse
 
-    def satisfied_by(self, reading: float) -> bool:
-        return reading <= self.tolerance_mse
-
     @property
     def tolerance_psnr(self) -> float:
         return mse_to_psnr(self.tolerance_mse)
@@ -119,3 +143,263 @@ class ReconstructionMSE(Constraint):
 
     def forward(self, output: VAEOutput) -> Tensor:
         return output.distortion - self.tolerance_mse
+
+
+def _positive_finite(owner: str, tolerance: float, unit: str) -> float:
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(
+            f"{owner} tolerance must be a positive finite number of {unit}, got {tolerance!r}: "
+            "a value of 0 or less can only be met by a perfect reconstruction, or never."
+        )
+    return float(tolerance)
+
+
+def _step_size(owner: str, step_size: float | None) -> float | None:
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"{owner} step_size must be a positive finite number or None, got {step_size!r}.")
+    return step_size
+
+
+class ReconstructionBCE(Constraint):
+    """Binary cross-entropy of the data under the decoder's Bernoulli probabilities, per element.
+
+    For binary (or [0, 1]) data with a :class:`~lightning_geco.BernoulliLikelihood` decoder
+    (its output is read as logits). ``-1/D sum_i [x_i log p_i + (1 - x_i) log(1 - p_i)]``.
+
+    Attainable in principle: the tolerance must be positive (0 needs p = x exactly), and for
+    data that are not binary it must exceed their own entropy per element, ``H(x)``, the floor
+    of the cross-entropy: checked on the first training batch.
+
+    Args:
+        tolerance: nats per element.
+        name, step_size: see :class:`Constraint`.
+    """
+
+    unit = "nats/element"
+    reading_name = "bce"
+
+    def __init__(self, tolerance: float = 0.1, name: str = "reconstruction", step_size: float | None = None) -> None:
+        super().__init__()
+        self.tolerance = _positive_finite("ReconstructionBCE", tolerance, "nats per element")
+        self.name = name
+        self.step_size = _step_size("ReconstructionBCE", step_size)
+
+    def check_model(self, model: VAEModule) -> None:
+        if not isinstance(model.likelihood, BernoulliLikelihood):
+            raise ValueError(
+                "ReconstructionBCE reads the decoder output as Bernoulli logits, but the model's likelihood is "
+                f"{type(model.likelihood).__name__}; use likelihood: lightning_geco.BernoulliLikelihood "
+                "(or ReconstructionMSE for a Gaussian decoder)."
+            )
+
+    def check_data(self, output: VAEOutput) -> None:
+        x = output.x.float().clamp(1e-7, 1 - 1e-7)
+        floor = float(-(x * x.log() + (1 - x) * (1 - x).log()).mean())
+        if floor >= self.tolerance:
+            raise ValueError(
+                f"ReconstructionBCE tolerance {self.tolerance:g} nats/element cannot be met: the data's own "
+                f"entropy, the least cross-entropy any reconstruction can reach, is {floor:.4g} nats/element on "
+                "this batch. Binarise the data or raise the tolerance."
+            )
+
+    def reading(self, output: VAEOutput) -> Tensor:
+        bce = F.binary_cross_entropy_with_logits(output.decoder_output.float(), output.x.float(), reduction="none")
+        return bce.flatten(1).mean(dim=1)
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return self.reading(output) - self.tolerance
+
+
+# SSIM's structure constant C3 = (0.03)^2 / 2 for data in [0, 1]: it keeps flat patches defined.
+NCC_STABILISER = 0.03**2 / 2
+
+
+def patch_ncc(x: Tensor, y: Tensor, patch_size: int = 7, stride: int = 7, stabiliser: float = NCC_STABILISER) -> Tensor:
+    """Normalised cross-correlation of each patch of x and y, (N, C, H, W) -> (N, C, h, w).
+
+    ``(cov(x, y) + c) / (std(x) std(y) + c)`` over each ``patch_size``^2 window (SSIM's
+    structure term): 1 for identical patches, flat ones included; unchanged when a patch's
+    brightness is shifted or its contrast scaled by a positive factor; at most 1.
+    """
+    pool = lambda t: F.avg_pool2d(t, patch_size, stride)  # noqa: E731
+    x, y = x.float(), y.float()
+    mean_x, mean_y = pool(x), pool(y)
+    var_x = (pool(x * x) - mean_x.pow(2)).clamp_min(0.0)
+    var_y = (pool(y * y) - mean_y.pow(2)).clamp_min(0.0)
+    covariance = pool(x * y) - mean_x * mean_y
+    # The tiny floor keeps sqrt's gradient finite on perfectly flat patches.
+    return (covariance + stabiliser) / ((var_x + 1e-10).sqrt() * (var_y + 1e-10).sqrt() + stabiliser)
+
+
+class PatchNCC(Constraint):
+    """Mean patch-wise normalised cross-correlation (pNCC) of x and its reconstruction at least ``minimum``.
+
+    Insensitive to local brightness and contrast (see :func:`patch_ncc`); the value per example
+    is ``minimum - pNCC``, per patch and channel (one "element" is one patch of one channel).
+
+    Args:
+        minimum: the least mean pNCC accepted, in (-1, 1): pNCC never exceeds 1, and anything
+            at or below -1 always holds.
+        patch_size, stride: the windows, in pixels.
+        name, step_size: see :class:`Constraint`.
+    """
+
+    unit = "ncc"
+    reading_name = "pncc"
+
+    def __init__(
+        self,
+        minimum: float = 0.8,
+        patch_size: int = 7,
+        stride: int = 7,
+        name: str = "pncc",
+        step_size: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(minimum, (int, float)) and -1.0 < minimum < 1.0):
+            raise ValueError(
+                f"PatchNCC minimum must lie in (-1, 1), got {minimum!r}: a normalised cross-correlation is at "
+                "most 1 (so 1 or more can never be met by an imperfect reconstruction) and -1 or less always holds."
+            )
+        if patch_size < 2 or stride < 1:
+            raise ValueError(f"PatchNCC needs patch_size >= 2 and stride >= 1, got {patch_size!r} and {stride!r}.")
+        self.tolerance = float(minimum)
+        self.patch_size, self.stride = int(patch_size), int(stride)
+        self.name = name
+        self.step_size = _step_size("PatchNCC", step_size)
+
+    def check_model(self, model: VAEModule) -> None:
+        _, height, width = model.image_shape
+        if min(height, width) < self.patch_size:
+            raise ValueError(
+                f"PatchNCC patch_size {self.patch_size} is larger than the {height}x{width} images; use a smaller patch."
+            )
+
+    def satisfied_by(self, reading: float) -> bool:
+        return reading >= self.tolerance
+
+    def reading(self, output: VAEOutput) -> Tensor:
+        return patch_ncc(output.x, output.reconstruction, self.patch_size, self.stride).flatten(1).mean(dim=1)
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return self.tolerance - self.reading(output)
+
+    def num_elements(self, output: VAEOutput) -> int:
+        c, h, w = output.x.shape[1:]
+        return c * ((h - self.patch_size) // self.stride + 1) * ((w - self.patch_size) // self.stride + 1)
+
+
+class ClassificationConstraint(Constraint):
+    """A frozen classifier applied to the reconstruction keeps the class: cross-entropy at most ``tolerance``.
+
+    The class is the batch's label (``target="label"``) or the classifier's prediction on x
+    itself (``target="prediction"``, no labels needed). Reading: the cross-entropy in nats per
+    image (``val/class_cross_entropy``); beside it ``val/class_accuracy``, the fraction of
+    reconstructions classified as that class.
+
+    Args:
+        classifier: the frozen classifier (e.g. ``FrozenClassifier(checkpoint=...)``).
+        tolerance: nats per image, > 0 (log 2 ~ 0.69 is a coin flip between two classes).
+        target: ``"label"`` or ``"prediction"``.
+        name, step_size: see :class:`Constraint`.
+    """
+
+    unit = "nats/image"
+    reading_name = "class_cross_entropy"
+
+    def __init__(
+        self,
+        classifier: FrozenClassifier,
+        tolerance: float = 0.1,
+        target: Literal["label", "prediction"] = "label",
+        name: str = "classification",
+        step_size: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.tolerance = _positive_finite("ClassificationConstraint", tolerance, "nats per image")
+        if target not in ("label", "prediction"):
+            raise ValueError(f"ClassificationConstraint target must be 'label' or 'prediction', got {target!r}.")
+        self.classifier = classifier
+        self.target = target
+        self.name = name
+        self.step_size = _step_size("ClassificationConstraint", step_size)
+
+    def check_model(self, model: VAEModule) -> None:
+        if tuple(self.classifier.image_shape) != tuple(model.image_shape):
+            raise ValueError(
+                f"The classifier was trained on images of shape {tuple(self.classifier.image_shape)}, the model makes "
+                f"{tuple(model.image_shape)}; train the classifier on the same data."
+            )
+
+    def _targets(self, output: VAEOutput) -> Tensor:
+        if self.target == "prediction":
+            with torch.no_grad():
+                return self.classifier.logits(output.x).argmax(dim=1)
+        return class_labels(output.labels, self.classifier.label_column)
+
+    def check_data(self, output: VAEOutput) -> None:
+        with torch.no_grad():
+            on_data = F.cross_entropy(self.classifier.logits(output.x), self._targets(output)).item()
+        if on_data > self.tolerance:
+            rank_zero_warn(
+                f"The classifier's cross-entropy on the real images is {on_data:.4g} nats, above the tolerance "
+                f"{self.tolerance:g}: a faithful reconstruction will not meet it. Raise the tolerance or train "
+                "a better classifier."
+            )
+
+    def reading(self, output: VAEOutput) -> Tensor:
+        logits = self.classifier.logits(output.reconstruction)
+        return F.cross_entropy(logits.float(), self._targets(output), reduction="none")
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return self.reading(output) - self.tolerance
+
+    def num_elements(self, output: VAEOutput) -> int:
+        return 1
+
+    def extra_readings(self, output: VAEOutput) -> dict[str, Tensor]:
+        with torch.no_grad():
+            predicted = self.classifier.logits(output.reconstruction).argmax(dim=1)
+        return {"class_accuracy": (predicted == self._targets(output)).float()}
+
+
+class FeatureReconstruction(Constraint):
+    """Mean squared distance between a frozen network's features of x and of the reconstruction.
+
+    ``1/F ||f(x) - f(x_hat)||^2`` per example, F the number of feature elements; gradients
+    reach the decoder through ``x_hat`` and never the network.
+
+    Args:
+        network: a :class:`~lightning_geco.frozen.FrozenNetwork` (``FrozenClassifier`` or
+            ``TorchvisionFeatures``).
+        tolerance: squared feature units per element, > 0.
+        name, step_size: see :class:`Constraint`.
+    """
+
+    unit = "feature mse"
+    reading_name = "feature_distance"
+
+    def __init__(
+        self, network: FrozenNetwork, tolerance: float = 0.01, name: str = "features", step_size: float | None = None
+    ) -> None:
+        super().__init__()
+        self.tolerance = _positive_finite("FeatureReconstruction", tolerance, "squared feature units")
+        self.network = network
+        self.name = name
+        self.step_size = _step_size("FeatureReconstruction", step_size)
+
+    def reading(self, output: VAEOutput) -> Tensor:
+        with torch.no_grad():
+            target = self.network.features(output.x)
+        features = self.network.features(output.reconstruction)
+        self._feature_elements = target[0].numel()
+        return (features.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        return self.reading(output) - self.tolerance
+
+    def num_elements(self, output: VAEOutput) -> int:
+        if getattr(self, "_feature_elements", None) is None:
+            with torch.no_grad():
+                self._feature_elements = self.network.features(output.x[:1]).numel()
+        return self._feature_elements

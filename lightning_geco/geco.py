@@ -56,7 +56,8 @@ class GECO:
     Args:
         names: one name per constraint, used in logs and checkpoints.
         alpha: moving-average coefficient in [0, 1): ``C_ma = alpha * C_ma + (1 - alpha) * C_hat``.
-        step_size: ``nu`` > 0 in ``log lambda += nu * C_ma`` (units: 1 / constraint units).
+        step_size: ``nu`` > 0 in ``log lambda += nu * C_ma`` (units: 1 / constraint units); one
+            number for every constraint, or one per constraint.
         log_lambda_bounds: clamp of ``log lambda``; keeps ``exp`` finite and positive.
         initial_lambda: the multiplier every constraint starts at (the paper: 1).
     """
@@ -65,7 +66,7 @@ class GECO:
         self,
         names: Sequence[str],
         alpha: float = 0.99,
-        step_size: float = 1.0,
+        step_size: float | Sequence[float] = 1.0,
         log_lambda_bounds: tuple[float, float] = DEFAULT_LOG_LAMBDA_BOUNDS,
         initial_lambda: float = 1.0,
     ) -> None:
@@ -75,8 +76,12 @@ class GECO:
         if len(set(names)) != len(names):
             raise ValueError(f"GECO constraint names must be unique, got {names}.")
         _check_unit_interval("alpha", alpha)
-        if not step_size > 0 or not math.isfinite(step_size):
-            raise ValueError(f"GECO step_size (nu) must be a positive finite number, got {step_size!r}.")
+        step_sizes = [step_size] * len(names) if isinstance(step_size, (int, float)) else list(step_size)
+        if len(step_sizes) != len(names) or not all(s > 0 and math.isfinite(s) for s in step_sizes):
+            raise ValueError(
+                f"GECO step_size (nu) must be a positive finite number, got {step_size!r} "
+                f"(one number, or one per constraint: {len(names)})."
+            )
         low, high = log_lambda_bounds
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"GECO log_lambda_bounds must be finite with low < high, got {log_lambda_bounds!r}.")
@@ -86,7 +91,7 @@ class GECO:
             )
         self.names = names
         self.alpha = float(alpha)
-        self.step_size = float(step_size)
+        self.step_size = torch.tensor(step_sizes, dtype=torch.float32)
         self.log_lambda_bounds = (float(low), float(high))
         k = len(names)
         self.log_lagrange_multiplier = torch.full((k,), math.log(initial_lambda), dtype=torch.float32)
@@ -114,7 +119,14 @@ class GECO:
 
     def to(self, device: torch.device | str) -> GECO:
         """Move every tensor of the state to ``device``, keeping fp32."""
-        for attr in ("log_lagrange_multiplier", "constraint_ema", "_pending_sum", "_pending_count", "_pending_nonfinite"):
+        for attr in (
+            "log_lagrange_multiplier",
+            "constraint_ema",
+            "step_size",
+            "_pending_sum",
+            "_pending_count",
+            "_pending_nonfinite",
+        ):
             setattr(self, attr, getattr(self, attr).to(device=device, dtype=torch.float32))
         return self
 

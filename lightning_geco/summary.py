@@ -36,7 +36,8 @@ class RunSummary(Callback):
     """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
 
     Fields: the final validation ``distortion``, ``rate``, ``elbo``, ``marginal_kl``,
-    ``mutual_info`` (per image, see DESIGN.md's units); for a GECO model ``lambda``,
+    ``mutual_info`` (per image, see DESIGN.md's units), then every other top-level validation
+    scalar (e.g. ``pncc``, ``class_accuracy``, ``iwae``); for a GECO model ``lambda``,
     ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
     unit as configured) and ``satisfied`` (every constraint's validation reading meets its
     tolerance); ``global_step``, ``wall_clock_seconds`` and ``path``. With several constraints,
@@ -66,7 +67,11 @@ class RunSummary(Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self._validation = {k: float(metrics[f"val/{k}"]) for k in VALIDATION_KEYS if f"val/{k}" in metrics}
+        # The DESIGN.md keys first, then every other top-level validation scalar (constraint
+        # readings such as pncc or class_accuracy, iwae, ...); per-dimension/per-part keys stay out.
+        names = [k[len("val/"):] for k in metrics if k.startswith("val/") and "/" not in k[len("val/"):]]
+        ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
+        self._validation = {k: float(metrics[f"val/{k}"]) for k in ordered}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ EXPECTED_KEYS = {
     "val/active_units",
     "val/kl_dim/0",
     "val/iwae",
+}
+# configs named <dataset>_<model>_geco_<kind>.yaml: the readings their constraints add
+CONSTRAINT_READINGS = {
+    "bce": ["bce"],
+    "pncc": ["pncc"],
+    "classifier": ["class_cross_entropy", "class_accuracy"],
+    "features": ["feature_distance"],
 }
 PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_distortion")
 
@@ -80,19 +88,34 @@ def _fit(config: Path, *extra: str) -> list[str]:
     ]
 
 
+def _train_the_classifiers_it_reads(config: Path) -> None:
+    """Configs whose constraints read a frozen classifier need its checkpoint: train it (4 steps)."""
+    for name in re.findall(r"checkpoint: runs/checkpoints/(\w+)/last.ckpt", config.read_text()):
+        main(_fit(REPO / "configs" / f"{name}.yaml"))
+        assert (Path("runs") / "checkpoints" / name / "last.ckpt").is_file()
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
+    _train_the_classifiers_it_reads(config)
     cli = main(_fit(config))
     assert cli.trainer.global_step == 4
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(Path(last_line).read_text())
     assert summary["global_step"] == 4
+    if "classifier" in config.stem and "geco" not in config.stem:
+        assert 0 <= summary["accuracy"] <= 1 and summary["loss"] > 0
+        return
     for key in ("distortion", "rate", "marginal_kl", "mutual_info", "wall_clock_seconds"):
         assert isinstance(summary[key], float)
-    if "lambda" in summary:
+    if "geco" in config.stem or config.stem == "default":
         assert isinstance(summary["satisfied"], bool)
-        assert summary["lambda"] > 0
+        lam = summary["lambda"] if isinstance(summary["lambda"], dict) else {"": summary["lambda"]}
+        assert all(value > 0 for value in lam.values())
+    # Every constraint's reading is in the summary beside the distortion.
+    for reading in CONSTRAINT_READINGS.get(config.stem.split("_")[-1], []):
+        assert isinstance(summary[reading], float), reading
 
 
 @pytest.mark.timeout(180)

@@ -1,0 +1,104 @@
+"""Robustness and tolerance sweeps: one GECO setting (alpha, nu) across models, datasets and tolerances.
+
+    python benchmarks/robustness.py --data-root ../shared/data --source test --out docs/results/robustness
+    python benchmarks/robustness.py --sweep configs/mnist_convvae_geco.yaml --tolerances 0.01 0.015 0.02 0.03 0.04 \\
+        --data-root ../shared/data --source test --out docs/results/sweep
+
+Without ``--sweep``: trains every model's GECO config on the shapes and on MNIST (each config
+as committed: same alpha and nu for every model of a dataset) and writes ``robustness.md`` /
+``.csv``: tolerance asked vs distortion reached, rate, marginal KL, lambda, steps, seconds.
+With ``--sweep CONFIG``: trains CONFIG once per tolerance and runs ``lightning_geco.compare``
+over them (``comparison.md``, ``rate_distortion.png``: the rate-distortion curve GECO traces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+from runs import REPO, summary_of, train, with_tolerance
+
+from lightning_geco.compare import main as compare
+
+MODEL_CONFIGS = [
+    "default.yaml",
+    "shapes_flowvae_geco.yaml",
+    "shapes_laddervae_geco.yaml",
+    "shapes_convdraw_geco.yaml",
+    "mnist_convvae_geco.yaml",
+    "mnist_flowvae_geco.yaml",
+    "mnist_laddervae_geco.yaml",
+    "mnist_convdraw_geco.yaml",
+]
+COLUMNS = ["config", "model", "data", "alpha", "nu", "tolerance", "distortion", "gap %", "satisfied",
+           "rate", "marginal_kl", "lambda", "steps", "seconds"]
+
+
+def row(config_path: Path, run: Path) -> dict:
+    config = yaml.safe_load(config_path.read_text())
+    summary = summary_of(run)
+    (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GECOCallback")]
+    gap = 100.0 * (summary["distortion"] - summary["tolerance"]) / summary["tolerance"]
+    return {
+        "config": config_path.name,
+        "model": config["model"]["class_path"].rsplit(".", 1)[-1],
+        "data": config["data"]["class_path"].rsplit(".", 1)[-1].replace("DataModule", ""),
+        "alpha": callback["init_args"]["alpha"],
+        "nu": callback["init_args"]["step_size"],
+        "tolerance": summary["tolerance"],
+        "distortion": round(summary["distortion"], 5),
+        "gap %": f"{gap:+.1f}",
+        "satisfied": summary["satisfied"],
+        "rate": round(summary["rate"], 2),
+        "marginal_kl": round(summary["marginal_kl"], 2),
+        "lambda": round(summary["lambda"], 2),
+        "steps": summary["global_step"],
+        "seconds": round(summary["wall_clock_seconds"]),
+    }
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    with open(out / "robustness.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    (out / "robustness.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="*", default=MODEL_CONFIGS, help="config files under configs/")
+    parser.add_argument("--sweep", help="a single-constraint GECO config to sweep the tolerance of")
+    parser.add_argument("--tolerances", nargs="*", type=float, default=[0.01, 0.015, 0.02, 0.03, 0.04])
+    parser.add_argument("--data-root", help="the data's root folder, for configs that read files")
+    parser.add_argument("--source", default="train")
+    parser.add_argument("--out", default="docs/results/robustness")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        base = yaml.safe_load(Path(args.sweep).read_text())
+        runs = []
+        for tolerance in args.tolerances:
+            path = out / f"{Path(args.sweep).stem}_tol{tolerance:g}.yaml"
+            path.write_text(yaml.safe_dump(with_tolerance(base, tolerance)))
+            runs.append(train(path, args.data_root, args.source))
+            print(f"tolerance {tolerance:g}: {runs[-1]}", file=sys.stderr)
+        compare([str(r) for r in runs] + ["--out", str(out), "--names", *[f"tol {t:g}" for t in args.tolerances]])
+        return
+    rows = []
+    for name in args.configs:
+        path = REPO / "configs" / name
+        rows.append(row(path, train(path, args.data_root, args.source)))
+        print(rows[-1], file=sys.stderr)
+    write_table(rows, out)
+
+
+if __name__ == "__main__":
+    main()

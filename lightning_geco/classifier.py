@@ -1,0 +1,93 @@
+"""ImageClassifier: a small convolutional classifier for the classification and feature constraints.
+
+Train it on any of the DataModules with ``python train.py fit --config configs/<dataset>_classifier.yaml``;
+its checkpoint is what :class:`~lightning_geco.frozen.FrozenClassifier` loads. Labels are the
+second item of a batch; for data whose second item is a factor table (the shapes: (N, 5)),
+``label_column`` says which column is the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_geco.nets import ConvEncoder
+
+__all__ = ["ImageClassifier", "class_labels"]
+
+
+def class_labels(labels: Tensor | None, label_column: int = 0) -> Tensor:
+    """Integer class labels (N,) from a batch's labels: (N,) as they are, (N, K) -> column ``label_column``."""
+    if labels is None:
+        raise ValueError(
+            "A class label is needed but the batch carries none: batches must be (images, labels) "
+            "(or a dict with 'label'). Use target='prediction' to keep the classifier's prediction on x instead."
+        )
+    if labels.dim() == 2:
+        labels = labels[:, label_column]
+    return labels.long()
+
+
+class ImageClassifier(pl.LightningModule):
+    """ConvEncoder features -> linear layer -> class logits.
+
+    Args:
+        image_shape: (C, H, W); linked from the DataModule by ``train.py``.
+        num_classes: number of classes.
+        widths, hidden_dim: the convolutional encoder (see :class:`~lightning_geco.nets.ConvEncoder`).
+        learning_rate: Adam's learning rate.
+        label_column: the column of 2-d labels that holds the class (0: the shapes' shape).
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        widths: Sequence[int] = (32, 64, 64),
+        hidden_dim: int = 128,
+        learning_rate: float = 1e-3,
+        label_column: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
+        self.save_hyperparameters()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)
+        self.head = nn.Linear(hidden_dim, num_classes)
+        self.learning_rate = learning_rate
+        self.label_column = label_column
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features, (N, hidden_dim)."""
+        return self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits, (N, num_classes)."""
+        return self.head(self.features(x))
+
+    def _loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, labels = batch[0], class_labels(batch[1], self.label_column)
+        logits = self(x)
+        return F.cross_entropy(logits, labels), logits, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logits, labels = self._loss(batch)
+        self.val_accuracy.update(logits, labels)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
+        self.log("val/accuracy", self.val_accuracy, on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.learning_rate)

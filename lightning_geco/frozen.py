@@ -1,0 +1,117 @@
+"""Frozen networks the constraints read: never trained by the VAE loss, always in eval mode.
+
+Weights come from local files only (nothing is downloaded): a checkpoint of an
+:class:`~lightning_geco.classifier.ImageClassifier` trained with this library, or a torchvision
+architecture with a weights file the user points to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FrozenClassifier", "FrozenNetwork", "TorchvisionFeatures"]
+
+
+def _existing_file(path: str | Path, what: str, how: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: looked for {path.resolve()}. {how}")
+    return path
+
+
+class FrozenNetwork(nn.Module):
+    """Base of the frozen networks: parameters without gradients, eval mode whatever the parent does.
+
+    Subclasses implement :meth:`features` (and :meth:`logits` when they classify).
+    """
+
+    def freeze(self) -> None:
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenNetwork:
+        # Lightning calls model.train() before every training epoch; dropout or batch-norm
+        # statistics must not change the frozen network's readings.
+        return super().train(False)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Features of images in [0, 1], (N, C, H, W) -> (N, ...)."""
+        raise NotImplementedError
+
+
+class FrozenClassifier(FrozenNetwork):
+    """An :class:`~lightning_geco.classifier.ImageClassifier` loaded from a Lightning checkpoint.
+
+    Args:
+        checkpoint: path of the ``.ckpt`` file (e.g. ``runs/checkpoints/mnist_classifier/last.ckpt``).
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__()
+        from lightning_geco.classifier import ImageClassifier
+
+        path = _existing_file(
+            checkpoint,
+            "Classifier checkpoint",
+            "Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml` "
+            "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
+        )
+        self.checkpoint = str(path)
+        self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+        self.image_shape = self.classifier.image_shape
+        self.label_column = self.classifier.label_column
+        self.freeze()
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.classifier(x)
+
+
+class TorchvisionFeatures(FrozenNetwork):
+    """Features of a torchvision architecture at one layer, with weights from a local file.
+
+    Args:
+        architecture: a name ``torchvision.models.get_model`` knows (``"resnet18"``, ``"vgg16"``, ...).
+        weights: path of a ``state_dict`` file for that architecture (``torch.save(model.state_dict())``).
+        layer: the node whose output is the features (``torchvision.models.feature_extraction``
+            names, e.g. ``"layer2"`` for a ResNet).
+        mean, std: per-channel input normalisation (ImageNet's by default). Grey images are
+            repeated to 3 channels.
+    """
+
+    def __init__(
+        self,
+        architecture: str,
+        weights: str,
+        layer: str,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        from torchvision.models import get_model
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        path = _existing_file(
+            weights,
+            f"Weights file for torchvision's {architecture}",
+            "Nothing is downloaded: save the weights with torch.save(model.state_dict(), path) on a "
+            "machine that has them and point `weights` to the file.",
+        )
+        network = get_model(architecture, weights=None)
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.extractor = create_feature_extractor(network, return_nodes={layer: "features"})
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.freeze()
+
+    def features(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1 and self.mean.shape[1] == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return self.extractor((x - self.mean) / self.std)["features"]

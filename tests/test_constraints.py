@@ -1,0 +1,233 @@
+"""The constraint kinds: values on hand-made inputs, frozen networks, tolerance checks, several at once."""
+
+import math
+import re
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import attach_fixed_lambda, quiet_trainer, random_images, tiny_conv_vae
+from lightning_geco import (
+    BernoulliLikelihood,
+    ClassificationConstraint,
+    FeatureReconstruction,
+    FrozenClassifier,
+    GECO,
+    GECOCallback,
+    GECOObjective,
+    ImageClassifier,
+    PatchNCC,
+    ReconstructionBCE,
+    ReconstructionMSE,
+    TorchvisionFeatures,
+)
+from lightning_geco.constraints import patch_ncc
+from lightning_geco.models.base import VAEOutput
+
+
+def fake_output(x, reconstruction=None, decoder_output=None, labels=None):
+    """A VAEOutput carrying only what constraints read."""
+    reconstruction = x if reconstruction is None else reconstruction
+    n = x.shape[0]
+    zeros = torch.zeros(n)
+    return VAEOutput(
+        x=x, decoder_output=reconstruction if decoder_output is None else decoder_output,
+        reconstruction=reconstruction, posterior=None, z=None, rate=zeros,
+        distortion=(reconstruction - x).pow(2).flatten(1).mean(1), log_likelihood=zeros, labels=labels,
+    )
+
+
+def save_classifier(path, image_shape=(1, 16, 16), num_classes=3, bias=None, label_column=0):
+    """An ImageClassifier checkpoint; with ``bias`` its logits are that constant vector for every image."""
+    model = ImageClassifier(image_shape=image_shape, num_classes=num_classes, widths=(8, 8), hidden_dim=16, label_column=label_column)
+    if bias is not None:
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.tensor(bias))
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": pl.__version__},
+        path,
+    )
+    return path
+
+
+# ------------------------------------------------------------------- binary cross-entropy
+def test_bce_is_the_per_element_cross_entropy_of_the_logits():
+    x = (random_images(4) > 0.5).float()
+    assert torch.allclose(ReconstructionBCE(0.1).reading(fake_output(x, decoder_output=torch.zeros_like(x))), torch.full((4,), math.log(2)))
+    confident = fake_output(x, decoder_output=(2 * x - 1) * 30.0)
+    assert ReconstructionBCE(0.1).reading(confident).max() < 1e-12
+    torch.testing.assert_close(ReconstructionBCE(0.1)(confident), torch.full((4,), -0.1), atol=1e-12, rtol=0)
+
+
+def test_bce_needs_a_bernoulli_decoder_and_data_it_can_reach():
+    with pytest.raises(ValueError, match="ReconstructionBCE reads the decoder output as Bernoulli logits, but the model's likelihood is GaussianLikelihood"):
+        tiny_conv_vae(objective=GECOObjective([ReconstructionBCE(0.1)]))
+    grey = torch.full((2, 1, 16, 16), 0.5)
+    with pytest.raises(ValueError, match=re.escape("ReconstructionBCE tolerance 0.1 nats/element cannot be met: the data's own entropy, the least cross-entropy any reconstruction can reach, is 0.6931")):
+        ReconstructionBCE(0.1).check_data(fake_output(grey))
+    ReconstructionBCE(0.1).check_data(fake_output((grey > 0.4).float()))  # binary data: floor 0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="ReconstructionBCE tolerance must be a positive finite number of nats per element"):
+            ReconstructionBCE(bad)
+
+
+# ------------------------------------------------------------------------------- pNCC
+def test_pncc_is_one_for_identical_images_and_for_brightness_and_contrast_changes():
+    x = random_images(3, (2, 14, 14))
+    constraint = PatchNCC(minimum=0.9, patch_size=7, stride=7)
+    for y in (x, x + 0.3, 0.5 * x, 0.25 * x + 0.6):
+        torch.testing.assert_close(constraint.reading(fake_output(x, y)), torch.ones(3), atol=2e-5, rtol=0)
+    torch.testing.assert_close(constraint(fake_output(x, 0.5 * x + 0.1)), torch.full((3,), -0.1), atol=2e-5, rtol=0)
+    flat = torch.zeros(1, 1, 7, 7)
+    assert patch_ncc(flat, flat).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_pncc_of_a_hand_made_patch_pair_matches_the_formula():
+    a = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    c = 0.03**2 / 2
+    # var(a) = var(b) = 0.25, cov(a, b) = mean(ab) - mean(a) mean(b) = 0.25 - 0.25 = 0
+    assert patch_ncc(a, b, patch_size=2, stride=2).item() == pytest.approx(c / (0.25 + c), rel=1e-5)
+    assert patch_ncc(a, 1 - a, patch_size=2, stride=2).item() == pytest.approx((-0.25 + c) / (0.25 + c), rel=1e-5)
+
+
+def test_pncc_counts_patches_as_its_elements_and_checks_its_minimum():
+    x = random_images(2, (3, 28, 28))
+    assert PatchNCC(0.5, patch_size=7, stride=7).num_elements(fake_output(x)) == 3 * 4 * 4
+    assert PatchNCC(0.5, patch_size=8, stride=4).num_elements(fake_output(x)) == 3 * 6 * 6
+    for bad in (1.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match=re.escape(f"PatchNCC minimum must lie in (-1, 1), got {bad!r}")):
+            PatchNCC(bad)
+    with pytest.raises(ValueError, match="PatchNCC patch_size 32 is larger than the 16x16 images"):
+        tiny_conv_vae(objective=GECOObjective([PatchNCC(0.5, patch_size=32)]))
+    assert PatchNCC(0.8).satisfied_by(0.85) and not PatchNCC(0.8).satisfied_by(0.75)
+
+
+# ----------------------------------------------------------------------- classification
+def test_classification_cross_entropy_and_accuracy_for_a_known_classifier_output(tmp_path):
+    bias = [2.0, 0.5, -1.0]
+    classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt", bias=bias)))
+    constraint = ClassificationConstraint(classifier, tolerance=0.5)
+    labels = torch.tensor([0, 1, 2, 0])
+    output = fake_output(random_images(4), labels=labels)
+    log_softmax = torch.log_softmax(torch.tensor(bias), 0)
+    torch.testing.assert_close(constraint.reading(output), -log_softmax[labels])
+    torch.testing.assert_close(constraint(output), -log_softmax[labels] - 0.5)
+    assert constraint.extra_readings(output)["class_accuracy"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert constraint.num_elements(output) == 1
+    # target="prediction": the class predicted on x (class 0 everywhere), no labels needed.
+    by_prediction = ClassificationConstraint(classifier, tolerance=0.5, target="prediction")
+    torch.testing.assert_close(by_prediction.reading(fake_output(random_images(4))), torch.full((4,), -log_softmax[0].item()))
+
+
+def test_classification_reads_a_factor_column_and_reports_missing_labels(tmp_path):
+    classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt", bias=[0.0, 3.0, 0.0], label_column=2)))
+    factors = torch.tensor([[0.0, 0.5, 1.0, 0.1, 0.2], [2.0, 0.5, 0.0, 0.1, 0.2]])
+    accuracy = ClassificationConstraint(classifier).extra_readings(fake_output(random_images(2), labels=factors))
+    assert accuracy["class_accuracy"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="A class label is needed but the batch carries none"):
+        ClassificationConstraint(classifier).reading(fake_output(random_images(2)))
+
+
+def test_classification_tolerance_and_checkpoint_errors(tmp_path):
+    missing = tmp_path / "nowhere" / "last.ckpt"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Classifier checkpoint not found: looked for {missing.resolve()}. Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml`")):
+        FrozenClassifier(str(missing))
+    classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt")))
+    with pytest.raises(ValueError, match="ClassificationConstraint tolerance must be a positive finite number of nats per image, got 0"):
+        ClassificationConstraint(classifier, tolerance=0)
+    with pytest.raises(ValueError, match="ClassificationConstraint target must be 'label' or 'prediction', got 'logits'"):
+        ClassificationConstraint(classifier, target="logits")
+    with pytest.raises(ValueError, match=re.escape("The classifier was trained on images of shape (1, 16, 16), the model makes (1, 20, 20)")):
+        tiny_conv_vae(image_shape=(1, 20, 20), objective=GECOObjective([ClassificationConstraint(classifier)]))
+    # A classifier that is wrong on the real images: the tolerance can't be met by a faithful reconstruction.
+    wrong = ClassificationConstraint(FrozenClassifier(str(save_classifier(tmp_path / "w.ckpt", bias=[0.0, 5.0, 0.0]))), tolerance=0.1)
+    with pytest.warns(UserWarning, match="The classifier's cross-entropy on the real images is 5.01"):
+        wrong.check_data(fake_output(random_images(2), labels=torch.tensor([0, 0])))
+
+
+def test_gradients_reach_the_decoder_and_never_the_frozen_networks(tmp_path):
+    torch.manual_seed(0)
+    classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt")))
+    features = FrozenClassifier(str(save_classifier(tmp_path / "f.ckpt")))
+    objective = GECOObjective([
+        ReconstructionMSE(0.01), ClassificationConstraint(classifier, target="prediction"), FeatureReconstruction(features, 1e-4),
+    ])
+    model = tiny_conv_vae(objective=objective)
+    attach_fixed_lambda(objective, 2.0)
+    model.train()
+    assert not classifier.training and not features.training  # model.train() leaves them in eval mode
+    model.objective(model(random_images(8))).backward()
+    frozen = list(classifier.parameters()) + list(features.parameters())
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    optimized = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in frozen}
+
+
+# ------------------------------------------------------------------ feature reconstruction
+def test_torchvision_features_come_from_a_local_weights_file_and_are_frozen(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    network = torchvision.models.resnet18(weights=None)
+    torch.save(network.state_dict(), tmp_path / "resnet18.pt")
+    frozen = TorchvisionFeatures("resnet18", str(tmp_path / "resnet18.pt"), layer="layer1")
+    x = random_images(2, (1, 32, 32))
+    network.eval()
+    normalised = (x.expand(-1, 3, -1, -1) - frozen.mean) / frozen.std
+    expected = network.layer1(network.maxpool(network.relu(network.bn1(network.conv1(normalised)))))
+    torch.testing.assert_close(frozen.features(x), expected)
+    constraint = FeatureReconstruction(frozen, tolerance=0.01)
+    assert constraint.reading(fake_output(x)).abs().max() == 0
+    assert constraint.num_elements(fake_output(x)) == expected[0].numel()
+    assert constraint.reading(fake_output(x, 1 - x)).min() > 0
+    with pytest.raises(FileNotFoundError, match="Weights file for torchvision's resnet18 not found: looked for .*missing.pt. Nothing is downloaded"):
+        TorchvisionFeatures("resnet18", str(tmp_path / "missing.pt"), layer="layer1")
+    with pytest.raises(ValueError, match="FeatureReconstruction tolerance must be a positive finite number of squared feature units, got -1"):
+        FeatureReconstruction(frozen, tolerance=-1)
+
+
+# ------------------------------------------------------------------------- several at once
+def test_per_constraint_step_sizes_move_each_multiplier_by_its_own_nu():
+    geco = GECO(["a", "b"], alpha=0.0, step_size=[0.5, 2.0])
+    geco.update(torch.tensor([0.2, 0.2, 1.0, 0.0]))  # sums, count, nonfinite
+    torch.testing.assert_close(geco.log_lagrange_multiplier, torch.tensor([0.1, 0.4]))
+    with pytest.raises(ValueError, match=re.escape("GECO step_size (nu) must be a positive finite number, got [1.0] (one number, or one per constraint: 2).")):
+        GECO(["a", "b"], step_size=[1.0])
+
+
+def test_two_constraint_run_moves_each_multiplier_towards_its_own_constraint():
+    torch.manual_seed(0)
+    images = random_images(256, (1, 16, 16))
+    met, violated = ReconstructionMSE(0.5, name="mse"), PatchNCC(0.95, patch_size=4, stride=4, step_size=0.5)
+    model = tiny_conv_vae(objective=GECOObjective([met, violated]))
+    callback = GECOCallback(alpha=0.5, step_size=2.0)
+    trainer = quiet_trainer(max_steps=30, callbacks=[callback], log_every_n_steps=1)
+    trainer.fit(model, DataLoader(TensorDataset(images), batch_size=32))
+    lam = dict(zip(callback.geco.names, callback.geco.lagrange_multiplier.tolist()))
+    assert lam["mse"] < 0.5, lam  # an MSE of at most 0.5 holds from the start: lambda shrinks
+    assert lam["pncc"] > 2.0, lam  # pNCC 0.95 is far off: lambda grows
+    for name in ("mse", "pncc"):
+        for key in ("lambda", "constraint", "constraint_ema"):
+            assert f"geco/{name}/{key}" in trainer.callback_metrics
+
+
+def test_classifier_learns_a_class_the_images_show_and_logs_its_accuracy():
+    # Class k: noise plus a bright k-th quadrant; labels as (N, 2) factors with the class in column 1.
+    g = torch.Generator().manual_seed(0)
+    classes = torch.randint(0, 4, (1200,), generator=g)
+    images = 0.5 * torch.rand(1200, 1, 16, 16, generator=g)
+    for k in range(4):
+        rows, cols = divmod(k, 2)
+        images[classes == k, :, 8 * rows : 8 * rows + 8, 8 * cols : 8 * cols + 8] += 0.5
+    factors = torch.stack([torch.zeros(1200), classes.float()], dim=1)
+    train, val = TensorDataset(images[:1000], factors[:1000]), TensorDataset(images[1000:], factors[1000:])
+    model = ImageClassifier(image_shape=(1, 16, 16), num_classes=4, widths=(8, 16), hidden_dim=32, learning_rate=3e-3, label_column=1)
+    trainer = quiet_trainer(max_steps=100, num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=50)
+    trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=100))
+    assert trainer.callback_metrics["val/accuracy"] > 0.95
+    assert trainer.callback_metrics["val/loss"] < 0.3
