@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_geco.nets import ConvEncoder
+from lightning_geco.nets import ConvDownsampler, ConvEncoder
 
 __all__ = ["ImageClassifier", "class_labels"]
 
@@ -41,6 +41,9 @@ class ImageClassifier(pl.LightningModule):
         image_shape: (C, H, W); linked from the DataModule by ``train.py``.
         num_classes: number of classes.
         widths, hidden_dim: the convolutional encoder (see :class:`~lightning_geco.nets.ConvEncoder`).
+        pooling: ``"flatten"`` (the last feature map flattened, as the VAEs' encoder) or ``"max"``
+            (global max over positions: translation invariant; on the shapes, where a small
+            object sits anywhere, "flatten" stalled at 46 % accuracy and "max" learned).
         learning_rate: Adam's learning rate.
         label_column: the column of 2-d labels that holds the class (0: the shapes' shape).
     """
@@ -51,15 +54,28 @@ class ImageClassifier(pl.LightningModule):
         num_classes: int = 10,
         widths: Sequence[int] = (32, 64, 64),
         hidden_dim: int = 128,
+        pooling: str = "flatten",
         learning_rate: float = 1e-3,
         label_column: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
+        if pooling not in ("flatten", "max"):
+            raise ValueError(f"pooling must be 'flatten' or 'max', got {pooling!r}.")
         self.save_hyperparameters()
         self.image_shape = tuple(int(s) for s in image_shape)
-        self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)
+        if pooling == "flatten":
+            self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)
+        else:
+            channels, height, width = self.image_shape
+            self.encoder = nn.Sequential(
+                ConvDownsampler(channels, height, width, widths),
+                nn.AdaptiveMaxPool2d(1),
+                nn.Flatten(),
+                nn.Linear(widths[-1], hidden_dim),
+                nn.SiLU(),
+            )
         self.head = nn.Linear(hidden_dim, num_classes)
         self.learning_rate = learning_rate
         self.label_column = label_column

@@ -231,3 +231,22 @@ def test_classifier_learns_a_class_the_images_show_and_logs_its_accuracy():
     trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=100))
     assert trainer.callback_metrics["val/accuracy"] > 0.95
     assert trainer.callback_metrics["val/loss"] < 0.3
+
+
+def test_an_unattainable_bce_tolerance_stops_training_on_the_first_batch():
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionBCE(0.1)]), likelihood=BernoulliLikelihood())
+    grey = torch.full((16, 1, 16, 16), 0.5)
+    trainer = quiet_trainer(max_steps=3, callbacks=[GECOCallback()])
+    with pytest.raises(ValueError, match="ReconstructionBCE tolerance 0.1 nats/element cannot be met"):
+        trainer.fit(model, DataLoader(TensorDataset(grey), batch_size=8))
+    assert trainer.global_step == 0
+
+
+def test_classifier_rejects_unknown_pooling_and_few_classes():
+    with pytest.raises(ValueError, match="pooling must be 'flatten' or 'max', got 'mean'"):
+        ImageClassifier(pooling="mean")
+    with pytest.raises(ValueError, match="num_classes must be at least 2, got 1"):
+        ImageClassifier(num_classes=1)
+    pooled = ImageClassifier(image_shape=(1, 20, 24), num_classes=3, widths=(8, 8), hidden_dim=16, pooling="max")
+    assert pooled(random_images(2, (1, 20, 24))).shape == (2, 3)
+    assert pooled.features(random_images(2, (1, 20, 24))).shape == (2, 16)

@@ -88,18 +88,23 @@ def _fit(config: Path, *extra: str) -> list[str]:
     ]
 
 
+QUICK = ("--trainer.logger", "false", "--trainer.num_sanity_val_steps", "0", "--trainer.val_check_interval", "4")
+
+
 def _train_the_classifiers_it_reads(config: Path) -> None:
     """Configs whose constraints read a frozen classifier need its checkpoint: train it (4 steps)."""
     for name in re.findall(r"checkpoint: runs/checkpoints/(\w+)/last.ckpt", config.read_text()):
-        main(_fit(REPO / "configs" / f"{name}.yaml"))
+        main(_fit(REPO / "configs" / f"{name}.yaml", *QUICK))
         assert (Path("runs") / "checkpoints" / name / "last.ckpt").is_file()
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
+    # No W&B and one validation here (each costs seconds per config; the W&B and panel tests
+    # below cover them on the default config).
     _train_the_classifiers_it_reads(config)
-    cli = main(_fit(config))
+    cli = main(_fit(config, *QUICK))
     assert cli.trainer.global_step == 4
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(Path(last_line).read_text())

@@ -364,16 +364,15 @@ class VAEModule(pl.LightningModule):
     # ------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch_images(batch)
-        output = None
-        if not self._checked_range:
-            self.check_images(x, check_range=True)
-            output = self(x, batch_labels(batch))
+        first_batch = not self._checked_range
+        self.check_images(x, check_range=first_batch)
+        output = self(x, batch_labels(batch))
+        if first_batch:
+            # Once per run: a tolerance the data make impossible (e.g. a BCE below the data's
+            # own entropy) fails here, not after hours of training.
             for constraint in self.constraints:
                 constraint.check_data(output)
             self._checked_range = True
-        else:
-            self.check_images(x)
-        output = output if output is not None else self(x, batch_labels(batch))
         self.objective.set_step(self.global_step)
         loss = self.objective(output)
         if is_logging_step(self.trainer):
@@ -400,6 +399,15 @@ class VAEModule(pl.LightningModule):
         if batch_idx == 0:
             self._panel_batch = x[: self.num_logged_images]
 
+    def _validation_metrics(self) -> tuple:
+        return (self.aggregate_posterior, self.latent_activity, self.validation_distortion, self.validation_rate)
+
+    def on_validation_epoch_start(self) -> None:
+        # Reset here too: after trainer.validate (inference mode) the states are inference
+        # tensors, which the validation inside a later fit (no_grad) cannot update in place.
+        for metric in self._validation_metrics():
+            metric.reset()
+
     def on_validation_epoch_end(self) -> None:
         # Metrics gather every rank's states, so these cover the whole validation set and are
         # the same on every rank; no sync_dist needed.
@@ -407,7 +415,7 @@ class VAEModule(pl.LightningModule):
         activity = self.latent_activity.compute()
         distortion = self.validation_distortion.compute()
         rate = self.validation_rate.compute()
-        for metric in (self.aggregate_posterior, self.latent_activity, self.validation_distortion, self.validation_rate):
+        for metric in self._validation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
             self.log(f"val/{key}", estimates[key])

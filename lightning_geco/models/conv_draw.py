@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl
 from lightning_geco.nets import ConvDownsampler, ConvLSTMCell, ConvUpsampler
-from lightning_geco.nets.conv import _check_image_shape
+from lightning_geco.nets.conv import check_image_shape
 
 __all__ = ["ConvDRAW"]
 
@@ -44,7 +44,7 @@ class ConvDRAW(VAEModule):
             latent maps are ``(H, W) / 2^len(widths)``.
         kwargs: the base's (objective, likelihood, learning_rate, ...), see
             :class:`~lightning_geco.models.base.VAEModule` (its ``latent_dim`` is the
-        total number of latent coordinates, ``T * latent_channels * h * w``).
+            total number of latent coordinates, ``T * latent_channels * h * w``).
     """
 
     architecture_keys = ("image_shape", "num_steps", "latent_channels", "hidden_channels", "widths")
@@ -63,7 +63,7 @@ class ConvDRAW(VAEModule):
                 "ConvDRAW num_steps, latent_channels and hidden_channels must be positive ints, got "
                 f"{num_steps!r}, {latent_channels!r}, {hidden_channels!r}."
             )
-        channels, height, width = _check_image_shape(image_shape)
+        channels, height, width = check_image_shape(image_shape)
         reader = ConvDownsampler(2 * channels, height, width, widths)
         latent_height, latent_width = reader.sizes[-1]
         super().__init__(

@@ -57,7 +57,7 @@ class LadderVAE(VAEModule):
         widths, hidden_dim: the convolutional encoder/decoder, as :class:`~lightning_geco.ConvVAE`.
         kwargs: the base's (objective, likelihood, learning_rate, ...), see
             :class:`~lightning_geco.models.base.VAEModule` (its ``latent_dim`` is the
-        total, ``sum(latent_dims)``).
+            total, ``sum(latent_dims)``).
     """
 
     architecture_keys = ("image_shape", "latent_dims", "widths", "hidden_dim")

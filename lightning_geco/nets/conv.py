@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["ConvDecoder", "ConvDownsampler", "ConvEncoder", "ConvUpsampler", "conv_feature_sizes"]
+__all__ = ["ConvDecoder", "ConvDownsampler", "ConvEncoder", "ConvUpsampler", "check_image_shape", "conv_feature_sizes"]
 
 
 def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
@@ -28,7 +28,8 @@ def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[i
     return sizes
 
 
-def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``image_shape`` as ``(C, H, W)`` ints; a clear error for anything else."""
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
         raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {tuple(image_shape)}.")
     c, h, w = (int(s) for s in image_shape)
@@ -92,7 +93,7 @@ class ConvEncoder(ConvDownsampler):
     """
 
     def __init__(self, image_shape: Sequence[int], widths: Sequence[int] = (32, 32, 64, 64), hidden_dim: int = 256):
-        channels, height, width = _check_image_shape(image_shape)
+        channels, height, width = check_image_shape(image_shape)
         super().__init__(channels, height, width, widths)
         h, w = self.sizes[-1]
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * h * w, hidden_dim), nn.SiLU())
@@ -115,7 +116,7 @@ class ConvDecoder(ConvUpsampler):
         widths: Sequence[int] = (32, 32, 64, 64),
         hidden_dim: int = 256,
     ):
-        channels, height, width = _check_image_shape(image_shape)
+        channels, height, width = check_image_shape(image_shape)
         super().__init__(channels, height, width, widths)
         h, w = self.sizes[-1]
         self.top_shape = (widths[-1], h, w)
