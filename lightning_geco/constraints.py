@@ -387,6 +387,7 @@ class FeatureReconstruction(Constraint):
         self.network = network
         self.name = name
         self.step_size = _step_size("FeatureReconstruction", step_size)
+        self._feature_elements: int | None = None  # known after the first reading
 
     def reading(self, output: VAEOutput) -> Tensor:
         with torch.no_grad():
@@ -399,7 +400,7 @@ class FeatureReconstruction(Constraint):
         return self.reading(output) - self.tolerance
 
     def num_elements(self, output: VAEOutput) -> int:
-        if getattr(self, "_feature_elements", None) is None:
+        if self._feature_elements is None:
             with torch.no_grad():
                 self._feature_elements = self.network.features(output.x[:1]).numel()
         return self._feature_elements

@@ -488,8 +488,8 @@ class VAEModule(pl.LightningModule):
 
     def distortion_tolerance(self) -> float | None:
         """The MSE tolerance of a reconstruction constraint, if the objective has one."""
-        for constraint in getattr(self.objective, "constraints", []):
-            if getattr(constraint, "reading_name", None) == "distortion":
+        for constraint in self.constraints:
+            if constraint.reading_name == "distortion":
                 return float(constraint.reading_tolerance)
         return None
 
