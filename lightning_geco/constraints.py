@@ -61,9 +61,10 @@ class Constraint(nn.Module):
     def check_data(self, output: VAEOutput) -> None:
         """Raise (or warn) when the first training batch shows the tolerance cannot be met."""
 
-    def extra_readings(self, output: VAEOutput) -> dict[str, Tensor]:
-        """Other per-example readings logged beside the main one (``val/<key>``)."""
-        return {}
+    def readings(self, output: VAEOutput) -> dict[str, Tensor]:
+        """Every per-example reading logged for this constraint (``val/<key>``): the main one
+        under ``reading_name``, and any others a subclass reports beside it."""
+        return {self.reading_name: self.reading(output)}
 
     @property
     def reading_tolerance(self) -> float:
@@ -357,10 +358,14 @@ class ClassificationConstraint(Constraint):
     def num_elements(self, output: VAEOutput) -> int:
         return 1
 
-    def extra_readings(self, output: VAEOutput) -> dict[str, Tensor]:
-        with torch.no_grad():
-            predicted = self.classifier.logits(output.reconstruction).argmax(dim=1)
-        return {"class_accuracy": (predicted == self._targets(output)).float()}
+    def readings(self, output: VAEOutput) -> dict[str, Tensor]:
+        # One classifier pass for both readings.
+        logits = self.classifier.logits(output.reconstruction).float()
+        targets = self._targets(output)
+        return {
+            self.reading_name: F.cross_entropy(logits, targets, reduction="none"),
+            "class_accuracy": (logits.argmax(dim=1) == targets).float(),
+        }
 
 
 class FeatureReconstruction(Constraint):

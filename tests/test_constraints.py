@@ -116,7 +116,8 @@ def test_classification_cross_entropy_and_accuracy_for_a_known_classifier_output
     log_softmax = torch.log_softmax(torch.tensor(bias), 0)
     torch.testing.assert_close(constraint.reading(output), -log_softmax[labels])
     torch.testing.assert_close(constraint(output), -log_softmax[labels] - 0.5)
-    assert constraint.extra_readings(output)["class_accuracy"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert constraint.readings(output)["class_accuracy"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    torch.testing.assert_close(constraint.readings(output)["class_cross_entropy"], constraint.reading(output))
     assert constraint.num_elements(output) == 1
     # target="prediction": the class predicted on x (class 0 everywhere), no labels needed.
     by_prediction = ClassificationConstraint(classifier, tolerance=0.5, target="prediction")
@@ -126,7 +127,7 @@ def test_classification_cross_entropy_and_accuracy_for_a_known_classifier_output
 def test_classification_reads_a_factor_column_and_reports_missing_labels(tmp_path):
     classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt", bias=[0.0, 3.0, 0.0], label_column=2)))
     factors = torch.tensor([[0.0, 0.5, 1.0, 0.1, 0.2], [2.0, 0.5, 0.0, 0.1, 0.2]])
-    accuracy = ClassificationConstraint(classifier).extra_readings(fake_output(random_images(2), labels=factors))
+    accuracy = ClassificationConstraint(classifier).readings(fake_output(random_images(2), labels=factors))
     assert accuracy["class_accuracy"].tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="A class label is needed but the batch carries none"):
         ClassificationConstraint(classifier).reading(fake_output(random_images(2)))

@@ -453,9 +453,8 @@ class VAEModule(pl.LightningModule):
         # class cross-entropy and accuracy, ...) go beside it, reduced over ranks.
         readings = {}
         for constraint in self.constraints:
-            if constraint.reading_name != "distortion":
-                readings[constraint.reading_name] = constraint.reading(output)
-            readings.update(constraint.extra_readings(output))
+            readings.update(constraint.readings(output))
+        readings.pop("distortion", None)
         for name, values in readings.items():
             self.log(f"val/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
 
