@@ -1,12 +1,16 @@
 """Robustness and tolerance sweeps: one GECO setting (alpha, nu) across models, datasets and tolerances.
 
     python benchmarks/robustness.py --data-root ../shared/data --source test --out docs/results/robustness
+    python benchmarks/robustness.py --constraints --data-root ../shared/data --source test \\
+        --out docs/results/constraints
     python benchmarks/robustness.py --sweep configs/mnist_convvae_geco.yaml --tolerances 0.01 0.015 0.02 0.03 0.04 \\
         --data-root ../shared/data --source test --out docs/results/sweep
 
 Without ``--sweep``: trains every model's GECO config on the shapes and on MNIST (each config
 as committed: same alpha and nu for every model of a dataset) and writes ``robustness.md`` /
-``.csv``: tolerance asked vs distortion reached, rate, marginal KL, lambda, steps, seconds.
+``.csv``: tolerance asked vs reading reached, rate, marginal KL, lambda, steps, seconds.
+With ``--constraints``: the same table for every kind of constraint (BCE, pNCC, classifier,
+features), under the same GECO setting.
 With ``--sweep CONFIG``: trains CONFIG once per tolerance and runs ``lightning_geco.compare``
 over them (``comparison.md``, ``rate_distortion.png``: the rate-distortion curve GECO traces).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -33,31 +38,63 @@ MODEL_CONFIGS = [
     "mnist_laddervae_geco.yaml",
     "mnist_convdraw_geco.yaml",
 ]
-COLUMNS = ["config", "model", "data", "alpha", "nu", "tolerance", "distortion", "gap %", "satisfied",
-           "rate", "marginal_kl", "lambda", "steps", "seconds"]
+# The same GECO setting on every kind of constraint (``--configs`` picks from either list).
+CONSTRAINT_CONFIGS = [
+    "mnist_convvae_geco_bce.yaml",
+    "mnist_convvae_geco_pncc.yaml",
+    "mnist_convvae_geco_classifier.yaml",
+    "mnist_convvae_geco_features.yaml",
+    "shapes_convvae_geco_bce.yaml",
+    "shapes_convvae_geco_pncc.yaml",
+]
+COLUMNS = ["config", "model", "data", "alpha", "nu", "speedup", "reading", "tolerance", "reached", "gap %",
+           "satisfied", "rate", "marginal_kl", "lambda", "steps", "seconds"]
+
+
+def _per_constraint(value) -> list:
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
+def _joined(values, fmt: str = "{}") -> str:
+    return "; ".join(fmt.format(v) for v in values)
 
 
 def row(config_path: Path, run: Path) -> dict:
+    """One table row; several constraints share a cell, joined by '; ' in the same order."""
     config = yaml.safe_load(config_path.read_text())
     summary = summary_of(run)
     (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GECOCallback")]
-    gap = 100.0 * (summary["distortion"] - summary["tolerance"]) / summary["tolerance"]
+    readings = _per_constraint(summary["reading"])
     return {
         "config": config_path.name,
         "model": config["model"]["class_path"].rsplit(".", 1)[-1],
         "data": config["data"]["class_path"].rsplit(".", 1)[-1].replace("DataModule", ""),
         "alpha": callback["init_args"]["alpha"],
         "nu": callback["init_args"]["step_size"],
-        "tolerance": summary["tolerance"],
-        "distortion": round(summary["distortion"], 5),
-        "gap %": f"{gap:+.1f}",
+        "speedup": callback["init_args"].get("release_speedup", 1.0),
+        "reading": _joined(readings),
+        "tolerance": _joined(_per_constraint(summary["tolerance"]), "{:g}"),
+        "reached": _joined((summary[r] for r in readings), "{:.5g}"),
+        "gap %": _joined((100.0 * v for v in _per_constraint(summary["relative_violation"])), "{:+.1f}"),
         "satisfied": summary["satisfied"],
         "rate": round(summary["rate"], 2),
         "marginal_kl": round(summary["marginal_kl"], 2),
-        "lambda": round(summary["lambda"], 2),
+        "lambda": _joined(_per_constraint(summary["lambda"]), "{:.3g}"),
         "steps": summary["global_step"],
         "seconds": round(summary["wall_clock_seconds"]),
     }
+
+
+def train_frozen_networks_for(config_path: Path, data_root: str | None, source: str) -> None:
+    """Train the classifier a config's constraint reads, when its checkpoint is not there yet."""
+    for wanted in re.findall(r"checkpoint:\s*(\S+)", config_path.read_text()):
+        if Path(wanted).exists():
+            continue
+        for candidate in sorted((REPO / "configs").glob("*classifier.yaml")):
+            if "geco" not in candidate.stem and f"dirpath: {Path(wanted).parent}" in candidate.read_text():
+                print(f"training {candidate.name} for {wanted}", file=sys.stderr)
+                train(candidate, data_root, source)
+                break
 
 
 def write_table(rows: list[dict], out: Path) -> None:
@@ -74,6 +111,7 @@ def write_table(rows: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="*", default=MODEL_CONFIGS, help="config files under configs/")
+    parser.add_argument("--constraints", action="store_true", help="run CONSTRAINT_CONFIGS instead of the models")
     parser.add_argument("--sweep", help="a single-constraint GECO config to sweep the tolerance of")
     parser.add_argument("--tolerances", nargs="*", type=float, default=[0.01, 0.015, 0.02, 0.03, 0.04])
     parser.add_argument("--data-root", help="the data's root folder, for configs that read files")
@@ -93,8 +131,9 @@ def main() -> None:
         compare([str(r) for r in runs] + ["--out", str(out), "--names", *[f"tol {t:g}" for t in args.tolerances]])
         return
     rows = []
-    for name in args.configs:
+    for name in CONSTRAINT_CONFIGS if args.constraints else args.configs:
         path = REPO / "configs" / name
+        train_frozen_networks_for(path, args.data_root, args.source)
         rows.append(row(path, train(path, args.data_root, args.source)))
         print(rows[-1], file=sys.stderr)
     write_table(rows, out)

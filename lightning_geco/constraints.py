@@ -44,8 +44,9 @@ class Constraint(nn.Module):
     """Interface of a GECO constraint.
 
     Subclasses set ``name``, ``unit``, ``tolerance`` and ``reading_name`` and implement
-    :meth:`reading` and :meth:`forward`. ``step_size`` (None: the callback's) gives this
-    constraint its own GECO step size, for constraints whose values live on another scale.
+    :meth:`reading` and :meth:`forward`. GECO's step is relative to :attr:`scale` (see
+    :class:`~lightning_geco.callbacks.GECOCallback`); ``step_size`` (None: the callback's)
+    gives this constraint its own relative step size.
     """
 
     name: str
@@ -71,9 +72,23 @@ class Constraint(nn.Module):
         """The tolerance in the reading's units (what a chart of the reading draws as its line)."""
         return self.tolerance
 
+    @property
+    def scale(self) -> float:
+        """What counts as a 100 % violation, in the value's units (default: the tolerance).
+
+        GECO moves ``log lambda`` by ``nu * value / scale`` per step, so one ``nu`` fits an
+        MSE of 0.005 and a cross-entropy of 0.15 alike: both violate by "10 %" at 1.1x.
+        """
+        return self.reading_tolerance
+
+    def relative_violation(self, reading: float) -> float:
+        """How far a reading (e.g. a validation average) is past the tolerance, in units of
+        :attr:`scale`: 0.05 is 5 % over, -0.1 is 10 % better than asked (default: at most it)."""
+        return (reading - self.reading_tolerance) / self.scale
+
     def satisfied_by(self, reading: float) -> bool:
-        """Whether a reading (e.g. a validation average) meets the tolerance (default: at most it)."""
-        return reading <= self.reading_tolerance
+        """Whether a reading meets the tolerance."""
+        return self.relative_violation(reading) <= 0.0
 
     def reading(self, output: VAEOutput) -> Tensor:
         """The raw per-example quantity the tolerance is stated on, shape (N,)."""
@@ -276,8 +291,14 @@ class PatchNCC(Constraint):
                 f"PatchNCC patch_size {self.patch_size} is larger than the {height}x{width} images; use a smaller patch."
             )
 
-    def satisfied_by(self, reading: float) -> bool:
-        return reading >= self.tolerance
+    def relative_violation(self, reading: float) -> float:
+        return (self.tolerance - reading) / self.scale
+
+    @property
+    def scale(self) -> float:
+        # The room left below a perfect reconstruction (pNCC 1): at minimum 0.94, a reading of
+        # 0.88 falls short by 100 %.
+        return 1.0 - self.tolerance
 
     def reading(self, output: VAEOutput) -> Tensor:
         return patch_ncc(output.x, output.reconstruction, self.patch_size, self.stride).flatten(1).mean(dim=1)

@@ -14,9 +14,10 @@ Every tensor of the state is fp32, whatever autocast does around it, and lives o
 model's device so the statistics can go through a collective as they are.
 
 Units: a constraint value is stated per element in the constraint's data units (for the
-reconstruction constraint, ``per-element MSE - tolerance``); feasible when <= 0. The step
-size ``nu`` therefore has units of one over those data units, and the same ``nu`` works at
-every resolution.
+reconstruction constraint, ``per-element MSE - tolerance``); feasible when <= 0. Here the
+step size has units of one over those data units (the paper's rule, as it is);
+:class:`~lightning_geco.callbacks.GECOCallback` hands each constraint ``nu / scale``, so the
+``nu`` a user states is relative to the constraint's tolerance and has no units.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class GECO:
             number for every constraint, or one per constraint.
         log_lambda_bounds: clamp of ``log lambda``; keeps ``exp`` finite and positive.
         initial_lambda: the multiplier every constraint starts at (the paper: 1).
+        release_speedup: >= 1; a step that lowers lambda (a constraint met on average) is this
+            many times larger than one that raises it (the paper: 1; Genesis, Engelcke et al.
+            2020, uses 10).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class GECO:
         step_size: float | Sequence[float] = 1.0,
         log_lambda_bounds: tuple[float, float] = DEFAULT_LOG_LAMBDA_BOUNDS,
         initial_lambda: float = 1.0,
+        release_speedup: float = 1.0,
     ) -> None:
         names = list(names)
         if not names:
@@ -89,8 +94,11 @@ class GECO:
             raise ValueError(
                 f"GECO initial_lambda must be positive with log(lambda) in {log_lambda_bounds}, got {initial_lambda!r}."
             )
+        if not (math.isfinite(release_speedup) and release_speedup >= 1.0):
+            raise ValueError(f"GECO release_speedup must be a finite number >= 1, got {release_speedup!r}.")
         self.names = names
         self.alpha = float(alpha)
+        self.release_speedup = float(release_speedup)
         self.step_size = torch.tensor(step_sizes, dtype=torch.float32)
         self.log_lambda_bounds = (float(low), float(high))
         k = len(names)
@@ -231,8 +239,8 @@ class GECO:
         self.constraint_ema = self.moving_average_with(batch_mean)
         self.seeded = True
         low, high = self.log_lambda_bounds
-        self.log_lagrange_multiplier = (self.log_lagrange_multiplier + self.step_size * self.constraint_ema).clamp(
-            low, high
-        )
+        step = self.step_size * self.constraint_ema
+        step = torch.where(step < 0, step * self.release_speedup, step)
+        self.log_lagrange_multiplier = (self.log_lagrange_multiplier + step).clamp(low, high)
         self.num_updates += 1
         return True

@@ -39,9 +39,12 @@ class RunSummary(Callback):
     ``mutual_info`` (per image, see DESIGN.md's units), then every other top-level validation
     scalar (e.g. ``pncc``, ``class_accuracy``, ``iwae``); for a GECO model ``lambda``,
     ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
-    unit as configured) and ``satisfied`` (every constraint's validation reading meets its
-    tolerance); ``global_step``, ``wall_clock_seconds`` and ``path``. With several constraints,
-    ``lambda``, ``constraint_ema`` and ``tolerance`` are dicts keyed by constraint name.
+    unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
+    ``distortion`` or ``pncc``), ``relative_violation`` (that reading past the tolerance in units
+    of the constraint's scale: -0.05 is 5 % better than asked) and ``satisfied`` (every
+    constraint's validation reading meets its tolerance); ``global_step``,
+    ``wall_clock_seconds`` and ``path``. With several constraints, the per-constraint fields
+    are dicts keyed by constraint name.
     The W&B run summary gets the same fields.
     """
 
@@ -97,25 +100,22 @@ class RunSummary(Callback):
         constraints = list(callback.objective.constraints)
         lam = callback.geco.lagrange_multiplier.tolist()
         ema = callback.geco.constraint_ema.tolist()
-        satisfied = [
-            c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
+        violation = [
+            c.relative_violation(self._validation[c.reading_name]) if c.reading_name in self._validation else None
+            for c in constraints
         ]
-        tolerance = [c.reading_tolerance for c in constraints]
-        stated = [{"value": c.tolerance, "unit": c.unit} for c in constraints]
+        per_constraint = {
+            "lambda": lam,
+            "constraint_ema": ema,
+            "tolerance": [c.reading_tolerance for c in constraints],
+            "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
+            "reading": [c.reading_name for c in constraints],
+            "relative_violation": violation,
+        }
         if len(constraints) == 1:
-            fields: dict[str, Any] = {
-                "lambda": lam[0],
-                "constraint_ema": ema[0],
-                "tolerance": tolerance[0],
-                "tolerance_stated": stated[0],
-            }
+            fields: dict[str, Any] = {key: values[0] for key, values in per_constraint.items()}
         else:
             names = [c.name for c in constraints]
-            fields = {
-                "lambda": dict(zip(names, lam)),
-                "constraint_ema": dict(zip(names, ema)),
-                "tolerance": dict(zip(names, tolerance)),
-                "tolerance_stated": dict(zip(names, stated)),
-            }
-        fields["satisfied"] = all(satisfied)
+            fields = {key: dict(zip(names, values)) for key, values in per_constraint.items()}
+        fields["satisfied"] = all(v is not None and v <= 0.0 for v in violation)
         return fields

@@ -115,7 +115,7 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = Trajectory()
-    callbacks = [GECOCallback(alpha=0.9, step_size=2.0, max_nonfinite_steps=max_nonfinite_steps), trajectory]
+    callbacks = [GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps), trajectory]
     trainer = quiet_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",

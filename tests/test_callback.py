@@ -32,7 +32,7 @@ class UpdateSpy(GECOCallback):
 
 def test_lambda_moves_once_per_optimizer_step_and_logs_the_geco_keys():
     pl.seed_everything(0)
-    callback = GECOCallback(step_size=0.5)
+    callback = GECOCallback(step_size=0.025)
     trainer = _trainer([callback], max_steps=6, limit_val_batches=2, val_check_interval=3)
     trainer.fit(tiny_conv_vae(), _loader(), _loader(16))
     assert callback.geco.num_updates == 6 == trainer.global_step

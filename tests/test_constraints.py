@@ -204,9 +204,9 @@ def test_per_constraint_step_sizes_move_each_multiplier_by_its_own_nu():
 def test_two_constraint_run_moves_each_multiplier_towards_its_own_constraint():
     torch.manual_seed(0)
     images = random_images(256, (1, 16, 16))
-    met, violated = ReconstructionMSE(0.5, name="mse"), PatchNCC(0.95, patch_size=4, stride=4, step_size=0.5)
+    met, violated = ReconstructionMSE(0.5, name="mse"), PatchNCC(0.95, patch_size=4, stride=4, step_size=0.025)
     model = tiny_conv_vae(objective=GECOObjective([met, violated]))
-    callback = GECOCallback(alpha=0.5, step_size=2.0)
+    callback = GECOCallback(alpha=0.5, step_size=1.0)
     trainer = quiet_trainer(max_steps=30, callbacks=[callback], log_every_n_steps=1)
     trainer.fit(model, DataLoader(TensorDataset(images), batch_size=32))
     lam = dict(zip(callback.geco.names, callback.geco.lagrange_multiplier.tolist()))
@@ -251,3 +251,41 @@ def test_classifier_rejects_unknown_pooling_and_few_classes():
     pooled = ImageClassifier(image_shape=(1, 20, 24), num_classes=3, widths=(8, 8), hidden_dim=16, pooling="max")
     assert pooled(random_images(2, (1, 20, 24))).shape == (2, 3)
     assert pooled.features(random_images(2, (1, 20, 24))).shape == (2, 16)
+
+
+# ------------------------------------------------------------------------- relative step size
+@pytest.mark.parametrize(
+    "constraint, scale",
+    [
+        (ReconstructionMSE(0.005), 0.005),
+        (ReconstructionMSE(20.0, unit="psnr"), 0.01),
+        (ReconstructionBCE(0.08), 0.08),
+        (PatchNCC(0.94), 0.06),
+    ],
+)
+def test_a_violation_of_ten_percent_of_the_scale_moves_log_lambda_by_a_tenth_of_nu(constraint, scale):
+    assert constraint.scale == pytest.approx(scale)
+    callback = GECOCallback(alpha=0.0, step_size=0.003)
+    geco = GECO([constraint.name], alpha=0.0, step_size=callback.absolute_step_size(constraint))
+    geco.update(torch.tensor([0.1 * scale * 64, 64.0, 0.0]))  # 64 examples, each 10 % over
+    assert geco.log_lagrange_multiplier.item() == pytest.approx(0.1 * 0.003, rel=1e-5)
+
+
+def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused():
+    callback = GECOCallback(step_size=0.003)
+    assert callback.absolute_step_size(PatchNCC(0.9, step_size=0.01)) == pytest.approx(0.01 / 0.1)
+
+    class Unscaled(ReconstructionMSE):
+        scale = 0.0
+
+    with pytest.raises(ValueError, match=re.escape("GECO steps relative to a constraint's scale, but 'reconstruction' has scale 0.0; it must be a positive finite number.")):
+        callback.absolute_step_size(Unscaled(0.01))
+
+
+def test_the_callback_gives_each_constraint_nu_over_its_scale():
+    objective = GECOObjective([ReconstructionMSE(0.015, name="mse"), PatchNCC(0.94, patch_size=4, stride=4)])
+    model = tiny_conv_vae(objective=objective)
+    callback = GECOCallback(step_size=0.003)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, DataLoader(TensorDataset(random_images(8)), batch_size=8))
+    torch.testing.assert_close(callback.geco.step_size, torch.tensor([0.003 / 0.015, 0.003 / 0.06]))

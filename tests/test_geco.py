@@ -38,6 +38,12 @@ def test_moving_average_and_log_space_update_follow_algorithm_1():
         assert geco.lagrange_multiplier.item() == pytest.approx(math.exp(log_lam), rel=1e-5)
 
 
+def test_release_speedup_multiplies_only_the_steps_that_lower_lambda():
+    geco = GECO(["rises", "falls"], alpha=0.0, step_size=0.5, release_speedup=4.0)
+    geco.update(torch.tensor([0.2, -0.2, 1.0, 0.0]))  # sums, count, nonfinite
+    assert geco.log_lagrange_multiplier.tolist() == pytest.approx([0.5 * 0.2, -4.0 * 0.5 * 0.2])
+
+
 def test_loss_value_is_the_moving_average_and_gradient_is_the_batch_gradient():
     geco = GECO(["c"], alpha=0.9)
     geco.constraint_term(torch.full((3, 1), 0.5))
@@ -152,6 +158,7 @@ def test_state_dict_round_trip_and_incompatible_names():
         ({"step_size": -1.0}, r"step_size \(nu\) must be a positive finite number, got -1.0"),
         ({"log_lambda_bounds": (3.0, 1.0)}, r"log_lambda_bounds must be finite with low < high"),
         ({"initial_lambda": 0.0}, r"initial_lambda must be positive"),
+        ({"release_speedup": 0.5}, r"release_speedup must be a finite number >= 1, got 0.5"),
     ],
 )
 def test_bad_hyperparameters_are_rejected_with_the_value(kwargs, message):
