@@ -10,7 +10,9 @@ Without ``--sweep``: trains every model's GECO config on the shapes and on MNIST
 as committed: same alpha and nu for every model of a dataset) and writes ``robustness.md`` /
 ``.csv``: tolerance asked vs reading reached, rate, marginal KL, lambda, steps, seconds.
 With ``--constraints``: the same table for every kind of constraint (BCE, pNCC, classifier,
-features), under the same GECO setting.
+features), under the same GECO setting. ``--nu`` / ``--speedup`` run the configs with other
+GECO settings (the copies they train are written to ``--out``); ``--clip`` sets
+``max_relative_violation`` (``none``: no cap).
 With ``--sweep CONFIG``: trains CONFIG once per tolerance and runs ``lightning_geco.compare``
 over them (``comparison.md``, ``rate_distortion.png``: the rate-distortion curve GECO traces).
 """
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from runs import REPO, summary_of, train, with_tolerance
+from runs import KEEP, REPO, summary_of, train, with_geco_settings, with_tolerance
 
 from lightning_geco.compare import main as compare
 
@@ -47,7 +49,7 @@ CONSTRAINT_CONFIGS = [
     "shapes_convvae_geco_bce.yaml",
     "shapes_convvae_geco_pncc.yaml",
 ]
-COLUMNS = ["config", "model", "data", "alpha", "nu", "speedup", "reading", "tolerance", "reached", "gap %",
+COLUMNS = ["config", "model", "data", "alpha", "nu", "speedup", "clip", "reading", "tolerance", "reached", "gap %",
            "satisfied", "rate", "marginal_kl", "lambda", "steps", "seconds"]
 
 
@@ -72,6 +74,7 @@ def row(config_path: Path, run: Path) -> dict:
         "alpha": callback["init_args"]["alpha"],
         "nu": callback["init_args"]["step_size"],
         "speedup": callback["init_args"].get("release_speedup", 1.0),
+        "clip": callback["init_args"].get("max_relative_violation"),
         "reading": _joined(readings),
         "tolerance": _joined(_per_constraint(summary["tolerance"]), "{:g}"),
         "reached": _joined((summary[r] for r in readings), "{:.5g}"),
@@ -114,6 +117,9 @@ def main() -> None:
     parser.add_argument("--constraints", action="store_true", help="run CONSTRAINT_CONFIGS instead of the models")
     parser.add_argument("--sweep", help="a single-constraint GECO config to sweep the tolerance of")
     parser.add_argument("--tolerances", nargs="*", type=float, default=[0.01, 0.015, 0.02, 0.03, 0.04])
+    parser.add_argument("--nu", type=float, help="override every config's GECO step_size")
+    parser.add_argument("--speedup", type=float, help="override every config's GECO release_speedup")
+    parser.add_argument("--clip", help="override every config's GECO max_relative_violation (a number or 'none')")
     parser.add_argument("--data-root", help="the data's root folder, for configs that read files")
     parser.add_argument("--source", default="train")
     parser.add_argument("--out", default="docs/results/robustness")
@@ -134,6 +140,15 @@ def main() -> None:
     for name in CONSTRAINT_CONFIGS if args.constraints else args.configs:
         path = REPO / "configs" / name
         train_frozen_networks_for(path, args.data_root, args.source)
+        overrides = {
+            "step_size": KEEP if args.nu is None else args.nu,
+            "release_speedup": KEEP if args.speedup is None else args.speedup,
+            "max_relative_violation": KEEP if args.clip is None else None if args.clip == "none" else float(args.clip),
+        }
+        if any(v is not KEEP for v in overrides.values()):
+            changed = with_geco_settings(yaml.safe_load(path.read_text()), **overrides)
+            path = out / name
+            path.write_text(yaml.safe_dump(changed))
         rows.append(row(path, train(path, args.data_root, args.source)))
         print(rows[-1], file=sys.stderr)
     write_table(rows, out)

@@ -38,3 +38,15 @@ def with_tolerance(config: dict, tolerance: float) -> dict:
     (constraint,) = config["model"]["init_args"]["objective"]["init_args"]["constraints"]
     constraint["init_args"]["tolerance"] = tolerance
     return config
+
+
+KEEP = object()  # "leave this setting as the config has it"
+
+
+def with_geco_settings(config: dict, **settings) -> dict:
+    """A copy of a GECO config with some of the callback's init_args replaced (KEEP: left as is)."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("GECOCallback"):
+            callback["init_args"].update({k: v for k, v in settings.items() if v is not KEEP})
+    return config

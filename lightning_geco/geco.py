@@ -64,6 +64,8 @@ class GECO:
         release_speedup: >= 1; a step that lowers lambda (a constraint met on average) is this
             many times larger than one that raises it (the paper: 1; Genesis, Engelcke et al.
             2020, uses 10).
+        max_increase: the most ``log lambda`` may rise in one update, one number or one per
+            constraint (None: unbounded, the paper).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class GECO:
         log_lambda_bounds: tuple[float, float] = DEFAULT_LOG_LAMBDA_BOUNDS,
         initial_lambda: float = 1.0,
         release_speedup: float = 1.0,
+        max_increase: float | Sequence[float] | None = None,
     ) -> None:
         names = list(names)
         if not names:
@@ -96,9 +99,19 @@ class GECO:
             )
         if not (math.isfinite(release_speedup) and release_speedup >= 1.0):
             raise ValueError(f"GECO release_speedup must be a finite number >= 1, got {release_speedup!r}.")
+        if max_increase is None:
+            increases = [math.inf] * len(names)
+        else:
+            increases = [max_increase] * len(names) if isinstance(max_increase, (int, float)) else list(max_increase)
+        if len(increases) != len(names) or not all(m > 0 for m in increases):
+            raise ValueError(
+                f"GECO max_increase must be positive (one number, or one per constraint: {len(names)}) or None, "
+                f"got {max_increase!r}."
+            )
         self.names = names
         self.alpha = float(alpha)
         self.release_speedup = float(release_speedup)
+        self.max_increase = torch.tensor(increases, dtype=torch.float32)
         self.step_size = torch.tensor(step_sizes, dtype=torch.float32)
         self.log_lambda_bounds = (float(low), float(high))
         k = len(names)
@@ -131,6 +144,7 @@ class GECO:
             "log_lagrange_multiplier",
             "constraint_ema",
             "step_size",
+            "max_increase",
             "_pending_sum",
             "_pending_count",
             "_pending_nonfinite",
@@ -240,7 +254,7 @@ class GECO:
         self.seeded = True
         low, high = self.log_lambda_bounds
         step = self.step_size * self.constraint_ema
-        step = torch.where(step < 0, step * self.release_speedup, step)
+        step = torch.where(step < 0, step * self.release_speedup, step).minimum(self.max_increase)
         self.log_lagrange_multiplier = (self.log_lagrange_multiplier + step).clamp(low, high)
         self.num_updates += 1
         return True

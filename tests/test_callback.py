@@ -90,6 +90,8 @@ def test_elbo_model_trains_without_the_callback():
         ({"alpha": 1.5}, r"alpha must lie in \[0, 1\), got 1.5"),
         ({"step_size": -0.1}, r"step_size \(nu\) must be a positive finite number, got -0.1"),
         ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be a positive int, got 0"),
+        ({"release_speedup": 0.5}, r"release_speedup must be a finite number >= 1, got 0.5"),
+        ({"max_relative_violation": 0.0}, r"max_relative_violation must be positive or None, got 0.0"),
     ],
 )
 def test_callback_rejects_bad_settings_when_built(kwargs, message):

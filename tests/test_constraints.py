@@ -104,6 +104,9 @@ def test_pncc_counts_patches_as_its_elements_and_checks_its_minimum():
     with pytest.raises(ValueError, match="PatchNCC patch_size 32 is larger than the 16x16 images"):
         tiny_conv_vae(objective=GECOObjective([PatchNCC(0.5, patch_size=32)]))
     assert PatchNCC(0.8).satisfied_by(0.85) and not PatchNCC(0.8).satisfied_by(0.75)
+    # 0.7 falls short of 0.8 by half the room below a perfect 1
+    assert PatchNCC(0.8).relative_violation(0.7) == pytest.approx(0.5)
+    assert ReconstructionMSE(0.01).relative_violation(0.009) == pytest.approx(-0.1)
 
 
 # ----------------------------------------------------------------------- classification
@@ -282,10 +285,13 @@ def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused(
         callback.absolute_step_size(Unscaled(0.01))
 
 
-def test_the_callback_gives_each_constraint_nu_over_its_scale():
+def test_the_callback_gives_each_constraint_nu_over_its_scale_and_caps_each_rise_at_nu():
     objective = GECOObjective([ReconstructionMSE(0.015, name="mse"), PatchNCC(0.94, patch_size=4, stride=4)])
     model = tiny_conv_vae(objective=objective)
-    callback = GECOCallback(step_size=0.003)
+    callback = GECOCallback(step_size=0.003, max_relative_violation=1.0)
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
     trainer.fit(model, DataLoader(TensorDataset(random_images(8)), batch_size=8))
     torch.testing.assert_close(callback.geco.step_size, torch.tensor([0.003 / 0.015, 0.003 / 0.06]))
+    torch.testing.assert_close(callback.geco.max_increase, torch.tensor([0.003, 0.003]))
+    # Random images are far from both tolerances on the first step: both rise by the cap, nu.
+    torch.testing.assert_close(callback.geco.log_lagrange_multiplier, torch.tensor([0.003, 0.003]))

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -42,6 +43,14 @@ def test_release_speedup_multiplies_only_the_steps_that_lower_lambda():
     geco = GECO(["rises", "falls"], alpha=0.0, step_size=0.5, release_speedup=4.0)
     geco.update(torch.tensor([0.2, -0.2, 1.0, 0.0]))  # sums, count, nonfinite
     assert geco.log_lagrange_multiplier.tolist() == pytest.approx([0.5 * 0.2, -4.0 * 0.5 * 0.2])
+
+
+def test_max_increase_bounds_how_far_lambda_rises_in_one_update_and_never_how_far_it_falls():
+    geco = GECO(["far_over", "a_little_over", "met"], alpha=0.0, step_size=1.0, max_increase=0.05)
+    geco.update(torch.tensor([3.0, 0.02, -3.0, 1.0, 0.0]))
+    assert geco.log_lagrange_multiplier.tolist() == pytest.approx([0.05, 0.02, -3.0])
+    with pytest.raises(ValueError, match=re.escape("GECO max_increase must be positive (one number, or one per constraint: 1) or None, got 0.0.")):
+        GECO(["c"], max_increase=0.0)
 
 
 def test_loss_value_is_the_moving_average_and_gradient_is_the_batch_gradient():

@@ -118,6 +118,13 @@ def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
         assert isinstance(summary["satisfied"], bool)
         lam = summary["lambda"] if isinstance(summary["lambda"], dict) else {"": summary["lambda"]}
         assert all(value > 0 for value in lam.values())
+        # Each constraint names its reading and how far past the tolerance it ended, relative to it.
+        per_constraint = lambda key: summary[key] if isinstance(summary[key], dict) else {"": summary[key]}  # noqa: E731
+        readings, tolerance, violation = (per_constraint(k) for k in ("reading", "tolerance", "relative_violation"))
+        assert summary["satisfied"] == all(v <= 0 for v in violation.values())
+        for name, reading in readings.items():
+            if reading != "pncc":  # pNCC is "at least": its violation runs the other way
+                assert violation[name] == pytest.approx((summary[reading] - tolerance[name]) / tolerance[name])
     # Every constraint's reading is in the summary beside the distortion.
     for reading in CONSTRAINT_READINGS.get(config.stem.split("_")[-1], []):
         assert isinstance(summary[reading], float), reading
