@@ -90,7 +90,7 @@ class GECOCallback(Callback):
     tolerance, all of them lie in 0.0008-0.005 (see docs/RESULTS.md).
 
     Three departures from the paper, all against the same wind-up: while the decoder is still
-    learning, the violation is large whatever lambda is (an untrained decoder is 4-30x past
+    learning, the violation is large whatever lambda is (an untrained decoder is 4-35x past
     its tolerance), lambda climbs past the value the trained model needs, and the run spends
     its budget coming back down, delivering more quality than asked at a higher rate.
 
