@@ -117,5 +117,7 @@ class RunSummary(Callback):
         else:
             names = [c.name for c in constraints]
             fields = {key: dict(zip(names, values)) for key, values in per_constraint.items()}
-        fields["satisfied"] = all(v is not None and v <= 0.0 for v in violation)
+        fields["satisfied"] = all(
+            c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
+        )
         return fields
