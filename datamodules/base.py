@@ -1,4 +1,5 @@
-"""Shared base of the DataModules: loaders, the image shape, a seeded train/val split."""
+"""Shared base of the DataModules: loaders, the image shape, a seeded train/val split and an
+optional calibration split carved from the training set."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-__all__ = ["ImageDataModule", "MissingDatasetError", "missing_files_message", "seeded_split"]
+__all__ = [
+    "CALIBRATION_SEED",
+    "ImageDataModule",
+    "MissingDatasetError",
+    "missing_files_message",
+    "seeded_split",
+    "subset",
+]
+
+# Seed of the calibration draw. A constant of its own, not the DataModule's ``seed``: the
+# calibration images are then the same whatever validation split was drawn, on every rank and run.
+CALIBRATION_SEED = 0x0CA1
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -70,11 +82,41 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 
+def subset(dataset: Dataset, indices: list[int]) -> Subset:
+    """``Subset(dataset, indices)``, flattened when ``dataset`` is itself a Subset.
+
+    One level of Subset over the stored images is what ``ImageDataModule(device=...)`` moves
+    to the device in one indexing operation.
+    """
+    if isinstance(dataset, Subset):
+        return Subset(dataset.dataset, [dataset.indices[i] for i in indices])
+    return Subset(dataset, indices)
+
+
+def carve_calibration(train: Dataset, num_calibration: int) -> tuple[Subset, Subset]:
+    """(rest of train, calibration): ``num_calibration`` items drawn with :data:`CALIBRATION_SEED`.
+
+    The rest keeps the training set's order, so only the carved items go missing from it.
+    """
+    n = len(train)
+    if not 0 < num_calibration < n:
+        raise ValueError(
+            f"num_calibration must lie in [0, {n}) for a training set of {n} images, got {num_calibration}."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    chosen = order[:num_calibration].sort().values.tolist()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[chosen] = False
+    return subset(train, keep.nonzero().flatten().tolist()), subset(train, chosen)
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base of every DataModule: batches of ``(images, targets)``, images float in [0, 1].
 
-    Subclasses set ``self.train_dataset`` and ``self.val_dataset`` in :meth:`setup` and
-    report :attr:`image_shape` before any data is loaded (``train.py`` links it to the model).
+    Subclasses build their (train, val) datasets in :meth:`build_splits` and report
+    :attr:`image_shape` before any data is loaded (``train.py`` links it to the model).
+    :meth:`setup` calls :meth:`build_splits` once and then carves the calibration split, so
+    every subclass gets it without code of its own.
 
     Args:
         batch_size: images per batch and per process (under DDP the global batch is
@@ -86,6 +128,10 @@ class ImageDataModule(pl.LightningDataModule):
             ``"cuda"``, and load batches with no workers. Worth it when the model is small enough
             that the loader, not the GPU, sets the pace (MNIST-sized data with a ConvVAE);
             costs 4 bytes per pixel of device memory.
+        num_calibration: images carved from the training split into :attr:`calibration_dataset`
+            (and removed from :attr:`train_dataset`), drawn with the fixed seed
+            :data:`CALIBRATION_SEED`: the same images on every rank and every run, whatever the
+            validation split. 0 (default) carves none and leaves ``calibration_dataset`` None.
     """
 
     def __init__(
@@ -95,12 +141,15 @@ class ImageDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         pin_memory: bool = False,
         device: str | None = None,
+        num_calibration: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
+        if num_calibration < 0:
+            raise ValueError(f"num_calibration must be >= 0, got {num_calibration!r}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
@@ -108,11 +157,28 @@ class ImageDataModule(pl.LightningDataModule):
         self.device = device
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.num_calibration = num_calibration
+        # Items yield what train's do: (image, target); a TensorDataset on ``device`` when set.
+        self.calibration_dataset: Dataset | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images, known before :meth:`setup`."""
         raise NotImplementedError
+
+    def build_splits(self) -> tuple[Dataset, Dataset]:
+        """The (train, val) datasets; subclasses load or generate their data here."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits once (every stage shares them), then carve the calibration split."""
+        if self.train_dataset is not None:
+            return
+        train, val = self.build_splits()
+        if self.num_calibration:
+            train, calibration = carve_calibration(train, self.num_calibration)
+            self.calibration_dataset = self._on_device(calibration) if self.device is not None else calibration
+        self.train_dataset, self.val_dataset = train, val
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -53,7 +53,7 @@ class CelebADataModule(ImageDataModule):
         image_size: side of the square images after crop and resize.
         crop: side of the center crop taken from the 178 x 218 aligned image.
         download: must stay False (see the module docstring); True raises with instructions.
-        batch_size, num_workers, shuffle, pin_memory: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, num_calibration: see :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -66,8 +66,9 @@ class CelebADataModule(ImageDataModule):
         num_workers: int = 2,
         shuffle: bool = True,
         pin_memory: bool = False,
+        num_calibration: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, shuffle, pin_memory)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, num_calibration=num_calibration)
         if image_size < 8 or crop < image_size or crop > 178:
             raise ValueError(
                 f"CelebA needs 8 <= image_size <= crop <= 178, got image_size={image_size}, crop={crop}."
@@ -103,9 +104,7 @@ class CelebADataModule(ImageDataModule):
             )
         self.folder()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
+    def build_splits(self) -> tuple[CelebAImages, CelebAImages]:
         folder = self.folder()
         partition = dict(line.split() for line in (folder / PARTITION).read_text().split("\n") if line.strip())
         lines = (folder / ATTRIBUTES).read_text().split("\n")
@@ -128,4 +127,4 @@ class CelebADataModule(ImageDataModule):
             attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), -1)
             return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)
 
-        self.train_dataset, self.val_dataset = subset("0"), subset("1")
+        return subset("0"), subset("1")

@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from datamodules.base import (
     ImageDataModule,
@@ -48,7 +49,8 @@ class CIFAR10DataModule(ImageDataModule):
         source: ``"train"`` (the five data batches) or ``"test"`` (``test_batch``).
         num_val, seed: size and seed of the validation split taken from the source.
         download: fetch and unpack the archive when files are missing (default off).
-        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
+            :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -63,8 +65,9 @@ class CIFAR10DataModule(ImageDataModule):
         shuffle: bool = True,
         pin_memory: bool = False,
         device: str | None = None,
+        num_calibration: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device, num_calibration)
         if source not in FILES:
             raise ValueError(f"CIFAR-10 source must be 'train' or 'test', got {source!r}.")
         self.root, self.source, self.num_val, self.seed, self.download = Path(root), source, num_val, seed, download
@@ -93,9 +96,8 @@ class CIFAR10DataModule(ImageDataModule):
         with tarfile.open(self.root / URL.rsplit("/", 1)[-1]) as archive:
             archive.extractall(self.root, filter="data")
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            parts = [read_cifar_batch(path) for path in self.files()]
-            images = torch.cat([p[0] for p in parts])
-            labels = torch.cat([p[1] for p in parts])
-            self.train_dataset, self.val_dataset = seeded_split(UInt8Images(images, labels), self.num_val, self.seed)
+    def build_splits(self) -> tuple[Subset, Subset]:
+        parts = [read_cifar_batch(path) for path in self.files()]
+        images = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        return seeded_split(UInt8Images(images, labels), self.num_val, self.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy
 import torch
+from torch.utils.data import Subset
 
 from datamodules.base import (
     ImageDataModule,
@@ -39,7 +40,8 @@ class DSpritesDataModule(ImageDataModule):
         root: folder holding ``dsprites/`` (or the npz file itself).
         num_val, seed: size and seed of the validation split.
         download: fetch the npz when missing (default off).
-        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
+            :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -53,8 +55,9 @@ class DSpritesDataModule(ImageDataModule):
         shuffle: bool = True,
         pin_memory: bool = False,
         device: str | None = None,
+        num_calibration: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device, num_calibration)
         self.root, self.num_val, self.seed, self.download = Path(root), num_val, seed, download
 
     @property
@@ -73,14 +76,10 @@ class DSpritesDataModule(ImageDataModule):
     def prepare_data(self) -> None:
         ensure_files(self.download, self.file, lambda: download_files("dSprites", [URL], self.root / "dsprites"))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
+    def build_splits(self) -> tuple[Subset, Subset]:
         with numpy.load(self.file()) as archive:
             images = torch.from_numpy(archive["imgs"]).to(torch.uint8).unsqueeze(1)
             values = torch.from_numpy(archive["latents_values"]).float()
             classes = torch.from_numpy(archive["latents_classes"])
         factors = torch.cat([classes[:, 1:2].float(), values[:, 2:6]], dim=1)
-        self.train_dataset, self.val_dataset = seeded_split(
-            UInt8Images(images, factors, scale=1.0), self.num_val, self.seed
-        )
+        return seeded_split(UInt8Images(images, factors, scale=1.0), self.num_val, self.seed)

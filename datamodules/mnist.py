@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
 from datamodules.base import (
     ImageDataModule,
@@ -74,7 +75,8 @@ class MNISTDataModule(ImageDataModule):
         seed: seed of the split.
         binarize: threshold at 0.5 (for a Bernoulli likelihood or constraint).
         download: fetch the files when missing (default off).
-        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
+            :class:`ImageDataModule`.
     """
 
     name = "MNIST"
@@ -95,8 +97,9 @@ class MNISTDataModule(ImageDataModule):
         shuffle: bool = True,
         pin_memory: bool = False,
         device: str | None = None,
+        num_calibration: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device, num_calibration)
         if source not in _STEMS:
             raise ValueError(f"{self.name} source must be 'train' or 'test', got {source!r}.")
         self.root = Path(root)
@@ -147,9 +150,8 @@ class MNISTDataModule(ImageDataModule):
         urls = [self.mirror + stem + ".gz" for split in _STEMS.values() for stem in split]
         ensure_files(self.download, self.files, lambda: download_files(self.name, urls, self.candidate_folders()[0]))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            self.train_dataset, self.val_dataset = seeded_split(self.load(), self.num_val, self.seed)
+    def build_splits(self) -> tuple[Subset, Subset]:
+        return seeded_split(self.load(), self.num_val, self.seed)
 
 
 class FashionMNISTDataModule(MNISTDataModule):

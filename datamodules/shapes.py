@@ -73,7 +73,8 @@ class ShapesDataModule(ImageDataModule):
         image_size: side S of the square images.
         num_train, num_val: images in each split (generated from disjoint seeds).
         seed: seed of the factors; the same seed gives the same images on every rank and run.
-        batch_size, num_workers, shuffle, pin_memory, device: see :class:`ImageDataModule`.
+        batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
+            :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -87,8 +88,9 @@ class ShapesDataModule(ImageDataModule):
         shuffle: bool = True,
         pin_memory: bool = False,
         device: str | None = None,
+        num_calibration: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, shuffle, pin_memory, device)
+        super().__init__(batch_size, num_workers, shuffle, pin_memory, device, num_calibration)
         if image_size < 8:
             raise ValueError(f"ShapesDataModule image_size must be at least 8 pixels, got {image_size!r}.")
         if num_train < 1 or num_val < 1:
@@ -102,10 +104,10 @@ class ShapesDataModule(ImageDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         return (1, self.image_size, self.image_size)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
+    def build_splits(self) -> tuple[TensorDataset, TensorDataset]:
         train_factors = sample_factors(self.num_train, seed=2 * self.seed)
         val_factors = sample_factors(self.num_val, seed=2 * self.seed + 1)
-        self.train_dataset = TensorDataset(render_shapes(train_factors, self.image_size), train_factors)
-        self.val_dataset = TensorDataset(render_shapes(val_factors, self.image_size), val_factors)
+        return (
+            TensorDataset(render_shapes(train_factors, self.image_size), train_factors),
+            TensorDataset(render_shapes(val_factors, self.image_size), val_factors),
+        )

@@ -130,3 +130,46 @@ def test_in_memory_device_option_serves_the_same_batches(tmp_path):
     celeba.train_dataset = torch.utils.data.Dataset()
     with pytest.raises(ValueError, match=r"needs an in-memory dataset; Dataset reads from disk"):
         celeba.train_dataloader()
+
+
+def _base_indices(dataset) -> set[int]:
+    assert isinstance(dataset, torch.utils.data.Subset)  # one level, over the stored images
+    return set(dataset.indices)
+
+
+def test_calibration_split_is_carved_from_train_disjoint_and_deterministic(tmp_path):
+    make_mnist(tmp_path / "MNIST" / "raw", 40, "train", gzipped=False)
+    first, second = (MNISTDataModule(root=str(tmp_path), num_val=8, num_calibration=5) for _ in range(2))
+    for dm in (first, second):
+        dm.setup()
+    train, val, calibration = (_base_indices(d) for d in (first.train_dataset, first.val_dataset, first.calibration_dataset))
+    assert (len(train), len(val), len(calibration)) == (27, 8, 5)
+    assert not train & calibration and not val & calibration and train | val | calibration == set(range(40))
+    assert first.calibration_dataset.indices == second.calibration_dataset.indices
+    image, label = first.calibration_dataset[0]
+    assert image.shape == (1, 28, 28) and label.dtype == torch.int64
+    first.setup("validate")  # a second stage keeps the split it has
+    assert _base_indices(first.calibration_dataset) == calibration
+    assert MNISTDataModule(root=str(tmp_path)).calibration_dataset is None
+
+
+def test_calibration_split_works_for_generated_data_and_in_memory_mode(tmp_path):
+    shapes = ShapesDataModule(image_size=8, num_train=30, num_val=4, num_calibration=6)
+    shapes.setup()
+    assert len(shapes.train_dataset) == 24 and len(shapes.calibration_dataset) == 6
+    make_mnist(tmp_path / "MNIST" / "raw", 40, "train", gzipped=False)
+    on_disk = MNISTDataModule(root=str(tmp_path), num_val=8, num_calibration=5)
+    in_memory = MNISTDataModule(root=str(tmp_path), num_val=8, num_calibration=5, device="cpu")
+    for dm in (on_disk, in_memory):
+        dm.setup()
+    assert isinstance(in_memory.calibration_dataset, torch.utils.data.TensorDataset)
+    for i in range(5):
+        torch.testing.assert_close(in_memory.calibration_dataset[i][0], on_disk.calibration_dataset[i][0])
+
+
+def test_calibration_split_as_large_as_train_names_both_numbers(tmp_path):
+    dm = ShapesDataModule(image_size=8, num_train=10, num_val=2, num_calibration=10)
+    with pytest.raises(ValueError, match=r"num_calibration must lie in \[0, 10\) for a training set of 10 images, got 10"):
+        dm.setup()
+    with pytest.raises(ValueError, match="num_calibration must be >= 0, got -1"):
+        ShapesDataModule(num_calibration=-1)
