@@ -32,9 +32,14 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from torch.utils.data import Dataset, default_collate
+
+from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.constraints import Constraint
-from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, GECO
+from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, PIController
+from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO
 from lightning_geco.objectives import GECOObjective
+from lightning_geco.verdict import StallDetector
 
 __all__ = ["GECOCallback", "NonFiniteConstraintError", "find_geco_objective", "is_logging_step"]
 
@@ -67,6 +72,11 @@ def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
+def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
+    """A seed that is a function of (seed, measurement number, stream) alone."""
+    return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
 def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
     """The model's single :class:`GECOObjective`; a clear error when there is none or several."""
     found = [m for m in pl_module.modules() if isinstance(m, GECOObjective)]
@@ -79,114 +89,193 @@ def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
 
 
 class GECOCallback(Callback):
-    """Moves GECO's Lagrange multipliers, once per optimizer step, identically on every rank.
+    """Moves GECO's Lagrange multipliers, identically on every rank, and watches for a hopeless run.
 
-    The step is relative to each constraint's :attr:`~lightning_geco.constraints.Constraint.scale`
-    (its tolerance, or the room below a perfect pNCC): ``log lambda_k += nu * C_ma_k / scale_k``.
-    So ``nu`` has no units: a moving average 10 % over the tolerance moves ``log lambda`` by
-    ``0.1 * nu`` per step, whatever the constraint, its tolerance or the data. With the paper's
-    absolute step, the nu that worked was 0.4 for MSE 0.005 on the shapes, 0.1 for MSE 0.015 on
-    MNIST, 0.01 for a cross-entropy of 0.15 and 0.02 for an MSE of 0.18: relative to the
-    tolerance, all of them lie in 0.0008-0.005 (see docs/RESULTS.md).
+    Three controllers (:mod:`lightning_geco.controllers`), chosen by ``controller``:
 
-    Three departures from the paper, all against the same wind-up: while the decoder is still
-    learning, the violation is large whatever lambda is (an untrained decoder is 4-35x past
-    its tolerance), lambda climbs past the value the trained model needs, and the run spends
-    its budget coming back down, delivering more quality than asked at a higher rate.
+    - ``"pi"``: a PI law on ``log lambda`` with the log-ratio error ``ln(reading / tolerance)``
+      and a clamped integrator; ``proportional_gain``, ``integral_gain``, ``smoothing_steps``.
+    - ``"relative"``: the previous default, ``log lambda += nu * C_ma / scale`` with the
+      moving average ``alpha``, each rise capped at ``nu * max_relative_violation`` and falls
+      ``release_speedup`` times faster; ``nu`` is ``step_size`` and has no units.
+    - ``"paper"``: Algorithm 1 as written, ``log lambda += nu * C_ma`` with the absolute
+      ``step_size`` nu (units: one over the constraint's) and ``alpha``.
 
-    - alpha 0.9 instead of 0.99, so the moving average forgets the untrained decoder's
-      violation within ~10 steps;
-    - ``max_relative_violation`` 1: a violation counts at most 100 % of the scale, so
-      ``log lambda`` rises by at most nu per step however far off the decoder starts;
-    - ``release_speedup`` 3: lambda falls three times as fast as it rises, as in Genesis
-      (Engelcke et al. 2020), so what overshoot remains is undone before the run ends.
+    What drives it, chosen by ``drive``:
 
-    The measurements behind each (and what they cost: a noisy constraint such as pNCC settles
-    slightly on the violated side under the speedup) are in docs/RESULTS.md, "Robustness".
+    - ``"training"``: the training batches, every optimizer step (the paper).
+    - ``"calibration"``: every ``calibration_every`` optimizer steps, ``calibration_batch_size``
+      images of a calibration split the model never trains on (``num_calibration`` of the
+      DataModules, or ``calibration_dataset``), read without gradients in eval mode (as the
+      validation reading is). The images of measurement m are a seeded function of
+      (``calibration_seed``, m), split over the ranks, and their constraint sums go through
+      one all-reduce: every rank applies the same update, a resumed run measures what the
+      uninterrupted one would, and 2 ranks see the same examples as 1 process.
+
+    Lambda never moves during validation, test or predict. A NaN/inf in any rank's
+    constraint or loss skips the step on every rank together (gradients dropped, lambda left
+    alone); after ``max_nonfinite_steps`` consecutive skips training stops with an error.
+
+    At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
+    regulated reading; when more lambda stops buying quality (see :mod:`lightning_geco.verdict`)
+    it warns once with the figures, so a hopeless run can be stopped, and the run's verdict
+    becomes ``unreachable`` unless the tolerance is met in the end.
 
     Args:
-        alpha: moving-average coefficient in [0, 1) (the paper used 0.99).
-        step_size: nu > 0, relative: ``log lambda += nu * C_ma / scale`` (no units). A
-            constraint's own ``step_size`` takes precedence for that constraint.
+        controller: ``"pi"``, ``"relative"`` or ``"paper"``.
+        alpha: moving-average coefficient in [0, 1) of the training constraint (the loss
+            value and the logs; the input of ``"relative"`` and ``"paper"``).
+        step_size: nu > 0 of ``"relative"`` (no units) and ``"paper"`` (absolute).
+        release_speedup: >= 1, ``"relative"`` only.
+        max_relative_violation: ``"relative"`` only (None: no cap).
+        proportional_gain, integral_gain, smoothing_steps: ``"pi"`` only, see
+            :class:`~lightning_geco.controllers.PIController` (per optimizer step).
+        drive: ``"training"`` or ``"calibration"``.
+        calibration_every: optimizer steps between calibration measurements.
+        calibration_batch_size: images per calibration measurement, over all ranks together.
+        calibration_seed: seed of the measurements' images and latent noise.
+        calibration_dataset: the calibration split (default: ``trainer.datamodule.calibration_dataset``).
         log_lambda_bounds: clamp of log lambda, so exp() never overflows.
         initial_lambda: lambda before the first update (the paper: 1).
-        release_speedup: >= 1; how many times faster lambda falls than it rises (1: the paper).
-        max_relative_violation: the update counts a violation as at most this many times the
-            constraint's scale, so ``log lambda`` rises by at most ``nu * max_relative_violation``
-            per step (None: unbounded, the paper).
         max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error.
+        stall_window: steps the unreachable rule looks back over, as a fraction of
+            ``max_steps`` (or, without ``max_steps``, 300 steps).
     """
 
     def __init__(
         self,
+        controller: str = "relative",
         alpha: float = 0.9,
         step_size: float = 0.006,
-        log_lambda_bounds: tuple[float, float] = DEFAULT_LOG_LAMBDA_BOUNDS,
-        initial_lambda: float = 1.0,
         release_speedup: float = 3.0,
         max_relative_violation: float | None = 1.0,
+        proportional_gain: float = 0.5,
+        integral_gain: float = 0.01,
+        smoothing_steps: float = 10.0,
+        drive: str = "training",
+        calibration_every: int = 16,
+        calibration_batch_size: int = 64,
+        calibration_seed: int = 0,
+        calibration_dataset: Dataset | None = None,
+        log_lambda_bounds: tuple[float, float] = DEFAULT_LOG_LAMBDA_BOUNDS,
+        initial_lambda: float = 1.0,
         max_nonfinite_steps: int = 10,
+        stall_window: float = 0.2,
     ) -> None:
         super().__init__()
-        # Validate now, before any Trainer exists: a probe state raises the clear errors.
+        if controller not in CONTROLLER_NAMES:
+            raise ValueError(f"GECOCallback controller must be one of {CONTROLLER_NAMES}, got {controller!r}.")
+        if drive not in DRIVES:
+            raise ValueError(f"GECOCallback drive must be one of {DRIVES}, got {drive!r}.")
+        # Validate now, before any Trainer exists: probe states raise the clear errors.
         GECO(["probe"], alpha, step_size, log_lambda_bounds, initial_lambda, release_speedup)
+        PIController(proportional_gain, integral_gain, smoothing_steps)
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be a positive int, got {max_nonfinite_steps!r}.")
+        for name, value in (("calibration_every", calibration_every), ("calibration_batch_size", calibration_batch_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"GECOCallback {name} must be a positive int, got {value!r}.")
+        if not 0.0 < stall_window <= 1.0:
+            raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
+        self.controller = controller
         self.alpha = alpha
         self.step_size = step_size
-        self.log_lambda_bounds = tuple(log_lambda_bounds)
-        self.initial_lambda = initial_lambda
         self.release_speedup = release_speedup
         self.max_relative_violation = max_relative_violation
+        self.proportional_gain = proportional_gain
+        self.integral_gain = integral_gain
+        self.smoothing_steps = smoothing_steps
+        self.drive = drive
+        self.calibration_every = calibration_every
+        self.calibration_batch_size = calibration_batch_size
+        self.calibration_seed = calibration_seed
+        self.calibration_dataset = calibration_dataset
+        self.log_lambda_bounds = tuple(log_lambda_bounds)
+        self.initial_lambda = initial_lambda
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.stall_window = stall_window
         self.geco: GECO | None = None
         self.objective: GECOObjective | None = None
+        self.detector: StallDetector | None = None
         self.consecutive_nonfinite_steps = 0
+        self._calibration: Dataset | None = None
+        self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.objective = find_geco_objective(pl_module)
         if self.geco is None or self.geco.names != self.objective.names:
-            constraints = list(self.objective.constraints)
-            if self.max_relative_violation is None:
-                max_increase = None
-            else:
-                max_increase = [self.relative_step_size(c) * self.max_relative_violation for c in constraints]
-            self.geco = GECO(
-                self.objective.names,
-                self.alpha,
-                [self.absolute_step_size(c) for c in constraints],
-                self.log_lambda_bounds,
-                self.initial_lambda,
-                self.release_speedup,
-                max_increase,
-            )
+            self.geco = self._build_geco(list(self.objective.constraints))
         self.objective.attach(self.geco)
+        if stage == "fit" and self.drive == "calibration":
+            self._calibration = self._find_calibration(trainer)
         self._restore_if_pending()
+
+    def _build_geco(self, constraints: list[Constraint]) -> GECO:
+        scales = [self._scale(c) for c in constraints]
+        if self.controller == "pi":
+            law = PIController(self.proportional_gain, self.integral_gain, self.smoothing_steps, self.log_lambda_bounds)
+        elif self.controller == "relative":
+            relative = [self.relative_step_size(c) for c in constraints]
+            law = Algorithm1(
+                [nu / scale for nu, scale in zip(relative, scales)],
+                self.release_speedup,
+                None if self.max_relative_violation is None else [nu * self.max_relative_violation for nu in relative],
+            )
+        else:
+            law = Algorithm1(self.step_size)
+            law.step_size = law.step_size.expand(len(constraints)).clone()
+        return GECO(
+            [c.name for c in constraints],
+            self.alpha,
+            log_lambda_bounds=self.log_lambda_bounds,
+            initial_lambda=self.initial_lambda,
+            controller=law,
+            scales=scales,
+            drive=self.drive,
+        )
 
     def relative_step_size(self, constraint: Constraint) -> float:
         """The relative nu of one constraint: its own ``step_size``, or the callback's."""
         return constraint.step_size if constraint.step_size is not None else self.step_size
 
-    def absolute_step_size(self, constraint: Constraint) -> float:
-        """GECO's step for one constraint in 1 / (its value's units): relative nu over its scale."""
-        relative = self.relative_step_size(constraint)
+    @staticmethod
+    def _scale(constraint: Constraint) -> float:
         scale = constraint.scale
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(
                 f"GECO steps relative to a constraint's scale, but {constraint.name!r} has scale {scale!r}; "
                 "it must be a positive finite number."
             )
-        return relative / scale
+        return float(scale)
+
+    def absolute_step_size(self, constraint: Constraint) -> float:
+        """GECO's ``"relative"`` step for one constraint in 1 / (its value's units): nu over its scale."""
+        return self.relative_step_size(constraint) / self._scale(constraint)
+
+    def _find_calibration(self, trainer: pl.Trainer) -> Dataset:
+        dataset = self.calibration_dataset
+        if dataset is None:
+            dataset = getattr(trainer.datamodule, "calibration_dataset", None) if trainer.datamodule is not None else None
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(
+                "GECOCallback(drive='calibration') needs a calibration split the model does not train on: "
+                "set the DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass "
+                "GECOCallback(calibration_dataset=...)."
+            )
+        return dataset
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
         # too so they can go through the collective (NCCL needs CUDA tensors).
         self.geco.to(pl_module.device)
         self.geco.reset_pending()
+        if self.detector is None:
+            window = round(self.stall_window * trainer.max_steps) if trainer.max_steps > 0 else 300
+            self.detector = StallDetector(self.geco.num_constraints, max(1, window), self.log_lambda_bounds[1])
 
     # --------------------------------------------------------------- update
     def on_before_optimizer_step(
@@ -196,15 +285,20 @@ class GECOCallback(Callback):
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         k = geco.num_constraints
         batch_mean = statistics[:k] / statistics[k].clamp_min(1.0)
-        moved = geco.update(statistics)
-        nonfinite = bool(statistics[k + 1] > 0) or (statistics[k] > 0 and not moved)
-        if nonfinite:
+        valid = geco.update(statistics)
+        if self.drive == "calibration" and trainer.global_step % self.calibration_every == 0:
+            measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
+            geco.control(measured, self.calibration_every)
+            self._last_calibration = measured[:k] / measured[k].clamp_min(1.0)
+        # The one host read of the step: the optimizer must not see non-finite gradients.
+        if bool(statistics[k] > 0) and not bool(valid):
             optimizer.zero_grad(set_to_none=True)
             self.consecutive_nonfinite_steps += 1
         else:
             self.consecutive_nonfinite_steps = 0
         if is_logging_step(trainer):
             self._log(pl_module, batch_mean)
+            self._watch(trainer)
         if self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteConstraintError(
                 f"GECO saw a non-finite constraint or loss on {self.consecutive_nonfinite_steps} consecutive "
@@ -213,16 +307,76 @@ class GECOCallback(Callback):
                 "precision with more range (bf16-mixed or 32)."
             )
 
+    @torch.no_grad()
+    def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+        """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
+        measurement ``global_step // calibration_every``'s calibration images (eval mode, no gradients)."""
+        measurement = trainer.global_step // self.calibration_every
+        dataset = self._calibration
+        generator = torch.Generator().manual_seed(_measurement_seed(self.calibration_seed, measurement))
+        indices = torch.randint(len(dataset), (self.calibration_batch_size,), generator=generator)
+        mine = indices[trainer.global_rank :: trainer.world_size].tolist()
+        k = self.geco.num_constraints
+        if not mine:
+            return torch.zeros(k + 2, device=pl_module.device)
+        batch = trainer.strategy.batch_to_device(default_collate([dataset[i] for i in mine]))
+        x, labels = batch_images(batch), batch_labels(batch)
+        was_training = pl_module.training
+        pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            # The latent noise of a measurement is seeded too, without touching the training RNG.
+            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+                torch.manual_seed(_measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
+                values = self.objective.constraint_values(pl_module(x, labels)).float()
+        finally:
+            pl_module.train(was_training)
+        total = values.sum(dim=0)
+        finite = torch.isfinite(total)
+        return torch.cat(
+            [
+                torch.where(finite, total, torch.zeros_like(total)),
+                torch.tensor([float(len(mine))], device=total.device),
+                (~finite).any().float().reshape(1),
+            ]
+        )
+
+    def regulated_ratio(self) -> list[float]:
+        """Per constraint, the reading the controller regulates over its tolerance (1.1: 10 % past
+        it): the last calibration measurement, or the training moving average."""
+        geco = self.geco
+        value = self._last_calibration if self.drive == "calibration" and self._last_calibration is not None else geco.constraint_ema
+        return (1.0 + value / geco.scale).tolist()
+
+    def _watch(self, trainer: pl.Trainer) -> None:
+        if self.detector is None or not self.geco.seeded:
+            return
+        ratio = self.regulated_ratio()
+        for k in self.detector.observe(trainer.global_step, self.geco.log_lagrange_multiplier.tolist(), ratio):
+            constraint = self.objective.constraints[k]
+            rank_zero_warn(
+                f"GECO: the tolerance of {constraint.name!r} ({constraint.tolerance} {constraint.unit}) looks "
+                f"unreachable for this model: {self.detector.stalls[k].describe()}. More lambda no longer buys "
+                "quality; stop the run and loosen the tolerance, or give the model more capacity or steps."
+            )
+
+    def lambda_rising(self, k: int) -> bool:
+        """Whether lambda rose noticeably (> 5 %) over the last quarter of the stall window."""
+        return self.detector is not None and self.detector.lambda_trend(k) > math.log(1.05)
+
     def _log(self, pl_module: pl.LightningModule, batch_mean: Tensor) -> None:
         geco = self.geco
-        values = {}
+        values, shown = {}, {}
         for i, name in enumerate(geco.names):
             prefix = "geco" if geco.num_constraints == 1 else f"geco/{name}"
-            values[f"{prefix}/lambda"] = geco.lagrange_multiplier[i]
+            shown[f"{prefix}/lambda"] = geco.lagrange_multiplier[i]
             values[f"{prefix}/constraint"] = batch_mean[i]
             values[f"{prefix}/constraint_ema"] = geco.constraint_ema[i]
+            if self._last_calibration is not None:
+                values[f"{prefix}/calibration"] = self._last_calibration[i]
         values["geco/skipped_updates"] = float(geco.num_skipped_updates)
         # Identical on every rank after the all-reduce: no sync_dist needed.
+        pl_module.log_dict(shown, on_step=True, on_epoch=False, batch_size=1, prog_bar=True)
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
     # ----------------------------------------------------------- checkpoint

@@ -29,11 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GECO", "mse_to_psnr", "psnr_to_mse"]
+from lightning_geco.controllers import Algorithm1, MultiplierController
+
+__all__ = ["DRIVES", "GECO", "mse_to_psnr", "psnr_to_mse"]
 
 # exp(log_lambda) must stay finite and non-zero in fp32 (max ~3.4e38, ln ~ 88.7), and
 # lambda * (per-image sum) must too; +-30 leaves ~ 1e13 of head room for the sums.
 DEFAULT_LOG_LAMBDA_BOUNDS = (-30.0, 30.0)
+
+#: what moves lambda: the training batches, or measurements on a calibration split
+DRIVES = ("training", "calibration")
 
 
 def psnr_to_mse(psnr_db: float) -> float:
@@ -52,20 +57,33 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 
 class GECO:
-    """Lagrange multipliers and moving averages of K constraints, updated as in Algorithm 1.
+    """Lagrange multipliers and moving averages of K constraints, moved by a controller.
+
+    The moving average ``C_ma`` of the training constraint is always kept (it is the value of
+    the stop-gradient constraint in the loss, and what the logs show). What moves ``log
+    lambda`` is the ``controller`` (see :mod:`lightning_geco.controllers`), fed either by the
+    training batches (:meth:`update`, every optimizer step) or, with ``drive="calibration"``,
+    only by :meth:`control` with measurements on data the model does not train on.
+
+    Every update is tensor ops on the state's device: no host sync. An invalid update (no
+    examples, or a non-finite value anywhere) leaves the state as it was.
 
     Args:
         names: one name per constraint, used in logs and checkpoints.
         alpha: moving-average coefficient in [0, 1): ``C_ma = alpha * C_ma + (1 - alpha) * C_hat``.
-        step_size: ``nu`` > 0 in ``log lambda += nu * C_ma`` (units: 1 / constraint units); one
-            number for every constraint, or one per constraint.
+        step_size: ``nu`` > 0 of the default controller, :class:`~lightning_geco.controllers.Algorithm1`
+            (``log lambda += nu * C_ma``, units: 1 / constraint units); one number for every
+            constraint, or one per constraint. Ignored when ``controller`` is given.
         log_lambda_bounds: clamp of ``log lambda``; keeps ``exp`` finite and positive.
         initial_lambda: the multiplier every constraint starts at (the paper: 1).
-        release_speedup: >= 1; a step that lowers lambda (a constraint met on average) is this
-            many times larger than one that raises it (the paper: 1; Genesis, Engelcke et al.
-            2020, uses 10).
-        max_increase: the most ``log lambda`` may rise in one update, one number or one per
-            constraint (None: unbounded, the paper).
+        release_speedup: >= 1, of the default controller (the paper: 1).
+        max_increase: of the default controller: the most ``log lambda`` may rise in one
+            update, one number or one per constraint (None: unbounded, the paper).
+        controller: the update law; None: Algorithm 1 with the three arguments above.
+        scales: each constraint's scale (its tolerance in value units), which the PI
+            controller's log-ratio error reads; default 1.
+        drive: ``"training"`` (the training batches move lambda) or ``"calibration"`` (only
+            :meth:`control` does).
     """
 
     def __init__(
@@ -77,6 +95,9 @@ class GECO:
         initial_lambda: float = 1.0,
         release_speedup: float = 1.0,
         max_increase: float | Sequence[float] | None = None,
+        controller: MultiplierController | None = None,
+        scales: Sequence[float] | None = None,
+        drive: str = "training",
     ) -> None:
         names = list(names)
         if not names:
@@ -84,12 +105,23 @@ class GECO:
         if len(set(names)) != len(names):
             raise ValueError(f"GECO constraint names must be unique, got {names}.")
         _check_unit_interval("alpha", alpha)
-        step_sizes = [step_size] * len(names) if isinstance(step_size, (int, float)) else list(step_size)
-        if len(step_sizes) != len(names) or not all(s > 0 and math.isfinite(s) for s in step_sizes):
-            raise ValueError(
-                f"GECO step_size (nu) must be a positive finite number, got {step_size!r} "
-                f"(one number, or one per constraint: {len(names)})."
-            )
+        k = len(names)
+        if controller is None:
+            sizes = [step_size] * k if isinstance(step_size, (int, float)) else list(step_size)
+            if len(sizes) != k or not all(s > 0 and math.isfinite(s) for s in sizes):
+                raise ValueError(
+                    f"GECO step_size (nu) must be a positive finite number, got {step_size!r} "
+                    f"(one number, or one per constraint: {k})."
+                )
+            increases = None
+            if max_increase is not None:
+                increases = [max_increase] * k if isinstance(max_increase, (int, float)) else list(max_increase)
+                if len(increases) != k or not all(m > 0 for m in increases):
+                    raise ValueError(
+                        f"GECO max_increase must be positive (one number, or one per constraint: {k}) or None, "
+                        f"got {max_increase!r}."
+                    )
+            controller = Algorithm1(sizes, release_speedup, increases)
         low, high = log_lambda_bounds
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"GECO log_lambda_bounds must be finite with low < high, got {log_lambda_bounds!r}.")
@@ -97,29 +129,24 @@ class GECO:
             raise ValueError(
                 f"GECO initial_lambda must be positive with log(lambda) in {log_lambda_bounds}, got {initial_lambda!r}."
             )
-        if not (math.isfinite(release_speedup) and release_speedup >= 1.0):
-            raise ValueError(f"GECO release_speedup must be a finite number >= 1, got {release_speedup!r}.")
-        if max_increase is None:
-            increases = [math.inf] * len(names)
-        else:
-            increases = [max_increase] * len(names) if isinstance(max_increase, (int, float)) else list(max_increase)
-        if len(increases) != len(names) or not all(m > 0 for m in increases):
-            raise ValueError(
-                f"GECO max_increase must be positive (one number, or one per constraint: {len(names)}) or None, "
-                f"got {max_increase!r}."
-            )
+        scales = [1.0] * k if scales is None else [float(s) for s in scales]
+        if len(scales) != k or not all(math.isfinite(s) and s > 0 for s in scales):
+            raise ValueError(f"GECO scales must be {k} positive finite numbers, got {scales!r}.")
+        if drive not in DRIVES:
+            raise ValueError(f"GECO drive must be one of {DRIVES}, got {drive!r}.")
         self.names = names
         self.alpha = float(alpha)
-        self.release_speedup = float(release_speedup)
-        self.max_increase = torch.tensor(increases, dtype=torch.float32)
-        self.step_size = torch.tensor(step_sizes, dtype=torch.float32)
+        self.controller = controller
+        self.drive = drive
+        self.scale = torch.tensor(scales, dtype=torch.float32)
         self.log_lambda_bounds = (float(low), float(high))
-        k = len(names)
         self.log_lagrange_multiplier = torch.full((k,), math.log(initial_lambda), dtype=torch.float32)
+        self.controller.reset(self.log_lagrange_multiplier)
         self.constraint_ema = torch.zeros(k, dtype=torch.float32)
-        self.seeded = False
-        self.num_updates = 0
-        self.num_skipped_updates = 0
+        self._seeded = torch.zeros((), dtype=torch.bool)
+        self._num_updates = torch.zeros((), dtype=torch.int64)
+        self._num_skipped_updates = torch.zeros((), dtype=torch.int64)
+        self._num_measurements = torch.zeros((), dtype=torch.int64)
         self._pending_sum = torch.zeros(k, dtype=torch.float32)
         self._pending_count = torch.zeros((), dtype=torch.float32)
         self._pending_nonfinite = torch.zeros((), dtype=torch.float32)
@@ -138,18 +165,43 @@ class GECO:
     def device(self) -> torch.device:
         return self.log_lagrange_multiplier.device
 
+    # Counters are device tensors so an update needs no host sync; reading one syncs.
+    @property
+    def seeded(self) -> bool:
+        """Whether the moving average holds a measurement yet."""
+        return bool(self._seeded)
+
+    @property
+    def num_updates(self) -> int:
+        """Valid training updates so far."""
+        return int(self._num_updates)
+
+    @property
+    def num_skipped_updates(self) -> int:
+        """Training updates skipped for a non-finite value."""
+        return int(self._num_skipped_updates)
+
+    @property
+    def num_measurements(self) -> int:
+        """Valid :meth:`control` measurements so far (calibration drive)."""
+        return int(self._num_measurements)
+
     def to(self, device: torch.device | str) -> GECO:
-        """Move every tensor of the state to ``device``, keeping fp32."""
+        """Move every tensor of the state to ``device``, keeping dtypes."""
         for attr in (
             "log_lagrange_multiplier",
             "constraint_ema",
-            "step_size",
-            "max_increase",
+            "scale",
+            "_seeded",
+            "_num_updates",
+            "_num_skipped_updates",
+            "_num_measurements",
             "_pending_sum",
             "_pending_count",
             "_pending_nonfinite",
         ):
-            setattr(self, attr, getattr(self, attr).to(device=device, dtype=torch.float32))
+            setattr(self, attr, getattr(self, attr).to(device=device))
+        self.controller.to(device)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,6 +212,8 @@ class GECO:
             "seeded": self.seeded,
             "num_updates": self.num_updates,
             "num_skipped_updates": self.num_skipped_updates,
+            "num_measurements": self.num_measurements,
+            "controller": {"name": self.controller.name, **self.controller.state_dict()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,18 +225,25 @@ class GECO:
         device = self.device
         self.log_lagrange_multiplier = state["log_lagrange_multiplier"].to(device=device, dtype=torch.float32).clone()
         self.constraint_ema = state["constraint_ema"].to(device=device, dtype=torch.float32).clone()
-        self.seeded = bool(state["seeded"])
-        self.num_updates = int(state["num_updates"])
-        self.num_skipped_updates = int(state.get("num_skipped_updates", 0))
+        self._seeded = torch.tensor(bool(state["seeded"]), device=device)
+        self._num_updates = torch.tensor(int(state["num_updates"]), device=device)
+        self._num_skipped_updates = torch.tensor(int(state.get("num_skipped_updates", 0)), device=device)
+        self._num_measurements = torch.tensor(int(state.get("num_measurements", 0)), device=device)
+        saved = state.get("controller")
+        if saved is not None and saved.get("name") == self.controller.name:
+            self.controller.load_state_dict(saved)
+        else:
+            # A checkpoint of another controller (or of a version before controllers): the
+            # new one starts from the saved lambda, so the run continues where it stood.
+            self.controller.reset(self.log_lagrange_multiplier)
         self.reset_pending()
 
     # --------------------------------------------------------------- the loss
     def moving_average_with(self, constraint: Tensor) -> Tensor:
         """The moving average as it would be after folding in ``constraint`` (K,); no state change."""
         constraint = constraint.detach().float()
-        if not self.seeded:
-            return constraint
-        return self.alpha * self.constraint_ema + (1.0 - self.alpha) * constraint
+        averaged = self.alpha * self.constraint_ema + (1.0 - self.alpha) * constraint
+        return torch.where(self._seeded, averaged, constraint)
 
     def constraint_term(self, per_example: Tensor) -> Tensor:
         """Stop-gradient constraint of Algorithm 1 for one (micro-)batch, and record its statistics.
@@ -230,31 +291,57 @@ class GECO:
         self._pending_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------- the update
-    def update(self, statistics: Tensor) -> bool:
-        """Apply one step of Algorithm 1 from (already reduced) statistics; clears the pending ones.
+    def _split(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mean (K,), has_examples, valid)`` of ``[sum_1..sum_K, count, nonfinite]``."""
+        statistics = statistics.detach().float()
+        k = self.num_constraints
+        sums, count, nonfinite = statistics[:k], statistics[k], statistics[k + 1]
+        mean = sums / count.clamp_min(1.0)
+        has_examples = count > 0
+        valid = has_examples & (nonfinite == 0) & torch.isfinite(mean).all()
+        return mean, has_examples, valid
+
+    def _move(self, value: Tensor, ema: Tensor, period: int, valid: Tensor) -> None:
+        proposed = self.controller.step(self.log_lagrange_multiplier, value, ema, self.scale, period, valid)
+        low, high = self.log_lambda_bounds
+        self.log_lagrange_multiplier = torch.where(valid, proposed.clamp(low, high), self.log_lagrange_multiplier)
+
+    def update(self, statistics: Tensor) -> Tensor:
+        """One optimizer step's update from (already reduced) training statistics; clears the pending ones.
+
+        Folds the batch mean into the moving average and, with ``drive="training"``, moves
+        lambda (Algorithm 1's step 5, or the PI law).
 
         Args:
             statistics: ``[sum_1..sum_K, count, nonfinite]`` summed over every rank.
 
         Returns:
-            True when lambda moved; False when the step was skipped (no examples, or a
-            non-finite value anywhere), which leaves the state untouched.
+            0-dim bool tensor: True when the statistics were valid; False (no examples, or a
+            non-finite value anywhere) leaves the state untouched.
         """
         self.reset_pending()
-        statistics = statistics.detach().float()
-        k = self.num_constraints
-        sums, count, nonfinite = statistics[:k], statistics[k], statistics[k + 1]
-        if count <= 0:
-            return False
-        batch_mean = sums / count
-        if nonfinite > 0 or not torch.isfinite(batch_mean).all():
-            self.num_skipped_updates += 1
-            return False
-        self.constraint_ema = self.moving_average_with(batch_mean)
-        self.seeded = True
-        low, high = self.log_lambda_bounds
-        step = self.step_size * self.constraint_ema
-        step = torch.where(step < 0, step * self.release_speedup, step).minimum(self.max_increase)
-        self.log_lagrange_multiplier = (self.log_lagrange_multiplier + step).clamp(low, high)
-        self.num_updates += 1
-        return True
+        mean, has_examples, valid = self._split(statistics)
+        ema = torch.where(valid, self.moving_average_with(mean), self.constraint_ema)
+        if self.drive == "training":
+            self._move(mean, ema, 1, valid)
+        self.constraint_ema = ema
+        self._seeded = self._seeded | valid
+        self._num_updates += valid.long()
+        self._num_skipped_updates += (has_examples & ~valid).long()
+        return valid
+
+    def control(self, statistics: Tensor, period: int) -> Tensor:
+        """Move lambda from a measurement on data the model does not train on.
+
+        Args:
+            statistics: ``[sum_1..sum_K, count, nonfinite]`` of the measurement, summed over ranks.
+            period: optimizer steps since the previous measurement.
+
+        Returns:
+            0-dim bool tensor: whether the measurement was valid (else nothing moved).
+        """
+        mean, _, valid = self._split(statistics)
+        # Algorithm 1 reads its input as the moving average: here, the measurement itself.
+        self._move(mean, mean, period, valid)
+        self._num_measurements += valid.long()
+        return valid

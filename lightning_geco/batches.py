@@ -1,0 +1,36 @@
+"""What a batch holds: the images and, if any, the labels, whatever container the loader yields.
+
+A leaf module (torch only), so the models and the callbacks read batches the same way
+without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["batch_images", "batch_labels"]
+
+
+def batch_images(batch: Any) -> Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
+        return batch["image"]
+    raise TypeError(
+        f"Cannot find images in a batch of type {type(batch).__name__}: expected a tensor, "
+        "a tuple/list whose first item is the image tensor, or a dict with key 'image'."
+    )
+
+
+def batch_labels(batch: Any) -> Tensor | None:
+    """The labels of a batch, if it carries any: the second item of a tuple/list, or ``batch["label"]``."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, dict) and isinstance(batch.get("label"), Tensor):
+        return batch["label"]
+    return None

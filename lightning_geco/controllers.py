@@ -1,0 +1,247 @@
+"""How GECO's Lagrange multipliers move: the update laws, kept apart from the state they move.
+
+Each controller maps one *measurement* of K constraints to a new ``log lambda`` (K,). They
+are plain torch, tensor ops only (no host sync), and never skip: the caller
+(:class:`~lightning_geco.geco.GECO`) decides with ``torch.where`` whether a measurement was
+valid. Three laws, selectable by name (``GECOCallback(controller=...)``):
+
+``"paper"``
+    Algorithm 1 of Rezende & Viola (2018) as written: ``log lambda += nu * C_ma`` with the
+    moving average ``C_ma`` of the constraint value (units of ``nu``: one over the value's).
+
+``"relative"``
+    The rule this library shipped until the PI controller: the step is relative to the
+    constraint's scale, ``log lambda += nu * C_ma / scale``, a rise is capped at ``nu *
+    max_relative_violation``, a fall is ``release_speedup`` times larger. Three heuristics
+    against wind-up; kept so earlier runs can be reproduced.
+
+``"pi"``
+    A proportional-integral law on ``log lambda`` with a log-ratio error (ControlVAE, Shao et
+    al. 2020; the PID Lagrangian of Stooke et al. 2020; nuPI, Sohrabi et al. 2024), in the
+    position form with a clamped integrator::
+
+        e_t        = ln(reading_t / tolerance)            (0 on target, +-0.69 at 2x / 0.5x)
+        xi_t       = s * xi_{t-1} + (1 - s) * e_t         (xi_{-1} = e_0; P path only)
+        I_t        = clip(I_{t-1} + K_I * e_t, bounds)    (I_{-1} = log initial lambda)
+        log lam_t  = clip(I_t + K_P * xi_t, bounds)
+
+    The log ratio is symmetric (a 2x violation and a 2x over-satisfaction move lambda by the
+    same amount) and compresses an untrained decoder's 10-35x violation to 2.3-3.6, so no
+    cap and no release speedup are needed. The P term is never stored, so a large early
+    error raises lambda at once and lets go as soon as the error shrinks: nothing winds up
+    but the integrator, which only sees the compressed error. ``reading / tolerance`` is
+    ``1 + value / scale`` for every constraint kind (for pNCC, ``(1 - ncc) / (1 - tolerance)``).
+
+Gains are stated per optimizer step: a controller measured every ``period`` steps (the
+calibration stream) integrates ``K_I * period`` per measurement and smooths its P path with
+``s = exp(-period / smoothing_steps)``, so one setting means the same at every period.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CONTROLLER_NAMES", "Algorithm1", "MultiplierController", "PIController", "log_ratio_error"]
+
+# reading / tolerance below this is treated as this (a perfect reconstruction would give
+# ln 0 = -inf); e = ln(1e-6) = -13.8 is far past any real over-satisfaction.
+_MIN_RATIO = 1e-6
+
+
+def log_ratio_error(value: Tensor, scale: Tensor) -> Tensor:
+    """``ln(reading / tolerance)`` of constraint values (K,) with their scales (K,).
+
+    A constraint's value is ``(reading - tolerance)`` in units where ``scale`` is the
+    tolerance (``1 + value / scale = reading / tolerance``); dimensionless, 0 on target.
+    """
+    return torch.log((1.0 + value / scale).clamp_min(_MIN_RATIO))
+
+
+class MultiplierController:
+    """Interface: :meth:`step` maps one measurement to a new ``log lambda`` (K,).
+
+    State a controller keeps lives in tensors it creates in :meth:`reset` and lists in
+    :meth:`state_dict`, so the owner can move and checkpoint it. ``valid`` (a 0-dim bool
+    tensor) says whether the measurement counts; an invalid one (no examples, a non-finite
+    value) must leave the state as it was, decided with ``torch.where``, never on the host.
+    """
+
+    #: name used in configs and checkpoints
+    name: str = ""
+
+    def reset(self, log_lambda: Tensor) -> None:
+        """(Re)initialise the state for the K constraints of ``log_lambda`` (K,)."""
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the state's tensors to ``device``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
+        """The new ``log lambda`` (K,), before the owner's clamp.
+
+        Args:
+            log_lambda: the current ``log lambda`` (K,).
+            value: this measurement's constraint value, a mean over examples (K,), value units.
+            ema: the moving average of the value *including* this measurement (K,).
+            scale: each constraint's scale (its tolerance in value units) (K,).
+            period: optimizer steps since the previous measurement (1 on the training stream).
+            valid: 0-dim bool; False leaves the controller's state untouched.
+        """
+        raise NotImplementedError
+
+
+class Algorithm1(MultiplierController):
+    """Algorithm 1 of the paper, ``log lambda += nu * C_ma``, with two optional departures.
+
+    With ``release_speedup=1`` and ``max_increase=None`` this is the paper's rule exactly
+    (``nu`` in one over the value's units). The previous default of this library is the same
+    arithmetic with ``nu = relative_nu / scale`` per constraint, a rise capped at
+    ``relative_nu * max_relative_violation`` and ``release_speedup=3`` (see
+    :meth:`relative`).
+
+    Args:
+        step_size: ``nu`` > 0 per constraint (K,) or one number.
+        release_speedup: >= 1; a step that lowers lambda is this many times larger.
+        max_increase: the most ``log lambda`` may rise in one update, per constraint or one
+            number (None: unbounded).
+    """
+
+    name = "paper"
+
+    def __init__(
+        self,
+        step_size: float | Sequence[float] = 1.0,
+        release_speedup: float = 1.0,
+        max_increase: float | Sequence[float] | None = None,
+    ) -> None:
+        sizes = [step_size] if isinstance(step_size, (int, float)) else list(step_size)
+        if not sizes or not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in sizes):
+            raise ValueError(f"GECO step_size (nu) must be a positive finite number (or one per constraint), got {step_size!r}.")
+        if not (math.isfinite(release_speedup) and release_speedup >= 1.0):
+            raise ValueError(f"GECO release_speedup must be a finite number >= 1, got {release_speedup!r}.")
+        increases = None
+        if max_increase is not None:
+            increases = [max_increase] if isinstance(max_increase, (int, float)) else list(max_increase)
+            if not increases or not all(m > 0 for m in increases):
+                raise ValueError(f"GECO max_increase must be positive (one number, or one per constraint) or None, got {max_increase!r}.")
+        self.step_size = torch.tensor(sizes, dtype=torch.float32)
+        self.release_speedup = float(release_speedup)
+        self.max_increase = None if increases is None else torch.tensor(increases, dtype=torch.float32)
+
+    @classmethod
+    def relative(
+        cls, step_size: float, scales: Sequence[float], release_speedup: float = 3.0, max_relative_violation: float | None = 1.0
+    ) -> Algorithm1:
+        """The previous default: ``log lambda += nu * C_ma / scale``, rises capped at
+        ``nu * max_relative_violation``, falls ``release_speedup`` times faster."""
+        if max_relative_violation is not None and not max_relative_violation > 0:
+            raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
+        increase = None if max_relative_violation is None else [step_size * max_relative_violation] * len(scales)
+        return cls([step_size / s for s in scales], release_speedup, increase)
+
+    def to(self, device: torch.device | str) -> None:
+        self.step_size = self.step_size.to(device)
+        if self.max_increase is not None:
+            self.max_increase = self.max_increase.to(device)
+
+    def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
+        step = self.step_size * ema
+        step = torch.where(step < 0, step * self.release_speedup, step)
+        if self.max_increase is not None:
+            step = step.minimum(self.max_increase)
+        return log_lambda + step
+
+
+class PIController(MultiplierController):
+    """Position-form PI on ``log lambda`` with a log-ratio error and a clamped integrator.
+
+    Args:
+        proportional_gain: ``K_P`` >= 0, dimensionless: at a steady error e the P term
+            multiplies lambda by ``exp(K_P * e)`` = ``(reading / tolerance) ** K_P``.
+        integral_gain: ``K_I`` > 0 per optimizer step: a steady 10 % violation (e = 0.095)
+            raises ``log lambda`` by ``0.095 * K_I`` per step.
+        smoothing_steps: time constant, in optimizer steps, of the moving average on the P
+            path (0: none); the integrator reads the raw error (it averages by itself).
+        log_lambda_bounds: clamp of the integrator and of the output.
+    """
+
+    name = "pi"
+
+    def __init__(
+        self,
+        proportional_gain: float = 0.5,
+        integral_gain: float = 0.01,
+        smoothing_steps: float = 10.0,
+        log_lambda_bounds: tuple[float, float] = (-30.0, 30.0),
+    ) -> None:
+        if not (isinstance(proportional_gain, (int, float)) and math.isfinite(proportional_gain) and proportional_gain >= 0):
+            raise ValueError(f"PIController proportional_gain must be a finite number >= 0, got {proportional_gain!r}.")
+        _check_positive("PIController integral_gain", integral_gain)
+        if not (isinstance(smoothing_steps, (int, float)) and math.isfinite(smoothing_steps) and smoothing_steps >= 0):
+            raise ValueError(f"PIController smoothing_steps must be a finite number >= 0, got {smoothing_steps!r}.")
+        self.proportional_gain = float(proportional_gain)
+        self.integral_gain = float(integral_gain)
+        self.smoothing_steps = float(smoothing_steps)
+        self.log_lambda_bounds = (float(log_lambda_bounds[0]), float(log_lambda_bounds[1]))
+        self.reset(torch.zeros(1))
+
+    def reset(self, log_lambda: Tensor) -> None:
+        self.integral = log_lambda.detach().clone().float()
+        self.smoothed_error = torch.zeros_like(self.integral)
+        self.started = torch.zeros((), dtype=torch.bool, device=self.integral.device)
+
+    def to(self, device: torch.device | str) -> None:
+        self.integral = self.integral.to(device)
+        self.smoothed_error = self.smoothed_error.to(device)
+        self.started = self.started.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "integral": self.integral.detach().cpu().clone(),
+            "smoothed_error": self.smoothed_error.detach().cpu().clone(),
+            "started": bool(self.started),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.integral.device
+        self.integral = state["integral"].to(device=device, dtype=torch.float32).clone()
+        self.smoothed_error = state["smoothed_error"].to(device=device, dtype=torch.float32).clone()
+        self.started = torch.tensor(bool(state["started"]), device=device)
+
+    def smoothing(self, period: int) -> float:
+        """The P path's moving-average coefficient for measurements ``period`` steps apart."""
+        return math.exp(-period / self.smoothing_steps) if self.smoothing_steps > 0 else 0.0
+
+    def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
+        error = log_ratio_error(value, scale)
+        # A skipped measurement must not leak a NaN into the state.
+        error = torch.where(valid, error, torch.zeros_like(error))
+        s = self.smoothing(period)
+        # xi_{-1} = e_0: the first P kick is K_P * e_0, not (1 - s) of it.
+        previous = torch.where(self.started, self.smoothed_error, error)
+        smoothed = s * previous + (1.0 - s) * error
+        low, high = self.log_lambda_bounds
+        integral = (self.integral + self.integral_gain * period * error).clamp(low, high)
+        self.smoothed_error = torch.where(valid, smoothed, self.smoothed_error)
+        self.integral = torch.where(valid, integral, self.integral)
+        self.started = self.started | valid
+        return (self.integral + self.proportional_gain * self.smoothed_error).clamp(low, high)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+#: the names ``GECOCallback(controller=...)`` accepts
+CONTROLLER_NAMES = ("paper", "relative", "pi")

@@ -1,0 +1,206 @@
+"""Whether a run got what was asked: ``met``, ``not_met`` or ``unreachable``, and how to say it.
+
+Plain functions and one small history class, no Lightning. Who uses what:
+
+- :class:`~lightning_geco.callbacks.GECOCallback` feeds a :class:`StallDetector` the
+  multiplier and the reading it regulates, at every logging step, and warns (once per
+  constraint) as soon as the detector sees that more lambda no longer buys quality;
+- :class:`~lightning_geco.summary.RunSummary` turns the final validation reading and the
+  detector's evidence into :func:`verdict` and the one line :func:`verdict_line` prints.
+
+The rules (documented in the README, "The verdict"):
+
+``met``
+    the final validation reading is at most ``MET_BAND`` (1 %) past its tolerance, in units
+    of the constraint's scale. The band is the precision a 1,000-10,000 image validation
+    average has (its standard error is 0.5-3 % for per-image coefficients of variation of
+    0.5-1); asking for "exactly on the tolerance" cannot be told apart from 1 % over.
+``unreachable``
+    not met, and at some point during training the regulated reading stayed clearly violated
+    (at least ``MIN_VIOLATION``, 5 %, past its tolerance at every logging step) over a window
+    of ``window_steps`` optimizer steps (20 % of the run) while lambda rose at least
+    ``MIN_LAMBDA_FACTOR`` (4x) and the reading improved less than ``MAX_GAIN`` (0.1) as much,
+    in log terms, as lambda rose: ``-d ln(reading) / d ln(lambda) < 0.1``, e.g. lambda x4
+    and the reading down by less than 13 %. Lambda at its upper bound while clearly violated
+    counts too. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
+    the MSE about 4-fold; a tenth of that says the model has no more to give at this budget.
+``not_met``
+    otherwise: the reading ends past the band but the model was still responding to lambda
+    (e.g. a run too short for its tolerance, or a controller that had not settled).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_GAIN",
+    "MET_BAND",
+    "MIN_LAMBDA_FACTOR",
+    "MIN_VIOLATION",
+    "VERDICTS",
+    "Stall",
+    "StallDetector",
+    "constraint_clause",
+    "verdict",
+    "verdict_line",
+]
+
+VERDICTS = ("met", "not_met", "unreachable")
+#: a final reading this far past its tolerance (relative to the scale) still counts as met
+MET_BAND = 0.01
+#: the regulated reading must be at least this far past its tolerance for a stall to count
+MIN_VIOLATION = 0.05
+#: lambda must rise at least this many times over the window for a stall to count
+MIN_LAMBDA_FACTOR = 4.0
+#: a stall: the reading improves less than this fraction of lambda's rise, in log terms
+MAX_GAIN = 0.1
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Evidence that more lambda no longer buys quality, for one constraint.
+
+    Attributes:
+        first_step, last_step: the window, optimizer steps.
+        lambda_before, lambda_after: the multiplier at either end.
+        ratio_before, ratio_after: the regulated reading over its tolerance at either end
+            (1.31 is 31 % past it).
+        at_bound: lambda reached its upper bound.
+    """
+
+    first_step: int
+    last_step: int
+    lambda_before: float
+    lambda_after: float
+    ratio_before: float
+    ratio_after: float
+    at_bound: bool = False
+
+    def describe(self) -> str:
+        """One clause with the figures, e.g. ``lambda rose 4.3x (12 -> 51.6) over steps 1100-1400
+        while the reading moved -1.0 % (31.0 % -> 29.7 % past the tolerance)``."""
+        factor = self.lambda_after / self.lambda_before
+        moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
+        bound = " and reached its upper bound" if self.at_bound else ""
+        return (
+            f"lambda rose {factor:.3g}x ({self.lambda_before:.3g} -> {self.lambda_after:.3g}){bound} over steps "
+            f"{self.first_step}-{self.last_step} while the reading moved {moved:+.1f} % "
+            f"({100 * (self.ratio_before - 1):.1f} % -> {100 * (self.ratio_after - 1):.1f} % past the tolerance)"
+        )
+
+
+class StallDetector:
+    """History of (step, log lambda, reading / tolerance) per constraint, and the stall rule.
+
+    Args:
+        num_constraints: K.
+        window_steps: optimizer steps the rule looks back over (> 0).
+        log_lambda_max: the multiplier's upper bound, ``ln lambda``.
+    """
+
+    def __init__(self, num_constraints: int, window_steps: int, log_lambda_max: float) -> None:
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be a positive int (optimizer steps), got {window_steps!r}.")
+        self.window_steps = int(window_steps)
+        self.log_lambda_max = float(log_lambda_max)
+        self.history: list[list[tuple[int, float, float]]] = [[] for _ in range(num_constraints)]
+        self.stalls: list[Stall | None] = [None] * num_constraints
+
+    def observe(self, step: int, log_lambda: Sequence[float], ratio: Sequence[float]) -> list[int]:
+        """Add one logging step's values; returns the constraints newly found stalled."""
+        found = []
+        for k, (log_lam, r) in enumerate(zip(log_lambda, ratio)):
+            if not (math.isfinite(log_lam) and math.isfinite(r) and r > 0):
+                continue
+            history = self.history[k]
+            history.append((int(step), float(log_lam), float(r)))
+            if self.stalls[k] is None:
+                stall = self._stall(history)
+                if stall is not None:
+                    self.stalls[k] = stall
+                    found.append(k)
+        return found
+
+    def _stall(self, history: list[tuple[int, float, float]]) -> Stall | None:
+        step, log_lam, ratio = history[-1]
+        if ratio < 1.0 + MIN_VIOLATION:
+            return None
+        at_bound = log_lam >= self.log_lambda_max - 1e-3
+        window = [h for h in history if h[0] >= step - self.window_steps]
+        first_step, first_log_lam, first_ratio = window[0]
+        if step - first_step < self.window_steps and not at_bound:
+            return None  # not enough history yet
+        if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
+            return None
+        rise = log_lam - first_log_lam
+        gain = -(math.log(ratio) - math.log(first_ratio)) / rise if rise > 0 else 0.0
+        stalled = (rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN) or at_bound
+        if not stalled:
+            return None
+        return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, at_bound)
+
+    def lambda_trend(self, k: int) -> float:
+        """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""
+        history = self.history[k]
+        if len(history) < 2:
+            return 0.0
+        step = history[-1][0]
+        recent = [h for h in history if h[0] >= step - max(1, self.window_steps // 4)]
+        return recent[-1][1] - recent[0][1]
+
+
+def verdict(relative_violation: float | None, stall: Stall | None) -> str:
+    """``met``, ``not_met`` or ``unreachable`` of one constraint (see the module docstring).
+
+    ``relative_violation`` is the final validation reading past its tolerance in units of
+    the constraint's scale (None: no validation reading, which is never met).
+    """
+    if relative_violation is not None and math.isfinite(relative_violation) and relative_violation <= MET_BAND:
+        return "met"
+    return "unreachable" if stall is not None else "not_met"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def constraint_clause(
+    name: str,
+    reading: float | None,
+    tolerance: float,
+    relative_violation: float | None,
+    lower_is_better: bool,
+    outcome: str,
+    stall: Stall | None = None,
+    lambda_rising: bool = False,
+    best: tuple[float, int] | None = None,
+    max_steps: int | None = None,
+) -> str:
+    """The verdict of one constraint in words, with its figures."""
+    if reading is None or relative_violation is None:
+        return f"{name}: NOT MET: no validation reading (validation never ran, or logged no val/{name})"
+    worse, better = (">", "<=") if lower_is_better else ("<", ">=")
+    percent = 100.0 * relative_violation
+    if outcome == "met":
+        if relative_violation <= 0:
+            return f"{name} {_fmt(reading)} {better} {_fmt(tolerance)} ({-percent:.1f} % better than asked)"
+        return f"{name} {_fmt(reading)} ~ {_fmt(tolerance)} ({percent:.1f} % past it, within the {100 * MET_BAND:g} % band)"
+    label = "UNREACHABLE" if outcome == "unreachable" else "NOT MET"
+    parts = [f"{label}: {name} {_fmt(reading)} {worse} {_fmt(tolerance)} ({percent:+.1f} %)"]
+    if stall is not None:
+        parts.append(stall.describe())
+    if lambda_rising:
+        parts.append("lambda still rising at the last step")
+    if best is not None:
+        steps = f" in {max_steps} steps" if max_steps else ""
+        parts.append(f"this model did not reach it{steps} (best {_fmt(best[0])} at step {best[1]})")
+    return "; ".join(parts)
+
+
+def verdict_line(clauses: Sequence[str], rate: float | None) -> str:
+    """``GECO: <clause>[; <clause>...], rate <r> nats``: the line a person reads first."""
+    rate_part = f", rate {rate:.3g} nats" if rate is not None and math.isfinite(rate) else ""
+    return "GECO: " + " | ".join(clauses) + rate_part
