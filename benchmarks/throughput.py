@@ -46,14 +46,32 @@ def _loader(image_size: int, batch_size: int, device: str):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
 
 
-def _model(image_size: int, objective):
+def build_model(image_size: int, objective):
+    """The benchmarked ConvVAE (default architecture) for (1, S, S) images, seeded weights."""
     from lightning_geco import ConvVAE
 
     torch.manual_seed(0)
     return ConvVAE(image_shape=(1, image_size, image_size), objective=objective)
 
 
-def _sync(device: str) -> None:
+def make_objective(geco: bool):
+    """The Lightning variants' objective: GECO (MSE at most 0.005, as on the shapes) or the ELBO."""
+    from lightning_geco import ELBO, GECOObjective, ReconstructionMSE
+
+    return GECOObjective([ReconstructionMSE(0.005)]) if geco else ELBO()
+
+
+#: the plain loop's fixed weight on the summed squared error (no GECO moves it)
+PLAIN_LAMBDA = 5.0
+
+
+def plain_loss(out, x: torch.Tensor) -> torch.Tensor:
+    """The plain loop's loss, nats-like per image: rate + lambda * ||x - g(z)||^2 (a scalar)."""
+    return (out.rate + PLAIN_LAMBDA * x[0].numel() * out.distortion).mean()
+
+
+def sync_device(device: str) -> None:
+    """Wait for queued CUDA work, so a wall-clock reading covers it (no-op on CPU)."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -61,24 +79,23 @@ def _sync(device: str) -> None:
 def run_plain(args) -> dict:
     from lightning_geco import ELBO
 
-    model = _model(args.image_size, ELBO()).to(args.device)
+    model = build_model(args.image_size, ELBO()).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lam = 5.0
     step, started, in_step = 0, 0.0, 0.0
     loader = _loader(args.image_size, args.batch_size, args.device)
     while step < args.steps:
         for (x,) in loader:
             if step == args.warmup:
-                _sync(args.device)
+                sync_device(args.device)
                 started, in_step = time.perf_counter(), 0.0
             begin = time.perf_counter()
             x = x.to(args.device, non_blocking=True)
             out = model(x)
-            loss = (out.rate + lam * x[0].numel() * out.distortion).mean()
+            loss = plain_loss(out, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _sync(args.device)
+            sync_device(args.device)
             in_step += time.perf_counter() - begin
             step += 1
             if step == args.steps:
@@ -90,7 +107,7 @@ def run_plain(args) -> dict:
 def run_lightning(args, geco: bool) -> dict:
     import pytorch_lightning as pl
 
-    from lightning_geco import ELBO, GECOCallback, GECOObjective, ReconstructionMSE
+    from lightning_geco import GECOCallback
 
     class StepTimer(pl.Callback):
         def __init__(self):
@@ -101,17 +118,17 @@ def run_lightning(args, geco: bool) -> dict:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup:
-                _sync(args.device)
+                sync_device(args.device)
                 self.started, self.in_step = time.perf_counter(), 0.0
             self._begin = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(args.device)
+            sync_device(args.device)
             now = time.perf_counter()
             self.in_step += now - self._begin
             self.finished = now
 
-    objective = GECOObjective([ReconstructionMSE(0.005)]) if geco else ELBO()
+    objective = make_objective(geco)
     timer = StepTimer()
     callbacks = [timer] + ([GECOCallback()] if geco else [])
     trainer = pl.Trainer(
@@ -125,7 +142,7 @@ def run_lightning(args, geco: bool) -> dict:
         limit_val_batches=0,
         callbacks=callbacks,
     )
-    trainer.fit(_model(args.image_size, objective), _loader(args.image_size, args.batch_size, args.device))
+    trainer.fit(build_model(args.image_size, objective), _loader(args.image_size, args.batch_size, args.device))
     return {"seconds": timer.finished - timer.started, "in_step": timer.in_step}
 
 
