@@ -15,10 +15,12 @@ from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL
 from lightning_geco.models import ConvDRAW, ConvVAE, FlowVAE, LadderVAE, VAEModule, VAEOutput
-from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective
+from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
+from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
 from lightning_geco.summary import RunSummary
 
 __all__ = [
+    "Algorithm1",
     "AggregatePosteriorKL",
     "BernoulliLikelihood",
     "BetaVAE",
@@ -40,12 +42,15 @@ __all__ = [
     "KLWarmup",
     "LadderVAE",
     "Likelihood",
+    "MultiplierController",
     "NonFiniteConstraintError",
     "Objective",
+    "PIController",
     "PatchNCC",
     "ReconstructionBCE",
     "ReconstructionMSE",
     "RunSummary",
+    "SigmaVAE",
     "TorchvisionFeatures",
     "VAEModule",
     "VAEOutput",

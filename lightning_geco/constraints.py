@@ -55,6 +55,8 @@ class Constraint(nn.Module):
     #: the metric the validation loop logs this constraint's reading under (``val/<reading_name>``)
     reading_name: str
     step_size: float | None = None
+    #: whether a smaller reading is better (an MSE); False for a similarity such as pNCC
+    lower_is_better: bool = True
 
     def check_model(self, model: VAEModule) -> None:
         """Raise a clear error when the model cannot be constrained this way (called at construction)."""
@@ -262,6 +264,7 @@ class PatchNCC(Constraint):
 
     unit = "ncc"
     reading_name = "pncc"
+    lower_is_better = False
 
     def __init__(
         self,

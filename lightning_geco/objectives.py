@@ -7,6 +7,7 @@ the unit-weight ELBO beside the loss, so the two are never confused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from lightning_geco.geco import GECO
 if TYPE_CHECKING:
     from lightning_geco.models.base import VAEOutput
 
-__all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective"]
+__all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective", "SigmaVAE"]
 
 
 class Objective(nn.Module):
@@ -129,6 +130,40 @@ class CapacityBetaVAE(Objective):
 
     def forward(self, output: VAEOutput) -> Tensor:
         return -output.log_likelihood.mean() + self.gamma * (output.rate.mean() - self.capacity).abs()
+
+
+class SigmaVAE(Objective):
+    """Optimal-sigma VAE (Rybkin, Daniilidis & Levine 2021, "Simple and effective VAE training
+    with calibrated decoders"): a Gaussian decoder whose one variance is the batch's MSE.
+
+    ``rate + D * (0.5 * ln(2 pi sigma^2) + distortion / (2 sigma^2))`` per image with
+    ``sigma^2 = mean over the batch of the per-element MSE`` (gradients flow through it, as in
+    the authors' code) and ``ln sigma`` soft-clipped at ``min_log_sigma``. No tolerance and no
+    tuning: the decoder variance calibrates itself, so the distortion ends where the ELBO puts
+    it. The baseline GECO is compared with in docs/RESULTS.md; in GECO's terms its multiplier is
+    ``1 / (2 sigma^2)`` with no set-point.
+
+    Args:
+        min_log_sigma: soft lower bound of ``ln sigma`` (the authors: -6).
+    """
+
+    def __init__(self, min_log_sigma: float = -6.0) -> None:
+        super().__init__()
+        self.min_log_sigma = float(min_log_sigma)
+
+    def log_sigma(self, output: VAEOutput) -> Tensor:
+        """``ln sigma`` of the batch (0-dim), soft-clipped from below."""
+        raw = 0.5 * output.distortion.float().mean().log()
+        return self.min_log_sigma + torch.nn.functional.softplus(raw - self.min_log_sigma)
+
+    def logged_values(self) -> dict[str, float]:
+        return {}
+
+    def forward(self, output: VAEOutput) -> Tensor:
+        log_sigma = self.log_sigma(output)
+        elements = output.x[0].numel()
+        nll = elements * (0.5 * math.log(2 * math.pi) + log_sigma + output.distortion.float() * torch.exp(-2 * log_sigma) / 2)
+        return (output.rate.float() + nll).mean()
 
 
 class GECOObjective(Objective):

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_geco.callbacks import GECOCallback
+from lightning_geco.verdict import constraint_clause, verdict, verdict_line
 
 __all__ = ["RunSummary", "run_directory"]
 
@@ -42,7 +43,9 @@ class RunSummary(Callback):
     unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
     ``distortion`` or ``pncc``), ``relative_violation`` (that reading past the tolerance in units
     of the constraint's scale: -0.05 is 5 % better than asked) and ``satisfied`` (every
-    constraint's validation reading meets its tolerance); ``global_step``,
+    constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
+    ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
+    CLI prints before the summary path, also in :attr:`verdict_line`); ``global_step``,
     ``wall_clock_seconds`` and ``path``. With several constraints, the per-constraint fields
     are dicts keyed by constraint name.
     The W&B run summary gets the same fields.
@@ -53,12 +56,16 @@ class RunSummary(Callback):
         self.filename = filename
         self.path: Path | None = None
         self.summary: dict[str, Any] = {}
+        self.verdict_line = ""
         self._validation: dict[str, float] = {}
+        self._history: list[tuple[int, dict[str, float]]] = []
         self._start = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
         self._validation = {}
+        self._history = []
+        self.verdict_line = ""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
@@ -75,10 +82,13 @@ class RunSummary(Callback):
         names = [k[len("val/"):] for k in metrics if k.startswith("val/") and "/" not in k[len("val/"):]]
         ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
         self._validation = {k: float(metrics[f"val/{k}"]) for k in ordered}
+        self._history.append((trainer.global_step, dict(self._validation)))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
+        if "verdict_line" in summary:
+            self.verdict_line = summary["verdict_line"]
         summary["global_step"] = trainer.global_step
         summary["wall_clock_seconds"] = round(time.monotonic() - self._start, 3)
         self.summary = summary
@@ -120,4 +130,32 @@ class RunSummary(Callback):
         fields["satisfied"] = all(
             c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
         )
+        stalls = callback.detector.stalls if callback.detector is not None else [None] * len(constraints)
+        outcomes = [verdict(v, stall) for v, stall in zip(violation, stalls)]
+        clauses = []
+        for k, (constraint, outcome) in enumerate(zip(constraints, outcomes)):
+            clauses.append(
+                constraint_clause(
+                    constraint.reading_name,
+                    self._validation.get(constraint.reading_name),
+                    constraint.reading_tolerance,
+                    violation[k],
+                    lower_is_better=constraint.lower_is_better,
+                    outcome=outcome,
+                    stall=stalls[k],
+                    lambda_rising=callback.lambda_rising(k),
+                    best=self._best(constraint),
+                    max_steps=trainer.max_steps if trainer.max_steps > 0 else None,
+                )
+            )
+        fields["verdict"] = outcomes[0] if len(constraints) == 1 else dict(zip([c.name for c in constraints], outcomes))
+        fields["verdict_line"] = verdict_line(clauses, self._validation.get("rate"))
         return fields
+
+    def _best(self, constraint: Any) -> tuple[float, int] | None:
+        """The best validation reading of a constraint over the run and its step."""
+        seen = [(v[constraint.reading_name], step) for step, v in self._history if constraint.reading_name in v]
+        seen = [(r, step) for r, step in seen if math.isfinite(r)]
+        if not seen:
+            return None
+        return min(seen, key=lambda item: constraint.relative_violation(item[0]))

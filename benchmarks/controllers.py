@@ -1,0 +1,214 @@
+"""Which multiplier controller meets the tolerance on data nobody tuned for: the table of issue 13.
+
+    python benchmarks/controllers.py --data-root ../shared/data --out docs/results/controllers \\
+        [--cells mnist_mse fashion_mse mnist_bce mnist_pncc] [--variants paper relative pi_train pi_calibration sigma] \\
+        [--seeds 0 1 2] [--max-steps 1500]
+
+Every run trains a committed config on the TRAINING split of the real files (``--data-root``;
+1,000 images held out for validation and, for every variant alike, 2,000 carved as the
+calibration split), then reads each constraint on the whole TEST split (10,000 images the
+model and the multiplier never saw) in the mode of the validation reading (eval, sampled z).
+A cell is ``|test reading / tolerance - 1|`` (for pNCC: ``(1 - ncc) / (1 - minimum)``), mean
+and spread over the seeds, with the test rate in nats beside it. Rows:
+
+- ``paper``: Algorithm 1 as written (alpha 0.99, absolute nu 1.0) on the training batches;
+- ``relative``: the previous default (alpha 0.9, relative nu 0.006, rise cap 1, release 3x);
+- ``pi_train``: the PI controller on the training batches;
+- ``pi_calibration``: the PI controller on the calibration stream (every 16 steps, 64 images);
+- ``sigma``: the optimal-sigma VAE (Rybkin et al. 2021), no tolerance at all.
+
+Each run is its own process (``--one``), as a user's would be; runs append to
+``<out>/runs.jsonl`` and are skipped when already there, so an interrupted table resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: cell -> (config, {dotted override: value}) on the real files
+CELLS: dict[str, tuple[str, dict]] = {
+    "mnist_mse": ("mnist_convvae_geco.yaml", {}),
+    "fashion_mse": ("fashion_mnist_convvae_geco.yaml", {}),
+    "mnist_bce": ("mnist_convvae_geco_bce.yaml", {}),
+    "mnist_pncc": ("mnist_convvae_geco_pncc.yaml", {}),
+    "mnist_flowvae": ("mnist_flowvae_geco.yaml", {}),
+    "mnist_laddervae": ("mnist_laddervae_geco.yaml", {}),
+    "mnist_convdraw": ("mnist_convdraw_geco.yaml", {}),
+}
+VARIANTS: dict[str, dict] = {
+    "paper": {"controller": "paper", "alpha": 0.99, "step_size": 1.0},
+    "relative": {"controller": "relative"},
+    "pi_train": {"controller": "pi", "drive": "training"},
+    "pi_calibration": {"controller": "pi", "drive": "calibration"},
+    "sigma": {},
+}
+NUM_CALIBRATION = 2000
+
+
+def run_config(cell: str, variant: str, seed: int, max_steps: int, data_root: str) -> dict:
+    """The config of one run, as a dict LightningCLI reads."""
+    name, overrides = CELLS[cell]
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["seed_everything"] = seed
+    trainer = config["trainer"]
+    trainer.update(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer["callbacks"] = [c for c in trainer.get("callbacks", []) if c["class_path"].endswith("GECOCallback")]
+    data = config["data"]["init_args"]
+    data.update(root=data_root, source="train", num_calibration=NUM_CALIBRATION)
+    model = config["model"]["init_args"]
+    model["iwae_samples"] = 0
+    if variant == "sigma":
+        model["objective"] = {"class_path": "lightning_geco.SigmaVAE"}
+        trainer["callbacks"] = []
+    else:
+        (callback,) = trainer["callbacks"]
+        callback["init_args"] = dict(VARIANTS[variant])
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def one(spec: dict) -> dict:
+    """Train one config in this process and read its constraints on the test split."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_geco.cli import main
+
+    config = run_config(spec["cell"], spec["variant"], spec["seed"], spec["max_steps"], spec["data_root"])
+    path = Path(spec["out"]) / "configs" / f"{spec['cell']}_{spec['variant']}_{spec['seed']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cli = main(["--config", str(path), "--trainer.default_root_dir", str(path.parent.parent / "lightning")], run=False)
+    start = time.monotonic()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    seconds = time.monotonic() - start
+    validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    test_module = type(cli.datamodule)(**{**config["data"]["init_args"], "source": "test", "num_calibration": 0})
+    loader = DataLoader(test_module.load(), batch_size=500)
+    # Constraints are read in the validation mode; GECO's state only weighs the loss there.
+    cli.trainer.validate(cli.model, dataloaders=loader, verbose=False)
+    test = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    geco = next((c for c in cli.trainer.callbacks if type(c).__name__ == "GECOCallback"), None)
+    # The constraints of the committed config, also for the sigma-VAE (which has none of its own).
+    base = yaml.safe_load((REPO / "configs" / CELLS[spec["cell"]][0]).read_text())
+    constraints = base["model"]["init_args"]["objective"]["init_args"]["constraints"]
+    readings = []
+    for entry in constraints:
+        kind = entry["class_path"].rsplit(".", 1)[-1]
+        args = entry["init_args"]
+        if kind == "PatchNCC":
+            key, tolerance, ratio = "pncc", args["minimum"], lambda r, t: (1 - r) / (1 - t)
+        elif kind == "ReconstructionBCE":
+            key, tolerance, ratio = "bce", args["tolerance"], lambda r, t: r / t
+        else:
+            key, tolerance, ratio = "distortion", args["tolerance"], lambda r, t: r / t
+        test_reading = test.get(f"val/{key}")
+        readings.append(
+            {
+                "reading": key,
+                "tolerance": tolerance,
+                "test": test_reading,
+                "validation": validation.get(f"val/{key}"),
+                "ratio": None if test_reading is None else ratio(test_reading, tolerance),
+            }
+        )
+    return {
+        **{k: spec[k] for k in ("cell", "variant", "seed", "max_steps")},
+        "readings": readings,
+        "test_rate": test.get("val/rate"),
+        "test_marginal_kl": test.get("val/marginal_kl"),
+        "lambda": None if geco is None else geco.geco.lagrange_multiplier.tolist(),
+        "stalled": None if geco is None or geco.detector is None else [s is not None for s in geco.detector.stalls],
+        "seconds": round(seconds, 1),
+    }
+
+
+def _cell_text(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    parts = []
+    for k in range(len(rows[0]["readings"])):
+        errors = [abs(r["readings"][k]["ratio"] - 1) * 100 for r in rows if r["readings"][k]["ratio"] is not None]
+        signed = [(r["readings"][k]["ratio"] - 1) * 100 for r in rows if r["readings"][k]["ratio"] is not None]
+        if not errors:
+            parts.append("n/a")
+            continue
+        spread = f" ±{statistics.pstdev(signed):.1f}" if len(signed) > 1 else ""
+        parts.append(f"{statistics.mean(errors):.1f}{spread} ({statistics.mean(signed):+.1f})")
+    rate = statistics.mean(r["test_rate"] for r in rows)
+    return "; ".join(parts) + f" [{rate:.1f} nats, n={len(rows)}]"
+
+
+def table(results: list[dict], cells: list[str], variants: list[str]) -> str:
+    """Rows = variants, columns = cells; ``|test/tol - 1|`` in % (mean ±sd of the signed gap;
+    signed mean in brackets), the test rate and the number of seeds."""
+    lines = ["| variant | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+    for variant in variants:
+        cells_text = [_cell_text([r for r in results if r["cell"] == c and r["variant"] == variant]) for c in cells]
+        lines.append(f"| {variant} | " + " | ".join(cells_text) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="*", default=["mnist_mse", "fashion_mse", "mnist_bce", "mnist_pncc"])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default="docs/results/controllers")
+    parser.add_argument("--one", help="(internal) run one spec given as JSON and print its result")
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(json.loads(args.one))), flush=True)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    key = lambda r: (r["cell"], r["variant"], r["seed"], r["max_steps"])  # noqa: E731
+    seen = {key(r) for r in done}
+    for seed in args.seeds:
+        for cell in args.cells:
+            for variant in args.variants:
+                spec = {"cell": cell, "variant": variant, "seed": seed, "max_steps": args.max_steps,
+                        "data_root": str(Path(args.data_root).resolve()), "out": str(out.resolve())}
+                if key(spec) in seen:
+                    continue
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                                      text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    print(f"FAILED {cell} {variant} {seed}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                result = json.loads(lines[-1][len("RESULT "):])
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
+                done.append(result)
+                gaps = ", ".join(f"{r['reading']} {100 * (r['ratio'] - 1):+.1f} %" for r in result["readings"] if r["ratio"])
+                print(f"{cell} {variant} seed {seed}: {gaps}, rate {result['test_rate']:.1f}, {result['seconds']} s",
+                      file=sys.stderr, flush=True)
+    text = table([r for r in done if r["max_steps"] == args.max_steps], args.cells, args.variants)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The multiplier controllers: the paper's rule, the previous default, and the PI law on log lambda."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from lightning_geco import GECO, GECOCallback, GECOObjective, ReconstructionMSE
+from lightning_geco.controllers import Algorithm1, PIController, log_ratio_error
+
+
+def _statistics(values: torch.Tensor) -> torch.Tensor:
+    """``[sum_1..sum_K, count, nonfinite]`` of per-example values (N, K)."""
+    return torch.cat([values.sum(0), torch.tensor([float(len(values)), 0.0])])
+
+
+def _callback_geco(tolerances, **kwargs) -> GECO:
+    objective = GECOObjective([ReconstructionMSE(t, name=f"c{i}") for i, t in enumerate(tolerances)])
+    return GECOCallback(**kwargs)._build_geco(list(objective.constraints))
+
+
+def _batches(steps=40, seed=0):
+    """Per-example constraint values of two constraints (tolerances 0.015 and 0.06), improving."""
+    generator = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        noise = torch.randn(8, 2, generator=generator) * torch.tensor([0.01, 0.03])
+        yield noise + torch.tensor([0.02 - 0.0006 * t, 0.05 - 0.001 * t]) - torch.tensor([0.015, 0.06])
+
+
+def test_paper_mode_is_algorithm_1_bit_for_bit():
+    alpha, nu = 0.99, 1.0
+    geco = _callback_geco([0.015, 0.06], controller="paper", alpha=alpha, step_size=nu)
+    ema, log_lambda = None, torch.zeros(2)
+    for values in _batches():
+        geco.update(_statistics(values))
+        batch = values.sum(0) / float(len(values))
+        ema = batch if ema is None else alpha * ema + (1 - alpha) * batch  # steps 1-2 of Algorithm 1
+        log_lambda = log_lambda + nu * ema  # step 5
+        assert torch.equal(geco.constraint_ema, ema)
+        assert torch.equal(geco.log_lagrange_multiplier, log_lambda)
+
+
+def test_relative_mode_reproduces_the_previous_default_exactly():
+    # Numbers from the GECO of commit b9bea36 (the previous default: alpha 0.9, relative nu
+    # 0.006, rise cap 1, release 3x) on the same 40 batches.
+    geco = _callback_geco([0.015, 0.06], controller="relative")
+    trajectory = []
+    for values in _batches():
+        geco.update(_statistics(values))
+        trajectory.append(geco.log_lagrange_multiplier.tolist())
+    assert trajectory[9] == [0.01984509266912937, -0.05044053494930267]
+    assert trajectory[25] == [0.00564586091786623, -0.15597106516361237]
+    assert trajectory[-1] == [-0.12412209808826447, -0.2951773703098297]
+
+
+def test_log_ratio_error_is_symmetric_and_compresses_large_violations():
+    scale = torch.tensor([0.01, 0.01, 0.01, 0.01])
+    readings = torch.tensor([0.02, 0.005, 0.1, 0.01])
+    error = log_ratio_error(readings - scale, scale)
+    assert error.tolist() == pytest.approx([math.log(2), -math.log(2), math.log(10), 0.0], abs=1e-6)
+
+
+def test_pi_first_kick_uses_the_first_error_and_integrates_the_raw_error():
+    pi = PIController(proportional_gain=0.5, integral_gain=0.01, smoothing_steps=10.0)
+    pi.reset(torch.zeros(1))
+    scale, valid = torch.tensor([0.01]), torch.tensor(True)
+    e0 = math.log(3.0)
+    out = pi.step(torch.zeros(1), torch.tensor([0.02]), torch.tensor([0.0]), scale, 1, valid)
+    # xi_{-1} = e_0, so the first P term is K_P * e_0 in full.
+    assert out.item() == pytest.approx(0.01 * e0 + 0.5 * e0, rel=1e-6)
+    e1 = math.log(2.0)
+    out = pi.step(out, torch.tensor([0.01]), torch.tensor([0.0]), scale, 1, valid)
+    s = math.exp(-1 / 10)
+    assert pi.integral.item() == pytest.approx(0.01 * (e0 + e1), rel=1e-6)
+    assert out.item() == pytest.approx(0.01 * (e0 + e1) + 0.5 * (s * e0 + (1 - s) * e1), rel=1e-6)
+
+
+def test_pi_gains_are_per_step_so_the_measurement_period_does_not_change_the_integral():
+    every_step, every_fourth = PIController(0.0, 0.01), PIController(0.0, 0.01)
+    for pi in (every_step, every_fourth):
+        pi.reset(torch.zeros(1))
+    args = (torch.tensor([0.02]), torch.tensor([0.0]), torch.tensor([0.01]))
+    for _ in range(8):
+        every_step.step(torch.zeros(1), *args, 1, torch.tensor(True))
+    for _ in range(2):
+        every_fourth.step(torch.zeros(1), *args, 4, torch.tensor(True))
+    assert every_fourth.integral.item() == pytest.approx(every_step.integral.item(), rel=1e-6)
+
+
+def test_pi_integrator_is_clamped_so_it_cannot_wind_up_past_the_bounds():
+    pi = PIController(0.0, 1.0, log_lambda_bounds=(-2.0, 3.0))
+    pi.reset(torch.zeros(1))
+    for _ in range(50):
+        out = pi.step(torch.zeros(1), torch.tensor([100.0]), torch.tensor([0.0]), torch.tensor([0.01]), 1, torch.tensor(True))
+    assert pi.integral.item() == 3.0 and out.item() == 3.0
+    # One step back below target starts lowering lambda at once (nothing wound up past 3).
+    out = pi.step(out, torch.tensor([-0.009]), torch.tensor([0.0]), torch.tensor([0.01]), 1, torch.tensor(True))
+    assert out.item() < 3.0
+
+
+def test_an_invalid_measurement_leaves_the_pi_state_and_lambda_untouched():
+    geco = _callback_geco([0.01], controller="pi")
+    geco.update(_statistics(torch.full((4, 1), 0.01)))
+    before = geco.state_dict()
+    geco.update(torch.tensor([float("nan"), 4.0, 0.0]))
+    geco.update(torch.tensor([0.1, 4.0, 1.0]))
+    after = geco.state_dict()
+    assert torch.equal(before["log_lagrange_multiplier"], after["log_lagrange_multiplier"])
+    for key in ("integral", "smoothed_error"):
+        assert torch.equal(before["controller"][key], after["controller"][key])
+    assert after["num_skipped_updates"] == 2
+
+
+def test_pi_state_round_trips_and_an_old_checkpoint_continues_from_its_lambda():
+    geco = _callback_geco([0.01], controller="pi")
+    for value in (0.05, 0.03, 0.02):
+        geco.update(_statistics(torch.full((4, 1), value - 0.01)))
+    restored = _callback_geco([0.01], controller="pi")
+    restored.load_state_dict(geco.state_dict())
+    assert torch.equal(restored.controller.integral, geco.controller.integral)
+    assert torch.equal(restored.controller.smoothed_error, geco.controller.smoothed_error)
+    old = {k: v for k, v in geco.state_dict().items() if k != "controller"}  # before controllers existed
+    fresh = _callback_geco([0.01], controller="pi")
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.controller.integral, geco.log_lagrange_multiplier)
+
+
+def test_calibration_drive_moves_lambda_only_through_control():
+    geco = _callback_geco([0.01], controller="pi", drive="calibration")
+    geco.update(_statistics(torch.full((4, 1), 0.05)))
+    assert geco.log_lagrange_multiplier.item() == 0.0 and geco.num_updates == 1
+    geco.control(_statistics(torch.full((4, 1), 0.01)), period=16)  # 2x the tolerance
+    assert geco.log_lagrange_multiplier.item() > 0.0 and geco.num_measurements == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"controller": "pid"}, "GECOCallback controller must be one of ('paper', 'relative', 'pi'), got 'pid'."),
+        ({"drive": "validation"}, "GECOCallback drive must be one of ('training', 'calibration'), got 'validation'."),
+        ({"proportional_gain": -1.0}, "PIController proportional_gain must be a finite number >= 0, got -1.0."),
+        ({"integral_gain": 0.0}, "PIController integral_gain must be a positive finite number, got 0.0."),
+        ({"smoothing_steps": float("nan")}, "PIController smoothing_steps must be a finite number >= 0, got nan."),
+        ({"calibration_every": 0}, "GECOCallback calibration_every must be a positive int, got 0."),
+        ({"stall_window": 1.5}, "GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got 1.5."),
+    ],
+)
+def test_bad_controller_settings_are_refused_with_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GECOCallback(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The closed loop on a synthetic plant: reading = c(t) / lambda^g (lagged) * noise.
+
+
+def _closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, tolerance=0.01):
+    """Run the default PI controller against a plant whose log reading follows
+    ``ln C_t = ln c(t) - g * y_t``, ``y`` a first-order lag (``tau`` steps) of ``ln lambda``:
+    the model adapting to a new weight, with gain g (1: a Gaussian decoder in its linear
+    regime), multiplicative noise of coefficient of variation ``cv`` and ``ln c`` falling by
+    ``drift`` per step (a model still improving). Returns the noiseless ratio C / tolerance per step."""
+    callback = GECOCallback(controller="pi")
+    geco = _callback_geco([tolerance], controller="pi")
+    assert geco.controller.proportional_gain == callback.proportional_gain  # the one default setting
+    generator = torch.Generator().manual_seed(seed)
+    lag, ratios = 0.0, []
+    for t in range(steps):
+        lag += (geco.log_lagrange_multiplier.item() - lag) / tau
+        log_reading = math.log(ratio0 * tolerance) - drift * t - g * lag
+        noisy = math.exp(log_reading + cv * torch.randn((), generator=generator).item() - cv**2 / 2)
+        geco.update(torch.tensor([noisy - tolerance, 1.0, 0.0]))
+        ratios.append(math.exp(log_reading) / tolerance)
+    return ratios
+
+
+@pytest.mark.parametrize("g", [0.3, 1.0, 3.0])
+def test_pi_settles_on_the_tolerance_with_no_steady_state_error(g):
+    ratios = _closed_loop(g)
+    tail = ratios[-len(ratios) // 5 :]
+    mean_log_error = sum(math.log(r) for r in tail) / len(tail)
+    assert abs(mean_log_error) < 0.01  # no steady-state error (within 1 %)
+    assert all(abs(r - 1) < 0.05 for r in tail)  # settled within 5 %
+    first = next(i for i, r in enumerate(ratios) if r <= 1.0)
+    assert min(ratios[first:]) > 0.75  # bounded overshoot past the target (at most 25 % better than asked)
+
+
+@pytest.mark.parametrize("g", [0.3, 1.0, 3.0])
+def test_pi_tracks_a_drifting_plant_within_five_percent(g):
+    # The model keeps improving at a fixed lambda (ln c falls 0.3 over the run): a ramp the
+    # integrator follows with a lag of drift / (g * K_I).
+    ratios = _closed_loop(g, drift=1e-4)
+    tail = ratios[-len(ratios) // 5 :]
+    assert all(abs(r - 1) < 0.05 for r in tail)

@@ -1,0 +1,131 @@
+"""The verdict: met / not_met / unreachable, from the rule and from small real runs built to end that way."""
+
+import json
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import quiet_trainer, tiny_conv_vae
+from lightning_geco import GECOCallback, RunSummary
+from lightning_geco.verdict import MET_BAND, Stall, StallDetector, constraint_clause, verdict, verdict_line
+
+
+def _detector(window=100):
+    return StallDetector(1, window_steps=window, log_lambda_max=30.0)
+
+
+def test_lambda_rising_fourfold_while_the_reading_stays_flat_is_a_stall():
+    detector = _detector()
+    found = []
+    for step in range(0, 201, 25):
+        log_lambda = math.log(2.0) + step / 100 * math.log(5.0)  # x5 per 100 steps
+        found += detector.observe(step, [log_lambda], [1.30 - 0.0001 * step])
+    assert found == [0]
+    stall = detector.stalls[0]
+    assert (stall.first_step, stall.last_step) == (0, 100)
+    assert stall.lambda_after / stall.lambda_before == pytest.approx(5.0)
+
+
+def test_a_reading_that_follows_lambda_is_no_stall():
+    detector = _detector()
+    for step in range(0, 226, 25):
+        log_lambda = step / 100 * math.log(5.0)
+        # unit gain: the reading falls as lambda rises (40x past the tolerance at lambda 1)
+        detector.observe(step, [log_lambda], [40.0 * math.exp(-log_lambda)])
+    assert detector.stalls == [None]
+
+
+def test_no_stall_is_called_before_a_whole_window_or_once_the_tolerance_is_met():
+    detector = _detector(window=100)
+    for step in (0, 25, 50, 75):
+        assert detector.observe(step, [step / 10], [2.0]) == []
+    detector = _detector(window=100)
+    for step in range(0, 151, 25):
+        # flat and lambda rising, but every window holds a point within 5 % of the tolerance
+        ratio = 1.02 if step == 50 else 1.2
+        detector.observe(step, [step / 20], [ratio])
+    assert detector.stalls == [None]
+
+
+def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
+    detector = StallDetector(1, window_steps=1000, log_lambda_max=5.0)
+    assert detector.observe(10, [5.0], [3.0]) == [0]
+    assert detector.stalls[0].at_bound
+
+
+def test_verdict_rule():
+    stall = Stall(0, 100, 1.0, 5.0, 1.3, 1.29)
+    assert verdict(-0.2, None) == "met"
+    assert verdict(MET_BAND, stall) == "met"  # a stall along the way, but the tolerance is met in the end
+    assert verdict(0.02, None) == "not_met"
+    assert verdict(0.02, stall) == "unreachable"
+    assert verdict(None, None) == "not_met"
+
+
+def test_verdict_lines_carry_the_figures():
+    met = constraint_clause("distortion", 0.00455, 0.005, -0.09, True, "met")
+    assert verdict_line([met], 24.71) == "GECO: distortion 0.00455 <= 0.005 (9.0 % better than asked), rate 24.7 nats"
+    close = constraint_clause("distortion", 0.01004, 0.01, 0.004, True, "met")
+    assert close == "distortion 0.01004 ~ 0.01 (0.4 % past it, within the 1 % band)"
+    missed = constraint_clause(
+        "distortion", 0.0131, 0.01, 0.31, True, "not_met", lambda_rising=True, best=(0.0128, 1400), max_steps=1500
+    )
+    assert missed == (
+        "NOT MET: distortion 0.0131 > 0.01 (+31.0 %); lambda still rising at the last step; "
+        "this model did not reach it in 1500 steps (best 0.0128 at step 1400)"
+    )
+    pncc = constraint_clause("pncc", 0.93, 0.94, 0.17, False, "unreachable", stall=Stall(100, 400, 2.0, 9.0, 1.2, 1.18))
+    assert pncc.startswith("UNREACHABLE: pncc 0.93 < 0.94 (+17.0 %); lambda rose 4.5x (2 -> 9) over steps 100-400")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small real runs, each built to end one way.
+
+
+def _images(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 16, 16, generator=g) > 0.7).float()
+
+
+def _run(tmp_path, tolerance, max_steps, **callback_kwargs):
+    pl.seed_everything(0)
+    summary = RunSummary()
+    geco = GECOCallback(controller="pi", **callback_kwargs)
+    trainer = quiet_trainer(
+        max_steps=max_steps,
+        log_every_n_steps=1,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        callbacks=[geco, summary],
+        default_root_dir=tmp_path,
+    )
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
+    trainer.fit(tiny_conv_vae(tolerance=tolerance), train, val)
+    return json.loads(summary.path.read_text()), summary, geco
+
+
+def test_a_generous_tolerance_ends_met(tmp_path):
+    summary, callback, _ = _run(tmp_path, tolerance=0.4, max_steps=20)
+    assert summary["verdict"] == "met"
+    assert callback.verdict_line.startswith("GECO: distortion ") and "better than asked" in callback.verdict_line
+
+
+def test_a_reachable_tolerance_with_too_few_steps_ends_not_met(tmp_path):
+    summary, callback, geco = _run(tmp_path, tolerance=0.12, max_steps=4)
+    assert summary["relative_violation"] > MET_BAND
+    assert summary["verdict"] == "not_met"
+    assert geco.detector.stalls == [None]
+    assert callback.verdict_line.startswith("GECO: NOT MET: distortion ")
+
+
+def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
+    with pytest.warns(UserWarning, match="looks unreachable for this model: lambda rose"):
+        summary, callback, geco = _run(tmp_path, tolerance=1e-5, max_steps=120)
+    assert summary["verdict"] == "unreachable"
+    stall = geco.detector.stalls[0]
+    assert stall.last_step < 120  # said before the end of the run
+    assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
