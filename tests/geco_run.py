@@ -69,12 +69,13 @@ class Trajectory(pl.Callback):
                 "ema": geco.constraint_ema.tolist(),
                 "skipped": geco.num_skipped_updates,
                 "updates": geco.num_updates,
+                "measurements": geco.num_measurements,
             }
         )
 
 
-def dataset(num_images: int = 512) -> TensorDataset:
-    images = torch.rand(num_images, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(7))
+def dataset(num_images: int = 512, seed: int = 7) -> TensorDataset:
+    images = torch.rand(num_images, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed))
     return TensorDataset((images > 0.7).float())
 
 
@@ -111,11 +112,25 @@ def run(
     step_indexed: bool = False,
     tolerance: float = 0.05,
     max_nonfinite_steps: int = 10,
+    calibration: bool = False,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = Trajectory()
-    callbacks = [GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps), trajectory]
+    if calibration:
+        # The PI controller on a calibration stream: 24 images every 3 steps, drawn from a
+        # separate seeded set and split over the ranks.
+        geco = GECOCallback(
+            controller="pi",
+            drive="calibration",
+            calibration_every=3,
+            calibration_batch_size=24,
+            calibration_dataset=dataset(96, seed=8),
+            max_nonfinite_steps=max_nonfinite_steps,
+        )
+    else:
+        geco = GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps)
+    callbacks = [geco, trajectory]
     trainer = quiet_trainer(
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
@@ -166,6 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--nan-at-step", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=0)
+    parser.add_argument("--calibration", action="store_true")
     args = parser.parse_args()
     run(
         args.out,
@@ -176,4 +192,5 @@ if __name__ == "__main__":
         precision=args.precision,
         nan_steps=[args.nan_at_step] if args.nan_at_step >= 0 else [],
         nan_rank=args.nan_rank,
+        calibration=args.calibration,
     )

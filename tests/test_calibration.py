@@ -1,0 +1,108 @@
+"""The multiplier driven by a calibration split: exact under DDP and resume, eval mode, clear errors."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules import ShapesDataModule
+from geco_run import run
+from helpers import quiet_trainer, tiny_conv_vae
+from lightning_geco import GECOCallback
+
+SCRIPT = Path(__file__).with_name("geco_run.py")
+
+
+def _rows(folder: Path, rank: int = 0) -> list[dict]:
+    return json.loads((folder / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_measure_the_same_calibration_images_as_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, str(SCRIPT), "--devices", "2", "--batch-size", "8", "--max-steps", "9",
+               "--calibration", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = _rows(out, 0), _rows(out, 1)
+    assert rank0 == rank1  # bit-identical lambda and controller counts on both ranks
+    assert [row["measurements"] for row in rank0] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # steps 0, 3, 6
+    run(tmp_path / "single", devices=1, batch_size=16, max_steps=9, calibration=True)
+    single = _rows(tmp_path / "single")
+    torch.testing.assert_close(
+        torch.tensor([r["log_lambda"] for r in rank0]), torch.tensor([r["log_lambda"] for r in single]),
+        rtol=1e-4, atol=1e-5,
+    )
+    assert single[-1]["log_lambda"] != single[0]["log_lambda"]  # the calibration stream moved lambda
+
+
+@pytest.mark.timeout(180)
+def test_calibration_driven_lambda_resumes_exactly(tmp_path):
+    n = 6  # a checkpoint between two measurements (every 3 steps): the schedule is f(seed, step)
+    kwargs = dict(batch_size=64, step_indexed=True, calibration=True)
+    run(tmp_path / "full", max_steps=2 * n, **kwargs)
+    run(tmp_path / "first", max_steps=n - 1, ckpt_out=str(tmp_path / "half.ckpt"), **kwargs)
+    run(tmp_path / "second", max_steps=2 * n, ckpt_in=str(tmp_path / "half.ckpt"), **kwargs)
+    resumed = _rows(tmp_path / "first") + _rows(tmp_path / "second")
+    full = _rows(tmp_path / "full")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(resumed, full):
+        assert a["log_lambda"] == pytest.approx(b["log_lambda"], rel=1e-6, abs=1e-7)
+        assert a["measurements"] == b["measurements"]
+
+
+class ModeSpy(pl.Callback):
+    """Records the model's mode and grad mode at every forward pass."""
+
+    def __init__(self, model):
+        self.seen = []
+        original = model.forward
+
+        def forward(*args, **kwargs):
+            self.seen.append((model.training, torch.is_grad_enabled(), args[0].shape[0]))
+            return original(*args, **kwargs)
+
+        model.forward = forward
+
+
+def _images(n, seed):
+    return (torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) > 0.7).float()
+
+
+def test_calibration_reads_the_model_in_eval_mode_without_gradients_and_leaves_training_as_it_was():
+    pl.seed_everything(0)
+    model = tiny_conv_vae()
+    spy = ModeSpy(model)
+    callback = GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                            calibration_dataset=TensorDataset(_images(20, 1)))
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
+    calibration = [s for s in spy.seen if s[2] == 5]
+    training = [s for s in spy.seen if s[2] == 8]
+    assert calibration == [(False, False, 5)] * 2  # steps 0 and 2
+    assert all(mode and grad for mode, grad, _ in training) and len(training) == 4
+    assert callback.geco.num_measurements == 2 and model.training
+
+
+def test_the_datamodule_calibration_split_drives_lambda(tmp_path):
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    callback = GECOCallback(controller="pi", drive="calibration", calibration_every=1, calibration_batch_size=8)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(tiny_conv_vae(), data)
+    assert callback.geco.num_measurements == 3
+
+
+def test_calibration_without_a_split_says_how_to_get_one():
+    callback = GECOCallback(drive="calibration")
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    message = ("GECOCallback(drive='calibration') needs a calibration split the model does not train on: set the "
+               "DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass GECOCallback(calibration_dataset=...).")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(16, 0)), batch_size=8))
