@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import quiet_trainer, random_images
+from helpers import quiet_trainer, random_images, tiny_conv_vae
 from datamodules import ShapesDataModule
 from lightning_geco import (
     ELBO,
+    BernoulliLikelihood,
     ConvDRAW,
     ConvVAE,
     FlowVAE,
@@ -63,6 +64,8 @@ def test_every_model_gives_finite_terms_of_the_right_shapes(name, image_shape):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.sample(3).shape == (3, *image_shape)
     assert model.reconstruct(x).shape == x.shape
+    for images in (model.sample(3), model.reconstruct(x)):  # images, not logits or overshooting means
+        assert 0 <= images.min() and images.max() <= 1
     assert torch.isfinite(model.importance_weighted_bound(x, 4)).all()
     traversal = model.latent_traversal(x, dims=[0, 1], steps=3)
     assert traversal is None if name == "ConvDRAW" else traversal.shape == (6, *image_shape)
@@ -171,3 +174,29 @@ def test_every_model_trains_with_geco_on_the_shapes_and_reduces_its_distortion(n
     logged = sum(trainer.callback_metrics[f"val/rate/{part}"] for part in parts) if parts else None
     if parts:
         torch.testing.assert_close(logged, trainer.callback_metrics["val/rate"], rtol=1e-4, atol=1e-4)
+
+
+def test_images_out_of_range_after_the_first_batch_and_nan_are_named(monkeypatch):
+    import lightning_geco.models.base as base
+
+    monkeypatch.setattr(base, "RANGE_CHECK_EVERY_N_STEPS", 4)
+    model = tiny_conv_vae()
+    batches = [random_images(8, seed=i) for i in range(8)]
+    batches[5] = batches[5] * 255  # a bad batch well after the first
+    with pytest.raises(ValueError, match=r"training batches of steps 4 to 7 held values in \[0\.000\d+, 25\d\.\d+\]"):
+        quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=[GECOCallback()]).fit(model, DataLoader(batches, batch_size=None))
+    nan = random_images(8)
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="The images of this batch contain NaN"):
+        tiny_conv_vae().check_images(nan, check_range=True)
+
+
+def test_a_wrong_shape_passed_to_the_model_is_named():
+    with pytest.raises(ValueError, match=r"ConvVAE was built for images of shape \(N, 1, 16, 16\), got a batch of shape \(2, 1, 28, 28\)"):
+        tiny_conv_vae()(torch.rand(2, 1, 28, 28))
+
+
+def test_reconstruct_of_a_bernoulli_model_is_its_mean_not_its_logits():
+    model = tiny_conv_vae(likelihood=BernoulliLikelihood(), objective=ELBO())
+    x = random_images(3)
+    torch.testing.assert_close(model.reconstruct(x), torch.sigmoid(model.decode_posterior_code(x)))

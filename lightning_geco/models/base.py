@@ -4,8 +4,9 @@ A variant with one diagonal-Gaussian latent and an N(0, I) prior implements
 :meth:`VAEModule.encode` and :meth:`VAEModule.decode`. A variant with another latent structure
 (a flow, several stochastic layers, recurrent steps) overrides :meth:`VAEModule.infer` (one
 stochastic pass: decoder output, rate, its parts) and the three deterministic views the
-panels use (:meth:`~VAEModule.reconstruct`, :meth:`~VAEModule.generate`,
-:meth:`~VAEModule.latent_traversal`). This base does the rest: the per-image terms, the
+panels use (:meth:`~VAEModule.decode_posterior_code`, :meth:`~VAEModule.generate`,
+:meth:`~VAEModule.latent_traversal`). Users read images through :meth:`~VAEModule.reconstruct`
+and :meth:`~VAEModule.sample`, both the likelihood's mean clamped to [0, 1]. This base does the rest: the per-image terms, the
 objective, the logging under the names of DESIGN.md, the aggregate-posterior metrics and the
 image panels.
 
@@ -23,12 +24,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
-
-from lightning_geco.callbacks import is_logging_step
-from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from torchmetrics import MeanMetric
 
+from lightning_geco.batches import batch_images, batch_labels
+from lightning_geco.callbacks import is_logging_step
+from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, gaussian_kl_per_dimension
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.panels import (
@@ -38,6 +40,7 @@ from lightning_geco.panels import (
     sample_grid,
     traversal_grid,
 )
+from lightning_geco.schedules import CosineToFloor
 
 __all__ = ["DiagonalGaussian", "LatentPass", "VAEModule", "VAEOutput", "gaussian_kl", "normal_log_density"]
 
@@ -45,6 +48,12 @@ _LOG_2PI = math.log(2 * math.pi)
 #: per-dimension KLs are logged as ``val/kl_dim/<j>`` up to this many dimensions (spatial
 #: latents have thousands; their per-part rates are logged instead)
 MAX_LOGGED_DIMENSIONS = 64
+#: the cosine schedule's final learning rate, as a fraction of ``learning_rate``
+COSINE_FLOOR_FRACTION = 0.05
+#: training batches' smallest and largest pixel values are kept on the device every step and
+#: read (one host sync) every this many steps: the [0, 1] check covers every batch for the
+#: cost of a min/max reduction per step
+RANGE_CHECK_EVERY_N_STEPS = 50
 
 
 @dataclass
@@ -149,29 +158,6 @@ class VAEOutput:
         return self.log_likelihood - self.rate
 
 
-def batch_images(batch: Any) -> Tensor:
-    """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
-        return batch["image"]
-    raise TypeError(
-        f"Cannot find images in a batch of type {type(batch).__name__}: expected a tensor, "
-        "a tuple/list whose first item is the image tensor, or a dict with key 'image'."
-    )
-
-
-def batch_labels(batch: Any) -> Tensor | None:
-    """The labels of a batch, if it carries any: the second item of a tuple/list, or ``batch["label"]``."""
-    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
-        return batch[1]
-    if isinstance(batch, dict) and isinstance(batch.get("label"), Tensor):
-        return batch["label"]
-    return None
-
-
 def traversal_codes(origin: Tensor, dims: Sequence[int], steps: int, span: float) -> Tensor:
     """Codes (len(dims) * steps, d): row block r is ``origin`` (1, d) with coordinate ``dims[r]``
     moved over ``[-span, span]`` in ``steps`` steps."""
@@ -202,7 +188,10 @@ class VAEModule(pl.LightningModule):
             it costs K decoder passes per validation batch).
         active_unit_threshold: variance of the posterior mean above which a latent dimension
             counts as active (``val/active_units``).
-        lr_schedule: ``"constant"``, or ``"cosine"``: anneal to 5% of the rate at ``max_steps``.
+        lr_schedule: ``"constant"``, or ``"cosine"``: anneal the learning rate to 5% of
+            ``learning_rate`` at the Trainer's ``max_steps``. Resumed with the same ``max_steps``
+            the schedule continues unchanged; with another (an extended run) it is re-planned
+            from the current step and learning rate to the new end, so it never rises.
             As the model stops improving, GECO's multiplier catches up with it and the
             constraint ends close to its tolerance instead of trailing below it.
     """
@@ -251,6 +240,9 @@ class VAEModule(pl.LightningModule):
         self._rate_distortion_history: list[tuple[int, float, float]] = []
         self._panel_batch: Tensor | None = None
         self._checked_range = False
+        # Running (min, max) of the training pixels since the last host check; NaN propagates.
+        self._pixel_range: Tensor | None = None
+        self._pixel_range_since = 0
 
     @property
     def constraints(self) -> list:
@@ -275,12 +267,48 @@ class VAEModule(pl.LightningModule):
                 f"got a batch of shape {tuple(x.shape)}. Set the model's image_shape to the data's."
             )
         if check_range:
-            low, high = float(x.min()), float(x.max())
-            if low < 0.0 or high > 1.0 or math.isnan(low) or math.isnan(high):
-                raise ValueError(
-                    f"Images must lie in [0, 1] (the tolerances are stated in those units), got values in "
-                    f"[{low:g}, {high:g}]. Rescale the data (e.g. torchvision's ToTensor) before the model."
-                )
+            low, high = torch.aminmax(x.detach().float())
+            self._raise_if_out_of_range(low, high, "this batch")
+
+    @staticmethod
+    def _raise_if_out_of_range(low: Tensor, high: Tensor, where: str) -> None:
+        low, high = float(low), float(high)  # the host sync
+        if math.isnan(low) or math.isnan(high):
+            raise ValueError(
+                f"The images of {where} contain NaN. Find where the data pipeline produces it "
+                "(a division by zero in normalisation, a corrupt file) before training on it."
+            )
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Images must lie in [0, 1] (the tolerances are stated in those units); {where} held values in "
+                f"[{low:g}, {high:g}]. Rescale the data (e.g. torchvision's ToTensor) before the model."
+            )
+
+    def _track_pixel_range(self, x: Tensor) -> None:
+        """Fold this batch's min and max into a device-side running range; check it every
+        :data:`RANGE_CHECK_EVERY_N_STEPS` steps, so no per-step host sync."""
+        low, high = torch.aminmax(x.detach().float())
+        batch_range = torch.stack([low, high])
+        if self._pixel_range is None:
+            self._pixel_range, self._pixel_range_since = batch_range, self.global_step
+        else:
+            # fmin/fmax would drop a NaN; minimum/maximum keep it.
+            self._pixel_range = torch.stack(
+                [torch.minimum(self._pixel_range[0], low), torch.maximum(self._pixel_range[1], high)]
+            )
+        if self.global_step + 1 - self._pixel_range_since >= RANGE_CHECK_EVERY_N_STEPS:
+            self._check_pixel_range()
+
+    def _check_pixel_range(self) -> None:
+        if self._pixel_range is not None:
+            since, pixel_range = self._pixel_range_since, self._pixel_range
+            self._pixel_range = None
+            self._raise_if_out_of_range(
+                pixel_range[0], pixel_range[1], f"the training batches of steps {since} to {self.global_step}"
+            )
+
+    def on_train_end(self) -> None:
+        self._check_pixel_range()  # the batches since the last check
 
     def reparameterization_noise(self, x: Tensor, posterior: DiagonalGaussian) -> Tensor | None:
         """The N(0, I) noise of z = mean + noise * std; None draws it from torch's RNG.
@@ -312,6 +340,7 @@ class VAEModule(pl.LightningModule):
         )
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> VAEOutput:
+        self.check_images(x)  # a wrong shape is named here, not as a matmul error deep inside
         latent = self.infer(x)
         reconstruction = self.likelihood.mean(latent.decoder_output)
         # fp32 before squaring: per-image sums overflow fp16 under autocast.
@@ -347,9 +376,15 @@ class VAEModule(pl.LightningModule):
         return self.encode(x).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder output for the posterior code (no sampling), (N, C, H, W)."""
+    def decode_posterior_code(self, x: Tensor) -> Tensor:
+        """Decoder output (what the likelihood reads, e.g. logits) for the posterior code, no sampling, (N, C, H, W)."""
         return self.decode(self.posterior_code(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The reconstruction of images x (N, C, H, W): the likelihood's mean at the posterior
+        code, clamped to [0, 1] (a Gaussian mean may overshoot), (N, C, H, W)."""
+        return self.likelihood.mean(self.decode_posterior_code(x)).clamp(0, 1)
 
     @torch.no_grad()
     def generate(self, num_samples: int) -> Tensor:
@@ -358,14 +393,15 @@ class VAEModule(pl.LightningModule):
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:
-        """Images decoded from z ~ p(z), shape (num_samples, C, H, W), as the likelihood's mean."""
-        return self.likelihood.mean(self.generate(num_samples))
+        """Images decoded from z ~ p(z), (num_samples, C, H, W): the likelihood's mean, clamped to [0, 1]."""
+        return self.likelihood.mean(self.generate(num_samples)).clamp(0, 1)
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch_images(batch)
         first_batch = not self._checked_range
         self.check_images(x, check_range=first_batch)
+        self._track_pixel_range(x)
         output = self(x, batch_labels(batch))
         if first_batch:
             # Once per run: a tolerance the data make impossible (e.g. a BCE below the data's
@@ -476,7 +512,7 @@ class VAEModule(pl.LightningModule):
         # Panels decode the posterior mean (what a user means by "the reconstruction"); the
         # logged distortion samples z, as the constraint does.
         step = self.global_step
-        reconstruction = self.likelihood.mean(self.reconstruct(x))
+        reconstruction = self.reconstruct(x)
         log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), step)
         log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), step)
         traversal = self.latent_traversal(x, self.traversal_dimensions(kl_per_dim))
@@ -510,6 +546,24 @@ class VAEModule(pl.LightningModule):
             return optimizer
         total_steps = self.trainer.max_steps
         if total_steps <= 0:
-            raise ValueError("lr_schedule='cosine' anneals over Trainer(max_steps=...); set max_steps > 0.")
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=0.05 * self.learning_rate)
+            raise ValueError(
+                f"lr_schedule='cosine' anneals over Trainer(max_steps=...); got max_steps={total_steps}, set it > 0."
+            )
+        scheduler = CosineToFloor(optimizer, total_steps=total_steps, floor_fraction=COSINE_FLOOR_FRACTION)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # Runs after Lightning restored the checkpoint's scheduler. A run resumed with the same
+        # max_steps keeps the plan (and so equals the uninterrupted run); an extended (or
+        # shortened) run re-plans the cosine from the current step and rate to the new end,
+        # instead of climbing back up the old cosine past its end.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, CosineToFloor):
+                start_step = scheduler.last_epoch
+                if scheduler.replan(self.trainer.max_steps):
+                    rank_zero_info(
+                        f"Cosine learning-rate schedule re-planned: from step {start_step} at "
+                        f"{scheduler.get_last_lr()[0]:.3g} down to {COSINE_FLOOR_FRACTION:g} x "
+                        f"{self.learning_rate:g} at the new max_steps {self.trainer.max_steps}."
+                    )

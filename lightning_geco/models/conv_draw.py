@@ -125,7 +125,7 @@ class ConvDRAW(VAEModule):
         )
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def decode_posterior_code(self, x: Tensor) -> Tensor:
         return self.draw(x, x.shape[0], sample=False)[1]
 
     @torch.no_grad()

@@ -172,7 +172,7 @@ class LadderVAE(VAEModule):
         )
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def decode_posterior_code(self, x: Tensor) -> Tensor:
         features, top = self.bottom_up(x)
         return self.decode(self.code(top.mean, self.top_down(top.mean, features, sample=False)))
 
