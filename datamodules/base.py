@@ -3,10 +3,12 @@ optional calibration split carved from the training set."""
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = [
@@ -175,6 +177,14 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         train, val = self.build_splits()
+        name = type(self).__name__
+        if len(train) == 0:
+            raise ValueError(f"{name}: the training set is empty (0 images); check the data's files and sizes.")
+        if len(val) == 0:
+            rank_zero_warn(
+                f"{name}: the validation set is empty (0 images): no validation figures, and summary.json "
+                "cannot say whether the constraints are satisfied."
+            )
         if self.num_calibration:
             train, calibration = carve_calibration(train, self.num_calibration)
             self.calibration_dataset = self._on_device(calibration) if self.device is not None else calibration
@@ -215,6 +225,14 @@ class ImageDataModule(pl.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset
+        if isinstance(dataset, Sized) and self.shuffle and len(dataset) < self.batch_size:
+            # drop_last would leave no batch: Lightning would "finish" at step 0 with exit code 0.
+            raise ValueError(
+                f"{type(self).__name__}: the training set has {len(dataset)} images, fewer than "
+                f"batch_size {self.batch_size}; no full batch, so no training step. Lower batch_size to at most "
+                f"{len(dataset)} or use more training images."
+            )
         return self._loader(self.train_dataset, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:

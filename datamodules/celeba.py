@@ -124,7 +124,7 @@ class CelebADataModule(ImageDataModule):
 
         def subset(code: str) -> CelebAImages:
             names = sorted(name for name, part in partition.items() if part == code)
-            attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), -1)
+            attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), 40)
             return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)
 
         return subset("0"), subset("1")

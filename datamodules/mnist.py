@@ -18,6 +18,7 @@ from __future__ import annotations
 import colorsys
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -45,13 +46,22 @@ _STEMS = {
 
 
 def read_idx(path: str | Path) -> Tensor:
-    """A tensor from an idx file (LeCun's format), gzipped or not."""
+    """A tensor from an idx file (LeCun's format), gzipped or not; a damaged file's error names it."""
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:
+            raise ValueError(
+                f"{path} is a damaged or truncated gzip file ({error}); download it again."
+            ) from error
+    if len(raw) < 4:
+        raise ValueError(f"{path} is empty or truncated: {len(raw)} bytes, an idx header alone needs 4.")
     zero, dtype_code, num_dims = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code not in _DTYPES:
         raise ValueError(f"{path} is not an idx file (header {raw[:4].hex()}).")
+    if len(raw) < 4 + 4 * num_dims:
+        raise ValueError(f"{path} is truncated inside its header ({len(raw)} bytes for {num_dims} dimensions).")
     shape = struct.unpack(f">{num_dims}I", raw[4 : 4 + 4 * num_dims])
     dtype = _DTYPES[dtype_code]
     data = torch.frombuffer(bytearray(raw[4 + 4 * num_dims :]), dtype=dtype)

@@ -173,3 +173,16 @@ def test_calibration_split_as_large_as_train_names_both_numbers(tmp_path):
         dm.setup()
     with pytest.raises(ValueError, match="num_calibration must be >= 0, got -1"):
         ShapesDataModule(num_calibration=-1)
+
+
+def test_an_empty_training_set_or_one_smaller_than_a_batch_is_an_error_and_an_empty_val_set_warns(tmp_path):
+    make_celeba(tmp_path / "celeba", partitions=[1, 1, 2])
+    with pytest.raises(ValueError, match=r"CelebADataModule: the training set is empty \(0 images\)"):
+        CelebADataModule(root=str(tmp_path), num_workers=0).setup()
+    make_celeba(tmp_path / "other" / "celeba", partitions=[0, 0, 2])
+    with pytest.warns(UserWarning, match=r"the validation set is empty \(0 images\)"):
+        CelebADataModule(root=str(tmp_path / "other"), num_workers=0).setup()
+    small = ShapesDataModule(image_size=8, num_train=10, num_val=2, batch_size=16)
+    small.setup()
+    with pytest.raises(ValueError, match=r"the training set has 10 images, fewer than batch_size 16"):
+        small.train_dataloader()

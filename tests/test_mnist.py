@@ -82,3 +82,18 @@ def test_real_mnist_test_split_has_the_known_label_counts():
     assert images.shape == (10_000, 1, 28, 28)
     assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert images.min() == 0.0 and images.max() == 1.0
+
+
+def test_a_truncated_gz_or_empty_idx_file_is_named_in_the_error(tmp_path):
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    write_idx(tmp_path / "a.gz", images, gzipped=True)
+    truncated = tmp_path / "truncated.gz"
+    truncated.write_bytes((tmp_path / "a.gz").read_bytes()[:40])
+    with pytest.raises(ValueError, match=rf"{truncated} is a damaged or truncated gzip file"):
+        read_idx(truncated)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty is empty or truncated: 0 bytes, an idx header alone needs 4"):
+        read_idx(tmp_path / "empty")
+    (tmp_path / "header").write_bytes(b"\x00\x00\x08\x03\x00\x00")
+    with pytest.raises(ValueError, match=r"header is truncated inside its header \(6 bytes for 3 dimensions\)"):
+        read_idx(tmp_path / "header")
