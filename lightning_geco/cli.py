@@ -1,23 +1,230 @@
-"""The LightningCLI behind ``train.py``: W&B by default, the data's image shape linked to the model."""
+"""The LightningCLI behind ``train.py``: W&B by default, the data's image shape linked to the model.
+
+Beyond Lightning's CLI:
+
+* ``--tolerance`` sets the constraints' tolerances (see :func:`apply_tolerances`).
+* Each run's checkpoints go to ``<ModelCheckpoint dirpath>/<run id>/`` (the run id is the
+  W&B run's id, else the logger's version, else a fresh id); ``--ckpt_path last`` resumes the
+  newest ``last.ckpt`` under the config's dirpath and continues that run: the same folder and
+  the same W&B run id. After a finished fit, ``<dirpath>/last.ckpt`` links to that run's
+  ``last.ckpt`` (what configs reading a trained network point at).
+* A checkpoint whose model class or architecture differs from the config is refused, naming
+  both values (Lightning's CLI would silently train the checkpoint's model instead).
+* Configuration errors print their own message in a few lines, with a close match for a
+  misspelt option, instead of jsonargparse's nested Union report and traceback.
+* A fit that fails after W&B started finishes that run as failed and says so.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import re
+import shutil
+import sys
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 import yaml
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
+from jsonargparse._util import import_object
 from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from datamodules.base import ImageDataModule
 from lightning_geco.summary import RunSummary, run_directory
 
-__all__ = ["GECOLightningCLI", "SaveConfigToRun", "main"]
+__all__ = ["GECOLightningCLI", "SaveConfigToRun", "apply_tolerances", "main"]
+
+TOLERANCE_HELP = (
+    "Constraint tolerance, in the constraint's unit: '--tolerance 0.004' when the config has one "
+    "constraint; 'NAME=VALUE' per constraint otherwise, NAME being the constraint's name "
+    "(e.g. '--tolerance reconstruction=0.004 --tolerance pncc=0.95'). For a reconstruction MSE "
+    "constraint NAME may also be a unit: 'mse=0.004' or 'psnr=24' (dB)."
+)
 
 
+#: model settings filled in from the data when the classes are built (see add_arguments_to_parser)
+LINKED_KEYS = ("image_shape",)
+
+
+class ConfigurationError(ValueError):
+    """A setting the run cannot use; the message names the setting, its value and what is accepted."""
+
+
+# ------------------------------------------------------------------ --tolerance
+def _constraint_namespaces(model: Namespace) -> list[Namespace]:
+    objective = (model.get("init_args") or Namespace()).get("objective")
+    constraints = (objective.get("init_args") or Namespace()).get("constraints") if objective else None
+    if constraints is None:
+        return []
+    return list(constraints) if isinstance(constraints, list) else [constraints]
+
+
+def _default_name(class_path: str) -> str:
+    """A constraint's ``name`` when the config leaves it out: its class's default."""
+    parameter = inspect.signature(import_object(class_path)).parameters.get("name")
+    return parameter.default if parameter is not None else class_path.rsplit(".", 1)[-1]
+
+
+def apply_tolerances(model: Namespace, settings: list[str]) -> None:
+    """Set the tolerances of the model config's constraints from ``--tolerance`` values, in place.
+
+    Each setting is ``VALUE`` (only when there is one constraint) or ``NAME=VALUE``, NAME a
+    constraint's ``name``, or for a :class:`~lightning_geco.ReconstructionMSE` its unit
+    ``mse`` or ``psnr`` (which also sets the unit). The constraint checks the value's range
+    when it is built.
+    """
+    constraints = _constraint_namespaces(model)
+    for constraint in constraints:
+        if constraint.get("init_args") is None:
+            constraint.init_args = Namespace()
+    names = [c.init_args.get("name") or _default_name(c.class_path) for c in constraints]
+    if not constraints:
+        raise ConfigurationError(
+            f"--tolerance {settings[0]!r}: the model's objective ({model.get('class_path')}) has no constraints to set."
+        )
+    for setting in settings:
+        key, _, text = setting.rpartition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigurationError(f"--tolerance {setting!r}: {text!r} is not a number.") from None
+        if not key:
+            if len(constraints) > 1:
+                raise ConfigurationError(
+                    f"--tolerance {setting!r} is ambiguous: the objective has {len(constraints)} constraints "
+                    f"({', '.join(names)}); give NAME=VALUE, e.g. --tolerance {names[0]}={text}."
+                )
+            constraints[0].init_args["tolerance"] = value
+            continue
+        matches = [c for c, name in zip(constraints, names) if name == key]
+        if not matches and key in ("mse", "psnr"):
+            matches = [c for c in constraints if c.class_path.endswith("ReconstructionMSE")]
+            for constraint in matches:
+                constraint.init_args["unit"] = key
+        if len(matches) != 1:
+            accepted = names + (["mse", "psnr"] if any(c.class_path.endswith("ReconstructionMSE") for c in constraints) else [])
+            raise ConfigurationError(
+                f"--tolerance {setting!r}: {key!r} names {len(matches)} of the constraints; "
+                f"accepted names: {', '.join(accepted)}."
+            )
+        matches[0].init_args["tolerance"] = value
+
+
+# ------------------------------------------------------ checkpoint vs config
+def _as_comparable(value: Any) -> Any:
+    return [_as_comparable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], ckpt_path: str) -> None:
+    """Refuse a checkpoint whose model class or architecture keys differ from the config's."""
+    config_class = import_object(model.class_path)
+    saved_path = hyperparameters.get("_class_path")
+    if saved_path:
+        saved_class = import_object(saved_path)
+        if saved_class is not config_class:
+            raise ConfigurationError(
+                f"--ckpt_path {ckpt_path} holds a {saved_class.__name__} ({saved_path}); the config builds a "
+                f"{config_class.__name__} ({model.class_path}). Resume with the config the checkpoint was trained "
+                "with, or start a new run without --ckpt_path."
+            )
+    init_args = model.get("init_args") or Namespace()
+    for key in getattr(config_class, "architecture_keys", ()):
+        # image_shape comes from the data only when the classes are built (a link): the
+        # model's on_load_checkpoint compares it then.
+        if key in LINKED_KEYS:
+            continue
+        if key in hyperparameters and init_args.get(key) is not None:
+            saved, configured = _as_comparable(hyperparameters[key]), _as_comparable(init_args[key])
+            if saved != configured:
+                raise ConfigurationError(
+                    f"--ckpt_path {ckpt_path} was trained with {key}={saved!r}; the config asks for "
+                    f"{key}={configured!r} (--model.init_args.{key}). A checkpoint only resumes the model it was "
+                    "built for: use its setting, or start a new run without --ckpt_path."
+                )
+
+
+def _checkpoint_folders(config: Namespace) -> list[Path]:
+    """The ``dirpath`` of every ModelCheckpoint in the config: each holds one folder per run."""
+    folders = []
+    for callback in config.trainer.get("callbacks") or []:
+        if isinstance(callback, Namespace) and callback.get("class_path", "").endswith("ModelCheckpoint"):
+            dirpath = (callback.get("init_args") or Namespace()).get("dirpath")
+            if dirpath:
+                folders.append(Path(dirpath))
+    return folders
+
+
+def newest_last_checkpoint(folders: list[Path]) -> Path | None:
+    """The most recently written ``<folder>/<run id>/last*.ckpt`` across ``folders``, if any."""
+    found = [path for folder in folders for path in folder.glob("*/last*.ckpt") if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+# ------------------------------------------------------------- short errors
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (jsonargparse wraps a constructor's error several times)."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def short_parser_message(message: str, options: list[str]) -> str:
+    """jsonargparse's report cut to its cause, with a close match for an unknown option."""
+    unknown = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if unknown:
+        class_path, option = unknown.groups()
+        try:
+            accepted = list(inspect.signature(import_object(class_path)).parameters)
+        except (ImportError, ValueError, TypeError):
+            accepted = []
+        close = difflib.get_close_matches(option, accepted, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Accepted: {', '.join(accepted)}."
+        return f"{class_path} has no option {option!r}.{hint}"
+    unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
+    if unrecognized:
+        option = unrecognized.group(1).split("=")[0]
+        close = difflib.get_close_matches(option, options, n=1)
+        return f"unknown option {option}." + (f" Did you mean {close[0]}?" if close else "")
+    # Otherwise the deepest listed error that is not the 'or None' alternative.
+    reasons = [
+        line.strip()[2:]
+        for line in message.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line and "Problem with" not in line
+    ]
+    return reasons[-1] if reasons else message.splitlines()[0]
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """A LightningArgumentParser whose errors are the cause in a line or two, not the usage and a
+    nested Union report; ``--help`` still lists every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        options = [option for action in self._actions for option in action.option_strings]
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {short_parser_message(message, options)}\n(see {prog} --help)\n")
+        self.exit(2)
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------- the CLI
 class SaveConfigToRun(SaveConfigCallback):
     """Saves the run's full config as ``config.yaml`` in the run's own folder and logs it as hyperparameters."""
 
@@ -34,21 +241,132 @@ class SaveConfigToRun(SaveConfigCallback):
 class GECOLightningCLI(LightningCLI):
     """LightningCLI for the collection; every run ends with ``summary.json`` and prints its path last."""
 
+    #: the id of the run a ``--ckpt_path`` inside ``<dirpath>/<run id>/`` continues
+    resumed_run_id: str | None = None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             "data", "model.init_args.image_shape", compute_fn=lambda data: list(data.image_shape), apply_on="instantiate"
         )
+        parser.add_argument("--tolerance", action="append", type=str, default=None, help=TOLERANCE_HELP)
+
+    def _parse_ckpt_path(self) -> None:
+        # Replaces Lightning's, which overwrites the config's model with the checkpoint's
+        # hyperparameters: the command line is what runs, and a checkpoint of another model is
+        # refused instead of silently trained.
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        folders = _checkpoint_folders(config) if "trainer" in config else []
+        if ckpt_path == "last" and folders:
+            found = newest_last_checkpoint(folders)
+            if found is None:
+                rank_zero_warn(
+                    f"--ckpt_path last: no checkpoint under {', '.join(f'{f}/<run id>/' for f in folders)}; "
+                    "this is a new run from step 0."
+                )
+            config.ckpt_path = ckpt_path = str(found) if found else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
+            self.resumed_run_id = Path(ckpt_path).parent.name
+        hyperparameters = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        try:
+            check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
+        except ConfigurationError as error:
+            _fail(str(error))
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("tolerance"):
+            try:
+                apply_tolerances(config.model, config.tolerance)
+            except ConfigurationError as error:
+                _fail(str(error))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:  # noqa: BLE001 - reported as its cause; the chain stays attached
+            cause = _root_cause(error)
+            if isinstance(cause, (ValueError, TypeError)):
+                sys.stderr.write(f"error: {cause}\n")
+                raise SystemExit(2) from error
+            raise
+
+    def before_fit(self) -> None:
+        run_id = self._run_id()
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                callback.dirpath = os.path.join(callback.dirpath, run_id)
+
+    def _run_id(self) -> str:
+        """The resumed run's id, else this run's W&B id / logger version, else a fresh id."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                if self.resumed_run_id:
+                    # WandbLogger passes id (with resume="allow") to wandb.init, which continues
+                    # that run; it reads both from its init dict when the experiment starts.
+                    logger._wandb_init["id"] = logger._id = self.resumed_run_id
+                    return self.resumed_run_id
+                if self.trainer.is_global_zero:
+                    return logger.experiment.id  # starts the W&B run (fit would), which fixes its id
+        if self.resumed_run_id:
+            return self.resumed_run_id
+        if self.trainer.loggers and self.trainer.loggers[0].version is not None:
+            version = self.trainer.loggers[0].version
+            return version if isinstance(version, str) else f"version_{version}"
+        # Other ranks get rank 0's folder: ModelCheckpoint broadcasts its dirpath in setup.
+        return uuid.uuid4().hex[:8]
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        try:
+            self.trainer.fit(model, **kwargs)
+        except BaseException as error:
+            self._finish_wandb(failed_with=error)
+            raise
+
+    def _finish_wandb(self, failed_with: BaseException | None = None) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                run_dir = Path(logger.experiment.dir).parent
+                logger.experiment.finish(exit_code=1 if failed_with is not None else 0)
+                mode = os.environ.get("WANDB_MODE", "online")
+                if failed_with is None:
+                    print(f"W&B run ({mode}): {run_dir}")
+                else:
+                    sys.stderr.write(
+                        f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by "
+                        f"{type(failed_with).__name__}: {failed_with}\n"
+                    )
 
     def after_fit(self) -> None:
         summary = next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
         if not self.trainer.is_global_zero:
             return
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                run_dir = Path(logger.experiment.dir).parent
-                logger.experiment.finish()
-                print(f"W&B run ({os.environ.get('WANDB_MODE', 'online')}): {run_dir}")
+        self._finish_wandb()
+        self._link_last_checkpoints()
+        verdict = getattr(summary, "verdict_line", "")
+        if verdict:
+            print(verdict)
         print(summary.path, flush=True)
+
+    def _link_last_checkpoints(self) -> None:
+        # <dirpath>/last.ckpt -> <run id>/last.ckpt: the stable path of the newest finished run,
+        # which configs reading a trained network (the classification constraint) point at.
+        for callback in self.trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.last_model_path:
+                continue
+            last = Path(callback.last_model_path)
+            link = last.parent.parent / "last.ckpt"
+            link.unlink(missing_ok=True)
+            try:
+                link.symlink_to(Path(last.parent.name) / last.name)
+            except OSError:  # no symlinks (e.g. Windows without the privilege): a copy
+                shutil.copyfile(last, link)
 
 
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
@@ -61,6 +379,7 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToRun,
+        parser_class=ShortErrorParser,
         save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults={
             # Absolute: W&B's service process keeps the working directory of the first run in

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy
 import torch
-from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
 
 __all__ = ["log_image_grid", "rate_distortion_figure", "reconstruction_grid", "sample_grid", "traversal_grid"]
 
@@ -41,15 +42,17 @@ def rate_distortion_figure(history: Sequence[tuple[int, float, float]], toleranc
     Returns:
         The rendered chart, (3, H, W) float in [0, 1].
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend and open
+    # figures are left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     steps = [h[0] for h in history]
     rates = [h[1] for h in history]
     distortions = [h[2] for h in history]
-    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+    fig = Figure(figsize=(4.5, 3.5), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(rates, distortions, color="0.6", linewidth=1, zorder=1)
     points = ax.scatter(rates, distortions, c=steps, cmap="viridis", zorder=2)
     fig.colorbar(points, ax=ax, label="step")
@@ -60,14 +63,15 @@ def rate_distortion_figure(history: Sequence[tuple[int, float, float]], toleranc
     ax.set_ylabel("distortion (MSE / element)")
     ax.set_title("validation rate-distortion")
     fig.tight_layout()
-    fig.canvas.draw()
-    pixels = torch.from_numpy(numpy.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
+    canvas.draw()
+    pixels = torch.from_numpy(numpy.asarray(canvas.buffer_rgba())[..., :3].copy())
     return pixels.permute(2, 0, 1).float() / 255.0
 
 
 def log_image_grid(loggers: Iterable[Logger], key: str, grid: Tensor, step: int) -> None:
-    """Send an image to every logger that takes images (W&B, TensorBoard); others are skipped."""
+    """Send an image (3, H, W) in [0, 1] to every logger: W&B and TensorBoard log it; a CSVLogger,
+    which has no image column, gets it as ``<log_dir>/images/<key with _ for />/step_<step>.png``;
+    other loggers are skipped."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             # uint8 HWC is the one layout wandb.Image reads without guessing the value range.
@@ -75,3 +79,7 @@ def log_image_grid(loggers: Iterable[Logger], key: str, grid: Tensor, step: int)
             logger.log_image(key=key, images=[pixels], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step)
+        elif isinstance(logger, CSVLogger) and logger.log_dir:
+            path = Path(logger.log_dir) / "images" / key.replace("/", "_") / f"step_{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, path)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy
 import pytest
+import torch
 import yaml
+from jsonargparse import dict_to_namespace
 from PIL import Image
 
 from datamodules.dsprites import FILE_NAME
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
-from lightning_geco.cli import main
+from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
 
@@ -151,13 +153,116 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
             assert pixels.max() == 255, f"{png.name} is blank"  # at least the white grid lines
     assert (summary_path.parent / "config.yaml").exists()
     summary = json.loads(summary_path.read_text())
-    assert summary["tolerance"] == pytest.approx(0.01) or summary["tolerance"] > 0
+    assert summary["tolerance"] == pytest.approx(0.005)  # configs/default.yaml's
     assert summary["lambda"] == pytest.approx(cli.trainer.callback_metrics["geco/lambda"].item())
 
 
-def test_image_shape_comes_from_the_data_and_cannot_be_repeated_in_the_config():
-    cli = main(_fit(REPO / "configs" / "default.yaml", "--data.init_args.image_size", "32"))
+def test_image_shape_comes_from_the_data_even_when_the_config_repeats_it():
+    cli = main(_fit(REPO / "configs" / "default.yaml", "--data.init_args.image_size", "32", *QUICK))
     assert cli.model.image_shape == (1, 32, 32)
+    # A model image_shape in the config is overridden by the data's (the link runs last).
+    repeated = ("--data.init_args.image_size", "32", "--model.init_args.image_shape", "[1, 64, 64]")
+    assert main(_fit(REPO / "configs" / "default.yaml", *repeated, *QUICK)).model.image_shape == (1, 32, 32)
+
+
+def _summary(capsys) -> dict:
+    return json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+
+
+def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
+    main(_fit(REPO / "configs" / "default.yaml", "--tolerance", "0.004", *QUICK))
+    assert _summary(capsys)["tolerance"] == pytest.approx(0.004)
+    main(_fit(REPO / "configs" / "default.yaml", "--tolerance", "psnr=20", *QUICK))
+    summary = _summary(capsys)
+    assert summary["tolerance"] == pytest.approx(0.01)  # 20 dB of images in [0, 1] is an MSE of 0.01
+    assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"} or "psnr" in str(summary["tolerance_stated"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
+    model = dict_to_namespace(yaml.safe_load(config.read_text())["model"])
+    constraints = _constraint_namespaces(model)
+    if not constraints:
+        with pytest.raises(ConfigurationError, match="has no constraints to set"):
+            apply_tolerances(model, ["0.01"])
+        return
+    names = [c.init_args.get("name") or _default_name(c.class_path) for c in constraints]
+    apply_tolerances(model, [f"{name}=0.5" for name in names])
+    assert [c.init_args["tolerance"] for c in constraints] == [0.5] * len(names)
+    if len(constraints) > 1:
+        with pytest.raises(ConfigurationError, match=rf"ambiguous: the objective has {len(names)} constraints \({', '.join(names)}\)"):
+            apply_tolerances(model, ["0.01"])
+    with pytest.raises(ConfigurationError, match=r"'nope' names 0 of the constraints; accepted names: "):
+        apply_tolerances(model, ["nope=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.init_args.num_trian", "5"], "datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
+        (["--trainer.max_stepz", "5"], "unknown option --trainer.max_stepz. Did you mean --trainer.max_steps?"),
+        (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
+        (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
+        (["--tolerance", "0"], "ReconstructionMSE tolerance 0.0 (unit 'mse') cannot be expressed"),
+        (["--tolerance", "x=0.1"], "--tolerance 'x=0.1': 'x' names 0 of the constraints; accepted names: reconstruction, mse, psnr."),
+    ],
+)
+def test_configuration_errors_show_their_cause_in_a_few_lines(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, *override))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[0] and len(err) <= 3, err
+    assert not any("Union subtypes" in line for line in err)
+
+
+def _checkpoint(capsys) -> Path:
+    main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
+    capsys.readouterr()
+    return Path("runs/checkpoints/default/last.ckpt").resolve().relative_to(Path.cwd().resolve())
+
+
+def test_a_checkpoint_of_another_architecture_or_class_is_refused_naming_both(capsys):
+    last = _checkpoint(capsys)
+    with pytest.raises(SystemExit):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--model.init_args.latent_dim", "8", "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert f"--ckpt_path {last} was trained with latent_dim=10; the config asks for latent_dim=8" in err
+    checkpoint = torch.load(last, weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_geco.FlowVAE"
+    torch.save(checkpoint, "flow.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--ckpt_path", "flow.ckpt"))
+    assert "holds a FlowVAE (lightning_geco.FlowVAE); the config builds a ConvVAE" in capsys.readouterr().err
+
+
+def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(capsys):
+    def fit(*extra):
+        main(_fit(REPO / "configs" / "default.yaml", "--trainer.num_sanity_val_steps", "0", *extra))
+        return capsys.readouterr().out.strip().splitlines()
+
+    first = fit("--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    other = fit("--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    folder = Path("runs/checkpoints/default")
+    runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert len(runs) == 2 and all(len(list((folder / r).glob("last*.ckpt"))) == 1 for r in runs)
+    assert (folder / "last.ckpt").resolve().parent.name == Path(other[-1]).parents[1].name.rsplit("-", 1)[-1]
+    # --ckpt_path last continues the newest run: its folder, its W&B run id, its steps.
+    resumed = fit("--trainer.max_steps", "4", "--ckpt_path", "last")
+    run_id = Path(other[-1]).parents[1].name.rsplit("-", 1)[-1]
+    assert Path(resumed[-1]).parents[1].name.endswith(f"-{run_id}")
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
+    assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert json.loads(Path(resumed[-1]).read_text())["global_step"] == 4
+    assert first != other
+
+
+def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so(capsys):
+    with pytest.raises(ValueError, match="max_steps=0"):
+        main(_fit(REPO / "configs" / "default.yaml", "--trainer.max_steps", "0"))
+    err = capsys.readouterr().err
+    assert re.search(r"W&B run \(offline\) \S+offline-run-\S+ finished as failed \(exit code 1\) by ValueError", err), err
 
 
 def test_other_loggers_get_the_same_scalars(tmp_path):
@@ -165,6 +270,8 @@ def test_other_loggers_get_the_same_scalars(tmp_path):
     (metrics_csv,) = Path(cli.trainer.logger.log_dir).glob("metrics.csv")
     header = metrics_csv.read_text().splitlines()[0].split(",")
     assert EXPECTED_KEYS <= set(header)
+    for panel in PANELS:  # CSV has no image column: the panels are PNG files beside it
+        assert list(Path(cli.trainer.logger.log_dir).glob(f"images/{panel.replace('/', '_')}/step_*.png")), panel
 
 
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
