@@ -113,8 +113,12 @@ class GECOCallback(Callback):
       uninterrupted one would, and 2 ranks see the same examples as 1 process.
 
     Lambda never moves during validation, test or predict. A NaN/inf in any rank's
-    constraint or loss skips the step on every rank together (gradients dropped, lambda left
-    alone); after ``max_nonfinite_steps`` consecutive skips training stops with an error.
+    constraint or loss skips the step on every rank together (lambda left alone; a fused
+    optimizer, as the models here use, gets GradScaler's device-side ``found_inf`` flag and
+    leaves parameters, moments and step counts as they were; any other optimizer's gradients
+    are dropped after one host read). A step that does not log reads nothing on the host.
+    Once ``max_nonfinite_steps`` steps in a row were skipped, training stops with an error at
+    the next logging step (at once on the host path).
 
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
     regulated reading; when more lambda stops buying quality (see :mod:`lightning_geco.verdict`)
@@ -199,7 +203,7 @@ class GECOCallback(Callback):
         self.geco: GECO | None = None
         self.objective: GECOObjective | None = None
         self.detector: StallDetector | None = None
-        self.consecutive_nonfinite_steps = 0
+        self._consecutive_nonfinite = torch.zeros((), dtype=torch.int64)
         self._calibration: Dataset | None = None
         self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
@@ -290,22 +294,34 @@ class GECOCallback(Callback):
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = measured[:k] / measured[k].clamp_min(1.0)
-        # The one host read of the step: the optimizer must not see non-finite gradients.
-        if bool(statistics[k] > 0) and not bool(valid):
+        # The optimizer must not see the gradients of a non-finite step.
+        skip = (statistics[k] > 0) & ~valid
+        logging = is_logging_step(trainer)
+        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
+        if on_device:
+            # Fused optimizers (Adam/AdamW/SGD with fused=True) read GradScaler's device-side
+            # flag and leave parameters, moments and step counts exactly as they were: no host sync.
+            torch_optimizer.found_inf = skip.float()
+        elif bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
-            self.consecutive_nonfinite_steps += 1
-        else:
-            self.consecutive_nonfinite_steps = 0
-        if is_logging_step(trainer):
+        self._consecutive_nonfinite = torch.where(skip, self._consecutive_nonfinite.to(skip.device) + 1, 0)
+        if logging:
             self._log(pl_module, batch_mean)
             self._watch(trainer)
-        if self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
+        # On the device path the count is read at logging steps only (reading it syncs).
+        if (logging or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteConstraintError(
                 f"GECO saw a non-finite constraint or loss on {self.consecutive_nonfinite_steps} consecutive "
                 f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}); lambda was last "
                 f"{geco.lagrange_multiplier.tolist()}. Lower the learning rate, check the data, or use a "
                 "precision with more range (bf16-mixed or 32)."
             )
+
+    @property
+    def consecutive_nonfinite_steps(self) -> int:
+        """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
+        return int(self._consecutive_nonfinite)
 
     @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -413,4 +429,4 @@ class GECOCallback(Callback):
                     "moving average continue from the checkpoint."
                 )
         self.geco.load_state_dict(state["geco"])
-        self.consecutive_nonfinite_steps = int(state.get("consecutive_nonfinite_steps", 0))
+        self._consecutive_nonfinite = torch.tensor(int(state.get("consecutive_nonfinite_steps", 0)))

@@ -541,7 +541,11 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Frozen networks inside constraints have no gradients and no place in the optimizer.
-        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        # Fused Adam takes GECOCallback's non-finite-step flag on the device (as GradScaler's),
+        # so a step that does not log needs no host sync; elsewhere the callback reads the flag.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+        optimizer = torch.optim.Adam(parameters, lr=self.learning_rate, fused=fused)
         if self.lr_schedule == "constant":
             return optimizer
         total_steps = self.trainer.max_steps

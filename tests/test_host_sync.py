@@ -1,0 +1,122 @@
+"""GECO's optimizer-step work stays on the device: no host read on a step that does not log."""
+
+import contextlib
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import quiet_trainer, tiny_conv_vae
+from lightning_geco import GECOCallback
+from lightning_geco.callbacks import is_logging_step
+from lightning_geco.models.conv_vae import ConvVAE
+
+# Every way a tensor's value reaches Python (each is a device-to-host sync on a GPU).
+HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: list):
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            counts.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name))
+    sync_mode = None
+    if torch.cuda.is_available():
+        sync_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+
+
+class CountingCallback(GECOCallback):
+    """Counts the host reads of each optimizer step's GECO work."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reads: dict[int, list[str]] = {}
+        self.logging_steps: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if is_logging_step(trainer):
+            self.logging_steps.append(trainer.global_step)
+        counts: list[str] = []
+        with counting_host_reads(counts):
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.reads[trainer.global_step] = counts
+
+
+class FusedAdamVAE(ConvVAE):
+    """A ConvVAE on fused Adam, which takes GECO's skip flag on the device; NaN at chosen steps."""
+
+    def __init__(self, nan_steps=(), **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps = set(nan_steps)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+    def reparameterization_noise(self, x, posterior):
+        noise = torch.randn_like(posterior.mean)
+        if self.training and self.global_step in self.nan_steps:
+            noise = noise * float("nan")
+        return noise
+
+
+def _fused_model(**kwargs) -> FusedAdamVAE:
+    return FusedAdamVAE(image_shape=(1, 16, 16), latent_dim=4, widths=(8, 8), hidden_dim=32, **kwargs)
+
+
+def _loader():
+    images = (torch.rand(128, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    return DataLoader(TensorDataset(images), batch_size=16)
+
+
+@pytest.mark.parametrize("controller", ["pi", "relative"])
+def test_a_step_that_does_not_log_reads_nothing_on_the_host(controller):
+    pl.seed_everything(0)
+    callback = CountingCallback(controller=controller)
+    trainer = quiet_trainer(max_steps=6, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(tiny_conv_vae(), _loader())  # the library's own optimizer: fused Adam
+    silent = [step for step in callback.reads if step not in callback.logging_steps]
+    assert len(silent) >= 3 and callback.logging_steps
+    assert all(callback.reads[step] == [] for step in silent), callback.reads
+    assert all(callback.reads[step] for step in callback.logging_steps)  # a logging step reads what it writes
+
+
+def test_a_non_finite_step_on_a_fused_optimizer_leaves_its_state_as_if_it_had_not_happened():
+    pl.seed_everything(0)
+    model = _fused_model(nan_steps=[2])
+    states = []
+
+    class OptimizerState(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            optimizer = trainer.optimizers[0]
+            states.append({
+                "params": [p.detach().clone() for p in pl_module.parameters()],
+                "state": [{k: v.clone() for k, v in optimizer.state[p].items()} for p in pl_module.parameters()],
+            })
+
+    callback = GECOCallback(controller="pi")
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback, OptimizerState()])
+    trainer.fit(model, _loader())
+    before, after = states[1], states[2]  # after steps 1 and 2 (the NaN step)
+    for a, b in zip(before["params"], after["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(before["state"], after["state"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert callback.geco.num_skipped_updates == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
