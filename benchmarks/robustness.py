@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from runs import KEEP, REPO, summary_of, train, with_geco_settings, with_tolerance
+from runs import KEEP, REPO, geco_settings, summary_of, train, with_geco_settings, with_tolerance
 
 from lightning_geco.compare import main as compare
 
@@ -66,15 +66,16 @@ def row(config_path: Path, run: Path) -> dict:
     config = yaml.safe_load(config_path.read_text())
     summary = summary_of(run)
     (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GECOCallback")]
+    settings = geco_settings(callback)
     readings = _per_constraint(summary["reading"])
     return {
         "config": config_path.name,
         "model": config["model"]["class_path"].rsplit(".", 1)[-1],
         "data": config["data"]["class_path"].rsplit(".", 1)[-1].replace("DataModule", ""),
-        "alpha": callback["init_args"]["alpha"],
-        "nu": callback["init_args"]["step_size"],
-        "speedup": callback["init_args"].get("release_speedup", 1.0),
-        "clip": callback["init_args"].get("max_relative_violation"),
+        "alpha": settings["alpha"],
+        "nu": settings["step_size"],
+        "speedup": settings["release_speedup"],
+        "clip": settings["max_relative_violation"],
         "reading": _joined(readings),
         "tolerance": _joined(_per_constraint(summary["tolerance"]), "{:g}"),
         "reached": _joined((summary[r] for r in readings), "{:.5g}"),

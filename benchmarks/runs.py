@@ -43,10 +43,24 @@ def with_tolerance(config: dict, tolerance: float) -> dict:
 KEEP = object()  # "leave this setting as the config has it"
 
 
+def geco_settings(callback: dict) -> dict:
+    """A config's GECOCallback settings: what it states, over GECOCallback's defaults."""
+    import inspect
+
+    from lightning_geco import GECOCallback
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(GECOCallback).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **callback.get("init_args", {})}
+
+
 def with_geco_settings(config: dict, **settings) -> dict:
     """A copy of a GECO config with some of the callback's init_args replaced (KEEP: left as is)."""
     config = yaml.safe_load(yaml.safe_dump(config))
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("GECOCallback"):
-            callback["init_args"].update({k: v for k, v in settings.items() if v is not KEEP})
+            callback.setdefault("init_args", {}).update({k: v for k, v in settings.items() if v is not KEEP})
     return config
