@@ -28,18 +28,36 @@ overestimated) once it nears ``log N``; compare runs on evaluated sets of the sa
 
 The draws use a fixed seed, so an estimate is a deterministic function of the posteriors and
 equal on every DDP rank (states are gathered with ``dist_reduce_fx="cat"``).
+
+Computation: the O(N^2 d) log-densities are float32 log-sum-exps, shifted by an upper bound or
+the row maximum, either in one ``torch.compile``-fused kernel per chunk (compiled once, ~3 s
+warm, ~15 s cold; 22-80x faster than the float64 definition at N = 10k-20k on 2 shared CPU
+cores) or, without a compiler, as sorted, centred matmuls (eager fallback, 4-14x faster;
+``benchmarks/marginal_kl.py``); both agree with the float64 definition,
+``aggregate_log_densities_reference``, to ~1e-4 nats per value or better and to ~1e-6 nats on
+the estimates (see ``aggregate_log_densities``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import warnings
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["AggregatePosteriorKL", "LatentActivity", "aggregate_log_densities", "gaussian_kl_per_dimension"]
+__all__ = [
+    "AggregatePosteriorKL",
+    "LatentActivity",
+    "aggregate_log_densities",
+    "aggregate_log_densities_reference",
+    "compiler_available",
+    "gaussian_kl_per_dimension",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -49,10 +67,15 @@ def gaussian_kl_per_dimension(mean: Tensor, log_variance: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance)
 
 
-def aggregate_log_densities(
+def aggregate_log_densities_reference(
     z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int = 256
 ) -> tuple[Tensor, Tensor]:
-    """``log q(z_i)`` and ``log q(z_ij)`` for the mixture ``q = 1/N sum_n N(mean_n, diag(var_n))``.
+    """The definition of ``aggregate_log_densities``, kept as its oracle (slow: float64, a loop over dims).
+
+    ``log q(z_i) = logsumexp_n sum_j log N(z_ij; mean_nj, var_nj) - log N`` and
+    ``log q(z_ij) = logsumexp_n log N(z_ij; mean_nj, var_nj) - log N``, every term written from
+    ``z - mean`` in float64 as in the formula. Tests and ``benchmarks/marginal_kl.py`` compare the
+    fast estimator against it; nothing else should call it (O(M N d) float64 work, ~100x slower).
 
     Args:
         z: points, shape (M, d).
@@ -80,6 +103,264 @@ def aggregate_log_densities(
     return torch.cat(joint) - math.log(n), torch.cat(marginals) - math.log(n)
 
 
+# Exponents are clamped here before exp (eager path): exp(-80) = 1.8e-35 is still a normal float32,
+# and keeping exp's results out of the subnormal range avoids a slow path that made it ~3x slower.
+# A clamped term adds at most 1.8e-35 to a sum that is either >= _UNDERFLOW or recomputed exactly.
+_EAGER_MIN_EXPONENT = -80.0
+# The same floor for the compiled path's base-2 exponents: 2**-125 is a normal float32.
+_MIN_EXPONENT2 = -125.0
+# A per-dimension sum (relative to that dimension's upper bound shift_j, see aggregate_log_densities) below this
+# means every component is > 57 nats below the bound, where float32 terms lose precision: such
+# rows are recomputed with the float64 reference. On real posteriors it never happens (the point's
+# own component is within a few nats of the bound); it guards arbitrary z far from every component.
+_UNDERFLOW = 1e-25
+# The compiled joint's float32 exponents carry an error of ~6e-8 of their size: rows whose best
+# component is more than 1000 nats below the bound (error > ~6e-5 nats) are recomputed likewise.
+_JOINT_FLOOR = -1000.0
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+# 2**f = exp(f ln 2) for |f| <= 1/2 by its Taylor series to degree 6: truncation error
+# (ln 2 / 2)**7 / 7! = 1.2e-7 relative, about one float32 ulp.
+_EXP2_TAYLOR = tuple(_LN2**k / math.factorial(k) for k in range(7))
+
+
+def aggregate_log_densities(
+    z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int = 256, compile: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """``log q(z_i)`` and ``log q(z_ij)`` for the mixture ``q = 1/N sum_n N(mean_n, diag(var_n))``, fast.
+
+    Same definition as ``aggregate_log_densities_reference``, in float32 with every sum a max- or
+    bound-shifted log-sum-exp: per value within ~1e-5 nats (compiled) or ~1e-4 nats (fallback,
+    in the sparse tails of its sorted chunks), on average over the points within ~1e-6 nats.
+    Two ways (N = 1 is always eager):
+
+    - compiled (``torch.compile``): per chunk of rows one fused kernel evaluates every
+      ``log N(z_ij; mean_nj, var_nj)`` from ``z - mean`` (no expanded square, so no
+      cancellation), exponentiates with a polynomial ``2**x`` that the compiler vectorises
+      (~3x faster on CPU than the library exp) and sums over the N components, per dimension
+      and, for the joint, after summing over dimensions. Compiled once per (chunk rows, d);
+      N is a dynamic size, so a new evaluated-set size does not recompile.
+    - eager (fallback, no compiler): per dimension, the rows sorted by ``z_j`` and each chunk
+      centred on its middle point, so that the expanded square ``-(u - w)^2 / (2 v)`` with
+      ``u = z - c``, ``w = mean - c`` is one (chunk, 3) @ (3, N) float32 matmul whose terms are
+      small where it matters (components near z), and the joint density is a
+      ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11).
+
+    Args:
+        z: points, shape (M, d).
+        mean, log_variance: the N components, shape (N, d) each.
+        chunk_size: rows of z per chunk; memory is O(chunk_size * N), never N x N.
+        compile: True: the compiled path (errors propagate); False: the eager path; None (auto):
+            compiled where ``torch.compile`` is usable on z's device (not disabled, a C++
+            compiler on CPU, triton on CUDA), falling back to eager with a warning if it fails.
+
+    Returns:
+        ``(log_q, log_q_per_dim)`` of shapes (M,) and (M, d), float64, nats.
+    """
+    _check_chunk_size(chunk_size)
+    _check_compile(compile)
+    if z.dim() != 2 or mean.dim() != 2 or mean.shape != log_variance.shape or z.shape[1] != mean.shape[1]:
+        raise ValueError(
+            f"z must be (M, d) and mean, log_variance (N, d) with the same d, got {tuple(z.shape)}, "
+            f"{tuple(mean.shape)} and {tuple(log_variance.shape)}."
+        )
+    n, d = mean.shape
+    if n < 1:
+        raise ValueError(f"the mixture needs at least one component, got N = {n}.")
+    z32, mean32, log_variance32 = (t.detach().float() for t in (z, mean, log_variance))
+    log_norm = -0.5 * (log_variance32 + _LOG_2PI)  # (N, d)
+    # Every log N(z_ij; mean_nj, var_nj) <= log_norm_nj <= shift_j, so terms relative to shift_j
+    # exponentiate to <= 1 (no overflow) without a first pass for the row maximum.
+    shift = log_norm.amax(dim=0)  # (d,)
+    shifted_log_norm = log_norm - shift
+    half_precision = 0.5 * torch.exp(-log_variance32)  # 1 / (2 var), (N, d)
+    if z.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=z.device)
+        return empty, empty.reshape(0, d)
+
+    sums = joint = None
+    suspicious = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    if _use_compiler(compile, z, n, chunk_size) and n >= 2:  # dynamo specialises sizes < 2
+        try:
+            sums, joint, top = _compiled_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size)
+            joint = joint + shift.double().sum()
+            # float32 exponents lose ~6e-8 of their size: far from every component, recompute.
+            suspicious = top < _JOINT_FLOOR
+        except Exception as error:  # noqa: BLE001 - auto mode must still produce the numbers
+            if compile:
+                raise
+            _COMPILER_STATE["broken"] = True
+            warnings.warn(f"torch.compile failed ({error!r}); using the eager path from now on.", stacklevel=2)
+    if sums is None:
+        sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size)
+        joint = _eager_joint(z, mean, log_variance, chunk_size)
+
+    log_n = math.log(n)
+    log_q = joint - log_n
+    log_q_per_dim = sums.double().log() + shift.double() - log_n
+    redo = (suspicious | (~(sums >= _UNDERFLOW)).any(dim=1)).nonzero().squeeze(1)
+    if redo.numel():
+        exact_joint, exact = aggregate_log_densities_reference(z[redo], mean, log_variance, chunk_size)
+        log_q[redo], log_q_per_dim[redo] = exact_joint, exact
+    return log_q, log_q_per_dim
+
+
+def _exp2(x: Tensor) -> Tensor:
+    """``2**x`` for float32 ``x <= 0`` (clamped at 2**-125), relative error ~2e-7.
+
+    Written in elementwise ops (round, a degree-6 polynomial, the exponent bits set directly)
+    so that torch.compile fuses and vectorises it; that is ~3x faster on CPU than the library's
+    1-ulp exp, whose cost dominates the O(M N d) work.
+    """
+    x = x.clamp_min(_MIN_EXPONENT2)
+    whole = torch.round(x)
+    fraction = x - whole  # in [-1/2, 1/2]
+    power = _EXP2_TAYLOR[6]
+    for coefficient in reversed(_EXP2_TAYLOR[:6]):
+        power = power * fraction + coefficient
+    # 2**whole as a float32 built from its exponent bits (whole in [-125, 0]: a normal number).
+    scale = ((whole.to(torch.int32) + 127) << 23).view(torch.float32)
+    return power * scale
+
+
+def _fused_chunk(
+    z: Tensor, mean_t: Tensor, half_precision2: Tensor, log_norm2: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of rows, base 2, for torch.compile (eager, it would hold a (c, d, N) tensor).
+
+    Args:
+        z: (c, d) points; mean_t: (d, N) means; half_precision2: (d, N) ``log2(e) / (2 var)``;
+        log_norm2: (d, N) ``log2(e) * (log_norm - shift)``, so every exponent below is <= 0.
+
+    Returns:
+        per-dimension sums ``sum_n 2**e_inj`` (c, d), the joint's row maximum ``max_n sum_j e_inj``
+        (c,) and ``sum_n 2**(sum_j e_inj - max)`` (c,), float32.
+    """
+    diff = z[:, :, None] - mean_t[None]  # (c, d, N)
+    exponent2 = log_norm2 - half_precision2 * diff * diff
+    per_dim = _exp2(exponent2).sum(dim=-1)
+    joint2 = exponent2.sum(dim=1)  # (c, N)
+    top = joint2.amax(dim=1, keepdim=True)
+    return per_dim, top.squeeze(1), _exp2(joint2 - top).sum(dim=1)
+
+
+def _compiled_sums(
+    z: Tensor, mean: Tensor, half_precision: Tensor, shifted_log_norm: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """Per-dimension shifted sums (M, d) float32, the joint log-sum-exp minus sum(shift) (M,) float64
+    and the joint's largest exponent minus sum(shift) (M,) float64, nats."""
+    if _COMPILER_STATE["fn"] is None:
+        _COMPILER_STATE["fn"] = torch.compile(_fused_chunk, dynamic=False)
+    fused = _COMPILER_STATE["fn"]
+    m, d = z.shape
+    rows = min(chunk_size, m)  # every call gets exactly `rows` rows: one compiled shape
+    operands = [t.T.contiguous() for t in (mean, half_precision * _LOG2E, shifted_log_norm * _LOG2E)]
+    for operand in operands:
+        torch._dynamo.mark_dynamic(operand, 1)  # N: new set sizes reuse the compiled kernel
+    sums = torch.empty(m, d, device=z.device)
+    joint = torch.empty(m, dtype=torch.float64, device=z.device)
+    tops = torch.empty(m, dtype=torch.float64, device=z.device)
+    for start in range(0, m, rows):
+        chunk = z[start : start + rows]
+        used = chunk.shape[0]
+        if used < rows:  # pad the last chunk instead of compiling a second shape
+            chunk = torch.cat([chunk, chunk.new_zeros(rows - used, d)])
+        per_dim, top, total = fused(chunk, *operands)
+        sums[start : start + used] = per_dim[:used]
+        tops[start : start + used] = top[:used].double() * _LN2
+        joint[start : start + used] = tops[start : start + used] + total[:used].double().log()
+    _COMPILER_STATE["shapes"].add((rows, d, z.device.type))
+    return sums, joint, tops
+
+
+def _eager_per_dim_sums(
+    z: Tensor, mean: Tensor, half_precision: Tensor, shifted_log_norm: Tensor, chunk_size: int
+) -> Tensor:
+    """``sum_n exp(log N(z_ij; mean_nj, var_nj) - shift_j)``, (M, d) float32, by sorted centred matmuls."""
+    m, d = z.shape
+    sums = torch.empty(m, d, device=z.device)
+    for j in range(d):
+        z_j, order = torch.sort(z[:, j])
+        mean_j, half_precision_j, log_norm_j = mean[:, j], half_precision[:, j], shifted_log_norm[:, j]
+        for start in range(0, m, chunk_size):
+            u = z_j[start : start + chunk_size]
+            # Centre on the chunk's middle point: sorted, the chunk spans a short interval, so
+            # u and (for the components that matter, near z) w are small and the expanded
+            # square loses nothing to cancellation in float32.
+            centre = u[(u.shape[0] - 1) // 2]
+            u = u - centre
+            w = mean_j - centre
+            hw = half_precision_j * w
+            coefficients = torch.stack([-half_precision_j, 2 * hw, log_norm_j - hw * w])  # (3, N)
+            features = torch.stack([u * u, u, torch.ones_like(u)], dim=1)  # (c, 3)
+            exponent = features @ coefficients  # (c, N): log_norm - (u - w)^2 / (2 var) - shift
+            sums[order[start : start + chunk_size], j] = exponent.clamp_min_(_EAGER_MIN_EXPONENT).exp_().sum(dim=1)
+    return sums
+
+
+def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int) -> Tensor:
+    """``logsumexp_n sum_j log N(z_ij; mean_nj, var_nj)``, (M,) float64, as a float64 matmul per chunk."""
+    z, mean, log_variance = z.double(), mean.double(), log_variance.double()
+    precision = torch.exp(-log_variance)
+    # sum_j log N = Z^2 @ (-P/2)^T + Z @ (M P)^T + const_n; float64 keeps the cancellation of
+    # these O(d |z|^2 / var) terms at ~1e-11 nats.
+    weights = torch.cat([-0.5 * precision, mean * precision], dim=1).T.contiguous()  # (2d, N)
+    const = (-0.5 * (log_variance + _LOG_2PI) - 0.5 * mean.pow(2) * precision).sum(dim=1)  # (N,)
+    joint = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
+    for start in range(0, z.shape[0], chunk_size):
+        chunk = z[start : start + chunk_size]
+        exponent = torch.addmm(const, torch.cat([chunk * chunk, chunk], dim=1), weights)  # (c, N)
+        top = exponent.amax(dim=1, keepdim=True)
+        # The differences are exact in float64; float32 suffices for their exp and sum (>= 1).
+        total = (exponent - top).float().clamp_min_(_EAGER_MIN_EXPONENT).exp_().sum(dim=1)
+        joint[start : start + chunk_size] = top.squeeze(1) + total.double().log()
+    return joint
+
+
+# The compiled chunk function (built on first use), the (rows, d, device type) it was compiled
+# for, and whether compiling failed in auto mode.
+_COMPILER_STATE: dict = {"fn": None, "shapes": set(), "broken": False}
+# Auto mode compiles only for at least this much work (M N d terms: ~0.5-1 s eager on 2 CPU
+# cores, against seconds to compile once), or when the kernel for this shape already exists; so
+# small evaluated sets (and test suites) never wait for the compiler.
+_COMPILE_MIN_WORK = 1e9
+
+
+def _use_compiler(compile: bool | None, z: Tensor, n: int, chunk_size: int) -> bool:
+    if compile is not None:
+        return compile
+    if _COMPILER_STATE["broken"] or not compiler_available(z.device):
+        return False
+    m, d = z.shape
+    compiled = (min(m, chunk_size), d, z.device.type) in _COMPILER_STATE["shapes"]
+    return compiled or m * n * d >= _COMPILE_MIN_WORK
+
+
+def compiler_available(device: torch.device | str = "cpu") -> bool:
+    """Whether ``torch.compile`` can build kernels for ``device``: not disabled
+    (``TORCH_COMPILE_DISABLE``), a C++ compiler on CPU, triton on CUDA; other devices: no."""
+    device = torch.device(device)
+    if not hasattr(torch, "compile") or torch._dynamo.config.disable:
+        return False
+    if device.type == "cpu":
+        return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return False
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+def _check_compile(compile: object) -> None:
+    if compile is not None and not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None (auto), got {compile!r}.")
+
+
 class AggregatePosteriorKL(Metric):
     """Marginal KL, mutual information, total correlation and dimension-wise KL over an evaluated set.
 
@@ -91,18 +372,22 @@ class AggregatePosteriorKL(Metric):
     Args:
         chunk_size: rows per chunk of the N x N computation (bounds memory to O(chunk_size * N)).
         seed: seed of the draws z_n ~ q(z|x_n).
+        compile: how ``aggregate_log_densities`` runs: True compiled (``torch.compile``), False
+            the eager fallback, None (default) compiled where a compiler is usable. Both agree
+            with the float64 definition to ~1e-5 nats; compiling costs seconds once per process.
     """
 
     full_state_update = False
     higher_is_better = False
     is_differentiable = False
 
-    def __init__(self, chunk_size: int = 256, seed: int = 0, **kwargs) -> None:
+    def __init__(self, chunk_size: int = 256, seed: int = 0, compile: bool | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        _check_chunk_size(chunk_size)
+        _check_compile(compile)
         self.chunk_size = chunk_size
         self.seed = seed
+        self.use_compile = compile  # not `self.compile`: that would shadow nn.Module.compile
         self.add_state("means", default=[], dist_reduce_fx="cat")
         self.add_state("log_variances", default=[], dist_reduce_fx="cat")
 
@@ -117,7 +402,7 @@ class AggregatePosteriorKL(Metric):
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(mean.device)
         z = mean + noise * torch.exp(0.5 * log_variance)
-        log_q_z, log_q_zj = aggregate_log_densities(z, mean, log_variance, self.chunk_size)
+        log_q_z, log_q_zj = aggregate_log_densities(z, mean, log_variance, self.chunk_size, self.use_compile)
         log_q_z_given_x = -0.5 * (noise.pow(2) + log_variance + _LOG_2PI).sum(dim=1)
         log_p_zj = -0.5 * (z.pow(2) + _LOG_2PI)
         mutual_info = (log_q_z_given_x - log_q_z).mean()
