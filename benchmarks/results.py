@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from runs import REPO, train
 
 from lightning_geco.compare import main as compare
+from runs import REPO, train
 
 BETAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 

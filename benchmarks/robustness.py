@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from runs import KEEP, REPO, geco_settings, summary_of, train, with_geco_settings, with_tolerance
 
 from lightning_geco.compare import main as compare
+from runs import KEEP, REPO, geco_settings, summary_of, train, with_geco_settings, with_tolerance
 
 MODEL_CONFIGS = [
     "default.yaml",

@@ -75,9 +75,16 @@ class UInt8Images(Dataset):
         return TensorDataset((self.images.to(device).float() / self.scale), self.targets.to(device))
 
 
+def dataset_length(dataset: Dataset) -> int:
+    """``len(dataset)``; a clear error for a dataset without a length (an iterable-style one)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length; a map-style dataset with __len__ is needed here.")
+    return len(dataset)
+
+
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:
     """Deterministic (train, val) split: the same indices on every rank and every run."""
-    n = len(dataset)
+    n = dataset_length(dataset)
     if not 0 < num_val < n:
         raise ValueError(f"num_val must lie in (0, {n}) for a dataset of {n} items, got {num_val}.")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -100,7 +107,7 @@ def carve_calibration(train: Dataset, num_calibration: int) -> tuple[Subset, Sub
 
     The rest keeps the training set's order, so only the carved items go missing from it.
     """
-    n = len(train)
+    n = dataset_length(train)
     if not 0 < num_calibration < n:
         raise ValueError(
             f"num_calibration must lie in [0, {n}) for a training set of {n} images, got {num_calibration}."
@@ -178,24 +185,26 @@ class ImageDataModule(pl.LightningDataModule):
             return
         train, val = self.build_splits()
         name = type(self).__name__
-        if len(train) == 0:
+        if dataset_length(train) == 0:
             raise ValueError(f"{name}: the training set is empty (0 images); check the data's files and sizes.")
-        if len(val) == 0:
+        if dataset_length(val) == 0:
             rank_zero_warn(
                 f"{name}: the validation set is empty (0 images): no validation figures, and summary.json "
                 "cannot say whether the constraints are satisfied."
             )
         if self.num_calibration:
             train, calibration = carve_calibration(train, self.num_calibration)
-            self.calibration_dataset = self._on_device(calibration) if self.device is not None else calibration
+            self.calibration_dataset = (
+                calibration if self.device is None else self._on_device(calibration, self.device)
+            )
         self.train_dataset, self.val_dataset = train, val
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called.")
         in_memory = self.device is not None
-        if in_memory:
-            dataset = self._on_device(dataset)
+        if self.device is not None:
+            dataset = self._on_device(dataset, self.device)
         workers = 0 if in_memory else self.num_workers
         return DataLoader(
             dataset,
@@ -207,14 +216,15 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=shuffle,
         )
 
-    def _on_device(self, dataset: Dataset) -> TensorDataset:
+    def _on_device(self, dataset: Dataset, device: str) -> TensorDataset:
         indices = None
         if isinstance(dataset, Subset):
-            dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices)
+            indices = torch.as_tensor(dataset.indices)
+            dataset = dataset.dataset
         if isinstance(dataset, UInt8Images):
-            dataset = dataset.to(self.device)
+            dataset = dataset.to(device)
         elif isinstance(dataset, TensorDataset):
-            dataset = TensorDataset(*(t.to(self.device) for t in dataset.tensors))
+            dataset = TensorDataset(*(t.to(device) for t in dataset.tensors))
         else:
             raise ValueError(
                 f"{type(self).__name__}(device={self.device!r}) needs an in-memory dataset; "

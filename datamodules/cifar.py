@@ -84,7 +84,7 @@ class CIFAR10DataModule(ImageDataModule):
             raise MissingDatasetError(
                 missing_files_message(f"CIFAR-10 ({self.source} split)", missing, folders, URL, folders[0], self.root)
             )
-        return list(found.values())
+        return [path for path in found.values() if path is not None]  # all found: none missing
 
     def prepare_data(self) -> None:
         ensure_files(self.download, self.files, self._fetch)

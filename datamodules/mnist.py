@@ -131,8 +131,9 @@ class MNISTDataModule(ImageDataModule):
         """The (images, labels) idx files of ``source``; a clear error naming what is missing."""
         folders = self.candidate_folders()
         found = [find_file(folders, (stem, stem + ".gz")) for stem in _STEMS[self.source]]
-        if all(found):
-            return found[0], found[1]
+        images, labels = found
+        if images is not None and labels is not None:
+            return images, labels
         missing = [f"{stem} (or {stem}.gz)" for stem, path in zip(_STEMS[self.source], found) if path is None]
         raise MissingDatasetError(
             missing_files_message(

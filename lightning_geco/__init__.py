@@ -10,12 +10,12 @@ from lightning_geco.constraints import (
     ReconstructionBCE,
     ReconstructionMSE,
 )
+from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
 from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL
 from lightning_geco.models import ConvDRAW, ConvVAE, FlowVAE, LadderVAE, VAEModule, VAEOutput
-from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
 from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
 from lightning_geco.summary import RunSummary
 

@@ -65,6 +65,7 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"pooling must be 'flatten' or 'max', got {pooling!r}.")
         self.save_hyperparameters()
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.encoder: nn.Module
         if pooling == "flatten":
             self.encoder = ConvEncoder(self.image_shape, widths, hidden_dim)
         else:

@@ -344,7 +344,9 @@ class GECOLightningCLI(LightningCLI):
                     )
 
     def after_fit(self) -> None:
-        summary = next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        summary = next(c for c in callbacks if isinstance(c, RunSummary))
         if not self.trainer.is_global_zero:
             return
         self._finish_wandb()

@@ -11,7 +11,8 @@ nats per image).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClassificationConstraint",
     "Constraint",
+    "ConstraintList",
     "FeatureReconstruction",
     "PatchNCC",
     "ReconstructionBCE",
@@ -107,6 +109,14 @@ class Constraint(nn.Module):
     def describe(self) -> dict[str, float | str]:
         """The constraint as stated by the user, for checkpoints and summaries."""
         return {"name": self.name, "tolerance": self.tolerance, "unit": self.unit}
+
+
+class ConstraintList(nn.ModuleList):
+    """An ``nn.ModuleList`` of constraints (same state-dict keys) whose iteration is typed
+    :class:`Constraint`, not ``nn.Module``, for the code that reads their attributes."""
+
+    def __iter__(self) -> Iterator[Constraint]:
+        return cast(Iterator[Constraint], super().__iter__())
 
 
 class ReconstructionMSE(Constraint):

@@ -86,6 +86,9 @@ class TorchvisionFeatures(FrozenNetwork):
             repeated to 3 channels.
     """
 
+    mean: Tensor  # buffers, (1, C, 1, 1)
+    std: Tensor
+
     def __init__(
         self,
         architecture: str,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from lightning_geco.constraints import Constraint, ReconstructionMSE
+from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.geco import GECO
 
 if TYPE_CHECKING:
@@ -39,7 +39,9 @@ class Objective(nn.Module):
         """Scalars the model logs under ``train/<key>`` (e.g. a scheduled beta)."""
         return {}
 
-    def forward(self, output: VAEOutput) -> Tensor:
+    def forward(self, output: VAEOutput) -> Tensor | None:
+        """The loss; None only in eval mode when the objective has nothing to weigh the terms
+        with (a GECO objective without its multipliers). In training a loss or an error."""
         raise NotImplementedError
 
 
@@ -187,7 +189,7 @@ class GECOObjective(Objective):
         names = [c.name for c in constraints]
         if len(set(names)) != len(names):
             raise ValueError(f"GECOObjective constraint names must be unique, got {names}.")
-        self.constraints = nn.ModuleList(constraints)
+        self.constraints = ConstraintList(constraints)
         self.geco: GECO | None = None
 
     @property

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy
 import torch
+from lightning_fabric.loggers import Logger as FabricLogger
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -68,7 +69,7 @@ def rate_distortion_figure(history: Sequence[tuple[int, float, float]], toleranc
     return pixels.permute(2, 0, 1).float() / 255.0
 
 
-def log_image_grid(loggers: Iterable[Logger], key: str, grid: Tensor, step: int) -> None:
+def log_image_grid(loggers: Iterable[Logger | FabricLogger], key: str, grid: Tensor, step: int) -> None:
     """Send an image (3, H, W) in [0, 1] to every logger: W&B and TensorBoard log it; a CSVLogger,
     which has no image column, gets it as ``<log_dir>/images/<key with _ for />/step_<step>.png``;
     other loggers are skipped."""

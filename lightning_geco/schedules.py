@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -39,21 +40,21 @@ class CosineToFloor(LRScheduler):
         self.total_steps = int(total_steps)
         self.floor_fraction = float(floor_fraction)
         self.start_step = 0
-        self.start_lrs: list[float] | None = None  # None: each group's base rate
+        self.start_lrs: list[float | Tensor] | None = None  # None: each group's base rate
         super().__init__(optimizer)
 
-    def _rates_at(self, step: int) -> list[float]:
+    def _rates_at(self, step: int) -> list[float | Tensor]:
         starts = self.start_lrs if self.start_lrs is not None else self.base_lrs
         span = max(self.total_steps - self.start_step, 1)
         progress = min(max(step - self.start_step, 0), span) / span  # in [0, 1]
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        rates = []
+        rates: list[float | Tensor] = []
         for base, start in zip(self.base_lrs, starts):
             floor = self.floor_fraction * base
             rates.append(floor + (start - floor) * cosine)
         return rates
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         # Closed form in the step count: no drift from chained updates, and the same rate
         # whether the run was interrupted or not.
         return self._rates_at(self.last_epoch)

@@ -64,7 +64,7 @@ def read_records(path: str | Path) -> Iterator[Any]:
     if path.is_dir():
         path = wandb_file(path)
     for payload in _payloads(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated protobuf, no stub
         record.ParseFromString(payload)
         yield record
 

@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import attach_fixed_lambda, quiet_trainer, random_images, tiny_conv_vae
 from lightning_geco import (
+    GECO,
     BernoulliLikelihood,
     ClassificationConstraint,
     FeatureReconstruction,
     FrozenClassifier,
-    GECO,
     GECOCallback,
     GECOObjective,
     ImageClassifier,

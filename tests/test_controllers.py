@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_geco import GECO, GECOCallback, GECOObjective, ReconstructionMSE
-from lightning_geco.controllers import Algorithm1, PIController, log_ratio_error
+from lightning_geco.controllers import PIController, log_ratio_error
 
 
 def _statistics(values: torch.Tensor) -> torch.Tensor:

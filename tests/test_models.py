@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import quiet_trainer, random_images, tiny_conv_vae
 from datamodules import ShapesDataModule
+from helpers import quiet_trainer, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,
     BernoulliLikelihood,
@@ -76,7 +76,7 @@ def test_rate_is_the_sum_of_its_parts_and_the_whitened_posterior_carries_it_exac
     torch.manual_seed(0)
     model = _randomise(build(name, (1, 32, 32), objective=ELBO()))
     output = model(random_images(4, (1, 32, 32)))
-    expected_parts = [f"layer_{l}" for l in (1, 2)] if name == "LadderVAE" else [f"step_{t}" for t in (1, 2, 3)]
+    expected_parts = [f"layer_{layer}" for layer in (1, 2)] if name == "LadderVAE" else [f"step_{t}" for t in (1, 2, 3)]
     assert list(output.rate_terms) == expected_parts
     torch.testing.assert_close(sum(output.rate_terms.values()), output.rate)
     # The N(0, I) metrics read the whitened posterior: its KL is the model's rate, image by image.

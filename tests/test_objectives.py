@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
-from lightning_geco import ELBO, BetaVAE, CapacityBetaVAE, GaussianLikelihood, GECOObjective, KLWarmup, ReconstructionMSE
+from lightning_geco import (
+    ELBO,
+    BetaVAE,
+    CapacityBetaVAE,
+    GaussianLikelihood,
+    GECOObjective,
+    KLWarmup,
+    ReconstructionMSE,
+)
 
 
 def _grads(loss, model):

@@ -271,8 +271,8 @@ class VAEModule(pl.LightningModule):
             self._raise_if_out_of_range(low, high, "this batch")
 
     @staticmethod
-    def _raise_if_out_of_range(low: Tensor, high: Tensor, where: str) -> None:
-        low, high = float(low), float(high)  # the host sync
+    def _raise_if_out_of_range(minimum: Tensor, maximum: Tensor, where: str) -> None:
+        low, high = float(minimum), float(maximum)  # the host sync
         if math.isnan(low) or math.isnan(high):
             raise ValueError(
                 f"The images of {where} contain NaN. Find where the data pipeline produces it "

@@ -20,7 +20,9 @@ own, so there is no traversal panel.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from functools import reduce
 from typing import Any
 
 import torch
@@ -112,12 +114,14 @@ class ConvDRAW(VAEModule):
         return steps, canvas
 
     def infer(self, x: Tensor) -> LatentPass:
-        steps, canvas = self.draw(x, x.shape[0])
+        drawn, canvas = self.draw(x, x.shape[0])
+        steps = [(q, p, z) for q, p, z in drawn if q is not None]
+        assert len(steps) == len(drawn), "draw(x) gives every step a posterior"
         rates = {f"step_{t + 1}": gaussian_kl(q, p) for t, (q, p, _) in enumerate(steps)}
-        log_weight = sum(p.log_density(z) - q.log_density(z) for q, p, z in steps)
+        log_weight = reduce(operator.add, (p.log_density(z) - q.log_density(z) for q, p, z in steps))
         return LatentPass(
             decoder_output=canvas,
-            rate=sum(rates.values()),
+            rate=reduce(operator.add, rates.values()),
             log_weight=log_weight,
             posterior=DiagonalGaussian.concatenate([q.whitened(p) for q, p, _ in steps]),
             z=torch.stack([z for _, _, z in steps], dim=1),

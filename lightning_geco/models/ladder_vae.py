@@ -25,7 +25,9 @@ their KL to N(0, I) is exactly the rate above; the top layer's coordinates are t
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
+from functools import reduce
 from typing import Any
 
 import torch
@@ -45,8 +47,15 @@ def corrected(prior: DiagonalGaussian, correction: Tensor) -> DiagonalGaussian:
     return DiagonalGaussian(prior.mean + shift, prior.log_variance + log_scale)
 
 
-def _gaussian_head(in_features: int, out_features: int, hidden_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 2 * out_features))
+def _gaussian_head(in_features: int, out_features: int, hidden_dim: int, zero_output: bool = False) -> nn.Sequential:
+    """(mean, log variance) head; ``zero_output`` starts it at exactly zero (its output layer's
+    weight and bias are zero)."""
+    hidden = nn.Linear(in_features, hidden_dim)
+    output = nn.Linear(hidden_dim, 2 * out_features)
+    if zero_output:
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
+    return nn.Sequential(hidden, nn.SiLU(), output)
 
 
 class LadderVAE(VAEModule):
@@ -87,14 +96,14 @@ class LadderVAE(VAEModule):
         below = range(len(latent_dims) - 1)
         # prior_heads[l] gives p(z_l | z_{l+1}), posterior_heads[l] the correction of that prior
         # from d_l(x) and z_{l+1}, for l = 0 .. L-2 (0 = bottom)
-        self.prior_heads = nn.ModuleList(_gaussian_head(latent_dims[l + 1], latent_dims[l], hidden_dim) for l in below)
-        self.posterior_heads = nn.ModuleList(
-            _gaussian_head(hidden_dim + latent_dims[l + 1], latent_dims[l], hidden_dim) for l in below
+        self.prior_heads = nn.ModuleList(
+            _gaussian_head(latent_dims[layer + 1], latent_dims[layer], hidden_dim) for layer in below
         )
-        for head in self.posterior_heads:
-            # Start every posterior at its prior (zero correction): no KL from the first step.
-            nn.init.zeros_(head[-1].weight)
-            nn.init.zeros_(head[-1].bias)
+        # Every posterior starts at its prior (zero correction): no KL from the first step.
+        self.posterior_heads = nn.ModuleList(
+            _gaussian_head(hidden_dim + latent_dims[layer + 1], latent_dims[layer], hidden_dim, zero_output=True)
+            for layer in below
+        )
         # p(x | z_1, ..., z_L): the decoder reads every layer (as NVAE's decoder reads the whole
         # top-down state). Reading z_1 alone, the GECO run on the shapes plateaued at MSE 0.0072
         # against a tolerance of 0.005 however high lambda went (644).
@@ -164,7 +173,7 @@ class LadderVAE(VAEModule):
         code = self.code(z_top, layers)
         return LatentPass(
             decoder_output=self.decode(code),
-            rate=sum(rates.values()),
+            rate=reduce(operator.add, rates.values()),
             log_weight=log_weight,
             posterior=DiagonalGaussian.concatenate(whitened),
             z=code,

@@ -22,6 +22,8 @@ class AffineCoupling(nn.Module):
         mask: (dim,) of 0/1; the ones are kept, the zeros are transformed.
     """
 
+    mask: Tensor  # buffer
+
     def __init__(self, mask: Tensor, context_dim: int, hidden_dim: int = 128) -> None:
         super().__init__()
         dim = mask.numel()
@@ -33,8 +35,11 @@ class AffineCoupling(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_dim, 2 * dim),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        # Start at the identity (zero scale and shift).
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(z', log |det dz'/dz|)`` of shapes (N, dim) and (N,)."""
