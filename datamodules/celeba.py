@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from datamodules.base import ImageDataModule, MissingDatasetError, missing_files_message
 
-__all__ = ["CelebADataModule", "CelebAImages"]
+__all__ = ["ATTRIBUTES", "CelebADataModule", "CelebAImages", "IMAGES", "PARTITION", "SOURCE"]
 
 IMAGES = "img_align_celeba"
 PARTITION = "list_eval_partition.txt"

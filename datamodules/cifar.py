@@ -26,7 +26,7 @@ from datamodules.base import (
     seeded_split,
 )
 
-__all__ = ["CIFAR10DataModule", "read_cifar_batch"]
+__all__ = ["CIFAR10DataModule", "FILES", "FOLDER", "URL", "read_cifar_batch"]
 
 FOLDER = "cifar-10-batches-py"
 FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}

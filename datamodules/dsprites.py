@@ -27,7 +27,7 @@ from datamodules.base import (
     seeded_split,
 )
 
-__all__ = ["DSpritesDataModule", "FILE_NAME"]
+__all__ = ["DSpritesDataModule", "FILE_NAME", "URL"]
 
 FILE_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 URL = "https://github.com/deepmind/dsprites-dataset/raw/master/" + FILE_NAME

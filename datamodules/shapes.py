@@ -17,7 +17,17 @@ from torch.utils.data import TensorDataset
 
 from datamodules.base import ImageDataModule
 
-__all__ = ["FACTOR_NAMES", "SHAPE_NAMES", "ShapesDataModule", "render_shapes", "sample_factors"]
+__all__ = [
+    "FACTOR_NAMES",
+    "MAX_HALF_EXTENT",
+    "ORIENTATIONS",
+    "POSITIONS",
+    "SCALES",
+    "SHAPE_NAMES",
+    "ShapesDataModule",
+    "render_shapes",
+    "sample_factors",
+]
 
 SHAPE_NAMES = ("square", "ellipse", "heart")
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")

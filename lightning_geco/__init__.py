@@ -1,5 +1,6 @@
 """lightning_geco: VAEs trained with GECO (Rezende & Viola, "Taming VAEs", 2018) on PyTorch Lightning."""
 
+from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError
 from lightning_geco.classifier import ImageClassifier
 from lightning_geco.constraints import (
@@ -14,14 +15,25 @@ from lightning_geco.controllers import Algorithm1, MultiplierController, PIContr
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
 from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
-from lightning_geco.metrics import AggregatePosteriorKL
-from lightning_geco.models import ConvDRAW, ConvVAE, FlowVAE, LadderVAE, VAEModule, VAEOutput
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
+from lightning_geco.models import (
+    ConvDRAW,
+    ConvVAE,
+    DiagonalGaussian,
+    FlowVAE,
+    LadderVAE,
+    LatentPass,
+    VAEModule,
+    VAEOutput,
+)
 from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
+from lightning_geco.schedules import CosineToFloor
 from lightning_geco.summary import RunSummary
+from lightning_geco.verdict import StallDetector, verdict_line
 
 __all__ = [
-    "Algorithm1",
     "AggregatePosteriorKL",
+    "Algorithm1",
     "BernoulliLikelihood",
     "BetaVAE",
     "CapacityBetaVAE",
@@ -29,6 +41,8 @@ __all__ = [
     "Constraint",
     "ConvDRAW",
     "ConvVAE",
+    "CosineToFloor",
+    "DiagonalGaussian",
     "ELBO",
     "FeatureReconstruction",
     "FlowVAE",
@@ -41,6 +55,8 @@ __all__ = [
     "ImageClassifier",
     "KLWarmup",
     "LadderVAE",
+    "LatentActivity",
+    "LatentPass",
     "Likelihood",
     "MultiplierController",
     "NonFiniteConstraintError",
@@ -51,10 +67,14 @@ __all__ = [
     "ReconstructionMSE",
     "RunSummary",
     "SigmaVAE",
+    "StallDetector",
     "TorchvisionFeatures",
     "VAEModule",
     "VAEOutput",
+    "batch_images",
+    "batch_labels",
     "mse_to_psnr",
     "psnr_to_mse",
+    "verdict_line",
 ]
 __version__ = "0.1.0"

@@ -40,7 +40,19 @@ from pytorch_lightning.utilities import rank_zero_warn
 from datamodules.base import ImageDataModule
 from lightning_geco.summary import RunSummary, run_directory
 
-__all__ = ["GECOLightningCLI", "SaveConfigToRun", "apply_tolerances", "main"]
+__all__ = [
+    "ConfigurationError",
+    "GECOLightningCLI",
+    "LINKED_KEYS",
+    "SaveConfigToRun",
+    "ShortErrorParser",
+    "TOLERANCE_HELP",
+    "apply_tolerances",
+    "check_checkpoint_matches",
+    "main",
+    "newest_last_checkpoint",
+    "short_parser_message",
+]
 
 TOLERANCE_HELP = (
     "Constraint tolerance, in the constraint's unit: '--tolerance 0.004' when the config has one "

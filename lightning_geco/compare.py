@@ -22,7 +22,7 @@ from typing import Any
 
 from lightning_geco.wandb_records import read_history
 
-__all__ = ["Run", "load_run", "main", "markdown_table"]
+__all__ = ["COLUMNS", "CURVES", "Run", "load_run", "main", "markdown_table"]
 
 COLUMNS = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
 CURVES = (

@@ -32,6 +32,8 @@ __all__ = [
     "Constraint",
     "ConstraintList",
     "FeatureReconstruction",
+    "MAX_PSNR_DB",
+    "NCC_STABILISER",
     "PatchNCC",
     "ReconstructionBCE",
     "ReconstructionMSE",

@@ -42,7 +42,18 @@ from lightning_geco.panels import (
 )
 from lightning_geco.schedules import CosineToFloor
 
-__all__ = ["DiagonalGaussian", "LatentPass", "VAEModule", "VAEOutput", "gaussian_kl", "normal_log_density"]
+__all__ = [
+    "COSINE_FLOOR_FRACTION",
+    "DiagonalGaussian",
+    "LatentPass",
+    "MAX_LOGGED_DIMENSIONS",
+    "RANGE_CHECK_EVERY_N_STEPS",
+    "VAEModule",
+    "VAEOutput",
+    "gaussian_kl",
+    "normal_log_density",
+    "traversal_codes",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 #: per-dimension KLs are logged as ``val/kl_dim/<j>`` up to this many dimensions (spatial

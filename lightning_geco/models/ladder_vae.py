@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl, traversal_codes
 from lightning_geco.nets import ConvDecoder, ConvEncoder
 
-__all__ = ["LadderVAE"]
+__all__ = ["LadderVAE", "corrected"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
