@@ -263,11 +263,17 @@ class VAEModule(pl.LightningModule):
     # ------------------------------------------------------------- variants
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z|x) for images (N, C, H, W)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define encode(): a VAEModule subclass overrides encode and decode "
+            "(a one-Gaussian-latent model), or infer (any other latent structure)."
+        )
 
     def decode(self, z: Tensor) -> Tensor:
         """Decoder output (N, C, H, W) for latents (N, latent_dim); the likelihood reads it."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define decode(): a VAEModule subclass overrides encode and decode "
+            "(a one-Gaussian-latent model), or infer (any other latent structure)."
+        )
 
     # ------------------------------------------------------------ the model
     def check_images(self, x: Tensor, check_range: bool = False) -> None:
