@@ -6,9 +6,9 @@ A variant with one diagonal-Gaussian latent and an N(0, I) prior implements
 stochastic pass: decoder output, rate, its parts) and the three deterministic views the
 panels use (:meth:`~VAEModule.decode_posterior_code`, :meth:`~VAEModule.generate`,
 :meth:`~VAEModule.latent_traversal`). Users read images through :meth:`~VAEModule.reconstruct`
-and :meth:`~VAEModule.sample`, both the likelihood's mean clamped to [0, 1]. This base does the rest: the per-image terms, the
-objective, the logging under the names of DESIGN.md, the aggregate-posterior metrics and the
-image panels.
+and :meth:`~VAEModule.sample`, both the likelihood's mean clamped to [0, 1]. This base does
+the rest: the per-image terms, the objective, the logging under the names of
+docs/ARCHITECTURE.md, the aggregate-posterior metrics and the image panels.
 
 Units: images in [0, 1], shape (N, C, H, W). ``rate`` is KL(q(z|x) || p(z)) in nats per
 image; ``distortion`` is the per-element MSE of the reconstruction (the likelihood's mean);
