@@ -26,12 +26,11 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 import torch
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
-
 from torch.utils.data import Dataset, default_collate
 
 from lightning_geco.batches import batch_images, batch_labels

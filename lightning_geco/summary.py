@@ -37,7 +37,7 @@ class RunSummary(Callback):
     """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
 
     Fields: the final validation ``distortion``, ``rate``, ``elbo``, ``marginal_kl``,
-    ``mutual_info`` (per image, see DESIGN.md's units), then every other top-level validation
+    ``mutual_info`` (per image, see the units in docs/ARCHITECTURE.md), then every other top-level validation
     scalar (e.g. ``pncc``, ``class_accuracy``, ``iwae``); for a GECO model ``lambda``,
     ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
     unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
@@ -77,7 +77,7 @@ class RunSummary(Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        # The DESIGN.md keys first, then every other top-level validation scalar (constraint
+        # The docs/ARCHITECTURE.md keys first, then every other top-level validation scalar (constraint
         # readings such as pncc or class_accuracy, iwae, ...); per-dimension/per-part keys stay out.
         names = [k[len("val/"):] for k in metrics if k.startswith("val/") and "/" not in k[len("val/"):]]
         ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
