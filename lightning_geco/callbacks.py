@@ -131,7 +131,7 @@ class GECOCallback(Callback):
         step_size: nu > 0 of ``"relative"`` (no units) and ``"paper"`` (absolute).
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
-        proportional_gain, integral_gain, smoothing_steps: ``"pi"`` only, see
+        proportional_gain, integral_gain, smoothing_steps, integral_error_limit: ``"pi"`` only, see
             :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements.
@@ -152,9 +152,10 @@ class GECOCallback(Callback):
         step_size: float = 0.006,
         release_speedup: float = 3.0,
         max_relative_violation: float | None = 1.0,
-        proportional_gain: float = 0.5,
-        integral_gain: float = 0.01,
+        proportional_gain: float = 0.25,
+        integral_gain: float = 0.02,
         smoothing_steps: float = 10.0,
+        integral_error_limit: float | None = 0.3,
         drive: str = "training",
         calibration_every: int = 16,
         calibration_batch_size: int = 64,
@@ -172,7 +173,7 @@ class GECOCallback(Callback):
             raise ValueError(f"GECOCallback drive must be one of {DRIVES}, got {drive!r}.")
         # Validate now, before any Trainer exists: probe states raise the clear errors.
         GECO(["probe"], alpha, step_size, log_lambda_bounds, initial_lambda, release_speedup)
-        PIController(proportional_gain, integral_gain, smoothing_steps)
+        PIController(proportional_gain, integral_gain, smoothing_steps, integral_error_limit=integral_error_limit)
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
         if max_nonfinite_steps < 1:
@@ -190,6 +191,7 @@ class GECOCallback(Callback):
         self.proportional_gain = proportional_gain
         self.integral_gain = integral_gain
         self.smoothing_steps = smoothing_steps
+        self.integral_error_limit = integral_error_limit
         self.drive = drive
         self.calibration_every = calibration_every
         self.calibration_batch_size = calibration_batch_size
@@ -220,7 +222,13 @@ class GECOCallback(Callback):
     def _build_geco(self, constraints: list[Constraint]) -> GECO:
         scales = [self._scale(c) for c in constraints]
         if self.controller == "pi":
-            law = PIController(self.proportional_gain, self.integral_gain, self.smoothing_steps, self.log_lambda_bounds)
+            law = PIController(
+                self.proportional_gain,
+                self.integral_gain,
+                self.smoothing_steps,
+                self.log_lambda_bounds,
+                self.integral_error_limit,
+            )
         elif self.controller == "relative":
             relative = [self.relative_step_size(c) for c in constraints]
             law = Algorithm1(

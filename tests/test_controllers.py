@@ -62,7 +62,7 @@ def test_log_ratio_error_is_symmetric_and_compresses_large_violations():
 
 
 def test_pi_first_kick_uses_the_first_error_and_integrates_the_raw_error():
-    pi = PIController(proportional_gain=0.5, integral_gain=0.01, smoothing_steps=10.0)
+    pi = PIController(proportional_gain=0.5, integral_gain=0.01, smoothing_steps=10.0, integral_error_limit=None)
     pi.reset(torch.zeros(1))
     scale, valid = torch.tensor([0.01]), torch.tensor(True)
     e0 = math.log(3.0)
@@ -76,8 +76,19 @@ def test_pi_first_kick_uses_the_first_error_and_integrates_the_raw_error():
     assert out.item() == pytest.approx(0.01 * (e0 + e1) + 0.5 * (s * e0 + (1 - s) * e1), rel=1e-6)
 
 
+def test_the_integrator_reads_the_error_clipped_so_an_untrained_decoder_cannot_wind_it_up():
+    pi = PIController(proportional_gain=0.0, integral_gain=0.02, integral_error_limit=0.3)
+    pi.reset(torch.zeros(1))
+    scale, valid = torch.tensor([0.01]), torch.tensor(True)
+    for _ in range(10):  # 35x past the tolerance: e = 3.6, counted as 0.3
+        pi.step(torch.zeros(1), torch.tensor([0.34]), torch.tensor([0.0]), scale, 1, valid)
+    assert pi.integral.item() == pytest.approx(10 * 0.02 * 0.3, rel=1e-6)
+    pi.step(torch.zeros(1), torch.tensor([-0.001]), torch.tensor([0.0]), scale, 1, valid)  # 10 % better than asked
+    assert pi.integral.item() == pytest.approx(10 * 0.02 * 0.3 + 0.02 * math.log(0.9), rel=1e-6)
+
+
 def test_pi_gains_are_per_step_so_the_measurement_period_does_not_change_the_integral():
-    every_step, every_fourth = PIController(0.0, 0.01), PIController(0.0, 0.01)
+    every_step, every_fourth = PIController(0.0, 0.01, integral_error_limit=None), PIController(0.0, 0.01, integral_error_limit=None)
     for pi in (every_step, every_fourth):
         pi.reset(torch.zeros(1))
     args = (torch.tensor([0.02]), torch.tensor([0.0]), torch.tensor([0.01]))
@@ -89,7 +100,7 @@ def test_pi_gains_are_per_step_so_the_measurement_period_does_not_change_the_int
 
 
 def test_pi_integrator_is_clamped_so_it_cannot_wind_up_past_the_bounds():
-    pi = PIController(0.0, 1.0, log_lambda_bounds=(-2.0, 3.0))
+    pi = PIController(0.0, 1.0, log_lambda_bounds=(-2.0, 3.0), integral_error_limit=None)
     pi.reset(torch.zeros(1))
     for _ in range(50):
         out = pi.step(torch.zeros(1), torch.tensor([100.0]), torch.tensor([0.0]), torch.tensor([0.01]), 1, torch.tensor(True))
