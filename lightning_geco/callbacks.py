@@ -33,9 +33,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset, default_collate
 
+from datamodules.base import dataset_length
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.constraints import Constraint
-from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, PIController
+from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.verdict import StallDetector
@@ -197,7 +198,8 @@ class GECOCallback(Callback):
         self.calibration_batch_size = calibration_batch_size
         self.calibration_seed = calibration_seed
         self.calibration_dataset = calibration_dataset
-        self.log_lambda_bounds = tuple(log_lambda_bounds)
+        lower, upper = log_lambda_bounds
+        self.log_lambda_bounds: tuple[float, float] = (lower, upper)
         self.initial_lambda = initial_lambda
         self.max_nonfinite_steps = max_nonfinite_steps
         self.stall_window = stall_window
@@ -208,6 +210,34 @@ class GECOCallback(Callback):
         self._calibration: Dataset | None = None
         self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
+
+    # ------------------------------------------------------- guarded state
+    # ``geco``, ``objective`` and the calibration split exist from ``setup()`` on; the hooks that
+    # Lightning calls after it read them through these, which say so when that order is broken.
+    @staticmethod
+    def _not_set_up(what: str) -> RuntimeError:
+        return RuntimeError(
+            f"GECOCallback used before setup(): {what} is only known once the Trainer has called "
+            "setup() (pass the callback to Trainer(callbacks=[...]) and fit through that Trainer)."
+        )
+
+    @property
+    def _ready_geco(self) -> GECO:
+        if self.geco is None:
+            raise self._not_set_up("the GECO state (lambda, moving average)")
+        return self.geco
+
+    @property
+    def _ready_objective(self) -> GECOObjective:
+        if self.objective is None:
+            raise self._not_set_up("the model's GECOObjective")
+        return self.objective
+
+    @property
+    def _ready_calibration(self) -> Dataset:
+        if self._calibration is None:
+            raise self._not_set_up("the calibration split (drive='calibration')")
+        return self._calibration
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -221,6 +251,7 @@ class GECOCallback(Callback):
 
     def _build_geco(self, constraints: list[Constraint]) -> GECO:
         scales = [self._scale(c) for c in constraints]
+        law: MultiplierController
         if self.controller == "pi":
             law = PIController(
                 self.proportional_gain,
@@ -237,8 +268,7 @@ class GECOCallback(Callback):
                 None if self.max_relative_violation is None else [nu * self.max_relative_violation for nu in relative],
             )
         else:
-            law = Algorithm1(self.step_size)
-            law.step_size = law.step_size.expand(len(constraints)).clone()
+            law = Algorithm1([self.step_size] * len(constraints))
         return GECO(
             [c.name for c in constraints],
             self.alpha,
@@ -270,8 +300,9 @@ class GECOCallback(Callback):
     def _find_calibration(self, trainer: pl.Trainer) -> Dataset:
         dataset = self.calibration_dataset
         if dataset is None:
-            dataset = getattr(trainer.datamodule, "calibration_dataset", None) if trainer.datamodule is not None else None
-        if dataset is None or len(dataset) == 0:
+            datamodule = getattr(trainer, "datamodule", None)
+            dataset = getattr(datamodule, "calibration_dataset", None) if datamodule is not None else None
+        if dataset is None or dataset_length(dataset) == 0:
             raise ValueError(
                 "GECOCallback(drive='calibration') needs a calibration split the model does not train on: "
                 "set the DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass "
@@ -282,17 +313,18 @@ class GECOCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
         # too so they can go through the collective (NCCL needs CUDA tensors).
-        self.geco.to(pl_module.device)
-        self.geco.reset_pending()
+        geco = self._ready_geco
+        geco.to(pl_module.device)
+        geco.reset_pending()
         if self.detector is None:
             window = round(self.stall_window * trainer.max_steps) if trainer.max_steps > 0 else 300
-            self.detector = StallDetector(self.geco.num_constraints, max(1, window), self.log_lambda_bounds[1])
+            self.detector = StallDetector(geco.num_constraints, max(1, window), self.log_lambda_bounds[1])
 
     # --------------------------------------------------------------- update
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        geco = self.geco
+        geco = self._ready_geco
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         k = geco.num_constraints
         batch_mean = statistics[:k] / statistics[k].clamp_min(1.0)
@@ -309,7 +341,9 @@ class GECOCallback(Callback):
         if on_device:
             # Fused optimizers (Adam/AdamW/SGD with fused=True) read GradScaler's device-side
             # flag and leave parameters, moments and step counts exactly as they were: no host sync.
-            torch_optimizer.found_inf = skip.float()
+            # found_inf is not an Optimizer attribute: GradScaler sets it on these fused optimizers
+            # (torch.amp.GradScaler.step), and their step() reads it; we set it the same way.
+            torch_optimizer.found_inf = skip.float()  # type: ignore[union-attr]
         elif bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
         self._consecutive_nonfinite = torch.where(skip, self._consecutive_nonfinite.to(skip.device) + 1, 0)
@@ -335,11 +369,11 @@ class GECOCallback(Callback):
         """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
         measurement ``global_step // calibration_every``'s calibration images (eval mode, no gradients)."""
         measurement = trainer.global_step // self.calibration_every
-        dataset = self._calibration
+        dataset = self._ready_calibration
         generator = torch.Generator().manual_seed(_measurement_seed(self.calibration_seed, measurement))
-        indices = torch.randint(len(dataset), (self.calibration_batch_size,), generator=generator)
+        indices = torch.randint(dataset_length(dataset), (self.calibration_batch_size,), generator=generator)
         mine = indices[trainer.global_rank :: trainer.world_size].tolist()
-        k = self.geco.num_constraints
+        k = self._ready_geco.num_constraints
         if not mine:
             return torch.zeros(k + 2, device=pl_module.device)
         batch = trainer.strategy.batch_to_device(default_collate([dataset[i] for i in mine]))
@@ -351,7 +385,7 @@ class GECOCallback(Callback):
             # The latent noise of a measurement is seeded too, without touching the training RNG.
             with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
                 torch.manual_seed(_measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
-                values = self.objective.constraint_values(pl_module(x, labels)).float()
+                values = self._ready_objective.constraint_values(pl_module(x, labels)).float()
         finally:
             pl_module.train(was_training)
         total = values.sum(dim=0)
@@ -367,19 +401,23 @@ class GECOCallback(Callback):
     def regulated_ratio(self) -> list[float]:
         """Per constraint, the reading the controller regulates over its tolerance (1.1: 10 % past
         it): the last calibration measurement, or the training moving average."""
-        geco = self.geco
+        geco = self._ready_geco
         value = self._last_calibration if self.drive == "calibration" and self._last_calibration is not None else geco.constraint_ema
         return (1.0 + value / geco.scale).tolist()
 
     def _watch(self, trainer: pl.Trainer) -> None:
-        if self.detector is None or not self.geco.seeded:
+        geco = self._ready_geco
+        if self.detector is None or not geco.seeded:
             return
         ratio = self.regulated_ratio()
-        for k in self.detector.observe(trainer.global_step, self.geco.log_lagrange_multiplier.tolist(), ratio):
-            constraint = self.objective.constraints[k]
+        for k in self.detector.observe(trainer.global_step, geco.log_lagrange_multiplier.tolist(), ratio):
+            constraint = self._ready_objective.constraints[k]
+            stall = self.detector.stalls[k]
+            if stall is None:  # observe() returns only the constraints it has just found stalled
+                continue
             rank_zero_warn(
                 f"GECO: the tolerance of {constraint.name!r} ({constraint.tolerance} {constraint.unit}) looks "
-                f"unreachable for this model: {self.detector.stalls[k].describe()}. More lambda no longer buys "
+                f"unreachable for this model: {stall.describe()}. More lambda no longer buys "
                 "quality; stop the run and loosen the tolerance, or give the model more capacity or steps."
             )
 
@@ -388,8 +426,9 @@ class GECOCallback(Callback):
         return self.detector is not None and self.detector.lambda_trend(k) > math.log(1.05)
 
     def _log(self, pl_module: pl.LightningModule, batch_mean: Tensor) -> None:
-        geco = self.geco
-        values, shown = {}, {}
+        geco = self._ready_geco
+        values: dict[str, Tensor | float] = {}
+        shown: dict[str, Tensor] = {}
         for i, name in enumerate(geco.names):
             prefix = "geco" if geco.num_constraints == 1 else f"geco/{name}"
             shown[f"{prefix}/lambda"] = geco.lagrange_multiplier[i]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_geco.controllers import Algorithm1, MultiplierController
 
-__all__ = ["DRIVES", "GECO", "mse_to_psnr", "psnr_to_mse"]
+__all__ = ["DEFAULT_LOG_LAMBDA_BOUNDS", "DRIVES", "GECO", "mse_to_psnr", "psnr_to_mse"]
 
 # exp(log_lambda) must stay finite and non-zero in fp32 (max ~3.4e38, ln ~ 88.7), and
 # lambda * (per-image sum) must too; +-30 leaves ~ 1e13 of head room for the sums.

@@ -178,7 +178,8 @@ def aggregate_log_densities(
         empty = torch.zeros(0, dtype=torch.float64, device=z.device)
         return empty, empty.reshape(0, d)
 
-    sums = joint = None
+    sums: Tensor | None = None
+    joint: Tensor | None = None
     suspicious = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     if _use_compiler(compile, z, n, chunk_size) and n >= 2:  # dynamo specialises sizes < 2
         try:
@@ -191,7 +192,7 @@ def aggregate_log_densities(
                 raise
             _COMPILER_STATE["broken"] = True
             warnings.warn(f"torch.compile failed ({error!r}); using the eager path from now on.", stacklevel=2)
-    if sums is None:
+    if sums is None or joint is None:  # set together: both None unless the compiled path succeeded
         sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size)
         joint = _eager_joint(z, mean, log_variance, chunk_size)
 
@@ -215,7 +216,7 @@ def _exp2(x: Tensor) -> Tensor:
     x = x.clamp_min(_MIN_EXPONENT2)
     whole = torch.round(x)
     fraction = x - whole  # in [-1/2, 1/2]
-    power = _EXP2_TAYLOR[6]
+    power: Tensor | float = _EXP2_TAYLOR[6]
     for coefficient in reversed(_EXP2_TAYLOR[:6]):
         power = power * fraction + coefficient
     # 2**whole as a float32 built from its exponent bits (whole in [-125, 0]: a normal number).
@@ -246,7 +247,7 @@ def _fused_chunk(
 
 def _compiled_sums(
     z: Tensor, mean: Tensor, half_precision: Tensor, shifted_log_norm: Tensor, chunk_size: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-dimension shifted sums (M, d) float32, the joint log-sum-exp minus sum(shift) (M,) float64
     and the joint's largest exponent minus sum(shift) (M,) float64, nats."""
     if _COMPILER_STATE["fn"] is None:
@@ -380,6 +381,9 @@ class AggregatePosteriorKL(Metric):
     full_state_update = False
     higher_is_better = False
     is_differentiable = False
+    # States (add_state in __init__), declared so they read as what they hold, not as Module attributes.
+    means: list[Tensor]
+    log_variances: list[Tensor]
 
     def __init__(self, chunk_size: int = 256, seed: int = 0, compile: bool | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -429,6 +433,11 @@ class LatentActivity(Metric):
 
     full_state_update = False
     is_differentiable = False
+    # States (add_state in __init__), declared so they read as what they hold, not as Module attributes.
+    count: Tensor
+    sum_mean: Tensor
+    sum_mean_sq: Tensor
+    sum_kl: Tensor
 
     def __init__(self, threshold: float = 0.01, **kwargs) -> None:
         super().__init__(**kwargs)

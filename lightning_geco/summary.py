@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.verdict import constraint_clause, verdict, verdict_line
 
-__all__ = ["RunSummary", "run_directory"]
+__all__ = ["VALIDATION_KEYS", "RunSummary", "run_directory"]
 
 VALIDATION_KEYS = ("distortion", "rate", "elbo", "marginal_kl", "mutual_info")
 
@@ -104,7 +104,9 @@ class RunSummary(Callback):
                 logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items()})
 
     def _geco_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
-        callback = next((c for c in trainer.callbacks if isinstance(c, GECOCallback)), None)
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        callback = next((c for c in callbacks if isinstance(c, GECOCallback)), None)
         if callback is None or callback.geco is None or callback.objective is None:
             return {}
         constraints = list(callback.objective.constraints)

@@ -14,9 +14,6 @@ MODULES = sorted(
     p for p in [*(ROOT / "lightning_geco").rglob("*.py"), *(ROOT / "datamodules").glob("*.py")]
     if p.name != "__init__.py" or p.parent.name != "lightning_geco"
 )
-# Modules under rework in issue 16 whose __all__ still lacks a constant (geco: DEFAULT_LOG_LAMBDA_BOUNDS,
-# summary: VALIDATION_KEYS); drop each from this set when its __all__ lists it.
-PENDING = {"lightning_geco.geco", "lightning_geco.summary"}
 
 
 def _module_name(path: Path) -> str:
@@ -41,8 +38,6 @@ def _public_definitions(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", MODULES, ids=_module_name)
 def test_all_lists_every_public_name_and_only_existing_ones(path):
     module = importlib.import_module(_module_name(path))
-    if module.__name__ in PENDING:
-        pytest.xfail(f"{module.__name__}: __all__ completed with its rework (issue 16)")
     assert hasattr(module, "__all__"), f"{module.__name__} has no __all__"
     missing = _public_definitions(path) - set(module.__all__)
     assert not missing, f"{module.__name__}.__all__ lacks {sorted(missing)} (list them or prefix with _)"
