@@ -288,10 +288,10 @@ def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused(
 def test_the_callback_gives_each_constraint_nu_over_its_scale_and_caps_each_rise_at_nu():
     objective = GECOObjective([ReconstructionMSE(0.015, name="mse"), PatchNCC(0.94, patch_size=4, stride=4)])
     model = tiny_conv_vae(objective=objective)
-    callback = GECOCallback(step_size=0.003, max_relative_violation=1.0)
+    callback = GECOCallback(controller="relative", step_size=0.003, max_relative_violation=1.0)
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
     trainer.fit(model, DataLoader(TensorDataset(random_images(8)), batch_size=8))
-    torch.testing.assert_close(callback.geco.step_size, torch.tensor([0.003 / 0.015, 0.003 / 0.06]))
-    torch.testing.assert_close(callback.geco.max_increase, torch.tensor([0.003, 0.003]))
+    torch.testing.assert_close(callback.geco.controller.step_size, torch.tensor([0.003 / 0.015, 0.003 / 0.06]))
+    torch.testing.assert_close(callback.geco.controller.max_increase, torch.tensor([0.003, 0.003]))
     # Random images are far from both tolerances on the first step: both rise by the cap, nu.
     torch.testing.assert_close(callback.geco.log_lagrange_multiplier, torch.tensor([0.003, 0.003]))

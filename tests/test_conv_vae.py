@@ -26,7 +26,7 @@ def test_wrong_image_shape_gets_a_clear_error():
 
 def test_images_outside_unit_interval_get_a_clear_error():
     model = tiny_conv_vae(image_shape=(1, 16, 16))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 1\] .* got values in \[-0.5, 2\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\] .* held values in \[-0.5, 2\]"):
         x = torch.rand(2, 1, 16, 16)
         x[0, 0, 0, 0], x[1, 0, 0, 0] = -0.5, 2.0
         model.check_images(x, check_range=True)

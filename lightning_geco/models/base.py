@@ -207,6 +207,9 @@ class VAEModule(pl.LightningModule):
             constraint ends close to its tolerance instead of trailing below it.
     """
 
+    #: whether the data must lie in [0, 1] (images; the tolerances of the image constraints are
+    #: stated in those units); a model of data in other units sets False and skips the range checks
+    expects_unit_interval: bool = True
     #: hyperparameters that fix the parameter shapes; a checkpoint must agree on all of them
     architecture_keys: tuple[str, ...] = ("image_shape", "latent_dim")
 
@@ -283,7 +286,7 @@ class VAEModule(pl.LightningModule):
                 f"{type(self).__name__} was built for images of shape (N, {', '.join(map(str, self.image_shape))}), "
                 f"got a batch of shape {tuple(x.shape)}. Set the model's image_shape to the data's."
             )
-        if check_range:
+        if check_range and self.expects_unit_interval:
             low, high = torch.aminmax(x.detach().float())
             self._raise_if_out_of_range(low, high, "this batch")
 
@@ -304,6 +307,8 @@ class VAEModule(pl.LightningModule):
     def _track_pixel_range(self, x: Tensor) -> None:
         """Fold this batch's min and max into a device-side running range; check it every
         :data:`RANGE_CHECK_EVERY_N_STEPS` steps, so no per-step host sync."""
+        if not self.expects_unit_interval:
+            return
         low, high = torch.aminmax(x.detach().float())
         batch_range = torch.stack([low, high])
         if self._pixel_range is None:
