@@ -11,6 +11,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from lightning_geco.batches import dataset_length
+
 __all__ = [
     "CALIBRATION_SEED",
     "ImageDataModule",
@@ -79,13 +81,6 @@ class UInt8Images(Dataset):
     def to(self, device: torch.device | str) -> TensorDataset:
         """The whole set as float tensors on ``device`` (see ``ImageDataModule(device=...)``)."""
         return TensorDataset((self.images.to(device).float() / self.scale), self.targets.to(device))
-
-
-def dataset_length(dataset: Dataset) -> int:
-    """``len(dataset)``; a clear error for a dataset without a length (an iterable-style one)."""
-    if not isinstance(dataset, Sized):
-        raise TypeError(f"{type(dataset).__name__} has no length; a map-style dataset with __len__ is needed here.")
-    return len(dataset)
 
 
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:

@@ -1,4 +1,5 @@
-"""What a batch holds: the images and, if any, the labels, whatever container the loader yields.
+"""What a batch holds: the images and, if any, the labels, whatever container the loader yields;
+and the length of a dataset.
 
 A leaf module (torch only), so the models and the callbacks read batches the same way
 without importing each other.
@@ -6,11 +7,13 @@ without importing each other.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["batch_images", "batch_labels"]
+__all__ = ["batch_images", "batch_labels", "dataset_length"]
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -34,3 +37,10 @@ def batch_labels(batch: Any) -> Tensor | None:
     if isinstance(batch, dict) and isinstance(batch.get("label"), Tensor):
         return batch["label"]
     return None
+
+
+def dataset_length(dataset: Dataset) -> int:
+    """``len(dataset)``; a clear error for a dataset without a length (an iterable-style one)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length; a map-style dataset with __len__ is needed here.")
+    return len(dataset)

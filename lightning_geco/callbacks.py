@@ -33,8 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset, default_collate
 
-from datamodules.base import dataset_length
-from lightning_geco.batches import batch_images, batch_labels
+from lightning_geco.batches import batch_images, batch_labels, dataset_length
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO
