@@ -169,6 +169,21 @@ def _summary(capsys) -> dict:
     return json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
 
 
+def test_the_readme_controller_config_runs_pi_on_a_calibration_split_and_prints_the_verdict(tmp_path, capsys):
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    (geco,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GECOCallback")]
+    geco["init_args"] = {"controller": "pi", "drive": "calibration", "calibration_every": 2}  # as in the README
+    config["data"]["init_args"]["num_calibration"] = 32
+    path = tmp_path / "pi_calibration.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(_fit(path, *QUICK))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("GECO: ") and "distortion" in out[-2]  # the verdict, just before the summary path
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GECOCallback"]
+    assert callback.controller == "pi" and callback.geco.num_measurements == 2  # steps 0 and 2
+    assert json.loads(Path(out[-1]).read_text())["verdict"] in ("met", "not_met", "unreachable")
+
+
 def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
     main(_fit(REPO / "configs" / "default.yaml", "--tolerance", "0.004", *QUICK))
     assert _summary(capsys)["tolerance"] == pytest.approx(0.004)
