@@ -95,7 +95,9 @@ def one(spec: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    cli = main(["--config", str(path), "--trainer.default_root_dir", str(path.parent.parent / "lightning")], run=False)
+    # The run's own files (summary.json) go under runs/, which git ignores; the table keeps the figures.
+    root = REPO / "runs" / "benchmarks" / "controllers"
+    cli = main(["--config", str(path), "--trainer.default_root_dir", str(root)], run=False)
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule)
     seconds = time.monotonic() - start
