@@ -38,6 +38,7 @@ from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO
 from lightning_geco.objectives import GECOObjective
+from lightning_geco.records import VAEOutput
 from lightning_geco.verdict import StallDetector
 
 __all__ = ["GECOCallback", "NonFiniteConstraintError", "find_geco_objective", "is_logging_step"]
@@ -69,6 +70,22 @@ def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
     return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor | None) -> VAEOutput:
+    """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take it."""
+    message = (
+        f"GECOCallback(drive='calibration') reads the model as model(x, labels) -> VAEOutput, as the "
+        f"collection's models do; {type(pl_module).__name__} {{}}. Use drive='training' with your own "
+        "module, or have its forward(x, labels) return VAEOutput.from_terms(x, reconstruction, rate)."
+    )
+    try:
+        output = pl_module(x, labels)
+    except TypeError as error:
+        raise TypeError(message.format(f"cannot be called so ({error})")) from error
+    if not isinstance(output, VAEOutput):
+        raise TypeError(message.format(f"returned {type(output).__name__}"))
+    return output
 
 
 def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
@@ -384,7 +401,8 @@ class GECOCallback(Callback):
             # The latent noise of a measurement is seeded too, without touching the training RNG.
             with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
                 torch.manual_seed(_measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
-                values = self._ready_objective.constraint_values(pl_module(x, labels)).float()
+                output = _calibration_output(pl_module, x, labels)
+                values = self._ready_objective.constraint_values(output).float()
         finally:
             pl_module.train(was_training)
         total = values.sum(dim=0)

@@ -23,9 +23,10 @@ from lightning_geco.classifier import class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood
+from lightning_geco.records import VAEOutput
 
 if TYPE_CHECKING:
-    from lightning_geco.models.base import VAEModule, VAEOutput
+    from lightning_geco.models.base import VAEModule
 
 __all__ = [
     "ClassificationConstraint",
@@ -125,10 +126,13 @@ class ReconstructionMSE(Constraint):
     """Per-element mean squared error of the reconstruction at most a tolerance.
 
     Args:
-        tolerance: in ``unit``: an MSE in (0, 1] (data lie in [0, 1]) or a PSNR in dB in
-            (0, 100] (peak 1: PSNR 20 dB is MSE 0.01).
+        tolerance: in ``unit``: an MSE in the data's units squared, or a PSNR in dB.
         unit: ``"mse"`` or ``"psnr"``.
         name: the constraint's name in logs (``geco/<name>/...`` when there are several).
+        peak: the data's peak value (images in [0, 1]: 1, the default). With a peak an MSE
+            tolerance lies in (0, peak²] and a PSNR in (0, 100] dB (``MSE = peak² 10^(-PSNR/10)``:
+            20 dB is 0.01 for images in [0, 1]). ``None``: data in any units (standardised
+            vectors, raw sensor values): any positive MSE, and no PSNR.
     """
 
     def __init__(
@@ -136,27 +140,42 @@ class ReconstructionMSE(Constraint):
         tolerance: float = 0.01,
         unit: Literal["mse", "psnr"] = "mse",
         name: str = "reconstruction",
+        peak: float | None = 1.0,
     ) -> None:
         super().__init__()
+        if peak is not None and not (math.isfinite(peak) and peak > 0):
+            raise ValueError(f"ReconstructionMSE peak must be a positive finite number or None, got {peak!r}.")
         if unit == "mse":
-            if not (0.0 < tolerance <= 1.0) or math.isnan(tolerance):
+            if peak is None:
+                if not (math.isfinite(tolerance) and tolerance > 0):
+                    raise ValueError(
+                        f"ReconstructionMSE tolerance {tolerance!r} (unit 'mse', no peak) must be a positive finite "
+                        "MSE in the data's units squared."
+                    )
+            elif not (0.0 < tolerance <= peak**2) or math.isnan(tolerance):
+                range_text = "(0, 1]" if peak == 1.0 else f"(0, {peak**2:g}] (peak {peak:g})"
+                data_text = "images in [0, 1]" if peak == 1.0 else f"data with peak {peak:g}"
                 raise ValueError(
                     f"ReconstructionMSE tolerance {tolerance!r} (unit 'mse') cannot be expressed: "
-                    "a per-element MSE of images in [0, 1] must lie in (0, 1]."
+                    f"a per-element MSE of {data_text} must lie in {range_text}; for data in other units "
+                    "pass peak=None."
                 )
             self.tolerance_mse = float(tolerance)
         elif unit == "psnr":
+            if peak is None:
+                raise ValueError("ReconstructionMSE unit 'psnr' needs the data's peak value; got peak=None.")
             if not (0.0 < tolerance <= MAX_PSNR_DB) or math.isnan(tolerance):
                 raise ValueError(
                     f"ReconstructionMSE tolerance {tolerance!r} (unit 'psnr') is out of range: "
                     f"a PSNR in dB for images in [0, 1] must lie in (0, {MAX_PSNR_DB:g}]."
                 )
-            self.tolerance_mse = psnr_to_mse(tolerance)
+            self.tolerance_mse = peak**2 * psnr_to_mse(tolerance)
         else:
             raise ValueError(f"ReconstructionMSE unit must be 'mse' or 'psnr', got {unit!r}.")
         self.tolerance = float(tolerance)
         self.unit = unit
         self.name = name
+        self.peak = peak
 
     reading_name = "distortion"
 
@@ -166,7 +185,8 @@ class ReconstructionMSE(Constraint):
 
     @property
     def tolerance_psnr(self) -> float:
-        return mse_to_psnr(self.tolerance_mse)
+        """The tolerance in dB (peak 1 when the constraint has none)."""
+        return mse_to_psnr(self.tolerance_mse / (self.peak or 1.0) ** 2)
 
     def reading(self, output: VAEOutput) -> Tensor:
         return output.distortion

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.geco import GECO
-
-if TYPE_CHECKING:
-    from lightning_geco.models.base import VAEOutput
+from lightning_geco.records import VAEOutput
 
 __all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective", "SigmaVAE"]
 
@@ -204,6 +201,25 @@ class GECOObjective(Objective):
         if geco.names != self.names:
             raise ValueError(f"GECO state is for constraints {geco.names}, objective has {self.names}.")
         self.geco = geco
+
+    def lagrangian(
+        self,
+        rate: Tensor,
+        x: Tensor,
+        reconstruction: Tensor,
+        labels: Tensor | None = None,
+        decoder_output: Tensor | None = None,
+    ) -> Tensor | None:
+        """GECO's loss for any model: ``E[rate] + sum_k lambda_k * D_k * C_k``, nats per example.
+
+        The path for a LightningModule that is not one of ours: hand over the per-example rate
+        (KL in nats, (N,)) and what the constraints read (the data and its reconstruction in the
+        data's own shape and units; labels for a classification constraint), and use the result
+        as the training loss. ``GECOCallback`` finds this objective among the module's
+        submodules and moves lambda as for the collection's models. See the README, "Bring your
+        own model".
+        """
+        return self(VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output))
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""

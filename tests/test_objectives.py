@@ -7,6 +7,7 @@ import torch
 from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,
+    GECO,
     BetaVAE,
     CapacityBetaVAE,
     GaussianLikelihood,
@@ -14,6 +15,7 @@ from lightning_geco import (
     KLWarmup,
     ReconstructionMSE,
 )
+from lightning_geco.records import VAEOutput
 
 
 def _grads(loss, model):
@@ -169,3 +171,29 @@ def test_scheduled_objective_follows_the_trainers_step_and_logs_its_weight():
     # The last training step ran at global_step 5: beta = 5 / 10.
     assert model.objective.step == 5
     assert trainer.callback_metrics["train/beta"].item() == pytest.approx(0.5)
+
+
+def test_mse_tolerances_in_the_datas_own_units():
+    assert ReconstructionMSE(5.0, peak=None).reading_tolerance == 5.0
+    assert ReconstructionMSE(20.0, unit="psnr", peak=255.0).reading_tolerance == pytest.approx(255.0**2 * 0.01)
+    with pytest.raises(ValueError, match=re.escape("must lie in (0, 1]; for data in other units pass peak=None.")):
+        ReconstructionMSE(5.0)
+    with pytest.raises(ValueError, match=re.escape("ReconstructionMSE unit 'psnr' needs the data's peak value; got peak=None.")):
+        ReconstructionMSE(20.0, unit="psnr", peak=None)
+
+
+def test_the_lagrangian_of_a_users_own_tensors_is_the_objective_of_their_record():
+    objective = GECOObjective([ReconstructionMSE(0.5, peak=None)])
+    geco = GECO(objective.names)
+    geco.log_lagrange_multiplier.fill_(math.log(2.0))
+    objective.attach(geco)
+    objective.eval()
+    g = torch.Generator().manual_seed(0)
+    x, reconstruction, rate = torch.randn(8, 20, generator=g) * 3, torch.randn(8, 20, generator=g), torch.rand(8, generator=g)
+    loss = objective.lagrangian(rate, x, reconstruction)
+    distortion = (reconstruction - x).pow(2).mean(dim=1)
+    assert loss.item() == pytest.approx((rate.mean() + 2.0 * 20 * (distortion.mean() - 0.5)).item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"rate must hold one KL per example, shape \(8,\), got \(8, 1\)"):
+        VAEOutput.from_terms(x, reconstruction, rate[:, None])
+    with pytest.raises(ValueError, match=r"x and reconstruction must have the same shape"):
+        VAEOutput.from_terms(x, reconstruction[:, :5], rate)

@@ -25,3 +25,14 @@ def test_the_plain_trainer_snippet_trains_and_prints_a_verdict(tmp_path, monkeyp
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("GECO: ") and "distortion" in printed[-1]
+
+
+def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
+    code = _snippet("## Bring your own model")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("GECO: distortion ")
+    summary = namespace["summary"].summary
+    assert summary["verdict"] == "met" and summary["tolerance"] == 0.5

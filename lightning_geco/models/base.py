@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,8 +29,9 @@ from torchmetrics import MeanMetric
 
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import is_logging_step
+from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
-from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, gaussian_kl_per_dimension
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.panels import (
     log_image_grid,
@@ -40,6 +40,7 @@ from lightning_geco.panels import (
     sample_grid,
     traversal_grid,
 )
+from lightning_geco.records import LatentPass, VAEOutput
 from lightning_geco.schedules import CosineToFloor
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "traversal_codes",
 ]
 
-_LOG_2PI = math.log(2 * math.pi)
 #: per-dimension KLs are logged as ``val/kl_dim/<j>`` up to this many dimensions (spatial
 #: latents have thousands; their per-part rates are logged instead)
 MAX_LOGGED_DIMENSIONS = 64
@@ -65,108 +65,6 @@ COSINE_FLOOR_FRACTION = 0.05
 #: read (one host sync) every this many steps: the [0, 1] check covers every batch for the
 #: cost of a min/max reduction per step
 RANGE_CHECK_EVERY_N_STEPS = 50
-
-
-@dataclass
-class DiagonalGaussian:
-    """q(z|x) = N(mean, diag(exp(log_variance))), each of shape (N, latent_dim) or (N, C, h, w)."""
-
-    mean: Tensor
-    log_variance: Tensor
-
-    def rsample(self, noise: Tensor | None = None) -> Tensor:
-        """Reparameterised draw ``mean + noise * std``; ``noise`` ~ N(0, I) unless given."""
-        if noise is None:
-            noise = torch.randn_like(self.mean)
-        return self.mean + noise * torch.exp(0.5 * self.log_variance)
-
-    def kl_to_standard_normal(self) -> Tensor:
-        """KL(q || N(0, I)) in nats, summed over every latent dimension, shape (N,)."""
-        return gaussian_kl_per_dimension(self.mean.float(), self.log_variance.float()).flatten(1).sum(dim=1)
-
-
-    def log_density(self, z: Tensor) -> Tensor:
-        """log N(z; mean, diag(var)) summed over every non-batch dimension, nats, shape (N,)."""
-        return normal_log_density(z.float(), self.mean.float(), self.log_variance.float()).flatten(1).sum(dim=1)
-
-    def whitened(self, prior: DiagonalGaussian) -> DiagonalGaussian:
-        """This Gaussian in the coordinates ``(z - prior.mean) / prior.std``, where the prior is N(0, I).
-
-        KL is invariant under that map, so ``whitened(prior).kl_to_standard_normal()`` equals
-        KL(self || prior): models with learned priors hand these to the N(0, I) metrics.
-        """
-        return DiagonalGaussian(
-            (self.mean - prior.mean) * torch.exp(-0.5 * prior.log_variance),
-            self.log_variance - prior.log_variance,
-        )
-
-    def flatten(self) -> DiagonalGaussian:
-        """Every dimension but the batch's flattened: (N, ...) -> (N, d)."""
-        return DiagonalGaussian(self.mean.flatten(1), self.log_variance.flatten(1))
-
-    @staticmethod
-    def concatenate(parts: Sequence[DiagonalGaussian]) -> DiagonalGaussian:
-        """Independent Gaussians side by side, each (N, ...) flattened: (N, sum of sizes)."""
-        flat = [part.flatten() for part in parts]
-        return DiagonalGaussian(torch.cat([f.mean for f in flat], 1), torch.cat([f.log_variance for f in flat], 1))
-
-
-def normal_log_density(z: Tensor, mean: Tensor, log_variance: Tensor) -> Tensor:
-    """Elementwise log N(z; mean, exp(log_variance)), nats, broadcast shape."""
-    return -0.5 * ((z - mean).pow(2) * torch.exp(-log_variance) + log_variance + _LOG_2PI)
-
-
-def gaussian_kl(q: DiagonalGaussian, p: DiagonalGaussian) -> Tensor:
-    """KL(q || p) of diagonal Gaussians of the same shape (N, ...), summed per example, nats, (N,)."""
-    q_lv, p_lv = q.log_variance.float(), p.log_variance.float()
-    kl = 0.5 * (p_lv - q_lv + (q_lv.exp() + (q.mean.float() - p.mean.float()).pow(2)) * torch.exp(-p_lv) - 1.0)
-    return kl.flatten(1).sum(dim=1)
-
-
-@dataclass
-class LatentPass:
-    """One stochastic pass through a variant's latent variables, for a batch of N images.
-
-    Attributes:
-        decoder_output: (N, C, H, W), what the likelihood reads.
-        rate: KL(q(z|x) || p(z)) in nats per image, (N,): closed form where the model has one,
-            else a one-sample Monte Carlo estimate.
-        log_weight: ``log p(z) - log q(z|x)`` at this pass's sample, nats, (N,); the importance
-            weight of the IWAE bound (its negative is the one-sample rate estimate).
-        posterior: the diagonal Gaussian the aggregate-posterior metrics read, against an
-            N(0, I) prior, (N, d); each variant says what it is.
-        z: the sampled code, (N, ...).
-        rate_terms: the parts of the rate (per layer, per step), each (N,), summing to ``rate``;
-            empty for a single-part rate. Logged as ``<stage>/rate/<name>``.
-    """
-
-    decoder_output: Tensor
-    rate: Tensor
-    log_weight: Tensor
-    posterior: DiagonalGaussian
-    z: Tensor
-    rate_terms: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class VAEOutput:
-    """One forward pass: the per-image terms every objective and metric reads."""
-
-    x: Tensor
-    decoder_output: Tensor
-    reconstruction: Tensor
-    posterior: DiagonalGaussian
-    z: Tensor
-    rate: Tensor
-    distortion: Tensor
-    log_likelihood: Tensor
-    rate_terms: dict[str, Tensor] = field(default_factory=dict)
-    labels: Tensor | None = None
-
-    @property
-    def elbo(self) -> Tensor:
-        """Unit-weight ELBO, nats per image, shape (N,)."""
-        return self.log_likelihood - self.rate
 
 
 def traversal_codes(origin: Tensor, dims: Sequence[int], steps: int, span: float) -> Tensor:
@@ -351,8 +249,8 @@ class VAEModule(pl.LightningModule):
         if noise is None:
             noise = torch.randn_like(posterior.mean)
         z = posterior.rsample(noise)
-        log_q = -0.5 * (noise.float().pow(2) + posterior.log_variance.float() + _LOG_2PI).sum(dim=1)
-        log_prior = -0.5 * (z.float().pow(2) + _LOG_2PI).sum(dim=1)
+        log_q = -0.5 * (noise.float().pow(2) + posterior.log_variance.float() + LOG_2PI).sum(dim=1)
+        log_prior = -0.5 * (z.float().pow(2) + LOG_2PI).sum(dim=1)
         return LatentPass(
             decoder_output=self.decode(z),
             rate=posterior.kl_to_standard_normal(),

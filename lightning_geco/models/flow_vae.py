@@ -11,20 +11,19 @@ density is a diagonal Gaussian (``val/marginal_kl`` here describes z_0, ``val/ra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.distributions import LOG_2PI
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule
 from lightning_geco.nets import ConvDecoder, ConvEncoder
 from lightning_geco.nets.flows import CouplingFlow
 
 __all__ = ["FlowVAE"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class FlowVAE(VAEModule):
@@ -76,8 +75,8 @@ class FlowVAE(VAEModule):
             noise = torch.randn_like(base.mean)
         z0 = base.rsample(noise)
         z, log_det = self.flow(z0, context)
-        log_q = -0.5 * (noise.float().pow(2) + base.log_variance.float() + _LOG_2PI).sum(dim=1) - log_det
-        log_prior = -0.5 * (z.float().pow(2) + _LOG_2PI).sum(dim=1)
+        log_q = -0.5 * (noise.float().pow(2) + base.log_variance.float() + LOG_2PI).sum(dim=1) - log_det
+        log_prior = -0.5 * (z.float().pow(2) + LOG_2PI).sum(dim=1)
         return LatentPass(
             decoder_output=self.decode(z),
             rate=log_q - log_prior,

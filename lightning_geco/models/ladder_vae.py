@@ -24,7 +24,6 @@ their KL to N(0, I) is exactly the rate above; the top layer's coordinates are t
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from functools import reduce
@@ -33,12 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.distributions import LOG_2PI
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl, traversal_codes
 from lightning_geco.nets import ConvDecoder, ConvEncoder
 
 __all__ = ["LadderVAE", "corrected"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def corrected(prior: DiagonalGaussian, correction: Tensor) -> DiagonalGaussian:
@@ -162,7 +161,7 @@ class LadderVAE(VAEModule):
         features, top = self.bottom_up(x)
         z_top = top.rsample(self.reparameterization_noise(x, top))
         rates = {f"layer_{len(self.latent_dims)}": top.kl_to_standard_normal()}
-        log_weight = -0.5 * (z_top.float().pow(2) + _LOG_2PI).sum(dim=1) - top.log_density(z_top)
+        log_weight = -0.5 * (z_top.float().pow(2) + LOG_2PI).sum(dim=1) - top.log_density(z_top)
         whitened = [top]
         layers = self.top_down(z_top, features, sample=True)
         for index, (posterior, prior, z) in enumerate(layers):
