@@ -1,0 +1,175 @@
+"""Where GECO's per-step cost goes: host time and tensor ops of its objective and its callback.
+
+    python benchmarks/step_profile.py [--device cuda] [--steps 200] [--batch-size 256] [--image-size 64]
+
+Trains the benchmarked ConvVAE (as ``benchmarks/gpu.py``: shapes held on the device, no logger,
+no validation) with the ELBO, with GECO (``relative``, the default) and with GECO's PI
+controller, and prints one table: wall-clock ms per optimizer step (the device synchronised at
+the ends of the timed window only), the host ms per step spent inside the objective's forward
+and inside ``GECOCallback.on_before_optimizer_step``, and the number of tensor (aten) operations
+each issues per step, counted with a dispatch mode in a separate short run. On a GPU a step
+bound by the host's Python work pays for every small op it launches; the op counts say how many
+GECO adds. Runs from the repository root without installing the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE  # noqa: E402
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Probe:
+    """Host seconds and (optionally) aten ops of every call to one method, summed."""
+
+    def __init__(self, count_ops: bool) -> None:
+        self.seconds = 0.0
+        self.ops = 0
+        self.calls = 0
+        self.count_ops = count_ops
+
+    def wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.count_ops:
+                counter = OpCounter()
+                with counter:
+                    result = method(*args, **kwargs)
+                self.ops += counter.count
+                return result
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return result
+
+        return probed
+
+
+class StepClock(pl.Callback):
+    """Wall-clock seconds of the optimizer steps after ``warmup``, device synchronised at both ends."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        self.warmup, self.device = warmup, device
+        self.start: float | None = None
+        self.seconds = 0.0
+        self.steps = 0
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync()
+        if self.start is not None:
+            self.seconds = time.perf_counter() - self.start
+            self.steps = trainer.global_step - self.warmup
+
+
+def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    from datamodules.shapes import ShapesDataModule
+
+    data = ShapesDataModule(
+        image_size=args.image_size, num_train=args.batch_size * 16, num_val=args.batch_size,
+        batch_size=args.batch_size, device=args.device,
+    )
+    data.setup("fit")
+    return data.train_dataloader()
+
+
+def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: str, count_ops: bool) -> dict[str, float]:
+    torch.manual_seed(0)
+    objective = ELBO() if variant == "elbo" else GECOObjective([ReconstructionMSE(0.005)])
+    model = ConvVAE(image_shape=(1, args.image_size, args.image_size), objective=objective)
+    objective_probe, callback_probe = Probe(count_ops), Probe(count_ops)
+    objective.forward = objective_probe.wrap(objective.forward)  # type: ignore[method-assign]
+    callbacks: list[pl.Callback] = []
+    if variant != "elbo":
+        geco = GECOCallback(controller="pi" if variant == "geco_pi" else "relative")
+        geco.on_before_optimizer_step = callback_probe.wrap(geco.on_before_optimizer_step)  # type: ignore[method-assign]
+        callbacks.append(geco)
+    steps = args.op_steps if count_ops else args.warmup + args.steps
+    clock = StepClock(args.warmup, args.device)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[*callbacks, clock],
+    )
+    trainer.fit(model, train_dataloaders=data)
+    calls = max(1, objective_probe.calls)
+    return {
+        "ms_per_step": 1e3 * clock.seconds / max(1, clock.steps),
+        "objective_ms": 1e3 * objective_probe.seconds / calls,
+        "callback_ms": 1e3 * callback_probe.seconds / max(1, callback_probe.calls),
+        "objective_ops": objective_probe.ops / calls,
+        "callback_ops": callback_probe.ops / max(1, callback_probe.calls),
+    }
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on the CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 200 on CUDA, 20 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--op-steps", type=int, default=5, help="steps of the op-counting run")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 16)
+    args.steps = args.steps or (200 if cuda else 20)
+    data = loader(args)
+    rows = []
+    for variant in ("elbo", "geco", "geco_pi"):
+        timed = run(args, data, variant, count_ops=False)
+        counted = run(args, data, variant, count_ops=True)
+        rows.append((variant, timed, counted))
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    lines = [
+        f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps, {device}, "
+        f"torch {torch.__version__}",
+        "| variant | ms / step | objective host ms | callback host ms | objective ops | callback ops |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, timed, counted in rows:
+        lines.append(
+            f"| {variant} | {timed['ms_per_step']:.2f} | {timed['objective_ms']:.3f} | {timed['callback_ms']:.3f} | "
+            f"{counted['objective_ops']:.0f} | {counted['callback_ops']:.0f} |"
+        )
+    elbo = rows[0][1]["ms_per_step"]
+    for variant, timed, _ in rows[1:]:
+        lines.append(f"{variant} / elbo step time: {timed['ms_per_step'] / elbo:.3f}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
