@@ -4,6 +4,7 @@ from datamodules.base import ImageDataModule, MissingDatasetError, UInt8Images, 
 from datamodules.celeba import CelebADataModule
 from datamodules.cifar import CIFAR10DataModule
 from datamodules.dsprites import DSpritesDataModule
+from datamodules.folder import ImageFolderDataModule
 from datamodules.mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
 from datamodules.shapes import ShapesDataModule
 
@@ -14,6 +15,7 @@ __all__ = [
     "DSpritesDataModule",
     "FashionMNISTDataModule",
     "ImageDataModule",
+    "ImageFolderDataModule",
     "MNISTDataModule",
     "MissingDatasetError",
     "ShapesDataModule",

@@ -69,6 +69,14 @@ def _small_data_overrides(config: Path) -> list[str]:
     if data_class.endswith("CelebADataModule"):
         make_celeba(root / "celeba", partitions=[0] * 64 + [1] * 32)
         return ["--data.init_args.root", str(root), "--data.init_args.num_workers", "0"]
+    if data_class.endswith("ImageFolderDataModule"):
+        rng = numpy.random.default_rng(0)
+        for i in range(48):  # two classes of real PNGs, RGB and grayscale, of different sizes
+            mode, shape = ("RGB", (40 + i, 48, 3)) if i % 2 else ("L", (70, 64 + i))
+            path = root / "images" / f"class_{i % 2}" / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=numpy.uint8), mode).save(path)
+        return ["--data.init_args.root", str(root / "images"), "--data.init_args.num_val", "16"]
     raise AssertionError(f"{config.name}: add a small-data fixture for {data_class} to this test")
 
 

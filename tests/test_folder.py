@@ -1,0 +1,243 @@
+"""ImageFolderDataModule on real PNG files written with PIL: both layouts, shapes, labels, splits, errors."""
+
+import re
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+
+import datamodules.folder as folder_module
+from datamodules import ImageFolderDataModule, MissingDatasetError
+from datamodules.folder import LAYOUTS
+from helpers import quiet_trainer, tiny_conv_vae
+from lightning_geco import GECOCallback
+
+CLASSES = ("cats", "dogs", "zebras")
+# Sources of different sizes, aspect ratios and modes (RGB, grayscale, RGBA).
+SOURCES = [((20, 30), "RGB"), ((16, 16), "L"), ((40, 24), "RGBA"), ((17, 19), "RGB")]
+
+
+def write_png(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    width, height = size
+    pixels = numpy.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=numpy.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+
+
+def make_class_folders(root: Path, per_class: int = 8) -> Path:
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            size, mode = SOURCES[i % len(SOURCES)]
+            write_png(root / name / f"{i:03d}.png", size, mode, seed=100 * c + i)
+    return root
+
+
+def make_flat(root: Path, n: int = 10) -> Path:
+    for i in range(n):
+        size, mode = SOURCES[i % len(SOURCES)]
+        write_png(root / f"img_{i:03d}.png", size, mode, seed=i)
+    return root
+
+
+def _setup(**kwargs) -> ImageFolderDataModule:
+    data = ImageFolderDataModule(**kwargs)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def _all(dataset):
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_class_folders_give_shapes_range_labels_and_split_sizes(tmp_path, channels):
+    root = make_class_folders(tmp_path / "images")
+    data = ImageFolderDataModule(root, image_size=12, channels=channels, num_val=6, batch_size=4)
+    assert data.image_shape == (channels, 12, 12)  # before setup
+    data.setup("fit")
+    assert len(data.train_dataset) == 18 and len(data.val_dataset) == 6
+    train_x, train_y = _all(data.train_dataset)
+    val_x, val_y = _all(data.val_dataset)
+    assert train_x.shape == (18, channels, 12, 12) and train_x.dtype == torch.float32
+    assert 0 <= train_x.min() and train_x.max() <= 1 and train_x.std() > 0.1
+    labels = torch.cat([train_y, val_y]).sort().values
+    assert labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8  # class index, folders sorted by name
+    images, targets = next(iter(data.train_dataloader()))
+    assert images.shape == (4, channels, 12, 12) and targets.dtype == torch.int64
+
+
+def test_flat_folder_gives_label_zero_and_rectangular_sizes(tmp_path):
+    root = make_flat(tmp_path / "flat")
+    data = _setup(root=str(root), image_size=(8, 14), channels=3, num_val=3)
+    assert data.image_shape == (3, 8, 14)
+    x, y = _all(data.train_dataset)
+    assert x.shape == (7, 3, 8, 14) and (y == 0).all() and len(data.val_dataset) == 3
+
+
+def test_grayscale_source_becomes_three_equal_channels_and_values_match_the_file(tmp_path):
+    root = tmp_path / "flat"
+    write_png(root / "a.png", (16, 16), "L", seed=0)
+    write_png(root / "b.png", (16, 16), "L", seed=1)
+    data = _setup(root=root, image_size=16, channels=3, num_val=1)
+    x, _ = _all(torch.utils.data.ConcatDataset([data.train_dataset, data.val_dataset]))
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    # Same size: no resampling, so each image is exactly its file's bytes / 255.
+    for name in ("a.png", "b.png"):
+        expected = torch.from_numpy(numpy.array(Image.open(root / name))).float() / 255
+        assert any(torch.equal(image, expected) for image in x[:, 0])
+
+
+def test_split_is_deterministic_and_follows_the_seed(tmp_path):
+    root = make_class_folders(tmp_path / "images")
+
+    def val_images(seed):
+        return _all(_setup(root=root, image_size=8, channels=1, num_val=5, seed=seed).val_dataset)[0]
+
+    assert torch.equal(val_images(0), val_images(0))
+    assert not torch.equal(val_images(0), val_images(1))
+
+
+def test_calibration_is_carved_from_the_training_split(tmp_path):
+    root = make_class_folders(tmp_path / "images")
+    data = _setup(root=root, image_size=8, channels=3, num_val=4, num_calibration=5)
+    assert len(data.train_dataset) == 15 and len(data.calibration_dataset) == 5 and len(data.val_dataset) == 4
+    train = set(data.train_dataset.indices)
+    assert not train & set(data.calibration_dataset.indices)
+    assert not (train | set(data.calibration_dataset.indices)) & set(data.val_dataset.indices)
+
+
+def test_device_mode_holds_float_tensors(tmp_path):
+    data = _setup(root=make_flat(tmp_path / "flat"), image_size=8, channels=1, num_val=2, device="cpu", batch_size=4)
+    images, targets = next(iter(data.train_dataloader()))
+    assert images.shape == (4, 1, 8, 8) and images.dtype == torch.float32 and (targets == 0).all()
+
+
+def test_too_large_for_memory_reads_lazily_with_the_same_values(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "images", per_class=3)
+    in_memory = _setup(root=root, image_size=10, channels=3, num_val=2)
+    monkeypatch.setattr(folder_module, "IN_MEMORY_LIMIT", 100)
+    lazy = _setup(root=root, image_size=10, channels=3, num_val=2)
+    assert not isinstance(lazy.train_dataset.dataset, folder_module.UInt8Images)
+    for a, b in zip(_all(in_memory.train_dataset), _all(lazy.train_dataset)):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-6, rtol=0)
+    message = (
+        f"ImageFolderDataModule(device='cpu') needs the images in memory, but the 9 images under {root} "
+        "take 0.00 GiB decoded, more than the 0.00 GiB limit (IN_MEMORY_LIMIT); leave device unset or lower "
+        "image_size."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _setup(root=root, image_size=10, channels=3, num_val=2, device="cpu")
+
+
+def test_hidden_files_folders_and_other_files_are_skipped(tmp_path):
+    root = make_class_folders(tmp_path / "images", per_class=2)
+    write_png(root / ".ipynb_checkpoints" / "x.png", (8, 8), "RGB", seed=0)
+    (root / "empty_class").mkdir()
+    (root / "cats" / "notes.txt").write_text("not an image")
+    data = _setup(root=root, image_size=8, channels=3, num_val=1)
+    assert len(data.train_dataset) + len(data.val_dataset) == 6
+    assert _all(data.train_dataset)[1].max() <= 2
+
+
+def test_missing_root_names_the_path_and_the_layouts(tmp_path):
+    missing = tmp_path / "nowhere"
+    data = ImageFolderDataModule(missing, image_size=8, channels=3, num_val=1)
+    message = (
+        f"ImageFolderDataModule: no folder at {missing} (resolved: {missing.resolve()}). "
+        f"Expected {LAYOUTS}; pass --data.init_args.root <folder>."
+    )
+    with pytest.raises(MissingDatasetError, match=re.escape(message)):
+        data.prepare_data()
+    with pytest.raises(MissingDatasetError, match=re.escape(message)):
+        data.setup("fit")
+
+
+def test_folder_without_images_says_what_it_looked_for(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    message = (
+        f"ImageFolderDataModule: no images under {tmp_path / 'empty'} (looked for files ending in "
+        ".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp). "
+        f"Expected {LAYOUTS}."
+    )
+    with pytest.raises(MissingDatasetError, match=re.escape(message)):
+        _setup(root=tmp_path / "empty", image_size=8, channels=3, num_val=1)
+
+
+def test_mixed_layouts_are_refused(tmp_path):
+    root = make_class_folders(tmp_path / "images", per_class=1)
+    write_png(root / "stray.png", (8, 8), "RGB", seed=0)
+    message = (
+        f"ImageFolderDataModule: {root} holds both images (stray.png, ...) and class folders "
+        f"(cats/, ...); use one layout: {LAYOUTS}."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _setup(root=root, image_size=8, channels=3, num_val=1)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = make_flat(tmp_path / "flat", n=3)
+    bad = root / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(ValueError, match=re.escape(f"ImageFolderDataModule: cannot read image file {bad} (")) as info:
+        _setup(root=root, image_size=8, channels=3, num_val=1)
+    assert str(info.value).endswith("); remove or replace it.")
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    root = make_class_folders(tmp_path / "images", per_class=2)
+    good = root / "dogs" / "000.png"
+    truncated = root / "dogs" / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ValueError, match=re.escape(f"cannot read image file {truncated} (")):
+        _setup(root=root, image_size=8, channels=3, num_val=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"channels": 2}, "ImageFolderDataModule: channels must be 1 (grayscale) or 3 (RGB), got 2."),
+        ({"channels": 4}, "ImageFolderDataModule: channels must be 1 (grayscale) or 3 (RGB), got 4."),
+        (
+            {"image_size": 0},
+            "ImageFolderDataModule: image_size must be a positive int or a pair (H, W) of positive ints, got 0.",
+        ),
+        (
+            {"image_size": (8, 8, 8)},
+            "ImageFolderDataModule: image_size must be a positive int or a pair (H, W) of positive ints, "
+            "got (8, 8, 8).",
+        ),
+        (
+            {"image_size": (8, -1)},
+            "ImageFolderDataModule: image_size must be a positive int or a pair (H, W) of positive ints, "
+            "got (8, -1).",
+        ),
+        ({"num_val": 0}, "ImageFolderDataModule: num_val must be an int in [1, number of images - 1], got 0."),
+    ],
+)
+def test_bad_arguments_name_the_value_and_the_range(tmp_path, kwargs, message):
+    arguments = {"root": tmp_path, "image_size": 8, "channels": 3, "num_val": 1, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageFolderDataModule(**arguments)
+
+
+def test_num_val_too_large_for_the_folder(tmp_path):
+    root = make_flat(tmp_path / "flat", n=4)
+    message = f"ImageFolderDataModule: num_val must lie in [1, 3] for the 4 images under {root}, got 4."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _setup(root=root, image_size=8, channels=3, num_val=4)
+
+
+@pytest.mark.timeout(120)
+def test_conv_vae_with_geco_trains_three_steps_on_a_folder(tmp_path):
+    root = make_class_folders(tmp_path / "images")
+    data = ImageFolderDataModule(root, image_size=16, channels=3, num_val=4, batch_size=4)
+    model = tiny_conv_vae(image_shape=data.image_shape)
+    trainer = quiet_trainer(max_steps=3, callbacks=[GECOCallback()], limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 3
