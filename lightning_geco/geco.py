@@ -1,23 +1,27 @@
 """GECO state and maths (Algorithm 1 of Rezende & Viola, "Taming VAEs", 2018).
 
 Plain torch, no Lightning: :class:`GECO` holds one Lagrange multiplier and one moving
-average per constraint, and applies the paper's update rule. Who calls what:
+average per constraint, and moves the multipliers with a controller
+(:mod:`lightning_geco.controllers`; by default Algorithm 1's rule). Who calls what:
 
 - the objective, inside ``training_step``, calls :meth:`GECO.constraint_term` to turn the
   batch's per-example constraint values into the stop-gradient constraint of the loss and
   to record the batch statistics;
 - :class:`lightning_geco.callbacks.GECOCallback`, once per optimizer step, reduces the
   recorded statistics over all ranks (:meth:`GECO.pending_statistics`) and applies
-  :meth:`GECO.update` with the global values, identically on every rank.
+  :meth:`GECO.update` with the global values, identically on every rank; with the
+  calibration drive it also hands :meth:`GECO.control` the reduced measurements.
 
 Every tensor of the state is fp32, whatever autocast does around it, and lives on the
 model's device so the statistics can go through a collective as they are.
 
 Units: a constraint value is stated per element in the constraint's data units (for the
 reconstruction constraint, ``per-element MSE - tolerance``); feasible when <= 0. Here the
-step size has units of one over those data units (the paper's rule, as it is);
-:class:`~lightning_geco.callbacks.GECOCallback` hands each constraint ``nu / scale``, so the
-``nu`` a user states is relative to the constraint's tolerance and has no units.
+step size of :class:`~lightning_geco.controllers.Algorithm1` has units of one over those data
+units (the paper's rule, as it is); :class:`~lightning_geco.callbacks.GECOCallback`'s
+``relative`` controller hands each constraint ``nu / scale``, so the ``nu`` a user states is
+relative to the constraint's tolerance and has no units, and the PI controller reads
+``ln(reading / tolerance)``, which has none either.
 """
 
 from __future__ import annotations
