@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, default_collate
 from lightning_geco.batches import batch_images, batch_labels, dataset_length
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
-from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO
+from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, constraint_statistics
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.records import VAEOutput
 from lightning_geco.verdict import StallDetector
@@ -277,11 +277,11 @@ class GECOCallback(Callback):
                 self.integral_error_limit,
             )
         elif self.controller == "relative":
-            relative = [self.relative_step_size(c) for c in constraints]
+            cap = self.max_relative_violation
             law = Algorithm1(
-                [nu / scale for nu, scale in zip(relative, scales)],
+                [self.absolute_step_size(c) for c in constraints],
                 self.release_speedup,
-                None if self.max_relative_violation is None else [nu * self.max_relative_violation for nu in relative],
+                None if cap is None else [self.relative_step_size(c) * cap for c in constraints],
             )
         else:
             law = Algorithm1([self.step_size] * len(constraints))
@@ -405,15 +405,7 @@ class GECOCallback(Callback):
                 values = self._ready_objective.constraint_values(output).float()
         finally:
             pl_module.train(was_training)
-        total = values.sum(dim=0)
-        finite = torch.isfinite(total)
-        return torch.cat(
-            [
-                torch.where(finite, total, torch.zeros_like(total)),
-                torch.tensor([float(len(mine))], device=total.device),
-                (~finite).any().float().reshape(1),
-            ]
-        )
+        return constraint_statistics(values)
 
     def regulated_ratio(self) -> list[float]:
         """Per constraint, the reading the controller regulates over its tolerance (1.1: 10 % past

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lightning_geco.controllers import Algorithm1, MultiplierController
 
-__all__ = ["DEFAULT_LOG_LAMBDA_BOUNDS", "DRIVES", "GECO", "mse_to_psnr", "psnr_to_mse"]
+__all__ = ["DEFAULT_LOG_LAMBDA_BOUNDS", "DRIVES", "GECO", "constraint_statistics", "mse_to_psnr", "psnr_to_mse"]
 
 # exp(log_lambda) must stay finite and non-zero in fp32 (max ~3.4e38, ln ~ 88.7), and
 # lambda * (per-image sum) must too; +-30 leaves ~ 1e13 of head room for the sums.
@@ -43,6 +43,18 @@ DEFAULT_LOG_LAMBDA_BOUNDS = (-30.0, 30.0)
 
 #: what moves lambda: the training batches, or measurements on a calibration split
 DRIVES = ("training", "calibration")
+
+
+def constraint_statistics(per_example: Tensor) -> Tensor:
+    """``[sum_1..sum_K, count, nonfinite]`` (K + 2,), fp32, of per-example constraint values (N, K).
+
+    What one all-reduce (SUM) carries: a constraint whose sum is not finite is left out of the
+    sums and raises the flag, so a mean over ranks stays finite while the skip is decided.
+    """
+    total = per_example.detach().float().sum(dim=0)
+    finite = torch.isfinite(total)
+    count = total.new_full((1,), float(per_example.shape[0]))
+    return torch.cat([torch.where(finite, total, torch.zeros_like(total)), count, (~finite).any().float().reshape(1)])
 
 
 def psnr_to_mse(psnr_db: float) -> float:
@@ -151,9 +163,8 @@ class GECO:
         self._num_updates = torch.zeros((), dtype=torch.int64)
         self._num_skipped_updates = torch.zeros((), dtype=torch.int64)
         self._num_measurements = torch.zeros((), dtype=torch.int64)
-        self._pending_sum = torch.zeros(k, dtype=torch.float32)
-        self._pending_count = torch.zeros((), dtype=torch.float32)
-        self._pending_nonfinite = torch.zeros((), dtype=torch.float32)
+        # [sum_1..sum_K, count, nonfinite] of the coming update, summed over (micro-)batches
+        self._pending = torch.zeros(k + 2, dtype=torch.float32)
 
     # ------------------------------------------------------------------ state
     @property
@@ -200,9 +211,7 @@ class GECO:
             "_num_updates",
             "_num_skipped_updates",
             "_num_measurements",
-            "_pending_sum",
-            "_pending_count",
-            "_pending_nonfinite",
+            "_pending",
         ):
             setattr(self, attr, getattr(self, attr).to(device=device))
         self.controller.to(device)
@@ -275,24 +284,19 @@ class GECO:
 
         Tensor ops only, no host sync: a non-finite sum is counted in the flag and left out.
         """
-        total = per_example.detach().float().sum(dim=0).to(self._pending_sum.device)
-        finite = torch.isfinite(total)
-        self._pending_nonfinite += (~finite).any().float()
-        self._pending_sum += torch.where(finite, total, torch.zeros_like(total))
-        self._pending_count += float(per_example.shape[0])
+        self._pending += constraint_statistics(per_example).to(self._pending.device)
 
     def record_loss(self, loss: Tensor) -> None:
         """Flag the coming update as non-finite when ``loss`` is (no host sync: a tensor op)."""
-        self._pending_nonfinite += (~torch.isfinite(loss.detach().float())).sum().to(self._pending_nonfinite.device)
+        self._pending[-1] += (~torch.isfinite(loss.detach().float())).sum().to(self._pending.device)
 
     def pending_statistics(self) -> Tensor:
-        """fp32 vector ``[sum_1..sum_K, count, nonfinite]`` for one all-reduce (SUM) over ranks."""
-        return torch.cat([self._pending_sum, self._pending_count.reshape(1), self._pending_nonfinite.reshape(1)])
+        """fp32 vector ``[sum_1..sum_K, count, nonfinite]`` for one all-reduce (SUM) over ranks
+        (a copy: the collective may work in place)."""
+        return self._pending.clone()
 
     def reset_pending(self) -> None:
-        self._pending_sum = torch.zeros_like(self.log_lagrange_multiplier)
-        self._pending_count = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._pending_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._pending = torch.zeros(self.num_constraints + 2, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------- the update
     def _split(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
