@@ -7,13 +7,13 @@ the unit-weight ELBO beside the loss, so the two are never confused.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
+from lightning_geco.distributions import LOG_2PI
 from lightning_geco.geco import GECO
 from lightning_geco.records import VAEOutput
 
@@ -155,13 +155,10 @@ class SigmaVAE(Objective):
         raw = 0.5 * output.distortion.float().mean().log()
         return self.min_log_sigma + torch.nn.functional.softplus(raw - self.min_log_sigma)
 
-    def logged_values(self) -> dict[str, float]:
-        return {}
-
     def forward(self, output: VAEOutput) -> Tensor:
         log_sigma = self.log_sigma(output)
         elements = output.x[0].numel()
-        nll = elements * (0.5 * math.log(2 * math.pi) + log_sigma + output.distortion.float() * torch.exp(-2 * log_sigma) / 2)
+        nll = elements * (0.5 * LOG_2PI + log_sigma + output.distortion.float() * torch.exp(-2 * log_sigma) / 2)
         return (output.rate.float() + nll).mean()
 
 
