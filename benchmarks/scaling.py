@@ -19,11 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE  # noqa: E402
-from step_profile import StepClock, loader  # noqa: E402
+from step_profile import StepClock, bare_trainer, loader  # noqa: E402
 
 
 def step_ms(device: str, image_size: int, batch_size: int, steps: int, warmup: int) -> float:
@@ -32,12 +31,7 @@ def step_ms(device: str, image_size: int, batch_size: int, steps: int, warmup: i
     torch.manual_seed(0)
     model = ConvVAE(image_shape=(1, image_size, image_size), objective=GECOObjective([ReconstructionMSE(0.005)]))
     clock = StepClock(warmup, device)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=warmup + steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[GECOCallback(), clock],
-    )
-    trainer.fit(model, train_dataloaders=loader(args))
+    bare_trainer(device, warmup + steps, [GECOCallback(), clock]).fit(model, train_dataloaders=loader(args))
     return 1e3 * clock.seconds / max(1, clock.steps)
 
 
@@ -69,7 +63,10 @@ def main(argv: list[str] | None = None) -> str:
     for batch, ms in zip(args.batches, by_batch):
         lines.append(f"| 64x64 | {batch} | {ms:.1f} | {batch * 1e3 / ms:.0f} |")
     pixels = [s * s for s in args.sizes]
-    lines.append(f"step time ~ pixels^{exponent(pixels, by_size):.2f} (batch 64); ~ batch^{exponent(args.batches, by_batch):.2f} (64x64)")
+    if len(set(pixels)) > 1:
+        lines.append(f"step time ~ pixels^{exponent(pixels, by_size):.2f} (batch 64)")
+    if len(set(args.batches)) > 1:
+        lines.append(f"step time ~ batch^{exponent(args.batches, by_batch):.2f} (64x64)")
     text = "\n".join(lines)
     print(text)
     return text

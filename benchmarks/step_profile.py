@@ -93,6 +93,15 @@ class StepClock(pl.Callback):
             self.steps = trainer.global_step - self.warmup
 
 
+def bare_trainer(device: str, max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A Trainer with nothing but the training loop: no logger, checkpoints, bars or validation."""
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=callbacks,
+    )
+
+
 def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     from datamodules.shapes import ShapesDataModule
 
@@ -117,12 +126,7 @@ def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: st
         callbacks.append(geco)
     steps = args.op_steps if count_ops else args.warmup + args.steps
     clock = StepClock(args.warmup, args.device)
-    trainer = pl.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[*callbacks, clock],
-    )
-    trainer.fit(model, train_dataloaders=data)
+    bare_trainer(args.device, steps, [*callbacks, clock]).fit(model, train_dataloaders=data)
     calls = max(1, objective_probe.calls)
     return {
         "ms_per_step": 1e3 * clock.seconds / max(1, clock.steps),
