@@ -12,9 +12,11 @@ A cell is ``|test reading / tolerance - 1|`` (for pNCC: ``(1 - ncc) / (1 - minim
 and spread over the seeds, with the test rate in nats beside it. Rows:
 
 - ``paper``: Algorithm 1 as written (alpha 0.99, absolute nu 1.0) on the training batches;
-- ``relative``: the previous default (alpha 0.9, relative nu 0.006, rise cap 1, release 3x);
-- ``pi_train``: the PI controller on the training batches;
+- ``relative``: the default before PI (alpha 0.9, relative nu 0.006, rise cap 1, release 3x);
+- ``pi_train``: the PI controller on the training batches (the default, ``GECOCallback()``);
 - ``pi_calibration``: the PI controller on the calibration stream (every 16 steps, 64 images);
+- ``pi_train_v1`` / ``pi_calibration_v1``, ``pi_train_v2`` / ``pi_calibration_v2``: earlier PI
+  settings (v1: K_P 0.25, K_I 0.02, error clip 0.3; v2: today's gains without the approach hold);
 - ``sigma``: the optimal-sigma VAE (Rybkin et al. 2021), no tolerance at all.
 
 Each run is its own process (``--one``), as a user's would be; runs append to
@@ -46,11 +48,18 @@ CELLS: dict[str, tuple[str, dict]] = {
     "mnist_laddervae": ("mnist_laddervae_geco.yaml", {}),
     "mnist_convdraw": ("mnist_convdraw_geco.yaml", {}),
 }
+PI_V1 = {"proportional_gain": 0.25, "integral_gain": 0.02, "integral_error_limit": 0.3, "approach_steps": None}
 VARIANTS: dict[str, dict] = {
     "paper": {"controller": "paper", "alpha": 0.99, "step_size": 1.0},
     "relative": {"controller": "relative"},
     "pi_train": {"controller": "pi", "drive": "training"},
     "pi_calibration": {"controller": "pi", "drive": "calibration"},
+    # earlier PI settings: v1 (K_P 0.25, K_I 0.02 per step, error clip 0.3, no hold) and v2
+    # (today's gains, no hold); the table shows why each was left
+    "pi_train_v1": {"controller": "pi", "drive": "training", **PI_V1},
+    "pi_calibration_v1": {"controller": "pi", "drive": "calibration", **PI_V1},
+    "pi_train_v2": {"controller": "pi", "drive": "training", "approach_steps": None},
+    "pi_calibration_v2": {"controller": "pi", "drive": "calibration", "approach_steps": None},
     "sigma": {},
 }
 NUM_CALIBRATION = 2000

@@ -109,9 +109,11 @@ class GECOCallback(Callback):
 
     Three controllers (:mod:`lightning_geco.controllers`), chosen by ``controller``:
 
-    - ``"pi"``: a PI law on ``log lambda`` with the log-ratio error ``ln(reading / tolerance)``
-      and a clamped integrator; ``proportional_gain``, ``integral_gain``, ``smoothing_steps``.
-    - ``"relative"``: the previous default, ``log lambda += nu * C_ma / scale`` with the
+    - ``"pi"`` (the default, chosen by the table in docs/RESULTS.md): a PI law on ``log lambda``
+      with the log-ratio error ``ln(reading / tolerance)``, a clamped integrator that holds
+      while the reading is already falling onto its tolerance; ``proportional_gain``,
+      ``integral_gain``, ``smoothing_steps``, ``integral_error_limit``, ``approach_steps``.
+    - ``"relative"``: the default before PI, ``log lambda += nu * C_ma / scale`` with the
       moving average ``alpha``, each rise capped at ``nu * max_relative_violation`` and falls
       ``release_speedup`` times faster; ``nu`` is ``step_size`` and has no units.
     - ``"paper"``: Algorithm 1 as written, ``log lambda += nu * C_ma`` with the absolute
@@ -148,8 +150,8 @@ class GECOCallback(Callback):
         step_size: nu > 0 of ``"relative"`` (no units) and ``"paper"`` (absolute).
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
-        proportional_gain, integral_gain, smoothing_steps, integral_error_limit: ``"pi"`` only, see
-            :class:`~lightning_geco.controllers.PIController` (per optimizer step).
+        proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps:
+            ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements.
         calibration_batch_size: images per calibration measurement, over all ranks together.
@@ -164,15 +166,16 @@ class GECOCallback(Callback):
 
     def __init__(
         self,
-        controller: str = "relative",
+        controller: str = "pi",
         alpha: float = 0.9,
         step_size: float = 0.006,
         release_speedup: float = 3.0,
         max_relative_violation: float | None = 1.0,
-        proportional_gain: float = 0.25,
-        integral_gain: float = 0.02,
+        proportional_gain: float = 0.5,
+        integral_gain: float = 0.06,
         smoothing_steps: float = 10.0,
-        integral_error_limit: float | None = 0.3,
+        integral_error_limit: float | None = 0.1,
+        approach_steps: float | None = 200.0,
         drive: str = "training",
         calibration_every: int = 16,
         calibration_batch_size: int = 64,
@@ -190,7 +193,10 @@ class GECOCallback(Callback):
             raise ValueError(f"GECOCallback drive must be one of {DRIVES}, got {drive!r}.")
         # Validate now, before any Trainer exists: probe states raise the clear errors.
         GECO(["probe"], alpha, step_size, log_lambda_bounds, initial_lambda, release_speedup)
-        PIController(proportional_gain, integral_gain, smoothing_steps, integral_error_limit=integral_error_limit)
+        PIController(
+            proportional_gain, integral_gain, smoothing_steps, integral_error_limit=integral_error_limit,
+            approach_steps=approach_steps,
+        )
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
         if max_nonfinite_steps < 1:
@@ -210,6 +216,7 @@ class GECOCallback(Callback):
         self.smoothing_steps = smoothing_steps
         self.integral_error_limit = integral_error_limit
         self.drive = drive
+        self.approach_steps = approach_steps
         self.calibration_every = calibration_every
         self.calibration_batch_size = calibration_batch_size
         self.calibration_seed = calibration_seed
@@ -275,6 +282,7 @@ class GECOCallback(Callback):
                 self.smoothing_steps,
                 self.log_lambda_bounds,
                 self.integral_error_limit,
+                self.approach_steps,
             )
         elif self.controller == "relative":
             cap = self.max_relative_violation

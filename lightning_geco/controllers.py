@@ -9,33 +9,43 @@ valid. Two classes, three laws selectable by name (``GECOCallback(controller=...
     Algorithm 1 of Rezende & Viola (2018) as written: ``log lambda += nu * C_ma`` with the
     moving average ``C_ma`` of the constraint value (units of ``nu``: one over the value's).
 
-``"relative"`` (:class:`Algorithm1` with per-constraint steps, a cap and a speedup; the default)
+``"relative"`` (:class:`Algorithm1` with per-constraint steps, a cap and a speedup; the default before PI)
     The step is relative to the constraint's scale, ``log lambda += nu * C_ma / scale``, a rise
     is capped at ``nu * max_relative_violation``, a fall is ``release_speedup`` times larger.
     Three heuristics against wind-up.
 
-``"pi"`` (:class:`PIController`)
+``"pi"`` (:class:`PIController`; the default)
     A proportional-integral law on ``log lambda`` with a log-ratio error (ControlVAE, Shao et
     al. 2020; the PID Lagrangian of Stooke et al. 2020; nuPI, Sohrabi et al. 2024), in the
-    position form with a clamped integrator::
+    position form with a clamped integrator that holds while the reading is arriving::
 
         e_t        = ln(reading_t / tolerance)                      (0 on target, +-0.69 at 2x / 0.5x)
-        xi_t       = s * xi_{t-1} + (1 - s) * e_t                   (xi_{-1} = e_0; P path only)
-        I_t        = clip(I_{t-1} + K_I * clip(e_t, +-L), bounds)   (I_{-1} = log initial lambda)
+        xi_t       = s * xi_{t-1} + (1 - s) * e_t                   (fast average, xi_{-1} = e_0)
+        zeta_t     = r * zeta_{t-1} + (1 - r) * e_t                 (slow average, zeta_{-1} = e_0)
+        slope_t    = (xi_t - zeta_t) / (T_slow - T_fast)            (the error's slope per step)
+        hold_t     = xi_t > 0 and slope_t < 0 and xi_t < H * -slope_t
+        I_t        = clip(I_{t-1} + K_I * clip(e_t, +-L) * (not hold_t), bounds)   (I_{-1} = log initial lambda)
         log lam_t  = clip(I_t + K_P * xi_t, bounds)
+
+    with ``s = exp(-1 / T_fast)``, ``r = exp(-1 / T_slow)`` (``smoothing_steps`` 10 and
+    ``trend_steps`` 50) and ``H = approach_steps`` (200). Defaults K_P 0.5, K_I 0.06 per step,
+    L 0.1: chosen by the controller table of docs/RESULTS.md, one setting for every cell.
 
     The log ratio is symmetric (a 2x violation and a 2x over-satisfaction move lambda by the
     same amount), so no release speedup is needed. The P term is never stored: a large early
-    error raises lambda at once and lets go as soon as the error shrinks. The integrator reads
-    the error clipped to +-L (0.3 by default): an untrained decoder 4-35x past its tolerance
-    (e = 1.4-3.6) is mostly not something more lambda can fix, and counting it in full wound
-    lambda up 2-5x past what the trained model needed on MNIST (docs/RESULTS.md). ``reading /
-    tolerance`` is ``1 + value / scale`` for every constraint kind (for pNCC,
-    ``(1 - ncc) / (1 - tolerance)``).
+    error raises lambda at once and lets go as soon as the error shrinks. Two things keep the
+    integrator from winding up while the model is still learning, when the reading is far
+    above its tolerance for reasons more lambda does not fix: it reads the error clipped to
+    +-L (its rise is at most ``K_I * L`` per step), and it holds while the reading is falling
+    onto the tolerance on its own (arriving within H steps at the present slope). Below the
+    tolerance it always integrates: a trained model keeps improving as the learning rate
+    anneals, and lambda has to follow it down. ``reading / tolerance`` is ``1 + value / scale``
+    for every constraint kind (for pNCC, ``(1 - ncc) / (1 - tolerance)``).
 
 Gains are stated per optimizer step: a controller measured every ``period`` steps (the
-calibration stream) integrates ``K_I * period`` per measurement and smooths its P path with
-``s = exp(-period / smoothing_steps)``, so one setting means the same at every period.
+calibration stream) integrates ``K_I * period`` per measurement and smooths with
+``s = exp(-period / smoothing_steps)`` and ``r = exp(-period / trend_steps)``, so one setting
+means the same at every period.
 """
 
 from __future__ import annotations
@@ -178,18 +188,30 @@ class PIController(MultiplierController):
             While the decoder is still far from any tolerance (errors of ln 4-35 = 1.4-3.6),
             more lambda buys little, and an integrator fed the full error winds lambda up; a
             clip bounds its rise to ``K_I * limit`` per step without slowing it near the target.
+        approach_steps: hold the integrator while the reading is past its tolerance but falling
+            towards it fast enough to get there within this many optimizer steps (None: never
+            hold). A model still learning improves its reading on its own; raising lambda for the
+            whole of that descent wound it up to 100x what the trained model needed on binarized
+            MNIST (rate 100 nats instead of 30, docs/RESULTS.md). Falls (readings below the
+            tolerance) are never held.
+        trend_steps: time constant, in optimizer steps, of the slow moving average the slope is
+            read from (with the ``smoothing_steps`` one); > ``smoothing_steps``.
     """
 
     name = "pi"
 
     def __init__(
         self,
-        proportional_gain: float = 0.25,
-        integral_gain: float = 0.02,
+        proportional_gain: float = 0.5,
+        integral_gain: float = 0.06,
         smoothing_steps: float = 10.0,
         log_lambda_bounds: tuple[float, float] = (-30.0, 30.0),
-        integral_error_limit: float | None = 0.3,
+        integral_error_limit: float | None = 0.1,
+        approach_steps: float | None = 200.0,
+        trend_steps: float = 50.0,
     ) -> None:
+        if approach_steps is not None:
+            _check_positive("PIController approach_steps", approach_steps)
         if integral_error_limit is not None:
             _check_positive("PIController integral_error_limit", integral_error_limit)
         if not (isinstance(proportional_gain, (int, float)) and math.isfinite(proportional_gain) and proportional_gain >= 0):
@@ -197,27 +219,37 @@ class PIController(MultiplierController):
         _check_positive("PIController integral_gain", integral_gain)
         if not (isinstance(smoothing_steps, (int, float)) and math.isfinite(smoothing_steps) and smoothing_steps >= 0):
             raise ValueError(f"PIController smoothing_steps must be a finite number >= 0, got {smoothing_steps!r}.")
+        if not (isinstance(trend_steps, (int, float)) and math.isfinite(trend_steps) and trend_steps > smoothing_steps):
+            raise ValueError(
+                f"PIController trend_steps must be a finite number > smoothing_steps ({smoothing_steps!r}), "
+                f"got {trend_steps!r}."
+            )
         self.proportional_gain = float(proportional_gain)
         self.integral_gain = float(integral_gain)
         self.smoothing_steps = float(smoothing_steps)
         self.log_lambda_bounds = (float(log_lambda_bounds[0]), float(log_lambda_bounds[1]))
         self.integral_error_limit = integral_error_limit
+        self.approach_steps = approach_steps
+        self.trend_steps = float(trend_steps)
         self.reset(torch.zeros(1))
 
     def reset(self, log_lambda: Tensor) -> None:
         self.integral = log_lambda.detach().clone().float()
         self.smoothed_error = torch.zeros_like(self.integral)
+        self.slow_error = torch.zeros_like(self.integral)
         self.started = torch.zeros((), dtype=torch.bool, device=self.integral.device)
 
     def to(self, device: torch.device | str) -> None:
         self.integral = self.integral.to(device)
         self.smoothed_error = self.smoothed_error.to(device)
+        self.slow_error = self.slow_error.to(device)
         self.started = self.started.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "integral": self.integral.detach().cpu().clone(),
             "smoothed_error": self.smoothed_error.detach().cpu().clone(),
+            "slow_error": self.slow_error.detach().cpu().clone(),
             "started": bool(self.started),
         }
 
@@ -225,6 +257,9 @@ class PIController(MultiplierController):
         device = self.integral.device
         self.integral = state["integral"].to(device=device, dtype=torch.float32).clone()
         self.smoothed_error = state["smoothed_error"].to(device=device, dtype=torch.float32).clone()
+        # A checkpoint from before the approach hold: its slow average starts at the fast one.
+        slow = state.get("slow_error", state["smoothed_error"])
+        self.slow_error = slow.to(device=device, dtype=torch.float32).clone()
         self.started = torch.tensor(bool(state["started"]), device=device)
 
     def smoothing(self, period: int) -> float:
@@ -241,6 +276,17 @@ class PIController(MultiplierController):
         smoothed = s * previous + (1.0 - s) * error
         low, high = self.log_lambda_bounds
         integrated = error if self.integral_error_limit is None else error.clamp(-self.integral_error_limit, self.integral_error_limit)
+        # The error's slope per step from two moving averages: an average over T steps lags a
+        # ramp by T steps, so (fast - slow) / (T_slow - T_fast) is the ramp's slope.
+        r = math.exp(-period / self.trend_steps)
+        slow = r * torch.where(self.started, self.slow_error, error) + (1.0 - r) * error
+        slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
+        if self.approach_steps is not None:
+            # Past the tolerance but falling towards it fast enough to arrive within
+            # approach_steps: the model is getting there on its own, so lambda is held.
+            arriving = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
+            integrated = torch.where(arriving, torch.zeros_like(integrated), integrated)
+        self.slow_error = torch.where(valid, slow, self.slow_error)
         integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
         self.smoothed_error = torch.where(valid, smoothed, self.smoothed_error)
         self.integral = torch.where(valid, integral, self.integral)
