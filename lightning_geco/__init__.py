@@ -13,7 +13,7 @@ from lightning_geco.constraints import (
 )
 from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
-from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
+from lightning_geco.geco import GECO, MultiplierState, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
 from lightning_geco.models import (
@@ -27,6 +27,7 @@ from lightning_geco.models import (
     VAEOutput,
 )
 from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
+from lightning_geco.rebuild import Rebuildable
 from lightning_geco.schedules import CosineToFloor
 from lightning_geco.summary import RunSummary
 from lightning_geco.verdict import StallDetector, verdict_line
@@ -59,12 +60,14 @@ __all__ = [
     "LatentPass",
     "Likelihood",
     "MultiplierController",
+    "MultiplierState",
     "NonFiniteConstraintError",
     "Objective",
     "PIController",
     "PatchNCC",
     "ReconstructionBCE",
     "ReconstructionMSE",
+    "Rebuildable",
     "RunSummary",
     "SigmaVAE",
     "StallDetector",

@@ -18,17 +18,17 @@ image; ``distortion`` is the per-element MSE of the reconstruction (the likeliho
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_geco.batches import batch_images, batch_labels
-from lightning_geco.callbacks import is_logging_step
+from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
@@ -40,6 +40,7 @@ from lightning_geco.panels import (
     sample_grid,
     traversal_grid,
 )
+from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
 from lightning_geco.schedules import CosineToFloor
 
@@ -137,6 +138,12 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
+        # A checkpoint's hyperparameters carry the objective and likelihood as the configs that
+        # rebuild them (see on_save_checkpoint); LightningCLI may have built them already.
+        if isinstance(objective, Mapping):
+            objective = instantiate(objective, "objective")
+        if isinstance(likelihood, Mapping):
+            likelihood = instantiate(likelihood, "likelihood")
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
         for constraint in self.constraints:
@@ -450,8 +457,17 @@ class VAEModule(pl.LightningModule):
                 return float(constraint.reading_tolerance)
         return None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The objective and the likelihood are modules, which save_hyperparameters cannot
+        # store: record the configs that rebuild them, so load_from_checkpoint(path) needs nothing else.
+        hyperparameters = checkpoint.get("hyper_parameters")
+        if hyperparameters is not None:
+            hyperparameters["objective"] = piece_config(self.objective)
+            hyperparameters["likelihood"] = piece_config(self.likelihood)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of a differently built model with the differing setting named."""
+        """Refuse a checkpoint of a differently built model with the differing setting named, and
+        bring a checkpoint of an earlier version to this one (or say what to pass)."""
         saved = checkpoint.get("hyper_parameters", {})
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
@@ -460,6 +476,29 @@ class VAEModule(pl.LightningModule):
                     f"The checkpoint comes from an incompatible model: it was built with {key}={saved[key]!r}, "
                     f"this model has {key}={current!r}. Build the model with the checkpoint's settings."
                 )
+        weights = checkpoint.get("state_dict", {})
+        saved_likelihood = sorted(k.removeprefix("likelihood.") for k in weights if k.startswith("likelihood."))
+        own_likelihood = sorted(self.likelihood.state_dict())
+        if "state_dict" in checkpoint and saved_likelihood != own_likelihood:
+            raise ValueError(
+                f"The checkpoint's likelihood holds {saved_likelihood or 'no tensors'}, this model's "
+                f"{type(self.likelihood).__name__} holds {own_likelihood or 'none'}: it was trained with another "
+                "likelihood. Pass the trained one, e.g. load_from_checkpoint(path, likelihood=BernoulliLikelihood()) "
+                "for a checkpoint with no 'likelihood.log_sigma'."
+            )
+        if saved and "objective" not in saved:
+            rank_zero_warn(
+                "This checkpoint was saved before lightning_geco recorded a model's objective: the model is "
+                f"built with {type(self.objective).__name__}{self._objective_text()}. If it was trained with "
+                "another, pass it: load_from_checkpoint(path, objective=...)."
+            )
+        upgrade_multiplier_buffers(checkpoint, self)
+        # A scheduled objective (KL warm-up, capacity) weighs the terms as at the saved step.
+        self.objective.set_step(int(checkpoint.get("global_step", 0)))
+
+    def _objective_text(self) -> str:
+        stated = [f"{c['name']} {c['tolerance']} {c['unit']}" for c in getattr(self.objective, "describe", list)()]
+        return f" ({', '.join(stated)})" if stated else ""
 
     def configure_optimizers(self) -> Any:
         # Frozen networks inside constraints have no gradients and no place in the optimizer.
