@@ -6,6 +6,7 @@ from datamodules.cifar import CIFAR10DataModule
 from datamodules.dsprites import DSpritesDataModule
 from datamodules.folder import ImageFolderDataModule
 from datamodules.mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+from datamodules.sampler import ResumableSampler
 from datamodules.shapes import ShapesDataModule
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MNISTDataModule",
     "MissingDatasetError",
+    "ResumableSampler",
     "ShapesDataModule",
     "UInt8Images",
     "seeded_split",
