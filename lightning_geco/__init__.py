@@ -12,6 +12,7 @@ from lightning_geco.constraints import (
     ReconstructionMSE,
 )
 from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
+from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
 from lightning_geco.geco import GECO, MultiplierState, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
@@ -28,6 +29,7 @@ from lightning_geco.models import (
 )
 from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
 from lightning_geco.rebuild import Rebuildable
+from lightning_geco.resume import RandomState
 from lightning_geco.schedules import CosineToFloor
 from lightning_geco.summary import RunSummary
 from lightning_geco.verdict import StallDetector, verdict_line
@@ -43,6 +45,7 @@ __all__ = [
     "ConvDRAW",
     "ConvVAE",
     "CosineToFloor",
+    "DiagnosticPanels",
     "DiagonalGaussian",
     "ELBO",
     "FeatureReconstruction",
@@ -65,9 +68,10 @@ __all__ = [
     "Objective",
     "PIController",
     "PatchNCC",
+    "RandomState",
+    "Rebuildable",
     "ReconstructionBCE",
     "ReconstructionMSE",
-    "Rebuildable",
     "RunSummary",
     "SigmaVAE",
     "StallDetector",

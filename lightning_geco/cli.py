@@ -38,6 +38,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from datamodules.base import ImageDataModule
+from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.resume import RandomState
 from lightning_geco.summary import RunSummary, run_directory
 
@@ -400,7 +401,7 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
             # Absolute: W&B's service process keeps the working directory of the first run in
             # this process and would resolve a relative folder against that.
             "logger": lazy_instance(WandbLogger, project="lightning_geco", save_dir=os.path.abspath("runs")),
-            "callbacks": [RunSummary(), RandomState()],
+            "callbacks": [RunSummary(), RandomState(), DiagnosticPanels()],
         },
         args=args,
         **kwargs,
