@@ -122,6 +122,18 @@ class MultiplierState(nn.Module):
         return f"num_constraints={self.log_lagrange_multiplier.numel()}"
 
 
+def _state_buffer(name: str, doc: str) -> property:
+    """A GECO attribute that reads and writes (in place) the buffer ``name`` of its ``state``."""
+
+    def get(self: GECO) -> Tensor:
+        return getattr(self.state, name)
+
+    def set_(self: GECO, value: Tensor) -> None:
+        getattr(self.state, name).copy_(value)
+
+    return property(get, set_, doc=f"{doc} The buffer ``state.{name}``.")
+
+
 class GECO:
     """Lagrange multipliers and moving averages of K constraints, moved by a controller.
 
@@ -233,32 +245,10 @@ class GECO:
     def num_constraints(self) -> int:
         return len(self.names)
 
-    # lambda and the moving average are the state module's buffers, written in place.
-    @property
-    def log_lagrange_multiplier(self) -> Tensor:
-        """``log lambda`` (K,), fp32 (the state's buffer)."""
-        return self.state.log_lagrange_multiplier
-
-    @log_lagrange_multiplier.setter
-    def log_lagrange_multiplier(self, value: Tensor) -> None:
-        self.state.log_lagrange_multiplier.copy_(value)
-
-    @property
-    def constraint_ema(self) -> Tensor:
-        """Moving average of the training constraint values (K,), fp32 (the state's buffer)."""
-        return self.state.constraint_ema
-
-    @constraint_ema.setter
-    def constraint_ema(self, value: Tensor) -> None:
-        self.state.constraint_ema.copy_(value)
-
-    @property
-    def _seeded(self) -> Tensor:
-        return self.state.seeded
-
-    @_seeded.setter
-    def _seeded(self, value: Tensor) -> None:
-        self.state.seeded.copy_(value)
+    # lambda, the moving average and its flag are the state module's buffers, written in place.
+    log_lagrange_multiplier = _state_buffer("log_lagrange_multiplier", "``log lambda`` (K,), fp32.")
+    constraint_ema = _state_buffer("constraint_ema", "Moving average of the training constraint values (K,), fp32.")
+    _seeded = _state_buffer("seeded", "0-dim bool: whether the moving average holds a measurement.")
 
     @property
     def lagrange_multiplier(self) -> Tensor:
