@@ -12,8 +12,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from datamodules.sampler import ResumableSampler
 from lightning_geco.batches import dataset_length
+
+from .sampler import ResumableSampler
 
 __all__ = [
     "CALIBRATION_SEED",

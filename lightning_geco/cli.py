@@ -37,7 +37,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.base import ImageDataModule
+from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.resume import RandomState
 from lightning_geco.summary import RunSummary, run_directory

@@ -4,7 +4,7 @@ Lightning's checkpoint restores weights, optimizer, schedule and loop counters, 
 of torch's random generators; every training step draws its latent noise from them, so a run
 resumed from a checkpoint draws other noise than the run that wrote it. :class:`RandomState`
 saves every rank's generator states in the checkpoint and restores them when training goes on.
-(The batches' order is the DataModules' :class:`~datamodules.sampler.ResumableSampler`.)
+(The batches' order is the DataModules' :class:`~lightning_geco.datamodules.sampler.ResumableSampler`.)
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_geco.datamodules import ResumableSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules import ResumableSampler
 from helpers import quiet_trainer
 from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
 

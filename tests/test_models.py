@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from lightning_geco.datamodules import ShapesDataModule
 from torch.utils.data import DataLoader
 
-from datamodules import ShapesDataModule
 from helpers import MODELS, build, quiet_trainer, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,

@@ -220,7 +220,8 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_where_the_uninterrupted_run_
 def _shapes_fit(folder: Path, ckpt_in=None, save_at: int | None = None, seed: int = 0):
     """15 steps of a ConvVAE + GECO on shuffled shapes (6 batches an epoch, so a checkpoint at
     step 9 is mid-epoch), cosine schedule, sampled noise: the shipped kind of run, small."""
-    from datamodules import ShapesDataModule
+    from lightning_geco.datamodules import ShapesDataModule
+
     from lightning_geco.resume import RandomState
 
     pl.seed_everything(seed)

@@ -4,8 +4,7 @@ import re
 
 import pytest
 import torch
-
-from datamodules import ResumableSampler
+from lightning_geco.datamodules import ResumableSampler
 
 
 def _batches(sampler, batch_size):

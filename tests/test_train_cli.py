@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 from jsonargparse import dict_to_namespace
+from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
-from datamodules.dsprites import FILE_NAME
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
 from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
 from lightning_geco.compare import main as compare_main
@@ -222,7 +222,7 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--data.init_args.num_trian", "5"], "datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
+        (["--data.init_args.num_trian", "5"], "lightning_geco.datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
         (["--trainer.max_stepz", "5"], "unknown option --trainer.max_stepz. Did you mean --trainer.max_steps?"),
         (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
