@@ -198,7 +198,17 @@ def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
     main(_fit(REPO / "configs" / "default.yaml", "--tolerance", "psnr=20", *QUICK))
     summary = _summary(capsys)
     assert summary["tolerance"] == pytest.approx(0.01)  # 20 dB of images in [0, 1] is an MSE of 0.01
-    assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"} or "psnr" in str(summary["tolerance_stated"])
+    assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"}
+
+
+def test_print_config_shows_the_tolerance_the_run_would_use(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--tolerance", "0.004", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (constraint,) = printed["model"]["init_args"]["objective"]["init_args"]["constraints"]
+    assert constraint["init_args"]["tolerance"] == 0.004
+    assert "tolerance" not in printed and printed["trainer"]["max_steps"] == 1500
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
