@@ -212,9 +212,9 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_where_the_uninterrupted_run_
     lr = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in (resumed_ckpt, uninterrupted_ckpt)]
     assert lr[0] == pytest.approx(lr[1], rel=1e-9)
     # The batches (ResumableSampler) and the noise (RandomState) after the restart are those of
-    # the uninterrupted run, so the runs end on the same figures (the issue asks for 1 %).
+    # the uninterrupted run, so the runs end on the same figures (measured equal; asked: 1 %).
     for key in ("lambda", "distortion", "rate"):
-        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5), key
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=0.01), key
 
 
 def _shapes_fit(folder: Path, ckpt_in=None, save_at: int | None = None, seed: int = 0):
