@@ -1,12 +1,13 @@
 """LightningDataModules that wrap datasets, offline-first, on a shared base."""
 
-from datamodules.base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
-from datamodules.celeba import CelebADataModule
-from datamodules.cifar import CIFAR10DataModule
-from datamodules.dsprites import DSpritesDataModule
-from datamodules.folder import ImageFolderDataModule
-from datamodules.mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
-from datamodules.shapes import ShapesDataModule
+from .base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
+from .celeba import CelebADataModule
+from .cifar import CIFAR10DataModule
+from .dsprites import DSpritesDataModule
+from .folder import ImageFolderDataModule
+from .mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+from .sampler import ResumableSampler
+from .shapes import ShapesDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -18,6 +19,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MNISTDataModule",
     "MissingDatasetError",
+    "ResumableSampler",
     "ShapesDataModule",
     "UInt8Images",
     "seeded_split",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sized
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +13,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_geco.batches import dataset_length
+
+from .sampler import ResumableSampler
 
 __all__ = [
     "CALIBRATION_SEED",
@@ -132,7 +135,10 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: images per batch and per process (under DDP the global batch is
             ``batch_size * world_size``).
         num_workers: DataLoader worker processes.
-        shuffle: shuffle the training set each epoch.
+        shuffle: shuffle the training set each epoch, in an order that depends only on a seed
+            and the epoch and that a resumed run picks up at the batch its checkpoint stopped at
+            (:class:`~datamodules.sampler.ResumableSampler`; the seed is drawn from torch's
+            initial seed, the same on every rank, and saved in the checkpoint).
         pin_memory: pin host memory (speeds up copies to a GPU).
         device: hold the whole (in-memory) dataset as float tensors on this device, e.g.
             ``"cuda"``, and load batches with no workers. Worth it when the model is small enough
@@ -170,6 +176,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_calibration = num_calibration
         # Items yield what train's do: (image, target); a TensorDataset on ``device`` when set.
         self.calibration_dataset: Dataset | None = None
+        #: seed of the training order; drawn when the first training loader is built, restored on resume
+        self.shuffle_seed: int | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -207,15 +215,45 @@ class ImageDataModule(pl.LightningDataModule):
         if self.device is not None:
             dataset = self._on_device(dataset, self.device)
         workers = 0 if in_memory else self.num_workers
+        sampler = self._training_sampler(dataset) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False if sampler is not None else shuffle,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory and not in_memory,
             persistent_workers=workers > 0,
             drop_last=shuffle,
         )
+
+    def _training_sampler(self, dataset: Dataset) -> ResumableSampler | None:
+        if not isinstance(dataset, Sized):
+            return None
+        trainer = self.trainer
+        if self.shuffle_seed is None:
+            seed = int(torch.initial_seed() % 2**31)
+            # Every rank must shuffle alike: rank 0's seed.
+            self.shuffle_seed = int(trainer.strategy.broadcast(seed)) if trainer is not None else seed
+        if trainer is None:
+            return ResumableSampler(dataset, self.batch_size, seed=self.shuffle_seed)
+        return ResumableSampler(
+            dataset,
+            self.batch_size,
+            # Optimizer steps x accumulation: the batches per rank training has consumed (exact
+            # when an epoch's batches are a multiple of accumulate_grad_batches).
+            batches_done=lambda: trainer.global_step * trainer.accumulate_grad_batches,
+            seed=self.shuffle_seed,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the seed of the training order."""
+        return {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
 
     def _on_device(self, dataset: Dataset, device: str) -> TensorDataset:
         indices = None

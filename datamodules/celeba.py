@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, MissingDatasetError, missing_files_message
+from .base import ImageDataModule, MissingDatasetError, missing_files_message
 
 __all__ = ["ATTRIBUTES", "CelebADataModule", "CelebAImages", "IMAGES", "PARTITION", "SOURCE"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from datamodules.base import (
+from .base import (
     ImageDataModule,
     MissingDatasetError,
     UInt8Images,

@@ -16,7 +16,7 @@ import numpy
 import torch
 from torch.utils.data import Subset
 
-from datamodules.base import (
+from .base import (
     ImageDataModule,
     MissingDatasetError,
     UInt8Images,

@@ -29,7 +29,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
+from .base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
 
 __all__ = ["IN_MEMORY_LIMIT", "FlatImages", "ImageFolderDataModule", "LAYOUTS", "read_image"]
 

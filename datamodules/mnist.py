@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from datamodules.base import (
+from .base import (
     ImageDataModule,
     MissingDatasetError,
     UInt8Images,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from datamodules.base import ImageDataModule
+from .base import ImageDataModule
 
 __all__ = [
     "FACTOR_NAMES",

@@ -12,8 +12,9 @@ from lightning_geco.constraints import (
     ReconstructionMSE,
 )
 from lightning_geco.controllers import Algorithm1, MultiplierController, PIController
+from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
-from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
+from lightning_geco.geco import GECO, MultiplierState, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
 from lightning_geco.models import (
@@ -27,6 +28,8 @@ from lightning_geco.models import (
     VAEOutput,
 )
 from lightning_geco.objectives import ELBO, BetaVAE, CapacityBetaVAE, GECOObjective, KLWarmup, Objective, SigmaVAE
+from lightning_geco.rebuild import Rebuildable
+from lightning_geco.resume import RandomState
 from lightning_geco.schedules import CosineToFloor
 from lightning_geco.summary import RunSummary
 from lightning_geco.verdict import StallDetector, verdict_line
@@ -42,6 +45,7 @@ __all__ = [
     "ConvDRAW",
     "ConvVAE",
     "CosineToFloor",
+    "DiagnosticPanels",
     "DiagonalGaussian",
     "ELBO",
     "FeatureReconstruction",
@@ -59,10 +63,13 @@ __all__ = [
     "LatentPass",
     "Likelihood",
     "MultiplierController",
+    "MultiplierState",
     "NonFiniteConstraintError",
     "Objective",
     "PIController",
     "PatchNCC",
+    "RandomState",
+    "Rebuildable",
     "ReconstructionBCE",
     "ReconstructionMSE",
     "RunSummary",

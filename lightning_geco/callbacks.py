@@ -16,8 +16,10 @@ non-zero on every rank together: lambda is left alone, the step's gradients are 
 (so NaN never reaches the optimizer state), the skip is counted and logged, and after
 ``max_nonfinite_steps`` consecutive skips training stops with an error.
 
-Checkpoints: :meth:`state_dict` holds lambda, the moving average, its seeded flag, the update
-counts and the constraints as stated (name, tolerance, unit).
+Checkpoints: lambda and the moving average are buffers of the model's objective
+(:class:`~lightning_geco.geco.MultiplierState`), saved and loaded with the weights; this
+callback's :meth:`state_dict` holds what only training needs: the update counts, the
+controller's state and the constraints as stated (name, tolerance, unit).
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ from torch.utils.data import Dataset, default_collate
 from lightning_geco.batches import batch_images, batch_labels, dataset_length
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
-from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, constraint_statistics
+from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_statistics
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.records import VAEOutput
 from lightning_geco.verdict import StallDetector
 
-__all__ = ["GECOCallback", "NonFiniteConstraintError", "find_geco_objective", "is_logging_step"]
+__all__ = [
+    "GECOCallback",
+    "NonFiniteConstraintError",
+    "find_geco_objective",
+    "is_logging_step",
+    "upgrade_multiplier_buffers",
+]
 
 
 class NonFiniteConstraintError(RuntimeError):
@@ -102,6 +110,43 @@ def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
             f"{type(pl_module).__name__}. Use objective=GECOObjective(...) or remove the callback."
         )
     return found[0]
+
+
+def upgrade_multiplier_buffers(checkpoint: dict[str, Any], pl_module: pl.LightningModule) -> None:
+    """Give a checkpoint written before lambda and the moving average were model buffers the
+    buffers its model now expects (in place; call from ``on_load_checkpoint``).
+
+    Such a checkpoint kept them in GECOCallback's state only; they are copied from there. A
+    checkpoint with neither keeps the model's own values, with a warning.
+    """
+    weights = checkpoint.get("state_dict")
+    if weights is None:
+        return
+    for name, module in pl_module.named_modules():
+        if not isinstance(module, MultiplierState) or f"{name}.log_lagrange_multiplier" in weights:
+            continue
+        saved = next(
+            (
+                state["geco"]
+                for state in checkpoint.get("callbacks", {}).values()
+                if isinstance(state, dict) and "log_lagrange_multiplier" in state.get("geco", {})
+            ),
+            None,
+        )
+        if saved is None:
+            rank_zero_warn(
+                f"The checkpoint holds no GECO multipliers for {name!r} (it was saved without GECOCallback, or "
+                f"before they were part of the model): lambda stays at {module.lagrange_multiplier.tolist()}."
+            )
+            values = {key: value.clone() for key, value in module.state_dict().items()}
+        else:
+            values = {
+                "log_lagrange_multiplier": saved["log_lagrange_multiplier"].float(),
+                "constraint_ema": saved["constraint_ema"].float(),
+                "seeded": torch.tensor(bool(saved["seeded"])),
+            }
+        for key, value in values.items():
+            weights[f"{name}.{key}"] = value
 
 
 class GECOCallback(Callback):
@@ -265,14 +310,15 @@ class GECOCallback(Callback):
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.objective = find_geco_objective(pl_module)
-        if self.geco is None or self.geco.names != self.objective.names:
-            self.geco = self._build_geco(list(self.objective.constraints))
+        if self.geco is None or self.geco.state is not self.objective.multipliers:
+            self.geco = self._build_geco(self.objective)
         self.objective.attach(self.geco)
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
         self._restore_if_pending()
 
-    def _build_geco(self, constraints: list[Constraint]) -> GECO:
+    def _build_geco(self, objective: GECOObjective) -> GECO:
+        constraints = list(objective.constraints)
         scales = [self._scale(c) for c in constraints]
         law: MultiplierController
         if self.controller == "pi":
@@ -301,6 +347,7 @@ class GECOCallback(Callback):
             controller=law,
             scales=scales,
             drive=self.drive,
+            state=objective.multipliers,
         )
 
     def relative_step_size(self, constraint: Constraint) -> float:

@@ -37,7 +37,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodules.base import ImageDataModule
+from lightning_geco.datamodules.base import ImageDataModule
+from lightning_geco.diagnostics import DiagnosticPanels
+from lightning_geco.resume import RandomState
 from lightning_geco.summary import RunSummary, run_directory
 
 __all__ = [
@@ -262,6 +264,25 @@ class GECOLightningCLI(LightningCLI):
         )
         parser.add_argument("--tolerance", action="append", type=str, default=None, help=TOLERANCE_HELP)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # jsonargparse prints --print_config while it parses, before --tolerance is applied;
+        # with both flags the config is printed here instead, as it will run.
+        argv = list(sys.argv[1:] if args is None else args) if args is None or isinstance(args, (list, tuple)) else None
+        printing = [a for a in argv or [] if a == "--print_config" or a.startswith("--print_config=")]
+        if not printing or not any(a == "--tolerance" or a.startswith("--tolerance=") for a in argv or []):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args([a for a in argv or [] if a not in printing])
+        config = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).clone()
+        try:
+            apply_tolerances(config.model, config.tolerance)
+        except ConfigurationError as error:
+            _fail(str(error))
+        for key in ("config", "tolerance", "__path__"):
+            config.pop(key, None)
+        sys.stdout.write(yaml.safe_dump(config.as_dict(), sort_keys=False))
+        raise SystemExit(0)
+
     def _parse_ckpt_path(self) -> None:
         # Replaces Lightning's, which overwrites the config's model with the checkpoint's
         # hyperparameters: the command line is what runs, and a checkpoint of another model is
@@ -399,7 +420,7 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
             # Absolute: W&B's service process keeps the working directory of the first run in
             # this process and would resolve a relative folder against that.
             "logger": lazy_instance(WandbLogger, project="lightning_geco", save_dir=os.path.abspath("runs")),
-            "callbacks": [RunSummary()],
+            "callbacks": [RunSummary(), RandomState(), DiagnosticPanels()],
         },
         args=args,
         **kwargs,

@@ -23,6 +23,7 @@ from lightning_geco.classifier import class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood
+from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ __all__ = [
 MAX_PSNR_DB = 100.0
 
 
-class Constraint(nn.Module):
+class Constraint(Rebuildable, nn.Module):
     """Interface of a GECO constraint.
 
     Subclasses set ``name``, ``unit``, ``tolerance`` and ``reading_name`` and implement
@@ -318,6 +319,10 @@ class PatchNCC(Constraint):
         self.patch_size, self.stride = int(patch_size), int(stride)
         self.name = name
         self.step_size = _step_size("PatchNCC", step_size)
+
+    def init_args(self) -> dict[str, object]:
+        return {"minimum": self.tolerance, "patch_size": self.patch_size, "stride": self.stride, "name": self.name,
+                "step_size": self.step_size}
 
     def check_model(self, model: VAEModule) -> None:
         _, height, width = model.image_shape

@@ -6,20 +6,15 @@ the batch first, sums over every other dimension.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_geco.metrics import gaussian_kl_per_dimension
+from lightning_geco.metrics import LOG_2PI, gaussian_kl_per_dimension
 
 __all__ = ["LOG_2PI", "DiagonalGaussian", "gaussian_kl", "normal_log_density"]
-
-#: ln(2 pi), the Gaussian log density's constant
-LOG_2PI = math.log(2 * math.pi)
-
 
 @dataclass
 class DiagonalGaussian:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.rebuild import Rebuildable
+
 __all__ = ["FrozenClassifier", "FrozenNetwork", "TorchvisionFeatures"]
 
 
@@ -23,7 +25,7 @@ def _existing_file(path: str | Path, what: str, how: str) -> Path:
     return path
 
 
-class FrozenNetwork(nn.Module):
+class FrozenNetwork(Rebuildable, nn.Module):
     """Base of the frozen networks: parameters without gradients, eval mode whatever the parent does.
 
     Subclasses implement :meth:`features` (and :meth:`logits` when they classify).
@@ -107,12 +109,22 @@ class TorchvisionFeatures(FrozenNetwork):
             "Nothing is downloaded: save the weights with torch.save(model.state_dict(), path) on a "
             "machine that has them and point `weights` to the file.",
         )
+        self.architecture, self.weights, self.layer = architecture, str(path), layer
         network = get_model(architecture, weights=None)
         network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.extractor = create_feature_extractor(network, return_nodes={layer: "features"})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.freeze()
+
+    def init_args(self) -> dict[str, object]:
+        return {
+            "architecture": self.architecture,
+            "weights": self.weights,
+            "layer": self.layer,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
 
     def features(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1 and self.mean.shape[1] == 3:

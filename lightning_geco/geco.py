@@ -31,11 +31,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_geco.controllers import Algorithm1, MultiplierController
 
-__all__ = ["DEFAULT_LOG_LAMBDA_BOUNDS", "DRIVES", "GECO", "constraint_statistics", "mse_to_psnr", "psnr_to_mse"]
+__all__ = [
+    "DEFAULT_LOG_LAMBDA_BOUNDS",
+    "DRIVES",
+    "GECO",
+    "MultiplierState",
+    "constraint_statistics",
+    "mse_to_psnr",
+    "psnr_to_mse",
+]
 
 # exp(log_lambda) must stay finite and non-zero in fp32 (max ~3.4e38, ln ~ 88.7), and
 # lambda * (per-image sum) must too; +-30 leaves ~ 1e13 of head room for the sums.
@@ -72,6 +80,60 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"GECO {name} must lie in [0, 1), got {value!r}.")
 
 
+class MultiplierState(nn.Module):
+    """The part of GECO that belongs to the trained model: lambda and the moving average.
+
+    Buffers of the objective that owns them (:class:`~lightning_geco.objectives.GECOObjective`),
+    so Lightning saves, loads and moves them with the weights: ``load_from_checkpoint``,
+    ``trainer.validate(ckpt_path=...)`` and ``trainer.predict`` read the trained lambda.
+    They are identical on every rank (every rank applies the same all-reduced update), so
+    DDP's broadcast of buffers from rank 0 leaves them as they are; per-rank statistics are
+    never buffers (:class:`GECO` keeps those). Written in place, so a reference to a buffer
+    always sees the current value.
+
+    Buffers:
+        log_lagrange_multiplier: ``log lambda`` (K,), fp32.
+        constraint_ema: moving average of the training constraint values (K,), fp32, in each
+            constraint's value units (``reading - tolerance``).
+        seeded: 0-dim bool, whether the moving average holds a measurement (the model has
+            been trained with GECO).
+    """
+
+    log_lagrange_multiplier: Tensor
+    constraint_ema: Tensor
+    seeded: Tensor
+
+    def __init__(self, num_constraints: int, initial_lambda: float = 1.0) -> None:
+        super().__init__()
+        if num_constraints < 1:
+            raise ValueError(f"MultiplierState needs at least one constraint, got {num_constraints!r}.")
+        if not initial_lambda > 0:
+            raise ValueError(f"MultiplierState initial_lambda must be positive, got {initial_lambda!r}.")
+        self.register_buffer("log_lagrange_multiplier", torch.full((num_constraints,), math.log(initial_lambda)))
+        self.register_buffer("constraint_ema", torch.zeros(num_constraints))
+        self.register_buffer("seeded", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def lagrange_multiplier(self) -> Tensor:
+        """lambda, shape (K,), fp32, strictly positive."""
+        return self.log_lagrange_multiplier.exp()
+
+    def extra_repr(self) -> str:
+        return f"num_constraints={self.log_lagrange_multiplier.numel()}"
+
+
+def _state_buffer(name: str, doc: str) -> property:
+    """A GECO attribute that reads and writes (in place) the buffer ``name`` of its ``state``."""
+
+    def get(self: GECO) -> Tensor:
+        return getattr(self.state, name)
+
+    def set_(self: GECO, value: Tensor) -> None:
+        getattr(self.state, name).copy_(value)
+
+    return property(get, set_, doc=f"{doc} The buffer ``state.{name}``.")
+
+
 class GECO:
     """Lagrange multipliers and moving averages of K constraints, moved by a controller.
 
@@ -100,6 +162,10 @@ class GECO:
             controller's log-ratio error reads; default 1.
         drive: ``"training"`` (the training batches move lambda) or ``"calibration"`` (only
             :meth:`control` does).
+        state: where lambda and the moving average live (the objective's
+            :class:`MultiplierState`, so they are saved with the model); None: a state of
+            this GECO's own. A given state that was never trained starts at ``initial_lambda``;
+            a trained one (``seeded``) keeps its lambda.
     """
 
     def __init__(
@@ -114,6 +180,7 @@ class GECO:
         controller: MultiplierController | None = None,
         scales: Sequence[float] | None = None,
         drive: str = "training",
+        state: MultiplierState | None = None,
     ) -> None:
         names = list(names)
         if not names:
@@ -156,10 +223,17 @@ class GECO:
         self.drive = drive
         self.scale = torch.tensor(scales, dtype=torch.float32)
         self.log_lambda_bounds = (float(low), float(high))
-        self.log_lagrange_multiplier = torch.full((k,), math.log(initial_lambda), dtype=torch.float32)
+        if state is None:
+            state = MultiplierState(k, initial_lambda)
+        elif state.log_lagrange_multiplier.shape != (k,):
+            raise ValueError(
+                f"GECO has {k} constraints {names}, but the MultiplierState holds "
+                f"{state.log_lagrange_multiplier.numel()} multipliers."
+            )
+        elif not bool(state.seeded):
+            state.log_lagrange_multiplier.fill_(math.log(initial_lambda))
+        self.state = state
         self.controller.reset(self.log_lagrange_multiplier)
-        self.constraint_ema = torch.zeros(k, dtype=torch.float32)
-        self._seeded = torch.zeros((), dtype=torch.bool)
         self._num_updates = torch.zeros((), dtype=torch.int64)
         self._num_skipped_updates = torch.zeros((), dtype=torch.int64)
         self._num_measurements = torch.zeros((), dtype=torch.int64)
@@ -170,6 +244,11 @@ class GECO:
     @property
     def num_constraints(self) -> int:
         return len(self.names)
+
+    # lambda, the moving average and its flag are the state module's buffers, written in place.
+    log_lagrange_multiplier = _state_buffer("log_lagrange_multiplier", "``log lambda`` (K,), fp32.")
+    constraint_ema = _state_buffer("constraint_ema", "Moving average of the training constraint values (K,), fp32.")
+    _seeded = _state_buffer("seeded", "0-dim bool: whether the moving average holds a measurement.")
 
     @property
     def lagrange_multiplier(self) -> Tensor:
@@ -203,11 +282,9 @@ class GECO:
 
     def to(self, device: torch.device | str) -> GECO:
         """Move every tensor of the state to ``device``, keeping dtypes."""
+        self.state.to(device)
         for attr in (
-            "log_lagrange_multiplier",
-            "constraint_ema",
             "scale",
-            "_seeded",
             "_num_updates",
             "_num_skipped_updates",
             "_num_measurements",
@@ -218,11 +295,10 @@ class GECO:
         return self
 
     def state_dict(self) -> dict[str, Any]:
+        """What the training loop needs beyond the model: counters and the controller's state
+        (lambda and the moving average are the model's buffers, see :class:`MultiplierState`)."""
         return {
             "names": list(self.names),
-            "log_lagrange_multiplier": self.log_lagrange_multiplier.detach().cpu().clone(),
-            "constraint_ema": self.constraint_ema.detach().cpu().clone(),
-            "seeded": self.seeded,
             "num_updates": self.num_updates,
             "num_skipped_updates": self.num_skipped_updates,
             "num_measurements": self.num_measurements,
@@ -236,9 +312,11 @@ class GECO:
                 "the checkpoint comes from an incompatible model."
             )
         device = self.device
-        self.log_lagrange_multiplier = state["log_lagrange_multiplier"].to(device=device, dtype=torch.float32).clone()
-        self.constraint_ema = state["constraint_ema"].to(device=device, dtype=torch.float32).clone()
-        self._seeded = torch.tensor(bool(state["seeded"]), device=device)
+        if "log_lagrange_multiplier" in state:
+            # A checkpoint written before lambda and the moving average were the model's buffers.
+            self.log_lagrange_multiplier = state["log_lagrange_multiplier"]
+            self.constraint_ema = state["constraint_ema"]
+            self._seeded = torch.tensor(bool(state["seeded"]))
         self._num_updates = torch.tensor(int(state["num_updates"]), device=device)
         self._num_skipped_updates = torch.tensor(int(state.get("num_skipped_updates", 0)), device=device)
         self._num_measurements = torch.tensor(int(state.get("num_measurements", 0)), device=device)

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_geco.rebuild import Rebuildable
+
 __all__ = ["BernoulliLikelihood", "GaussianLikelihood", "Likelihood"]
 
 
-class Likelihood(nn.Module):
+class Likelihood(Rebuildable, nn.Module):
     """Interface: how to read a decoder output as a distribution over images."""
 
     def mean(self, decoder_output: Tensor) -> Tensor:
@@ -45,6 +47,10 @@ class GaussianLikelihood(Likelihood):
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+
+    def init_args(self) -> dict[str, object]:
+        # The current sigma: a learned one comes back from the state dict anyway.
+        return {"sigma": float(self.log_sigma.detach().exp()), "learn_sigma": isinstance(self.log_sigma, nn.Parameter)}
 
     def mean(self, decoder_output: Tensor) -> Tensor:
         return decoder_output

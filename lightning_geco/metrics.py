@@ -51,6 +51,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
+    "LOG_2PI",
     "AggregatePosteriorKL",
     "LatentActivity",
     "aggregate_log_densities",
@@ -59,7 +60,8 @@ __all__ = [
     "gaussian_kl_per_dimension",
 ]
 
-_LOG_2PI = math.log(2 * math.pi)
+#: ln(2 pi), the Gaussian log density's constant (defined here, the leaf; distributions re-exports it)
+LOG_2PI = math.log(2 * math.pi)
 
 
 def gaussian_kl_per_dimension(mean: Tensor, log_variance: Tensor) -> Tensor:
@@ -88,7 +90,7 @@ def aggregate_log_densities_reference(
     z, mean, log_variance = z.double(), mean.double(), log_variance.double()
     n, d = mean.shape
     precision = torch.exp(-log_variance)
-    log_norm = -0.5 * (log_variance + _LOG_2PI)  # (N, d)
+    log_norm = -0.5 * (log_variance + LOG_2PI)  # (N, d)
     joint, marginals = [], []
     for start in range(0, z.shape[0], chunk_size):
         zc = z[start : start + chunk_size]
@@ -168,7 +170,7 @@ def aggregate_log_densities(
     if n < 1:
         raise ValueError(f"the mixture needs at least one component, got N = {n}.")
     z32, mean32, log_variance32 = (t.detach().float() for t in (z, mean, log_variance))
-    log_norm = -0.5 * (log_variance32 + _LOG_2PI)  # (N, d)
+    log_norm = -0.5 * (log_variance32 + LOG_2PI)  # (N, d)
     # Every log N(z_ij; mean_nj, var_nj) <= log_norm_nj <= shift_j, so terms relative to shift_j
     # exponentiate to <= 1 (no overflow) without a first pass for the row maximum.
     shift = log_norm.amax(dim=0)  # (d,)
@@ -306,7 +308,7 @@ def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int)
     # sum_j log N = Z^2 @ (-P/2)^T + Z @ (M P)^T + const_n; float64 keeps the cancellation of
     # these O(d |z|^2 / var) terms at ~1e-11 nats.
     weights = torch.cat([-0.5 * precision, mean * precision], dim=1).T.contiguous()  # (2d, N)
-    const = (-0.5 * (log_variance + _LOG_2PI) - 0.5 * mean.pow(2) * precision).sum(dim=1)  # (N,)
+    const = (-0.5 * (log_variance + LOG_2PI) - 0.5 * mean.pow(2) * precision).sum(dim=1)  # (N,)
     joint = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
     for start in range(0, z.shape[0], chunk_size):
         chunk = z[start : start + chunk_size]
@@ -407,8 +409,8 @@ class AggregatePosteriorKL(Metric):
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(mean.device)
         z = mean + noise * torch.exp(0.5 * log_variance)
         log_q_z, log_q_zj = aggregate_log_densities(z, mean, log_variance, self.chunk_size, self.use_compile)
-        log_q_z_given_x = -0.5 * (noise.pow(2) + log_variance + _LOG_2PI).sum(dim=1)
-        log_p_zj = -0.5 * (z.pow(2) + _LOG_2PI)
+        log_q_z_given_x = -0.5 * (noise.pow(2) + log_variance + LOG_2PI).sum(dim=1)
+        log_p_zj = -0.5 * (z.pow(2) + LOG_2PI)
         mutual_info = (log_q_z_given_x - log_q_z).mean()
         rate = gaussian_kl_per_dimension(mean, log_variance).sum(dim=1).mean()
         marginal_kl = rate - mutual_info

@@ -14,13 +14,14 @@ from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.distributions import LOG_2PI
-from lightning_geco.geco import GECO
+from lightning_geco.geco import GECO, MultiplierState
+from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
 __all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective", "SigmaVAE"]
 
 
-class Objective(nn.Module):
+class Objective(Rebuildable, nn.Module):
     """Interface: ``loss(output) -> scalar`` (nats per image, averaged over the batch).
 
     Schedules read :attr:`step`, the optimizer step the model sets before each training
@@ -167,9 +168,12 @@ class GECOObjective(Objective):
 
     ``C_k`` is the stop-gradient constraint of Algorithm 1 (value: moving average, gradient:
     this batch) and ``D_k`` the constraint's elements per example, so each term is in nats per
-    image like the rate. The multipliers live in a :class:`~lightning_geco.geco.GECO` that
-    :class:`~lightning_geco.callbacks.GECOCallback` attaches and moves; training without it
-    raises instead of silently keeping lambda = 1.
+    image like the rate. Lambda and the moving average are this objective's buffers
+    (:attr:`multipliers`, a :class:`~lightning_geco.geco.MultiplierState`): saved, loaded and
+    moved with the model. :class:`~lightning_geco.callbacks.GECOCallback` attaches the
+    :class:`~lightning_geco.geco.GECO` that moves them; training without it raises instead of
+    silently keeping lambda where it is. Evaluation reads the multipliers as they stand (a
+    loaded model: the trained lambda).
 
     Args:
         constraints: one or more constraints; default: per-element MSE at most 0.01 (20 dB).
@@ -184,7 +188,11 @@ class GECOObjective(Objective):
         if len(set(names)) != len(names):
             raise ValueError(f"GECOObjective constraint names must be unique, got {names}.")
         self.constraints = ConstraintList(constraints)
+        self.multipliers = MultiplierState(len(constraints))
         self.geco: GECO | None = None
+
+    def init_args(self) -> dict[str, object]:
+        return {"constraints": list(self.constraints)}
 
     @property
     def names(self) -> list[str]:
@@ -193,10 +201,17 @@ class GECOObjective(Objective):
     def describe(self) -> list[dict[str, float | str]]:
         return [c.describe() for c in self.constraints]
 
+    @property
+    def lagrange_multiplier(self) -> Tensor:
+        """lambda (K,), fp32, as it stands (the trained one, for a loaded model)."""
+        return self.multipliers.lagrange_multiplier
+
     def attach(self, geco: GECO) -> None:
-        """Give the objective the multipliers it reads (done by GECOCallback)."""
+        """Hand the objective the GECO that moves its multipliers (done by GECOCallback)."""
         if geco.names != self.names:
             raise ValueError(f"GECO state is for constraints {geco.names}, objective has {self.names}.")
+        if geco.state is not self.multipliers:
+            raise ValueError("GECO must move this objective's own multipliers: build it with state=objective.multipliers.")
         self.geco = geco
 
     def lagrangian(
@@ -206,7 +221,7 @@ class GECOObjective(Objective):
         reconstruction: Tensor,
         labels: Tensor | None = None,
         decoder_output: Tensor | None = None,
-    ) -> Tensor | None:
+    ) -> Tensor:
         """GECO's loss for any model: ``E[rate] + sum_k lambda_k * D_k * C_k``, nats per example.
 
         The path for a LightningModule that is not one of ours: hand over the per-example rate
@@ -222,28 +237,22 @@ class GECOObjective(Objective):
         """Per-example constraint values, shape (N, K), fp32."""
         return torch.stack([c(output).float() for c in self.constraints], dim=1)
 
-    def forward(self, output: VAEOutput) -> Tensor | None:
-        """The Lagrangian; in eval mode the batch's own constraint with the current lambda.
-
-        Returns None in eval mode when no GECO state is attached (e.g. ``trainer.validate``
-        without the callback): there is no lambda to weigh the constraint with.
-        """
+    def forward(self, output: VAEOutput) -> Tensor:
+        """The Lagrangian; in eval mode the batch's own constraint with lambda as it stands."""
         values = self.constraint_values(output)
-        if self.geco is None:
-            if not self.training:
-                return None
-            raise RuntimeError(
-                "GECOObjective has no Lagrange multipliers to read: nothing would update lambda. "
-                "Add lightning_geco.GECOCallback() to Trainer(callbacks=[...])."
-            )
         if self.training:
+            if self.geco is None:
+                raise RuntimeError(
+                    "GECOObjective has nothing to move its Lagrange multipliers: nothing would update lambda. "
+                    "Add lightning_geco.GECOCallback() to Trainer(callbacks=[...])."
+                )
             constraint = self.geco.constraint_term(values)
         else:
             # Validation reads lambda but never records statistics or moves the state.
             constraint = values.mean(dim=0)
-        lam = self.geco.lagrange_multiplier
+        lam = self.multipliers.lagrange_multiplier
         lagrangian = sum(lam[k] * c.num_elements(output) * constraint[k] for k, c in enumerate(self.constraints))
         loss = output.rate.float().mean() + lagrangian
-        if self.training:
+        if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss

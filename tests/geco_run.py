@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_geco.datamodules import ResumableSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer
@@ -113,6 +114,7 @@ def run(
     tolerance: float = 0.05,
     max_nonfinite_steps: int = 10,
     calibration: bool = False,
+    resumable_sampler: bool = False,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,14 @@ def run(
         callbacks=callbacks,
     )
     data = dataset()
-    if devices == 1:
+    if resumable_sampler:
+        # The DataModules' sampler: rank r takes the r-th run of batch_size in each global batch,
+        # so one process with the global batch sees the same examples at every step.
+        sampler = ResumableSampler(
+            data, batch_size, lambda: trainer.global_step * accumulate, seed=0, num_replicas=devices, rank=trainer.global_rank
+        )
+        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True)
+    elif devices == 1:
         # Lightning gives DDP training a DistributedSampler(shuffle=True, seed=0): epoch 0 visits
         # randperm(n) with rank r taking every devices-th index, so one process walking the same
         # permutation with the global batch sees the same examples at every step.
@@ -182,6 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--nan-at-step", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=0)
     parser.add_argument("--calibration", action="store_true")
+    parser.add_argument("--resumable-sampler", action="store_true")
     args = parser.parse_args()
     run(
         args.out,
@@ -193,4 +203,5 @@ if __name__ == "__main__":
         nan_steps=[args.nan_at_step] if args.nan_at_step >= 0 else [],
         nan_rank=args.nan_rank,
         calibration=args.calibration,
+        resumable_sampler=args.resumable_sampler,
     )

@@ -10,7 +10,32 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lightning_geco import GECO, ConvVAE, GECOObjective, ReconstructionMSE
+from lightning_geco import (
+    GECO,
+    ConvDRAW,
+    ConvVAE,
+    FlowVAE,
+    GECOObjective,
+    ImageClassifier,
+    LadderVAE,
+    ReconstructionMSE,
+)
+
+
+def build(name, image_shape, **kwargs):
+    """A small model of each kind (two stride-2 levels, narrow layers)."""
+    if name == "ConvVAE":
+        return ConvVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, **kwargs)
+    if name == "FlowVAE":
+        return FlowVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, flow_depth=3, flow_hidden_dim=16, **kwargs)
+    if name == "LadderVAE":
+        return LadderVAE(image_shape=image_shape, latent_dims=(6, 3), widths=(8, 16), hidden_dim=32, **kwargs)
+    if name == "ConvDRAW":
+        return ConvDRAW(image_shape=image_shape, num_steps=3, latent_channels=2, hidden_channels=8, widths=(8, 16), **kwargs)
+    raise KeyError(name)
+
+
+MODELS = ["ConvVAE", "FlowVAE", "LadderVAE", "ConvDRAW"]
 
 
 def tiny_conv_vae(image_shape=(1, 16, 16), tolerance=0.05, **kwargs) -> ConvVAE:
@@ -19,10 +44,16 @@ def tiny_conv_vae(image_shape=(1, 16, 16), tolerance=0.05, **kwargs) -> ConvVAE:
 
 
 def attach_fixed_lambda(objective: GECOObjective, value: float) -> GECO:
-    geco = GECO(objective.names)
+    geco = GECO(objective.names, state=objective.multipliers)
     geco.log_lagrange_multiplier.fill_(math.log(value))
     objective.attach(geco)
     return geco
+
+
+def geco_snapshot(geco: GECO) -> dict:
+    """Everything a GECO holds, copied: its training state and its multipliers' buffers (written in place)."""
+    buffers = {key: value.clone() for key, value in geco.state.state_dict().items()}
+    return {**geco.state_dict(), **buffers}
 
 
 def random_images(n=6, shape=(1, 16, 16), seed=0) -> torch.Tensor:
@@ -116,3 +147,17 @@ def make_celeba(folder: Path, partitions: list[int], seed: int = 0) -> None:
     (folder / "list_attr_celeba.txt").write_text(
         f"{len(names)}\n" + " ".join(attribute_names) + "\n" + "\n".join(rows) + "\n"
     )
+
+
+def save_classifier(path, image_shape=(1, 16, 16), num_classes=3, bias=None, label_column=0):
+    """An ImageClassifier checkpoint; with ``bias`` its logits are that constant vector for every image."""
+    model = ImageClassifier(image_shape=image_shape, num_classes=num_classes, widths=(8, 8), hidden_dim=16, label_column=label_column)
+    if bias is not None:
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.tensor(bias))
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": pl.__version__},
+        path,
+    )
+    return path

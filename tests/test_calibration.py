@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_geco.datamodules import ShapesDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules import ShapesDataModule
 from geco_run import run
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback

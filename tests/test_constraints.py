@@ -4,11 +4,10 @@ import math
 import re
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import attach_fixed_lambda, quiet_trainer, random_images, tiny_conv_vae
+from helpers import attach_fixed_lambda, quiet_trainer, random_images, save_classifier, tiny_conv_vae
 from lightning_geco import (
     GECO,
     BernoulliLikelihood,
@@ -37,20 +36,6 @@ def fake_output(x, reconstruction=None, decoder_output=None, labels=None):
         reconstruction=reconstruction, posterior=None, z=None, rate=zeros,
         distortion=(reconstruction - x).pow(2).flatten(1).mean(1), log_likelihood=zeros, labels=labels,
     )
-
-
-def save_classifier(path, image_shape=(1, 16, 16), num_classes=3, bias=None, label_column=0):
-    """An ImageClassifier checkpoint; with ``bias`` its logits are that constant vector for every image."""
-    model = ImageClassifier(image_shape=image_shape, num_classes=num_classes, widths=(8, 8), hidden_dim=16, label_column=label_column)
-    if bias is not None:
-        with torch.no_grad():
-            model.head.weight.zero_()
-            model.head.bias.copy_(torch.tensor(bias))
-    torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": pl.__version__},
-        path,
-    )
-    return path
 
 
 # ------------------------------------------------------------------- binary cross-entropy

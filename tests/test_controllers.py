@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from helpers import geco_snapshot
 from lightning_geco import GECO, GECOCallback, GECOObjective, ReconstructionMSE
 from lightning_geco.controllers import PIController, log_ratio_error
 
@@ -17,7 +18,7 @@ def _statistics(values: torch.Tensor) -> torch.Tensor:
 
 def _callback_geco(tolerances, **kwargs) -> GECO:
     objective = GECOObjective([ReconstructionMSE(t, name=f"c{i}") for i, t in enumerate(tolerances)])
-    return GECOCallback(**kwargs)._build_geco(list(objective.constraints))
+    return GECOCallback(**kwargs)._build_geco(objective)
 
 
 def _batches(steps=40, seed=0):
@@ -113,10 +114,10 @@ def test_pi_integrator_is_clamped_so_it_cannot_wind_up_past_the_bounds():
 def test_an_invalid_measurement_leaves_the_pi_state_and_lambda_untouched():
     geco = _callback_geco([0.01], controller="pi")
     geco.update(_statistics(torch.full((4, 1), 0.01)))
-    before = geco.state_dict()
+    before = geco_snapshot(geco)
     geco.update(torch.tensor([float("nan"), 4.0, 0.0]))
     geco.update(torch.tensor([0.1, 4.0, 1.0]))
-    after = geco.state_dict()
+    after = geco_snapshot(geco)
     assert torch.equal(before["log_lagrange_multiplier"], after["log_lagrange_multiplier"])
     for key in ("integral", "smoothed_error"):
         assert torch.equal(before["controller"][key], after["controller"][key])
@@ -128,10 +129,12 @@ def test_pi_state_round_trips_and_an_old_checkpoint_continues_from_its_lambda():
     for value in (0.05, 0.03, 0.02):
         geco.update(_statistics(torch.full((4, 1), value - 0.01)))
     restored = _callback_geco([0.01], controller="pi")
-    restored.load_state_dict(geco.state_dict())
+    restored.state.load_state_dict(geco.state.state_dict())  # the model's buffers
+    restored.load_state_dict(geco.state_dict())  # the callback's state
     assert torch.equal(restored.controller.integral, geco.controller.integral)
     assert torch.equal(restored.controller.smoothed_error, geco.controller.smoothed_error)
-    old = {k: v for k, v in geco.state_dict().items() if k != "controller"}  # before controllers existed
+    # Before controllers existed: no controller state, lambda in the callback's state.
+    old = {k: v for k, v in geco_snapshot(geco).items() if k != "controller"}
     fresh = _callback_geco([0.01], controller="pi")
     fresh.load_state_dict(old)
     assert torch.equal(fresh.controller.integral, geco.log_lagrange_multiplier)

@@ -4,8 +4,7 @@ import time
 
 import pytest
 import torch
-
-from datamodules import (
+from lightning_geco.datamodules import (
     CelebADataModule,
     CIFAR10DataModule,
     ColouredMNISTDataModule,
@@ -14,8 +13,9 @@ from datamodules import (
     MNISTDataModule,
     ShapesDataModule,
 )
-from datamodules.dsprites import FILE_NAME
-from datamodules.mnist import HUES
+from lightning_geco.datamodules.dsprites import FILE_NAME
+from lightning_geco.datamodules.mnist import HUES
+
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
 
 
@@ -97,12 +97,12 @@ def test_missing_files_get_one_clear_error(tmp_path, module, kwargs, expected):
 @pytest.mark.parametrize("module", [MNISTDataModule, CIFAR10DataModule, DSpritesDataModule])
 def test_download_without_network_fails_within_seconds_and_leaves_nothing(tmp_path, monkeypatch, module):
     # A closed local port stands in for "no network": the connection is refused at once.
-    import datamodules.cifar
-    import datamodules.dsprites
+    import lightning_geco.datamodules.cifar as cifar
+    import lightning_geco.datamodules.dsprites as dsprites
 
     monkeypatch.setattr(MNISTDataModule, "mirror", "http://127.0.0.1:9/")
-    monkeypatch.setattr(datamodules.cifar, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    monkeypatch.setattr(datamodules.dsprites, "URL", "http://127.0.0.1:9/" + FILE_NAME)
+    monkeypatch.setattr(cifar, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(dsprites, "URL", "http://127.0.0.1:9/" + FILE_NAME)
     start = time.monotonic()
     with pytest.raises(MissingDatasetError, match=r"download=True but fetching http://127\.0\.0\.1:9/.* failed"):
         module(root=str(tmp_path), download=True).prepare_data()

@@ -60,3 +60,14 @@ def test_nan_on_one_rank_skips_the_update_on_both_ranks_together(tmp_path):
     assert rank0[4]["log_lambda"] != rank0[3]["log_lambda"]
     params = torch.load(tmp_path / "ddp" / "params.pt")
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(300)
+def test_the_resumable_sampler_shares_each_global_batch_over_the_ranks_as_one_process_sees_it(tmp_path):
+    # Lightning leaves a DistributedSampler subclass in place under DDP (it would wrap any other
+    # sampler and hand each rank a different subset than one process with the global batch sees).
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "12", "--resumable-sampler")
+    assert rank0 == rank1
+    single = _single(tmp_path / "single", batch_size=16, max_steps=12, resumable_sampler=True)
+    torch.testing.assert_close(_log_lambda(rank0), _log_lambda(single), rtol=1e-4, atol=1e-5)
+    assert_same_parameters(tmp_path / "single" / "params.pt", tmp_path / "ddp" / "params.pt", rtol=1e-3, atol=1e-5)

@@ -3,14 +3,14 @@
 import re
 from pathlib import Path
 
+import lightning_geco.datamodules.folder as folder_module
 import numpy
 import pytest
 import torch
+from lightning_geco.datamodules import ImageFolderDataModule, MissingDatasetError
+from lightning_geco.datamodules.folder import LAYOUTS
 from PIL import Image
 
-import datamodules.folder as folder_module
-from datamodules import ImageFolderDataModule, MissingDatasetError
-from datamodules.folder import LAYOUTS
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_geco.datamodules.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
 
-from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
 from helpers import make_mnist, write_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
+from lightning_geco.datamodules import ShapesDataModule
 from torch.utils.data import DataLoader
 
-from datamodules import ShapesDataModule
-from helpers import quiet_trainer, random_images, tiny_conv_vae
+from helpers import MODELS, build, quiet_trainer, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,
     BernoulliLikelihood,
     ConvDRAW,
-    ConvVAE,
     FlowVAE,
     GECOCallback,
     GECOObjective,
@@ -22,22 +21,6 @@ from lightning_geco import (
 from lightning_geco.metrics import gaussian_kl_per_dimension
 from lightning_geco.models.base import DiagonalGaussian, gaussian_kl
 from lightning_geco.nets.flows import CouplingFlow
-
-
-def build(name, image_shape, **kwargs):
-    """A small model of each kind (two stride-2 levels, narrow layers)."""
-    if name == "ConvVAE":
-        return ConvVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, **kwargs)
-    if name == "FlowVAE":
-        return FlowVAE(image_shape=image_shape, latent_dim=4, widths=(8, 16), hidden_dim=32, flow_depth=3, flow_hidden_dim=16, **kwargs)
-    if name == "LadderVAE":
-        return LadderVAE(image_shape=image_shape, latent_dims=(6, 3), widths=(8, 16), hidden_dim=32, **kwargs)
-    if name == "ConvDRAW":
-        return ConvDRAW(image_shape=image_shape, num_steps=3, latent_channels=2, hidden_channels=8, widths=(8, 16), **kwargs)
-    raise KeyError(name)
-
-
-MODELS = ["ConvVAE", "FlowVAE", "LadderVAE", "ConvDRAW"]
 
 
 def _randomise(model, seed=0):

@@ -7,7 +7,6 @@ import torch
 from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,
-    GECO,
     BetaVAE,
     CapacityBetaVAE,
     GaussianLikelihood,
@@ -184,9 +183,7 @@ def test_mse_tolerances_in_the_datas_own_units():
 
 def test_the_lagrangian_of_a_users_own_tensors_is_the_objective_of_their_record():
     objective = GECOObjective([ReconstructionMSE(0.5, peak=None)])
-    geco = GECO(objective.names)
-    geco.log_lagrange_multiplier.fill_(math.log(2.0))
-    objective.attach(geco)
+    objective.multipliers.log_lagrange_multiplier.fill_(math.log(2.0))  # as trained; eval reads it as it stands
     objective.eval()
     g = torch.Generator().manual_seed(0)
     x, reconstruction, rate = torch.randn(8, 20, generator=g) * 3, torch.randn(8, 20, generator=g), torch.rand(8, generator=g)

@@ -18,6 +18,8 @@ MODULES = sorted(
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] == "datamodules":  # installed as lightning_geco.datamodules
+        parts = ("lightning_geco", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 

@@ -2,9 +2,15 @@ import math
 
 import pytest
 import torch
-
-from datamodules import ShapesDataModule
-from datamodules.shapes import FACTOR_NAMES, ORIENTATIONS, POSITIONS, SCALES, render_shapes, sample_factors
+from lightning_geco.datamodules import ShapesDataModule
+from lightning_geco.datamodules.shapes import (
+    FACTOR_NAMES,
+    ORIENTATIONS,
+    POSITIONS,
+    SCALES,
+    render_shapes,
+    sample_factors,
+)
 
 
 def test_same_seed_same_images_different_seed_different_images():

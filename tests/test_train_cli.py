@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 from jsonargparse import dict_to_namespace
+from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
-from datamodules.dsprites import FILE_NAME
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
 from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
 from lightning_geco.compare import main as compare_main
@@ -198,7 +198,17 @@ def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
     main(_fit(REPO / "configs" / "default.yaml", "--tolerance", "psnr=20", *QUICK))
     summary = _summary(capsys)
     assert summary["tolerance"] == pytest.approx(0.01)  # 20 dB of images in [0, 1] is an MSE of 0.01
-    assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"} or "psnr" in str(summary["tolerance_stated"])
+    assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"}
+
+
+def test_print_config_shows_the_tolerance_the_run_would_use(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--tolerance", "0.004", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (constraint,) = printed["model"]["init_args"]["objective"]["init_args"]["constraints"]
+    assert constraint["init_args"]["tolerance"] == 0.004
+    assert "tolerance" not in printed and printed["trainer"]["max_steps"] == 1500
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -222,7 +232,7 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--data.init_args.num_trian", "5"], "datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
+        (["--data.init_args.num_trian", "5"], "lightning_geco.datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
         (["--trainer.max_stepz", "5"], "unknown option --trainer.max_stepz. Did you mean --trainer.max_steps?"),
         (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),

@@ -8,7 +8,9 @@ panels use (:meth:`~VAEModule.decode_posterior_code`, :meth:`~VAEModule.generate
 :meth:`~VAEModule.latent_traversal`). Users read images through :meth:`~VAEModule.reconstruct`
 and :meth:`~VAEModule.sample`, both the likelihood's mean clamped to [0, 1]. This base does
 the rest: the per-image terms, the objective, the logging under the names of
-docs/ARCHITECTURE.md, the aggregate-posterior metrics and the image panels.
+docs/ARCHITECTURE.md and the aggregate-posterior metrics; the image panels are
+:class:`~lightning_geco.diagnostics.DiagnosticPanels`' (a callback any model can use), which
+reads :meth:`~VAEModule.reconstruct`, :meth:`~VAEModule.sample` and the traversal methods here.
 
 Units: images in [0, 1], shape (N, C, H, W). ``rate`` is KL(q(z|x) || p(z)) in nats per
 image; ``distortion`` is the per-element MSE of the reconstruction (the likelihood's mean);
@@ -18,28 +20,21 @@ image; ``distortion`` is the per-element MSE of the reconstruction (the likeliho
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from lightning_geco.batches import batch_images, batch_labels
-from lightning_geco.callbacks import is_logging_step
+from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
 from lightning_geco.objectives import GECOObjective, Objective
-from lightning_geco.panels import (
-    log_image_grid,
-    rate_distortion_figure,
-    reconstruction_grid,
-    sample_grid,
-    traversal_grid,
-)
+from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
 from lightning_geco.schedules import CosineToFloor
 
@@ -91,7 +86,8 @@ class VAEModule(pl.LightningModule):
         likelihood: how the decoder output is read (default: Gaussian, sigma 0.1); used for the
             reconstruction (its mean) and the ELBO.
         learning_rate: Adam's learning rate.
-        num_logged_images: images in the ``val/reconstructions`` and ``val/samples`` panels.
+        num_logged_images: images in the ``val/reconstructions`` and ``val/samples`` panels of
+            :class:`~lightning_geco.diagnostics.DiagnosticPanels` (unless it states its own).
         marginal_kl_chunk_size: rows per chunk of the marginal-KL estimator (bounds its memory).
         iwae_samples: K of the importance-weighted bound ``val/iwae`` on log p(x) (0: not computed;
             it costs K decoder passes per validation batch).
@@ -137,6 +133,12 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
+        # A checkpoint's hyperparameters carry the objective and likelihood as the configs that
+        # rebuild them (see on_save_checkpoint); LightningCLI may have built them already.
+        if isinstance(objective, Mapping):
+            objective = instantiate(objective, "objective")
+        if isinstance(likelihood, Mapping):
+            likelihood = instantiate(likelihood, "likelihood")
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
         for constraint in self.constraints:
@@ -147,10 +149,8 @@ class VAEModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
-        self.validation_distortion = MeanMetric()
-        self.validation_rate = MeanMetric()
-        self._rate_distortion_history: list[tuple[int, float, float]] = []
-        self._panel_batch: Tensor | None = None
+        #: KL per latent dimension at the last validation (nats), for the traversal panel
+        self.kl_per_dimension: Tensor | None = None
         self._checked_range = False
         # Running (min, max) of the training pixels since the last host check; NaN propagates.
         self._pixel_range: Tensor | None = None
@@ -347,16 +347,12 @@ class VAEModule(pl.LightningModule):
         posterior = output.posterior
         self.aggregate_posterior.update(posterior.mean, posterior.log_variance)
         self.latent_activity.update(posterior.mean, posterior.log_variance)
-        self.validation_distortion.update(output.distortion)
-        self.validation_rate.update(output.rate)
         if self.iwae_samples:
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
             self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-        if batch_idx == 0:
-            self._panel_batch = x[: self.num_logged_images]
 
     def _validation_metrics(self) -> tuple:
-        return (self.aggregate_posterior, self.latent_activity, self.validation_distortion, self.validation_rate)
+        return (self.aggregate_posterior, self.latent_activity)
 
     def on_validation_epoch_start(self) -> None:
         # Reset here too: after trainer.validate (inference mode) the states are inference
@@ -371,8 +367,6 @@ class VAEModule(pl.LightningModule):
         # under DDP that an unsynced epoch-level value may differ between ranks.
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
-        distortion = self.validation_distortion.compute()
-        rate = self.validation_rate.compute()
         for metric in self._validation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
@@ -381,13 +375,8 @@ class VAEModule(pl.LightningModule):
         if len(activity["kl_per_dim"]) <= MAX_LOGGED_DIMENSIONS:
             for j, kl in enumerate(activity["kl_per_dim"]):
                 self.log(f"val/kl_dim/{j}", kl, sync_dist=True)
-        if self.trainer.sanity_checking:
-            self._panel_batch = None
-            return
-        self._rate_distortion_history.append((self.global_step, float(rate), float(distortion)))
-        if self._panel_batch is not None:
-            self._log_panels(self._panel_batch, activity["kl_per_dim"])
-        self._panel_batch = None
+        if not self.trainer.sanity_checking:
+            self.kl_per_dimension = activity["kl_per_dim"].detach()
 
     def _log_terms(self, stage: str, output: VAEOutput, loss: Tensor | None, on_step: bool) -> None:
         # Step-level training values are rank-local (a collective per scalar per step is not
@@ -425,33 +414,30 @@ class VAEModule(pl.LightningModule):
         """
         return self.likelihood.mean(self.decode(traversal_codes(self.posterior_code(x[:1]), dims, steps, span)))
 
-    def traversal_dimensions(self, kl_per_dim: Tensor, count: int = 10) -> list[int]:
-        """The dimensions the traversal panel moves: the most informative first."""
-        return torch.argsort(kl_per_dim, descending=True)[:count].tolist()
+    @property
+    def traversable_dimensions(self) -> int:
+        """How many leading coordinates of the posterior a traversal may move (all of z here)."""
+        return self.latent_dim
 
-    @torch.no_grad()
-    def _log_panels(self, x: Tensor, kl_per_dim: Tensor) -> None:
-        # Panels decode the posterior mean (what a user means by "the reconstruction"); the
-        # logged distortion samples z, as the constraint does.
-        step = self.global_step
-        reconstruction = self.reconstruct(x)
-        log_image_grid(self.loggers, "val/reconstructions", reconstruction_grid(x, reconstruction), step)
-        log_image_grid(self.loggers, "val/samples", sample_grid(self.sample(x.shape[0])), step)
-        traversal = self.latent_traversal(x, self.traversal_dimensions(kl_per_dim))
-        if traversal is not None:
-            log_image_grid(self.loggers, "val/traversals", traversal_grid(traversal), step)
-        figure = rate_distortion_figure(self._rate_distortion_history, self.distortion_tolerance())
-        log_image_grid(self.loggers, "val/rate_distortion", figure, step)
+    def traversal_dimensions(self, count: int = 10) -> list[int]:
+        """The dimensions the traversal panel moves: the most informative at the last validation
+        first (before any validation: the first ``count``)."""
+        n = self.traversable_dimensions
+        if self.kl_per_dimension is None:
+            return list(range(min(count, n)))
+        return torch.argsort(self.kl_per_dimension[:n], descending=True)[:count].tolist()
 
-    def distortion_tolerance(self) -> float | None:
-        """The MSE tolerance of a reconstruction constraint, if the objective has one."""
-        for constraint in self.constraints:
-            if constraint.reading_name == "distortion":
-                return float(constraint.reading_tolerance)
-        return None
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The objective and the likelihood are modules, which save_hyperparameters cannot
+        # store: record the configs that rebuild them, so load_from_checkpoint(path) needs nothing else.
+        hyperparameters = checkpoint.get("hyper_parameters")
+        if hyperparameters is not None:
+            hyperparameters["objective"] = piece_config(self.objective)
+            hyperparameters["likelihood"] = piece_config(self.likelihood)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of a differently built model with the differing setting named."""
+        """Refuse a checkpoint of a differently built model with the differing setting named, and
+        bring a checkpoint of an earlier version to this one (or say what to pass)."""
         saved = checkpoint.get("hyper_parameters", {})
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
@@ -460,6 +446,29 @@ class VAEModule(pl.LightningModule):
                     f"The checkpoint comes from an incompatible model: it was built with {key}={saved[key]!r}, "
                     f"this model has {key}={current!r}. Build the model with the checkpoint's settings."
                 )
+        weights = checkpoint.get("state_dict", {})
+        saved_likelihood = sorted(k.removeprefix("likelihood.") for k in weights if k.startswith("likelihood."))
+        own_likelihood = sorted(self.likelihood.state_dict())
+        if "state_dict" in checkpoint and saved_likelihood != own_likelihood:
+            raise ValueError(
+                f"The checkpoint's likelihood holds {saved_likelihood or 'no tensors'}, this model's "
+                f"{type(self.likelihood).__name__} holds {own_likelihood or 'none'}: it was trained with another "
+                "likelihood. Pass the trained one, e.g. load_from_checkpoint(path, likelihood=BernoulliLikelihood()) "
+                "for a checkpoint with no 'likelihood.log_sigma'."
+            )
+        if saved and "objective" not in saved:
+            rank_zero_warn(
+                "This checkpoint was saved before lightning_geco recorded a model's objective: the model is "
+                f"built with {type(self.objective).__name__}{self._objective_text()}. If it was trained with "
+                "another, pass it: load_from_checkpoint(path, objective=...)."
+            )
+        upgrade_multiplier_buffers(checkpoint, self)
+        # A scheduled objective (KL warm-up, capacity) weighs the terms as at the saved step.
+        self.objective.set_step(int(checkpoint.get("global_step", 0)))
+
+    def _objective_text(self) -> str:
+        stated = [f"{c['name']} {c['tolerance']} {c['unit']}" for c in getattr(self.objective, "describe", list)()]
+        return f" ({', '.join(stated)})" if stated else ""
 
     def configure_optimizers(self) -> Any:
         # Frozen networks inside constraints have no gradients and no place in the optimizer.

@@ -189,9 +189,10 @@ class LadderVAE(VAEModule):
         top = torch.randn(num_samples, self.top_dim, device=self.device)
         return self.decode(self.code(top, self.top_down(top, None, sample=True)))
 
-    def traversal_dimensions(self, kl_per_dim: Tensor, count: int = 10) -> list[int]:
+    @property
+    def traversable_dimensions(self) -> int:
         """Top-layer dimensions only (the first ``top_dim`` of the metrics' posterior)."""
-        return super().traversal_dimensions(kl_per_dim[: self.top_dim], count)
+        return self.top_dim
 
     @torch.no_grad()
     def latent_traversal(self, x: Tensor, dims: Sequence[int], steps: int = 9, span: float = 2.5) -> Tensor:

@@ -1,0 +1,79 @@
+"""The training order as a function of (seed, epoch), resumed at the batch a checkpoint stopped at.
+
+A DataLoader with ``shuffle=True`` draws each epoch's order from torch's global generator and,
+after a restart from a mid-epoch checkpoint, starts the epoch over with a new order: the
+resumed run sees other batches than the uninterrupted one. Lightning restores the loop
+counters but leaves the order to the loader, and torch's samplers have no notion of "where a
+run stood". :class:`ResumableSampler` fills that gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sized
+
+import torch
+from torch.utils.data import DistributedSampler
+
+__all__ = ["ResumableSampler"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled training indices whose order depends only on (seed, epoch) and which start at the
+    batch training has reached.
+
+    Epoch ``e``'s order is ``randperm(len(dataset))`` seeded by ``seed + e``; global batch ``j``
+    is positions ``[j * B * R, (j + 1) * B * R)`` of it (``B`` the per-rank batch size, ``R`` the
+    ranks), of which rank ``r`` takes the ``r``-th run of ``B``; the last incomplete batch is
+    dropped. Each time an iteration starts it asks ``batches_done()`` how many batches per
+    rank training has consumed in all (optimizer steps x accumulation) and starts at that
+    batch of that epoch, so a run resumed from any checkpoint draws exactly the batches the
+    uninterrupted run would. A subclass of ``DistributedSampler`` so Lightning leaves it in
+    place under DDP instead of wrapping it.
+
+    Args:
+        dataset: a sized dataset.
+        batch_size: images per batch and per rank.
+        batches_done: returns the batches per rank consumed so far (default: always 0).
+        seed: seed of the orders.
+        num_replicas, rank: the ranks (default: one process).
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        batches_done: Callable[[], int] | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"ResumableSampler batch_size must be a positive int, got {batch_size!r}.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"ResumableSampler rank must lie in [0, {num_replicas}), got {rank!r}.")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.batches_done = batches_done if batches_done is not None else (lambda: 0)
+        self.num_examples = len(dataset)
+        self.batches_per_epoch = self.num_examples // (batch_size * num_replicas)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"ResumableSampler: {self.num_examples} examples make no full batch of {batch_size} x {num_replicas} ranks."
+            )
+
+    def __len__(self) -> int:
+        """Indices per rank in a full epoch."""
+        return self.batches_per_epoch * self.batch_size
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s permutation of the dataset's indices (the same on every rank)."""
+        return torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        done = int(self.batches_done())
+        epoch, first = divmod(done, self.batches_per_epoch)
+        order = self.order(epoch)
+        width = self.batch_size * self.num_replicas
+        for batch in range(first, self.batches_per_epoch):
+            start = batch * width + self.rank * self.batch_size
+            yield from order[start : start + self.batch_size].tolist()

@@ -1,0 +1,81 @@
+"""Exact resume: the random numbers after a restart are those the uninterrupted run draws.
+
+Lightning's checkpoint restores weights, optimizer, schedule and loop counters, not the state
+of torch's random generators; every training step draws its latent noise from them, so a run
+resumed from a checkpoint draws other noise than the run that wrote it. :class:`RandomState`
+saves every rank's generator states in the checkpoint and restores them when training goes on.
+(The batches' order is the DataModules' :class:`~lightning_geco.datamodules.sampler.ResumableSampler`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+__all__ = ["CHECKPOINT_KEY", "RandomState"]
+
+#: key of the saved states in the checkpoint
+CHECKPOINT_KEY = "random_states"
+
+
+def _generator_states() -> dict[str, Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+class RandomState(Callback):
+    """Saves each rank's torch generator states (CPU, and the current CUDA device's) in the
+    checkpoint and restores them when a resumed fit starts training.
+
+    Restored at ``on_train_start``, after the sanity check (whose validation draws noise too),
+    so the first resumed step draws what the uninterrupted run drew after the checkpoint. Under
+    DDP every rank's states are gathered into the checkpoint (rank 0 writes it), and each rank
+    gets its own back; a checkpoint from a different number of ranks leaves the generators as
+    they are, with a warning. Python's and NumPy's generators are not used by the library's
+    training and are not saved.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._to_restore: list[dict[str, Tensor]] | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = _generator_states()
+        if trainer.world_size == 1:
+            checkpoint[CHECKPOINT_KEY] = [states]
+            return
+        # Every rank calls this (the checkpoint is assembled everywhere, written by rank 0): gather.
+        gathered: dict[str, Tensor] = {}
+        for name, state in states.items():
+            as_ints = state.to(device=pl_module.device, dtype=torch.int32)
+            gathered[name] = trainer.strategy.all_gather(as_ints).to(device="cpu", dtype=torch.uint8)
+        checkpoint[CHECKPOINT_KEY] = [
+            {name: gathered[name][rank] for name in gathered} for rank in range(trainer.world_size)
+        ]
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            return
+        if len(saved) != trainer.world_size:
+            rank_zero_warn(
+                f"The checkpoint holds the random states of {len(saved)} rank(s), this run has {trainer.world_size}: "
+                "the generators are not restored, so the resumed run draws other noise than the original."
+            )
+            return
+        self._to_restore = saved
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._to_restore is None:
+            return
+        states, self._to_restore = self._to_restore[trainer.global_rank], None
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,256 @@
+"""A checkpoint is the whole model: objective, constraints, likelihood, lambda and the moving average."""
+
+import re
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import MODELS, build, quiet_trainer, random_images, save_classifier
+from lightning_geco import (
+    ELBO,
+    BernoulliLikelihood,
+    BetaVAE,
+    CapacityBetaVAE,
+    ClassificationConstraint,
+    ConvVAE,
+    FeatureReconstruction,
+    FrozenClassifier,
+    GaussianLikelihood,
+    GECOCallback,
+    GECOObjective,
+    KLWarmup,
+    PatchNCC,
+    ReconstructionBCE,
+    ReconstructionMSE,
+    SigmaVAE,
+    TorchvisionFeatures,
+)
+from lightning_geco.rebuild import NotRebuildableError, instantiate, piece_config
+
+
+def _resnet_weights(folder):
+    import torchvision
+
+    path = folder / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return str(path)
+
+
+PIECES = {
+    "ELBO": lambda tmp: ELBO(),
+    "BetaVAE": lambda tmp: BetaVAE(2.5),
+    "KLWarmup": lambda tmp: KLWarmup(warmup_steps=300, start_beta=0.1),
+    "CapacityBetaVAE": lambda tmp: CapacityBetaVAE(gamma=50.0, max_capacity=12.0, capacity_steps=200),
+    "SigmaVAE": lambda tmp: SigmaVAE(min_log_sigma=-5.0),
+    "GECO, PSNR and pNCC": lambda tmp: GECOObjective(
+        [ReconstructionMSE(25.0, unit="psnr"), PatchNCC(0.7, patch_size=5, stride=3, step_size=0.01)]
+    ),
+    "GECO, raw-unit MSE": lambda tmp: GECOObjective([ReconstructionMSE(3.0, peak=None, name="vectors")]),
+    "GECO, BCE": lambda tmp: GECOObjective([ReconstructionBCE(0.2, name="bce", step_size=0.003)]),
+    "GECO, classifier": lambda tmp: GECOObjective(
+        [ReconstructionMSE(0.02), ClassificationConstraint(FrozenClassifier(str(save_classifier(tmp / "c.ckpt"))), 0.3, "prediction")]
+    ),
+    "GECO, torchvision features": lambda tmp: GECOObjective(
+        [FeatureReconstruction(TorchvisionFeatures("resnet18", _resnet_weights(tmp), "layer1", mean=(0.5,) * 3, std=(0.25,) * 3), 0.4)]
+    ),
+    "Gaussian, learned sigma": lambda tmp: GaussianLikelihood(0.2, learn_sigma=True),
+    "Bernoulli": lambda tmp: BernoulliLikelihood(),
+}
+
+
+@pytest.mark.parametrize("name", list(PIECES))
+def test_every_piece_is_rebuilt_from_the_config_it_records(name, tmp_path):
+    piece = PIECES[name](tmp_path)
+    config = piece_config(piece, strict=True)
+    rebuilt = instantiate(config)
+    assert type(rebuilt) is type(piece)
+    assert piece_config(rebuilt, strict=True) == config
+    if isinstance(piece, GECOObjective):
+        assert rebuilt.describe() == piece.describe()
+
+
+class OwnConstraint(ReconstructionMSE):
+    """A user's constraint that keeps an argument under another name."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(limit)
+
+
+def test_a_piece_that_does_not_state_its_arguments_is_recorded_by_class_and_loading_asks_for_it(tmp_path):
+    objective = GECOObjective([OwnConstraint(0.05)])
+    with pytest.raises(NotRebuildableError, match=r"OwnConstraint keeps no attribute for its argument\(s\) \['limit'\]"):
+        piece_config(objective, strict=True)
+    assert piece_config(objective) == {"class_path": "lightning_geco.objectives.GECOObjective"}
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=objective), tmp_path)
+    with pytest.raises(NotRebuildableError, match=r"load_from_checkpoint\(path, objective=\.\.\.\)"):
+        ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt", objective=GECOObjective([OwnConstraint(0.05)]))
+    assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
+
+
+def _trained(model, folder, steps=6, callbacks=None, binary=False):
+    torch.manual_seed(0)
+    x = random_images(24, model.image_shape)
+    x = (x > 0.5).float() if binary else x
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=callbacks if callbacks is not None else [GECOCallback()])
+    trainer.fit(model, DataLoader(x, batch_size=8))
+    trainer.save_checkpoint(folder / "model.ckpt")
+    # A scheduled objective (KL warm-up) of a loaded model stands at the saved step.
+    model.objective.set_step(trainer.global_step)
+    return model
+
+
+def _same_outputs(a, b, x):
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=0, atol=0)
+        torch.manual_seed(1)
+        first = a(x)
+        torch.manual_seed(1)
+        second = b(x)
+    torch.testing.assert_close(first.rate, second.rate, rtol=0, atol=0)
+    torch.testing.assert_close(a.objective(first), b.objective(second), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, tmp_path):
+    objective = GECOObjective([ReconstructionMSE(0.03), PatchNCC(0.6, patch_size=4, stride=4)])
+    model = _trained(build(name, (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2, learn_sigma=True)), tmp_path)
+    assert bool(model.objective.multipliers.seeded)
+    loaded = type(model).load_from_checkpoint(tmp_path / "model.ckpt")
+    assert loaded.objective.describe() == [
+        {"name": "reconstruction", "tolerance": 0.03, "unit": "mse"},
+        {"name": "pncc", "tolerance": 0.6, "unit": "ncc"},
+    ]
+    for key, value in model.objective.multipliers.state_dict().items():
+        assert torch.equal(loaded.objective.multipliers.state_dict()[key], value), key
+    assert not torch.equal(loaded.objective.lagrange_multiplier, torch.ones(2))  # the trained lambda, not 1
+    assert isinstance(loaded.likelihood.log_sigma, torch.nn.Parameter)
+    assert torch.equal(loaded.likelihood.log_sigma, model.likelihood.log_sigma)
+    _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
+
+
+@pytest.mark.parametrize(
+    "objective", [ELBO(), BetaVAE(3.0), KLWarmup(100, 0.2), CapacityBetaVAE(20.0, 5.0, 50), SigmaVAE(-4.0)], ids=type
+)
+def test_every_objective_kind_comes_back_from_a_checkpoint(objective, tmp_path):
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=objective), tmp_path, callbacks=[])
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert piece_config(loaded.objective, strict=True) == piece_config(objective, strict=True)
+    _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
+
+
+def test_a_bernoulli_model_loads_with_its_likelihood(tmp_path):
+    model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionBCE(0.3)]), likelihood=BernoulliLikelihood())
+    _trained(model, tmp_path, binary=True)
+    x = (random_images(4, (1, 16, 16), seed=3) > 0.5).float()
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert isinstance(loaded.likelihood, BernoulliLikelihood)
+    assert loaded.objective.describe() == [{"name": "reconstruction", "tolerance": 0.3, "unit": "nats/element"}]
+    _same_outputs(model, loaded, x)
+
+
+def test_validate_and_predict_from_a_checkpoint_read_the_trained_lambda(tmp_path):
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path)
+    trained = float(model.objective.lagrange_multiplier)
+    assert trained != 1.0
+    fresh = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)]))
+    trainer = quiet_trainer()  # no GECOCallback: validation only reads lambda
+    loader = DataLoader(random_images(8, (1, 16, 16), seed=5), batch_size=8)
+    trainer.validate(fresh, loader, ckpt_path=tmp_path / "model.ckpt", verbose=False)
+    assert float(fresh.objective.lagrange_multiplier) == trained
+    # The validation loss is the Lagrangian with the trained lambda: rate + lambda * D * C.
+    metrics = trainer.callback_metrics
+    constraint = float(metrics["val/distortion"]) - 0.03
+    expected = float(metrics["val/rate"]) + trained * 256 * constraint
+    assert float(metrics["val/loss"]) == pytest.approx(expected, rel=1e-4)
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert float(loaded.objective.lagrange_multiplier) == trained
+
+
+def test_resuming_keeps_lambda_in_the_model_and_the_controller_state_in_the_callback(tmp_path):
+    callback = GECOCallback(controller="pi")
+    _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path, callbacks=[callback])
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert "objective.multipliers.log_lagrange_multiplier" in checkpoint["state_dict"]
+    saved = checkpoint["callbacks"]["GECOCallback"]["geco"]
+    assert "log_lagrange_multiplier" not in saved and set(saved["controller"]) >= {"name", "integral"}
+
+
+def _old_format(path, drop_likelihood=False):
+    """Rewrite a checkpoint as the previous version wrote it: lambda only in the callback's state,
+    no objective or likelihood among the hyperparameters."""
+    checkpoint = torch.load(path, weights_only=False)
+    weights = checkpoint["state_dict"]
+    geco = checkpoint["callbacks"]["GECOCallback"]["geco"]
+    geco["log_lagrange_multiplier"] = weights.pop("objective.multipliers.log_lagrange_multiplier")
+    geco["constraint_ema"] = weights.pop("objective.multipliers.constraint_ema")
+    geco["seeded"] = bool(weights.pop("objective.multipliers.seeded"))
+    del checkpoint["hyper_parameters"]["objective"], checkpoint["hyper_parameters"]["likelihood"]
+    torch.save(checkpoint, path)
+    return geco
+
+
+def test_a_checkpoint_of_the_previous_version_loads_its_lambda_and_says_what_to_pass(tmp_path):
+    _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path)
+    geco = _old_format(tmp_path / "model.ckpt")
+    with pytest.warns(UserWarning, match=r"saved before lightning_geco recorded a model's objective.*objective=\.\.\."):
+        loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert torch.equal(loaded.objective.multipliers.log_lagrange_multiplier, geco["log_lagrange_multiplier"])
+    # Resuming it continues from the same lambda.
+    model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)]))
+    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[GECOCallback()])
+    with pytest.warns(UserWarning, match="recorded a model's objective"):
+        trainer.fit(model, DataLoader(random_images(24, (1, 16, 16)), batch_size=8), ckpt_path=tmp_path / "model.ckpt")
+    assert trainer.global_step == 7
+
+
+def test_an_old_bernoulli_checkpoint_says_which_likelihood_to_pass(tmp_path):
+    model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionBCE(0.3)]), likelihood=BernoulliLikelihood())
+    _trained(model, tmp_path, binary=True)
+    _old_format(tmp_path / "model.ckpt")
+    message = re.escape("pass the trained one, e.g. load_from_checkpoint(path, likelihood=BernoulliLikelihood())")
+    with pytest.raises(ValueError, match=f"(?i){message}"):
+        ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    # Passing both is what the messages ask for; then nothing is left to warn about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*recorded a model's objective")
+        loaded = ConvVAE.load_from_checkpoint(
+            tmp_path / "model.ckpt", likelihood=BernoulliLikelihood(), objective=GECOObjective([ReconstructionBCE(0.3)])
+        )
+    assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
+
+
+class OwnVAE(pl.LightningModule):
+    """A user's module (no base class of ours) holding a GECOObjective."""
+
+    def __init__(self, tolerance: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = torch.nn.Linear(6, 4)
+        self.decoder = torch.nn.Linear(2, 6)
+        self.objective = GECOObjective([ReconstructionMSE(tolerance, peak=None)])
+
+    def training_step(self, batch, batch_idx):
+        mean, log_variance = self.encoder(batch).chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * (0.5 * log_variance).exp()
+        rate = 0.5 * (mean**2 + log_variance.exp() - 1 - log_variance).sum(dim=1)
+        return self.objective.lagrangian(rate, batch, self.decoder(z))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_a_users_own_module_saves_and_loads_the_trained_lambda_with_its_weights(tmp_path):
+    torch.manual_seed(0)
+    model = OwnVAE(tolerance=0.5)
+    trainer = quiet_trainer(max_steps=5, callbacks=[GECOCallback()])
+    trainer.fit(model, DataLoader(3 * torch.randn(40, 6), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    loaded = OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt")
+    assert float(model.objective.lagrange_multiplier) != 1.0
+    assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
+    assert torch.equal(loaded.objective.multipliers.constraint_ema, model.objective.multipliers.constraint_ema)

@@ -1,0 +1,63 @@
+"""ResumableSampler: the training order as a function of (seed, epoch), resumed at any batch."""
+
+import re
+
+import pytest
+import torch
+from lightning_geco.datamodules import ResumableSampler
+
+
+def _batches(sampler, batch_size):
+    indices = list(sampler)
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def test_each_epoch_is_a_seeded_permutation_without_the_last_incomplete_batch():
+    done = [0]
+    sampler = ResumableSampler(range(50), batch_size=8, batches_done=lambda: done[0], seed=3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 48 and len(set(first)) == 48
+    assert first == sampler.order(0)[:48].tolist() == ResumableSampler(range(50), 8, seed=3).order(0)[:48].tolist()
+    done[0] = 6  # the next epoch (6 batches an epoch)
+    second = list(sampler)
+    assert second == sampler.order(1)[:48].tolist() != first
+
+
+def test_iteration_starts_at_the_batch_training_has_reached():
+    done = [0]
+    sampler = ResumableSampler(range(50), batch_size=8, batches_done=lambda: done[0], seed=3)
+    whole = _batches(sampler, 8) + [None]
+    done[0] = 6
+    whole = whole[:-1] + _batches(sampler, 8)
+    for reached in (0, 2, 5, 6, 9):
+        done[0] = reached
+        epoch_end = (reached // 6 + 1) * 6
+        assert _batches(sampler, 8) == whole[reached:epoch_end]
+
+
+def test_ranks_take_disjoint_runs_of_each_global_batch_that_together_are_the_one_process_batch():
+    one = _batches(ResumableSampler(range(100), batch_size=16, seed=1), 16)
+    ranks = [_batches(ResumableSampler(range(100), batch_size=4, seed=1, num_replicas=4, rank=r), 4) for r in range(4)]
+    assert all(len(batches) == len(one) == 6 for batches in ranks)
+    for j, batch in enumerate(one):
+        assert sum((ranks[r][j] for r in range(4)), []) == batch
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "ResumableSampler batch_size must be a positive int, got 0."),
+        ({"batch_size": 8, "num_replicas": 2, "rank": 2}, "ResumableSampler rank must lie in [0, 2), got 2."),
+        ({"batch_size": 8, "num_replicas": 4}, "ResumableSampler: 20 examples make no full batch of 8 x 4 ranks."),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ResumableSampler(range(20), **kwargs)
+
+
+def test_the_order_does_not_touch_the_global_generator():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    list(ResumableSampler(range(30), batch_size=5, seed=2))
+    assert torch.equal(torch.get_rng_state(), state)
