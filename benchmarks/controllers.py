@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -92,30 +93,38 @@ def run_config(cell: str, variant: str, seed: int, max_steps: int, data_root: st
     return config
 
 
-def one(spec: dict) -> dict:
-    """Train one config in this process and read its constraints on the test split."""
+def train_and_test(config: dict, path: Path, root: Path) -> tuple[Any, dict, dict, float]:
+    """Write ``config`` to ``path``, train it through the CLI in this process (run files under
+    ``root``), then read it on the TEST split in the validation mode.
+
+    Returns ``(cli, validation metrics, test metrics, seconds of fit)``, metrics keyed ``val/...``.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     from lightning_geco.cli import main
 
-    config = run_config(spec["cell"], spec["variant"], spec["seed"], spec["max_steps"], spec["data_root"])
-    path = Path(spec["out"]) / "configs" / f"{spec['cell']}_{spec['variant']}_{spec['seed']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    # The run's own files (summary.json) go under runs/, which git ignores; the table keeps the figures.
-    root = REPO / "runs" / "benchmarks" / "controllers"
     cli = main(["--config", str(path), "--trainer.default_root_dir", str(root)], run=False)
     start = time.monotonic()
     cli.trainer.fit(cli.model, cli.datamodule)
     seconds = time.monotonic() - start
     validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     test_module = type(cli.datamodule)(**{**config["data"]["init_args"], "source": "test", "num_calibration": 0})
-    loader = DataLoader(test_module.load(), batch_size=500)
     # Constraints are read in the validation mode; GECO's state only weighs the loss there.
-    cli.trainer.validate(cli.model, dataloaders=loader, verbose=False)
+    cli.trainer.validate(cli.model, dataloaders=DataLoader(test_module.load(), batch_size=500), verbose=False)
     test = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    return cli, validation, test, seconds
+
+
+def one(spec: dict) -> dict:
+    """Train one config in this process and read its constraints on the test split."""
+    config = run_config(spec["cell"], spec["variant"], spec["seed"], spec["max_steps"], spec["data_root"])
+    path = Path(spec["out"]) / "configs" / f"{spec['cell']}_{spec['variant']}_{spec['seed']}.yaml"
+    # The run's own files (summary.json) go under runs/, which git ignores; the table keeps the figures.
+    cli, validation, test, seconds = train_and_test(config, path, REPO / "runs" / "benchmarks" / "controllers")
     geco = next((c for c in cli.trainer.callbacks if type(c).__name__ == "GECOCallback"), None)
     # The constraints of the committed config, also for the sigma-VAE (which has none of its own).
     base = yaml.safe_load((REPO / "configs" / CELLS[spec["cell"]][0]).read_text())
@@ -177,23 +186,48 @@ def table(results: list[dict], cells: list[str], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every table script shares: seeds, steps, data, output folder, one internal run."""
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--one", help="(internal) run one spec given as JSON and print its result")
+
+
+def read_log(out: Path) -> tuple[Path, list[dict]]:
+    """``<out>/runs.jsonl`` and the runs already in it (``out`` is created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    return log, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def run_subprocess(script: str, spec: dict, log: Path) -> dict | None:
+    """Run ``script --one spec`` in its own process (as a user's run would be), append its
+    result to ``log`` and return it; None (and its stderr printed) when it failed."""
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"FAILED {spec}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(lines[-1][len("RESULT "):])
+    with open(log, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="*", default=["mnist_mse", "fashion_mse", "mnist_bce", "mnist_pncc"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--out", default="docs/results/controllers")
-    parser.add_argument("--one", help="(internal) run one spec given as JSON and print its result")
+    add_run_arguments(parser, "docs/results/controllers")
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(json.loads(args.one))), flush=True)
         return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log, done = read_log(out)
     key = lambda r: (r["cell"], r["variant"], r["seed"], r["max_steps"])  # noqa: E731
     seen = {key(r) for r in done}
     for seed in args.seeds:
@@ -203,15 +237,9 @@ def main() -> None:
                         "data_root": str(Path(args.data_root).resolve()), "out": str(out.resolve())}
                 if key(spec) in seen:
                     continue
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                      text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(f"FAILED {cell} {variant} {seed}:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                result = run_subprocess(__file__, spec, log)
+                if result is None:
                     continue
-                result = json.loads(lines[-1][len("RESULT "):])
-                with open(log, "a") as handle:
-                    handle.write(json.dumps(result) + "\n")
                 done.append(result)
                 gaps = ", ".join(f"{r['reading']} {100 * (r['ratio'] - 1):+.1f} %" for r in result["readings"] if r["ratio"])
                 print(f"{cell} {variant} seed {seed}: {gaps}, rate {result['test_rate']:.1f}, {result['seconds']} s",

@@ -21,16 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
-
-from controllers import REPO, run_config
+from controllers import REPO, add_run_arguments, read_log, run_config, run_subprocess, train_and_test
 
 #: dataset -> the controllers.py cell whose config it trains
 DATASETS = {"mnist": "mnist_mse", "fashion": "fashion_mse"}
@@ -54,40 +49,16 @@ def config_of(spec: dict) -> dict:
 
 def one(spec: dict) -> dict:
     """Train one run in this process and read it on the test split."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lightning_geco.cli import main
-
     config = config_of(spec)
     path = Path(spec["out"]) / "configs" / f"{spec['dataset']}_{spec['kind']}_{spec['beta']}_{spec['seed']}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    root = REPO / "runs" / "benchmarks" / "geco_vs_beta"
-    cli = main(["--config", str(path), "--trainer.default_root_dir", str(root)], run=False)
-    start = time.monotonic()
-    cli.trainer.fit(cli.model, cli.datamodule)
-    seconds = time.monotonic() - start
-    test_module = type(cli.datamodule)(**{**config["data"]["init_args"], "source": "test", "num_calibration": 0})
-    cli.trainer.validate(cli.model, dataloaders=DataLoader(test_module.load(), batch_size=500), verbose=False)
-    test = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    cli, _, metrics, seconds = train_and_test(config, path, REPO / "runs" / "benchmarks" / "geco_vs_beta")
+    test = {k.removeprefix("val/"): v for k, v in metrics.items()}
     return {
         **{k: spec[k] for k in ("dataset", "kind", "beta", "tolerance", "seed", "max_steps")},
         "test": {k: test.get(k) for k in ("distortion", "rate", "marginal_kl", "mutual_info")},
         "lambda": float(cli.model.objective.lagrange_multiplier[0]) if spec["kind"] == "geco" else None,
         "seconds": round(seconds, 1),
     }
-
-
-def _run(spec: dict) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"FAILED {spec}:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def _mean_sd(values: list[float], digits: int) -> str:
@@ -140,20 +111,14 @@ def table(results: list[dict], datasets: list[str], betas: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--betas", nargs="*", type=float, default=list(BETAS))
-    parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--out", default="docs/results/geco_vs_beta")
-    parser.add_argument("--one", help="(internal) run one spec given as JSON and print its result")
+    add_run_arguments(parser, "docs/results/geco_vs_beta")
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(json.loads(args.one))), flush=True)
         return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log, done = read_log(out)
 
     def find(dataset: str, kind: str, beta: float, seed: int) -> dict | None:
         return next((r for r in done if (r["dataset"], r["kind"], r["beta"], r["seed"], r["max_steps"])
@@ -173,11 +138,9 @@ def main() -> None:
                             continue
                         tolerance = round(matched["test"]["distortion"], 6)
                     spec = {"dataset": dataset, "kind": kind, "beta": beta, "tolerance": tolerance, "seed": seed, **common}
-                    result = _run(spec)
+                    result = run_subprocess(__file__, spec, log)
                     if result is None:
                         continue
-                    with open(log, "a") as handle:
-                        handle.write(json.dumps(result) + "\n")
                     done.append(result)
                     test = result["test"]
                     print(f"{dataset} {kind} beta {beta:g} seed {seed}: distortion {test['distortion']:.5f}"

@@ -194,11 +194,11 @@ def test_two_constraint_run_moves_each_multiplier_towards_its_own_constraint():
     images = random_images(256, (1, 16, 16))
     met, violated = ReconstructionMSE(0.5, name="mse"), PatchNCC(0.95, patch_size=4, stride=4, step_size=0.025)
     model = tiny_conv_vae(objective=GECOObjective([met, violated]))
-    callback = GECOCallback(alpha=0.5, step_size=1.0)
+    callback = GECOCallback()
     trainer = quiet_trainer(max_steps=30, callbacks=[callback], log_every_n_steps=1)
     trainer.fit(model, DataLoader(TensorDataset(images), batch_size=32))
     lam = dict(zip(callback.geco.names, callback.geco.lagrange_multiplier.tolist()))
-    assert lam["mse"] < 0.5, lam  # an MSE of at most 0.5 holds from the start: lambda shrinks
+    assert lam["mse"] < 0.8, lam  # an MSE of at most 0.5 holds from the start: lambda shrinks from 1
     assert lam["pncc"] > 2.0, lam  # pNCC 0.95 is far off: lambda grows
     for name in ("mse", "pncc"):
         for key in ("lambda", "constraint", "constraint_ema"):
