@@ -270,6 +270,14 @@ def test_a_checkpoint_of_another_architecture_or_class_is_refused_naming_both(ca
     assert "holds a FlowVAE (lightning_geco.FlowVAE); the config builds a ConvVAE" in capsys.readouterr().err
 
 
+def _wandb_run_id(folder_name: str) -> str:
+    """The run id in W&B's folder name offline-run-<date>_<time>-<id>, which gets "-1" appended
+    when a resume starts in the same second as the run it continues."""
+    match = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", folder_name)
+    assert match, folder_name
+    return match.group(1)
+
+
 def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(capsys):
     def fit(*extra):
         main(_fit(REPO / "configs" / "default.yaml", "--trainer.num_sanity_val_steps", "0", *extra))
@@ -280,11 +288,11 @@ def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(cap
     folder = Path("runs/checkpoints/default")
     runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert len(runs) == 2 and all(len(list((folder / r).glob("last*.ckpt"))) == 1 for r in runs)
-    assert (folder / "last.ckpt").resolve().parent.name == Path(other[-1]).parents[1].name.rsplit("-", 1)[-1]
+    assert (folder / "last.ckpt").resolve().parent.name == _wandb_run_id(Path(other[-1]).parents[1].name)
     # --ckpt_path last continues the newest run: its folder, its W&B run id, its steps.
     resumed = fit("--trainer.max_steps", "4", "--ckpt_path", "last")
-    run_id = Path(other[-1]).parents[1].name.rsplit("-", 1)[-1]
-    assert Path(resumed[-1]).parents[1].name.endswith(f"-{run_id}")
+    run_id = _wandb_run_id(Path(other[-1]).parents[1].name)
+    assert _wandb_run_id(Path(resumed[-1]).parents[1].name) == run_id
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
     assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 4
     assert json.loads(Path(resumed[-1]).read_text())["global_step"] == 4
