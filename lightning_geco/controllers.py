@@ -264,7 +264,7 @@ class PIController(MultiplierController):
 
     def smoothing(self, period: int) -> float:
         """The P path's moving-average coefficient for measurements ``period`` steps apart."""
-        return math.exp(-period / self.smoothing_steps) if self.smoothing_steps > 0 else 0.0
+        return _decay(period, self.smoothing_steps)
 
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
         error = log_ratio_error(value, scale)
@@ -276,22 +276,28 @@ class PIController(MultiplierController):
         smoothed = s * previous + (1.0 - s) * error
         low, high = self.log_lambda_bounds
         integrated = error if self.integral_error_limit is None else error.clamp(-self.integral_error_limit, self.integral_error_limit)
-        # The error's slope per step from two moving averages: an average over T steps lags a
-        # ramp by T steps, so (fast - slow) / (T_slow - T_fast) is the ramp's slope.
-        r = math.exp(-period / self.trend_steps)
-        slow = r * torch.where(self.started, self.slow_error, error) + (1.0 - r) * error
-        slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
         if self.approach_steps is not None:
+            # The error's slope per step from two moving averages: an average over T steps lags
+            # a ramp by T steps, so (fast - slow) / (T_slow - T_fast) is the ramp's slope.
+            r = _decay(period, self.trend_steps)
+            slow = r * torch.where(self.started, self.slow_error, error) + (1.0 - r) * error
+            slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
             # Past the tolerance but falling towards it fast enough to arrive within
             # approach_steps: the model is getting there on its own, so lambda is held.
             arriving = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
             integrated = torch.where(arriving, torch.zeros_like(integrated), integrated)
-        self.slow_error = torch.where(valid, slow, self.slow_error)
+            self.slow_error = torch.where(valid, slow, self.slow_error)
         integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
         self.smoothed_error = torch.where(valid, smoothed, self.smoothed_error)
         self.integral = torch.where(valid, integral, self.integral)
         self.started = self.started | valid
         return (self.integral + self.proportional_gain * self.smoothed_error).clamp(low, high)
+
+
+def _decay(period: int, steps: float) -> float:
+    """Coefficient of a moving average with a time constant of ``steps`` optimizer steps, for
+    measurements ``period`` steps apart (0 steps: no averaging)."""
+    return math.exp(-period / steps) if steps > 0 else 0.0
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -253,7 +253,7 @@ class GECO:
     @property
     def lagrange_multiplier(self) -> Tensor:
         """lambda, shape (K,), fp32, strictly positive."""
-        return self.log_lagrange_multiplier.exp()
+        return self.state.lagrange_multiplier
 
     @property
     def device(self) -> torch.device:
@@ -374,7 +374,8 @@ class GECO:
         return self._pending.clone()
 
     def reset_pending(self) -> None:
-        self._pending = torch.zeros(self.num_constraints + 2, dtype=torch.float32, device=self.device)
+        # In place: every optimizer step clears it, and pending_statistics() hands out copies.
+        self._pending.zero_()
 
     # ------------------------------------------------------------- the update
     def _split(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:

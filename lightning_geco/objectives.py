@@ -37,9 +37,9 @@ class Objective(Rebuildable, nn.Module):
         """Scalars the model logs under ``train/<key>`` (e.g. a scheduled beta)."""
         return {}
 
-    def forward(self, output: VAEOutput) -> Tensor | None:
-        """The loss; None only in eval mode when the objective has nothing to weigh the terms
-        with (a GECO objective without its multipliers). In training a loss or an error."""
+    def forward(self, output: VAEOutput) -> Tensor:
+        """The loss (0-dim, nats per image); in eval mode too (a GECO objective reads its
+        multipliers as they stand)."""
         raise NotImplementedError
 
 

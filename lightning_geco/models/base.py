@@ -378,7 +378,7 @@ class VAEModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.kl_per_dimension = activity["kl_per_dim"].detach()
 
-    def _log_terms(self, stage: str, output: VAEOutput, loss: Tensor | None, on_step: bool) -> None:
+    def _log_terms(self, stage: str, output: VAEOutput, loss: Tensor, on_step: bool) -> None:
         # Step-level training values are rank-local (a collective per scalar per step is not
         # worth it); epoch-level validation values are reduced over all ranks.
         sync = not on_step
@@ -386,11 +386,10 @@ class VAEModule(pl.LightningModule):
             f"{stage}/distortion": output.distortion.mean(),
             f"{stage}/rate": output.rate.mean(),
             f"{stage}/elbo": output.elbo.mean(),
+            f"{stage}/loss": loss.detach(),
         }
         for name, part in output.rate_terms.items():
             terms[f"{stage}/rate/{name}"] = part.mean()
-        if loss is not None:
-            terms[f"{stage}/loss"] = loss.detach()
         batch_size = output.x.shape[0]
         self.log_dict(terms, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size)
 
