@@ -216,11 +216,16 @@ class ImageDataModule(pl.LightningDataModule):
             dataset = self._on_device(dataset, self.device)
         workers = 0 if in_memory else self.num_workers
         sampler = self._training_sampler(dataset) if shuffle else None
+        # Each new iterator draws a base seed from the loader's generator: a private one, so
+        # when a loader starts (a resumed run starts one mid-epoch) never moves the global
+        # generator the latent noise comes from.
+        generator = None if sampler is None else torch.Generator().manual_seed(sampler.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False if sampler is not None else shuffle,
             sampler=sampler,
+            generator=generator,
             num_workers=workers,
             pin_memory=self.pin_memory and not in_memory,
             persistent_workers=workers > 0,

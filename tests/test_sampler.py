@@ -61,3 +61,16 @@ def test_the_order_does_not_touch_the_global_generator():
     state = torch.get_rng_state()
     list(ResumableSampler(range(30), batch_size=5, seed=2))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_starting_a_training_loader_does_not_move_the_global_generator():
+    # A resumed run starts its loader mid-epoch, where the uninterrupted run starts none: a draw
+    # from the global generator there would shift every later latent-noise draw.
+    from lightning_geco.datamodules import ShapesDataModule
+
+    data = ShapesDataModule(image_size=16, num_train=64, num_val=8, batch_size=8)
+    data.setup("fit")
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    next(iter(data.train_dataloader()))
+    assert torch.equal(torch.get_rng_state(), state)
