@@ -5,22 +5,29 @@ from .celeba import CelebADataModule
 from .cifar import CIFAR10DataModule
 from .dsprites import DSpritesDataModule
 from .folder import ImageFolderDataModule
-from .mnist import ColouredMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+from .mnist import ColouredMNISTDataModule, FashionMNISTDataModule, KMNISTDataModule, MNISTDataModule
+from .omniglot import OmniglotDataModule
 from .sampler import ResumableSampler
 from .shapes import ShapesDataModule
+from .vision import EMNISTDataModule, SVHNDataModule, TorchvisionDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",
     "ColouredMNISTDataModule",
     "DSpritesDataModule",
+    "EMNISTDataModule",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "KMNISTDataModule",
     "MNISTDataModule",
     "MissingDatasetError",
+    "OmniglotDataModule",
     "ResumableSampler",
+    "SVHNDataModule",
     "ShapesDataModule",
+    "TorchvisionDataModule",
     "UInt8Images",
     "seeded_split",
 ]

@@ -36,7 +36,14 @@ from .base import (
     seeded_split,
 )
 
-__all__ = ["HUES", "ColouredMNISTDataModule", "FashionMNISTDataModule", "MNISTDataModule", "read_idx"]
+__all__ = [
+    "HUES",
+    "ColouredMNISTDataModule",
+    "FashionMNISTDataModule",
+    "KMNISTDataModule",
+    "MNISTDataModule",
+    "read_idx",
+]
 
 _DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32}
 _STEMS = {
@@ -172,6 +179,21 @@ class FashionMNISTDataModule(MNISTDataModule):
     folder_name = "FashionMNIST"
     source_url = "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)"
     mirror = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+
+class KMNISTDataModule(MNISTDataModule):
+    """Kuzushiji-MNIST (Clanuwat et al. 2018): cursive Japanese characters, the MNIST files and
+    format under ``KMNIST/raw``; labels are the 10 hiragana classes.
+
+    Read with this module's idx reader rather than ``torchvision.datasets.KMNIST``: torchvision
+    reads a split only once all four files are present and extracted, so the test split alone, as
+    distributed (``t10k-*.gz``), is refused; here each split is read by itself, gzipped or not.
+    """
+
+    name = "KMNIST"
+    folder_name = "KMNIST"
+    source_url = "https://github.com/rois-codh/kmnist (the four MNIST-format .gz files)"
+    mirror = "http://codh.rois.ac.jp/kmnist/dataset/kmnist/"
 
 
 # Twelve fully saturated hues, 30 degrees apart: red, orange, yellow, ..., rose.

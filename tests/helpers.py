@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import struct
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
 from lightning_geco import (
     GECO,
@@ -161,3 +164,34 @@ def save_classifier(path, image_shape=(1, 16, 16), num_classes=3, bias=None, lab
         path,
     )
     return path
+
+
+# Three characters in two alphabets, listed out of order to show the numbering is sorted.
+OMNIGLOT_CHARACTERS = [("Latin", "character02", 2), ("Greek", "character01", 3), ("Latin", "character01", 1)]
+
+
+def omniglot_glyph(seed: int) -> Image.Image:
+    """A 105 x 105 one-bit Omniglot-like image: white paper (1) with black strokes (0)."""
+    g = torch.Generator().manual_seed(seed)
+    paper = torch.rand(105, 105, generator=g) > 0.1
+    return Image.fromarray(paper.numpy()).convert("1")
+
+
+def make_omniglot(root: Path, subset: str, copies: int = 1) -> dict[str, Image.Image]:
+    """The same images as the official zip (one top folder) and as torchvision's extracted layout;
+    ``copies`` times the images per character of :data:`OMNIGLOT_CHARACTERS`."""
+    glyphs = {}
+    for alphabet, character, count in OMNIGLOT_CHARACTERS:
+        for k in range(count * copies):
+            glyphs[f"{alphabet}/{character}/{k:04d}_{k + 1:02d}.png"] = omniglot_glyph(len(glyphs))
+    root.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(root / f"images_{subset}.zip", "w") as archive:
+        for name, glyph in glyphs.items():
+            buffer = io.BytesIO()
+            glyph.save(buffer, format="PNG")
+            archive.writestr(f"images_{subset}/{name}", buffer.getvalue())
+    for name, glyph in glyphs.items():
+        path = root / "omniglot-py" / f"images_{subset}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        glyph.save(path)
+    return glyphs

@@ -15,7 +15,7 @@ from jsonargparse import dict_to_namespace
 from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
-from helpers import make_celeba, make_cifar, make_dsprites, make_mnist
+from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
@@ -56,9 +56,15 @@ def _small_data_overrides(config: Path) -> list[str]:
     if data_class.endswith("ShapesDataModule"):
         return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
     root = Path.cwd() / "fixture_data"
+    if data_class.endswith("KMNISTDataModule"):  # its config reads the test files
+        make_mnist(root / "KMNIST" / "raw", 96, "t10k", gzipped=True)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
     if data_class.endswith("MNISTDataModule"):
         folder = "FashionMNIST" if "Fashion" in data_class else "MNIST"
         make_mnist(root / folder / "raw", 96, "train", gzipped=True)
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+    if data_class.endswith("OmniglotDataModule"):
+        make_omniglot(root / "omniglot", "background_small1", copies=16)
         return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
     if data_class.endswith("CIFAR10DataModule"):
         make_cifar(root / "cifar-10-batches-py", per_batch=20)
