@@ -9,7 +9,11 @@ Every run trains a committed config on the TRAINING split of the real files (``-
 calibration split), then reads each constraint on the whole TEST split (10,000 images the
 model and the multiplier never saw) in the mode of the validation reading (eval, sampled z).
 A cell is ``|test reading / tolerance - 1|`` (for pNCC: ``(1 - ncc) / (1 - minimum)``), mean
-and spread over the seeds, with the test rate in nats beside it. Rows:
+and spread over the seeds, with the test rate in nats beside it. The class cross-entropy and
+feature cells read a digit classifier trained first, once, on the same training split only, less
+the validation and calibration images the runs hold out (``configs/mnist_classifier.yaml``; its
+own test-split score goes to ``<out>/classifier.json``).
+Rows:
 
 - ``paper``: Algorithm 1 as written (alpha 0.99, absolute nu 1.0) on the training batches;
 - ``relative``: the default before PI (alpha 0.9, relative nu 0.006, rise cap 1, release 3x);
@@ -48,6 +52,18 @@ CELLS: dict[str, tuple[str, dict]] = {
     "mnist_flowvae": ("mnist_flowvae_geco.yaml", {}),
     "mnist_laddervae": ("mnist_laddervae_geco.yaml", {}),
     "mnist_convdraw": ("mnist_convdraw_geco.yaml", {}),
+    "mnist_class_ce": ("mnist_convvae_geco_classifier.yaml", {}),
+    "mnist_features": ("mnist_convvae_geco_features.yaml", {}),
+}
+#: where the classifier the class and feature cells read is kept (git ignores runs/)
+CLASSIFIER = REPO / "runs" / "benchmarks" / "controllers" / "classifier" / "last.ckpt"
+#: reading key and its ratio to the tolerance, per constraint class
+RATIOS = {
+    "PatchNCC": ("pncc", lambda r, t: (1 - r) / (1 - t)),
+    "ReconstructionBCE": ("bce", lambda r, t: r / t),
+    "ClassificationConstraint": ("class_cross_entropy", lambda r, t: r / t),
+    "FeatureReconstruction": ("feature_distance", lambda r, t: r / t),
+    "ReconstructionMSE": ("distortion", lambda r, t: r / t),
 }
 PI_V1 = {"proportional_gain": 0.25, "integral_gain": 0.02, "integral_error_limit": 0.3, "approach_steps": None}
 VARIANTS: dict[str, dict] = {
@@ -90,7 +106,47 @@ def run_config(cell: str, variant: str, seed: int, max_steps: int, data_root: st
         for part in path:
             target = target[part]
         target[last] = value
+    for constraint in model.get("objective", {}).get("init_args", {}).get("constraints", []):
+        frozen = constraint["init_args"].get("classifier") or constraint["init_args"].get("network")
+        if frozen is not None:
+            frozen["init_args"]["checkpoint"] = str(CLASSIFIER)
     return config
+
+
+def train_classifier(data_root: str, out: Path) -> dict:
+    """Train ``configs/mnist_classifier.yaml`` on the training split (seed 0) into
+    :data:`CLASSIFIER` and score it on the test split; the score is also written to
+    ``<out>/classifier.json``."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_geco.cli import main
+
+    config = yaml.safe_load((REPO / "configs" / "mnist_classifier.yaml").read_text())
+    config["trainer"].update(logger=False, enable_progress_bar=False, enable_checkpointing=False, callbacks=[])
+    # Without the validation and calibration images the cells' runs hold out, so that both
+    # show the classifier as the test split does, on images it never saw.
+    config["data"]["init_args"].update(root=data_root, source="train", num_calibration=NUM_CALIBRATION)
+    path = out / "configs" / "mnist_classifier.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["--config", str(path), "--trainer.default_root_dir", str(CLASSIFIER.parent)], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    CLASSIFIER.parent.mkdir(parents=True, exist_ok=True)
+    cli.trainer.save_checkpoint(CLASSIFIER)
+    test_module = type(cli.datamodule)(**{**config["data"]["init_args"], "source": "test", "num_calibration": 0})
+    test = test_module.load()
+    images, labels = test.images.float() / test.scale, test.targets
+    cli.model.eval()
+    with torch.no_grad():
+        logits = torch.cat([cli.model(x) for (x,) in DataLoader(torch.utils.data.TensorDataset(images), batch_size=1000)])
+    score = {
+        "test_cross_entropy": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "max_steps": config["trainer"]["max_steps"],
+    }
+    (out / "classifier.json").write_text(json.dumps(score, indent=1) + "\n")
+    return score
 
 
 def train_and_test(config: dict, path: Path, root: Path) -> tuple[Any, dict, dict, float]:
@@ -131,14 +187,8 @@ def one(spec: dict) -> dict:
     constraints = base["model"]["init_args"]["objective"]["init_args"]["constraints"]
     readings = []
     for entry in constraints:
-        kind = entry["class_path"].rsplit(".", 1)[-1]
-        args = entry["init_args"]
-        if kind == "PatchNCC":
-            key, tolerance, ratio = "pncc", args["minimum"], lambda r, t: (1 - r) / (1 - t)
-        elif kind == "ReconstructionBCE":
-            key, tolerance, ratio = "bce", args["tolerance"], lambda r, t: r / t
-        else:
-            key, tolerance, ratio = "distortion", args["tolerance"], lambda r, t: r / t
+        key, ratio = RATIOS[entry["class_path"].rsplit(".", 1)[-1]]
+        tolerance = entry["init_args"]["minimum" if key == "pncc" else "tolerance"]
         test_reading = test.get(f"val/{key}")
         readings.append(
             {
@@ -228,6 +278,9 @@ def main() -> None:
         return
     out = Path(args.out)
     log, done = read_log(out)
+    if {"mnist_class_ce", "mnist_features"} & set(args.cells) and not CLASSIFIER.exists():
+        print(f"classifier (training split only): {train_classifier(str(Path(args.data_root).resolve()), out)}",
+              file=sys.stderr, flush=True)
     key = lambda r: (r["cell"], r["variant"], r["seed"], r["max_steps"])  # noqa: E731
     seen = {key(r) for r in done}
     for seed in args.seeds:
