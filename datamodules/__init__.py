@@ -7,7 +7,7 @@ from .dsprites import DSpritesDataModule
 from .folder import ImageFolderDataModule
 from .mnist import ColouredMNISTDataModule, FashionMNISTDataModule, KMNISTDataModule, MNISTDataModule
 from .omniglot import OmniglotDataModule
-from .sampler import ResumableSampler
+from .sampler import ResumableLoader, ResumableSampler
 from .shapes import ShapesDataModule
 from .vision import EMNISTDataModule, SVHNDataModule, TorchvisionDataModule
 
@@ -24,6 +24,7 @@ __all__ = [
     "MNISTDataModule",
     "MissingDatasetError",
     "OmniglotDataModule",
+    "ResumableLoader",
     "ResumableSampler",
     "SVHNDataModule",
     "ShapesDataModule",

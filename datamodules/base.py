@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_geco.batches import dataset_length
 
-from .sampler import ResumableSampler
+from .sampler import ResumableLoader, ResumableSampler
 
 __all__ = [
     "CALIBRATION_SEED",
@@ -220,7 +220,8 @@ class ImageDataModule(pl.LightningDataModule):
         # when a loader starts (a resumed run starts one mid-epoch) never moves the global
         # generator the latent noise comes from.
         generator = None if sampler is None else torch.Generator().manual_seed(sampler.seed)
-        return DataLoader(
+        loader_class = DataLoader if sampler is None else ResumableLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             shuffle=False if sampler is not None else shuffle,

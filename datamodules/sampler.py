@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sized
 
-import torch
-from torch.utils.data import DistributedSampler
+from typing import Any
 
-__all__ = ["ResumableSampler"]
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+__all__ = ["ResumableLoader", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -77,3 +79,27 @@ class ResumableSampler(DistributedSampler):
         for batch in range(first, self.batches_per_epoch):
             start = batch * width + self.rank * self.batch_size
             yield from order[start : start + self.batch_size].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler`, marked resumable for Lightning.
+
+    Lightning calls a loader with ``state_dict`` / ``load_state_dict`` resumable and, for one
+    without, warns on a mid-epoch resume that "your dataloader is not resumable". Here the
+    sampler already starts at the batch the checkpoint stopped at, so the only state is the
+    order's seed (which the DataModule's own state restores too); a checkpoint of another
+    order is refused rather than silently mixed.
+    """
+
+    sampler: ResumableSampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shuffle_seed": self.sampler.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("shuffle_seed", self.sampler.seed)
+        if saved != self.sampler.seed:
+            raise ValueError(
+                f"The checkpoint's training order was drawn with seed {saved}; this loader's with seed "
+                f"{self.sampler.seed}. Restore the DataModule's state (trainer.fit(..., ckpt_path=...) does)."
+            )

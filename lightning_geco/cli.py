@@ -4,7 +4,7 @@ Beyond Lightning's CLI:
 
 * ``--tolerance`` sets the constraints' tolerances (see :func:`apply_tolerances`).
 * Each run's checkpoints go to ``<ModelCheckpoint dirpath>/<run id>/`` (the run id is the
-  W&B run's id, else the logger's version, else a fresh id); ``--ckpt_path last`` resumes the
+  W&B run's id, else a fresh id after the logger's version); ``--ckpt_path last`` resumes the
   newest ``last.ckpt`` under the config's dirpath and continues that run: the same folder and
   the same W&B run id. After a finished fit, ``<dirpath>/last.ckpt`` links to that run's
   ``last.ckpt`` (what configs reading a trained network point at).
@@ -87,6 +87,11 @@ def _default_name(class_path: str) -> str:
     return parameter.default if parameter is not None else class_path.rsplit(".", 1)[-1]
 
 
+def _tolerance_argument(class_path: str) -> str:
+    """The constructor argument a constraint class states its tolerance in (PatchNCC: ``minimum``)."""
+    return getattr(import_object(class_path), "tolerance_argument", "tolerance")
+
+
 def apply_tolerances(model: Namespace, settings: list[str]) -> None:
     """Set the tolerances of the model config's constraints from ``--tolerance`` values, in place.
 
@@ -116,7 +121,7 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
                     f"--tolerance {setting!r} is ambiguous: the objective has {len(constraints)} constraints "
                     f"({', '.join(names)}); give NAME=VALUE, e.g. --tolerance {names[0]}={text}."
                 )
-            constraints[0].init_args["tolerance"] = value
+            constraints[0].init_args[_tolerance_argument(constraints[0].class_path)] = value
             continue
         matches = [c for c, name in zip(constraints, names) if name == key]
         if not matches and key in ("mse", "psnr"):
@@ -129,7 +134,7 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
                 f"--tolerance {setting!r}: {key!r} names {len(matches)} of the constraints; "
                 f"accepted names: {', '.join(accepted)}."
             )
-        matches[0].init_args["tolerance"] = value
+        matches[0].init_args[_tolerance_argument(matches[0].class_path)] = value
 
 
 # ------------------------------------------------------ checkpoint vs config
@@ -150,6 +155,15 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
                 "with, or start a new run without --ckpt_path."
             )
     init_args = model.get("init_args") or Namespace()
+    saved_objective = (hyperparameters.get("objective") or {}).get("class_path")
+    configured = init_args.get("objective")
+    configured_objective = configured.get("class_path") if isinstance(configured, Namespace) else None
+    if saved_objective and configured_objective and import_object(saved_objective) is not import_object(configured_objective):
+        raise ConfigurationError(
+            f"--ckpt_path {ckpt_path} was trained with the objective {saved_objective}; the config's objective is "
+            f"{configured_objective} (--model.init_args.objective). Resume with the objective it was trained with, "
+            "or start a new run without --ckpt_path."
+        )
     for key in getattr(config_class, "architecture_keys", ()):
         # image_shape comes from the data only when the classes are built (a link): the
         # model's on_load_checkpoint compares it then.
@@ -163,6 +177,28 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
                     f"{key}={configured!r} (--model.init_args.{key}). A checkpoint only resumes the model it was "
                     "built for: use its setting, or start a new run without --ckpt_path."
                 )
+
+
+#: model settings a resumed run cannot change: the optimizer and its schedule continue from the checkpoint
+RESUMED_SETTINGS = ("learning_rate", "lr_schedule")
+
+
+def warn_settings_the_checkpoint_overrides(model: Namespace, hyperparameters: dict[str, Any], ckpt_path: str) -> None:
+    """Warn, naming both values, when the config sets an optimizer setting the resumed run will not use."""
+    init_args = model.get("init_args") or Namespace()
+    changed = [
+        f"{key}={hyperparameters[key]!r} (the config asks for {init_args[key]!r})"
+        for key in RESUMED_SETTINGS
+        if key in hyperparameters
+        and init_args.get(key) is not None
+        and _as_comparable(hyperparameters[key]) != _as_comparable(init_args[key])
+    ]
+    if changed:
+        rank_zero_warn(
+            f"--ckpt_path {ckpt_path} continues its optimizer and learning-rate schedule with {', '.join(changed)}: "
+            "a resumed run keeps the checkpoint's. To train with the new setting, start a new run (initialised "
+            "from the checkpoint's weights with ConvVAE.load_from_checkpoint if you want them) without --ckpt_path."
+        )
 
 
 def _checkpoint_folders(config: Namespace) -> list[Path]:
@@ -257,6 +293,8 @@ class GECOLightningCLI(LightningCLI):
 
     #: the id of the run a ``--ckpt_path`` inside ``<dirpath>/<run id>/`` continues
     resumed_run_id: str | None = None
+    #: (path, hyperparameters) of the checkpoint a ``--ckpt_path`` resumes
+    _checkpoint: tuple[str, dict[str, Any]] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -300,8 +338,10 @@ class GECOLightningCLI(LightningCLI):
                     "this is a new run from step 0."
                 )
             config.ckpt_path = ckpt_path = str(found) if found else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return  # Lightning's own names, resolved by the Trainer
+        if not Path(ckpt_path).is_file():
+            _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
         if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
             self.resumed_run_id = Path(ckpt_path).parent.name
         hyperparameters = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
@@ -309,6 +349,8 @@ class GECOLightningCLI(LightningCLI):
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
             _fail(str(error))
+        warn_settings_the_checkpoint_overrides(config.model, hyperparameters, ckpt_path)
+        self._checkpoint = (ckpt_path, hyperparameters)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -323,12 +365,26 @@ class GECOLightningCLI(LightningCLI):
             super().instantiate_classes()
         except Exception as error:  # noqa: BLE001 - reported as its cause; the chain stays attached
             cause = _root_cause(error)
-            if isinstance(cause, (ValueError, TypeError)):
+            if isinstance(cause, ModuleNotFoundError) and "tensorboard" in str(cause):
+                _fail(f"{str(cause).splitlines()[0]} TensorBoardLogger needs it: pip install -e \".[tensorboard]\"")
+            if isinstance(cause, (ValueError, TypeError, ImportError)):
                 sys.stderr.write(f"error: {cause}\n")
                 raise SystemExit(2) from error
             raise
 
     def before_fit(self) -> None:
+        # What can be checked before the W&B run starts is checked here, so a mistake costs no run.
+        if self.trainer.max_steps == 0:
+            _fail("--trainer.max_steps 0 trains no step; set it > 0 (or -1 to train for --trainer.max_epochs).")
+        if self._checkpoint is not None:
+            path, hyperparameters = self._checkpoint
+            saved, current = hyperparameters.get("image_shape"), getattr(self.model, "hparams", {}).get("image_shape")
+            if saved is not None and current is not None and list(saved) != list(current):
+                _fail(
+                    f"--ckpt_path {path} was trained on images of shape {tuple(saved)}; the data gives "
+                    f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only resumes the model it was "
+                    "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
+                )
         run_id = self._run_id()
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
@@ -347,17 +403,27 @@ class GECOLightningCLI(LightningCLI):
                     return logger.experiment.id  # starts the W&B run (fit would), which fixes its id
         if self.resumed_run_id:
             return self.resumed_run_id
+        # A fresh id: another logger's version (version_0) repeats across its save_dirs. Other
+        # ranks get rank 0's folder: ModelCheckpoint broadcasts its dirpath in setup.
+        fresh = uuid.uuid4().hex[:8]
         if self.trainer.loggers and self.trainer.loggers[0].version is not None:
             version = self.trainer.loggers[0].version
-            return version if isinstance(version, str) else f"version_{version}"
-        # Other ranks get rank 0's folder: ModelCheckpoint broadcasts its dirpath in setup.
-        return uuid.uuid4().hex[:8]
+            return f"{version if isinstance(version, str) else f'version_{version}'}-{fresh}"
+        return fresh
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         try:
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
+            cause = _root_cause(error)
+            # A mistake in the data or the settings is its message, not a 50-line trace (which
+            # LIGHTNING_GECO_TRACEBACK=1 brings back); anything else is raised as it is.
+            if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not os.environ.get(
+                "LIGHTNING_GECO_TRACEBACK"
+            ):
+                sys.stderr.write(f"error: {cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)\n")
+                raise SystemExit(1) from error
             raise
 
     def _finish_wandb(self, failed_with: BaseException | None = None) -> None:
@@ -420,6 +486,9 @@ def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
             # Absolute: W&B's service process keeps the working directory of the first run in
             # this process and would resolve a relative folder against that.
             "logger": lazy_instance(WandbLogger, project="lightning_geco", save_dir=os.path.abspath("runs")),
+            # With --trainer.logger false the run's config.yaml and summary.json go here, not to
+            # the working directory.
+            "default_root_dir": os.path.abspath("runs"),
             "callbacks": [RunSummary(), RandomState(), DiagnosticPanels()],
         },
         args=args,

@@ -63,6 +63,8 @@ class Constraint(Rebuildable, nn.Module):
     step_size: float | None = None
     #: whether a smaller reading is better (an MSE); False for a similarity such as pNCC
     lower_is_better: bool = True
+    #: the ``__init__`` argument that states the tolerance (what ``--tolerance`` sets)
+    tolerance_argument: str = "tolerance"
 
     def check_model(self, model: VAEModule) -> None:
         """Raise a clear error when the model cannot be constrained this way (called at construction)."""
@@ -298,6 +300,7 @@ class PatchNCC(Constraint):
     unit = "ncc"
     reading_name = "pncc"
     lower_is_better = False
+    tolerance_argument = "minimum"
 
     def __init__(
         self,

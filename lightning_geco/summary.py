@@ -46,7 +46,8 @@ class RunSummary(Callback):
     constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
     ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
     CLI prints before the summary path, also in :attr:`verdict_line`); ``global_step``,
-    ``wall_clock_seconds`` and ``path``. With several constraints, the per-constraint fields
+    ``wall_clock_seconds`` (of the whole run: a resumed run adds the time before its checkpoint)
+    and ``path``. With several constraints, the per-constraint fields
     are dicts keyed by constraint name.
     The W&B run summary gets the same fields.
     """
@@ -60,12 +61,25 @@ class RunSummary(Callback):
         self._validation: dict[str, float] = {}
         self._history: list[tuple[int, dict[str, float]]] = []
         self._start = 0.0
+        #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
+        self._earlier_seconds = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
         self._validation = {}
         self._history = []
         self.verdict_line = ""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before a checkpoint is restored (which sets the earlier seconds of a resumed run).
+        self._earlier_seconds = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's wall-clock seconds so far, so a resumed run reports the whole run's."""
+        return {"wall_clock_seconds": self._earlier_seconds + time.monotonic() - self._start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier_seconds = float(state_dict.get("wall_clock_seconds", 0.0))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
@@ -85,12 +99,20 @@ class RunSummary(Callback):
         self._history.append((trainer.global_step, dict(self._validation)))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # With no training batch Lightning skips the loop and "finishes" at step 0 with exit
+        # code 0; a summary of that run would say nothing true.
+        if trainer.num_training_batches == 0 and trainer.global_step == 0 and trainer.max_steps != 0:
+            raise ValueError(
+                "The training loader yields no batch (0 batches per epoch): no training step ran. "
+                "Check that the training set is not empty and holds at least one full batch "
+                "(with drop_last=True, at least batch_size items)."
+            )
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
         if "verdict_line" in summary:
             self.verdict_line = summary["verdict_line"]
         summary["global_step"] = trainer.global_step
-        summary["wall_clock_seconds"] = round(time.monotonic() - self._start, 3)
+        summary["wall_clock_seconds"] = round(self._earlier_seconds + time.monotonic() - self._start, 3)
         self.summary = summary
         if not trainer.is_global_zero:
             return  # other ranks hold the same numbers; only rank 0 has the run folder

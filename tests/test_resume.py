@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,11 @@ def test_a_run_resumed_mid_epoch_draws_the_same_batches_and_noise_as_the_uninter
     (checkpoint,) = tmp_path.glob("*step=9.ckpt")
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1  # mid-epoch: 6 batches an epoch
     # Another seed in the resumed process: the checkpoint decides the order and the noise.
-    resumed = _shapes_fit(tmp_path / "resumed", ckpt_in=checkpoint, seed=123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _shapes_fit(tmp_path / "resumed", ckpt_in=checkpoint, seed=123)
+    # The loader is resumable (ResumableLoader), so Lightning does not say it is not.
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert torch.equal(resumed.objective.lagrange_multiplier, whole.objective.lagrange_multiplier)

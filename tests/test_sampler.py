@@ -74,3 +74,28 @@ def test_starting_a_training_loader_does_not_move_the_global_generator():
     state = torch.get_rng_state()
     next(iter(data.train_dataloader()))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_training_loader_states_its_order_and_refuses_another():
+    from lightning_geco.datamodules import ResumableLoader, ShapesDataModule
+
+    data = ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=16)
+    data.setup()
+    loader = data.train_dataloader()
+    assert isinstance(loader, ResumableLoader) and loader.state_dict() == {"shuffle_seed": data.shuffle_seed}
+    loader.load_state_dict({"shuffle_seed": data.shuffle_seed})
+    with pytest.raises(ValueError, match=rf"drawn with seed {data.shuffle_seed + 1}; this loader's with seed {data.shuffle_seed}"):
+        loader.load_state_dict({"shuffle_seed": data.shuffle_seed + 1})
+
+
+def test_an_empty_training_loader_is_an_error_not_a_finished_run(tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_geco import ConvVAE, RunSummary
+
+    model = ConvVAE(image_shape=(1, 16, 16), latent_dim=2, widths=(4,), hidden_dim=8)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[RunSummary()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"The training loader yields no batch \(0 batches per epoch\)"):
+        trainer.fit(model, DataLoader(TensorDataset(torch.rand(0, 1, 16, 16)), batch_size=4))

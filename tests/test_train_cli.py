@@ -1,5 +1,7 @@
 """train.py end to end: every config runs a few steps, writes summary.json, logs to W&B offline."""
 
+import importlib.util
+import inspect
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import pytest
 import torch
 import yaml
 from jsonargparse import dict_to_namespace
+from jsonargparse._util import import_object
 from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
@@ -215,6 +218,13 @@ def test_print_config_shows_the_tolerance_the_run_would_use(capsys):
     (constraint,) = printed["model"]["init_args"]["objective"]["init_args"]["constraints"]
     assert constraint["init_args"]["tolerance"] == 0.004
     assert "tolerance" not in printed and printed["trainer"]["max_steps"] == 1500
+    # A pNCC constraint states its tolerance as a minimum (the README's two-constraint example).
+    pncc_config = str(REPO / "configs" / "mnist_convvae_geco_pncc.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", pncc_config, "--tolerance", "reconstruction=0.02", "--tolerance", "pncc=0.95", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    mse, pncc = printed["model"]["init_args"]["objective"]["init_args"]["constraints"]
+    assert mse["init_args"]["tolerance"] == 0.02 and pncc["init_args"]["minimum"] == 0.95
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -227,7 +237,11 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
         return
     names = [c.init_args.get("name") or _default_name(c.class_path) for c in constraints]
     apply_tolerances(model, [f"{name}=0.5" for name in names])
-    assert [c.init_args["tolerance"] for c in constraints] == [0.5] * len(names)
+    for constraint in constraints:
+        # The value lands in the argument the constraint's constructor states it in (PatchNCC: minimum).
+        constraint_class = import_object(constraint.class_path)
+        assert constraint.init_args[constraint_class.tolerance_argument] == 0.5
+        assert constraint_class.tolerance_argument in inspect.signature(constraint_class).parameters
     if len(constraints) > 1:
         with pytest.raises(ConfigurationError, match=rf"ambiguous: the objective has {len(names)} constraints \({', '.join(names)}\)"):
             apply_tolerances(model, ["0.01"])
@@ -305,11 +319,80 @@ def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(cap
     assert first != other
 
 
-def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so(capsys):
-    with pytest.raises(ValueError, match="max_steps=0"):
-        main(_fit(REPO / "configs" / "default.yaml", "--trainer.max_steps", "0"))
+def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_in_two_lines(capsys):
+    # The MNIST files are looked for when the fit sets the data up, after W&B has started.
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs" / "mnist_convvae_geco.yaml"), "--data.init_args.root", "empty"])
+    assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert re.search(r"W&B run \(offline\) \S+offline-run-\S+ finished as failed \(exit code 1\) by ValueError", err), err
+    assert re.search(r"W&B run \(offline\) \S+offline-run-\S+ finished as failed \(exit code 1\) by MissingDatasetError", err)
+    assert "error: MNIST (train split): missing train-images-idx3-ubyte" in err
+    assert "Traceback" not in err and "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)" in err
+
+
+def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys):
+    for extra, message in [
+        (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
+        (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(REPO / "configs" / "default.yaml"), *extra])
+        assert exit_.value.code == 2
+        assert f"error: {message}" in capsys.readouterr().err
+    assert not Path("runs/wandb").exists()
+
+
+def test_a_missing_tensorboard_is_named_with_the_install_command(capsys):
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", "--trainer.logger", "TensorBoardLogger"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: Neither `tensorboard` nor `tensorboardX` is available.") and len(err) <= 3, err
+    assert err[-1].endswith('TensorBoardLogger needs it: pip install -e ".[tensorboard]"')
+
+
+def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_changed_learning_rate_warned(capsys):
+    last = _checkpoint(capsys)
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--data.init_args.image_size", "32", "--ckpt_path", "last"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "was trained on images of shape (1, 64, 64); the data gives (1, 32, 32) (ShapesDataModule)" in err, err
+    with pytest.raises(SystemExit):
+        main(_fit(REPO / "configs" / "shapes_convvae_elbo.yaml", *QUICK, "--ckpt_path", str(last)))
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"--ckpt_path {re.escape(str(last))} was trained with the objective \S*GECOObjective; "
+        r"the config's objective is \S*ELBO \(--model.init_args.objective\)",
+        err,
+    ), err
+    with pytest.warns(UserWarning, match=r"continues its optimizer and learning-rate schedule with "
+                      r"learning_rate=0\.001 \(the config asks for 0\.01\)"):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "3",
+                  "--model.init_args.learning_rate", "0.01", "--ckpt_path", str(last)))
+
+
+def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
+    main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
+    first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    resumed = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert resumed["global_step"] == 4
+    # The checkpoint was written before the first fit's final validation and summary.
+    assert resumed["wall_clock_seconds"] > 0.5 * first["wall_clock_seconds"]
+    assert Path(first["path"]).parent == Path.cwd() / "runs"  # --trainer.logger false: under runs/, not here
+    assert not Path("config.yaml").exists() and not Path("summary.json").exists()
+
+
+def test_runs_of_a_logger_without_run_ids_get_their_own_checkpoint_folders(capsys):
+    for save_dir in ("csv_a", "csv_b"):
+        main(_fit(REPO / "configs" / "default.yaml", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir",
+                  save_dir, "--trainer.max_steps", "2"))
+    folders = sorted(p.name for p in Path("runs/checkpoints/default").iterdir() if p.is_dir())
+    assert len(folders) == 2 and all(re.fullmatch(r"version_0-[0-9a-f]{8}", f) for f in folders), folders
+    assert all(len(list(Path("runs/checkpoints/default", f).glob("last*.ckpt"))) == 1 for f in folders)
 
 
 def test_other_loggers_get_the_same_scalars(tmp_path):
