@@ -65,7 +65,8 @@ def _small_data_overrides(config: Path) -> list[str]:
     if data_class.endswith("MNISTDataModule"):
         folder = "FashionMNIST" if "Fashion" in data_class else "MNIST"
         make_mnist(root / folder / "raw", 96, "train", gzipped=True)
-        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+        calibration = ["--data.init_args.num_calibration", "16"] if "num_calibration" in config.read_text() else []
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32", *calibration]
     if data_class.endswith("OmniglotDataModule"):
         make_omniglot(root / "omniglot", "background_small1", copies=16)
         return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
