@@ -10,7 +10,6 @@ run stood". :class:`ResumableSampler` fills that gap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sized
-
 from typing import Any
 
 import torch

@@ -71,6 +71,15 @@ class TorchvisionDataModule(ImageDataModule):
     def _read(self, download: bool) -> VisionDataset:
         try:
             return self.torchvision_dataset(download)
+        except OSError as error:  # URLError, timeouts, refused connections: no network
+            if not download:
+                raise
+            settings = vars(self)
+            raise MissingDatasetError(
+                f"{type(self).__name__}: download=True but torchvision's download failed ({error}). Without "
+                f"network access, get {self.expected_files.format(**settings)} from "
+                f"{self.where_to_get.format(**settings)} and leave download off."
+            ) from error
         except RuntimeError as error:  # torchvision's "Dataset not found (or corrupted)"
             if "not found" not in str(error).lower():
                 raise

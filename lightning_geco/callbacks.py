@@ -531,12 +531,6 @@ class GECOCallback(Callback):
                 f"The checkpoint's GECO state is for constraints {[c['name'] for c in saved]}, but the model "
                 f"has {[c['name'] for c in current]}: the checkpoint comes from an incompatible model."
             )
-        for before, now in zip(saved, current):
-            if (before["tolerance"], before["unit"]) != (now["tolerance"], now["unit"]):
-                rank_zero_warn(
-                    f"Resuming GECO constraint {now['name']!r} with tolerance {now['tolerance']} {now['unit']} "
-                    f"(the checkpoint was trained with {before['tolerance']} {before['unit']}); lambda and the "
-                    "moving average continue from the checkpoint."
-                )
+        # A changed tolerance is warned by the objective, whose state dict holds the trained one.
         self.geco.load_state_dict(state["geco"])
         self._consecutive_nonfinite = torch.tensor(int(state.get("consecutive_nonfinite_steps", 0)))

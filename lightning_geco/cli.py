@@ -46,6 +46,7 @@ __all__ = [
     "ConfigurationError",
     "GECOLightningCLI",
     "LINKED_KEYS",
+    "RESUMED_SETTINGS",
     "SaveConfigToRun",
     "ShortErrorParser",
     "TOLERANCE_HELP",
@@ -54,6 +55,7 @@ __all__ = [
     "main",
     "newest_last_checkpoint",
     "short_parser_message",
+    "warn_settings_the_checkpoint_overrides",
 ]
 
 TOLERANCE_HELP = (

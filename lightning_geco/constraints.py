@@ -65,6 +65,8 @@ class Constraint(Rebuildable, nn.Module):
     lower_is_better: bool = True
     #: the ``__init__`` argument that states the tolerance (what ``--tolerance`` sets)
     tolerance_argument: str = "tolerance"
+    #: whether it reads the raw decoder output (e.g. logits), which ``lagrangian`` must then be given
+    reads_decoder_output: bool = False
 
     def check_model(self, model: VAEModule) -> None:
         """Raise a clear error when the model cannot be constrained this way (called at construction)."""
@@ -170,7 +172,7 @@ class ReconstructionMSE(Constraint):
             if not (0.0 < tolerance <= MAX_PSNR_DB) or math.isnan(tolerance):
                 raise ValueError(
                     f"ReconstructionMSE tolerance {tolerance!r} (unit 'psnr') is out of range: "
-                    f"a PSNR in dB for images in [0, 1] must lie in (0, {MAX_PSNR_DB:g}]."
+                    f"a PSNR in dB (peak {peak:g}) must lie in (0, {MAX_PSNR_DB:g}]."
                 )
             self.tolerance_mse = peak**2 * psnr_to_mse(tolerance)
         else:
@@ -230,6 +232,7 @@ class ReconstructionBCE(Constraint):
 
     unit = "nats/element"
     reading_name = "bce"
+    reads_decoder_output = True
 
     def __init__(self, tolerance: float = 0.1, name: str = "reconstruction", step_size: float | None = None) -> None:
         super().__init__()
@@ -274,6 +277,11 @@ def patch_ncc(x: Tensor, y: Tensor, patch_size: int = 7, stride: int = 7, stabil
     structure term): 1 for identical patches, flat ones included; unchanged when a patch's
     brightness is shifted or its contrast scaled by a positive factor; at most 1.
     """
+    if x.dim() != 4 or min(x.shape[-2:]) < patch_size:
+        raise ValueError(
+            f"pNCC compares {patch_size}x{patch_size} patches of images (N, C, H, W) at least that large; "
+            f"got data of shape {tuple(x.shape)}. For vectors use a reconstruction MSE."
+        )
     pool = lambda t: F.avg_pool2d(t, patch_size, stride)  # noqa: E731
     x, y = x.float(), y.float()
     mean_x, mean_y = pool(x), pool(y)

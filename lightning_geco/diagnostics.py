@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_geco.batches import batch_images
@@ -71,6 +71,7 @@ class DiagnosticPanels(Callback):
         #: (step, rate, distortion) of every validation so far
         self.history: list[tuple[int, float, float]] = []
         self._images: Tensor | None = None
+        self._warned_not_images = False
 
     def _count(self, pl_module: pl.LightningModule) -> int:
         return self.num_images if self.num_images is not None else int(getattr(pl_module, "num_logged_images", 32))
@@ -99,6 +100,12 @@ class DiagnosticPanels(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
+            if images is not None and images.dim() != 4 and not self._warned_not_images:
+                self._warned_not_images = True
+                rank_zero_warn(
+                    f"DiagnosticPanels: the validation batches hold data of shape {tuple(images.shape)}, not images "
+                    "(N, C, H, W): no reconstruction, sample or traversal panels (the rate-distortion chart is logged)."
+                )
             if images is not None and images.dim() == 4:
                 # getattr: what the panels need is duck-typed (a user's module has what it has).
                 reconstruct = getattr(pl_module, "reconstruct", None)

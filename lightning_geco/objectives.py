@@ -8,8 +8,10 @@ the unit-weight ELBO beside the loss, so the two are never confused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
@@ -206,6 +208,36 @@ class GECOObjective(Objective):
         """lambda (K,), fp32, as it stands (the trained one, for a loaded model)."""
         return self.multipliers.lagrange_multiplier
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The constraints as stated (name, tolerance, unit), saved beside lambda in the state dict:
+        a checkpoint says which tolerances its lambda was trained for."""
+        return {"constraints": self.describe()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Warn, naming both values, when a constraint now states another tolerance than the one
+        the loaded lambda was trained for (the model's own constructor argument wins)."""
+        saved = state.get("constraints", []) if isinstance(state, dict) else []
+        for before, now in zip(saved, self.describe()):
+            if before.get("name") == now["name"] and (before["tolerance"], before["unit"]) != (
+                now["tolerance"],
+                now["unit"],
+            ):
+                rank_zero_warn(
+                    f"GECO constraint {now['name']!r} now states tolerance {now['tolerance']} {now['unit']} "
+                    f"(the checkpoint was trained with {before['tolerance']} {before['unit']}); lambda and the "
+                    "moving average are the checkpoint's. For the model as trained, build it with the trained "
+                    "tolerance (a LightningModule that calls self.save_hyperparameters() gets it back from "
+                    "load_from_checkpoint)."
+                )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A checkpoint from before the constraints were saved here still loads.
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
     def attach(self, geco: GECO) -> None:
         """Hand the objective the GECO that moves its multipliers (done by GECOCallback)."""
         if geco.names != self.names:
@@ -231,6 +263,13 @@ class GECOObjective(Objective):
         submodules and moves lambda as for the collection's models. See the README, "Bring your
         own model".
         """
+        if decoder_output is None:
+            for constraint in self.constraints:
+                if constraint.reads_decoder_output:
+                    raise ValueError(
+                        f"{type(constraint).__name__} {constraint.name!r} reads the decoder's raw output (Bernoulli "
+                        "logits), not the reconstruction: pass lagrangian(rate, x, reconstruction, decoder_output=logits)."
+                    )
         return self(VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output))
 
     def constraint_values(self, output: VAEOutput) -> Tensor:

@@ -85,7 +85,12 @@ class VAEOutput:
         ``z`` have zero latent dimensions, ``log_likelihood`` is NaN (no likelihood was stated),
         so only GECO's Lagrangian, not an ELBO objective, can be built from it.
         """
-        if x.shape != reconstruction.shape or x.dim() < 2:
+        if x.dim() < 2:
+            raise ValueError(
+                f"x must be (N, ...) with N examples first and at least one value each, got shape {tuple(x.shape)}: "
+                "for one scalar per example pass x.unsqueeze(1) (shape (N, 1)), and the reconstruction alike."
+            )
+        if x.shape != reconstruction.shape:
             raise ValueError(
                 f"x and reconstruction must have the same shape (N, ...) with N examples first, got "
                 f"{tuple(x.shape)} and {tuple(reconstruction.shape)}."

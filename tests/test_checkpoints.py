@@ -254,3 +254,41 @@ def test_a_users_own_module_saves_and_loads_the_trained_lambda_with_its_weights(
     assert float(model.objective.lagrange_multiplier) != 1.0
     assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
     assert torch.equal(loaded.objective.multipliers.constraint_ema, model.objective.multipliers.constraint_ema)
+
+
+class _OwnVAE(pl.LightningModule):
+    """A user's module that does not call save_hyperparameters: load_from_checkpoint rebuilds it
+    from its constructor's defaults."""
+
+    def __init__(self, tolerance: float = 0.5) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(6, 6)
+        self.objective = GECOObjective([ReconstructionMSE(tolerance, peak=None)])
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.objective.lagrangian(torch.zeros(len(x)), x, self.net(x))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_module_loaded_with_another_tolerance_than_it_was_trained_for_warns_naming_both(tmp_path):
+    model = _OwnVAE(tolerance=0.2)
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 6)), batch_size=8)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    with pytest.warns(UserWarning, match=r"'reconstruction' now states tolerance 0.5 mse \(the checkpoint was trained with 0.2 mse\)"):
+        loaded = _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt")
+    assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same tolerance loads quietly
+        _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt", tolerance=0.2)
+    # A checkpoint from before the objective saved its constraints still loads, quietly.
+    checkpoint = torch.load(tmp_path / "own.ckpt", weights_only=False)
+    del checkpoint["state_dict"]["objective._extra_state"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _OwnVAE.load_from_checkpoint(tmp_path / "old.ckpt")

@@ -61,6 +61,23 @@ def test_a_users_own_module_gets_the_reconstruction_sample_and_rate_distortion_p
     assert [step for step, _, _ in panels.history] == [2, 4]  # one point per validation, none for the sanity check
 
 
+def test_a_module_on_vectors_is_told_once_why_it_gets_no_image_panels(tmp_path):
+    class OwnVectorVAE(OwnImageVAE):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(64, 8)
+            self.decoder = nn.Linear(4, 64)
+            self.objective = GECOObjective([ReconstructionMSE(0.05, peak=None)])
+
+    panels = DiagnosticPanels(num_images=8)
+    trainer = quiet_trainer(max_steps=4, val_check_interval=2, logger=CSVLogger(tmp_path), callbacks=[GECOCallback(), panels])
+    x = torch.rand(32, 64)
+    with pytest.warns(UserWarning, match=r"data of shape \(8, 64\), not images \(N, C, H, W\): no reconstruction") as caught:
+        trainer.fit(OwnVectorVAE(), DataLoader(x, batch_size=8), DataLoader(x[:16], batch_size=8))
+    assert sum("not images" in str(w.message) for w in caught) == 1
+    assert _panels(tmp_path / "lightning_logs" / "version_0") == {"val_rate_distortion": ["step_0000002.png", "step_0000004.png"]}
+
+
 def test_the_collection_s_models_get_their_traversals_and_the_history_survives_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     logger = CSVLogger(tmp_path)

@@ -173,3 +173,17 @@ def test_real_omniglot_small_sets_have_their_official_counts(subset, characters,
     assert served.shape == (images, 1, 28, 28)
     assert torch.equal(torch.bincount(targets), torch.full((characters,), 20))
     assert 0.05 < served.mean() < 0.2  # strokes are the minority, as in MNIST
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("module", [EMNISTDataModule, SVHNDataModule])
+def test_a_torchvision_download_without_network_is_one_clear_error(tmp_path, monkeypatch, module):
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
+    with pytest.raises(MissingDatasetError, match=r"download=True but torchvision's download failed \(.*\)\. Without network"):
+        module(root=str(tmp_path), download=True).prepare_data()

@@ -12,6 +12,8 @@ from lightning_geco import (
     GaussianLikelihood,
     GECOObjective,
     KLWarmup,
+    PatchNCC,
+    ReconstructionBCE,
     ReconstructionMSE,
 )
 from lightning_geco.records import VAEOutput
@@ -194,3 +196,17 @@ def test_the_lagrangian_of_a_users_own_tensors_is_the_objective_of_their_record(
         VAEOutput.from_terms(x, reconstruction, rate[:, None])
     with pytest.raises(ValueError, match=r"x and reconstruction must have the same shape"):
         VAEOutput.from_terms(x, reconstruction[:, :5], rate)
+
+
+def test_a_users_own_tensors_get_errors_that_name_what_to_pass():
+    rate = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"reads the decoder's raw output \(Bernoulli logits\), not the reconstruction: "
+                       r"pass lagrangian\(rate, x, reconstruction, decoder_output=logits\)"):
+        GECOObjective([ReconstructionBCE(0.2)]).lagrangian(rate, torch.rand(8, 1, 4, 4), torch.rand(8, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"got shape \(8,\): for one scalar per example pass x.unsqueeze\(1\)"):
+        GECOObjective([ReconstructionMSE(1.0, peak=None)]).lagrangian(rate, torch.randn(8), torch.randn(8))
+    with pytest.raises(ValueError, match=r"pNCC compares 7x7 patches of images \(N, C, H, W\) at least that large; "
+                       r"got data of shape \(8, 20\)"):
+        GECOObjective([PatchNCC(0.8)]).lagrangian(rate, torch.rand(8, 20), torch.rand(8, 20))
+    with pytest.raises(ValueError, match=r"a PSNR in dB \(peak 255\) must lie in \(0, 100\]"):
+        ReconstructionMSE(130, unit="psnr", peak=255)

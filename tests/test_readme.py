@@ -36,3 +36,15 @@ def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypa
     assert printed[-1].startswith("GECO: distortion ")
     summary = namespace["summary"].summary
     assert summary["verdict"] == "met" and summary["tolerance"] == 0.5
+
+
+def test_the_own_constraint_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
+    code = _snippet("**A constraint of your own**")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("GECO: coarse_mse ")
+    summary = namespace["summary"].summary
+    assert summary["reading"] == "coarse_mse" and summary["tolerance"] == 0.002
+    assert summary["verdict"] == "met" and -0.05 < summary["relative_violation"] <= 0.01

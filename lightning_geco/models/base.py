@@ -231,7 +231,10 @@ class VAEModule(pl.LightningModule):
         self._check_pixel_range()  # the batches since the last check
 
     def reparameterization_noise(self, x: Tensor, posterior: DiagonalGaussian) -> Tensor | None:
-        """The N(0, I) noise of z = mean + noise * std; None draws it from torch's RNG.
+        """The N(0, I) noise of z = mean + noise * std in the default :meth:`infer` (one Gaussian
+        latent: ConvVAE, FlowVAE's base draw, the LadderVAE's top layer); None draws it from
+        torch's RNG. ConvDRAW's drawing steps and the LadderVAE's lower layers draw their own
+        noise from torch's RNG and do not call this.
 
         Override to make the draws a function of the data (tests comparing a 2-rank DDP run
         with a 1-process run use this so both see the same noise for the same example).
