@@ -51,7 +51,7 @@ def one_round(args, seed: int) -> dict:
         image_size=args.image_size, num_train=args.batch_size * 64, num_val=args.batch_size,
         batch_size=args.batch_size, num_calibration=1000, seed=seed,
     )
-    model = ConvVAE(objective=GECOObjective(constraints=ReconstructionMSE(0.005)), image_shape=data.image_shape)
+    model = ConvVAE(objective=GECOObjective(constraints=[ReconstructionMSE(0.005)]), image_shape=data.image_shape)
     geco = GECOCallback(drive="calibration")
     measuring = {"seconds": 0.0, "count": 0}
     measure = geco.measure_calibration
