@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -475,6 +476,8 @@ class GECOLightningCLI(LightningCLI):
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:
     """Run the CLI (``args=None`` reads ``sys.argv``); W&B logs offline unless WANDB_MODE says otherwise."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    # Lightning 2.6 calls a torch API torch 2.14 deprecates, on every run: not the user's to act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     return GECOLightningCLI(
         # Any LightningModule: the VAEs, and the classifier the classification constraint reads.
         LightningModule,
