@@ -59,17 +59,18 @@ def _small_data_overrides(config: Path) -> list[str]:
     if data_class.endswith("ShapesDataModule"):
         return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
     root = Path.cwd() / "fixture_data"
+    # Configs that carve a calibration split carve a small one from the small data.
+    calibration = ["--data.init_args.num_calibration", "16"] if "num_calibration" in config.read_text() else []
     if data_class.endswith("KMNISTDataModule"):  # its config reads the test files
         make_mnist(root / "KMNIST" / "raw", 96, "t10k", gzipped=True)
-        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32", *calibration]
     if data_class.endswith("MNISTDataModule"):
         folder = "FashionMNIST" if "Fashion" in data_class else "MNIST"
         make_mnist(root / folder / "raw", 96, "train", gzipped=True)
-        calibration = ["--data.init_args.num_calibration", "16"] if "num_calibration" in config.read_text() else []
         return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32", *calibration]
     if data_class.endswith("OmniglotDataModule"):
         make_omniglot(root / "omniglot", "background_small1", copies=16)
-        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32"]
+        return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32", *calibration]
     if data_class.endswith("CIFAR10DataModule"):
         make_cifar(root / "cifar-10-batches-py", per_batch=20)
         return ["--data.init_args.root", str(root), "--data.init_args.num_val", "36"]
