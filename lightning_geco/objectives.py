@@ -7,6 +7,7 @@ the unit-weight ELBO beside the loss, so the two are never confused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -208,26 +209,25 @@ class GECOObjective(Objective):
         """lambda (K,), fp32, as it stands (the trained one, for a loaded model)."""
         return self.multipliers.lagrange_multiplier
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The constraints as stated (name, tolerance, unit), saved beside lambda in the state dict:
-        a checkpoint says which tolerances its lambda was trained for."""
-        return {"constraints": self.describe()}
+    def get_extra_state(self) -> Tensor:
+        """The tolerances the multipliers are trained for, (K,) float64 in each reading's units
+        (``reading_tolerance``: an MSE also when stated as a PSNR), saved beside lambda in the
+        state dict. A tensor, like every other state-dict value."""
+        return torch.tensor([c.reading_tolerance for c in self.constraints], dtype=torch.float64)
 
     def set_extra_state(self, state: Any) -> None:
-        """Warn, naming both values, when a constraint now states another tolerance than the one
+        """Warn, naming both values, when a constraint now asks for another tolerance than the one
         the loaded lambda was trained for (the model's own constructor argument wins)."""
-        saved = state.get("constraints", []) if isinstance(state, dict) else []
-        for before, now in zip(saved, self.describe()):
-            if before.get("name") == now["name"] and (before["tolerance"], before["unit"]) != (
-                now["tolerance"],
-                now["unit"],
-            ):
+        if not isinstance(state, Tensor) or state.numel() != len(self.constraints):
+            return
+        for trained, constraint in zip(state.tolist(), self.constraints):
+            if not math.isclose(trained, constraint.reading_tolerance, rel_tol=1e-9):
                 rank_zero_warn(
-                    f"GECO constraint {now['name']!r} now states tolerance {now['tolerance']} {now['unit']} "
-                    f"(the checkpoint was trained with {before['tolerance']} {before['unit']}); lambda and the "
-                    "moving average are the checkpoint's. For the model as trained, build it with the trained "
-                    "tolerance (a LightningModule that calls self.save_hyperparameters() gets it back from "
-                    "load_from_checkpoint)."
+                    f"GECO constraint {constraint.name!r} now asks for {constraint.reading_name} at "
+                    f"{constraint.reading_tolerance:g} (stated: {constraint.tolerance:g} {constraint.unit}); the "
+                    f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's. "
+                    "For the model as trained, build it with the trained tolerance (a LightningModule that calls "
+                    "self.save_hyperparameters() gets it back from load_from_checkpoint)."
                 )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -279,7 +279,7 @@ def test_a_module_loaded_with_another_tolerance_than_it_was_trained_for_warns_na
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()])
     trainer.fit(model, data)
     trainer.save_checkpoint(tmp_path / "own.ckpt")
-    with pytest.warns(UserWarning, match=r"'reconstruction' now states tolerance 0.5 mse \(the checkpoint was trained with 0.2 mse\)"):
+    with pytest.warns(UserWarning, match=r"'reconstruction' now asks for distortion at 0.5 \(stated: 0.5 mse\); the checkpoint was trained with 0.2\."):
         loaded = _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt")
     assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
     with warnings.catch_warnings():

@@ -102,7 +102,7 @@ def test_extending_a_finished_cosine_run_replans_the_schedule_and_never_raises_t
 @pytest.mark.timeout(120)
 def test_resuming_with_a_changed_tolerance_warns_naming_both_values(tmp_path):
     run(tmp_path / "a", batch_size=64, max_steps=2, ckpt_out=str(tmp_path / "a.ckpt"))
-    with pytest.warns(UserWarning, match=r"tolerance 0.03 mse \(the checkpoint was trained with 0.05 mse\)"):
+    with pytest.warns(UserWarning, match=r"now asks for distortion at 0.03 \(stated: 0.03 mse\); the checkpoint was trained with 0.05\."):
         run(tmp_path / "b", batch_size=64, max_steps=3, ckpt_in=str(tmp_path / "a.ckpt"), tolerance=0.03)
 
 
