@@ -27,24 +27,22 @@ def test_the_plain_trainer_snippet_trains_and_prints_a_verdict(tmp_path, monkeyp
     assert printed[-1].startswith("GECO: ") and "distortion" in printed[-1]
 
 
-def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
-    code = _snippet("## Bring your own model")
+def _run_as_written(section: str, tmp_path, monkeypatch, capsys) -> tuple[str, dict]:
+    """Run the README's snippet under ``section`` in ``tmp_path``: (its last printed line, its summary)."""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("GECO: distortion ")
-    summary = namespace["summary"].summary
+    exec(compile(_snippet(section), "README.md", "exec"), namespace)
+    return capsys.readouterr().out.strip().splitlines()[-1], namespace["summary"].summary
+
+
+def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
+    printed, summary = _run_as_written("## Bring your own model", tmp_path, monkeypatch, capsys)
+    assert printed.startswith("GECO: distortion ")
     assert summary["verdict"] == "met" and summary["tolerance"] == 0.5
 
 
 def test_the_own_constraint_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
-    code = _snippet("**A constraint of your own**")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("GECO: coarse_mse ")
-    summary = namespace["summary"].summary
+    printed, summary = _run_as_written("**A constraint of your own**", tmp_path, monkeypatch, capsys)
+    assert printed.startswith("GECO: coarse_mse ")
     assert summary["reading"] == "coarse_mse" and summary["tolerance"] == 0.002
     assert summary["verdict"] == "met" and -0.05 < summary["relative_violation"] <= 0.01
