@@ -81,6 +81,11 @@ class UInt8Images(Dataset):
     def __getitem__(self, index):
         return self.images[index].float() / self.scale, self.targets[index]
 
+    def batch(self, indices: list[int]) -> list[torch.Tensor]:
+        """Items ``indices`` collated, in one indexing operation per tensor (what
+        ``default_collate`` of the items gives)."""
+        return [self.images[indices].float() / self.scale, self.targets[indices]]
+
     def to(self, device: torch.device | str) -> TensorDataset:
         """The whole set as float tensors on ``device`` (see ``ImageDataModule(device=...)``)."""
         return TensorDataset((self.images.to(device).float() / self.scale), self.targets.to(device))

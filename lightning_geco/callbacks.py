@@ -33,9 +33,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from lightning_geco.batches import batch_images, batch_labels, dataset_length
+from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_statistics
@@ -447,7 +447,7 @@ class GECOCallback(Callback):
         k = self._ready_geco.num_constraints
         if not mine:
             return torch.zeros(k + 2, device=pl_module.device)
-        batch = trainer.strategy.batch_to_device(default_collate([dataset[i] for i in mine]))
+        batch = trainer.strategy.batch_to_device(gather(dataset, mine))
         x, labels = batch_images(batch), batch_labels(batch)
         was_training = pl_module.training
         pl_module.eval()

@@ -106,3 +106,18 @@ def test_calibration_without_a_split_says_how_to_get_one():
                "DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass GECOCallback(calibration_dataset=...).")
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(16, 0)), batch_size=8))
+
+
+def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():
+    from lightning_geco.datamodules import UInt8Images
+    from torch.utils.data import Subset, TensorDataset, default_collate
+
+    from lightning_geco.batches import gather
+
+    images = torch.randint(0, 256, (20, 1, 4, 4), dtype=torch.uint8)
+    stored = UInt8Images(images, torch.arange(20))
+    for dataset in (stored, Subset(stored, list(range(19, -1, -1))), TensorDataset(torch.rand(20, 3), torch.arange(20))):
+        indices = [3, 0, 7, 7, 11]
+        expected = default_collate([dataset[i] for i in indices])
+        for got, want in zip(gather(dataset, indices), expected):
+            assert torch.equal(got, want)
