@@ -61,6 +61,8 @@ class TorchvisionDataModule(ImageDataModule):
         if source not in self.sources:
             raise ValueError(f"{type(self).__name__}: source must be one of {self.sources}, got {source!r}.")
         self.root, self.source, self.num_val, self.seed, self.download = Path(root), source, num_val, seed, download
+        #: the dataset prepare_data read, handed to setup in the same process (then dropped)
+        self._prepared: VisionDataset | None = None
 
     def torchvision_dataset(self, download: bool) -> VisionDataset:
         raise NotImplementedError
@@ -91,10 +93,13 @@ class TorchvisionDataModule(ImageDataModule):
             ) from error
 
     def prepare_data(self) -> None:
-        self._read(self.download)
+        # torchvision checks the files by reading them: what it read is kept for setup in this
+        # process (a full SVHN is over a GB; reading it twice doubles the start-up).
+        self._prepared = self._read(self.download)
 
     def build_splits(self) -> tuple[Subset, Subset]:
-        return seeded_split(self.to_images(self._read(download=False)), self.num_val, self.seed)
+        dataset, self._prepared = self._prepared or self._read(download=False), None
+        return seeded_split(self.to_images(dataset), self.num_val, self.seed)
 
 
 class EMNISTDataModule(TorchvisionDataModule):

@@ -272,9 +272,9 @@ class ShortErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
-    raise SystemExit(2)
+    raise SystemExit(exit_code)
 
 
 # ------------------------------------------------------------------- the CLI
@@ -371,8 +371,7 @@ class GECOLightningCLI(LightningCLI):
             if isinstance(cause, ModuleNotFoundError) and "tensorboard" in str(cause):
                 _fail(f"{str(cause).splitlines()[0]} TensorBoardLogger needs it: pip install -e \".[tensorboard]\"")
             if isinstance(cause, (ValueError, TypeError, ImportError)):
-                sys.stderr.write(f"error: {cause}\n")
-                raise SystemExit(2) from error
+                _fail(str(cause))
             raise
 
     def before_fit(self) -> None:
@@ -425,8 +424,7 @@ class GECOLightningCLI(LightningCLI):
             if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not os.environ.get(
                 "LIGHTNING_GECO_TRACEBACK"
             ):
-                sys.stderr.write(f"error: {cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)\n")
-                raise SystemExit(1) from error
+                _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
             raise
 
     def _finish_wandb(self, failed_with: BaseException | None = None) -> None:

@@ -187,3 +187,14 @@ def test_a_torchvision_download_without_network_is_one_clear_error(tmp_path, mon
     monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
     with pytest.raises(MissingDatasetError, match=r"download=True but torchvision's download failed \(.*\)\. Without network"):
         module(root=str(tmp_path), download=True).prepare_data()
+
+
+def test_prepare_data_then_setup_reads_the_files_once(tmp_path, monkeypatch):
+    _make_emnist(tmp_path, "letters", "train", 30)
+    module = EMNISTDataModule(str(tmp_path), split="letters", source="train", num_val=5)
+    reads = []
+    read = module.torchvision_dataset
+    monkeypatch.setattr(module, "torchvision_dataset", lambda download: reads.append(download) or read(download))
+    module.prepare_data()
+    module.setup()
+    assert reads == [False] and len(module.train_dataset) == 25
