@@ -389,7 +389,8 @@ class GECOCallback(Callback):
         geco.reset_pending()
         if self.detector is None:
             window = round(self.stall_window * trainer.max_steps) if trainer.max_steps > 0 else 300
-            self.detector = StallDetector(geco.num_constraints, max(1, window), self.log_lambda_bounds[1])
+            last_step = trainer.max_steps if trainer.max_steps > 0 else None
+            self.detector = StallDetector(geco.num_constraints, max(1, window), self.log_lambda_bounds[1], last_step)
 
     # --------------------------------------------------------------- update
     def on_before_optimizer_step(

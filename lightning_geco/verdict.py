@@ -21,9 +21,15 @@ The rules (documented in the README, "The verdict"):
     of ``window_steps`` optimizer steps (20 % of the run) while lambda rose at least
     ``MIN_LAMBDA_FACTOR`` (4x) and the reading improved less than ``MAX_GAIN`` (0.1) as much,
     in log terms, as lambda rose: ``-d ln(reading) / d ln(lambda) < 0.1``, e.g. lambda x4
-    and the reading down by less than 13 %. Lambda at its upper bound while clearly violated
+    and the reading down by less than 13 %; and, at the pace the reading fell over that window
+    (in log terms, per step), it would not reach the band by the run's last step (``max_steps``;
+    without one, within another window). Lambda at its upper bound while clearly violated
     counts too. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
-    the MSE about 4-fold; a tenth of that says the model has no more to give at this budget.
+    the MSE about 4-fold; a tenth of that says more lambda no longer helps, and the pace says
+    the model will not get there on its own at this budget either. (Without the pace, the
+    default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
+    past its tolerance, yet at that pace 616 steps from it with 781 left; it ended 6.5 %
+    better than asked.)
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda
     (e.g. a run too short for its tolerance, or a controller that had not settled).
@@ -69,6 +75,9 @@ class Stall:
         ratio_before, ratio_after: the regulated reading over its tolerance at either end
             (1.31 is 31 % past it).
         at_bound: lambda reached its upper bound.
+        steps_needed: optimizer steps the reading would need, at the window's pace, to reach
+            the band (inf: it was not falling); None for a stall at the bound.
+        steps_left: optimizer steps left when the stall was found (None: unknown).
     """
 
     first_step: int
@@ -78,6 +87,8 @@ class Stall:
     ratio_before: float
     ratio_after: float
     at_bound: bool = False
+    steps_needed: float | None = None
+    steps_left: int | None = None
 
     def describe(self) -> str:
         """One clause with the figures, e.g. ``lambda rose 4.3x (12 -> 51.6) over steps 1100-1400
@@ -85,10 +96,14 @@ class Stall:
         factor = self.lambda_after / self.lambda_before
         moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
         bound = " and reached its upper bound" if self.at_bound else ""
+        pace = ""
+        if self.steps_needed is not None and self.steps_left is not None:
+            need = "it was not falling" if math.isinf(self.steps_needed) else f"at that pace it needs {self.steps_needed:.0f} more steps"
+            pace = f"; {need}, {self.steps_left} are left"
         return (
             f"lambda rose {factor:.3g}x ({self.lambda_before:.3g} -> {self.lambda_after:.3g}){bound} over steps "
             f"{self.first_step}-{self.last_step} while the reading moved {moved:+.1f} % "
-            f"({100 * (self.ratio_before - 1):.1f} % -> {100 * (self.ratio_after - 1):.1f} % past the tolerance)"
+            f"({100 * (self.ratio_before - 1):.1f} % -> {100 * (self.ratio_after - 1):.1f} % past the tolerance){pace}"
         )
 
 
@@ -99,12 +114,17 @@ class StallDetector:
         num_constraints: K.
         window_steps: optimizer steps the rule looks back over (> 0).
         log_lambda_max: the multiplier's upper bound, ``ln lambda``.
+        last_step: the run's last optimizer step (``max_steps``); None: unknown, and a reading
+            must then be too slow to arrive within another window.
     """
 
-    def __init__(self, num_constraints: int, window_steps: int, log_lambda_max: float) -> None:
+    def __init__(self, num_constraints: int, window_steps: int, log_lambda_max: float, last_step: int | None = None) -> None:
         if window_steps < 1:
             raise ValueError(f"window_steps must be a positive int (optimizer steps), got {window_steps!r}.")
+        if last_step is not None and last_step < 1:
+            raise ValueError(f"last_step must be a positive int (optimizer steps) or None, got {last_step!r}.")
         self.window_steps = int(window_steps)
+        self.last_step = last_step
         self.log_lambda_max = float(log_lambda_max)
         self.history: list[list[tuple[int, float, float]]] = [[] for _ in range(num_constraints)]
         self.stalls: list[Stall | None] = [None] * num_constraints
@@ -136,11 +156,19 @@ class StallDetector:
         if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
             return None
         rise = log_lam - first_log_lam
-        gain = -(math.log(ratio) - math.log(first_ratio)) / rise if rise > 0 else 0.0
-        stalled = (rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN) or at_bound
-        if not stalled:
-            return None
-        return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, at_bound)
+        fall = math.log(first_ratio) - math.log(ratio)
+        gain = fall / rise if rise > 0 else 0.0
+        # The pace: steps to the band if ln(reading) kept falling as it did over the window.
+        pace = fall / (step - first_step) if step > first_step else 0.0
+        steps_needed = math.log(ratio / (1.0 + MET_BAND)) / pace if pace > 0 else math.inf
+        steps_left = self.window_steps if self.last_step is None else max(0, self.last_step - step)
+        if at_bound:
+            return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, True)
+        if rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN and steps_needed > steps_left:
+            return Stall(
+                first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, False, steps_needed, steps_left
+            )
+        return None
 
     def lambda_trend(self, k: int) -> float:
         """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""

@@ -50,6 +50,32 @@ def test_no_stall_is_called_before_a_whole_window_or_once_the_tolerance_is_met()
     assert detector.stalls == [None]
 
 
+def test_a_reading_on_pace_to_arrive_before_the_last_step_is_no_stall():
+    # The default job at step 800: lambda x5.6 over 300 steps while the MSE fell 15 %, 35 %
+    # past its tolerance. Elasticity 0.09 (< 0.1), but at that pace (ln(1.35 / 1.01) / (0.163 / 300
+    # steps) = 533 more steps) it arrives before step 1500: no stall. With 300 steps left
+    # (max_steps 1100), or no max_steps (another window, 300 steps), it is one.
+    def observe(detector):
+        for step in range(500, 801, 25):
+            x = (step - 500) / 300
+            detector.observe(step, [math.log(8.9) + x * math.log(5.57)], [1.588 * math.exp(-0.163 * x)])
+        return detector.stalls[0]
+
+    assert observe(StallDetector(1, window_steps=300, log_lambda_max=30.0, last_step=1500)) is None
+    stall = observe(StallDetector(1, window_steps=300, log_lambda_max=30.0, last_step=1100))
+    assert stall is not None and (stall.first_step, stall.last_step, stall.steps_left) == (500, 800, 300)
+    assert stall.steps_needed == pytest.approx(math.log(1.588 * math.exp(-0.163) / 1.01) / (0.163 / 300))
+    assert stall.describe().endswith("; at that pace it needs 533 more steps, 300 are left")
+    assert observe(StallDetector(1, window_steps=300, log_lambda_max=30.0)) is not None
+
+
+def test_a_flat_reading_says_it_was_not_falling():
+    detector = StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=10_000)
+    for step in range(0, 101, 25):
+        detector.observe(step, [step / 100 * math.log(5.0)], [1.3])
+    assert detector.stalls[0].describe().endswith("; it was not falling, 9900 are left")
+
+
 def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
     detector = StallDetector(1, window_steps=1000, log_lambda_max=5.0)
     assert detector.observe(10, [5.0], [3.0]) == [0]
