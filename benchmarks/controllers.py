@@ -17,7 +17,10 @@ Rows:
 
 - ``paper``: Algorithm 1 as written (alpha 0.99, absolute nu 1.0) on the training batches;
 - ``relative``: the default before PI (alpha 0.9, relative nu 0.006, rise cap 1, release 3x);
-- ``pi_train``: the PI controller on the training batches (the default, ``GECOCallback()``);
+- ``default``: ``GECOCallback()`` as it is: the PI controller, driven as ``drive="auto"``
+  chooses (the calibration split for the class cross-entropy cell, whose classifier trained on
+  the training images; the training batches for the others, 1.7 epochs);
+- ``pi_train``: the PI controller on the training batches;
 - ``pi_calibration``: the PI controller on the calibration stream (every 16 steps, 64 images);
 - ``pi_train_v1`` / ``pi_calibration_v1``, ``pi_train_v2`` / ``pi_calibration_v2``: earlier PI
   settings (v1: K_P 0.25, K_I 0.02, error clip 0.3; v2: today's gains without the approach hold);
@@ -67,6 +70,7 @@ RATIOS = {
 }
 PI_V1 = {"proportional_gain": 0.25, "integral_gain": 0.02, "integral_error_limit": 0.3, "approach_steps": None}
 VARIANTS: dict[str, dict] = {
+    "default": {},
     "paper": {"controller": "paper", "alpha": 0.99, "step_size": 1.0},
     "relative": {"controller": "relative"},
     "pi_train": {"controller": "pi", "drive": "training"},

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from geco_run import run
 from helpers import quiet_trainer, tiny_conv_vae
-from lightning_geco import GECOCallback
+from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
 
@@ -121,3 +121,107 @@ def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():
         expected = default_collate([dataset[i] for i in indices])
         for got, want in zip(gather(dataset, indices), expected):
             assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# drive="auto" (the default): the calibration split when the training batches would read better
+# than new images, the training batches otherwise.
+
+
+class OptimisticMSE(ReconstructionMSE):
+    """An MSE read as if by a network fit to the training images (what a classifier's CE is)."""
+
+    optimistic_on_training_images = True
+
+
+def _fit(drive, max_steps, constraint=None, num_calibration=32, **callback_kwargs):
+    """The shapes (64 training images, 4 batches an epoch, after ``num_calibration``) fitted for
+    ``max_steps``; returns the callback and lambda after every step."""
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=64 + num_calibration, num_val=16, batch_size=16,
+                            num_calibration=num_calibration)
+    model = tiny_conv_vae(objective=GECOObjective([constraint or ReconstructionMSE(0.05)]))
+    callback = GECOCallback(drive=drive, calibration_every=2, calibration_batch_size=8, **callback_kwargs)
+    trajectory = []
+
+    class Trace(pl.Callback):
+        def on_train_batch_end(self, *args):
+            trajectory.append(callback.geco.log_lagrange_multiplier.tolist())
+
+    quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback, Trace()]).fit(model, data)
+    return callback, trajectory
+
+
+def test_a_classifier_constraint_reads_the_training_images_optimistically():
+    from lightning_geco import ClassificationConstraint, FeatureReconstruction
+
+    assert ClassificationConstraint.optimistic_on_training_images
+    assert not ReconstructionMSE.optimistic_on_training_images and not FeatureReconstruction.optimistic_on_training_images
+
+
+def test_auto_drive_measures_an_optimistic_constraint_on_the_calibration_split_exactly_as_drive_calibration(caplog):
+    assert GECOCallback().drive == "auto"
+    with caplog.at_level("INFO"):
+        auto, auto_lambda = _fit("auto", 4, OptimisticMSE(0.05))
+    calibration, calibration_lambda = _fit("calibration", 4, OptimisticMSE(0.05))
+    assert auto.active_drive == "calibration" and auto.geco.num_measurements == 2  # steps 0 and 2
+    assert auto_lambda == calibration_lambda and auto_lambda[-1] != auto_lambda[0]
+    assert ("GECO: lambda is driven by the calibration split (32 images, 8 every 2 steps): 'reconstruction' reads "
+            "the training images optimistically (its reader may have trained on them).") in caplog.text
+
+
+def test_auto_drive_measures_on_the_calibration_split_once_a_run_sees_its_images_more_than_eight_times(caplog):
+    with caplog.at_level("INFO"):
+        auto, _ = _fit("auto", 36)  # 36 steps of 4 an epoch: 9 epochs
+    assert auto.active_drive == "calibration" and auto.geco.num_measurements == 18
+    assert "the run sees each training image 9 times (more than 8)" in caplog.text
+    eight, _ = _fit("auto", 32)  # 8 epochs: not more than 8
+    assert eight.active_drive == "training" and eight.geco.num_measurements == 0
+
+
+def test_auto_drive_uses_the_training_batches_exactly_as_drive_training_when_they_read_as_new_images_do():
+    auto, auto_lambda = _fit("auto", 4)
+    training, training_lambda = _fit("training", 4)
+    assert auto.active_drive == "training" and auto.geco.num_measurements == 0
+    assert auto_lambda == training_lambda
+
+
+def test_auto_drive_without_a_calibration_split_warns_with_the_fix_and_uses_the_training_batches():
+    message = ("GECO: 'reconstruction' reads the training images optimistically (its reader may have trained on "
+               "them). Lambda is driven by the training batches because there is no calibration split, and the "
+               "tolerance may be missed on new images: carve one with the DataModule's num_calibration (e.g. "
+               "--data.num_calibration 1000) or pass GECOCallback(calibration_dataset=...).")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        auto, _ = _fit("auto", 4, OptimisticMSE(0.05), num_calibration=0)
+    assert auto.active_drive == "training"
+
+
+def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_warns_only_for_an_optimistic_constraint(
+    recwarn,
+):
+    from lightning_geco.records import VAEOutput
+
+    class OwnVAE(pl.LightningModule):
+        def __init__(self, constraint):
+            super().__init__()
+            self.net = torch.nn.Conv2d(1, 1, 1)
+            self.objective = GECOObjective([constraint])
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            output = VAEOutput.from_terms(x, torch.sigmoid(self.net(x)), torch.zeros(len(x)))
+            return self.objective.lagrangian(output.rate, x, output.reconstruction)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    callback = GECOCallback(calibration_every=2)
+    quiet_trainer(max_steps=40, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(ReconstructionMSE(0.05)), data)
+    assert callback.active_drive == "training"  # 10 epochs, but not a model "auto" can measure
+    assert not [w for w in recwarn if "GECO:" in str(w.message)]
+    callback = GECOCallback(calibration_every=2)
+    with pytest.warns(UserWarning, match=re.escape("If OwnVAE.forward(x, labels) returns a VAEOutput, pass "
+                                                   "GECOCallback(drive='calibration') with a calibration split.")):
+        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(OptimisticMSE(0.05)), data)
+    assert callback.active_drive == "training"

@@ -152,7 +152,7 @@ def test_calibration_drive_moves_lambda_only_through_control():
     "kwargs, message",
     [
         ({"controller": "pid"}, "GECOCallback controller must be one of ('paper', 'relative', 'pi'), got 'pid'."),
-        ({"drive": "validation"}, "GECOCallback drive must be one of ('training', 'calibration'), got 'validation'."),
+        ({"drive": "validation"}, "GECOCallback drive must be one of ('auto', 'training', 'calibration'), got 'validation'."),
         ({"proportional_gain": -1.0}, "PIController proportional_gain must be a finite number >= 0, got -1.0."),
         ({"integral_gain": 0.0}, "PIController integral_gain must be a positive finite number, got 0.0."),
         ({"smoothing_steps": float("nan")}, "PIController smoothing_steps must be a finite number >= 0, got nan."),

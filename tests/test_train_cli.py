@@ -56,11 +56,11 @@ PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_dist
 def _small_data_overrides(config: Path) -> list[str]:
     """Shrink the data of a config so a few steps take seconds; write file fixtures it needs."""
     data_class = yaml.safe_load(config.read_text()).get("data", {}).get("class_path", "")
-    if data_class.endswith("ShapesDataModule"):
-        return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64"]
-    root = Path.cwd() / "fixture_data"
     # Configs that carve a calibration split carve a small one from the small data.
     calibration = ["--data.init_args.num_calibration", "16"] if "num_calibration" in config.read_text() else []
+    if data_class.endswith("ShapesDataModule"):
+        return ["--data.init_args.num_train", "128", "--data.init_args.num_val", "64", *calibration]
+    root = Path.cwd() / "fixture_data"
     if data_class.endswith("KMNISTDataModule"):  # its config reads the test files
         make_mnist(root / "KMNIST" / "raw", 96, "t10k", gzipped=True)
         return ["--data.init_args.root", str(root), "--data.init_args.num_val", "32", *calibration]
