@@ -558,7 +558,15 @@ class GECOCallback(Callback):
         if self.detector is None or not geco.seeded:
             return
         ratio = self.regulated_ratio()
-        for k in self.detector.observe(trainer.global_step, geco.log_lagrange_multiplier.tolist(), ratio):
+        withdrawn_before = list(self.detector.withdrawn)
+        found = self.detector.observe(trainer.global_step, geco.log_lagrange_multiplier.tolist(), ratio)
+        for k, (before, after) in enumerate(zip(withdrawn_before, self.detector.withdrawn)):
+            if after is not None and before is None:
+                rank_zero_warn(
+                    f"GECO: {self._ready_objective.constraints[k].name!r} reached its tolerance at step "
+                    f"{self.detector.reached[k]} after all: the earlier 'looks unreachable' warning is withdrawn."
+                )
+        for k in found:
             constraint = self._ready_objective.constraints[k]
             stall = self.detector.stalls[k]
             if stall is None:  # observe() returns only the constraints it has just found stalled

@@ -29,7 +29,9 @@ The rules (documented in the README, "The verdict"):
     the model will not get there on its own at this budget either. (Without the pace, the
     default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
     past its tolerance, yet at that pace 616 steps from it with 781 left; it ended 6.5 %
-    better than asked.)
+    better than asked.) A regulated reading that comes within the band of its tolerance later
+    withdraws the stall for good: a tolerance the model reached is not unreachable (the README's
+    MLP example sat 5x past it for 300 steps, then broke through).
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda
     (e.g. a run too short for its tolerance, or a controller that had not settled).
@@ -128,16 +130,24 @@ class StallDetector:
         self.log_lambda_max = float(log_lambda_max)
         self.history: list[list[tuple[int, float, float]]] = [[] for _ in range(num_constraints)]
         self.stalls: list[Stall | None] = [None] * num_constraints
+        #: per constraint, the first step its regulated reading came within the band (None: not yet)
+        self.reached: list[int | None] = [None] * num_constraints
+        #: per constraint, the stall a later reaching withdrew (None: none was)
+        self.withdrawn: list[Stall | None] = [None] * num_constraints
 
     def observe(self, step: int, log_lambda: Sequence[float], ratio: Sequence[float]) -> list[int]:
-        """Add one logging step's values; returns the constraints newly found stalled."""
+        """Add one logging step's values; returns the constraints newly found stalled (see
+        :attr:`withdrawn` for stalls a reached tolerance took back)."""
         found = []
         for k, (log_lam, r) in enumerate(zip(log_lambda, ratio)):
             if not (math.isfinite(log_lam) and math.isfinite(r) and r > 0):
                 continue
             history = self.history[k]
             history.append((int(step), float(log_lam), float(r)))
-            if self.stalls[k] is None:
+            if r <= 1.0 + MET_BAND and self.reached[k] is None:
+                self.reached[k] = int(step)
+                self.withdrawn[k], self.stalls[k] = self.stalls[k], None
+            if self.stalls[k] is None and self.reached[k] is None:
                 stall = self._stall(history)
                 if stall is not None:
                     self.stalls[k] = stall

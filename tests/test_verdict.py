@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -74,6 +75,48 @@ def test_a_flat_reading_says_it_was_not_falling():
     for step in range(0, 101, 25):
         detector.observe(step, [step / 100 * math.log(5.0)], [1.3])
     assert detector.stalls[0].describe().endswith("; it was not falling, 9900 are left")
+
+
+def test_a_reading_that_reaches_its_tolerance_later_withdraws_the_stall_for_good():
+    # The README's MLP example: 5x past its tolerance for 300 steps while lambda rose 5.6x,
+    # then it broke through. A tolerance the model reached is not unreachable.
+    detector = StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=1000)
+    for step in range(0, 101, 25):
+        detector.observe(step, [step / 100 * math.log(5.6)], [5.5])
+    stall = detector.stalls[0]
+    assert stall is not None
+    detector.observe(125, [2.0], [1.2])
+    assert detector.stalls[0] is stall and detector.reached == [None]
+    detector.observe(150, [2.0], [1.009])  # within the 1 % band
+    assert detector.stalls == [None] and detector.withdrawn == [stall] and detector.reached == [150]
+    for step in range(175, 451, 25):  # flat and far past again, lambda rising: never a stall again
+        assert detector.observe(step, [2.0 + step / 100], [3.0]) == []
+    assert detector.stalls == [None]
+    assert verdict(0.02, detector.stalls[0]) == "not_met"
+
+
+def test_the_callback_says_when_a_warned_tolerance_was_reached_after_all():
+    from types import SimpleNamespace
+
+    from lightning_geco import GECOObjective, ReconstructionMSE
+
+    callback = GECOCallback()
+    callback.objective = GECOObjective([ReconstructionMSE(0.01)])
+    callback.geco = callback._build_geco(callback.objective)
+    callback.geco._seeded = torch.tensor(True)
+    callback.detector = StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=1000)
+    for step in range(0, 101, 25):
+        callback.geco.log_lagrange_multiplier = torch.tensor([step / 100 * math.log(5.6)])
+        callback.geco.constraint_ema = torch.tensor([0.045])  # 5.5x the tolerance
+        if step < 100:
+            callback._watch(SimpleNamespace(global_step=step))
+    with pytest.warns(UserWarning, match="looks unreachable for this model"):
+        callback._watch(SimpleNamespace(global_step=100))
+    callback.geco.constraint_ema = torch.tensor([-0.001])
+    message = "GECO: 'reconstruction' reached its tolerance at step 125 after all: the earlier 'looks unreachable' warning is withdrawn."
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        callback._watch(SimpleNamespace(global_step=125))
+    assert callback.detector.stalls == [None]
 
 
 def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
