@@ -34,6 +34,8 @@ BETAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 def config_of(spec: dict) -> dict:
     """A beta-VAE (``spec["beta"]``) or GECO at ``spec["tolerance"]`` on ``spec["dataset"]``."""
+    # pi_train: what the default drive="auto" chooses for these MSE runs (1.7 epochs, no classifier),
+    # named explicitly so the runs already in runs.jsonl stay what they were
     config = run_config(DATASETS[spec["dataset"]], "pi_train", spec["seed"], spec["max_steps"], spec["data_root"])
     model = config["model"]["init_args"]
     if spec["kind"] == "beta":

@@ -42,7 +42,8 @@ class RunSummary(Callback):
     ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
     unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
     ``distortion`` or ``pncc``), ``relative_violation`` (that reading past the tolerance in units
-    of the constraint's scale: -0.05 is 5 % better than asked) and ``satisfied`` (every
+    of the constraint's scale: -0.05 is 5 % better than asked), ``drive`` (what moved lambda:
+    ``training`` or ``calibration``, as ``drive="auto"`` chose) and ``satisfied`` (every
     constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
     ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
     CLI prints before the summary path, also in :attr:`verdict_line`); ``global_step``,
@@ -151,6 +152,7 @@ class RunSummary(Callback):
         else:
             names = [c.name for c in constraints]
             fields = {key: dict(zip(names, values)) for key, values in per_constraint.items()}
+        fields["drive"] = callback.active_drive
         fields["satisfied"] = all(
             c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
         )

@@ -169,15 +169,15 @@ def test_bad_controller_settings_are_refused_with_the_value(kwargs, message):
 # The closed loop on a synthetic plant: reading = c(t) / lambda^g (lagged) * noise.
 
 
-def _closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, tolerance=0.01):
-    """Run the default PI controller against a plant whose log reading follows
-    ``ln C_t = ln c(t) - g * y_t``, ``y`` a first-order lag (``tau`` steps) of ``ln lambda``:
-    the model adapting to a new weight, with gain g (1: a Gaussian decoder in its linear
-    regime), multiplicative noise of coefficient of variation ``cv`` and ``ln c`` falling by
-    ``drift`` per step (a model still improving). Returns the noiseless ratio C / tolerance per step."""
-    callback = GECOCallback(controller="pi")
-    geco = _callback_geco([tolerance], controller="pi")
-    assert geco.controller.proportional_gain == callback.proportional_gain  # the one default setting
+def closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, tolerance=0.01, **settings):
+    """Run the PI controller (the default, or ``GECOCallback(**settings)``) against a plant whose
+    log reading follows ``ln C_t = ln c(t) - g * y_t``, ``y`` a first-order lag (``tau`` steps)
+    of ``ln lambda``: the model adapting to a new weight, with gain g (1: a Gaussian decoder in
+    its linear regime), multiplicative noise of coefficient of variation ``cv`` and ``ln c``
+    falling by ``drift`` per step (a model still improving). Returns the noiseless ratio
+    C / tolerance per step. (``benchmarks/plant.py`` runs it with other settings.)"""
+    callback = GECOCallback(controller="pi", **settings)
+    geco = callback._build_geco(GECOObjective([ReconstructionMSE(tolerance, name="c0")]))
     generator = torch.Generator().manual_seed(seed)
     lag, ratios = 0.0, []
     for t in range(steps):
@@ -191,7 +191,7 @@ def _closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0,
 
 @pytest.mark.parametrize("g", [0.3, 1.0, 3.0])
 def test_pi_settles_on_the_tolerance_with_no_steady_state_error(g):
-    ratios = _closed_loop(g)
+    ratios = closed_loop(g)
     tail = ratios[-len(ratios) // 5 :]
     mean_log_error = sum(math.log(r) for r in tail) / len(tail)
     assert abs(mean_log_error) < 0.01  # no steady-state error (within 1 %)
@@ -204,6 +204,6 @@ def test_pi_settles_on_the_tolerance_with_no_steady_state_error(g):
 def test_pi_tracks_a_drifting_plant_within_five_percent(g):
     # The model keeps improving at a fixed lambda (ln c falls 0.3 over the run): a ramp the
     # integrator follows with a lag of drift / (g * K_I).
-    ratios = _closed_loop(g, drift=1e-4)
+    ratios = closed_loop(g, drift=1e-4)
     tail = ratios[-len(ratios) // 5 :]
     assert all(abs(r - 1) < 0.05 for r in tail)

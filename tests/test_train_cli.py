@@ -137,6 +137,8 @@ def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
         assert isinstance(summary[key], float)
     if "geco" in config.stem or config.stem == "default":
         assert isinstance(summary["satisfied"], bool)
+        # drive="auto" measures a classifier's cross-entropy on the calibration split the config carves
+        assert summary["drive"] == ("calibration" if config.stem.endswith("geco_classifier") else "training")
         lam = summary["lambda"] if isinstance(summary["lambda"], dict) else {"": summary["lambda"]}
         assert all(value > 0 for value in lam.values())
         # Each constraint names its reading and how far past the tolerance it ended, relative to it.
