@@ -1,6 +1,7 @@
 """What the calibration stream costs: the share of training time GECO spends measuring it.
 
-    python benchmarks/calibration_cost.py [--image-size 28] [--batch-size 64] [--steps 400] [--rounds 3]
+    python benchmarks/calibration_cost.py [--image-size 28] [--batch-size 64] [--steps 400] [--rounds 3] \
+        [--calibration-every 16]
 
 ``GECOCallback(drive="calibration")`` reads ``calibration_batch_size`` held-out images (64)
 without gradients every ``calibration_every`` optimizer steps (16). This trains the default
@@ -55,7 +56,7 @@ def one_round(args, seed: int) -> dict:
         batch_size=args.batch_size, num_calibration=1000, seed=seed,
     )
     model = ConvVAE(objective=GECOObjective(constraints=[ReconstructionMSE(0.005)]), image_shape=data.image_shape)
-    geco = GECOCallback(drive="calibration")
+    geco = GECOCallback(drive="calibration", calibration_every=args.calibration_every)
     measuring = {"seconds": 0.0, "count": 0, "forward": 0.0, "timed": False}
     measure, forward = geco.measure_calibration, callbacks._calibration_output
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calibration-every", type=int, default=16, help="optimizer steps between measurements")
     args = parser.parse_args()
     rows = []
     for seed in range(args.rounds):
@@ -114,7 +116,8 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, calibration 64 images every 16 steps, "
+        f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, calibration 64 images every "
+        f"{args.calibration_every} steps, "
         f"{args.steps} timed steps x {args.rounds} rounds, {torch.get_num_threads()} threads: "
         f"median calibration share {statistics.median(r['fraction'] for r in rows):.2%} of training time "
         f"(goal <= 2 %); median step {statistics.median(r['step_ms'] for r in rows):.2f} ms"

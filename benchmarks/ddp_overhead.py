@@ -21,11 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
+# The repository root, for the top-level datamodules (this runs without installing the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.shapes import render_shapes, sample_factors
-from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.shapes import render_shapes, sample_factors  # noqa: E402
+from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE  # noqa: E402
 
 
 class TimedGECOCallback(GECOCallback):

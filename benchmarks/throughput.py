@@ -14,6 +14,11 @@ Each variant runs in its own process (so peak memory is its own), the variants a
 over ``--repeats`` rounds (so machine noise hits them alike), and the medians are compared.
 Reported: images/s, peak memory (GPU: max allocated; CPU: peak RSS growth of the process),
 and the fraction of step time spent outside the training step (waiting on data and the loop).
+On the CPU also the process's CPU time per image (every thread's, ``time.process_time``): on a
+shared machine other jobs stretch the wall clock by tens of percent from one run to the next,
+while the CPU time a run itself spends moves far less, so its ratios are the ones that resolve
+a few percent (the OpenMP threads wait passively, ``OMP_WAIT_POLICY=PASSIVE``, so a thread
+spinning for work is not counted as work).
 
 ``--flush-denormal`` sets ``torch.set_flush_denormal(True)`` in every variant alike. On CPU,
 values that decay towards zero (in a model whose KL term has switched latent units off) go
@@ -25,15 +30,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+# The repository root, for the top-level datamodules (this runs without installing the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.shapes import render_shapes, sample_factors
+import torch  # noqa: E402
+
+from datamodules.shapes import render_shapes, sample_factors  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -87,7 +97,7 @@ def run_plain(args) -> dict:
         for (x,) in loader:
             if step == args.warmup:
                 sync_device(args.device)
-                started, in_step = time.perf_counter(), 0.0
+                started, in_step, cpu_started = time.perf_counter(), 0.0, time.process_time()
             begin = time.perf_counter()
             x = x.to(args.device, non_blocking=True)
             out = model(x)
@@ -101,7 +111,7 @@ def run_plain(args) -> dict:
             if step == args.steps:
                 break
     elapsed = time.perf_counter() - started
-    return {"seconds": elapsed, "in_step": in_step}
+    return {"seconds": elapsed, "in_step": in_step, "cpu_seconds": time.process_time() - cpu_started}
 
 
 def run_lightning(args, geco: bool) -> dict:
@@ -115,18 +125,20 @@ def run_lightning(args, geco: bool) -> dict:
             self.in_step = 0.0
             self._begin = 0.0
             self.finished = 0.0
+            self.cpu_started = 0.0
+            self.cpu_finished = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == args.warmup:
                 sync_device(args.device)
-                self.started, self.in_step = time.perf_counter(), 0.0
+                self.started, self.in_step, self.cpu_started = time.perf_counter(), 0.0, time.process_time()
             self._begin = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync_device(args.device)
             now = time.perf_counter()
             self.in_step += now - self._begin
-            self.finished = now
+            self.finished, self.cpu_finished = now, time.process_time()
 
     objective = make_objective(geco)
     timer = StepTimer()
@@ -143,7 +155,11 @@ def run_lightning(args, geco: bool) -> dict:
         callbacks=callbacks,
     )
     trainer.fit(build_model(args.image_size, objective), _loader(args.image_size, args.batch_size, args.device))
-    return {"seconds": timer.finished - timer.started, "in_step": timer.in_step}
+    return {
+        "seconds": timer.finished - timer.started,
+        "in_step": timer.in_step,
+        "cpu_seconds": timer.cpu_finished - timer.cpu_started,
+    }
 
 
 def worker(args) -> None:
@@ -155,6 +171,7 @@ def worker(args) -> None:
     result = run_plain(args) if args.variant == "plain" else run_lightning(args, geco=args.variant == "geco")
     timed = args.steps - args.warmup
     result["images_per_s"] = timed * args.batch_size / result["seconds"]
+    result["cpu_ms_per_image"] = 1e3 * result["cpu_seconds"] / (timed * args.batch_size)
     result["outside_step_fraction"] = max(0.0, 1.0 - result["in_step"] / result["seconds"])
     if args.device == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -183,7 +200,8 @@ def main() -> None:
     for round_ in range(args.repeats):
         for variant in variants:
             command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            environment = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
             results[variant].append(json.loads(out.strip().splitlines()[-1]))
         print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
 
@@ -203,6 +221,17 @@ def main() -> None:
     # Per-round ratios: each round's three runs share the machine's state at that moment.
     per_round = [r_p["images_per_s"] / r_g["images_per_s"] - 1 for r_p, r_g in zip(results["plain"], results["geco"])]
     print(f"  (per-round GECO-vs-plain ratios: {', '.join(f'{x:+.1%}' for x in per_round)})")
+    if args.device == "cpu":
+        # CPU time per image, each round's ratio within the round, then the median of those ratios.
+        def cpu_ratios(a: str, b: str) -> list[float]:
+            return [r_b["cpu_ms_per_image"] / r_a["cpu_ms_per_image"] - 1 for r_a, r_b in zip(results[a], results[b])]
+
+        print("CPU time per image (ms): " + ", ".join(f"{v} {median(v, 'cpu_ms_per_image'):.3f}" for v in variants))
+        for a, b, goal in (("elbo", "geco", "+2%"), ("plain", "geco", "+5%"), ("plain", "elbo", "")):
+            ratios = cpu_ratios(a, b)
+            spread = f"{min(ratios):+.1%} to {max(ratios):+.1%}"
+            print(f"  CPU time, {b} over {a}: median {statistics.median(ratios):+.1%} per round ({spread})"
+                  + (f" (goal <= {goal})" if goal else ""))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,25 @@ def test_cpu_smoke_fills_every_row(tmp_path):
 
     # Nothing unexpected: every row is one of the above.
     assert len(rows) == len(EXPECTED) + len(kl), sorted(rows)
+
+
+def test_every_benchmark_script_loads_from_anywhere(tmp_path):
+    # `python benchmarks/X.py` puts benchmarks/ first on sys.path, not the repository root, so a
+    # script that imports the top-level datamodules must put the root there itself. Loading each
+    # from another folder (the root is then on no path) runs its imports, not its main().
+    scripts = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    # As `python <script>` does: the script's folder first on the path; then the path and the
+    # top-level modules it imported are put back, so one script's imports never serve the next.
+    code = (
+        "import os, runpy, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    saved, modules = list(sys.path), set(sys.modules)\n"
+        "    sys.path.insert(0, os.path.dirname(path))\n"
+        "    runpy.run_path(path, run_name='loaded')\n"
+        "    sys.path[:] = saved\n"
+        "    for name in set(sys.modules) - modules:\n"
+        "        if name.split('.')[0] not in ('torch', 'pytorch_lightning', 'lightning_geco', 'lightning_fabric', 'torchmetrics', 'torchvision', 'yaml', 'numpy'):\n"
+        "            del sys.modules[name]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *scripts], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
