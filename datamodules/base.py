@@ -248,16 +248,13 @@ class ImageDataModule(pl.LightningDataModule):
             self.shuffle_seed = int(trainer.strategy.broadcast(seed)) if trainer is not None else seed
         if trainer is None:
             return ResumableSampler(dataset, self.batch_size, seed=self.shuffle_seed)
-        return ResumableSampler(
-            dataset,
-            self.batch_size,
-            # Optimizer steps x accumulation: the batches per rank training has consumed (exact
-            # when an epoch's batches are a multiple of accumulate_grad_batches).
-            batches_done=lambda: trainer.global_step * trainer.accumulate_grad_batches,
-            seed=self.shuffle_seed,
-            num_replicas=trainer.world_size,
-            rank=trainer.global_rank,
+        sampler = ResumableSampler(
+            dataset, self.batch_size, seed=self.shuffle_seed, num_replicas=trainer.world_size, rank=trainer.global_rank
         )
+        # The batches per rank training has consumed, from the optimizer steps (what a checkpoint
+        # restores exactly), the accumulation and the epoch's last, shorter window.
+        sampler.batches_done = lambda: sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches)
+        return sampler
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the seed of the training order."""

@@ -66,6 +66,14 @@ class ResumableSampler(DistributedSampler):
         """Indices per rank in a full epoch."""
         return self.batches_per_epoch * self.batch_size
 
+    def batches_after(self, optimizer_steps: int, accumulate: int = 1) -> int:
+        """Batches per rank consumed after ``optimizer_steps`` optimizer steps of ``accumulate``
+        batches each, where an epoch's last, shorter window steps too (as Lightning does: 4
+        batches an epoch at ``accumulate`` 3 are 2 steps, of 3 and 1 batches)."""
+        steps_per_epoch = -(-self.batches_per_epoch // max(1, accumulate))
+        epochs, steps = divmod(int(optimizer_steps), steps_per_epoch)
+        return epochs * self.batches_per_epoch + steps * max(1, accumulate)
+
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s permutation of the dataset's indices (the same on every rank)."""
         return torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))

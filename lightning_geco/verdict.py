@@ -29,9 +29,10 @@ The rules (documented in the README, "The verdict"):
     the model will not get there on its own at this budget either. (Without the pace, the
     default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
     past its tolerance, yet at that pace 616 steps from it with 781 left; it ended 6.5 %
-    better than asked.) A regulated reading that comes within the band of its tolerance later
-    withdraws the stall for good: a tolerance the model reached is not unreachable (the README's
-    MLP example sat 5x past it for 300 steps, then broke through).
+    better than asked.) A regulated reading that later comes within the band of its tolerance at
+    ``REACHED_READINGS`` (2) logging steps in a row withdraws the stall for good: a tolerance the
+    model reached is not unreachable (the README's MLP example sat 5x past it for 300 steps, then
+    broke through). Two in a row, so that one lucky 64-image calibration measurement does not.
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda
     (e.g. a run too short for its tolerance, or a controller that had not settled).
@@ -48,6 +49,7 @@ __all__ = [
     "MET_BAND",
     "MIN_LAMBDA_FACTOR",
     "MIN_VIOLATION",
+    "REACHED_READINGS",
     "VERDICTS",
     "Stall",
     "StallDetector",
@@ -65,6 +67,8 @@ MIN_VIOLATION = 0.05
 MIN_LAMBDA_FACTOR = 4.0
 #: a stall: the reading improves less than this fraction of lambda's rise, in log terms
 MAX_GAIN = 0.1
+#: logging steps in a row within the band that show a tolerance was reached (and withdraw a stall)
+REACHED_READINGS = 2
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,10 @@ class StallDetector:
         self.log_lambda_max = float(log_lambda_max)
         self.history: list[list[tuple[int, float, float]]] = [[] for _ in range(num_constraints)]
         self.stalls: list[Stall | None] = [None] * num_constraints
-        #: per constraint, the first step its regulated reading came within the band (None: not yet)
+        #: per constraint, the step its regulated reading was within the band for the
+        #: ``REACHED_READINGS``-th logging step in a row (None: not yet)
         self.reached: list[int | None] = [None] * num_constraints
+        self._in_band = [0] * num_constraints
         #: per constraint, the stall a later reaching withdrew (None: none was)
         self.withdrawn: list[Stall | None] = [None] * num_constraints
 
@@ -144,7 +150,8 @@ class StallDetector:
                 continue
             history = self.history[k]
             history.append((int(step), float(log_lam), float(r)))
-            if r <= 1.0 + MET_BAND and self.reached[k] is None:
+            self._in_band[k] = self._in_band[k] + 1 if r <= 1.0 + MET_BAND else 0
+            if self._in_band[k] >= REACHED_READINGS and self.reached[k] is None:
                 self.reached[k] = int(step)
                 self.withdrawn[k], self.stalls[k] = self.stalls[k], None
             if self.stalls[k] is None and self.reached[k] is None:

@@ -134,7 +134,8 @@ class OptimisticMSE(ReconstructionMSE):
     optimistic_on_training_images = True
 
 
-def _fit(drive, max_steps, constraint=None, num_calibration=32, **callback_kwargs):
+def _fit(drive, max_steps, constraint=None, num_calibration=32, trainer_kwargs=None, ckpt_path=None,
+         save_to=None, **callback_kwargs):
     """The shapes (64 training images, 4 batches an epoch, after ``num_calibration``) fitted for
     ``max_steps``; returns the callback and lambda after every step."""
     pl.seed_everything(0)
@@ -148,7 +149,10 @@ def _fit(drive, max_steps, constraint=None, num_calibration=32, **callback_kwarg
         def on_train_batch_end(self, *args):
             trajectory.append(callback.geco.log_lagrange_multiplier.tolist())
 
-    quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback, Trace()]).fit(model, data)
+    trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback, Trace()], **(trainer_kwargs or {}))
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     return callback, trajectory
 
 
@@ -225,3 +229,54 @@ def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_warn
                                                    "GECOCallback(drive='calibration') with a calibration split.")):
         quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(OptimisticMSE(0.05)), data)
     assert callback.active_drive == "training"
+
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "trainer_kwargs", "drive"),
+    [
+        (-1, {"max_epochs": 9}, "calibration"),  # max_epochs alone
+        (-1, {"max_epochs": 8}, "training"),
+        (1000, {"max_epochs": 3}, "training"),  # whichever ends the run first: 3 epochs
+        (18, {"accumulate_grad_batches": 2}, "calibration"),  # 2 optimizer steps an epoch: 9 epochs
+        (16, {"accumulate_grad_batches": 2}, "training"),
+        (20, {"accumulate_grad_batches": 3}, "calibration"),  # ceil(4 / 3) = 2 steps an epoch: 10 epochs
+    ],
+)
+def test_auto_drive_counts_the_epochs_the_run_will_take(max_steps, trainer_kwargs, drive):
+    callback, _ = _fit("auto", max_steps, trainer_kwargs=trainer_kwargs)
+    assert callback.active_drive == drive
+    planned = {(-1, 9): 36, (-1, 8): 32, (1000, 3): 12}.get((max_steps, trainer_kwargs.get("max_epochs")), max_steps)
+    assert callback.detector.last_step == planned  # the stall rule's horizon, from the same plan
+
+
+def test_auto_drive_measures_a_calibration_set_it_is_given():
+    images = _images(20, 1)
+    callback, _ = _fit("auto", 4, num_calibration=0, calibration_dataset=TensorDataset(images, torch.zeros(20)))
+    assert callback.active_drive == "calibration" and callback.geco.num_measurements == 2
+
+
+def test_a_resumed_auto_run_keeps_the_drive_its_checkpoint_was_driven_by(tmp_path, caplog):
+    path = tmp_path / "half.ckpt"
+    first, _ = _fit("auto", 4, OptimisticMSE(0.05), save_to=path)
+    assert first.active_drive == "calibration"
+    # The same constraint name without the reason: "auto" alone would now choose the training batches.
+    message = ("GECO: drive='auto' would choose 'training' for this fit, but the checkpoint's lambda was driven by "
+               "'calibration'; the resumed run keeps 'calibration'.")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        resumed, _ = _fit("auto", 8, ReconstructionMSE(0.05), ckpt_path=path)
+    assert resumed.active_drive == "calibration" and resumed.geco.num_measurements == 4  # steps 0, 2 and 4, 6
+    full, full_lambda = _fit("auto", 8, OptimisticMSE(0.05))
+    assert full.geco.num_measurements == 4
+
+
+def test_a_second_fit_with_the_same_callback_starts_its_watch_afresh():
+    pl.seed_everything(0)
+    callback = GECOCallback(calibration_every=2)
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    model = tiny_conv_vae(objective=GECOObjective([OptimisticMSE(0.05)]))
+    quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(model, data)
+    first = callback.detector
+    assert callback._last_calibration is not None
+    quiet_trainer(max_steps=40, limit_val_batches=0, callbacks=[callback]).fit(model, data)
+    assert callback.detector is not first and callback.detector.last_step == 40

@@ -99,3 +99,27 @@ def test_an_empty_training_loader_is_an_error_not_a_finished_run(tmp_path):
                          callbacks=[RunSummary()], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"The training loader yields no batch \(0 batches per epoch\)"):
         trainer.fit(model, DataLoader(TensorDataset(torch.rand(0, 1, 16, 16)), batch_size=4))
+
+
+def test_batches_after_counts_the_last_shorter_accumulation_window_of_an_epoch():
+    sampler = ResumableSampler(range(64), batch_size=16, seed=0)  # 4 batches an epoch
+    assert [sampler.batches_after(steps, 3) for steps in range(5)] == [0, 3, 4, 7, 8]  # windows of 3 and 1
+    assert [sampler.batches_after(steps, 2) for steps in range(4)] == [0, 2, 4, 6]
+    assert [sampler.batches_after(steps) for steps in range(3)] == [0, 1, 2]
+
+
+def test_a_datamodule_with_accumulation_that_does_not_divide_its_epoch_keeps_stepping():
+    # 4 batches an epoch at accumulate_grad_batches 3: Lightning steps twice an epoch. Counting
+    # consumed batches as steps x 3 started epoch 1 at its batch 2 and every later epoch there
+    # too: no window ever filled again, and a max_steps run never ended.
+    import pytorch_lightning as pl
+    from lightning_geco.datamodules import ShapesDataModule
+
+    from helpers import quiet_trainer, tiny_conv_vae
+    from lightning_geco import ELBO
+
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=80, num_val=16, batch_size=16)
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, accumulate_grad_batches=3)
+    trainer.fit(tiny_conv_vae(objective=ELBO()), data)
+    assert trainer.global_step == 6
