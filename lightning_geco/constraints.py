@@ -46,6 +46,13 @@ __all__ = [
 MAX_PSNR_DB = 100.0
 
 
+def _mean_and_standard_error(values: Tensor) -> tuple[float, float]:
+    """Mean of ``values`` (N,) and its standard error (0 for one value), as floats."""
+    values = values.detach().float().flatten()
+    error = float(values.std() / values.numel() ** 0.5) if values.numel() > 1 else 0.0
+    return float(values.mean()), error
+
+
 class Constraint(Rebuildable, nn.Module):
     """Interface of a GECO constraint.
 
@@ -419,12 +426,16 @@ class ClassificationConstraint(Constraint):
 
     def check_data(self, output: VAEOutput) -> None:
         with torch.no_grad():
-            on_data = F.cross_entropy(self.classifier.logits(output.x), self._targets(output)).item()
-        if on_data > self.tolerance:
+            per_image = F.cross_entropy(self.classifier.logits(output.x).float(), self._targets(output), reduction="none")
+        # A cross-entropy is heavy-tailed (one misread digit costs nats): on MNIST a classifier of
+        # 0.06 nats reads above 0.15 on 6 % of 64-image batches. Warn only when the first batch
+        # shows it clearly, two standard errors above the tolerance.
+        mean, error = _mean_and_standard_error(per_image)
+        if mean - 2.0 * error > self.tolerance:
             rank_zero_warn(
-                f"The classifier's cross-entropy on the real images is {on_data:.4g} nats, above the tolerance "
-                f"{self.tolerance:g}: a faithful reconstruction will not meet it. Raise the tolerance or train "
-                "a better classifier."
+                f"The classifier's cross-entropy on the real images is {mean:.4g} nats (+-{error:.2g}, the standard "
+                f"error over the first batch's {per_image.numel()} images), above the tolerance {self.tolerance:g}: "
+                "a faithful reconstruction will not meet it. Raise the tolerance or train a better classifier."
             )
 
     def reading(self, output: VAEOutput) -> Tensor:

@@ -43,7 +43,8 @@ class RunSummary(Callback):
     unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
     ``distortion`` or ``pncc``), ``relative_violation`` (that reading past the tolerance in units
     of the constraint's scale: -0.05 is 5 % better than asked), ``drive`` (what moved lambda:
-    ``training`` or ``calibration``, as ``drive="auto"`` chose) and ``satisfied`` (every
+    ``training`` or ``calibration``, as ``drive="auto"`` chose; with ``calibration``,
+    ``calibration`` is the last measurement, in ``constraint_ema``'s units) and ``satisfied`` (every
     constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
     ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
     CLI prints before the summary path, also in :attr:`verdict_line`); ``global_step``,
@@ -147,6 +148,10 @@ class RunSummary(Callback):
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
         }
+        if callback.active_drive == "calibration" and callback._last_calibration is not None:
+            # What moved lambda under the calibration drive (constraint_ema is then the training
+            # batches' average, which only the loss reads).
+            per_constraint["calibration"] = callback._last_calibration.tolist()
         if len(constraints) == 1:
             fields: dict[str, Any] = {key: values[0] for key, values in per_constraint.items()}
         else:

@@ -115,6 +115,7 @@ def run(
     max_nonfinite_steps: int = 10,
     calibration: bool = False,
     resumable_sampler: bool = False,
+    drive: str = "calibration",
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def run(
         # separate seeded set and split over the ranks.
         geco = GECOCallback(
             controller="pi",
-            drive="calibration",
+            drive=drive,  # "auto" chooses the calibration set it is given
             calibration_every=3,
             calibration_batch_size=24,
             calibration_dataset=dataset(96, seed=8),
@@ -192,6 +193,7 @@ if __name__ == "__main__":
     parser.add_argument("--nan-rank", type=int, default=0)
     parser.add_argument("--calibration", action="store_true")
     parser.add_argument("--resumable-sampler", action="store_true")
+    parser.add_argument("--drive", default="calibration", help="the drive of --calibration runs")
     args = parser.parse_args()
     run(
         args.out,
@@ -204,4 +206,5 @@ if __name__ == "__main__":
         nan_rank=args.nan_rank,
         calibration=args.calibration,
         resumable_sampler=args.resumable_sampler,
+        drive=args.drive,
     )

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lightning_geco import (
     ReconstructionBCE,
     ReconstructionMSE,
     TorchvisionFeatures,
+    constraints,
 )
 from lightning_geco.constraints import patch_ncc
 from lightning_geco.models.base import VAEOutput
@@ -134,8 +136,21 @@ def test_classification_tolerance_and_checkpoint_errors(tmp_path):
         tiny_conv_vae(image_shape=(1, 20, 20), objective=GECOObjective([ClassificationConstraint(classifier)]))
     # A classifier that is wrong on the real images: the tolerance can't be met by a faithful reconstruction.
     wrong = ClassificationConstraint(FrozenClassifier(str(save_classifier(tmp_path / "w.ckpt", bias=[0.0, 5.0, 0.0]))), tolerance=0.1)
-    with pytest.warns(UserWarning, match="The classifier's cross-entropy on the real images is 5.01"):
+    with pytest.warns(UserWarning, match=re.escape("The classifier's cross-entropy on the real images is 5.013 nats (+-0, the "
+                                                   "standard error over the first batch's 2 images), above the tolerance 0.1")):
         wrong.check_data(fake_output(random_images(2), labels=torch.tensor([0, 0])))
+    # One misread image among many is the heavy tail of a good classifier, not a bad one: no warning.
+    right = ClassificationConstraint(FrozenClassifier(str(save_classifier(tmp_path / "r.ckpt", bias=[5.0, 0.0, 0.0]))),
+                                     tolerance=0.15)
+    labels = torch.zeros(64, dtype=torch.long)
+    labels[:2] = 1  # two read as class 0 at 5 nats each: the batch mean 0.17 > 0.15, its standard error 0.11
+    mean, _ = constraints._mean_and_standard_error(
+        torch.nn.functional.cross_entropy(right.classifier.logits(random_images(64)), labels, reduction="none")
+    )
+    assert mean > 0.15
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        right.check_data(fake_output(random_images(64), labels=labels))
 
 
 def test_gradients_reach_the_decoder_and_never_the_frozen_networks(tmp_path):

@@ -141,6 +141,10 @@ def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
         assert summary["drive"] == ("calibration" if config.stem.endswith("geco_classifier") else "training")
         lam = summary["lambda"] if isinstance(summary["lambda"], dict) else {"": summary["lambda"]}
         assert all(value > 0 for value in lam.values())
+        # Under the calibration drive the last measurement (what moved lambda) is there too.
+        assert ("calibration" in summary) == (summary["drive"] == "calibration")
+        if summary["drive"] == "calibration":
+            assert set(summary["calibration"]) == set(lam) and set(summary["constraint_ema"]) == set(lam)
         # Each constraint names its reading and how far past the tolerance it ended, relative to it.
         per_constraint = lambda key: summary[key] if isinstance(summary[key], dict) else {"": summary[key]}  # noqa: E731
         readings, tolerance, violation = (per_constraint(k) for k in ("reading", "tolerance", "relative_violation"))

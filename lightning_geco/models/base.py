@@ -502,6 +502,6 @@ class VAEModule(pl.LightningModule):
                     rank_zero_info(
                         f"Cosine learning-rate schedule re-planned: from step {start_step} at "
                         f"{scheduler.get_last_lr()[0]:.3g} down to {COSINE_FLOOR_FRACTION:g} x "
-                        f"{scheduler.base_lrs[0]:g} (the checkpoint's learning rate) at the new max_steps "
+                        f"{scheduler.base_lrs[0]:g} (the checkpoint's base learning rate) at the new max_steps "
                         f"{self.trainer.max_steps}."
                     )
