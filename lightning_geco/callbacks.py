@@ -569,6 +569,12 @@ class GECOCallback(Callback):
             )
 
     @property
+    def last_calibration(self) -> Tensor | None:
+        """The last calibration measurement of this fit, per constraint (K,), in each constraint's
+        value units (``reading - tolerance``, as ``constraint_ema``); None before the first."""
+        return self._last_calibration
+
+    @property
     def consecutive_nonfinite_steps(self) -> int:
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
         return int(self._consecutive_nonfinite)

@@ -148,10 +148,10 @@ class RunSummary(Callback):
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
         }
-        if callback.active_drive == "calibration" and callback._last_calibration is not None:
+        if callback.active_drive == "calibration" and callback.last_calibration is not None:
             # What moved lambda under the calibration drive (constraint_ema is then the training
             # batches' average, which only the loss reads).
-            per_constraint["calibration"] = callback._last_calibration.tolist()
+            per_constraint["calibration"] = callback.last_calibration.tolist()
         if len(constraints) == 1:
             fields: dict[str, Any] = {key: values[0] for key, values in per_constraint.items()}
         else:

@@ -279,6 +279,6 @@ def test_a_second_fit_with_the_same_callback_starts_its_watch_afresh():
     model = tiny_conv_vae(objective=GECOObjective([OptimisticMSE(0.05)]))
     quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(model, data)
     first = callback.detector
-    assert callback._last_calibration is not None
+    assert callback.last_calibration is not None
     quiet_trainer(max_steps=40, limit_val_batches=0, callbacks=[callback]).fit(model, data)
     assert callback.detector is not first and callback.detector.last_step == 40
