@@ -536,7 +536,6 @@ class GECOCallback(Callback):
         geco = self._ready_geco
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         k = geco.num_constraints
-        batch_mean = statistics[:k] / statistics[k].clamp_min(1.0)
         valid = geco.update(statistics)
         if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
@@ -556,8 +555,8 @@ class GECOCallback(Callback):
         elif bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
         self._consecutive_nonfinite = torch.where(skip, self._consecutive_nonfinite.to(skip.device) + 1, 0)
-        if logging:
-            self._log(pl_module, batch_mean)
+        if logging:  # the batch mean is read for the logs only: no ops for it on other steps
+            self._log(pl_module, statistics[:k] / statistics[k].clamp_min(1.0))
             self._watch(trainer)
         # On the device path the count is read at logging steps only (reading it syncs).
         if (logging or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
