@@ -91,16 +91,20 @@ def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
-def _planned_epochs(trainer: pl.Trainer) -> float:
-    """How many times the fit goes over its training set: the planned optimizer steps (the smaller
-    of ``max_steps`` and ``max_epochs`` epochs) over an epoch's optimizer steps (a last partial
-    accumulation window steps too). 0 when either is unknown; needs the training loader's length."""
-    batches = trainer.num_training_batches
-    if not (isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))) or batches <= 0:
-        return 0.0
-    steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+def _planned_steps(trainer: pl.Trainer) -> int | None:
+    """The fit's planned optimizer steps, from ``max_steps`` or ``max_epochs``, whichever ends it
+    first (None: unbounded). Needs the training loader's length: asked at the start of training."""
     planned = trainer.estimated_stepping_batches
-    return float(planned) / steps_per_epoch if math.isfinite(planned) and planned > 0 else 0.0
+    return int(planned) if math.isfinite(planned) and planned > 0 else None
+
+
+def _planned_epochs(trainer: pl.Trainer, planned_steps: int | None) -> float:
+    """How many times the fit goes over its training set: ``planned_steps`` over an epoch's
+    optimizer steps (a last partial accumulation window steps too); 0 when either is unknown."""
+    batches = trainer.num_training_batches
+    if planned_steps is None or not math.isfinite(batches) or batches <= 0:
+        return 0.0
+    return planned_steps / math.ceil(batches / max(1, trainer.accumulate_grad_batches))
 
 
 def _seed_device(device: torch.device, seed: int) -> None:
@@ -307,8 +311,6 @@ class GECOCallback(Callback):
         self.smoothing_steps = smoothing_steps
         self.integral_error_limit = integral_error_limit
         self.drive = drive
-        # what drives lambda in this fit: ``drive``, or what "auto" chose at the start of training
-        self.active_drive = "training" if drive == "auto" else drive
         self.approach_steps = approach_steps
         self.calibration_every = calibration_every
         self.calibration_batch_size = calibration_batch_size
@@ -443,7 +445,7 @@ class GECOCallback(Callback):
         ]
         if self.calibration_dataset is not None:
             reasons.append("a calibration split was given (GECOCallback(calibration_dataset=...))")
-        epochs = _planned_epochs(trainer)
+        epochs = _planned_epochs(trainer, _planned_steps(trainer))
         if epochs > AUTO_CALIBRATION_EPOCHS:
             reasons.append(
                 f"the run sees each training image {epochs:.3g} times (more than {AUTO_CALIBRATION_EPOCHS:g}), "
@@ -482,8 +484,7 @@ class GECOCallback(Callback):
                     "checkpoint, chose it), but this rank has none: carve it on every rank with the DataModule's "
                     "num_calibration or pass GECOCallback(calibration_dataset=...)."
                 )
-        self.active_drive = choice
-        self._ready_geco.drive = self.active_drive
+        self._ready_geco.drive = choice
         self._calibration = calibration if choice == "calibration" else None
         if self._resumed_drive is not None:
             return
@@ -514,9 +515,7 @@ class GECOCallback(Callback):
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
         if self.detector is not None:
-            # The planned last step, from max_steps or max_epochs, whichever ends the run first.
-            planned = trainer.estimated_stepping_batches
-            self.detector.last_step = int(planned) if math.isfinite(planned) and planned > 0 else None
+            self.detector.last_step = _planned_steps(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
@@ -568,6 +567,14 @@ class GECOCallback(Callback):
             )
 
     @property
+    def active_drive(self) -> str:
+        """What drives lambda in this fit: ``drive``, or what ``"auto"`` chose at the start of
+        training (the GECO's own drive; ``"training"`` before "auto" has chosen)."""
+        if self.geco is not None:
+            return self.geco.drive
+        return "training" if self.drive == "auto" else self.drive
+
+    @property
     def last_calibration(self) -> Tensor | None:
         """The last calibration measurement of this fit, per constraint (K,), in each constraint's
         value units (``reading - tolerance``, as ``constraint_ema``); None before the first."""
@@ -609,7 +616,8 @@ class GECOCallback(Callback):
         """Per constraint, the reading the controller regulates over its tolerance (1.1: 10 % past
         it): the last calibration measurement, or the training moving average."""
         geco = self._ready_geco
-        value = self._last_calibration if self.active_drive == "calibration" and self._last_calibration is not None else geco.constraint_ema
+        # Only the calibration drive measures; each fit starts without a measurement.
+        value = self._last_calibration if self._last_calibration is not None else geco.constraint_ema
         return (1.0 + value / geco.scale).tolist()
 
     def _watch(self, trainer: pl.Trainer) -> None:
@@ -617,10 +625,9 @@ class GECOCallback(Callback):
         if self.detector is None or not geco.seeded:
             return
         ratio = self.regulated_ratio()
-        withdrawn_before = list(self.detector.withdrawn)
         found = self.detector.observe(trainer.global_step, geco.log_lagrange_multiplier.tolist(), ratio)
-        for k, (before, after) in enumerate(zip(withdrawn_before, self.detector.withdrawn)):
-            if after is not None and before is None:
+        for k, (reached, withdrawn) in enumerate(zip(self.detector.reached, self.detector.withdrawn)):
+            if withdrawn is not None and reached == trainer.global_step:  # withdrawn by this observation
                 rank_zero_warn(
                     f"GECO: {self._ready_objective.constraints[k].name!r} came within 1 % of its tolerance at step "
                     f"{self.detector.reached[k]} after all: the earlier 'looks unreachable' warning is withdrawn."
@@ -691,5 +698,4 @@ class GECOCallback(Callback):
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive
-            self.active_drive = saved_drive
             self.geco.drive = saved_drive

@@ -148,7 +148,7 @@ class RunSummary(Callback):
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
         }
-        if callback.active_drive == "calibration" and callback.last_calibration is not None:
+        if callback.last_calibration is not None:  # only the calibration drive measures
             # What moved lambda under the calibration drive (constraint_ema is then the training
             # batches' average, which only the loss reads).
             per_constraint["calibration"] = callback.last_calibration.tolist()
