@@ -1,4 +1,5 @@
-"""torchmetrics Metrics of the latent space over an evaluated set (correct under DDP).
+"""torchmetrics Metrics over an evaluated set (correct under DDP): the latent space, and how
+precisely the set measures a constraint's reading.
 
 All values are in nats per image (or per image and latent dimension), p(z) = N(0, I), and the
 posteriors q(z|x_n) = N(mean_n, diag(exp(log_variance_n))) are diagonal Gaussians.
@@ -36,6 +37,13 @@ cores) or, without a compiler, as sorted, centred matmuls (eager fallback, 4-14x
 ``benchmarks/marginal_kl.py``); both agree with the float64 definition,
 ``aggregate_log_densities_reference``, to ~1e-4 nats per value or better and to ~1e-6 nats on
 the estimates (see ``aggregate_log_densities``).
+
+Reading precision (``MeanWithStandardError``)
+---------------------------------------------
+A constraint's validation reading is the mean of one value per image; its standard error
+``s / sqrt(N)`` (``s`` the sample standard deviation of the N values) says how far another
+draw of N images could put it. The verdict uses it to say when a miss, or a pass, is within
+that noise (:mod:`lightning_geco.verdict`).
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ __all__ = [
     "LOG_2PI",
     "AggregatePosteriorKL",
     "LatentActivity",
+    "MeanWithStandardError",
     "aggregate_log_densities",
     "aggregate_log_densities_reference",
     "compiler_available",
     "gaussian_kl_per_dimension",
+    "mean_and_standard_error",
 ]
 
 #: ln(2 pi), the Gaussian log density's constant (defined here, the leaf; distributions re-exports it)
@@ -470,6 +480,51 @@ class LatentActivity(Metric):
             "mean_variance": mean_variance.float(),
             "active_units": (mean_variance > self.threshold).sum(),
         }
+
+
+def mean_and_standard_error(total: Tensor, total_squares: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean of N values and its standard error ``sqrt(s^2 / N)`` from their sums.
+
+    ``s^2 = (sum x^2 - N mean^2) / (N - 1)`` is the unbiased sample variance (clamped at 0
+    against rounding). Units: the values'. The standard error is NaN for N < 2 (no spread to
+    measure), the mean NaN for N = 0.
+    """
+    mean = total / count
+    variance = ((total_squares - count * mean.pow(2)) / (count - 1)).clamp_min(0.0)
+    standard_error = torch.where(count >= 2, (variance / count).sqrt(), torch.full_like(mean, math.nan))
+    return mean, standard_error
+
+
+class MeanWithStandardError(Metric):
+    """Mean of per-example values (N,) over an evaluated set, and its standard error.
+
+    Sum states in float64 (cheap and exact under DDP: ranks' sums add). ``compute()`` returns
+    ``mean`` and ``standard_error`` (0-dim, the values' units; see :func:`mean_and_standard_error`).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    total: Tensor
+    total_squares: Tensor
+    count: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_squares", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        if values.dim() != 1:
+            raise ValueError(f"MeanWithStandardError takes one value per example, shape (N,), got {tuple(values.shape)}.")
+        values = values.detach().double()
+        self.total += values.sum()
+        self.total_squares += values.pow(2).sum()
+        self.count += values.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        mean, standard_error = mean_and_standard_error(self.total, self.total_squares, self.count)
+        return {"mean": mean.float(), "standard_error": standard_error.float()}
 
 
 def _check_posteriors(mean: Tensor, log_variance: Tensor) -> None:

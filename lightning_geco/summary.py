@@ -33,6 +33,17 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _number_or_none(value: float | None) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _relative_standard_error(constraint: Any, standard_error: float | None) -> float | None:
+    """A reading's standard error in units of the constraint's scale (as ``relative_violation``)."""
+    if standard_error is None or not math.isfinite(standard_error):
+        return None
+    return abs(constraint.relative_violation(constraint.reading_tolerance + standard_error) - constraint.relative_violation(constraint.reading_tolerance))
+
+
 class RunSummary(Callback):
     """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
 
@@ -42,7 +53,9 @@ class RunSummary(Callback):
     ``constraint_ema``, ``tolerance`` (in distortion units, MSE), ``tolerance_stated`` (value and
     unit as configured), ``reading`` (the validation key the tolerance is stated on, e.g.
     ``distortion`` or ``pncc``), ``relative_violation`` (that reading past the tolerance in units
-    of the constraint's scale: -0.05 is 5 % better than asked), ``drive`` (what moved lambda:
+    of the constraint's scale: -0.05 is 5 % better than asked), ``standard_error`` (of that
+    validation reading, in its units: what another draw of as many images could move it by;
+    None without two images), ``drive`` (what moved lambda:
     ``training`` or ``calibration``, as ``drive="auto"`` chose; with ``calibration``,
     ``calibration`` is the last measurement, in ``constraint_ema``'s units) and ``satisfied`` (every
     constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
@@ -61,6 +74,8 @@ class RunSummary(Callback):
         self.summary: dict[str, Any] = {}
         self.verdict_line = ""
         self._validation: dict[str, float] = {}
+        #: the standard error of each constraint reading's validation mean (``val/<reading>/standard_error``)
+        self._standard_errors: dict[str, float] = {}
         self._history: list[tuple[int, dict[str, float]]] = []
         self._start = 0.0
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
@@ -69,6 +84,7 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
         self._validation = {}
+        self._standard_errors = {}
         self._history = []
         self.verdict_line = ""
 
@@ -98,6 +114,10 @@ class RunSummary(Callback):
         names = [k[len("val/"):] for k in metrics if k.startswith("val/") and "/" not in k[len("val/"):]]
         ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
         self._validation = {k: float(metrics[f"val/{k}"]) for k in ordered}
+        suffix = "/standard_error"
+        self._standard_errors = {
+            k[len("val/") : -len(suffix)]: float(v) for k, v in metrics.items() if k.startswith("val/") and k.endswith(suffix)
+        }
         self._history.append((trainer.global_step, dict(self._validation)))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,6 +160,8 @@ class RunSummary(Callback):
             c.relative_violation(self._validation[c.reading_name]) if c.reading_name in self._validation else None
             for c in constraints
         ]
+        # The standard error in the verdict's units (relative to the scale), for the clause.
+        relative_errors = [_relative_standard_error(c, self._standard_errors.get(c.reading_name)) for c in constraints]
         per_constraint = {
             "lambda": lam,
             "constraint_ema": ema,
@@ -147,6 +169,7 @@ class RunSummary(Callback):
             "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
+            "standard_error": [_number_or_none(self._standard_errors.get(c.reading_name)) for c in constraints],
         }
         if callback.last_calibration is not None:  # only the calibration drive measures
             # What moved lambda under the calibration drive (constraint_ema is then the training
@@ -177,6 +200,7 @@ class RunSummary(Callback):
                     lambda_rising=callback.lambda_rising(k),
                     best=self._best(constraint),
                     max_steps=trainer.max_steps if trainer.max_steps > 0 else None,
+                    standard_error=relative_errors[k],
                 )
             )
         fields["verdict"] = outcomes[0] if len(constraints) == 1 else dict(zip([c.name for c in constraints], outcomes))

@@ -9,6 +9,7 @@ from lightning_geco import metrics
 from lightning_geco.metrics import (
     AggregatePosteriorKL,
     LatentActivity,
+    MeanWithStandardError,
     aggregate_log_densities,
     aggregate_log_densities_reference,
     compiler_available,
@@ -279,3 +280,37 @@ def test_two_ddp_processes_give_the_same_estimates_as_one(tmp_path):
         assert ddp.keys() == single.keys()
         for key, value in single.items():
             torch.testing.assert_close(ddp[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_mean_with_standard_error_is_the_sample_formula_over_uneven_batches():
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(1000, generator=g).pow(4) * 0.01  # skewed, like per-image MSEs
+    metric = MeanWithStandardError()
+    for part in values.split([1, 600, 399]):
+        metric.update(part)
+    result = metric.compute()
+    expected = values.double().std(unbiased=True) / math.sqrt(values.numel())
+    assert result["mean"].item() == pytest.approx(values.double().mean().item(), rel=1e-6)
+    assert result["standard_error"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mean_with_standard_error_of_two_ranks_equals_one_over_all_their_values():
+    # DDP sums the states over ranks: merging them must equal one metric over every value.
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.randn(37, generator=g), torch.randn(64, generator=g) + 2.0
+    rank0, rank1, whole = MeanWithStandardError(), MeanWithStandardError(), MeanWithStandardError()
+    rank0.update(first)
+    rank1.update(second)
+    whole.update(torch.cat([first, second]))
+    rank0.merge_state(rank1)
+    for key, value in whole.compute().items():
+        assert rank0.compute()[key].item() == pytest.approx(value.item(), rel=1e-6)
+
+
+def test_mean_with_standard_error_needs_two_values_and_one_value_per_example():
+    metric = MeanWithStandardError()
+    metric.update(torch.tensor([0.5]))
+    assert metric.compute()["mean"].item() == 0.5
+    assert math.isnan(metric.compute()["standard_error"].item())  # no spread to measure
+    with pytest.raises(ValueError, match=r"one value per example, shape \(N,\), got \(4, 1\)"):
+        metric.update(torch.zeros(4, 1))

@@ -10,8 +10,16 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
-from lightning_geco import GECOCallback, RunSummary
-from lightning_geco.verdict import MET_BAND, Stall, StallDetector, constraint_clause, verdict, verdict_line
+from lightning_geco import GECOCallback, ReconstructionMSE, RunSummary
+from lightning_geco.verdict import (
+    MET_BAND,
+    Stall,
+    StallDetector,
+    constraint_clause,
+    verdict,
+    verdict_line,
+    within_noise,
+)
 
 
 def _detector(window=100):
@@ -157,6 +165,19 @@ def test_verdict_lines_carry_the_figures():
     assert pncc.startswith("UNREACHABLE: pncc 0.93 < 0.94 (+17.0 %); lambda rose 4.5x (2 -> 9) over steps 100-400")
 
 
+def test_the_line_shows_the_standard_error_only_where_the_verdict_is_within_the_noise():
+    # 2.6 % under with a standard error of 2.3 %: 3.6 % from the band's edge, within 2 standard errors
+    noisy_met = constraint_clause("distortion", 0.01949, 0.02, -0.026, True, "met", standard_error=0.023)
+    assert noisy_met == "distortion 0.01949 <= 0.02 (2.6 % ± 2.3 % better than asked)"
+    noisy_miss = constraint_clause("class_cross_entropy", 0.177, 0.15, 0.18, True, "not_met", standard_error=0.091)
+    assert noisy_miss == "NOT MET: class_cross_entropy 0.177 > 0.15 (+18.0 % ± 9.1 %)"
+    # far from the edge (6.5 % under, 7.5 % from it, at 3.5 standard errors): the verdict stands as it is
+    clear = constraint_clause("distortion", 0.004675, 0.005, -0.065, True, "met", standard_error=0.0215)
+    assert clear == "distortion 0.004675 <= 0.005 (6.5 % better than asked)"
+    assert not within_noise(-0.065, 0.0215) and within_noise(-0.065, 0.0385)
+    assert not within_noise(0.3, None) and not within_noise(0.3, math.nan)
+
+
 # ---------------------------------------------------------------------------------------------
 # Small real runs, each built to end one way.
 
@@ -208,3 +229,22 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     stall = geco.detector.stalls[0]
     assert stall.last_step < 399  # said before the end of the run
     assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
+
+
+def test_the_summary_gives_the_standard_error_of_the_final_validation_reading(tmp_path, monkeypatch):
+    # Record the per-image distortions the final validation reads, and compare the summary's
+    # standard error with the sample formula over them.
+    seen = []
+    original = ReconstructionMSE.readings
+
+    def recording(self, output):
+        readings = original(self, output)
+        seen.append(readings["distortion"].detach().double())
+        return readings
+
+    monkeypatch.setattr(ReconstructionMSE, "readings", recording)
+    summary, _, _ = _run(tmp_path, tolerance=0.4, max_steps=6)
+    final = seen[-1]  # the 64 validation images are one batch; the last validation is the final one
+    assert final.numel() == 64
+    assert summary["distortion"] == pytest.approx(final.mean().item(), rel=1e-5)
+    assert summary["standard_error"] == pytest.approx((final.std(unbiased=True) / 8.0).item(), rel=1e-4)

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
-from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
@@ -149,6 +149,8 @@ class VAEModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
+        # One per constraint reading: its validation mean's standard error (the verdict's noise).
+        self.reading_precision = nn.ModuleDict({c.reading_name: MeanWithStandardError() for c in self.constraints})
         #: KL per latent dimension at the last validation (nats), for the traversal panel
         self.kl_per_dimension: Tensor | None = None
         self._checked_range = False
@@ -354,8 +356,11 @@ class VAEModule(pl.LightningModule):
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
             self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
+    def _reading_precision(self) -> dict[str, MeanWithStandardError]:
+        return {name: cast(MeanWithStandardError, metric) for name, metric in self.reading_precision.items()}
+
     def _validation_metrics(self) -> tuple:
-        return (self.aggregate_posterior, self.latent_activity)
+        return (self.aggregate_posterior, self.latent_activity, *self.reading_precision.values())
 
     def on_validation_epoch_start(self) -> None:
         # Reset here too: after trainer.validate (inference mode) the states are inference
@@ -370,11 +375,15 @@ class VAEModule(pl.LightningModule):
         # under DDP that an unsynced epoch-level value may differ between ranks.
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
+        # What another draw of as many validation images could change each reading by.
+        standard_errors = {name: metric.compute()["standard_error"] for name, metric in self._reading_precision().items()}
         for metric in self._validation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
             self.log(f"val/{key}", estimates[key], sync_dist=True)
         self.log("val/active_units", activity["active_units"].float(), sync_dist=True)
+        for name, standard_error in standard_errors.items():
+            self.log(f"val/{name}/standard_error", standard_error, sync_dist=True)
         if len(activity["kl_per_dim"]) <= MAX_LOGGED_DIMENSIONS:
             for j, kl in enumerate(activity["kl_per_dim"]):
                 self.log(f"val/kl_dim/{j}", kl, sync_dist=True)
@@ -403,6 +412,8 @@ class VAEModule(pl.LightningModule):
         readings = {}
         for constraint in self.constraints:
             readings.update(constraint.readings(output))
+        for name, metric in self._reading_precision().items():
+            metric.update(readings[name])
         readings.pop("distortion", None)
         for name, values in readings.items():
             self.log(f"val/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
