@@ -88,6 +88,9 @@ VARIANTS: dict[str, dict] = {
     "pi_train_fast": {"controller": "pi", "drive": "training", "integral_gain": 0.12, "integral_error_limit": 0.05},
     # the default measuring every 24 steps instead of 16 (the calibration stream's cost under 2 %)
     "default_every24": {"calibration_every": 24},
+    # the default with a second integrator that learns the drift of log lambda (type-2 loop)
+    "default_ramp300": {"ramp_steps": 300.0},
+    "default_ramp100": {"ramp_steps": 100.0},
     "pi_calibration_v2": {"controller": "pi", "drive": "calibration", "approach_steps": None},
     "sigma": {},
 }

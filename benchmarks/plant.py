@@ -45,11 +45,13 @@ def main() -> None:
     parser.add_argument("--integral-gain", type=float, default=0.06)
     parser.add_argument("--integral-error-limit", type=float, default=0.1)
     parser.add_argument("--proportional-gain", type=float, default=0.5)
+    parser.add_argument("--ramp-steps", type=float, default=None)
     args = parser.parse_args()
     settings = {
         "integral_gain": args.integral_gain,
         "integral_error_limit": args.integral_error_limit,
         "proportional_gain": args.proportional_gain,
+        "ramp_steps": args.ramp_steps,
     }
     print(f"PI {settings}")
     print("| plant gain | tail deviation (<= 5 %) | tail mean log error (<= 1 %) | lowest after arrival (>= 0.75) | passes |")
