@@ -25,8 +25,10 @@ Rows:
 - ``pi_train_v1`` / ``pi_calibration_v1``, ``pi_train_v2`` / ``pi_calibration_v2``: earlier PI
   settings (v1: K_P 0.25, K_I 0.02, error clip 0.3; v2: today's gains without the approach hold);
 - ``pi_train_fast``: K_I 0.12 with the error clipped at 0.05 (the same largest rise per step);
-- ``default_every24``: the default with ``calibration_every=24`` (what the calibration drive
-  costs against how well it holds);
+- ``default_every24`` / ``default_every20``: the default with ``calibration_every=24`` or 20
+  (what the calibration drive costs against how well it holds);
+- ``default_ramp300`` / ``default_ramp100``: the default with ``ramp_steps`` 300 or 100 (a second
+  integrator that learns the drift of log lambda: a type-2 loop);
 - ``sigma``: the optimal-sigma VAE (Rybkin et al. 2021), no tolerance at all.
 
 Each run is its own process (``--one``), as a user's would be; runs append to
@@ -88,6 +90,7 @@ VARIANTS: dict[str, dict] = {
     "pi_train_fast": {"controller": "pi", "drive": "training", "integral_gain": 0.12, "integral_error_limit": 0.05},
     # the default measuring every 24 steps instead of 16 (the calibration stream's cost under 2 %)
     "default_every24": {"calibration_every": 24},
+    "default_every20": {"calibration_every": 20},
     # the default with a second integrator that learns the drift of log lambda (type-2 loop)
     "default_ramp300": {"ramp_steps": 300.0},
     "default_ramp100": {"ramp_steps": 100.0},
