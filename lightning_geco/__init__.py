@@ -16,7 +16,7 @@ from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork, TorchvisionFeatures
 from lightning_geco.geco import GECO, MultiplierState, mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
-from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity
+from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
 from lightning_geco.models import (
     ConvDRAW,
     ConvVAE,
@@ -62,6 +62,7 @@ __all__ = [
     "LatentActivity",
     "LatentPass",
     "Likelihood",
+    "MeanWithStandardError",
     "MultiplierController",
     "MultiplierState",
     "NonFiniteConstraintError",
