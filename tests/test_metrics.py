@@ -253,12 +253,14 @@ def _metrics_on_rank(rank, world_size, port, mean, log_variance, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        aggregate, activity = AggregatePosteriorKL(chunk_size=64), LatentActivity()
+        aggregate, activity, reading = AggregatePosteriorKL(chunk_size=64), LatentActivity(), MeanWithStandardError()
         share = mean.shape[0] // world_size
         for batch in torch.arange(rank * share, (rank + 1) * share).split(50):
             aggregate.update(mean[batch], log_variance[batch])
             activity.update(mean[batch], log_variance[batch])
-        torch.save({**aggregate.compute(), **activity.compute()}, f"{out}/rank{rank}.pt")
+            reading.update(mean[batch, 0].exp())  # any per-example value
+        readings = {f"reading_{k}": v for k, v in reading.compute().items()}
+        torch.save({**aggregate.compute(), **activity.compute(), **readings}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -271,10 +273,11 @@ def test_two_ddp_processes_give_the_same_estimates_as_one(tmp_path):
         _metrics_on_rank, args=(2, _free_port(), mean, log_variance, str(tmp_path)), nprocs=2, join=True
     )
     single = {}
-    aggregate, activity = AggregatePosteriorKL(chunk_size=1000), LatentActivity()
+    aggregate, activity, reading = AggregatePosteriorKL(chunk_size=1000), LatentActivity(), MeanWithStandardError()
     aggregate.update(mean, log_variance)
     activity.update(mean, log_variance)
-    single = {**aggregate.compute(), **activity.compute()}
+    reading.update(mean[:, 0].exp())
+    single = {**aggregate.compute(), **activity.compute(), **{f"reading_{k}": v for k, v in reading.compute().items()}}
     for rank in (0, 1):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")
         assert ddp.keys() == single.keys()
