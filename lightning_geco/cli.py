@@ -272,6 +272,19 @@ class ShortErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
+def _checkpoint_hyperparameters(path: str) -> dict[str, Any]:
+    """A checkpoint's ``hyper_parameters``, read before the Trainer loads the whole file.
+
+    Memory-mapped, so the weights and optimizer state are not read twice (the Trainer reads them
+    when it restores); a checkpoint in torch's legacy format cannot be mapped and is read whole.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(checkpoint.get("hyper_parameters", {}))
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -347,7 +360,7 @@ class GECOLightningCLI(LightningCLI):
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
         if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
             self.resumed_run_id = Path(ckpt_path).parent.name
-        hyperparameters = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        hyperparameters = _checkpoint_hyperparameters(ckpt_path)
         try:
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
