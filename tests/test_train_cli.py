@@ -447,7 +447,8 @@ def test_two_process_ddp_run_through_train_py_logs_to_wandb_and_writes_one_summa
     summary_path = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads(summary_path.read_text())
     assert summary["global_step"] == 4 and summary["lambda"] > 0
+    assert summary["standard_error"] > 0  # over both ranks' validation images
     # Values that are global already are not flagged as unsynced epoch-level tensors.
     assert "sync_dist=True" not in proc.stderr
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
-    assert {"geco/lambda", "val/marginal_kl"} <= set().union(*read_history(summary_path.parent.parent))
+    assert {"geco/lambda", "val/marginal_kl", "val/distortion/standard_error"} <= set().union(*read_history(summary_path.parent.parent))
