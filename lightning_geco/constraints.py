@@ -23,6 +23,7 @@ from lightning_geco.classifier import class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood
+from lightning_geco.metrics import mean_and_standard_error
 from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
@@ -47,10 +48,11 @@ MAX_PSNR_DB = 100.0
 
 
 def _mean_and_standard_error(values: Tensor) -> tuple[float, float]:
-    """Mean of ``values`` (N,) and its standard error (0 for one value), as floats."""
-    values = values.detach().float().flatten()
-    error = float(values.std() / values.numel() ** 0.5) if values.numel() > 1 else 0.0
-    return float(values.mean()), error
+    """Mean of ``values`` (N,) and its standard error (0 for one value: no spread to allow for)."""
+    values = values.detach().double().flatten()
+    count = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
+    mean, error = mean_and_standard_error(values.sum(), values.pow(2).sum(), count)
+    return float(mean), float(error.nan_to_num(0.0))
 
 
 class Constraint(Rebuildable, nn.Module):

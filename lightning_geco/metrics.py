@@ -1,8 +1,9 @@
 """torchmetrics Metrics over an evaluated set (correct under DDP): the latent space, and how
 precisely the set measures a constraint's reading.
 
-All values are in nats per image (or per image and latent dimension), p(z) = N(0, I), and the
-posteriors q(z|x_n) = N(mean_n, diag(exp(log_variance_n))) are diagonal Gaussians.
+The latent-space values are in nats per image (or per image and latent dimension), p(z) =
+N(0, I), and the posteriors q(z|x_n) = N(mean_n, diag(exp(log_variance_n))) are diagonal
+Gaussians; a reading's mean and standard error are in the reading's own units.
 
 Aggregate posterior (``AggregatePosteriorKL``)
 ----------------------------------------------
@@ -516,7 +517,8 @@ class MeanWithStandardError(Metric):
 
     def update(self, values: Tensor) -> None:
         if values.dim() != 1:
-            raise ValueError(f"MeanWithStandardError takes one value per example, shape (N,), got {tuple(values.shape)}.")
+            shape = tuple(values.shape)
+            raise ValueError(f"MeanWithStandardError takes one value per example, shape (N,), got {shape}.")
         values = values.detach().double()
         self.total += values.sum()
         self.total_squares += values.pow(2).sum()

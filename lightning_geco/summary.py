@@ -41,7 +41,9 @@ def _relative_standard_error(constraint: Any, standard_error: float | None) -> f
     """A reading's standard error in units of the constraint's scale (as ``relative_violation``)."""
     if standard_error is None or not math.isfinite(standard_error):
         return None
-    return abs(constraint.relative_violation(constraint.reading_tolerance + standard_error) - constraint.relative_violation(constraint.reading_tolerance))
+    # relative_violation is affine in the reading (its sign flips for a higher-is-better one)
+    at_tolerance = constraint.relative_violation(constraint.reading_tolerance)
+    return abs(constraint.relative_violation(constraint.reading_tolerance + standard_error) - at_tolerance)
 
 
 class RunSummary(Callback):
@@ -116,7 +118,9 @@ class RunSummary(Callback):
         self._validation = {k: float(metrics[f"val/{k}"]) for k in ordered}
         suffix = "/standard_error"
         self._standard_errors = {
-            k[len("val/") : -len(suffix)]: float(v) for k, v in metrics.items() if k.startswith("val/") and k.endswith(suffix)
+            k[len("val/") : -len(suffix)]: float(v)
+            for k, v in metrics.items()
+            if k.startswith("val/") and k.endswith(suffix)
         }
         self._history.append((trainer.global_step, dict(self._validation)))
 
@@ -161,7 +165,8 @@ class RunSummary(Callback):
             for c in constraints
         ]
         # The standard error in the verdict's units (relative to the scale), for the clause.
-        relative_errors = [_relative_standard_error(c, self._standard_errors.get(c.reading_name)) for c in constraints]
+        standard_errors = [self._standard_errors.get(c.reading_name) for c in constraints]
+        relative_errors = [_relative_standard_error(c, e) for c, e in zip(constraints, standard_errors)]
         per_constraint = {
             "lambda": lam,
             "constraint_ema": ema,
@@ -169,7 +174,7 @@ class RunSummary(Callback):
             "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
-            "standard_error": [_number_or_none(self._standard_errors.get(c.reading_name)) for c in constraints],
+            "standard_error": [_number_or_none(e) for e in standard_errors],
         }
         if callback.last_calibration is not None:  # only the calibration drive measures
             # What moved lambda under the calibration drive (constraint_ema is then the training

@@ -133,7 +133,6 @@ def test_pi_state_round_trips_and_an_old_checkpoint_continues_from_its_lambda():
     restored.load_state_dict(geco.state_dict())  # the callback's state
     assert torch.equal(restored.controller.integral, geco.controller.integral)
     assert torch.equal(restored.controller.smoothed_error, geco.controller.smoothed_error)
-    assert torch.equal(restored.controller.drift, geco.controller.drift)
     # Before controllers existed: no controller state, lambda in the callback's state.
     old = {k: v for k, v in geco_snapshot(geco).items() if k != "controller"}
     fresh = _callback_geco([0.01], controller="pi")
@@ -227,3 +226,20 @@ def test_ramp_tracking_removes_the_lag_behind_a_steep_drift():
         ratios = closed_loop(g, ramp_steps=300.0)
         first = next(i for i, r in enumerate(ratios) if r <= 1.0)
         assert all(abs(r - 1) < 0.05 for r in ratios[-len(ratios) // 5 :]) and min(ratios[first:]) > 0.75
+
+
+def test_the_learned_drift_round_trips_and_an_older_state_starts_without_one():
+    geco = _callback_geco([0.01], controller="pi", ramp_steps=100.0)
+    for value in (0.0105, 0.0104, 0.0103, 0.0102):  # within the clip band: the drift learns
+        geco.update(_statistics(torch.full((4, 1), value - 0.01)))
+    assert geco.controller.drift.abs().item() > 0
+    restored = _callback_geco([0.01], controller="pi", ramp_steps=100.0)
+    restored.state.load_state_dict(geco.state.state_dict())
+    restored.load_state_dict(geco.state_dict())
+    assert torch.equal(restored.controller.drift, geco.controller.drift)
+    older = geco.state_dict()
+    older["controller"] = {k: v for k, v in older["controller"].items() if k != "drift"}
+    fresh = _callback_geco([0.01], controller="pi", ramp_steps=100.0)
+    fresh.load_state_dict(older)
+    assert fresh.controller.drift.item() == 0.0
+    assert torch.equal(fresh.controller.integral, geco.controller.integral)

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
-from lightning_geco import GECOCallback, ReconstructionMSE, RunSummary
+from lightning_geco import GECOCallback, GECOObjective, PatchNCC, ReconstructionMSE, RunSummary
+from lightning_geco.summary import _relative_standard_error
 from lightning_geco.verdict import (
     MET_BAND,
     Stall,
@@ -248,3 +249,22 @@ def test_the_summary_gives_the_standard_error_of_the_final_validation_reading(tm
     assert final.numel() == 64
     assert summary["distortion"] == pytest.approx(final.mean().item(), rel=1e-5)
     assert summary["standard_error"] == pytest.approx((final.std(unbiased=True) / 8.0).item(), rel=1e-4)
+
+
+def test_the_standard_error_follows_an_objective_replaced_after_construction(tmp_path):
+    model = tiny_conv_vae(tolerance=0.4)
+    model.objective = GECOObjective([PatchNCC(0.5, patch_size=5)])  # no MSE constraint any more
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=32)
+    logged = trainer.validate(model, val, verbose=False)[0]
+    assert logged["val/pncc/standard_error"] > 0
+    assert "val/distortion/standard_error" not in logged
+
+
+def test_the_relative_standard_error_is_in_units_of_each_constraints_scale():
+    # An MSE stated in dB is still read in MSE: the standard error over the tolerance in MSE.
+    psnr = ReconstructionMSE(20.0, unit="psnr")
+    assert _relative_standard_error(psnr, 0.0005) == pytest.approx(0.0005 / psnr.tolerance_mse)
+    # pNCC (higher is better) is scaled by 1 - minimum: 0.01 of NCC at minimum 0.9 is 10 %.
+    assert _relative_standard_error(PatchNCC(0.9), 0.01) == pytest.approx(0.1)
+    assert _relative_standard_error(psnr, None) is None and _relative_standard_error(psnr, math.nan) is None

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
@@ -149,8 +149,10 @@ class VAEModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
-        # One per constraint reading: its validation mean's standard error (the verdict's noise).
-        self.reading_precision = nn.ModuleDict({c.reading_name: MeanWithStandardError() for c in self.constraints})
+        # One per constraint reading, its validation mean's standard error (the verdict's noise).
+        # Built at each validation from the constraints of that moment (an objective may be
+        # replaced after construction); not submodules, so checkpoints and dtype casts skip them.
+        self.reading_precision: dict[str, MeanWithStandardError] = {}
         #: KL per latent dimension at the last validation (nats), for the traversal panel
         self.kl_per_dimension: Tensor | None = None
         self._checked_range = False
@@ -356,9 +358,6 @@ class VAEModule(pl.LightningModule):
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
             self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
-    def _reading_precision(self) -> dict[str, MeanWithStandardError]:
-        return {name: cast(MeanWithStandardError, metric) for name, metric in self.reading_precision.items()}
-
     def _validation_metrics(self) -> tuple:
         return (self.aggregate_posterior, self.latent_activity, *self.reading_precision.values())
 
@@ -367,6 +366,8 @@ class VAEModule(pl.LightningModule):
         # tensors, which the validation inside a later fit (no_grad) cannot update in place.
         for metric in self._validation_metrics():
             metric.reset()
+        names = dict.fromkeys(c.reading_name for c in self.constraints)
+        self.reading_precision = {name: MeanWithStandardError().to(self.device) for name in names}
 
     def on_validation_epoch_end(self) -> None:
         # Metrics gather every rank's states, so these cover the whole validation set and are
@@ -376,7 +377,11 @@ class VAEModule(pl.LightningModule):
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
         # What another draw of as many validation images could change each reading by.
-        standard_errors = {name: metric.compute()["standard_error"] for name, metric in self._reading_precision().items()}
+        standard_errors = {
+            name: metric.compute()["standard_error"]
+            for name, metric in self.reading_precision.items()
+            if metric.update_called
+        }
         for metric in self._validation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
@@ -412,8 +417,9 @@ class VAEModule(pl.LightningModule):
         readings = {}
         for constraint in self.constraints:
             readings.update(constraint.readings(output))
-        for name, metric in self._reading_precision().items():
-            metric.update(readings[name])
+        for name, metric in self.reading_precision.items():
+            if name in readings:  # a constraint of the user's may report its reading under another key
+                metric.update(readings[name])
         readings.pop("distortion", None)
         for name, values in readings.items():
             self.log(f"val/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
