@@ -263,6 +263,11 @@ class ShortErrorParser(LightningArgumentParser):
     """A LightningArgumentParser whose errors are the cause in a line or two, not the usage and a
     nested Union report; ``--help`` still lists every option."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A shortened option (--trainer.max_step) is an error naming the full one, not silently it.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)

@@ -262,6 +262,7 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
     [
         (["--data.init_args.num_trian", "5"], "lightning_geco.datamodules.ShapesDataModule has no option 'num_trian'. Did you mean 'num_train'?"),
         (["--trainer.max_stepz", "5"], "unknown option --trainer.max_stepz. Did you mean --trainer.max_steps?"),
+        (["--trainer.max_step", "5"], "unknown option --trainer.max_step. Did you mean --trainer.max_steps?"),
         (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
         (["--tolerance", "0"], "ReconstructionMSE tolerance 0.0 (unit 'mse') cannot be expressed"),
