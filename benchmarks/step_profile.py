@@ -3,8 +3,8 @@
     python benchmarks/step_profile.py [--device cuda] [--steps 200] [--batch-size 256] [--image-size 64]
 
 Trains the benchmarked ConvVAE (as ``benchmarks/gpu.py``: shapes held on the device, no logger,
-no validation) with the ELBO, with GECO (``relative``, the default) and with GECO's PI
-controller, and prints one table: wall-clock ms per optimizer step (the device synchronised at
+no validation) with the ELBO, with GECO's previous default ``relative`` (row ``geco``) and with
+its PI controller, the default (row ``geco_pi``), and prints one table: wall-clock ms per optimizer step (the device synchronised at
 the ends of the timed window only), the host ms per step spent inside the objective's forward
 and inside ``GECOCallback.on_before_optimizer_step``, and the number of tensor (aten) operations
 each issues per step, counted with a dispatch mode in a separate short run. On a GPU a step

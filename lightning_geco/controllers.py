@@ -297,8 +297,8 @@ class PIController(MultiplierController):
         smoothed = s * previous + (1.0 - s) * error
         low, high = self.log_lambda_bounds
         limit = math.inf if self.integral_error_limit is None else self.integral_error_limit
-        integrated = error.clamp(-limit, limit)
-        held = torch.zeros_like(error, dtype=torch.bool)
+        integrated = error if self.integral_error_limit is None else error.clamp(-limit, limit)
+        held: Tensor | None = None
         if self.approach_steps is not None:
             # The error's slope per step from two moving averages: an average over T steps lags
             # a ramp by T steps, so (fast - slow) / (T_slow - T_fast) is the ramp's slope.
@@ -307,24 +307,25 @@ class PIController(MultiplierController):
             slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
             # Past the tolerance but falling towards it fast enough to arrive within
             # approach_steps: the model is getting there on its own, so lambda is held.
-            arriving = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
-            integrated = torch.where(arriving, torch.zeros_like(integrated), integrated)
-            held = arriving
+            held = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
+            integrated = torch.where(held, torch.zeros_like(integrated), integrated)
             self.slow_error = torch.where(valid, slow, self.slow_error)
-        rise = self.integral_gain * integrated
-        if self.ramp_steps is not None:
+        if self.ramp_steps is None:
+            integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
+        else:
             # A second integrator learns the steady drift of log lambda per step that a model
             # still improving asks for, so the first needs no standing error to follow it. It
             # learns only while tracking (smoothed error within the clip band, not held, the
             # integrator off its bounds) and never drifts faster than the integrator's largest
             # rise. The drift is the trend lambda follows, so it moves lambda during a hold too.
             saturated = (self.integral <= low) | (self.integral >= high)
-            tracking = (smoothed.abs() < limit) & ~held & ~saturated
+            tracking = (smoothed.abs() < limit) & ~saturated
+            if held is not None:
+                tracking = tracking & ~held
             learned = torch.where(tracking, error, torch.zeros_like(error)) * (self.integral_gain / self.ramp_steps * period)
             bound = self.integral_gain * limit
-            rise = rise + self.drift
+            integral = (self.integral + period * (self.integral_gain * integrated + self.drift)).clamp(low, high)
             self.drift = torch.where(valid, (self.drift + learned).clamp(-bound, bound), self.drift)
-        integral = (self.integral + period * rise).clamp(low, high)
         self.smoothed_error = torch.where(valid, smoothed, self.smoothed_error)
         self.integral = torch.where(valid, integral, self.integral)
         self.started = self.started | valid
