@@ -405,6 +405,14 @@ class GECOLightningCLI(LightningCLI):
                     f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only resumes the model it was "
                     "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
                 )
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                # Two warnings every run printed, neither the user's to act on: Lightning passes
+                # anonymous=None, and wandb looks for a git root in its folder before making it.
+                if logger._wandb_init.get("anonymous") is None:
+                    logger._wandb_init.pop("anonymous", None)
+                if logger.save_dir:
+                    os.makedirs(logger.save_dir, exist_ok=True)
         run_id = self._run_id()
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
