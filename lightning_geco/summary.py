@@ -29,12 +29,11 @@ def run_directory(trainer: pl.Trainer) -> Path:
 
 
 def _number(value: Any) -> float | None:
+    """A finite float, or None (for None, NaN or an infinity: JSON has none of them)."""
+    if value is None:
+        return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _number_or_none(value: float | None) -> float | None:
-    return None if value is None else _number(value)
 
 
 def _relative_standard_error(constraint: Any, standard_error: float | None) -> float | None:
@@ -174,7 +173,7 @@ class RunSummary(Callback):
             "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
             "reading": [c.reading_name for c in constraints],
             "relative_violation": violation,
-            "standard_error": [_number_or_none(e) for e in standard_errors],
+            "standard_error": [_number(e) for e in standard_errors],
         }
         if callback.last_calibration is not None:  # only the calibration drive measures
             # What moved lambda under the calibration drive (constraint_ema is then the training

@@ -359,13 +359,14 @@ class VAEModule(pl.LightningModule):
             self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
     def _validation_metrics(self) -> tuple:
-        return (self.aggregate_posterior, self.latent_activity, *self.reading_precision.values())
+        return (self.aggregate_posterior, self.latent_activity)
 
     def on_validation_epoch_start(self) -> None:
         # Reset here too: after trainer.validate (inference mode) the states are inference
         # tensors, which the validation inside a later fit (no_grad) cannot update in place.
         for metric in self._validation_metrics():
             metric.reset()
+        # Fresh ones each validation (nothing to reset), for the constraints of this moment.
         names = dict.fromkeys(c.reading_name for c in self.constraints)
         self.reading_precision = {name: MeanWithStandardError().to(self.device) for name in names}
 
