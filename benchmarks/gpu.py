@@ -15,10 +15,12 @@ Sections (defaults in brackets; ``--cpu-smoke`` shrinks every size, see :data:`S
 1. **Training throughput** of ConvVAE (64x64, batch 256) on shapes held on the GPU
    (``ShapesDataModule(device="cuda")``; one DataLoader over the same tensors for all
    variants): a plain PyTorch loop (rate + fixed lambda * squared error, no Lightning), Lightning
-   + ELBO, Lightning + GECO (``GECOCallback``), each in fp32 and bf16-mixed. Each run: a fresh
-   model, [30] warm-up steps, then [300] timed steps; the six runs are interleaved over [5]
-   rounds (the order rotates each round), reported as the median images/s with the min-max
-   over rounds, and the GECO/ELBO and GECO/plain ratios of each round.
+   + ELBO, Lightning + GECO (``GECOCallback()``) and Lightning + GECO with its per-step update
+   compiled (``GECOCallback(compile=True)``), each in fp32 and bf16-mixed. Each run: a fresh
+   model, [30] warm-up steps (the compiled update compiles in the first), then [300] timed
+   steps; the eight runs are interleaved over [5] rounds (the order rotates each round),
+   reported as the median images/s with the min-max over rounds, and the GECO/ELBO and
+   GECO/plain ratios of each round, for both GECO rows.
 2. **Marginal KL**: ``AggregatePosteriorKL.compute`` at N = 50,000, d = 10 on the device: the
    median over repeats after one warm-up call; both ``compile=False`` and ``compile=True`` when
    the class takes a ``compile`` argument.
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -80,8 +83,13 @@ from throughput import build_model, make_objective, plain_loss, sync_device  # n
 RESULT_TAG = "GPU_BENCHMARK_RESULT "
 FP32, BF16 = "fp32", "bf16-mixed"
 LIGHTNING_PRECISION = {FP32: "32-true", BF16: "bf16-mixed"}
-VARIANTS = ("plain", "elbo", "geco")
-VARIANT_LABEL = {"plain": "plain PyTorch loop", "elbo": "Lightning + ELBO", "geco": "Lightning + GECO"}
+VARIANTS = ("plain", "elbo", "geco", "geco_compiled")
+VARIANT_LABEL = {
+    "plain": "plain PyTorch loop",
+    "elbo": "Lightning + ELBO",
+    "geco": "Lightning + GECO",
+    "geco_compiled": "Lightning + GECO, compiled update",
+}
 
 
 @dataclass(frozen=True)
@@ -373,14 +381,16 @@ def lightning_trainer(sizes: Sizes, precision: str, callbacks: list, max_steps: 
 
 
 def run_lightning(
-    sizes: Sizes, loader, precision: str, geco: bool, windows: int = 1, compile_model: bool = False
+    sizes: Sizes, loader, precision: str, geco: bool, windows: int = 1, compile_model: bool = False,
+    compile_geco: bool = False,
 ) -> Timing:
-    """``Trainer.fit`` with the ELBO, or GECO and its callback; optionally the forward compiled."""
+    """``Trainer.fit`` with the ELBO, or GECO and its callback; optionally the forward compiled,
+    optionally GECO's per-step update (``GECOCallback(compile=True)``)."""
     from lightning_geco import GECOCallback
 
     memory = PeakMemory(sizes.device)
     clock = WindowClock(sizes.device, sizes.warmup, sizes.steps)
-    callbacks = [WindowTimer(clock)] + ([GECOCallback()] if geco else [])
+    callbacks = [WindowTimer(clock)] + ([GECOCallback(compile=compile_geco)] if geco else [])
     model = build_model(sizes.image_size, make_objective(geco))
     if compile_model:
         compile_forward(model, sizes.compile_backend)
@@ -392,7 +402,8 @@ def run_lightning(
 def run_variant(sizes: Sizes, loader, variant: str, precision: str, **kwargs) -> Timing:
     if variant == "plain":
         return run_plain(sizes, loader, precision, **kwargs)
-    return run_lightning(sizes, loader, precision, geco=variant == "geco", **kwargs)
+    geco = variant.startswith("geco")
+    return run_lightning(sizes, loader, precision, geco=geco, compile_geco=variant == "geco_compiled", **kwargs)
 
 
 # ------------------------------------------------------------------ sections
@@ -407,12 +418,17 @@ class Budget:
 
 
 def training_rows(sizes: Sizes, loader, precisions: list[str], skipped: dict[str, str], budget: Budget) -> list[Row]:
-    """Section 1: plain / ELBO / GECO x precisions, interleaved rounds, plus the ratio rows."""
+    """Section 1: plain / ELBO / GECO / GECO compiled x precisions, interleaved rounds, plus the ratio rows."""
     configs = [(v, p) for p in precisions for v in VARIANTS]
     rows = {(v, p): Row(VARIANT_LABEL[v], p, "images/s") for v, p in configs}
     for precision, reason in skipped.items():
         for variant in VARIANTS:
             rows[(variant, precision)] = Row(VARIANT_LABEL[variant], precision, "images/s", status=reason)
+    from lightning_geco.metrics import compiler_available
+
+    if not compiler_available(sizes.device):
+        for precision in precisions:
+            rows[("geco_compiled", precision)].status = "skipped: torch.compile cannot build kernels here"
     section_end = time.perf_counter() + sizes.train_budget_s
     for round_ in range(sizes.rounds):
         began = time.perf_counter()
@@ -440,10 +456,11 @@ def training_rows(sizes: Sizes, loader, precisions: list[str], skipped: dict[str
     for precision in all_precisions:
         out += [rows[(v, precision)] for v in VARIANTS]
     for precision in all_precisions:
-        for other in ("elbo", "plain"):
-            label = f"GECO / {'ELBO' if other == 'elbo' else 'plain'} (images/s)"
+        for variant, other in itertools.product(("geco", "geco_compiled"), ("elbo", "plain")):
+            name = "GECO" if variant == "geco" else "GECO compiled"
+            label = f"{name} / {'ELBO' if other == 'elbo' else 'plain'} (images/s)"
             row = Row(label, precision, "ratio", note="per-round ratios; < 1: GECO slower")
-            geco, base = rows[("geco", precision)], rows[(other, precision)]
+            geco, base = rows[(variant, precision)], rows[(other, precision)]
             if geco.status or base.status or not geco.values:
                 row.status = "skipped: a run it needs did not complete"
             else:

@@ -234,6 +234,12 @@ class GECOCallback(Callback):
     Once ``max_nonfinite_steps`` steps in a row were skipped, training stops with an error at
     the next logging step (at once on the host path).
 
+    ``compile=True`` fuses the per-step work: the moving average, the controller and the skip
+    decision run as four ``torch.compile``-built functions instead of ~150 small tensor ops
+    (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
+    host launching kernels (a small model on a GPU); it costs seconds of compiling per process.
+    Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
+
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
     regulated reading; when more lambda stops buying quality (see :mod:`lightning_geco.verdict`)
     it warns once with the figures, so a hopeless run can be stopped, and the run's verdict
@@ -258,6 +264,7 @@ class GECOCallback(Callback):
         max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error.
         stall_window: steps the unreachable rule looks back over, as a fraction of
             ``max_steps`` (or, without ``max_steps``, 300 steps).
+        compile: run GECO's per-step bookkeeping and update as ``torch.compile``-fused functions.
     """
 
     def __init__(
@@ -282,6 +289,7 @@ class GECOCallback(Callback):
         initial_lambda: float = 1.0,
         max_nonfinite_steps: int = 10,
         stall_window: float = 0.2,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if controller not in CONTROLLER_NAMES:
@@ -301,6 +309,8 @@ class GECOCallback(Callback):
         for name, value in (("calibration_every", calibration_every), ("calibration_batch_size", calibration_batch_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"GECOCallback {name} must be a positive int, got {value!r}.")
+        if not isinstance(compile, bool):
+            raise ValueError(f"GECOCallback compile must be True or False, got {compile!r}.")
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
         self.controller = controller
@@ -324,10 +334,10 @@ class GECOCallback(Callback):
         self.initial_lambda = initial_lambda
         self.max_nonfinite_steps = max_nonfinite_steps
         self.stall_window = stall_window
+        self.compile = compile
         self.geco: GECO | None = None
         self.objective: GECOObjective | None = None
         self.detector: StallDetector | None = None
-        self._consecutive_nonfinite = torch.zeros((), dtype=torch.int64)
         self._calibration: Dataset | None = None
         self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
@@ -409,6 +419,7 @@ class GECOCallback(Callback):
             scales=scales,
             drive=self.active_drive,
             state=objective.multipliers,
+            compile=self.compile,
         )
 
     def relative_step_size(self, constraint: Constraint) -> float:
@@ -539,13 +550,13 @@ class GECOCallback(Callback):
         geco = self._ready_geco
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         k = geco.num_constraints
-        valid = geco.update(statistics)
+        geco.update(statistics)
         if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = measured[:k] / measured[k].clamp_min(1.0)
         # The optimizer must not see the gradients of a non-finite step.
-        skip = (statistics[k] > 0) & ~valid
+        skip = geco.skipped
         logging = is_logging_step(trainer)
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
         on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
@@ -557,7 +568,6 @@ class GECOCallback(Callback):
             torch_optimizer.found_inf = skip.float()  # type: ignore[union-attr]
         elif bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
-        self._consecutive_nonfinite = torch.where(skip, self._consecutive_nonfinite.to(skip.device) + 1, 0)
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, statistics[:k] / statistics[k].clamp_min(1.0))
             self._watch(trainer)
@@ -587,7 +597,7 @@ class GECOCallback(Callback):
     @property
     def consecutive_nonfinite_steps(self) -> int:
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
-        return int(self._consecutive_nonfinite)
+        return self._ready_geco.num_consecutive_skips if self.geco is not None else 0
 
     @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -674,7 +684,6 @@ class GECOCallback(Callback):
         return {
             "geco": self.geco.state_dict(),
             "constraints": self.objective.describe() if self.objective is not None else [],
-            "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
             "active_drive": self.active_drive,
         }
 
@@ -695,8 +704,10 @@ class GECOCallback(Callback):
                 f"has {[c['name'] for c in current]}: the checkpoint comes from an incompatible model."
             )
         # A changed tolerance is warned by the objective, whose state dict holds the trained one.
-        self.geco.load_state_dict(state["geco"])
-        self._consecutive_nonfinite = torch.tensor(int(state.get("consecutive_nonfinite_steps", 0)))
+        geco_state = dict(state["geco"])
+        # Checkpoints from before GECO counted skips in a row kept the count here.
+        geco_state.setdefault("num_consecutive_skips", state.get("consecutive_nonfinite_steps", 0))
+        self.geco.load_state_dict(geco_state)
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
         saved_drive = state.get("active_drive")

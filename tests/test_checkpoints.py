@@ -208,6 +208,17 @@ def test_a_checkpoint_of_the_previous_version_loads_its_lambda_and_says_what_to_
     assert trainer.global_step == 7
 
 
+def test_a_checkpoint_that_kept_the_skip_streak_in_the_callback_restores_it(tmp_path):
+    callback = GECOCallback()
+    _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path, callbacks=[callback])
+    state = callback.state_dict()
+    assert state["geco"]["num_consecutive_skips"] == 0 and "consecutive_nonfinite_steps" not in state
+    del state["geco"]["num_consecutive_skips"]
+    state["consecutive_nonfinite_steps"] = 3  # where the previous version kept it
+    callback.load_state_dict(state)
+    assert callback.consecutive_nonfinite_steps == callback.geco.num_consecutive_skips == 3
+
+
 def test_an_old_bernoulli_checkpoint_says_which_likelihood_to_pass(tmp_path):
     model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionBCE(0.3)]), likelihood=BernoulliLikelihood())
     _trained(model, tmp_path, binary=True)

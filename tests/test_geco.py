@@ -1,3 +1,4 @@
+import copy
 import math
 import re
 
@@ -5,7 +6,9 @@ import pytest
 import torch
 
 from helpers import geco_snapshot
+from lightning_geco.controllers import Algorithm1, PIController
 from lightning_geco.geco import GECO, mse_to_psnr, psnr_to_mse
+from lightning_geco.metrics import compiler_available
 
 
 def test_psnr_mse_conversion():
@@ -160,6 +163,20 @@ def test_state_dict_round_trip_and_incompatible_names():
         GECO(["a"]).load_state_dict(geco.state_dict())
 
 
+def test_skips_in_a_row_are_counted_reset_by_a_valid_update_and_saved():
+    geco = GECO(["a"], alpha=0.5)
+    counts = []
+    for value in (0.1, float("nan"), float("inf"), 0.1, float("nan")):
+        geco.update(torch.tensor([value, 1.0, 0.0]))
+        counts.append((geco.num_consecutive_skips, bool(geco.skipped)))
+    assert counts == [(0, False), (1, True), (2, True), (0, False), (1, True)]
+    restored = GECO(["a"], alpha=0.5)
+    restored.load_state_dict(geco.state_dict())
+    assert restored.num_consecutive_skips == 1 and restored.num_skipped_updates == 3
+    geco.update(torch.tensor([0.0, 0.0, 0.0]))  # no examples: nothing to skip, the streak ends
+    assert geco.num_consecutive_skips == 0 and not geco.skipped and geco.num_skipped_updates == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -180,3 +197,61 @@ def test_bad_hyperparameters_are_rejected_with_the_value(kwargs, message):
 def test_constraint_shape_is_checked():
     with pytest.raises(ValueError, match=r"shape \(N, 2\), got \(4,\)"):
         GECO(["a", "b"]).constraint_term(torch.zeros(4))
+
+
+needs_compiler = pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on the CPU")
+
+
+def _state(geco: GECO) -> dict:
+    """Every tensor the per-step methods write: lambda, the average, counters, pending sums, controller."""
+    tensors = {
+        "log_lambda": geco.log_lagrange_multiplier, "ema": geco.constraint_ema, "seeded": geco._seeded,
+        "pending": geco._pending, "skipped": geco.skipped, "updates": geco._num_updates,
+        "skips": geco._num_skipped_updates, "in_a_row": geco._num_consecutive_skips,
+        "measurements": geco._num_measurements,
+    }
+    controller = {k: v for k, v in geco.controller.__dict__.items() if isinstance(v, torch.Tensor)}
+    return {**tensors, **controller}
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("controller", "drive"),
+    [(PIController(), "training"), (PIController(), "calibration"), (PIController(ramp_steps=300), "training"),
+     (Algorithm1.relative(0.006, [0.02, 0.1]), "training"), (Algorithm1(), "training")],
+    ids=["pi", "pi_calibration", "pi_ramp", "relative", "paper"],
+)
+def test_compiled_per_step_methods_agree_with_the_eager_ones(controller, drive):
+    # Two GECOs on the same batches, one eager, one compiled: through valid steps, NaN-skipped
+    # steps and a streak of them, the flags and counters agree exactly and every float to float32
+    # rounding (inductor's vectorised log differs from ATen's in the last bit).
+    eager, compiled = (
+        GECO(["a", "b"], alpha=0.9, controller=copy.deepcopy(controller), scales=[0.02, 0.1], drive=drive, compile=flag)
+        for flag in (False, True)
+    )
+    generator = torch.Generator().manual_seed(0)
+    for step in range(40):
+        values = torch.tensor([0.02, 0.1]) * (1.5 - step / 40) * (1 + 0.3 * torch.randn(16, 2, generator=generator))
+        values = values - torch.tensor([0.02, 0.1])
+        if step in (7, 20, 21):
+            values[3, 0] = float("nan")
+        outputs = []
+        for geco in (eager, compiled):
+            batch = values.clone().requires_grad_()
+            term = geco.constraint_term(batch)
+            term.sum().backward()
+            geco.record_loss(term.sum() + 1.0)
+            statistics = geco.pending_statistics()
+            valid = geco.update(statistics)
+            if drive == "calibration" and step % 4 == 0:
+                geco.control(statistics, 4)
+            outputs.append({"term": term.detach(), "gradient": batch.grad, "valid": valid, **_state(geco)})
+        if step == 21:
+            assert eager.num_consecutive_skips == compiled.num_consecutive_skips == 2
+        a, b = outputs
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, equal_nan=True, msg=f"{key} at step {step}")
+    assert eager.num_skipped_updates == compiled.num_skipped_updates == 3
+    assert eager.num_updates == compiled.num_updates == 37
+    assert eager.num_consecutive_skips == 0 and eager.compile is False and compiled.compile is True

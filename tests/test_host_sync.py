@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback
 from lightning_geco.callbacks import is_logging_step
+from lightning_geco.metrics import compiler_available
 from lightning_geco.models.conv_vae import ConvVAE
 
 # Every way a tensor's value reaches Python (each is a device-to-host sync on a GPU).
@@ -120,3 +121,28 @@ def test_a_non_finite_step_on_a_fused_optimizer_leaves_its_state_as_if_it_had_no
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert callback.geco.num_skipped_updates == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class LambdaTrace(pl.Callback):
+    def __init__(self):
+        self.log_lambdas = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.log_lambdas.append(pl_module.objective.multipliers.log_lagrange_multiplier.clone())
+
+
+@pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on the CPU")
+def test_a_compiled_geco_trains_as_the_eager_one_and_reads_nothing_on_the_host():
+    runs = {}
+    for compile in (False, True):
+        pl.seed_everything(0)
+        callback, trace = CountingCallback(controller="pi", compile=compile), LambdaTrace()
+        trainer = quiet_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback, trace])
+        trainer.fit(_fused_model(nan_steps=[2, 3]), _loader())
+        runs[compile] = callback, trace.log_lambdas
+    (eager, eager_lambdas), (compiled, compiled_lambdas) = runs[False], runs[True]
+    assert compiled.geco.compile and compiled.geco.num_skipped_updates == eager.geco.num_skipped_updates == 2
+    torch.testing.assert_close(torch.stack(compiled_lambdas), torch.stack(eager_lambdas), rtol=1e-4, atol=1e-6)
+    # The first step compiles (tracing reads a few scalars once); every later silent step reads nothing.
+    silent = [step for step in compiled.reads if step not in compiled.logging_steps and step > 0]
+    assert len(silent) >= 4 and all(compiled.reads[step] == [] for step in silent), compiled.reads
