@@ -10,8 +10,8 @@ one table: wall-clock ms per optimizer step (the device synchronised at the ends
 window only), the host ms per step spent inside the objective's forward and inside
 ``GECOCallback.on_before_optimizer_step``, and the operations each issues per step, counted in
 a separate short run with the profiler (top-level events: one per tensor op dispatched, one per
-call into a compiled function). The first calls of every run are left out of both (a compiled
-function compiles at its first call). On a GPU a step bound by the host's Python work pays for
+call into a compiled function) on steps that do not log. The first calls of every run are left
+out of both (a compiled function compiles at its first call). On a GPU a step bound by the host's Python work pays for
 every small op it launches; the op counts say how many GECO adds. Runs from the repository
 root without installing the package.
 """
@@ -41,8 +41,9 @@ class Probe:
     one per call into a ``torch.compile``-built function (what a GPU would see as launches).
     """
 
-    def __init__(self, count_ops: bool, warmup: int = 0) -> None:
+    def __init__(self, count_ops: bool, warmup: int = 0, counted: int | None = None) -> None:
         self.warmup = warmup  # calls not timed (a compiled function compiles at its first)
+        self.counted = counted  # calls measured after the warm-up (None: all)
         self.seconds = 0.0
         self.ops = 0
         self.calls = 0
@@ -51,7 +52,7 @@ class Probe:
     def wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
         def probed(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            if self.calls <= self.warmup:
+            if self.calls <= self.warmup or (self.counted is not None and self.calls > self.warmup + self.counted):
                 return method(*args, **kwargs)
             if self.count_ops:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -122,7 +123,9 @@ def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: st
     objective = ELBO() if variant == "elbo" else GECOObjective([ReconstructionMSE(0.005)])
     model = ConvVAE(image_shape=(1, args.image_size, args.image_size), objective=objective)
     warmup = _OP_WARMUP if count_ops else args.warmup
-    objective_probe, callback_probe = Probe(count_ops, warmup), Probe(count_ops, warmup)
+    # The op count leaves out the run's last step, which logs (is_logging_step).
+    counted = args.op_steps if count_ops else None
+    objective_probe, callback_probe = Probe(count_ops, warmup, counted), Probe(count_ops, warmup, counted)
     objective.forward = objective_probe.wrap(objective.forward)  # type: ignore[method-assign]
     callbacks: list[pl.Callback] = []
     if variant != "elbo":
@@ -131,16 +134,16 @@ def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: st
         )
         geco.on_before_optimizer_step = callback_probe.wrap(geco.on_before_optimizer_step)  # type: ignore[method-assign]
         callbacks.append(geco)
-    steps = warmup + (args.op_steps if count_ops else args.steps)
+    steps = warmup + (args.op_steps + 1 if count_ops else args.steps)
     clock = StepClock(args.warmup, args.device)
     bare_trainer(args.device, steps, [*callbacks, clock]).fit(model, train_dataloaders=data)
-    calls = max(1, objective_probe.calls - warmup)
+    calls = counted or max(1, objective_probe.calls - warmup)
     return {
         "ms_per_step": 1e3 * clock.seconds / max(1, clock.steps),
         "objective_ms": 1e3 * objective_probe.seconds / calls,
         "callback_ms": 1e3 * callback_probe.seconds / max(1, callback_probe.calls - warmup),
         "objective_ops": objective_probe.ops / calls,
-        "callback_ops": callback_probe.ops / max(1, callback_probe.calls - warmup),
+        "callback_ops": callback_probe.ops / (counted or 1),
     }
 
 
