@@ -215,6 +215,10 @@ def one(spec: dict) -> dict:
                 "test": test_reading,
                 "validation": validation.get(f"val/{key}"),
                 "ratio": None if test_reading is None else ratio(test_reading, tolerance),
+                # Standard error of each mean over its images, in the reading's units: how far
+                # another draw of as many images could move it (runs before this field have none).
+                "test_standard_error": test.get(f"val/{key}/standard_error"),
+                "validation_standard_error": validation.get(f"val/{key}/standard_error"),
             }
         )
     return {
@@ -228,6 +232,16 @@ def one(spec: dict) -> dict:
     }
 
 
+def _relative_standard_error(reading: dict) -> float | None:
+    """The test reading's standard error in % of the tolerance, in the gap's units (for pNCC,
+    of ``1 - minimum``); None where the run did not record it."""
+    error = reading.get("test_standard_error")
+    if error is None:
+        return None
+    scale = 1.0 - reading["tolerance"] if reading["reading"] == "pncc" else reading["tolerance"]
+    return 100.0 * error / scale
+
+
 def _cell_text(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -239,14 +253,20 @@ def _cell_text(rows: list[dict]) -> str:
             parts.append("n/a")
             continue
         spread = f" ±{statistics.pstdev(signed):.1f}" if len(signed) > 1 else ""
-        parts.append(f"{statistics.mean(errors):.1f}{spread} ({statistics.mean(signed):+.1f})")
+        # The test reading's own standard error, % of the tolerance (runs that recorded it).
+        errors_of_mean = [_relative_standard_error(r["readings"][k]) for r in rows]
+        precision = (
+            f"; SE {statistics.mean(errors_of_mean):.1f}" if errors_of_mean and None not in errors_of_mean else ""
+        )
+        parts.append(f"{statistics.mean(errors):.1f}{spread} ({statistics.mean(signed):+.1f}{precision})")
     rate = statistics.mean(r["test_rate"] for r in rows)
     return "; ".join(parts) + f" [{rate:.1f} nats, n={len(rows)}]"
 
 
 def table(results: list[dict], cells: list[str], variants: list[str]) -> str:
     """Rows = variants, columns = cells; ``|test/tol - 1|`` in % (mean ±sd of the signed gap;
-    signed mean in brackets), the test rate and the number of seeds."""
+    signed mean in brackets, with the test reading's mean standard error where recorded), the
+    test rate and the number of seeds."""
     lines = ["| variant | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
     for variant in variants:
         cells_text = [_cell_text([r for r in results if r["cell"] == c and r["variant"] == variant]) for c in cells]
