@@ -39,6 +39,7 @@ from lightning_geco.batches import batch_images, batch_labels, dataset_length, g
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_statistics
+from lightning_geco.metrics import compiler_available
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.records import VAEOutput
 from lightning_geco.verdict import StallDetector
@@ -235,7 +236,7 @@ class GECOCallback(Callback):
     the next logging step (at once on the host path).
 
     ``compile=True`` fuses the per-step work: the moving average, the controller and the skip
-    decision run as four ``torch.compile``-built functions instead of ~150 small tensor ops
+    decision run as four ``torch.compile``-built functions instead of ~120 small tensor ops
     (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
     host launching kernels (a small model on a GPU); it costs seconds of compiling per process.
     Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
@@ -538,6 +539,15 @@ class GECOCallback(Callback):
         geco = self._ready_geco
         geco.to(pl_module.device)
         geco.reset_pending()
+        # Decided here, where the device is known: torch.compile needs a C++ compiler on the CPU,
+        # triton on CUDA.
+        geco.compile = self.compile and compiler_available(pl_module.device)
+        if self.compile and not geco.compile:
+            rank_zero_warn(
+                f"GECOCallback(compile=True): torch.compile cannot build kernels on {pl_module.device} here "
+                "(no C++ compiler on the CPU, no triton on CUDA, or TORCH_COMPILE_DISABLE); GECO's per-step "
+                "updates run eagerly (the same results)."
+            )
         self._last_calibration = None
         # Each fit watches its own history (on_train_start sets the planned last step).
         window = round(self.stall_window * trainer.max_steps) if trainer.max_steps > 0 else 300
@@ -597,7 +607,7 @@ class GECOCallback(Callback):
     @property
     def consecutive_nonfinite_steps(self) -> int:
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
-        return self._ready_geco.num_consecutive_skips if self.geco is not None else 0
+        return self.geco.num_consecutive_skips if self.geco is not None else 0
 
     @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -684,6 +694,8 @@ class GECOCallback(Callback):
         return {
             "geco": self.geco.state_dict(),
             "constraints": self.objective.describe() if self.objective is not None else [],
+            # Also where the previous version kept it, so that version reads the streak back.
+            "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
             "active_drive": self.active_drive,
         }
 

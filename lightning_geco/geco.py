@@ -15,12 +15,13 @@ average per constraint, and moves the multipliers with a controller
 Every tensor of the state is fp32, whatever autocast does around it, and lives on the
 model's device so the statistics can go through a collective as they are.
 
-Each step's bookkeeping and update are ~100 small tensor ops (a few elements each). On a GPU,
+Each step's bookkeeping and update are ~120 small tensor ops (a few elements each). On a GPU,
 where a small model's step is bound by the host launching kernels, launching them costs more
 than their arithmetic; with ``compile=True`` the per-step methods (:meth:`GECO.update`,
 :meth:`GECO.control`, the recording half of :meth:`GECO.constraint_term` and
 :meth:`GECO.record_loss`) each run as one ``torch.compile``-fused function instead, with the
-same results (bit for bit on the CPU, ``tests/test_geco.py``).
+same results up to float32 rounding (inductor's ``log`` can differ from ATen's in the last bit;
+``tests/test_geco.py``).
 
 Units: a constraint value is stated per element in the constraint's data units (for the
 reconstruction constraint, ``per-element MSE - tolerance``); feasible when <= 0. Here the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -150,8 +152,11 @@ def _compilable(method: Callable[Concatenate[GECO, _P], _R]) -> Callable[Concate
     """Run a per-step method of :class:`GECO` through ``torch.compile`` while its ``compile`` is on.
 
     One compiled function per method and process, shared by every GECO: its guards check the
-    settings and the tensors' devices, dtypes and shapes it reads, so a GECO with other settings
-    compiles once more and one with the same settings reuses the kernels.
+    settings (``alpha``, the controller's gains, K) and the tensors' devices and dtypes, so a GECO
+    with other settings compiles once more and one with the same settings reuses the kernels. A
+    batch's size is left dynamic (one kernel for every batch size). When compiling fails, or a
+    method has been compiled for as many settings as dynamo keeps (``recompile_limit``, 8), that
+    GECO warns once and runs eagerly from then on: the same results, more ops per step.
     """
     compiled: Callable[..., _R] | None = None
 
@@ -162,7 +167,19 @@ def _compilable(method: Callable[Concatenate[GECO, _P], _R]) -> Callable[Concate
             return method(self, *args, **kwargs)
         if compiled is None:
             compiled = torch.compile(method, dynamic=False, fullgraph=True)
-        return compiled(self, *args, **kwargs)
+        for value in args:
+            if isinstance(value, Tensor) and value.dim() == 2:  # (N, K) per-example values
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        try:
+            return compiled(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - compiling is an optimisation; eager is the definition
+            warnings.warn(
+                f"GECO could not run {method.__name__} compiled ({type(error).__name__}: {error}); "
+                "its per-step updates run eagerly from now on (the same results, more ops per step).",
+                stacklevel=2,
+            )
+            self.compile = False
+            return method(self, *args, **kwargs)
 
     return run
 
@@ -202,6 +219,7 @@ class GECO:
         compile: run each step's bookkeeping and update as ``torch.compile``-fused functions
             (see the module docstring); settable later (``geco.compile = True``), as
             :class:`~lightning_geco.callbacks.GECOCallback` does once it knows the device.
+            The controller must then be traceable (tensor ops only, as the library's are).
     """
 
     def __init__(

@@ -124,6 +124,7 @@ _EAGER_MIN_EXPONENT = -80.0
 # Components per block of the eager fallback: a (256, 512) tile is 0.5 MB in float32, 1 MB in
 # float64, so it stays in a core's cache between the passes over it.
 _EAGER_BLOCK = 512
+_LOWEST_FLOAT64 = torch.finfo(torch.float64).min
 # The same floor for the compiled path's base-2 exponents: 2**-125 is a normal float32.
 _MIN_EXPONENT2 = -125.0
 # A per-dimension sum (relative to that dimension's upper bound shift_j, see aggregate_log_densities) below this
@@ -159,9 +160,11 @@ def aggregate_log_densities(
       N is a dynamic size, so a new evaluated-set size does not recompile.
     - eager (fallback, no compiler): per dimension, the rows sorted by ``z_j`` and each chunk
       centred on its middle point, so that the expanded square ``-(u - w)^2 / (2 v)`` with
-      ``u = z - c``, ``w = mean - c`` is one (chunk, 3) @ (3, N) float32 matmul whose terms are
+      ``u = z - c``, ``w = mean - c`` is a (chunk, 3) @ (3, block) float32 matmul whose terms are
       small where it matters (components near z), and the joint density is a
-      ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11).
+      ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11), summed over
+      blocks of :data:`_EAGER_BLOCK` components with a running maximum, each (chunk, block)
+      tile small enough to stay in cache.
 
     Args:
         z: points, shape (M, d).
@@ -348,7 +351,10 @@ def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int)
         for first in range(0, n, _EAGER_BLOCK):
             block = slice(first, first + _EAGER_BLOCK)
             exponent = torch.addmm(const[block], features, weights[:, block])  # (c, block)
-            new_top = torch.maximum(top, exponent.amax(dim=1, keepdim=True))
+            top_so_far = torch.maximum(top, exponent.amax(dim=1, keepdim=True))
+            # Finite even while every exponent so far is -inf (a component of infinite variance),
+            # so the differences below stay -inf or finite, never NaN.
+            new_top = top_so_far.clamp_min(_LOWEST_FLOAT64)
             # The differences are exact in float64; float32 suffices for their exp and sum.
             terms = (exponent - new_top).float().clamp_min_(_EAGER_MIN_EXPONENT).exp_().sum(dim=1)
             total = total * (top - new_top).squeeze(1).exp() + terms.double()

@@ -317,3 +317,28 @@ def test_mean_with_standard_error_needs_two_values_and_one_value_per_example():
     assert math.isnan(metric.compute()["standard_error"].item())  # no spread to measure
     with pytest.raises(ValueError, match=r"one value per example, shape \(N,\), got \(4, 1\)"):
         metric.update(torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("block", [7, 1])
+def test_the_eager_path_in_many_small_blocks_matches_the_definition(block, monkeypatch):
+    # Blocks of 7 (or 1) components: many blocks, a last partial one, maxima found in late blocks.
+    monkeypatch.setattr(metrics, "_EAGER_BLOCK", block)
+    mean, log_variance = _realistic_posteriors(50, 3)
+    z = _draws(mean, log_variance)
+    log_q, log_q_per_dim = aggregate_log_densities(z, mean, log_variance, 16, compile=False)
+    expected_log_q, expected_per_dim = aggregate_log_densities_reference(z, mean, log_variance, 16)
+    torch.testing.assert_close(log_q, expected_log_q, rtol=0, atol=1e-4)
+    torch.testing.assert_close(log_q_per_dim, expected_per_dim, rtol=0, atol=1e-4)
+
+
+def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint(monkeypatch):
+    # The first block's exponents are all -inf (infinite variances): the running maximum must
+    # still give the later, finite blocks' log-sum-exp, as one pass over all components does.
+    monkeypatch.setattr(metrics, "_EAGER_BLOCK", 4)
+    mean = torch.zeros(10, 2)
+    log_variance = torch.zeros(10, 2)
+    log_variance[:4] = float("inf")
+    z = torch.tensor([[0.1, -0.2], [1.0, 0.5], [-2.0, 0.0]])
+    joint = metrics._eager_joint(z, mean, log_variance, chunk_size=2)
+    finite = aggregate_log_densities_reference(z, mean[4:], log_variance[4:], 2)[0] + math.log(6)
+    torch.testing.assert_close(joint, finite, rtol=0, atol=1e-6)
