@@ -92,6 +92,7 @@ def test_elbo_model_trains_without_the_callback():
         ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be a positive int, got 0"),
         ({"release_speedup": 0.5}, r"release_speedup must be a finite number >= 1, got 0.5"),
         ({"max_relative_violation": 0.0}, r"max_relative_violation must be positive or None, got 0.0"),
+        ({"compile": "yes"}, r"GECOCallback compile must be True or False, got 'yes'"),
     ],
 )
 def test_callback_rejects_bad_settings_when_built(kwargs, message):
@@ -107,3 +108,11 @@ def test_bare_base_module_builds_but_its_forward_pass_names_what_to_override():
         model(torch.zeros(1, 1, 8, 8))
     with pytest.raises(NotImplementedError, match=r"does not define decode\(\)"):
         model.decode(torch.zeros(1, model.latent_dim))
+
+
+def test_compile_without_a_compiler_on_the_device_warns_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr("lightning_geco.callbacks.compiler_available", lambda device: False)
+    callback = GECOCallback(compile=True)
+    with pytest.warns(UserWarning, match=r"compile=True\): torch.compile cannot build kernels on cpu here"):
+        _trainer([callback], max_steps=2).fit(tiny_conv_vae(), _loader())
+    assert callback.geco.compile is False and callback.geco.num_updates == 2

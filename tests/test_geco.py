@@ -255,3 +255,32 @@ def test_compiled_per_step_methods_agree_with_the_eager_ones(controller, drive):
     assert eager.num_skipped_updates == compiled.num_skipped_updates == 3
     assert eager.num_updates == compiled.num_updates == 37
     assert eager.num_consecutive_skips == 0 and eager.compile is False and compiled.compile is True
+
+
+@needs_compiler
+def test_a_compiled_geco_past_dynamo_s_recompile_limit_warns_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()  # nothing compiled before counts against the limit
+    statistics = torch.tensor([0.05, 0.5, 16.0, 0.0])
+    first = GECO(["a", "b"], alpha=0.3, controller=PIController(), scales=[0.02, 0.1], compile=True)
+    first.update(statistics)
+    assert first.compile  # compiled for alpha 0.3
+    other, eager = (
+        GECO(["a", "b"], alpha=0.7, controller=PIController(), scales=[0.02, 0.1], compile=flag) for flag in (True, False)
+    )
+    with pytest.warns(UserWarning, match=r"GECO could not run update compiled \(FailOnRecompileLimitHit.*run eagerly"):
+        other.update(statistics)
+    eager.update(statistics)
+    assert not other.compile and torch.equal(other.log_lagrange_multiplier, eager.log_lagrange_multiplier)
+    torch._dynamo.reset()
+
+
+@needs_compiler
+def test_one_compiled_kernel_serves_every_batch_size(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    torch._dynamo.reset()
+    geco = GECO(["a"], alpha=0.9, controller=PIController(), scales=[0.02], compile=True)
+    for n in (16, 17, 5, 64, 3, 33):  # more sizes than the limit allows variants
+        geco.constraint_term(torch.full((n, 1), 0.01))
+    assert geco.compile
+    torch._dynamo.reset()
