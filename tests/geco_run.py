@@ -116,6 +116,7 @@ def run(
     calibration: bool = False,
     resumable_sampler: bool = False,
     drive: str = "calibration",
+    compile: bool = False,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +131,10 @@ def run(
             calibration_batch_size=24,
             calibration_dataset=dataset(96, seed=8),
             max_nonfinite_steps=max_nonfinite_steps,
+            compile=compile,
         )
     else:
-        geco = GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps)
+        geco = GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps, compile=compile)
     callbacks = [geco, trajectory]
     trainer = quiet_trainer(
         devices=devices,
@@ -194,6 +196,7 @@ if __name__ == "__main__":
     parser.add_argument("--calibration", action="store_true")
     parser.add_argument("--resumable-sampler", action="store_true")
     parser.add_argument("--drive", default="calibration", help="the drive of --calibration runs")
+    parser.add_argument("--compile", action="store_true", help="GECOCallback(compile=True)")
     args = parser.parse_args()
     run(
         args.out,
@@ -207,4 +210,5 @@ if __name__ == "__main__":
         calibration=args.calibration,
         resumable_sampler=args.resumable_sampler,
         drive=args.drive,
+        compile=args.compile,
     )

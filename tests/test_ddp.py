@@ -10,6 +10,7 @@ import torch
 
 from geco_run import run
 from helpers import assert_same_parameters
+from lightning_geco.metrics import compiler_available
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
 
@@ -60,6 +61,19 @@ def test_nan_on_one_rank_skips_the_update_on_both_ranks_together(tmp_path):
     assert rank0[4]["log_lambda"] != rank0[3]["log_lambda"]
     params = torch.load(tmp_path / "ddp" / "params.pt")
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on the CPU")
+def test_a_compiled_geco_on_two_ranks_stays_identical_skips_together_and_follows_the_eager_run(tmp_path):
+    # The calibration drive, so the compiled control() runs too; a NaN on rank 1 at step 4.
+    args = ("--batch-size", "8", "--max-steps", "8", "--calibration", "--nan-at-step", "4", "--nan-rank", "1")
+    compiled = _ddp(tmp_path / "compiled", *args, "--compile")
+    eager = _ddp(tmp_path / "eager", *args)
+    assert compiled[0] == compiled[1]
+    assert [row["skipped"] for row in compiled[0]] == [row["skipped"] for row in eager[0]] == [0] * 4 + [1] * 4
+    torch.testing.assert_close(_log_lambda(compiled[0]), _log_lambda(eager[0]), rtol=1e-4, atol=1e-6)
+    assert _log_lambda(compiled[0]).abs().max() > 0.01  # lambda really moved
 
 
 @pytest.mark.timeout(300)
