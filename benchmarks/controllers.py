@@ -94,6 +94,9 @@ VARIANTS: dict[str, dict] = {
     # the default with a second integrator that learns the drift of log lambda (type-2 loop)
     "default_ramp300": {"ramp_steps": 300.0},
     "default_ramp100": {"ramp_steps": 100.0},
+    # the default with each measurement's log error corrected by half its running variance, so
+    # the loop holds the measurements' mean, not their median (PIController noise_correction)
+    "default_noise": {"noise_correction": True},
     "pi_calibration_v2": {"controller": "pi", "drive": "calibration", "approach_steps": None},
     "sigma": {},
 }

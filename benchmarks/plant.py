@@ -1,7 +1,7 @@
 """The PI controller on the synthetic plant of ``tests/test_controllers.py``, with any settings.
 
     python benchmarks/plant.py [--integral-gain 0.06] [--integral-error-limit 0.1] [--proportional-gain 0.5] \
-        [--ramp-steps N] [--cv 0.1]
+        [--ramp-steps N] [--noise-correction] [--cv 0.1]
 
 The plant is ``ln C_t = ln c(t) - g * y_t``, ``y`` a 50-step lag of ``ln lambda``, log-normal
 measurement noise of coefficient of variation ``--cv`` (0.1; its mean is the noiseless reading),
@@ -54,12 +54,14 @@ def main() -> None:
     parser.add_argument("--proportional-gain", type=float, default=0.5)
     parser.add_argument("--ramp-steps", type=float, default=None)
     parser.add_argument("--cv", type=float, default=0.1, help="coefficient of variation of a measurement")
+    parser.add_argument("--noise-correction", action="store_true", help="PIController(noise_correction=True)")
     args = parser.parse_args()
     settings = {
         "integral_gain": args.integral_gain,
         "integral_error_limit": args.integral_error_limit,
         "proportional_gain": args.proportional_gain,
         "ramp_steps": args.ramp_steps,
+        "noise_correction": args.noise_correction,
     }
     print(f"PI {settings}, measurement noise cv {args.cv}")
     print(

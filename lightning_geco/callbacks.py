@@ -253,7 +253,8 @@ class GECOCallback(Callback):
         step_size: nu > 0 of ``"relative"`` (no units) and ``"paper"`` (absolute).
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
-        proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps, ramp_steps:
+        proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps, ramp_steps,
+        noise_correction:
             ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"auto"``, ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements.
@@ -281,6 +282,7 @@ class GECOCallback(Callback):
         integral_error_limit: float | None = 0.1,
         approach_steps: float | None = 200.0,
         ramp_steps: float | None = None,
+        noise_correction: bool = False,
         drive: str = "auto",
         calibration_every: int = 16,
         calibration_batch_size: int = 64,
@@ -301,7 +303,7 @@ class GECOCallback(Callback):
         GECO(["probe"], alpha, step_size, log_lambda_bounds, initial_lambda, release_speedup)
         PIController(
             proportional_gain, integral_gain, smoothing_steps, integral_error_limit=integral_error_limit,
-            approach_steps=approach_steps, ramp_steps=ramp_steps,
+            approach_steps=approach_steps, ramp_steps=ramp_steps, noise_correction=noise_correction,
         )
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
@@ -326,6 +328,7 @@ class GECOCallback(Callback):
         self.drive = drive
         self.approach_steps = approach_steps
         self.ramp_steps = ramp_steps
+        self.noise_correction = noise_correction
         self.calibration_every = calibration_every
         self.calibration_batch_size = calibration_batch_size
         self.calibration_seed = calibration_seed
@@ -401,6 +404,7 @@ class GECOCallback(Callback):
                 self.integral_error_limit,
                 self.approach_steps,
                 ramp_steps=self.ramp_steps,
+                noise_correction=self.noise_correction,
             )
         elif self.controller == "relative":
             cap = self.max_relative_violation
