@@ -199,7 +199,9 @@ class GECOCallback(Callback):
       with the log-ratio error ``ln(reading / tolerance)``, a clamped integrator that holds
       while the reading is already falling onto its tolerance; ``proportional_gain``,
       ``integral_gain``, ``smoothing_steps``, ``integral_error_limit``, ``approach_steps``, and
-      ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md).
+      ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md),
+      ``noise_correction`` (each measurement's log error plus half its running variance, so noisy
+      measurements are held at their mean, not their median; off: see docs/RESULTS.md).
     - ``"relative"``: the default before PI, ``log lambda += nu * C_ma / scale`` with the
       moving average ``alpha``, each rise capped at ``nu * max_relative_violation`` and falls
       ``release_speedup`` times faster; ``nu`` is ``step_size`` and has no units.
