@@ -302,19 +302,14 @@ class PIController(MultiplierController):
         self.error_variance = variance.to(device=device, dtype=torch.float32).clone()
         self.started = torch.tensor(bool(state["started"]), device=device)
 
-    def _corrected(self, error: Tensor, period: int, valid: Tensor) -> Tensor:
+    def _corrected(self, error: Tensor, slow_before: Tensor, r: float, valid: Tensor) -> Tensor:
         """``e + var(e) / 2``, the variance a running mean of ``(e - slow average)^2``."""
-        r = _decay(period, self.trend_steps)
-        reference = torch.where(self.started, self.slow_error, error)
         # The slow average carries noise of its own, (1 - r) / (1 + r) of the measurements': this
         # factor takes it out of the deviation's mean square.
-        deviation = (error - reference).square() * ((1.0 + r) / 2.0)
+        deviation = (error - slow_before).square() * ((1.0 + r) / 2.0)
         variance = torch.where(self.started, r * self.error_variance + (1.0 - r) * deviation, torch.zeros_like(error))
         self.error_variance = torch.where(valid, variance, self.error_variance)
-        corrected = error + 0.5 * self.error_variance
-        if self.approach_steps is None:  # the slow average is otherwise the approach hold's to keep
-            self.slow_error = torch.where(valid, r * reference + (1.0 - r) * corrected, self.slow_error)
-        return corrected
+        return error + 0.5 * self.error_variance
 
     def smoothing(self, period: int) -> float:
         """The P path's moving-average coefficient for measurements ``period`` steps apart."""
@@ -324,8 +319,16 @@ class PIController(MultiplierController):
         error = log_ratio_error(value, scale)
         # A skipped measurement must not leak a NaN into the state.
         error = torch.where(valid, error, torch.zeros_like(error))
-        if self.noise_correction:
-            error = self._corrected(error, period, valid)
+        # The slow average (the approach hold's trend, the noise correction's reference), kept
+        # only when one of them reads it.
+        keeps_slow = self.approach_steps is not None or self.noise_correction
+        if keeps_slow:
+            r = _decay(period, self.trend_steps)
+            slow_before = torch.where(self.started, self.slow_error, error)
+            if self.noise_correction:
+                error = self._corrected(error, slow_before, r, valid)
+            slow = r * slow_before + (1.0 - r) * error
+            self.slow_error = torch.where(valid, slow, self.slow_error)
         s = self.smoothing(period)
         # xi_{-1} = e_0: the first P kick is K_P * e_0, not (1 - s) of it.
         previous = torch.where(self.started, self.smoothed_error, error)
@@ -337,14 +340,11 @@ class PIController(MultiplierController):
         if self.approach_steps is not None:
             # The error's slope per step from two moving averages: an average over T steps lags
             # a ramp by T steps, so (fast - slow) / (T_slow - T_fast) is the ramp's slope.
-            r = _decay(period, self.trend_steps)
-            slow = r * torch.where(self.started, self.slow_error, error) + (1.0 - r) * error
             slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
             # Past the tolerance but falling towards it fast enough to arrive within
             # approach_steps: the model is getting there on its own, so lambda is held.
             held = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
             integrated = torch.where(held, torch.zeros_like(integrated), integrated)
-            self.slow_error = torch.where(valid, slow, self.slow_error)
         if self.ramp_steps is None:
             integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
         else:

@@ -351,10 +351,9 @@ def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int)
         for first in range(0, n, _EAGER_BLOCK):
             block = slice(first, first + _EAGER_BLOCK)
             exponent = torch.addmm(const[block], features, weights[:, block])  # (c, block)
-            top_so_far = torch.maximum(top, exponent.amax(dim=1, keepdim=True))
             # Finite even while every exponent so far is -inf (a component of infinite variance),
             # so the differences below stay -inf or finite, never NaN.
-            new_top = top_so_far.clamp_min(_LOWEST_FLOAT64)
+            new_top = torch.maximum(top, exponent.amax(dim=1, keepdim=True)).clamp_min(_LOWEST_FLOAT64)
             # The differences are exact in float64; float32 suffices for their exp and sum.
             terms = (exponent - new_top).float().clamp_min_(_EAGER_MIN_EXPONENT).exp_().sum(dim=1)
             total = total * (top - new_top).squeeze(1).exp() + terms.double()
