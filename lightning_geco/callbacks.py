@@ -38,7 +38,14 @@ from torch.utils.data import Dataset
 from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
-from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_statistics
+from lightning_geco.geco import (
+    DEFAULT_LOG_LAMBDA_BOUNDS,
+    DRIVES,
+    GECO,
+    MultiplierState,
+    constraint_means,
+    constraint_statistics,
+)
 from lightning_geco.metrics import compiler_available
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.records import VAEOutput
@@ -565,12 +572,11 @@ class GECOCallback(Callback):
     ) -> None:
         geco = self._ready_geco
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
-        k = geco.num_constraints
         geco.update(statistics)
         if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
-            self._last_calibration = measured[:k] / measured[k].clamp_min(1.0)
+            self._last_calibration = constraint_means(measured)
         # The optimizer must not see the gradients of a non-finite step.
         skip = geco.skipped
         logging = is_logging_step(trainer)
@@ -585,7 +591,7 @@ class GECOCallback(Callback):
         elif bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
-            self._log(pl_module, statistics[:k] / statistics[k].clamp_min(1.0))
+            self._log(pl_module, constraint_means(statistics))
             self._watch(trainer)
         # On the device path the count is read at logging steps only (reading it syncs).
         if (logging or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:

@@ -50,6 +50,7 @@ __all__ = [
     "DRIVES",
     "GECO",
     "MultiplierState",
+    "constraint_means",
     "constraint_statistics",
     "mse_to_psnr",
     "psnr_to_mse",
@@ -73,6 +74,12 @@ def constraint_statistics(per_example: Tensor) -> Tensor:
     finite = torch.isfinite(total)
     count = total.new_full((1,), float(per_example.shape[0]))
     return torch.cat([torch.where(finite, total, torch.zeros_like(total)), count, (~finite).any().float().reshape(1)])
+
+
+def constraint_means(statistics: Tensor) -> Tensor:
+    """Per-constraint means (K,) of ``[sum_1..sum_K, count, nonfinite]`` (K + 2,); zeros for no examples."""
+    k = statistics.shape[0] - 2
+    return statistics[:k] / statistics[k].clamp_min(1.0)
 
 
 def psnr_to_mse(psnr_db: float) -> float:
@@ -456,8 +463,8 @@ class GECO:
         """``(mean (K,), has_examples, valid)`` of ``[sum_1..sum_K, count, nonfinite]``."""
         statistics = statistics.detach().float()
         k = self.num_constraints
-        sums, count, nonfinite = statistics[:k], statistics[k], statistics[k + 1]
-        mean = sums / count.clamp_min(1.0)
+        count, nonfinite = statistics[k], statistics[k + 1]
+        mean = constraint_means(statistics)
         has_examples = count > 0
         valid = has_examples & (nonfinite == 0) & torch.isfinite(mean).all()
         return mean, has_examples, valid
