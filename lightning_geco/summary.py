@@ -28,6 +28,20 @@ def run_directory(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def _is_last_batch_of_fit(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the training batch just ended is the fit's last: ``max_steps`` reached, or the
+    last batch of the last of ``max_epochs``."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    return (
+        max_epochs is not None
+        and max_epochs > 0
+        and trainer.current_epoch + 1 >= max_epochs
+        and batch_idx + 1 >= trainer.num_training_batches
+    )
+
+
 def _number(value: Any) -> float | None:
     """A finite float, or None (for None, NaN or an infinity: JSON has none of them)."""
     if value is None:
@@ -48,6 +62,10 @@ def _relative_standard_error(constraint: Any, standard_error: float | None) -> f
 class RunSummary(Callback):
     """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
 
+    A fit that ends at ``max_steps`` mid-epoch, or in an epoch ``check_val_every_n_epoch`` does
+    not divide, is validated at its last step all the same, so the figures are the trained
+    model's; where no validation could run then, the verdict line names the step they are of.
+
     Fields: the final validation ``distortion``, ``rate``, ``elbo``, ``marginal_kl``,
     ``mutual_info`` (per image, see the units in docs/ARCHITECTURE.md), then every other top-level validation
     scalar (e.g. ``pncc``, ``class_accuracy``, ``iwae``); for a GECO model ``lambda``,
@@ -61,7 +79,8 @@ class RunSummary(Callback):
     ``calibration`` is the last measurement, in ``constraint_ema``'s units) and ``satisfied`` (every
     constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
     ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
-    CLI prints before the summary path, also in :attr:`verdict_line`); ``global_step``,
+    CLI prints before the summary path, also in :attr:`verdict_line`); ``validated_step`` (the
+    optimizer step of the validation the figures come from), ``global_step``,
     ``wall_clock_seconds`` (of the whole run: a resumed run adds the time before its checkpoint)
     and ``path``. With several constraints, the per-constraint fields
     are dicts keyed by constraint name.
@@ -81,6 +100,8 @@ class RunSummary(Callback):
         self._start = 0.0
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
+        #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
+        self._check_val_every_n_epoch: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
@@ -100,11 +121,26 @@ class RunSummary(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._earlier_seconds = float(state_dict.get("wall_clock_seconds", 0.0))
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not _is_last_batch_of_fit(trainer, batch_idx):
+            return
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
-        # asking it to stop at max_steps gets the final validation the summary reports.
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
+        # asking it to stop at its last batch gets the final validation the summary reports.
+        trainer.should_stop = True
+        # Nor does it validate in an epoch check_val_every_n_epoch does not divide: the summary
+        # would report a model hundreds of steps older than the one trained. This one epoch,
+        # every epoch is a validation epoch (restored at the end of training).
+        every = trainer.check_val_every_n_epoch
+        if every is not None and (trainer.current_epoch + 1) % every != 0:
+            self._check_val_every_n_epoch = every
+            trainer.check_val_every_n_epoch = 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._check_val_every_n_epoch is not None:
+            trainer.check_val_every_n_epoch = self._check_val_every_n_epoch
+            self._check_val_every_n_epoch = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -134,8 +170,14 @@ class RunSummary(Callback):
             )
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
+        validated_step = self._history[-1][0] if self._history else None
+        if "verdict_line" in summary and validated_step is not None and validated_step != trainer.global_step:
+            # A validation that could not run at the end (e.g. the validation loop turned off):
+            # the figures are of an older model, and the line says which.
+            summary["verdict_line"] += f" (validated at step {validated_step}; the run ended at step {trainer.global_step})"
         if "verdict_line" in summary:
             self.verdict_line = summary["verdict_line"]
+        summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
         summary["wall_clock_seconds"] = round(self._earlier_seconds + time.monotonic() - self._start, 3)
         self.summary = summary

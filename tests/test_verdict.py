@@ -268,3 +268,62 @@ def test_the_relative_standard_error_is_in_units_of_each_constraints_scale():
     # pNCC (higher is better) is scaled by 1 - minimum: 0.01 of NCC at minimum 0.9 is 10 %.
     assert _relative_standard_error(PatchNCC(0.9), 0.01) == pytest.approx(0.1)
     assert _relative_standard_error(psnr, None) is None and _relative_standard_error(psnr, math.nan) is None
+
+
+class _ValidationSteps(pl.Callback):
+    """The optimizer steps at which validation ran (sanity check excluded)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(
+    ("limits", "final_step"),
+    [({"max_steps": 20}, 20), ({"max_epochs": 4}, 32)],  # 8 batches per epoch
+)
+def test_the_summary_validates_the_last_step_in_an_epoch_check_val_every_n_epoch_skips(tmp_path, limits, final_step):
+    # check_val_every_n_epoch=3 validates after epoch 3 (step 24) only; the run ends in epoch 3
+    # (max_steps 20) or 4 (max_epochs), where Lightning would not validate: the summary would
+    # report a model up to 20 steps older than the one trained (the README's own-model example
+    # reported step 1200 of 1500 so).
+    pl.seed_everything(0)
+    summary, seen = RunSummary(), _ValidationSteps()
+    trainer = quiet_trainer(
+        **limits, check_val_every_n_epoch=3, num_sanity_val_steps=0,
+        callbacks=[GECOCallback(), summary, seen], default_root_dir=tmp_path,
+    )
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
+    trainer.fit(tiny_conv_vae(tolerance=0.4), train, val)
+    assert seen.steps[-1] == trainer.global_step == final_step
+    written = json.loads(summary.path.read_text())
+    assert written["validated_step"] == written["global_step"] == final_step
+    assert "validated at step" not in written["verdict_line"]
+    assert trainer.check_val_every_n_epoch == 3  # the Trainer's own setting, back after the fit
+
+
+def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
+    # The validation loop turned off after the first validation (step 4 of 6): the last figures
+    # are of step 4, and the line says so rather than pass them off as the trained model's.
+    class TurnOffValidation(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                trainer.limit_val_batches = 0
+
+    pl.seed_everything(0)
+    summary = RunSummary()
+    trainer = quiet_trainer(
+        max_steps=6, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        callbacks=[GECOCallback(), summary, TurnOffValidation()], default_root_dir=tmp_path,
+    )
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
+    trainer.fit(tiny_conv_vae(tolerance=0.4), train, val)
+    written = json.loads(summary.path.read_text())
+    assert (written["validated_step"], written["global_step"]) == (4, 6)
+    assert written["verdict_line"].endswith(" (validated at step 4; the run ended at step 6)")
+    assert summary.verdict_line == written["verdict_line"]
