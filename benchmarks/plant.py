@@ -1,7 +1,7 @@
 """The PI controller on the synthetic plant of ``tests/test_controllers.py``, with any settings.
 
     python benchmarks/plant.py [--integral-gain 0.06] [--integral-error-limit 0.1] [--proportional-gain 0.5] \
-        [--ramp-steps N] [--noise-correction] [--cv 0.1]
+        [--ramp-steps N] [--noise-correction] [--release-threshold 0.5 | --no-release] [--cv 0.1]
 
 The plant is ``ln C_t = ln c(t) - g * y_t``, ``y`` a 50-step lag of ``ln lambda``, log-normal
 measurement noise of coefficient of variation ``--cv`` (0.1; its mean is the noiseless reading),
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--ramp-steps", type=float, default=None)
     parser.add_argument("--cv", type=float, default=0.1, help="coefficient of variation of a measurement")
     parser.add_argument("--noise-correction", action="store_true", help="PIController(noise_correction=True)")
+    parser.add_argument("--release-threshold", type=float, default=0.5, help="PIController(release_threshold=...)")
+    parser.add_argument("--no-release", action="store_true", help="PIController(release_threshold=None)")
     args = parser.parse_args()
     settings = {
         "integral_gain": args.integral_gain,
@@ -62,6 +64,7 @@ def main() -> None:
         "proportional_gain": args.proportional_gain,
         "ramp_steps": args.ramp_steps,
         "noise_correction": args.noise_correction,
+        "release_threshold": None if args.no_release else args.release_threshold,
     }
     print(f"PI {settings}, measurement noise cv {args.cv}")
     print(

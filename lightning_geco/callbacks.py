@@ -208,7 +208,9 @@ class GECOCallback(Callback):
       ``integral_gain``, ``smoothing_steps``, ``integral_error_limit``, ``approach_steps``, and
       ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md),
       ``noise_correction`` (each measurement's log error plus half its running variance, so noisy
-      measurements are held at their mean, not their median; off: see docs/RESULTS.md).
+      measurements are held at their mean, not their median; off: see docs/RESULTS.md),
+      ``release_threshold`` (lambda released fast while the reading stays far under its
+      tolerance, as after a model learns at once: on at 0.5, None turns it off).
     - ``"relative"``: the default before PI, ``log lambda += nu * C_ma / scale`` with the
       moving average ``alpha``, each rise capped at ``nu * max_relative_violation`` and falls
       ``release_speedup`` times faster; ``nu`` is ``step_size`` and has no units.
@@ -263,7 +265,7 @@ class GECOCallback(Callback):
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
         proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps, ramp_steps,
-        noise_correction:
+        noise_correction, release_threshold:
             ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"auto"``, ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements.
@@ -292,6 +294,7 @@ class GECOCallback(Callback):
         approach_steps: float | None = 200.0,
         ramp_steps: float | None = None,
         noise_correction: bool = False,
+        release_threshold: float | None = 0.5,
         drive: str = "auto",
         calibration_every: int = 16,
         calibration_batch_size: int = 64,
@@ -313,6 +316,7 @@ class GECOCallback(Callback):
         PIController(
             proportional_gain, integral_gain, smoothing_steps, integral_error_limit=integral_error_limit,
             approach_steps=approach_steps, ramp_steps=ramp_steps, noise_correction=noise_correction,
+            release_threshold=release_threshold,
         )
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
@@ -338,6 +342,7 @@ class GECOCallback(Callback):
         self.approach_steps = approach_steps
         self.ramp_steps = ramp_steps
         self.noise_correction = noise_correction
+        self.release_threshold = release_threshold
         self.calibration_every = calibration_every
         self.calibration_batch_size = calibration_batch_size
         self.calibration_seed = calibration_seed
@@ -414,6 +419,7 @@ class GECOCallback(Callback):
                 self.approach_steps,
                 ramp_steps=self.ramp_steps,
                 noise_correction=self.noise_correction,
+                release_threshold=self.release_threshold,
             )
         elif self.controller == "relative":
             cap = self.max_relative_violation

@@ -158,6 +158,7 @@ def test_calibration_drive_moves_lambda_only_through_control():
         ({"smoothing_steps": float("nan")}, "PIController smoothing_steps must be a finite number >= 0, got nan."),
         ({"ramp_steps": -5.0}, "PIController ramp_steps must be a positive finite number, got -5.0."),
         ({"noise_correction": 1}, "PIController noise_correction must be True or False, got 1."),
+        ({"release_threshold": 0.0}, "PIController release_threshold must be a positive finite number, got 0.0."),
         ({"calibration_every": 0}, "GECOCallback calibration_every must be a positive int, got 0."),
         ({"stall_window": 1.5}, "GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got 1.5."),
     ],
@@ -171,13 +172,17 @@ def test_bad_controller_settings_are_refused_with_the_value(kwargs, message):
 # The closed loop on a synthetic plant: reading = c(t) / lambda^g (lagged) * noise.
 
 
-def closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, tolerance=0.01, **settings):
+def closed_loop(
+    g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, tolerance=0.01, learns_at=None, learned_by=1.0,
+    **settings,
+):
     """Run the PI controller (the default, or ``GECOCallback(**settings)``) against a plant whose
     log reading follows ``ln C_t = ln c(t) - g * y_t``, ``y`` a first-order lag (``tau`` steps)
     of ``ln lambda``: the model adapting to a new weight, with gain g (1: a Gaussian decoder in
     its linear regime), multiplicative noise of coefficient of variation ``cv`` and ``ln c``
-    falling by ``drift`` per step (a model still improving). Returns the noiseless ratio
-    C / tolerance per step. (``benchmarks/plant.py`` runs it with other settings.)"""
+    falling by ``drift`` per step (a model still improving), and by ``ln learned_by`` at once at
+    step ``learns_at`` (a model that suddenly finds the data's structure). Returns the noiseless
+    ratio C / tolerance per step. (``benchmarks/plant.py`` runs it with other settings.)"""
     callback = GECOCallback(controller="pi", **settings)
     geco = callback._build_geco(GECOObjective([ReconstructionMSE(tolerance, name="c0")]))
     generator = torch.Generator().manual_seed(seed)
@@ -185,6 +190,8 @@ def closed_loop(g, tau=50.0, steps=3000, drift=0.0, cv=0.1, ratio0=5.0, seed=0, 
     for t in range(steps):
         lag += (geco.log_lagrange_multiplier.item() - lag) / tau
         log_reading = math.log(ratio0 * tolerance) - drift * t - g * lag
+        if learns_at is not None and t >= learns_at:
+            log_reading -= math.log(learned_by)
         noisy = math.exp(log_reading + cv * torch.randn((), generator=generator).item() - cv**2 / 2)
         geco.update(torch.tensor([noisy - tolerance, 1.0, 0.0]))
         ratios.append(math.exp(log_reading) / tolerance)
@@ -209,6 +216,35 @@ def test_pi_tracks_a_drifting_plant_within_five_percent(g):
     ratios = closed_loop(g, drift=1e-4)
     tail = ratios[-len(ratios) // 5 :]
     assert all(abs(r - 1) < 0.05 for r in tail)
+
+
+def _steps_back_within_five_percent(ratios, since):
+    """Steps after ``since`` until the ratio enters the 5 % band and stays there 100 steps."""
+    return next(
+        i - since for i in range(since, len(ratios) - 100) if all(abs(r - 1) < 0.05 for r in ratios[i : i + 100])
+    )
+
+
+def test_the_fast_release_brings_lambda_down_after_a_model_learns_at_once():
+    # Settled on the tolerance, the model improves 5x at once at step 1000 (a decoder finding the
+    # data's structure), against a weak plant (g 0.3): the reading falls to 0.22 of the tolerance.
+    # The clipped integrator releases lambda at K_I x limit = 0.006 per step; the fast release
+    # reads how far the averages are past its threshold, unclipped.
+    fast = closed_loop(0.3, learns_at=1000, learned_by=5.0)
+    slow = closed_loop(0.3, learns_at=1000, learned_by=5.0, release_threshold=None)
+    assert min(fast[1000:]) < 0.25 and fast[:1000] == slow[:1000]  # adds exactly 0 until triggered
+    assert _steps_back_within_five_percent(fast, 1000) <= 400
+    assert _steps_back_within_five_percent(slow, 1000) >= 2 * _steps_back_within_five_percent(fast, 1000)
+    back = 1000 + _steps_back_within_five_percent(fast, 1000)
+    assert max(fast[back:]) < 1.05  # no overshoot past the tolerance on the way back
+
+
+@pytest.mark.parametrize("cv", [0.1, 0.6])
+def test_a_loop_settling_from_above_never_triggers_the_fast_release(cv):
+    # Both averages must lie past the threshold: noisy measurements around the tolerance
+    # (cv 0.6, a classifier's cross-entropy on 64 images) leave the trajectory bit for bit as without it.
+    for g in (0.3, 1.0, 3.0):
+        assert closed_loop(g, cv=cv) == closed_loop(g, cv=cv, release_threshold=None)
 
 
 def test_ramp_tracking_removes_the_lag_behind_a_steep_drift():
