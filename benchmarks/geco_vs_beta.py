@@ -70,23 +70,34 @@ def one(spec: dict) -> dict:
 
 
 def sweep_at(sweep: list[tuple[float, float]], distortion: float) -> float | None:
-    """The beta sweep's curve at ``distortion``: the value the quadratic in log distortion through
-    the (up to) three sweep points nearest to it takes there; None outside the sweep (no extrapolation).
+    """The beta sweep's curve at ``distortion``: the quadratic in log distortion through the two
+    sweep points around it and the nearer of their outer neighbours; None outside the sweep (no
+    extrapolation) or with fewer than two distinct distortions.
 
     A beta-VAE's rate (nats) falls convexly as its distortion grows, also in log distortion; the
     chord between the two neighbouring betas lies above that curve and would flatter GECO, a
-    quadratic through three follows the bend. Two points give the chord, one none.
+    quadratic through three follows the bend. Both neighbours are always among the three, so the
+    curve is read between them; with two points it is the chord. Points of equal distortion are
+    averaged.
 
     Args:
         sweep: ``(distortion, value)`` of each beta-VAE of one seed (distortion per-element MSE,
             value the rate or marginal KL in nats), any order.
         distortion: where to read the curve, per-element MSE.
     """
-    points = sorted((math.log(d), v) for d, v in sweep)
+    values: dict[float, list[float]] = {}
+    for d, v in sweep:
+        values.setdefault(math.log(d), []).append(v)
+    points = sorted((x, statistics.mean(vs)) for x, vs in values.items())
     x = math.log(distortion)
     if len(points) < 2 or not points[0][0] <= x <= points[-1][0]:
         return None
-    nearest = sorted(points, key=lambda point: abs(point[0] - x))[:3]
+    left = max(k for k in range(len(points) - 1) if points[k][0] <= x)
+    chosen = [left, left + 1]
+    outer = [k for k in (left - 1, left + 2) if 0 <= k < len(points)]
+    if outer:
+        chosen.append(min(outer, key=lambda k: abs(points[k][0] - x)))
+    nearest = [points[k] for k in chosen]
     value = 0.0
     for i, (xi, yi) in enumerate(nearest):  # Lagrange's form of the interpolating polynomial
         weight = 1.0
@@ -99,16 +110,22 @@ def sweep_at(sweep: list[tuple[float, float]], distortion: float) -> float | Non
 
 def _against_sweep(results: list[dict], dataset: str, pairs: list[tuple[dict, dict]], key: str) -> str:
     """GECO's ``key`` less the beta sweep's curve at GECO's own distortion, mean ±sd over the seeds
-    where it lies within the sweep (their number when not all)."""
-    differences = []
+    where it lies within the sweep (their number when not all); where it lies in none, whether
+    GECO's distortion is below or above every beta-VAE's, or the seed has no sweep (yet)."""
+    differences, outside = [], []
     for _, geco in pairs:
         sweep = [(r["test"]["distortion"], r["test"][key]) for r in results
                  if r["dataset"] == dataset and r["kind"] == "beta" and r["seed"] == geco["seed"]]
-        curve = sweep_at(sweep, geco["test"]["distortion"])
+        distortion = geco["test"]["distortion"]
+        curve = sweep_at(sweep, distortion)
         if curve is not None:
             differences.append(geco["test"][key] - curve)
+        elif len({d for d, _ in sweep}) < 2:
+            outside.append("no sweep")
+        else:
+            outside.append("below the sweep" if distortion < min(d for d, _ in sweep) else "above the sweep")
     if not differences:
-        return "below the sweep"
+        return " / ".join(sorted(set(outside)))
     seeds = f" (n={len(differences)})" if len(differences) < len(pairs) else ""
     return _mean_sd(differences, 1) + seeds
 

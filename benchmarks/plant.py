@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--ramp-steps", type=float, default=None)
     parser.add_argument("--cv", type=float, default=0.1, help="coefficient of variation of a measurement")
     parser.add_argument("--noise-correction", action="store_true", help="PIController(noise_correction=True)")
-    parser.add_argument("--release-threshold", type=float, default=0.5, help="PIController(release_threshold=...)")
-    parser.add_argument("--no-release", action="store_true", help="PIController(release_threshold=None)")
+    release = parser.add_mutually_exclusive_group()
+    release.add_argument("--release-threshold", type=float, default=0.5, help="PIController(release_threshold=...)")
+    release.add_argument("--no-release", action="store_true", help="PIController(release_threshold=None)")
     args = parser.parse_args()
     settings = {
         "integral_gain": args.integral_gain,

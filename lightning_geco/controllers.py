@@ -219,14 +219,19 @@ class PIController(MultiplierController):
         release_threshold: the fast release (None: off). While both moving averages of the
             error (``smoothing_steps`` and ``trend_steps``) lie below ``-release_threshold`` (the
             default 0.5: the reading under ``exp(-0.5)`` = 61 % of its tolerance), the
-            integrator also reads how far past the threshold they are, unclipped: lambda is
-            released in tens of steps instead of the clip's ``K_I * limit`` per step. A model
-            that learns at once while lambda stands high (a decoder stuck far from the
-            tolerance that suddenly finds the data's structure) lands far under its tolerance;
-            with the clip alone, bringing lambda back down took hundreds of steps (the README's
-            own-model example ended 11.7 % under it instead of 0.4 %). Both averages must agree,
-            so a noisy measurement's dips do not trigger it; it adds exactly 0 where it is not
-            triggered, and a loop settling from above never triggers it.
+            integrator also falls by ``K_I`` times how far past the threshold they are,
+            unclipped, down to the lowest it has been in the run (``release_floor``) and no
+            further. A model that learns at once while lambda stands high (a decoder stuck far
+            from the tolerance that suddenly finds the data's structure) lands far under its
+            tolerance, and the clip alone releases lambda by at most ``K_I * limit`` per step:
+            the README's own-model example then ended 11.7 % under its tolerance, with the
+            release 0.4 %. Only what lambda rose above its lowest is released, so a constraint
+            slack from the start is not driven to the lower bound. It adds exactly 0 where it
+            is not triggered: a loop settling from above on every optimizer step never triggers
+            it, even at 60 % measurement noise; measurements ``period`` steps apart average less,
+            and a noisy one's dips can (the controller table's class cross-entropy cell, once).
+            The setting is the controller's argument, not saved state: a run resumed from a
+            checkpoint of an earlier version gets it too (``None`` for the behaviour before).
     """
 
     name = "pi"
@@ -282,6 +287,7 @@ class PIController(MultiplierController):
         self.slow_error = torch.zeros_like(self.integral)
         self.drift = torch.zeros_like(self.integral)
         self.error_variance = torch.zeros_like(self.integral)
+        self.release_floor = self.integral.clone()
         self.started = torch.zeros((), dtype=torch.bool, device=self.integral.device)
 
     def to(self, device: torch.device | str) -> None:
@@ -290,6 +296,7 @@ class PIController(MultiplierController):
         self.slow_error = self.slow_error.to(device)
         self.drift = self.drift.to(device)
         self.error_variance = self.error_variance.to(device)
+        self.release_floor = self.release_floor.to(device)
         self.started = self.started.to(device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -299,6 +306,7 @@ class PIController(MultiplierController):
             "slow_error": self.slow_error.detach().cpu().clone(),
             "drift": self.drift.detach().cpu().clone(),
             "error_variance": self.error_variance.detach().cpu().clone(),
+            "release_floor": self.release_floor.detach().cpu().clone(),
             "started": bool(self.started),
         }
 
@@ -315,6 +323,9 @@ class PIController(MultiplierController):
         # A checkpoint from before the noise correction: no variance measured yet.
         variance = state.get("error_variance", torch.zeros_like(self.integral))
         self.error_variance = variance.to(device=device, dtype=torch.float32).clone()
+        # A checkpoint from before the fast release: nothing below the saved integrator is released.
+        floor = state.get("release_floor", state["integral"])
+        self.release_floor = floor.to(device=device, dtype=torch.float32).clone()
         self.started = torch.tensor(bool(state["started"]), device=device)
 
     def _corrected(self, error: Tensor, slow_before: Tensor, r: float, valid: Tensor) -> Tensor:
@@ -325,6 +336,22 @@ class PIController(MultiplierController):
         variance = torch.where(self.started, r * self.error_variance + (1.0 - r) * deviation, torch.zeros_like(error))
         self.error_variance = torch.where(valid, variance, self.error_variance)
         return error + 0.5 * self.error_variance
+
+    def _released(
+        self, integral: Tensor, smoothed: Tensor, slow: Tensor, threshold: float, period: int, valid: Tensor
+    ) -> Tensor:
+        """The integrator after the fast release: lowered by ``K_I * period`` times how far both
+        averages of the error lie past ``-threshold`` (unclipped), but never below the
+        lowest it has been (``release_floor``); ``integral`` as it is where not triggered."""
+        low, high = self.log_lambda_bounds
+        far_under = (torch.maximum(smoothed, slow) + threshold).clamp(max=0.0)
+        released = (integral + self.integral_gain * period * far_under).clamp(low, high)
+        # Only what lambda rose above its lowest is released: a constraint that is slack from the
+        # start (far under whatever lambda does) falls at the clip's pace as without the release,
+        # so it is not driven to the lower bound while it does not bind.
+        integral = torch.maximum(released, torch.minimum(integral, self.release_floor))
+        self.release_floor = torch.where(valid, torch.minimum(self.release_floor, integral), self.release_floor)
+        return integral
 
     def smoothing(self, period: int) -> float:
         """The P path's moving-average coefficient for measurements ``period`` steps apart."""
@@ -360,12 +387,6 @@ class PIController(MultiplierController):
             # approach_steps: the model is getting there on its own, so lambda is held.
             held = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
             integrated = torch.where(held, torch.zeros_like(integrated), integrated)
-        if self.release_threshold is not None:
-            # Far under the tolerance on both averages (a model that learned at once while
-            # lambda stood high): the integrator also falls by how far past the threshold they
-            # are, so lambda is not released at the clip's crawl. Adds exactly 0 otherwise.
-            far_under = (torch.maximum(smoothed, slow) + self.release_threshold).clamp(max=0.0)
-            integrated = integrated + far_under
         if self.ramp_steps is None:
             integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
         else:
@@ -382,6 +403,8 @@ class PIController(MultiplierController):
             bound = self.integral_gain * limit
             integral = (self.integral + period * (self.integral_gain * integrated + self.drift)).clamp(low, high)
             self.drift = torch.where(valid, (self.drift + learned).clamp(-bound, bound), self.drift)
+        if self.release_threshold is not None:
+            integral = self._released(integral, smoothed, slow, self.release_threshold, period, valid)
         self.smoothed_error = torch.where(valid, smoothed, self.smoothed_error)
         self.integral = torch.where(valid, integral, self.integral)
         self.started = self.started | valid

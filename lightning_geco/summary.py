@@ -28,18 +28,15 @@ def run_directory(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def _is_last_batch_of_fit(trainer: pl.Trainer, batch_idx: int) -> bool:
+def _is_last_batch_of_fit(trainer: pl.Trainer) -> bool:
     """Whether the training batch just ended is the fit's last: ``max_steps`` reached, or the
     last batch of the last of ``max_epochs``."""
     if 0 < trainer.max_steps <= trainer.global_step:
         return True
     max_epochs = trainer.max_epochs
-    return (
-        max_epochs is not None
-        and max_epochs > 0
-        and trainer.current_epoch + 1 >= max_epochs
-        and batch_idx + 1 >= trainer.num_training_batches
-    )
+    last_epoch = max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
+    # Lightning's data fetcher sets this before on_train_batch_end, also for a loader without a length.
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def _number(value: Any) -> float | None:
@@ -104,6 +101,7 @@ class RunSummary(Callback):
         self._check_val_every_n_epoch: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
         self._start = time.monotonic()
         self._validation = {}
         self._standard_errors = {}
@@ -124,7 +122,7 @@ class RunSummary(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not _is_last_batch_of_fit(trainer, batch_idx):
+        if not _is_last_batch_of_fit(trainer):
             return
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
         # asking it to stop at its last batch gets the final validation the summary reports.
@@ -138,6 +136,13 @@ class RunSummary(Callback):
             trainer.check_val_every_n_epoch = 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_validation_schedule(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A fit that raised (in that last validation, say) never reaches on_train_end.
+        self._restore_validation_schedule(trainer)
+
+    def _restore_validation_schedule(self, trainer: pl.Trainer) -> None:
         if self._check_val_every_n_epoch is not None:
             trainer.check_val_every_n_epoch = self._check_val_every_n_epoch
             self._check_val_every_n_epoch = None

@@ -34,6 +34,19 @@ def test_sweep_at_reads_the_points_themselves_and_never_extrapolates() -> None:
     assert sweep_at([(0.01, 40.0)], 0.01) is None
 
 
+def test_sweep_at_reads_between_the_neighbours_of_an_uneven_sweep() -> None:
+    # Three betas bunched at one end: the three points nearest 0.013 would all lie left of it
+    # and extrapolate (77 with a quadratic through them, above every value read here); the
+    # curve is read through both neighbours, 0.0104 and 0.02.
+    sweep = [(d, 1.0 / d) for d in (0.010, 0.0102, 0.0104, 0.02)]
+    assert sweep_at(sweep, 0.013) == pytest.approx(1.0 / 0.013, rel=0.01)
+    assert 1.0 / 0.02 < sweep_at(sweep, 0.013) < 1.0 / 0.0104
+
+
+def test_sweep_at_averages_betas_of_equal_distortion() -> None:
+    assert sweep_at([(0.01, 40.0), (0.01, 42.0), (0.02, 12.0)], 0.01) == pytest.approx(41.0)
+
+
 def test_sweep_at_lies_below_the_chord_of_a_convex_sweep() -> None:
     # Rate falling convexly with distortion: the chord between neighbours overstates the curve
     # (it would flatter GECO); the quadratic through three points does not.
@@ -58,10 +71,14 @@ def test_table_compares_geco_with_the_sweep_at_its_own_distortion() -> None:
     runs = [_run("beta", b, 0, d, sweep_rate(d)) for b, d in ((1.0, 0.01), (2.0, 0.015), (4.0, 0.02))]
     runs.append(_run("geco", 1.0, 0, 0.009, 20.0, tolerance=0.01))
     runs.append(_run("geco", 2.0, 0, 0.0135, sweep_rate(0.0135) - 3.0, tolerance=0.015))
-    lines = [line for line in table(runs, ["mnist"], [1.0, 2.0]).splitlines() if line.startswith("| ")]
+    runs.append(_run("geco", 4.0, 0, 0.021, 9.0, tolerance=0.02))  # worse than every beta-VAE
+    runs.append(_run("geco", 4.0, 1, 0.019, 9.0, tolerance=0.02))  # seed 1 has no sweep (yet)
+    runs.append(_run("beta", 4.0, 1, 0.02, 10.0))
+    lines = [line for line in table(runs, ["mnist"], [1.0, 2.0, 4.0]).splitlines() if line.startswith("| ")]
     header, *rows = ([cell.strip() for cell in line.strip("|").split(" | ")] for line in lines)
-    by_beta = {row[0]: dict(zip(header, row)) for row in rows if row[0] in ("1", "2")}
+    by_beta = {row[0]: dict(zip(header, row)) for row in rows if row[0] in ("1", "2", "4")}
     at_own = ["rate GECO - sweep at GECO's distortion", "marginal KL GECO - sweep at GECO's distortion"]
     assert [by_beta["1"][column] for column in at_own] == ["below the sweep", "below the sweep"]
     assert [by_beta["2"][column] for column in at_own] == ["-3.0", "-3.0"]
     assert by_beta["2"]["GECO \\|test/tol - 1\\| %"] == "10.0 (-10.0)"
+    assert [by_beta["4"][column] for column in at_own] == ["above the sweep / no sweep"] * 2

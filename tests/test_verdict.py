@@ -281,29 +281,64 @@ class _ValidationSteps(pl.Callback):
             self.steps.append(trainer.global_step)
 
 
-@pytest.mark.parametrize(
-    ("limits", "final_step"),
-    [({"max_steps": 20}, 20), ({"max_epochs": 4}, 32)],  # 8 batches per epoch
-)
-def test_the_summary_validates_the_last_step_in_an_epoch_check_val_every_n_epoch_skips(tmp_path, limits, final_step):
-    # check_val_every_n_epoch=3 validates after epoch 3 (step 24) only; the run ends in epoch 3
-    # (max_steps 20) or 4 (max_epochs), where Lightning would not validate: the summary would
-    # report a model up to 20 steps older than the one trained (the README's own-model example
-    # reported step 1200 of 1500 so).
+def _fit_every_third_epoch(tmp_path, train, callbacks=(), **limits):
+    """A fit that validates every third epoch (8 batches of 32 an epoch with ``_images()``)."""
     pl.seed_everything(0)
     summary, seen = RunSummary(), _ValidationSteps()
     trainer = quiet_trainer(
         **limits, check_val_every_n_epoch=3, num_sanity_val_steps=0,
-        callbacks=[GECOCallback(), summary, seen], default_root_dir=tmp_path,
+        callbacks=[GECOCallback(), summary, seen, *callbacks], default_root_dir=tmp_path,
     )
-    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
     trainer.fit(tiny_conv_vae(tolerance=0.4), train, val)
-    assert seen.steps[-1] == trainer.global_step == final_step
+    return trainer, summary, seen
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The same 256 images as a stream: a loader without a length."""
+
+    def __iter__(self):
+        return iter([(image,) for image in _images()])
+
+
+@pytest.mark.parametrize(
+    ("limits", "validated_at"),
+    [
+        ({"max_steps": 12}, [12]),  # ends in epoch 2 of 3: Lightning would never validate
+        ({"max_epochs": 4}, [24, 32]),  # after epoch 3, and at the end of epoch 4
+        ({"max_steps": 6, "accumulate_grad_batches": 2}, [6]),  # 4 optimizer steps an epoch
+    ],
+)
+def test_the_summary_validates_the_last_step_in_an_epoch_check_val_every_n_epoch_skips(tmp_path, limits, validated_at):
+    # Without it the summary reports a model up to 2 epochs older than the one trained, or none
+    # (the README's own-model example reported step 1200 of 1500 so).
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    trainer, summary, seen = _fit_every_third_epoch(tmp_path, train, **limits)
+    assert seen.steps == validated_at and trainer.global_step == validated_at[-1]
     written = json.loads(summary.path.read_text())
-    assert written["validated_step"] == written["global_step"] == final_step
+    assert written["validated_step"] == written["global_step"] == validated_at[-1]
     assert "validated at step" not in written["verdict_line"]
     assert trainer.check_val_every_n_epoch == 3  # the Trainer's own setting, back after the fit
+
+
+def test_the_summary_validates_the_last_step_of_a_loader_without_a_length(tmp_path):
+    trainer, summary, seen = _fit_every_third_epoch(tmp_path, DataLoader(_Stream(), batch_size=32), max_epochs=4)
+    assert seen.steps == [24, 32] and summary.summary["validated_step"] == 32
+
+
+def test_a_fit_that_raises_in_its_last_validation_leaves_the_trainer_as_it_was(tmp_path):
+    class FailOnLastValidation(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.global_step == 12:
+                raise RuntimeError("the last validation failed")
+
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=12, check_val_every_n_epoch=3, num_sanity_val_steps=0,
+                            callbacks=[GECOCallback(), summary, FailOnLastValidation()], default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="the last validation failed"):
+        trainer.fit(tiny_conv_vae(tolerance=0.4), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
+    assert trainer.check_val_every_n_epoch == 3 and summary._check_val_every_n_epoch is None
 
 
 def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
