@@ -43,6 +43,9 @@ def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypa
     # (the fast release; with the clip alone 11.7 % under), validated at the last step.
     assert -0.02 < summary["relative_violation"] <= 0.01
     assert summary["validated_step"] == summary["global_step"] == 1500
+    # The snippet logs the reading's standard error (MeanWithStandardError), which the line shows
+    # where the verdict lies within two of them of the 1 % band's edge, as here.
+    assert summary["standard_error"] > 0 and " ± " in printed
 
 
 def test_the_own_constraint_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
