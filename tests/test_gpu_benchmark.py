@@ -22,10 +22,12 @@ COLUMNS = ["benchmark", "precision", "median", "unit", "spread (min - max over r
 PRECISIONS = ("fp32", "bf16-mixed")
 # (benchmark label, precision) of every row that must hold numbers.
 COMPILED_GECO = ["Lightning + GECO, compiled update", "GECO compiled / ELBO (images/s)", "GECO compiled / plain (images/s)"]
+CHANNELS_LAST = ["Lightning + GECO, channels_last model", "GECO channels_last / GECO (images/s)"]
 EXPECTED = (
     [(label, p) for p in PRECISIONS for label in ("plain PyTorch loop", "Lightning + ELBO", "Lightning + GECO")]
     + [(label, p) for p in PRECISIONS for label in ("GECO / ELBO (images/s)", "GECO / plain (images/s)")]
     + [(label, p) for p in PRECISIONS for label in COMPILED_GECO]
+    + [(label, p) for p in PRECISIONS for label in CHANNELS_LAST]
     + [("DDP 2 processes (gloo, CPU smoke), Lightning + GECO", "fp32")]
     + [
         (f"torch.compile{what}: {variant}", "fp32")
