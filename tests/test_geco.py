@@ -218,8 +218,10 @@ def _state(geco: GECO) -> dict:
 @pytest.mark.parametrize(
     ("controller", "drive"),
     [(PIController(), "training"), (PIController(), "calibration"), (PIController(ramp_steps=300), "training"),
+     # a release that triggers within the 40 steps (the readings fall under 0.9x from step ~24)
+     (PIController(release_threshold=0.1, trend_steps=12.0), "training"),
      (Algorithm1.relative(0.006, [0.02, 0.1]), "training"), (Algorithm1(), "training")],
-    ids=["pi", "pi_calibration", "pi_ramp", "relative", "paper"],
+    ids=["pi", "pi_calibration", "pi_ramp", "pi_release", "relative", "paper"],
 )
 def test_compiled_per_step_methods_agree_with_the_eager_ones(controller, drive):
     # Two GECOs on the same batches, one eager, one compiled: through valid steps, NaN-skipped
