@@ -313,6 +313,23 @@ def test_the_learned_drift_round_trips_and_an_older_state_starts_without_one():
     assert torch.equal(fresh.controller.integral, geco.controller.integral)
 
 
+def test_the_release_floor_round_trips_and_an_older_state_releases_nothing_below_its_integrator():
+    geco = _callback_geco([0.01], controller="pi")
+    for value in (0.05,) * 30 + (0.011,) * 30 + (0.005,) * 5:  # a rise, a settle, a little fall
+        geco.update(_statistics(torch.full((4, 1), value - 0.01)))
+    floor = geco.controller.release_floor
+    assert floor.item() == 0.0 < geco.controller.integral.item()  # the lowest: where lambda started
+    restored = _callback_geco([0.01], controller="pi")
+    restored.state.load_state_dict(geco.state.state_dict())
+    restored.load_state_dict(geco.state_dict())
+    assert torch.equal(restored.controller.release_floor, floor)
+    older = geco.state_dict()
+    older["controller"] = {k: v for k, v in older["controller"].items() if k != "release_floor"}
+    fresh = _callback_geco([0.01], controller="pi")
+    fresh.load_state_dict(older)
+    assert torch.equal(fresh.controller.release_floor, geco.controller.integral)
+
+
 def test_noise_correction_holds_the_mean_of_noisy_measurements_not_their_median():
     # Log-normal measurements whose mean is the true reading, 60 % noise each (a 64-image
     # measurement of a classifier's cross-entropy is about this noisy): the log-ratio error of
