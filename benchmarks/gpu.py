@@ -465,25 +465,22 @@ def training_rows(sizes: Sizes, loader, precisions: list[str], skipped: dict[str
     all_precisions = list(dict.fromkeys(precisions + list(skipped)))
     for precision in all_precisions:
         out += [rows[(v, precision)] for v in VARIANTS]
+    # (numerator, denominator, label, note) of every ratio row
+    ratios = [
+        (variant, other, f"{name} / {'ELBO' if other == 'elbo' else 'plain'} (images/s)",
+         "per-round ratios; < 1: GECO slower")
+        for (variant, name), other in itertools.product((("geco", "GECO"), ("geco_compiled", "GECO compiled")), ("elbo", "plain"))
+    ] + [("geco_channels_last", "geco", "GECO channels_last / GECO (images/s)", "per-round ratios; > 1: channels_last faster")]
     for precision in all_precisions:
-        for variant, other in itertools.product(("geco", "geco_compiled"), ("elbo", "plain")):
-            name = "GECO" if variant == "geco" else "GECO compiled"
-            label = f"{name} / {'ELBO' if other == 'elbo' else 'plain'} (images/s)"
-            row = Row(label, precision, "ratio", note="per-round ratios; < 1: GECO slower")
-            geco, base = rows[(variant, precision)], rows[(other, precision)]
-            if geco.status or base.status or not geco.values:
+        for variant, other, label, note in ratios:
+            row = Row(label, precision, "ratio", note=note)
+            top, base = rows[(variant, precision)], rows[(other, precision)]
+            if top.status or base.status or not top.values:
                 row.status = "skipped: a run it needs did not complete"
             else:
                 # Each round's runs share the machine's state at that moment: pair them.
-                row.values = [g / b for g, b in zip(geco.values, base.values)]
+                row.values = [t / b for t, b in zip(top.values, base.values)]
             out.append(row)
-        row = Row("GECO channels_last / GECO (images/s)", precision, "ratio", note="per-round ratios; > 1: channels_last faster")
-        layout, base = rows[("geco_channels_last", precision)], rows[("geco", precision)]
-        if layout.status or base.status or not layout.values:
-            row.status = "skipped: a run it needs did not complete"
-        else:
-            row.values = [c / g for c, g in zip(layout.values, base.values)]
-        out.append(row)
     return out
 
 

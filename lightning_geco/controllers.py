@@ -343,12 +343,12 @@ class PIController(MultiplierController):
         """The integrator after the fast release: lowered by ``K_I * period`` times how far both
         averages of the error lie past ``-threshold`` (unclipped), but never below the
         lowest it has been (``release_floor``); ``integral`` as it is where not triggered."""
-        low, high = self.log_lambda_bounds
         far_under = (torch.maximum(smoothed, slow) + threshold).clamp(max=0.0)
-        released = (integral + self.integral_gain * period * far_under).clamp(low, high)
+        released = integral + self.integral_gain * period * far_under
         # Only what lambda rose above its lowest is released: a constraint that is slack from the
         # start (far under whatever lambda does) falls at the clip's pace as without the release,
-        # so it is not driven to the lower bound while it does not bind.
+        # so it is not driven to the lower bound while it does not bind. (No clamp to the bounds:
+        # the result lies between the floor and the integrator, both already within them.)
         integral = torch.maximum(released, torch.minimum(integral, self.release_floor))
         self.release_floor = torch.where(valid, torch.minimum(self.release_floor, integral), self.release_floor)
         return integral

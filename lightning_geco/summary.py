@@ -176,11 +176,13 @@ class RunSummary(Callback):
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
-        if "verdict_line" in summary and validated_step is not None and validated_step != trainer.global_step:
-            # A validation that could not run at the end (e.g. the validation loop turned off):
-            # the figures are of an older model, and the line says which.
-            summary["verdict_line"] += f" (validated at step {validated_step}; the run ended at step {trainer.global_step})"
         if "verdict_line" in summary:
+            if validated_step is not None and validated_step != trainer.global_step:
+                # A validation that could not run at the end (e.g. the validation loop turned
+                # off): the figures are of an older model, and the line says which.
+                summary["verdict_line"] += (
+                    f" (validated at step {validated_step}; the run ended at step {trainer.global_step})"
+                )
             self.verdict_line = summary["verdict_line"]
         summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
