@@ -1,6 +1,6 @@
 """Where GECO's per-step cost goes: host time and tensor ops of its objective and its callback.
 
-    python benchmarks/step_profile.py [--device cuda] [--steps 200] [--batch-size 256] [--image-size 64]
+    python benchmarks/step_profile.py [--device cuda] [--steps 200] [--batch-size 256] [--image-size 64] [--rounds 5]
 
 Trains the benchmarked ConvVAE (as ``benchmarks/gpu.py``: shapes held on the device, no logger,
 no validation) with the ELBO (row ``elbo``), with GECO's previous default ``relative`` (row
@@ -21,6 +21,10 @@ root without installing the package.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE  # noqa: E402
+from lightning_geco.batches import batch_images  # noqa: E402
 from lightning_geco.callbacks import is_logging_step  # noqa: E402
 
 
@@ -155,6 +160,44 @@ def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: st
     }
 
 
+def warm_host_ms(args: argparse.Namespace, data: torch.utils.data.DataLoader, repeats: int = 200) -> float:
+    """Host ms of one step's GECO maths (the objective's forward and the update) repeated in a
+    tight loop, with nothing between the calls to push its code and data out of the caches: the
+    same ops as in a training step, without the convolutions around them."""
+    torch.manual_seed(0)
+    objective = GECOObjective([ReconstructionMSE(0.005)])
+    model = ConvVAE(image_shape=(1, args.image_size, args.image_size), objective=objective)
+    bare_trainer(args.device, 2, [GECOCallback()]).fit(model, train_dataloaders=data)
+    geco = objective.geco
+    assert geco is not None
+    objective.train()
+    output = model(batch_images(next(iter(data))).to(args.device))
+
+    def step() -> None:
+        objective(output)
+        geco.update(geco.pending_statistics())
+
+    for _ in range(20):
+        step()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 1e3 * best
+
+
+_VARIANTS = ("elbo", "geco", "geco_pi", "geco_pi_compiled")
+
+
+def _in_own_process(argv: list[str] | None, one: str) -> dict[str, float]:
+    """This script's ``--one`` run in a fresh process: its figures."""
+    command = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--one", one]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,20 +206,37 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 200 on CUDA, 20 on the CPU)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--op-steps", type=int, default=5, help="steps of the op-counting run")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="timed runs of every variant, interleaved; each figure is the median over the rounds",
+    )
+    parser.add_argument("--one", choices=[*_VARIANTS, "warm"], help=argparse.SUPPRESS)  # one timed run, as JSON
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 16)
     args.steps = args.steps or (200 if cuda else 20)
     data = loader(args)
+    if args.one is not None:
+        timed = {"warm_ms": warm_host_ms(args, data)} if args.one == "warm" else run(args, data, args.one, False)
+        print(json.dumps(timed))
+        return json.dumps(timed)
+    variants = _VARIANTS
+    # Every timed run is its own process: a compiled run leaves the threads of its kernels
+    # spinning, which slowed the ELBO's step after it by 20-35 % in one process on this CPU.
+    # Interleaved rounds: a busy spell of a shared machine slows every variant of one round,
+    # not all the rounds of one variant.
+    timings: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            timings[variant].append(_in_own_process(argv, variant))
     rows = []
-    for variant in ("elbo", "geco", "geco_pi", "geco_pi_compiled"):
-        timed = run(args, data, variant, count_ops=False)
-        counted = run(args, data, variant, count_ops=True)
-        rows.append((variant, timed, counted))
+    for variant in variants:
+        timed = {key: statistics.median(t[key] for t in timings[variant]) for key in timings[variant][0]}
+        rows.append((variant, timed, run(args, data, variant, count_ops=True)))
     device = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [
         f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps, {device}, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}, median of {args.rounds} interleaved round(s)",
         "| variant | ms / step | objective host ms | callback host ms | objective ops | callback ops |",
         "|---|---|---|---|---|---|",
     ]
@@ -197,6 +257,13 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(
             f"{variant}: its own host work {own:.3f} ms per step = {100 * own / elbo:.1f} % of the ELBO's step "
             f"({logging:.3f} ms of it, {100 * logging / elbo:.1f} %, at the steps that log, averaged over all)"
+        )
+    if not cuda:  # on a GPU the loop would time launches, not the work
+        warm = _in_own_process(argv, "warm")["warm_ms"]
+        in_step = rows[2][1]["objective_ms"] - elbo_objective + rows[2][1]["callback_ms"]
+        lines.append(
+            f"geco_pi: the same maths in a tight loop (warm caches) {warm:.3f} ms per step, "
+            f"{in_step / warm:.1f}x less than inside the training step"
         )
     text = "\n".join(lines)
     print(text)

@@ -247,7 +247,7 @@ class GECOCallback(Callback):
     the next logging step (at once on the host path).
 
     ``compile=True`` fuses the per-step work: the moving average, the controller and the skip
-    decision run as four ``torch.compile``-built functions instead of ~130 small tensor ops
+    decision run as four ``torch.compile``-built functions instead of ~100 small tensor ops
     (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
     host launching kernels (a small model on a GPU); it costs seconds of compiling per process.
     Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).

@@ -125,7 +125,7 @@ class Constraint(Rebuildable, nn.Module):
 
     def num_elements(self, output: VAEOutput) -> int:
         """Elements per example: the factor from per-element to per-image units."""
-        return output.x[0].numel()
+        return math.prod(output.x.shape[1:])  # not x[0].numel(): indexing is an op on every step
 
     def describe(self) -> dict[str, float | str]:
         """The constraint as stated by the user, for checkpoints and summaries."""

@@ -359,8 +359,8 @@ class PIController(MultiplierController):
 
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
         error = log_ratio_error(value, scale)
-        # A skipped measurement must not leak a NaN into the state.
-        error = torch.where(valid, error, torch.zeros_like(error))
+        # An invalid measurement's error may be NaN: every write to the state below is a
+        # torch.where(valid, ...), so it never reaches the state (and the output reads the state).
         # The slow average (the approach hold's trend, the noise correction's reference), kept
         # only when one of them reads it.
         keeps_slow = self.approach_steps is not None or self.noise_correction or self.release_threshold is not None
@@ -385,8 +385,9 @@ class PIController(MultiplierController):
             slope = (smoothed - slow) / (self.trend_steps - self.smoothing_steps)
             # Past the tolerance but falling towards it fast enough to arrive within
             # approach_steps: the model is getting there on its own, so lambda is held.
-            held = (smoothed > 0) & (slope < 0) & (smoothed < self.approach_steps * -slope)
-            integrated = torch.where(held, torch.zeros_like(integrated), integrated)
+            # (slope * -H is H * -slope to the bit, in one op: rounding is symmetric in sign.)
+            held = (smoothed > 0) & (slope < 0) & (smoothed < slope * -self.approach_steps)
+            integrated = integrated.masked_fill(held, 0.0)
         if self.ramp_steps is None:
             integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
         else:

@@ -15,7 +15,8 @@ average per constraint, and moves the multipliers with a controller
 Every tensor of the state is fp32, whatever autocast does around it, and lives on the
 model's device so the statistics can go through a collective as they are.
 
-Each step's bookkeeping and update are ~130 small tensor ops (a few elements each). On a GPU,
+Each step's bookkeeping and update are ~100 small tensor ops (a few elements each; none is
+dispatched for a cast or detach that would return its input, :func:`plain_fp32`). On a GPU,
 where a small model's step is bound by the host launching kernels, launching them costs more
 than their arithmetic; with ``compile=True`` the per-step methods (:meth:`GECO.update`,
 :meth:`GECO.control`, the recording half of :meth:`GECO.constraint_term` and
@@ -70,10 +71,31 @@ def constraint_statistics(per_example: Tensor) -> Tensor:
     What one all-reduce (SUM) carries: a constraint whose sum is not finite is left out of the
     sums and raises the flag, so a mean over ranks stays finite while the skip is decided.
     """
-    total = per_example.detach().float().sum(dim=0)
+    total = plain_fp32(per_example).sum(dim=0)
     finite = torch.isfinite(total)
     count = total.new_full((1,), float(per_example.shape[0]))
-    return torch.cat([torch.where(finite, total, torch.zeros_like(total)), count, (~finite).any().float().reshape(1)])
+    # cat promotes the (1,) bool flag to fp32: one op fewer than casting it first.
+    return torch.cat([torch.where(finite, total, 0.0), count, finite.logical_not().any(0, keepdim=True)])
+
+
+def as_fp32(tensor: Tensor) -> Tensor:
+    """``tensor.float()``, dispatching no op when it is fp32 already (gradients kept).
+
+    GECO's per-step work is ~100 small ops, and on a step bound by the host each dispatch
+    costs host time even when the op would return its input; the check here is an attribute
+    read.
+    """
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def plain_fp32(tensor: Tensor) -> Tensor:
+    """``tensor.detach().float()``, dispatching no op for what ``tensor`` already is (:func:`as_fp32`)."""
+    return as_fp32(tensor.detach() if tensor.requires_grad else tensor)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor.to(device)``, with no op dispatched when it is there already (see :func:`plain_fp32`)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def constraint_means(statistics: Tensor) -> Tensor:
@@ -408,7 +430,7 @@ class GECO:
     # --------------------------------------------------------------- the loss
     def moving_average_with(self, constraint: Tensor) -> Tensor:
         """The moving average as it would be after folding in ``constraint`` (K,); no state change."""
-        constraint = constraint.detach().float()
+        constraint = plain_fp32(constraint)
         averaged = self.alpha * self.constraint_ema + (1.0 - self.alpha) * constraint
         return torch.where(self._seeded, averaged, constraint)
 
@@ -427,7 +449,7 @@ class GECO:
                 f"GECO expects per-example constraints of shape (N, {self.num_constraints}), "
                 f"got {tuple(per_example.shape)}."
             )
-        per_example = per_example.float()
+        per_example = as_fp32(per_example)
         batch_mean = per_example.mean(dim=0)
         return batch_mean + self._record_and_smooth(per_example.detach(), batch_mean.detach())
 
@@ -442,12 +464,16 @@ class GECO:
 
         Tensor ops only, no host sync: a non-finite sum is counted in the flag and left out.
         """
-        self._pending += constraint_statistics(per_example).to(self._pending.device)
+        self._pending += _to_device(constraint_statistics(per_example), self._pending.device)
 
     @_compilable
     def record_loss(self, loss: Tensor) -> None:
         """Flag the coming update as non-finite when ``loss`` is (no host sync: a tensor op)."""
-        self._pending[-1] += (~torch.isfinite(loss.detach().float())).sum().to(self._pending.device)
+        finite = torch.isfinite(loss)  # bool, no gradient: needs neither detach nor a cast
+        if finite.dim() > 0:
+            finite = finite.all()
+        # In place on the element (``pending[-1] += ...`` would add a select and a copy).
+        self._pending[-1].add_(_to_device(finite.logical_not(), self._pending.device))
 
     def pending_statistics(self) -> Tensor:
         """fp32 vector ``[sum_1..sum_K, count, nonfinite]`` for one all-reduce (SUM) over ranks
@@ -461,7 +487,7 @@ class GECO:
     # ------------------------------------------------------------- the update
     def _split(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean (K,), has_examples, valid)`` of ``[sum_1..sum_K, count, nonfinite]``."""
-        statistics = statistics.detach().float()
+        statistics = plain_fp32(statistics)
         k = self.num_constraints
         # The division of constraint_means, on the count it also tests (one op less per step).
         sums, count, nonfinite = statistics[:k], statistics[k], statistics[k + 1]
@@ -496,10 +522,10 @@ class GECO:
         if self.drive == "training":
             self._move(mean, ema, 1, valid)
         self.constraint_ema = ema
-        self._seeded = self._seeded | valid
-        self._num_updates += valid.long()
+        self.state.seeded.logical_or_(valid)
+        self._num_updates.add_(valid)
         self.skipped = has_examples & ~valid
-        self._num_skipped_updates += self.skipped.long()
+        self._num_skipped_updates.add_(self.skipped)
         self._num_consecutive_skips = torch.where(self.skipped, self._num_consecutive_skips + 1, 0)
         return valid
 
@@ -517,5 +543,5 @@ class GECO:
         mean, _, valid = self._split(statistics)
         # Algorithm 1 reads its input as the moving average: here, the measurement itself.
         self._move(mean, mean, period, valid)
-        self._num_measurements += valid.long()
+        self._num_measurements.add_(valid)
         return valid

@@ -7,7 +7,9 @@ the unit-weight ELBO beside the loss, so the two are never confused.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.distributions import LOG_2PI
-from lightning_geco.geco import GECO, MultiplierState
+from lightning_geco.geco import GECO, MultiplierState, as_fp32
 from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
@@ -274,7 +276,7 @@ class GECOObjective(Objective):
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""
-        return torch.stack([c(output).float() for c in self.constraints], dim=1)
+        return torch.stack([as_fp32(c(output)) for c in self.constraints], dim=1)
 
     def forward(self, output: VAEOutput) -> Tensor:
         """The Lagrangian; in eval mode the batch's own constraint with lambda as it stands."""
@@ -290,8 +292,11 @@ class GECOObjective(Objective):
             # Validation reads lambda but never records statistics or moves the state.
             constraint = values.mean(dim=0)
         lam = self.multipliers.lagrange_multiplier
-        lagrangian = sum(lam[k] * c.num_elements(output) * constraint[k] for k, c in enumerate(self.constraints))
-        loss = output.rate.float().mean() + lagrangian
+        # Summed from the first term (``sum()`` would start with an op adding 0).
+        lagrangian = functools.reduce(
+            operator.add, (lam[k] * c.num_elements(output) * constraint[k] for k, c in enumerate(self.constraints))
+        )
+        loss = as_fp32(output.rate).mean() + lagrangian
         if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss
