@@ -99,6 +99,15 @@ def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
+def _learning_rate_fraction(optimizer: Optimizer) -> float:
+    """The first parameter group's learning rate over its initial one (``initial_lr``, which
+    torch's schedulers record; 1 without a scheduler). A Python float: no host sync."""
+    group = optimizer.param_groups[0]
+    rate = float(group["lr"])
+    initial = float(group.get("initial_lr", rate))
+    return rate / initial if initial > 0 else 1.0
+
+
 def _planned_steps(trainer: pl.Trainer) -> int | None:
     """The fit's planned optimizer steps, from ``max_steps`` or ``max_epochs``, whichever ends it
     first (None: unbounded). Needs the training loader's length: asked at the start of training."""
@@ -206,7 +215,9 @@ class GECOCallback(Callback):
       with the log-ratio error ``ln(reading / tolerance)``, a clamped integrator that holds
       while the reading is already falling onto its tolerance; ``proportional_gain``,
       ``integral_gain``, ``smoothing_steps``, ``integral_error_limit``, ``approach_steps``, and
-      ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md),
+      ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md;
+      ``ramp_follows_lr`` scales the drift it applies by the learning rate over its initial one,
+      so a learned descent slows as an annealed model stops improving),
       ``noise_correction`` (each measurement's log error plus half its running variance, so noisy
       measurements are held at their mean, not their median; off: see docs/RESULTS.md),
       ``release_threshold`` (lambda released fast while the reading stays far under its
@@ -249,7 +260,9 @@ class GECOCallback(Callback):
     ``compile=True`` fuses the per-step work: the moving average, the controller and the skip
     decision run as four ``torch.compile``-built functions instead of ~100 small tensor ops
     (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
-    host launching kernels (a small model on a GPU); it costs seconds of compiling per process.
+    host launching kernels (a small model on a GPU); it costs seconds of compiling per process,
+    and on a CPU it slows the whole step (1.32x on the README's 2-core machine: the compiled
+    kernels' OpenMP threads keep spinning after each call, taking the cores from the model's).
     Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
 
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
@@ -265,7 +278,7 @@ class GECOCallback(Callback):
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
         proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps, ramp_steps,
-        noise_correction, release_threshold:
+        ramp_follows_lr, noise_correction, release_threshold:
             ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"auto"``, ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements.
@@ -293,6 +306,7 @@ class GECOCallback(Callback):
         integral_error_limit: float | None = 0.1,
         approach_steps: float | None = 200.0,
         ramp_steps: float | None = None,
+        ramp_follows_lr: bool = False,
         noise_correction: bool = False,
         release_threshold: float | None = 0.5,
         drive: str = "auto",
@@ -325,8 +339,9 @@ class GECOCallback(Callback):
         for name, value in (("calibration_every", calibration_every), ("calibration_batch_size", calibration_batch_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"GECOCallback {name} must be a positive int, got {value!r}.")
-        if not isinstance(compile, bool):
-            raise ValueError(f"GECOCallback compile must be True or False, got {compile!r}.")
+        for name, flag in (("compile", compile), ("ramp_follows_lr", ramp_follows_lr)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"GECOCallback {name} must be True or False, got {flag!r}.")
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
         self.controller = controller
@@ -341,6 +356,7 @@ class GECOCallback(Callback):
         self.drive = drive
         self.approach_steps = approach_steps
         self.ramp_steps = ramp_steps
+        self.ramp_follows_lr = ramp_follows_lr
         self.noise_correction = noise_correction
         self.release_threshold = release_threshold
         self.calibration_every = calibration_every
@@ -577,6 +593,9 @@ class GECOCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         geco = self._ready_geco
+        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if self.ramp_follows_lr and isinstance(geco.controller, PIController):
+            geco.controller.pace.fill_(_learning_rate_fraction(torch_optimizer))
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
         if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
@@ -586,7 +605,6 @@ class GECOCallback(Callback):
         # The optimizer must not see the gradients of a non-finite step.
         skip = geco.skipped
         logging = is_logging_step(trainer)
-        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
         on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
         if on_device:
             # Fused optimizers (Adam/AdamW/SGD with fused=True) read GradScaler's device-side

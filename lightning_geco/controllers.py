@@ -206,7 +206,10 @@ class PIController(MultiplierController):
             ``default_ramp300`` and ``default_ramp100``, 3 seeds) it closes the MSE cells (MNIST
             and Fashion-MNIST 0.7 % from the tolerance instead of 2.3-2.4 %) but carries lambda on
             down as the annealed model stops improving (BCE +3.5 %, LadderVAE +3.4 % past) and
-            swings a noisy classifier constraint (16.6 % mean gap), so it is off.
+            swings a noisy classifier constraint (16.6 % mean gap), so it is off. The drift it
+            applies is scaled by :attr:`pace` (1 unless set; ``GECOCallback(ramp_follows_lr=True)``
+            sets it to the learning rate over its initial one, which takes the overshoot away and
+            most of the tracking with it: ``default_ramp300_lr`` in docs/RESULTS.md).
         noise_correction: False (the default), or shift each measurement's log error by half
             the running variance of its deviation from the slow average (``trend_steps``):
             ``e + var(e) / 2``. The log of a noisy measurement averages ``var / 2`` below the log
@@ -289,6 +292,10 @@ class PIController(MultiplierController):
         self.error_variance = torch.zeros_like(self.integral)
         self.release_floor = self.integral.clone()
         self.started = torch.zeros((), dtype=torch.bool, device=self.integral.device)
+        #: 0-dim fp32: how fast the learned drift moves lambda now, as a fraction of its pace
+        #: when learned (1: always; ``GECOCallback(ramp_follows_lr=True)`` sets it every
+        #: optimizer step to the learning rate over its initial value). Not state: set each step.
+        self.pace = torch.ones((), device=self.integral.device)
 
     def to(self, device: torch.device | str) -> None:
         self.integral = self.integral.to(device)
@@ -298,6 +305,7 @@ class PIController(MultiplierController):
         self.error_variance = self.error_variance.to(device)
         self.release_floor = self.release_floor.to(device)
         self.started = self.started.to(device)
+        self.pace = self.pace.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -402,7 +410,7 @@ class PIController(MultiplierController):
                 tracking = tracking & ~held
             learned = torch.where(tracking, error, torch.zeros_like(error)) * (self.integral_gain / self.ramp_steps * period)
             bound = self.integral_gain * limit
-            integral = (self.integral + period * (self.integral_gain * integrated + self.drift)).clamp(low, high)
+            integral = (self.integral + period * (self.integral_gain * integrated + self.pace * self.drift)).clamp(low, high)
             self.drift = torch.where(valid, (self.drift + learned).clamp(-bound, bound), self.drift)
         if self.release_threshold is not None:
             integral = self._released(integral, smoothed, slow, self.release_threshold, period, valid)

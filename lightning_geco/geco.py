@@ -51,9 +51,11 @@ __all__ = [
     "DRIVES",
     "GECO",
     "MultiplierState",
+    "as_fp32",
     "constraint_means",
     "constraint_statistics",
     "mse_to_psnr",
+    "plain_fp32",
     "psnr_to_mse",
 ]
 

@@ -116,3 +116,27 @@ def test_compile_without_a_compiler_on_the_device_warns_and_runs_eagerly(monkeyp
     with pytest.warns(UserWarning, match=r"compile=True\): torch.compile cannot build kernels on cpu here"):
         _trainer([callback], max_steps=2).fit(tiny_conv_vae(), _loader())
     assert callback.geco.compile is False and callback.geco.num_updates == 2
+
+
+class PaceSpy(GECOCallback):
+    """Records, at every optimizer step, the learning rate over its initial one and the pace set."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fractions, self.paces = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        group = optimizer.param_groups[0]
+        self.fractions.append(group["lr"] / group["initial_lr"])
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.paces.append(self.geco.controller.pace.item())
+
+
+def test_ramp_follows_lr_paces_the_drift_by_the_learning_rate_over_its_initial_one():
+    spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
+    _trainer([spy], max_steps=6).fit(tiny_conv_vae(lr_schedule="cosine"), _loader())
+    assert spy.paces == pytest.approx(spy.fractions, rel=1e-6)
+    assert spy.paces[0] == 1.0 and spy.paces == sorted(spy.paces, reverse=True) and spy.paces[-1] < 0.5
+    without = PaceSpy(ramp_steps=100.0)
+    _trainer([without], max_steps=6).fit(tiny_conv_vae(lr_schedule="cosine"), _loader())
+    assert without.paces == [1.0] * 6

@@ -364,3 +364,24 @@ def test_the_noise_variance_round_trips_and_an_older_state_starts_without_one():
     fresh = _callback_geco([0.01], controller="pi", noise_correction=True)
     fresh.load_state_dict(older)
     assert fresh.controller.error_variance.item() == 0.0
+
+
+def test_the_learned_drift_moves_lambda_in_proportion_to_its_pace():
+    def integral_after(pace, ramp_steps=100.0):
+        controller = PIController(ramp_steps=ramp_steps)
+        controller.reset(torch.zeros(1))
+        scale, valid = torch.tensor([0.01]), torch.tensor(True)
+        for _ in range(40):  # 5 % over, inside the clip band: the drift learns
+            controller.step(torch.zeros(1), torch.tensor([0.0005]), torch.tensor([0.0005]), scale, 1, valid)
+        drift, integral = controller.drift.clone(), controller.integral.clone()
+        controller.pace.fill_(pace)
+        controller.step(torch.zeros(1), torch.tensor([0.0005]), torch.tensor([0.0005]), scale, 1, valid)
+        return controller.integral - integral, drift
+
+    still, drift = integral_after(0.0)
+    half, _ = integral_after(0.5)
+    full, _ = integral_after(1.0)
+    assert drift.item() > 0
+    # What the integrator adds besides the drift is the same at every pace: K_I x the error.
+    torch.testing.assert_close(full - still, drift, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(half - still, 0.5 * drift, rtol=1e-5, atol=0.0)
