@@ -32,7 +32,7 @@ Rows:
 - ``default_ramp300`` / ``default_ramp100``: the default with ``ramp_steps`` 300 or 100 (a second
   integrator that learns the drift of log lambda: a type-2 loop);
 - ``default_ramp300_lr``: ``ramp_steps`` 300 with ``ramp_follows_lr`` (the drift applied in
-  proportion to the learning rate over its initial one), with the fast release as the default;
+  proportion to the learning rate over the largest it has been), with the fast release as the default;
 - ``sigma``: the optimal-sigma VAE (Rybkin et al. 2021), no tolerance at all.
 
 Each run is its own process (``--one``), as a user's would be; runs append to
@@ -106,7 +106,7 @@ VARIANTS: dict[str, dict] = {
     # the default with a second integrator that learns the drift of log lambda (type-2 loop)
     "default_ramp300": {"ramp_steps": 300.0, **_NO_RELEASE},
     "default_ramp100": {"ramp_steps": 100.0, **_NO_RELEASE},
-    # the same drift applied in proportion to the learning rate over its initial one, so it
+    # the same drift applied in proportion to the learning rate over the largest it has been, so it
     # fades as the cosine schedule anneals (where ramp300 carried lambda past the tolerance)
     "default_ramp300_lr": {"ramp_steps": 300.0, "ramp_follows_lr": True},
     # the default with each measurement's log error corrected by half its running variance, so

@@ -99,13 +99,10 @@ def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
-def _learning_rate_fraction(optimizer: Optimizer) -> float:
-    """The first parameter group's learning rate over its initial one (``initial_lr``, which
-    torch's schedulers record; 1 without a scheduler). A Python float: no host sync."""
-    group = optimizer.param_groups[0]
-    rate = float(group["lr"])
-    initial = float(group.get("initial_lr", rate))
-    return rate / initial if initial > 0 else 1.0
+def _learning_rate(optimizer: Optimizer) -> float:
+    """The first parameter group's learning rate, as a Python float (a tensor learning rate, as
+    capturable optimizers keep, is read on the host: a sync on a GPU)."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def _planned_steps(trainer: pl.Trainer) -> int | None:
@@ -216,8 +213,8 @@ class GECOCallback(Callback):
       while the reading is already falling onto its tolerance; ``proportional_gain``,
       ``integral_gain``, ``smoothing_steps``, ``integral_error_limit``, ``approach_steps``, and
       ``ramp_steps`` (an optional second integrator for lambda's drift, off: see docs/RESULTS.md;
-      ``ramp_follows_lr`` scales the drift it applies by the learning rate over its initial one,
-      so a learned descent slows as an annealed model stops improving),
+      ``ramp_follows_lr`` scales the drift it applies by the learning rate over the largest it
+      has been in the fit, so a learned descent slows as an annealed model stops improving),
       ``noise_correction`` (each measurement's log error plus half its running variance, so noisy
       measurements are held at their mean, not their median; off: see docs/RESULTS.md),
       ``release_threshold`` (lambda released fast while the reading stays far under its
@@ -261,8 +258,8 @@ class GECOCallback(Callback):
     decision run as four ``torch.compile``-built functions instead of ~100 small tensor ops
     (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
     host launching kernels (a small model on a GPU); it costs seconds of compiling per process,
-    and on a CPU it slows the whole step (1.32x on the README's 2-core machine: the compiled
-    kernels' OpenMP threads keep spinning after each call, taking the cores from the model's).
+    and on a CPU it slowed the whole step (1.32x on the README's 2-core machine, for reasons
+    not established).
     Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
 
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
@@ -342,6 +339,11 @@ class GECOCallback(Callback):
         for name, flag in (("compile", compile), ("ramp_follows_lr", ramp_follows_lr)):
             if not isinstance(flag, bool):
                 raise ValueError(f"GECOCallback {name} must be True or False, got {flag!r}.")
+        if ramp_follows_lr and (controller != "pi" or ramp_steps is None):
+            raise ValueError(
+                "GECOCallback ramp_follows_lr=True paces the drift the PI controller learns with ramp_steps; "
+                f"it needs controller='pi' and ramp_steps set, got controller={controller!r}, ramp_steps={ramp_steps!r}."
+            )
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
         self.controller = controller
@@ -376,6 +378,9 @@ class GECOCallback(Callback):
         self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
         self._resumed_drive: str | None = None
+        # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
+        # resumed run paces the drift as the uninterrupted one.
+        self._peak_learning_rate: float | None = None
 
     # ------------------------------------------------------- guarded state
     # ``geco``, ``objective`` and the calibration split exist from ``setup()`` on; the hooks that
@@ -411,6 +416,7 @@ class GECOCallback(Callback):
         if self.geco is None or self.geco.state is not self.objective.multipliers:
             self.geco = self._build_geco(self.objective)
         self.objective.attach(self.geco)
+        self._peak_learning_rate = None  # a new fit; a checkpoint's is restored below
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
@@ -595,7 +601,9 @@ class GECOCallback(Callback):
         geco = self._ready_geco
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
-            geco.controller.pace.fill_(_learning_rate_fraction(torch_optimizer))
+            rate = _learning_rate(torch_optimizer)
+            self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
+            geco.controller.pace.fill_(rate / self._peak_learning_rate if self._peak_learning_rate > 0 else 1.0)
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
         if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
@@ -733,6 +741,7 @@ class GECOCallback(Callback):
             # Also where the previous version kept it, so that version reads the streak back.
             "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
             "active_drive": self.active_drive,
+            "peak_learning_rate": self._peak_learning_rate,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -758,6 +767,7 @@ class GECOCallback(Callback):
         self.geco.load_state_dict(geco_state)
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
+        self._peak_learning_rate = state.get("peak_learning_rate")
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive

@@ -208,8 +208,8 @@ class PIController(MultiplierController):
             down as the annealed model stops improving (BCE +3.5 %, LadderVAE +3.4 % past) and
             swings a noisy classifier constraint (16.6 % mean gap), so it is off. The drift it
             applies is scaled by :attr:`pace` (1 unless set; ``GECOCallback(ramp_follows_lr=True)``
-            sets it to the learning rate over its initial one, which takes the overshoot away and
-            most of the tracking with it: ``default_ramp300_lr`` in docs/RESULTS.md).
+            sets it to the learning rate over the largest it has been, which takes the overshoot
+            away and most of the tracking with it: ``default_ramp300_lr`` in docs/RESULTS.md).
         noise_correction: False (the default), or shift each measurement's log error by half
             the running variance of its deviation from the slow average (``trend_steps``):
             ``e + var(e) / 2``. The log of a noisy measurement averages ``var / 2`` below the log
@@ -292,9 +292,11 @@ class PIController(MultiplierController):
         self.error_variance = torch.zeros_like(self.integral)
         self.release_floor = self.integral.clone()
         self.started = torch.zeros((), dtype=torch.bool, device=self.integral.device)
-        #: 0-dim fp32: how fast the learned drift moves lambda now, as a fraction of its pace
-        #: when learned (1: always; ``GECOCallback(ramp_follows_lr=True)`` sets it every
-        #: optimizer step to the learning rate over its initial value). Not state: set each step.
+        #: 0-dim fp32 in [0, 1]: the factor on the learned drift each step applies (1 unless
+        #: set; ``GECOCallback(ramp_follows_lr=True)`` sets it every optimizer step to the
+        #: learning rate over the largest it has been). The drift goes on learning whatever the
+        #: pace (within its bound), so a pace that rises again applies what it learned meanwhile.
+        #: Not saved state: whoever sets it sets it before every step.
         self.pace = torch.ones((), device=self.integral.device)
 
     def to(self, device: torch.device | str) -> None:

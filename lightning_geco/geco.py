@@ -16,7 +16,7 @@ Every tensor of the state is fp32, whatever autocast does around it, and lives o
 model's device so the statistics can go through a collective as they are.
 
 Each step's bookkeeping and update are ~100 small tensor ops (a few elements each; none is
-dispatched for a cast or detach that would return its input, :func:`plain_fp32`). On a GPU,
+dispatched for a cast, detach or move that would return its input). On a GPU,
 where a small model's step is bound by the host launching kernels, launching them costs more
 than their arithmetic; with ``compile=True`` the per-step methods (:meth:`GECO.update`,
 :meth:`GECO.control`, the recording half of :meth:`GECO.constraint_term` and
@@ -51,11 +51,9 @@ __all__ = [
     "DRIVES",
     "GECO",
     "MultiplierState",
-    "as_fp32",
     "constraint_means",
     "constraint_statistics",
     "mse_to_psnr",
-    "plain_fp32",
     "psnr_to_mse",
 ]
 
@@ -73,14 +71,14 @@ def constraint_statistics(per_example: Tensor) -> Tensor:
     What one all-reduce (SUM) carries: a constraint whose sum is not finite is left out of the
     sums and raises the flag, so a mean over ranks stays finite while the skip is decided.
     """
-    total = plain_fp32(per_example).sum(dim=0)
+    total = _plain_fp32(per_example).sum(dim=0)
     finite = torch.isfinite(total)
     count = total.new_full((1,), float(per_example.shape[0]))
     # cat promotes the (1,) bool flag to fp32: one op fewer than casting it first.
     return torch.cat([torch.where(finite, total, 0.0), count, finite.logical_not().any(0, keepdim=True)])
 
 
-def as_fp32(tensor: Tensor) -> Tensor:
+def _as_fp32(tensor: Tensor) -> Tensor:
     """``tensor.float()``, dispatching no op when it is fp32 already (gradients kept).
 
     GECO's per-step work is ~100 small ops, and on a step bound by the host each dispatch
@@ -90,13 +88,13 @@ def as_fp32(tensor: Tensor) -> Tensor:
     return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
-def plain_fp32(tensor: Tensor) -> Tensor:
-    """``tensor.detach().float()``, dispatching no op for what ``tensor`` already is (:func:`as_fp32`)."""
-    return as_fp32(tensor.detach() if tensor.requires_grad else tensor)
+def _plain_fp32(tensor: Tensor) -> Tensor:
+    """``tensor.detach().float()``, dispatching no op for what ``tensor`` already is (:func:`_as_fp32`)."""
+    return _as_fp32(tensor.detach() if tensor.requires_grad else tensor)
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """``tensor.to(device)``, with no op dispatched when it is there already (see :func:`plain_fp32`)."""
+    """``tensor.to(device)``, with no op dispatched when it is there already (see :func:`_plain_fp32`)."""
     return tensor if tensor.device == device else tensor.to(device)
 
 
@@ -432,7 +430,7 @@ class GECO:
     # --------------------------------------------------------------- the loss
     def moving_average_with(self, constraint: Tensor) -> Tensor:
         """The moving average as it would be after folding in ``constraint`` (K,); no state change."""
-        constraint = plain_fp32(constraint)
+        constraint = _plain_fp32(constraint)
         averaged = self.alpha * self.constraint_ema + (1.0 - self.alpha) * constraint
         return torch.where(self._seeded, averaged, constraint)
 
@@ -451,7 +449,7 @@ class GECO:
                 f"GECO expects per-example constraints of shape (N, {self.num_constraints}), "
                 f"got {tuple(per_example.shape)}."
             )
-        per_example = as_fp32(per_example)
+        per_example = _as_fp32(per_example)
         batch_mean = per_example.mean(dim=0)
         return batch_mean + self._record_and_smooth(per_example.detach(), batch_mean.detach())
 
@@ -489,7 +487,7 @@ class GECO:
     # ------------------------------------------------------------- the update
     def _split(self, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean (K,), has_examples, valid)`` of ``[sum_1..sum_K, count, nonfinite]``."""
-        statistics = plain_fp32(statistics)
+        statistics = _plain_fp32(statistics)
         k = self.num_constraints
         # The division of constraint_means, on the count it also tests (one op less per step).
         sums, count, nonfinite = statistics[:k], statistics[k], statistics[k + 1]
@@ -524,7 +522,7 @@ class GECO:
         if self.drive == "training":
             self._move(mean, ema, 1, valid)
         self.constraint_ema = ema
-        self.state.seeded.logical_or_(valid)
+        self._seeded.logical_or_(valid)
         self._num_updates.add_(valid)
         self.skipped = has_examples & ~valid
         self._num_skipped_updates.add_(self.skipped)

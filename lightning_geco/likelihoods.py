@@ -58,7 +58,7 @@ class GaussianLikelihood(Likelihood):
     def log_prob(self, x: Tensor, decoder_output: Tensor) -> Tensor:
         log_sigma = self.log_sigma.float()
         squared_error = (x.float() - decoder_output.float()).pow(2).flatten(1).sum(dim=1)
-        num_elements = x[0].numel()
+        num_elements = math.prod(x.shape[1:])
         return -0.5 * squared_error * torch.exp(-2.0 * log_sigma) - num_elements * (
             log_sigma + 0.5 * math.log(2.0 * math.pi)
         )

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.distributions import LOG_2PI
-from lightning_geco.geco import GECO, MultiplierState, as_fp32
+from lightning_geco.geco import GECO, MultiplierState, _as_fp32
 from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
@@ -163,7 +163,7 @@ class SigmaVAE(Objective):
 
     def forward(self, output: VAEOutput) -> Tensor:
         log_sigma = self.log_sigma(output)
-        elements = output.x[0].numel()
+        elements = math.prod(output.x.shape[1:])
         nll = elements * (0.5 * LOG_2PI + log_sigma + output.distortion.float() * torch.exp(-2 * log_sigma) / 2)
         return (output.rate.float() + nll).mean()
 
@@ -276,7 +276,7 @@ class GECOObjective(Objective):
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""
-        return torch.stack([as_fp32(c(output)) for c in self.constraints], dim=1)
+        return torch.stack([_as_fp32(c(output)) for c in self.constraints], dim=1)
 
     def forward(self, output: VAEOutput) -> Tensor:
         """The Lagrangian; in eval mode the batch's own constraint with lambda as it stands."""
@@ -296,7 +296,7 @@ class GECOObjective(Objective):
         lagrangian = functools.reduce(
             operator.add, (lam[k] * c.num_elements(output) * constraint[k] for k, c in enumerate(self.constraints))
         )
-        loss = as_fp32(output.rate).mean() + lagrangian
+        loss = _as_fp32(output.rate).mean() + lagrangian
         if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss

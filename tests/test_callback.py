@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
-from lightning_geco import ELBO, GECOCallback
+from lightning_geco import ELBO, ConvVAE, GECOCallback
 from lightning_geco.models.base import VAEModule
 
 
@@ -119,24 +119,63 @@ def test_compile_without_a_compiler_on_the_device_warns_and_runs_eagerly(monkeyp
 
 
 class PaceSpy(GECOCallback):
-    """Records, at every optimizer step, the learning rate over its initial one and the pace set."""
+    """Records, at every optimizer step, the learning rate it stepped with and the pace set."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.fractions, self.paces = [], []
+        self.rates, self.paces = [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        group = optimizer.param_groups[0]
-        self.fractions.append(group["lr"] / group["initial_lr"])
+        self.rates.append(optimizer.param_groups[0]["lr"])
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         self.paces.append(self.geco.controller.pace.item())
 
 
-def test_ramp_follows_lr_paces_the_drift_by_the_learning_rate_over_its_initial_one():
+def _paced(rates):
+    """Each rate over the largest before it (itself included)."""
+    return [rate / max(rates[: i + 1]) for i, rate in enumerate(rates)]
+
+
+def test_ramp_follows_lr_paces_the_drift_by_the_learning_rate_over_its_largest():
     spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
     _trainer([spy], max_steps=6).fit(tiny_conv_vae(lr_schedule="cosine"), _loader())
-    assert spy.paces == pytest.approx(spy.fractions, rel=1e-6)
+    assert spy.paces == pytest.approx(_paced(spy.rates), rel=1e-6)
     assert spy.paces[0] == 1.0 and spy.paces == sorted(spy.paces, reverse=True) and spy.paces[-1] < 0.5
     without = PaceSpy(ramp_steps=100.0)
     _trainer([without], max_steps=6).fit(tiny_conv_vae(lr_schedule="cosine"), _loader())
     assert without.paces == [1.0] * 6
+
+
+class WarmupThenDecay(ConvVAE):
+    """A schedule whose initial rate is not its largest (as OneCycleLR's: the peak is 25x it)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        factors = [0.1, 0.5, 1.0, 0.8, 0.4, 0.2, 0.1, 0.1]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factors[step])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_the_pace_is_relative_to_the_largest_rate_so_far_never_above_one():
+    spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
+    model = WarmupThenDecay(image_shape=(1, 16, 16), latent_dim=4, widths=(8, 8), hidden_dim=32)
+    _trainer([spy], max_steps=6).fit(model, _loader())
+    assert spy.paces == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.4, 0.2], rel=1e-6)
+
+
+def test_a_resumed_fit_paces_from_the_saved_peak_rate():
+    spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
+    model = WarmupThenDecay(image_shape=(1, 16, 16), latent_dim=4, widths=(8, 8), hidden_dim=32)
+    _trainer([spy], max_steps=4).fit(model, _loader())
+    state = spy.state_dict()
+    assert state["peak_learning_rate"] == pytest.approx(1e-3)
+    restored = GECOCallback(ramp_steps=100.0, ramp_follows_lr=True)
+    restored.setup(_trainer([restored]), model, "fit")
+    restored.load_state_dict(state)
+    assert restored._peak_learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [{"ramp_follows_lr": True}, {"ramp_follows_lr": True, "ramp_steps": 300.0, "controller": "relative"}])
+def test_ramp_follows_lr_without_a_learned_drift_is_rejected(kwargs):
+    with pytest.raises(ValueError, match="ramp_follows_lr=True paces the drift the PI controller learns with ramp_steps"):
+        GECOCallback(**kwargs)

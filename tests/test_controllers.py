@@ -111,17 +111,24 @@ def test_pi_integrator_is_clamped_so_it_cannot_wind_up_past_the_bounds():
     assert out.item() < 3.0
 
 
-def test_an_invalid_measurement_leaves_the_pi_state_and_lambda_untouched():
-    geco = _callback_geco([0.01], controller="pi")
-    geco.update(_statistics(torch.full((4, 1), 0.01)))
+@pytest.mark.parametrize("settings", [{}, {"ramp_steps": 100.0, "noise_correction": True}])
+@pytest.mark.parametrize("measured_first", [True, False])
+def test_an_invalid_measurement_leaves_the_pi_state_and_lambda_untouched(settings, measured_first):
+    # An invalid measurement's error is NaN or infinite; the controller never masks it, so
+    # every write to its state must (the whole state is compared, every option on).
+    geco = _callback_geco([0.01], controller="pi", **settings)
+    if measured_first:
+        for value in (0.02, 0.0105, 0.0104):  # past, then within the clip band (the drift learns)
+            geco.update(_statistics(torch.full((4, 1), value - 0.01)))
     before = geco_snapshot(geco)
-    geco.update(torch.tensor([float("nan"), 4.0, 0.0]))
-    geco.update(torch.tensor([0.1, 4.0, 1.0]))
+    for statistics in ([float("nan"), 4.0, 0.0], [float("inf"), 4.0, 0.0], [-float("inf"), 4.0, 0.0], [0.1, 4.0, 1.0]):
+        geco.update(torch.tensor(statistics))  # NaN, +-inf, a sum flagged non-finite
     after = geco_snapshot(geco)
     assert torch.equal(before["log_lagrange_multiplier"], after["log_lagrange_multiplier"])
-    for key in ("integral", "smoothed_error"):
-        assert torch.equal(before["controller"][key], after["controller"][key])
-    assert after["num_skipped_updates"] == 2
+    assert before["controller"].keys() == after["controller"].keys()
+    for key, value in before["controller"].items():  # the name, "started", and every tensor
+        assert (torch.equal(value, after["controller"][key]) if torch.is_tensor(value) else value == after["controller"][key]), key
+    assert after["num_skipped_updates"] == 4
 
 
 def test_pi_state_round_trips_and_an_old_checkpoint_continues_from_its_lambda():
