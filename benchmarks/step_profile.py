@@ -1,6 +1,7 @@
 """Where GECO's per-step cost goes: host time and tensor ops of its objective and its callback.
 
     python benchmarks/step_profile.py [--device cuda] [--steps 200] [--batch-size 256] [--image-size 64] [--rounds 5]
+        [--variants elbo geco geco_pi geco_pi_compiled]
 
 Trains the benchmarked ConvVAE (as ``benchmarks/gpu.py``: shapes held on the device, no logger,
 no validation) with the ELBO (row ``elbo``), with GECO's previous default ``relative`` (row
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> str:
         "--rounds", type=int, default=1,
         help="timed runs of every variant, interleaved; each figure is the median over the rounds",
     )
+    parser.add_argument(
+        "--variants", nargs="+", choices=_VARIANTS, default=list(_VARIANTS),
+        help="rows to run (the ELBO, the baseline, always runs first)",
+    )
     parser.add_argument("--one", choices=[*_VARIANTS, "warm"], help=argparse.SUPPRESS)  # one timed run, as JSON
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -228,9 +233,9 @@ def main(argv: list[str] | None = None) -> str:
         timed = {"warm_ms": warm_host_ms(args, data)} if args.one == "warm" else run(args, data, args.one, False)
         print(json.dumps(timed))
         return json.dumps(timed)
-    variants = _VARIANTS
-    # Every timed run is its own process: a compiled run leaves the threads of its kernels
-    # spinning, which slowed the ELBO's step after it by 20-35 % in one process on this CPU.
+    variants = ["elbo", *(v for v in _VARIANTS if v in args.variants and v != "elbo")]
+    # Every timed run is its own process: in one process, a compiled run slowed the ELBO's
+    # step after it by 23-36 % on this CPU (why is not established).
     # Interleaved rounds: a busy spell of a shared machine slows every variant of one round,
     # not all the rounds of one variant.
     timings: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{variant}: its own host work {own:.3f} ms per step = {100 * own / elbo:.1f} % of the ELBO's step "
             f"({logging:.3f} ms of it, {100 * logging / elbo:.1f} %, at the steps that log, averaged over all)"
         )
-    if not cuda:  # on a GPU the loop would time launches, not the work
+    if not cuda and "geco_pi" in variants:  # on a GPU the loop would time launches, not the work
         warm = _in_own_process(argv, "warm")["warm_ms"]
         pi = next(timed for variant, timed, _ in rows if variant == "geco_pi")
         in_step = pi["objective_ms"] + pi["callback_ms"] - pi["callback_logging_ms"]

@@ -258,8 +258,8 @@ class GECOCallback(Callback):
     decision run as four ``torch.compile``-built functions instead of ~100 small tensor ops
     (see :mod:`lightning_geco.geco`), with the same results. That is for a step bound by the
     host launching kernels (a small model on a GPU); it costs seconds of compiling per process,
-    and on a CPU it slowed the whole step (1.32x on the README's 2-core machine, for reasons
-    not established).
+    and on a CPU it does not pay (entering a compiled function costs more host time there than
+    the ops it replaces; README, "Benchmarks").
     Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
 
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
