@@ -342,7 +342,8 @@ class GECOCallback(Callback):
         if ramp_follows_lr and (controller != "pi" or ramp_steps is None):
             raise ValueError(
                 "GECOCallback ramp_follows_lr=True paces the drift the PI controller learns with ramp_steps; "
-                f"it needs controller='pi' and ramp_steps set, got controller={controller!r}, ramp_steps={ramp_steps!r}."
+                f"it needs controller='pi' and ramp_steps set (e.g. 300), got controller={controller!r}, "
+                f"ramp_steps={ramp_steps!r}."
             )
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
