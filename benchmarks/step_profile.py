@@ -134,20 +134,28 @@ def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     return data.train_dataloader()
 
 
-def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: str, count_ops: bool) -> dict[str, float]:
+def build(args: argparse.Namespace, variant: str) -> tuple[ConvVAE, ELBO | GECOObjective, GECOCallback | None]:
+    """The benchmarked ConvVAE of ``variant``, seeded, its objective, and its GECOCallback (None for the ELBO)."""
     torch.manual_seed(0)
     objective = ELBO() if variant == "elbo" else GECOObjective([ReconstructionMSE(0.005)])
     model = ConvVAE(image_shape=(1, args.image_size, args.image_size), objective=objective)
+    if variant == "elbo":
+        return model, objective, None
+    callback = GECOCallback(
+        controller="relative" if variant == "geco_relative" else "pi", compile=variant == "geco_pi_compiled"
+    )
+    return model, objective, callback
+
+
+def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: str, count_ops: bool) -> dict[str, float]:
+    model, objective, geco = build(args, variant)
     warmup = _OP_WARMUP if count_ops else args.warmup
     # The op count leaves out the run's last step, which logs (is_logging_step).
     counted = args.op_steps if count_ops else None
     objective_probe, callback_probe = Probe(count_ops, warmup, counted), Probe(count_ops, warmup, counted)
     objective.forward = objective_probe.wrap(objective.forward)  # type: ignore[method-assign]
     callbacks: list[pl.Callback] = []
-    if variant != "elbo":
-        geco = GECOCallback(
-            controller="relative" if variant == "geco_relative" else "pi", compile=variant == "geco_pi_compiled"
-        )
+    if geco is not None:
         geco.on_before_optimizer_step = callback_probe.wrap(geco.on_before_optimizer_step)  # type: ignore[method-assign]
         callbacks.append(geco)
     steps = warmup + (args.op_steps + 1 if count_ops else args.steps)
@@ -169,10 +177,8 @@ def warm_host_ms(args: argparse.Namespace, data: torch.utils.data.DataLoader, re
     ``on_before_optimizer_step``, on a step that does not log) repeated in a tight loop, with
     nothing between the calls to push their code and data out of the caches: the same ops as
     in a training step, without the convolutions around them."""
-    torch.manual_seed(0)
-    objective = GECOObjective([ReconstructionMSE(0.005)])
-    model = ConvVAE(image_shape=(1, args.image_size, args.image_size), objective=objective)
-    callback = GECOCallback()
+    model, objective, callback = build(args, "geco_pi")
+    assert callback is not None
     trainer = bare_trainer(args.device, 2, [callback])
     trainer.fit(model, train_dataloaders=data)
     # Steps that do not log, as the timed rows' are: neither due nor the run's last.

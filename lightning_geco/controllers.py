@@ -343,7 +343,7 @@ class PIController(MultiplierController):
         # The slow average carries noise of its own, (1 - r) / (1 + r) of the measurements': this
         # factor takes it out of the deviation's mean square.
         deviation = (error - slow_before).square() * ((1.0 + r) / 2.0)
-        variance = torch.where(self.started, r * self.error_variance + (1.0 - r) * deviation, torch.zeros_like(error))
+        variance = torch.where(self.started, r * self.error_variance + (1.0 - r) * deviation, 0.0)
         self.error_variance = torch.where(valid, variance, self.error_variance)
         return error + 0.5 * self.error_variance
 
@@ -410,7 +410,7 @@ class PIController(MultiplierController):
             tracking = (smoothed.abs() < limit) & ~saturated
             if held is not None:
                 tracking = tracking & ~held
-            learned = torch.where(tracking, error, torch.zeros_like(error)) * (self.integral_gain / self.ramp_steps * period)
+            learned = torch.where(tracking, error, 0.0) * (self.integral_gain / self.ramp_steps * period)
             bound = self.integral_gain * limit
             integral = (self.integral + period * (self.integral_gain * integrated + self.pace * self.drift)).clamp(low, high)
             self.drift = torch.where(valid, (self.drift + learned).clamp(-bound, bound), self.drift)

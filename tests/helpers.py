@@ -41,9 +41,9 @@ def build(name, image_shape, **kwargs):
 MODELS = ["ConvVAE", "FlowVAE", "LadderVAE", "ConvDRAW"]
 
 
-def tiny_conv_vae(image_shape=(1, 16, 16), tolerance=0.05, **kwargs) -> ConvVAE:
+def tiny_conv_vae(image_shape=(1, 16, 16), tolerance=0.05, model_class=ConvVAE, **kwargs) -> ConvVAE:
     kwargs.setdefault("objective", GECOObjective([ReconstructionMSE(tolerance)]))
-    return ConvVAE(image_shape=image_shape, latent_dim=4, widths=(8, 8), hidden_dim=32, **kwargs)
+    return model_class(image_shape=image_shape, latent_dim=4, widths=(8, 8), hidden_dim=32, **kwargs)
 
 
 def attach_fixed_lambda(objective: GECOObjective, value: float) -> GECO:

@@ -158,14 +158,14 @@ class WarmupThenDecay(ConvVAE):
 
 def test_the_pace_is_relative_to_the_largest_rate_so_far_never_above_one():
     spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
-    model = WarmupThenDecay(image_shape=(1, 16, 16), latent_dim=4, widths=(8, 8), hidden_dim=32)
+    model = tiny_conv_vae(model_class=WarmupThenDecay)
     _trainer([spy], max_steps=6).fit(model, _loader())
     assert spy.paces == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.4, 0.2], rel=1e-6)
 
 
 def test_a_resumed_fit_paces_from_the_saved_peak_rate():
     spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
-    model = WarmupThenDecay(image_shape=(1, 16, 16), latent_dim=4, widths=(8, 8), hidden_dim=32)
+    model = tiny_conv_vae(model_class=WarmupThenDecay)
     _trainer([spy], max_steps=4).fit(model, _loader())
     state = spy.state_dict()
     assert state["peak_learning_rate"] == pytest.approx(1e-3)
