@@ -64,10 +64,12 @@ def random_images(n=6, shape=(1, 16, 16), seed=0) -> torch.Tensor:
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or model summary."""
+    """A Trainer (on the CPU unless ``accelerator`` says otherwise) with no logger, checkpoints,
+    progress bar or model summary."""
     for key in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"):
         kwargs.setdefault(key, False)
-    return pl.Trainer(accelerator="cpu", **kwargs)
+    kwargs.setdefault("accelerator", "cpu")
+    return pl.Trainer(**kwargs)
 
 
 def assert_same_parameters(saved_a, saved_b, rtol: float, atol: float) -> None:

@@ -16,9 +16,15 @@ from lightning_geco.models.conv_vae import ConvVAE
 # Every way a tensor's value reaches Python (each is a device-to-host sync on a GPU).
 HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
 
+# On a GPU the same tests run there, with CUDA's own check armed: any sync in GECO's step raises.
+ACCELERATORS = [
+    "cpu",
+    pytest.param("gpu", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
 
 @contextlib.contextmanager
-def counting_host_reads(counts: list):
+def counting_host_reads(counts: list, forbid_cuda_sync: bool = True):
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
     def counted(name):
@@ -31,7 +37,7 @@ def counting_host_reads(counts: list):
     for name in HOST_READS:
         setattr(torch.Tensor, name, counted(name))
     sync_mode = None
-    if torch.cuda.is_available():
+    if forbid_cuda_sync and torch.cuda.is_available():
         sync_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
     try:
@@ -44,18 +50,22 @@ def counting_host_reads(counts: list):
 
 
 class CountingCallback(GECOCallback):
-    """Counts the host reads of each optimizer step's GECO work."""
+    """Counts the host reads of each optimizer step's GECO work; on CUDA, a sync in a step that
+    does not log, from ``first_silent_step`` on, raises."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, first_silent_step: int = 0, **kwargs):
         super().__init__(**kwargs)
+        self.first_silent_step = first_silent_step
         self.reads: dict[int, list[str]] = {}
         self.logging_steps: list[int] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if is_logging_step(trainer):
+        logging = is_logging_step(trainer)
+        if logging:
             self.logging_steps.append(trainer.global_step)
         counts: list[str] = []
-        with counting_host_reads(counts):
+        silent = not logging and trainer.global_step >= self.first_silent_step
+        with counting_host_reads(counts, forbid_cuda_sync=silent):
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         self.reads[trainer.global_step] = counts
 
@@ -86,11 +96,14 @@ def _loader():
     return DataLoader(TensorDataset(images), batch_size=16)
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("controller", ["pi", "relative"])
-def test_a_step_that_does_not_log_reads_nothing_on_the_host(controller):
+def test_a_step_that_does_not_log_reads_nothing_on_the_host(controller, accelerator):
     pl.seed_everything(0)
     callback = CountingCallback(controller=controller)
-    trainer = quiet_trainer(max_steps=6, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback])
+    trainer = quiet_trainer(
+        max_steps=6, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback], accelerator=accelerator,
+    )
     trainer.fit(tiny_conv_vae(), _loader())  # the library's own optimizer: fused Adam
     silent = [step for step in callback.reads if step not in callback.logging_steps]
     assert len(silent) >= 3 and callback.logging_steps
@@ -98,7 +111,8 @@ def test_a_step_that_does_not_log_reads_nothing_on_the_host(controller):
     assert all(callback.reads[step] for step in callback.logging_steps)  # a logging step reads what it writes
 
 
-def test_a_non_finite_step_on_a_fused_optimizer_leaves_its_state_as_if_it_had_not_happened():
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_non_finite_step_on_a_fused_optimizer_leaves_its_state_as_if_it_had_not_happened(accelerator):
     pl.seed_everything(0)
     model = _fused_model(nan_steps=[2])
     states = []
@@ -112,7 +126,9 @@ def test_a_non_finite_step_on_a_fused_optimizer_leaves_its_state_as_if_it_had_no
             })
 
     callback = GECOCallback(controller="pi")
-    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback, OptimizerState()])
+    trainer = quiet_trainer(
+        max_steps=4, limit_val_batches=0, callbacks=[callback, OptimizerState()], accelerator=accelerator,
+    )
     trainer.fit(model, _loader())
     before, after = states[1], states[2]  # after steps 1 and 2 (the NaN step)
     for a, b in zip(before["params"], after["params"]):
@@ -131,18 +147,26 @@ class LambdaTrace(pl.Callback):
         self.log_lambdas.append(pl_module.objective.multipliers.log_lagrange_multiplier.clone())
 
 
-@pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on the CPU")
-def test_a_compiled_geco_trains_as_the_eager_one_and_reads_nothing_on_the_host():
+@pytest.mark.parametrize("accelerator", [
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler"),
+    ),
+    *ACCELERATORS[1:],
+])
+def test_a_compiled_geco_trains_as_the_eager_one_and_reads_nothing_on_the_host(accelerator):
     runs = {}
     for compile in (False, True):
         pl.seed_everything(0)
-        callback, trace = CountingCallback(controller="pi", compile=compile), LambdaTrace()
-        trainer = quiet_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback, trace])
+        # The first step compiles, and tracing reads a few scalars once.
+        callback = CountingCallback(controller="pi", compile=compile, first_silent_step=1)
+        trace = LambdaTrace()
+        trainer = quiet_trainer(
+            max_steps=8, log_every_n_steps=4, limit_val_batches=0, callbacks=[callback, trace], accelerator=accelerator,
+        )
         trainer.fit(_fused_model(nan_steps=[2, 3]), _loader())
         runs[compile] = callback, trace.log_lambdas
     (eager, eager_lambdas), (compiled, compiled_lambdas) = runs[False], runs[True]
     assert compiled.geco.compile and compiled.geco.num_skipped_updates == eager.geco.num_skipped_updates == 2
     torch.testing.assert_close(torch.stack(compiled_lambdas), torch.stack(eager_lambdas), rtol=1e-4, atol=1e-6)
-    # The first step compiles (tracing reads a few scalars once); every later silent step reads nothing.
     silent = [step for step in compiled.reads if step not in compiled.logging_steps and step > 0]
     assert len(silent) >= 4 and all(compiled.reads[step] == [] for step in silent), compiled.reads
