@@ -121,8 +121,8 @@ def aggregate_log_densities_reference(
 # and keeping exp's results out of the subnormal range avoids a slow path that made it ~3x slower.
 # A clamped term adds at most 1.8e-35 to a sum that is either >= _UNDERFLOW or recomputed exactly.
 _EAGER_MIN_EXPONENT = -80.0
-# Components per block of the eager fallback: a (256, 512) tile is 0.5 MB in float32, 1 MB in
-# float64, so it stays in a core's cache between the passes over it.
+# Components per block of the eager fallback on the CPU: a (256, 512) tile is 0.5 MB in float32,
+# 1 MB in float64, so it stays in a core's cache between the passes over it.
 _EAGER_BLOCK = 512
 _LOWEST_FLOAT64 = torch.finfo(torch.float64).min
 # The same floor for the compiled path's base-2 exponents: 2**-125 is a normal float32.
@@ -213,8 +213,9 @@ def aggregate_log_densities(
             _COMPILER_STATE["broken"] = True
             warnings.warn(f"torch.compile failed ({error!r}); using the eager path from now on.", stacklevel=2)
     if sums is None or joint is None:  # set together: both None unless the compiled path succeeded
-        sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size)
-        joint = _eager_joint(z, mean, log_variance, chunk_size)
+        block = _eager_block_size(z.device, n)
+        sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size, block)
+        joint = _eager_joint(z, mean, log_variance, chunk_size, block)
 
     log_n = math.log(n)
     log_q = joint - log_n
@@ -294,13 +295,25 @@ def _compiled_sums(
     return sums, joint, tops
 
 
+def _eager_block_size(device: torch.device, n: int) -> int:
+    """Components per block of the eager fallback: cache-sized on the CPU, all N elsewhere.
+
+    On the CPU a (chunk, :data:`_EAGER_BLOCK`) tile stays in cache through its four passes. On a
+    GPU each block costs a handful of kernel launches, and with blocks of 512 the launches set the
+    pace (18.5 s at N = 50,000, d = 10 on an H200); one (chunk, N) tile per chunk is 51 MB in
+    float32 at chunk 256 and N = 50,000.
+    """
+    return _EAGER_BLOCK if device.type == "cpu" else max(n, 1)
+
+
 def _eager_per_dim_sums(
-    z: Tensor, mean: Tensor, half_precision: Tensor, shifted_log_norm: Tensor, chunk_size: int
+    z: Tensor, mean: Tensor, half_precision: Tensor, shifted_log_norm: Tensor, chunk_size: int, block_size: int
 ) -> Tensor:
     """``sum_n exp(log N(z_ij; mean_nj, var_nj) - shift_j)``, (M, d) float32, by sorted centred matmuls.
 
-    The components go in blocks of :data:`_EAGER_BLOCK`, so each (chunk, block) tile stays in the
-    CPU's cache through its matmul, clamp, exp and sum instead of going four times to memory.
+    The components go in blocks of ``block_size`` (see :func:`_eager_block_size`), so on the CPU
+    each (chunk, block) tile stays in cache through its matmul, clamp, exp and sum instead of
+    going four times to memory.
     """
     m, d = z.shape
     n = mean.shape[0]
@@ -320,20 +333,20 @@ def _eager_per_dim_sums(
             coefficients = torch.stack([-half_precision_j, 2 * hw, log_norm_j - hw * w])  # (3, N)
             features = torch.stack([u * u, u, torch.ones_like(u)], dim=1)  # (c, 3)
             total = torch.zeros(u.shape[0], device=z.device)
-            for first in range(0, n, _EAGER_BLOCK):
+            for first in range(0, n, block_size):
                 # log_norm - (u - w)^2 / (2 var) - shift, (c, block)
-                exponent = features @ coefficients[:, first : first + _EAGER_BLOCK]
+                exponent = features @ coefficients[:, first : first + block_size]
                 total += exponent.clamp_min_(_EAGER_MIN_EXPONENT).exp_().sum(dim=1)
             sums[order[start : start + chunk_size], j] = total
     return sums
 
 
-def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int) -> Tensor:
+def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int, block_size: int) -> Tensor:
     """``logsumexp_n sum_j log N(z_ij; mean_nj, var_nj)``, (M,) float64, as float64 matmuls per chunk.
 
-    The components go in blocks of :data:`_EAGER_BLOCK` with a running maximum (an online
-    log-sum-exp), so each (chunk, block) float64 tile stays in cache instead of going to memory
-    once per pass, which at N = 50,000 (a 100 MB (chunk, N) row block) set the fallback's pace.
+    The components go in blocks of ``block_size`` with a running maximum (an online log-sum-exp),
+    so on the CPU each (chunk, block) float64 tile stays in cache instead of going to memory once
+    per pass, which at N = 50,000 (a 100 MB (chunk, N) row block) set the CPU fallback's pace.
     """
     z, mean, log_variance = z.double(), mean.double(), log_variance.double()
     precision = torch.exp(-log_variance)
@@ -348,8 +361,8 @@ def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int)
         features = torch.cat([chunk * chunk, chunk], dim=1)  # (c, 2d)
         top = torch.full((chunk.shape[0], 1), -math.inf, dtype=torch.float64, device=z.device)
         total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=z.device)
-        for first in range(0, n, _EAGER_BLOCK):
-            block = slice(first, first + _EAGER_BLOCK)
+        for first in range(0, n, block_size):
+            block = slice(first, first + block_size)
             exponent = torch.addmm(const[block], features, weights[:, block])  # (c, block)
             # Finite even while every exponent so far is -inf (a component of infinite variance),
             # so the differences below stay -inf or finite, never NaN.

@@ -319,9 +319,10 @@ def test_mean_with_standard_error_needs_two_values_and_one_value_per_example():
         metric.update(torch.zeros(4, 1))
 
 
-@pytest.mark.parametrize("block", [7, 1])
-def test_the_eager_path_in_many_small_blocks_matches_the_definition(block, monkeypatch):
-    # Blocks of 7 (or 1) components: many blocks, a last partial one, maxima found in late blocks.
+@pytest.mark.parametrize("block", [7, 1, 50])
+def test_the_eager_path_in_any_block_size_matches_the_definition(block, monkeypatch):
+    # Blocks of 7 (or 1) components: many blocks, a last partial one, maxima found in late blocks;
+    # 50: one block of all N components, as on a GPU.
     monkeypatch.setattr(metrics, "_EAGER_BLOCK", block)
     mean, log_variance = _realistic_posteriors(50, 3)
     z = _draws(mean, log_variance)
@@ -331,14 +332,18 @@ def test_the_eager_path_in_many_small_blocks_matches_the_definition(block, monke
     torch.testing.assert_close(log_q_per_dim, expected_per_dim, rtol=0, atol=1e-4)
 
 
-def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint(monkeypatch):
+def test_the_eager_path_blocks_for_the_cpu_cache_and_takes_all_components_at_once_elsewhere():
+    assert metrics._eager_block_size(torch.device("cpu"), 50_000) == 512
+    assert metrics._eager_block_size(torch.device("cuda"), 50_000) == 50_000
+
+
+def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint():
     # The first block's exponents are all -inf (infinite variances): the running maximum must
     # still give the later, finite blocks' log-sum-exp, as one pass over all components does.
-    monkeypatch.setattr(metrics, "_EAGER_BLOCK", 4)
     mean = torch.zeros(10, 2)
     log_variance = torch.zeros(10, 2)
     log_variance[:4] = float("inf")
     z = torch.tensor([[0.1, -0.2], [1.0, 0.5], [-2.0, 0.0]])
-    joint = metrics._eager_joint(z, mean, log_variance, chunk_size=2)
+    joint = metrics._eager_joint(z, mean, log_variance, chunk_size=2, block_size=4)
     finite = aggregate_log_densities_reference(z, mean[4:], log_variance[4:], 2)[0] + math.log(6)
     torch.testing.assert_close(joint, finite, rtol=0, atol=1e-6)
