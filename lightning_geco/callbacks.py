@@ -260,7 +260,9 @@ class GECOCallback(Callback):
     host launching kernels (a small model on a GPU); it costs seconds of compiling per process,
     and on a CPU it does not pay (entering a compiled function costs more host time there than
     the ops it replaces; README, "Benchmarks").
-    Off by default until a GPU measures it (``benchmarks/step_profile.py``, ``benchmarks/gpu.py``).
+    Off by default: it needs a compiler and seconds at the first step, and on an H200 it bought
+    back under half of what GECO costs there (GECO / ELBO throughput 0.77 -> 0.83 in fp32;
+    ``benchmarks/gpu.py``, ``benchmarks/step_profile.py``).
 
     At every logging step a :class:`~lightning_geco.verdict.StallDetector` reads lambda and the
     regulated reading; when more lambda stops buying quality (see :mod:`lightning_geco.verdict`)

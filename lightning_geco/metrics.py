@@ -34,11 +34,11 @@ equal on every DDP rank (states are gathered with ``dist_reduce_fx="cat"``).
 Computation: the O(N^2 d) log-densities are float32 log-sum-exps, shifted by an upper bound or
 the row maximum, either in one ``torch.compile``-fused kernel per chunk (compiled once, ~3 s
 warm, ~15 s cold; 22-80x faster than the float64 definition at N = 10k-20k on 2 shared CPU
-cores) or, without a compiler, as sorted, centred matmuls (eager fallback, in cache-sized blocks
-on the CPU: 6-24x faster at N = 5k-20k, 20.6 s at N = 50k against the definition's ~512 s; in
-one block on a GPU: 0.42 s at N = 50k on an H200; ``benchmarks/marginal_kl.py``); both agree with the float64 definition,
-``aggregate_log_densities_reference``, to ~1e-4 nats per value or better and to ~1e-6 nats on
-the estimates (see ``aggregate_log_densities``).
+cores) or, without a compiler, as sorted, centred matmuls (eager fallback, in cache-sized
+blocks on the CPU: 6-24x faster at N = 5k-20k, 20.6 s at N = 50k against the definition's
+~512 s; in large blocks on a GPU: 0.42 s at N = 50k on an H200; ``benchmarks/marginal_kl.py``);
+both agree with the float64 definition, ``aggregate_log_densities_reference``, to ~1e-4 nats
+per value or better and to ~1e-6 nats on the estimates (see ``aggregate_log_densities``).
 
 Reading precision (``MeanWithStandardError``)
 ---------------------------------------------
@@ -124,6 +124,8 @@ _EAGER_MIN_EXPONENT = -80.0
 # Components per block of the eager fallback on the CPU: a (256, 512) tile is 0.5 MB in float32,
 # 1 MB in float64, so it stays in a core's cache between the passes over it.
 _EAGER_BLOCK = 512
+# Elsewhere (a GPU) a tile holds up to this many elements: 64 MB in float32, 128 MB in float64.
+_EAGER_TILE_ELEMENTS = 1 << 24
 _LOWEST_FLOAT64 = torch.finfo(torch.float64).min
 # The same floor for the compiled path's base-2 exponents: 2**-125 is a normal float32.
 _MIN_EXPONENT2 = -125.0
@@ -163,8 +165,8 @@ def aggregate_log_densities(
       ``u = z - c``, ``w = mean - c`` is a (chunk, 3) @ (3, block) float32 matmul whose terms are
       small where it matters (components near z), and the joint density is a
       ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11), summed over
-      blocks of :data:`_EAGER_BLOCK` components with a running maximum, each (chunk, block)
-      tile small enough to stay in cache.
+      blocks of components with a running maximum (:func:`_eager_block_size`: on the CPU each
+      (chunk, block) tile small enough to stay in cache; on a GPU few, large blocks).
 
     Args:
         z: points, shape (M, d).
@@ -213,7 +215,7 @@ def aggregate_log_densities(
             _COMPILER_STATE["broken"] = True
             warnings.warn(f"torch.compile failed ({error!r}); using the eager path from now on.", stacklevel=2)
     if sums is None or joint is None:  # set together: both None unless the compiled path succeeded
-        block = _eager_block_size(z.device, n)
+        block = _eager_block_size(z.device, n, chunk_size)
         sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size, block)
         joint = _eager_joint(z, mean, log_variance, chunk_size, block)
 
@@ -295,15 +297,20 @@ def _compiled_sums(
     return sums, joint, tops
 
 
-def _eager_block_size(device: torch.device, n: int) -> int:
-    """Components per block of the eager fallback: cache-sized on the CPU, all N elsewhere.
+def _eager_block_size(device: torch.device, n: int, chunk_size: int) -> int:
+    """Components per block of the eager fallback: cache-sized on the CPU, as large as memory
+    allows elsewhere.
 
     On the CPU a (chunk, :data:`_EAGER_BLOCK`) tile stays in cache through its four passes. On a
     GPU each block costs a handful of kernel launches, and with blocks of 512 the launches set the
-    pace (18.5 s at N = 50,000, d = 10 on an H200); one (chunk, N) tile per chunk is 51 MB in
-    float32 at chunk 256 and N = 50,000.
+    pace (18.5 s at N = 50,000, d = 10 on an H200, ``benchmarks/gpu.py``); there a block is all N
+    components up to :data:`_EAGER_TILE_ELEMENTS` per tile (at chunk 256: 65,536 components; at
+    N = 50,000 the joint's float64 tile is 102 MB, and ``compute`` peaked at 323 MB on the H200,
+    ``benchmarks/marginal_kl.py``), so memory stays O(chunk_size) for any N.
     """
-    return _EAGER_BLOCK if device.type == "cpu" else max(n, 1)
+    if device.type == "cpu":
+        return _EAGER_BLOCK
+    return max(1, min(n, max(_EAGER_BLOCK, _EAGER_TILE_ELEMENTS // chunk_size)))
 
 
 def _eager_per_dim_sums(

@@ -323,7 +323,7 @@ def test_mean_with_standard_error_needs_two_values_and_one_value_per_example():
 def test_the_eager_path_in_any_block_size_matches_the_definition(block, monkeypatch):
     # Blocks of 7 (or 1) components: many blocks, a last partial one, maxima found in late blocks;
     # 50: one block of all N components, as on a GPU.
-    monkeypatch.setattr(metrics, "_EAGER_BLOCK", block)
+    monkeypatch.setattr(metrics, "_eager_block_size", lambda device, n, chunk_size: block)
     mean, log_variance = _realistic_posteriors(50, 3)
     z = _draws(mean, log_variance)
     log_q, log_q_per_dim = aggregate_log_densities(z, mean, log_variance, 16, compile=False)
@@ -332,9 +332,40 @@ def test_the_eager_path_in_any_block_size_matches_the_definition(block, monkeypa
     torch.testing.assert_close(log_q_per_dim, expected_per_dim, rtol=0, atol=1e-4)
 
 
-def test_the_eager_path_blocks_for_the_cpu_cache_and_takes_all_components_at_once_elsewhere():
-    assert metrics._eager_block_size(torch.device("cpu"), 50_000) == 512
-    assert metrics._eager_block_size(torch.device("cuda"), 50_000) == 50_000
+def test_the_eager_path_blocks_for_the_cpu_cache_and_takes_tiles_of_bounded_size_elsewhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert metrics._eager_block_size(cpu, 50_000, 256) == 512
+    assert metrics._eager_block_size(cuda, 50_000, 256) == 50_000  # one block: 256 x 50,000 elements
+    assert metrics._eager_block_size(cuda, 500_000, 256) == 65_536  # 2**24 elements per tile
+    assert metrics._eager_block_size(cuda, 500_000, 2**20) == 512  # never below the CPU's block
+    assert metrics._eager_block_size(cuda, 3, 256) == 3
+
+
+def test_the_eager_path_asks_for_its_block_size_with_the_device_the_sizes_and_uses_it(monkeypatch):
+    asked = []
+
+    def block_size(device, n, chunk_size):
+        asked.append((device, n, chunk_size))
+        return 3
+
+    monkeypatch.setattr(metrics, "_eager_block_size", block_size)
+    blocks = {"_eager_per_dim_sums": [], "_eager_joint": []}  # the block size each pass was given
+
+    def spy(name):
+        original = getattr(metrics, name)
+
+        def call(*args):
+            blocks[name].append(args[-1])
+            return original(*args)
+
+        monkeypatch.setattr(metrics, name, call)
+
+    spy("_eager_per_dim_sums")
+    spy("_eager_joint")
+    mean, log_variance = _realistic_posteriors(20, 2)
+    aggregate_log_densities(_draws(mean, log_variance), mean, log_variance, 8, compile=False)
+    assert asked == [(torch.device("cpu"), 20, 8)]
+    assert blocks == {"_eager_per_dim_sums": [3], "_eager_joint": [3]}
 
 
 def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint():
@@ -344,6 +375,6 @@ def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint():
     log_variance = torch.zeros(10, 2)
     log_variance[:4] = float("inf")
     z = torch.tensor([[0.1, -0.2], [1.0, 0.5], [-2.0, 0.0]])
-    joint = metrics._eager_joint(z, mean, log_variance, chunk_size=2, block_size=4)
+    joint = metrics._eager_joint(z, mean, log_variance, 2, 4)
     finite = aggregate_log_densities_reference(z, mean[4:], log_variance[4:], 2)[0] + math.log(6)
     torch.testing.assert_close(joint, finite, rtol=0, atol=1e-6)
