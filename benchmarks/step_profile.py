@@ -11,7 +11,11 @@ one table: wall-clock ms per optimizer step (the device synchronised at the ends
 window only), the host ms per step spent inside the objective's forward and inside
 ``GECOCallback.on_before_optimizer_step``, and the operations each issues per step, counted in
 a separate short run with the profiler (top-level events: one per tensor op dispatched, one per
-call into a compiled function) on steps that do not log. Last, each GECO row's own host work
+call into a compiled function) on steps that do not log; then, in another short run, what the
+whole step dispatches (forward, backward, optimizer and hooks: the ops GECO adds outside its
+objective and callback show as the difference to the ELBO's row) and, on CUDA, the kernels and
+copies the device runs per step and the ms it is busy with them (where the device's busy time
+nears the step time, the step is no longer bound by the host). Last, each GECO row's own host work
 (its objective beyond the ELBO's, and its callback) as a share of the ELBO's step time: a
 figure that the step times' ratio, the difference of two noisy totals, cannot resolve here. The first calls of every run are left
 out of both (a compiled function compiles at its first call). On a GPU a step bound by the host's Python work pays for
@@ -89,6 +93,57 @@ class Probe:
 _OP_WARMUP = 2
 
 
+class WholeStepProfile(pl.Callback):
+    """What whole training steps dispatch, ``on_train_batch_start`` to ``on_train_batch_end``
+    (forward, backward, the optimizer and every hook; not the data loader's fetch), over
+    ``steps`` steps after ``first``: tensor ops the host dispatches (``aten::`` events not inside
+    another, so a fused kernel's own calls count once), and, on CUDA, the device's kernels and
+    copies and their summed duration (ms; what the device is busy with, whatever the host does).
+    """
+
+    def __init__(self, first: int, steps: int, device: str) -> None:
+        self.first, self.steps, self.device = first, steps, device
+        self.profile: torch.profiler.profile | None = None
+        self.host_ops = 0
+        self.device_events = 0
+        self.device_us = 0.0
+        self.profiled = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.first <= trainer.global_step < self.first + self.steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()  # the kernels of earlier steps stay out
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.profile is None:
+            return
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # this step's kernels all recorded
+        self.profile.__exit__(None, None, None)
+        for event in self.profile.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                self.device_events += 1
+                self.device_us += event.time_range.elapsed_us()
+            elif event.name.startswith("aten::") and not _inside_an_op(event):
+                self.host_ops += 1
+        self.profile = None
+        self.profiled += 1
+
+
+def _inside_an_op(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 class StepClock(pl.Callback):
     """Wall-clock seconds of the optimizer steps after ``warmup``, device synchronised at both ends."""
 
@@ -145,6 +200,22 @@ def build(args: argparse.Namespace, variant: str) -> tuple[ConvVAE, ELBO | GECOO
         controller="relative" if variant == "geco_relative" else "pi", compile=variant == "geco_pi_compiled"
     )
     return model, objective, callback
+
+
+def whole_steps(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: str) -> dict[str, float]:
+    """Per step of ``variant``: host ops of the whole step, and on CUDA device events and busy ms
+    (:class:`WholeStepProfile`, its own short run: torch's profiler does not nest in the probes')."""
+    model, _, geco = build(args, variant)
+    profile = WholeStepProfile(_OP_WARMUP, args.op_steps, args.device)
+    callbacks: list[pl.Callback] = [profile] if geco is None else [geco, profile]
+    # The run's last step logs (is_logging_step), so it is left out, as in the op count.
+    bare_trainer(args.device, _OP_WARMUP + args.op_steps + 1, callbacks).fit(model, train_dataloaders=data)
+    steps = max(1, profile.profiled)
+    return {
+        "step_ops": profile.host_ops / steps,
+        "device_events": profile.device_events / steps,
+        "device_ms": 1e-3 * profile.device_us / steps,
+    }
 
 
 def run(args: argparse.Namespace, data: torch.utils.data.DataLoader, variant: str, count_ops: bool) -> dict[str, float]:
@@ -254,18 +325,21 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for variant in variants:
         timed = {key: statistics.median(t[key] for t in timings[variant]) for key in timings[variant][0]}
-        rows.append((variant, timed, run(args, data, variant, count_ops=True)))
+        rows.append((variant, timed, {**run(args, data, variant, count_ops=True), **whole_steps(args, data, variant)}))
     device = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [
         f"ConvVAE {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} timed steps, {device}, "
         f"torch {torch.__version__}, median of {args.rounds} interleaved round(s)",
-        "| variant | ms / step | objective host ms | callback host ms | objective ops | callback ops |",
-        "|---|---|---|---|---|---|",
+        "| variant | ms / step | objective host ms | callback host ms | objective ops | callback ops | "
+        "ops in the whole step | device kernels and copies | device busy ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, timed, counted in rows:
+        device_columns = (f"{counted['device_events']:.0f} | {counted['device_ms']:.3f}" if cuda else "- | -")
         lines.append(
             f"| {variant} | {timed['ms_per_step']:.2f} | {timed['objective_ms']:.3f} | {timed['callback_ms']:.3f} | "
-            f"{counted['objective_ops']:.0f} | {counted['callback_ops']:.0f} |"
+            f"{counted['objective_ops']:.0f} | {counted['callback_ops']:.0f} | {counted['step_ops']:.0f} | "
+            f"{device_columns} |"
         )
     elbo, elbo_objective = rows[0][1]["ms_per_step"], rows[0][1]["objective_ms"]
     for variant, timed, _ in rows[1:]:
