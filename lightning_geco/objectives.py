@@ -227,9 +227,10 @@ class GECOObjective(Objective):
                 rank_zero_warn(
                     f"GECO constraint {constraint.name!r} now asks for {constraint.reading_name} at "
                     f"{constraint.reading_tolerance:g} (stated: {constraint.tolerance:g} {constraint.unit}); the "
-                    f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's. "
-                    "For the model as trained, build it with the trained tolerance (a LightningModule that calls "
-                    "self.save_hyperparameters() gets it back from load_from_checkpoint)."
+                    f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's: "
+                    "a resumed run goes on from them towards the new tolerance. To load the model as trained, "
+                    "build it with the trained tolerance (a LightningModule that calls self.save_hyperparameters() "
+                    "gets it back from load_from_checkpoint)."
                 )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
