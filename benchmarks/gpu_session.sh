@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of this project in one call, for a lent GPU machine:
 #
-#     bash benchmarks/gpu_session.sh OUT_DIR [PART ...]     # default: host_sync gpu step_profile
+#     bash benchmarks/gpu_session.sh OUT_DIR [PART ...]     # default: host_sync step_profile gpu
 #
-# On one H200 (2026-11-27) the parts took ~100, 211, ~130 and ~100 s; the limits below add up to
-# 500 s for the default three, under the device tool's 10 minutes a command, and leave room in
-# its 15 minutes of device time for the machine's start.
+# On one H200 (2026-11-27) host_sync took ~100 s, gpu.py 211 s, marginal_kl ~100 s, and
+# step_profile ~90 s with one round before its whole-step run was added (now more: one more short
+# run per variant). The limits below add up to 540 s for the default three: one call of under
+# 10 minutes, which with a machine's start (0.5-2 minutes) fits 15 minutes of device time but
+# leaves no room to run it twice. The step profile goes before gpu.py: it prints its table only at
+# its end, and gpu.py writes its table after every section.
 #
 # Run from the repository root of a bare checkout on the GPU machine (no internet there: the
 # package installs from the checkout without its dependencies, which the machine's image has).
@@ -24,7 +27,7 @@
 set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [host_sync gpu step_profile marginal_kl]}
 shift
-parts=${*:-host_sync gpu step_profile}
+parts=${*:-host_sync step_profile gpu}
 for name in $parts; do
     case $name in
         host_sync | gpu | step_profile | marginal_kl) ;;
@@ -39,22 +42,33 @@ cat "$out/device.txt"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/pip.log" 2>&1 \
     || echo "pip install -e . failed: see pip.log (the benchmarks still run from the checkout)"
 
+failed=""
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, print its tail
     local name=$1 limit=$2
     shift 2
     echo "== $name (at most $limit s)"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
     local status=$?
-    [ $status -eq 124 ] && echo "$name: stopped at its $limit s limit"
     tail -n 25 "$out/$name.log"
+    if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+        echo "$name: stopped at its $limit s limit"
+    fi
+    if [ $status -ne 0 ]; then
+        echo "$name: exit $status"
+        failed="$failed $name"
+    fi
 }
 
 for name in $parts; do
     case $name in
         host_sync) part host_sync 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_host_sync.py ;;
         gpu) part gpu 240 python3 benchmarks/gpu.py --no-compile --out "$out/gpu.md" ;;
-        step_profile) part step_profile 140 python3 benchmarks/step_profile.py --rounds 1 --steps 150 \
+        step_profile) part step_profile 180 python3 benchmarks/step_profile.py --rounds 1 --steps 100 \
             --variants elbo geco_pi geco_pi_compiled ;;
         marginal_kl) part marginal_kl 120 python3 benchmarks/marginal_kl.py --sizes 10000 50000 --device cuda ;;
     esac
 done
+if [ -n "$failed" ]; then
+    echo "failed:$failed"
+    exit 1
+fi

@@ -94,8 +94,9 @@ _OP_WARMUP = 2
 
 
 class WholeStepProfile(pl.Callback):
-    """What whole training steps dispatch, ``on_train_batch_start`` to ``on_train_batch_end``
-    (forward, backward, the optimizer and every hook; not the data loader's fetch), over
+    """What whole training steps dispatch, from this callback's ``on_train_batch_start`` to its
+    ``on_train_batch_end`` (forward, backward, the optimizer and the hooks between; not the data
+    loader's fetch, nor hooks that run before this callback's at the batch's start), over
     ``steps`` steps after ``first``: tensor ops the host dispatches (``aten::`` events not inside
     another, so a fused kernel's own calls count once), and, on CUDA, the device's kernels and
     copies and their summed duration (ms; what the device is busy with, whatever the host does).
@@ -109,7 +110,9 @@ class WholeStepProfile(pl.Callback):
         self.device_us = 0.0
         self.profiled = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.first <= trainer.global_step < self.first + self.steps:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device == "cuda":
@@ -126,10 +129,13 @@ class WholeStepProfile(pl.Callback):
             torch.cuda.synchronize()  # this step's kernels all recorded
         self.profile.__exit__(None, None, None)
         for event in self.profile.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
+            # A user annotation (e.g. Optimizer.step, which holds Lightning's whole closure) also
+            # has a device span; torch's own totals leave those out, and so does this one.
+            on_device = event.device_type == torch.autograd.DeviceType.CUDA
+            if on_device and not getattr(event, "is_user_annotation", False):
                 self.device_events += 1
                 self.device_us += event.time_range.elapsed_us()
-            elif event.name.startswith("aten::") and not _inside_an_op(event):
+            elif not on_device and event.name.startswith("aten::") and not _inside_an_op(event):
                 self.host_ops += 1
         self.profile = None
         self.profiled += 1
