@@ -28,11 +28,9 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [host_sync gpu step_profile marginal_kl]}
 shift
 parts=${*:-host_sync step_profile gpu}
+known=" host_sync step_profile gpu marginal_kl "
 for name in $parts; do
-    case $name in
-        host_sync | gpu | step_profile | marginal_kl) ;;
-        *) echo "unknown part $name (host_sync, gpu, step_profile, marginal_kl)"; exit 2 ;;
-    esac
+    [[ $known == *" $name "* ]] || { echo "unknown part $name (known:$known)"; exit 2; }
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 KINETO_LOG_LEVEL=6

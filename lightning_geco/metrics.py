@@ -310,7 +310,7 @@ def _eager_block_size(device: torch.device, n: int, chunk_size: int) -> int:
     """
     if device.type == "cpu":
         return _EAGER_BLOCK
-    return max(1, min(n, max(_EAGER_BLOCK, _EAGER_TILE_ELEMENTS // chunk_size)))
+    return min(n, max(_EAGER_BLOCK, _EAGER_TILE_ELEMENTS // chunk_size))
 
 
 def _eager_per_dim_sums(

@@ -230,9 +230,8 @@ class GECOObjective(Objective):
                     f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's: "
                     "a resumed run goes on from them towards the new tolerance (the moving average, kept as "
                     "reading - old tolerance, reads shifted by the change until it has averaged new steps). "
-                    "To load the model as trained, "
-                    "build it with the trained tolerance (a LightningModule that calls self.save_hyperparameters() "
-                    "gets it back from load_from_checkpoint)."
+                    "To load the model as trained, build it with the trained tolerance (a LightningModule that "
+                    "calls self.save_hyperparameters() gets it back from load_from_checkpoint)."
                 )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

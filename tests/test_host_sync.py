@@ -51,6 +51,17 @@ def counting_host_reads(counts: list, forbid_cuda_sync: bool = True):
             torch.cuda.set_sync_debug_mode(sync_mode)
 
 
+def count_reads(reads: dict[int, list[str]], trainer, first_silent_step: int, call):
+    """``call()``, its host reads kept as ``reads[global_step]``; on CUDA a sync raises in a step
+    that does not log, from ``first_silent_step`` on."""
+    counts: list[str] = []
+    silent = not is_logging_step(trainer) and trainer.global_step >= first_silent_step
+    with counting_host_reads(counts, forbid_cuda_sync=silent):
+        result = call()
+    reads[trainer.global_step] = counts
+    return result
+
+
 class CountingCallback(GECOCallback):
     """Counts the host reads of each optimizer step's GECO work; on CUDA, a sync in a step that
     does not log, from ``first_silent_step`` on, raises."""
@@ -62,14 +73,10 @@ class CountingCallback(GECOCallback):
         self.logging_steps: list[int] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        logging = is_logging_step(trainer)
-        if logging:
+        if is_logging_step(trainer):
             self.logging_steps.append(trainer.global_step)
-        counts: list[str] = []
-        silent = not logging and trainer.global_step >= self.first_silent_step
-        with counting_host_reads(counts, forbid_cuda_sync=silent):
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.reads[trainer.global_step] = counts
+        step = super().on_before_optimizer_step
+        count_reads(self.reads, trainer, self.first_silent_step, lambda: step(trainer, pl_module, optimizer))
 
 
 class FusedAdamVAE(ConvVAE):
@@ -105,14 +112,8 @@ def count_training_step_reads(model) -> dict[int, list[str]]:
     training_step = model.training_step
 
     def counted(*args, **kwargs):
-        trainer = model.trainer
-        counts: list[str] = []
-        # The first batch's pixel range is checked on the host once, by design.
-        silent = not is_logging_step(trainer) and trainer.global_step > 0
-        with counting_host_reads(counts, forbid_cuda_sync=silent):
-            output = training_step(*args, **kwargs)
-        reads[trainer.global_step] = counts
-        return output
+        # From the second step: the first batch's pixel range is checked on the host once, by design.
+        return count_reads(reads, model.trainer, 1, lambda: training_step(*args, **kwargs))
 
     model.training_step = counted
     return reads
