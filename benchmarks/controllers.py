@@ -85,42 +85,43 @@ PI_V1 = {"proportional_gain": 0.25, "integral_gain": 0.02, "integral_error_limit
 #: the fast release (PIController release_threshold) off: the PI rows measured before it was
 #: on by default state it, so they rerun as they ran
 _NO_RELEASE = {"release_threshold": None}
+#: the integrator of the defaults before K_I 0.08 (every row measured then states it, so it reruns as it ran)
+_KI06 = {"integral_gain": 0.06, "integral_error_limit": 0.1}
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # the default as it was before the fast release (the runs of that default, relabelled: the
+    # the default before K_I 0.08: K_I 0.06 with the integrated error clipped at +-0.1 (the same
+    # largest rise per step, 0.006)
+    "default_ki06": {**_KI06},
+    # that default as it was before the fast release (the runs of that default, relabelled: the
     # release adds exactly 0 wherever it does not trigger)
-    "default_no_release": {**_NO_RELEASE},
+    "default_no_release": {**_KI06, **_NO_RELEASE},
     "paper": {"controller": "paper", "alpha": 0.99, "step_size": 1.0},
     "relative": {"controller": "relative"},
-    "pi_train": {"controller": "pi", "drive": "training", **_NO_RELEASE},
-    "pi_calibration": {"controller": "pi", "drive": "calibration", **_NO_RELEASE},
+    "pi_train": {"controller": "pi", "drive": "training", **_KI06, **_NO_RELEASE},
+    "pi_calibration": {"controller": "pi", "drive": "calibration", **_KI06, **_NO_RELEASE},
     # earlier PI settings: v1 (K_P 0.25, K_I 0.02 per step, error clip 0.3, no hold) and v2
     # (today's gains, no hold); the table shows why each was left
     "pi_train_v1": {"controller": "pi", "drive": "training", **PI_V1, **_NO_RELEASE},
     "pi_calibration_v1": {"controller": "pi", "drive": "calibration", **PI_V1, **_NO_RELEASE},
-    "pi_train_v2": {"controller": "pi", "drive": "training", "approach_steps": None, **_NO_RELEASE},
+    "pi_train_v2": {"controller": "pi", "drive": "training", "approach_steps": None, **_KI06, **_NO_RELEASE},
     # a faster integrator with the same largest rise per step (K_I x clip = 0.006): closer on the
     # test split, but past the 5 % band on the synthetic plant of gain 3 (benchmarks/plant.py)
     "pi_train_fast": {
         "controller": "pi", "drive": "training", "integral_gain": 0.12, "integral_error_limit": 0.05, **_NO_RELEASE
     },
     # the default measuring every 24 steps instead of 16 (the calibration stream's cost under 2 %)
-    "default_every24": {"calibration_every": 24, **_NO_RELEASE},
-    "default_every20": {"calibration_every": 20, **_NO_RELEASE},
+    "default_every24": {"calibration_every": 24, **_KI06, **_NO_RELEASE},
+    "default_every20": {"calibration_every": 20, **_KI06, **_NO_RELEASE},
     # the default with a second integrator that learns the drift of log lambda (type-2 loop)
-    "default_ramp300": {"ramp_steps": 300.0, **_NO_RELEASE},
-    "default_ramp100": {"ramp_steps": 100.0, **_NO_RELEASE},
+    "default_ramp300": {"ramp_steps": 300.0, **_KI06, **_NO_RELEASE},
+    "default_ramp100": {"ramp_steps": 100.0, **_KI06, **_NO_RELEASE},
     # the same drift applied in proportion to the learning rate over the largest it has been, so it
     # fades as the cosine schedule anneals (where ramp300 carried lambda past the tolerance)
-    "default_ramp300_lr": {"ramp_steps": 300.0, "ramp_follows_lr": True},
+    "default_ramp300_lr": {"ramp_steps": 300.0, "ramp_follows_lr": True, **_KI06},
     # the default with each measurement's log error corrected by half its running variance, so
     # the loop holds the measurements' mean, not their median (PIController noise_correction)
-    "default_noise": {"noise_correction": True, **_NO_RELEASE},
-    # the default with a faster integrator that still passes the synthetic plant (python
-    # benchmarks/plant.py [--integral-gain 0.08 --integral-error-limit 0.075]: 4.9 % at gain 3,
-    # the default 4.6 %), the largest rise per step kept at 0.006
-    "default_ki08": {"integral_gain": 0.08, "integral_error_limit": 0.075},
-    "pi_calibration_v2": {"controller": "pi", "drive": "calibration", "approach_steps": None, **_NO_RELEASE},
+    "default_noise": {"noise_correction": True, **_KI06, **_NO_RELEASE},
+    "pi_calibration_v2": {"controller": "pi", "drive": "calibration", "approach_steps": None, **_KI06, **_NO_RELEASE},
     "sigma": {},
 }
 NUM_CALIBRATION = 2000

@@ -1,6 +1,6 @@
 """The PI controller on the synthetic plant of ``tests/test_controllers.py``, with any settings.
 
-    python benchmarks/plant.py [--integral-gain 0.06] [--integral-error-limit 0.1] [--proportional-gain 0.5] \
+    python benchmarks/plant.py [--integral-gain 0.08] [--integral-error-limit 0.075] [--proportional-gain 0.5] \
         [--ramp-steps N] [--noise-correction] [--release-threshold 0.5 | --no-release] [--cv 0.1]
 
 The plant is ``ln C_t = ln c(t) - g * y_t``, ``y`` a 50-step lag of ``ln lambda``, log-normal
@@ -20,12 +20,14 @@ are noisy (``--cv 0.3``, ``0.6``) it shows that the loop holds their median, not
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from lightning_geco.controllers import PIController  # noqa: E402
 from test_controllers import closed_loop  # noqa: E402
 
 
@@ -49,9 +51,10 @@ def worst(g: float, cv: float = 0.1, **settings: float) -> tuple[float, float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--integral-gain", type=float, default=0.06)
-    parser.add_argument("--integral-error-limit", type=float, default=0.1)
-    parser.add_argument("--proportional-gain", type=float, default=0.5)
+    default = inspect.signature(PIController).parameters  # the library's defaults, so the two never part
+    parser.add_argument("--integral-gain", type=float, default=default["integral_gain"].default)
+    parser.add_argument("--integral-error-limit", type=float, default=default["integral_error_limit"].default)
+    parser.add_argument("--proportional-gain", type=float, default=default["proportional_gain"].default)
     parser.add_argument("--ramp-steps", type=float, default=None)
     parser.add_argument("--cv", type=float, default=0.1, help="coefficient of variation of a measurement")
     parser.add_argument("--noise-correction", action="store_true", help="PIController(noise_correction=True)")

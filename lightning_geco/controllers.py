@@ -28,8 +28,8 @@ valid. Two classes, three laws selectable by name (``GECOCallback(controller=...
         log lam_t  = clip(I_t + K_P * xi_t, bounds)
 
     with ``s = exp(-1 / T_fast)``, ``r = exp(-1 / T_slow)`` (``smoothing_steps`` 10 and
-    ``trend_steps`` 50) and ``H = approach_steps`` (200). Defaults K_P 0.5, K_I 0.06 per step,
-    L 0.1: chosen by the controller table of docs/RESULTS.md, one setting for every cell.
+    ``trend_steps`` 50) and ``H = approach_steps`` (200). Defaults K_P 0.5, K_I 0.08 per step,
+    L 0.075: chosen by the controller table of docs/RESULTS.md, one setting for every cell.
 
     The log ratio is symmetric (a 2x violation and a 2x over-satisfaction move lambda by the
     same amount), so no release speedup is needed. The P term is never stored: a large early
@@ -242,10 +242,10 @@ class PIController(MultiplierController):
     def __init__(
         self,
         proportional_gain: float = 0.5,
-        integral_gain: float = 0.06,
+        integral_gain: float = 0.08,
         smoothing_steps: float = 10.0,
         log_lambda_bounds: tuple[float, float] = (-30.0, 30.0),
-        integral_error_limit: float | None = 0.1,
+        integral_error_limit: float | None = 0.075,
         approach_steps: float | None = 200.0,
         trend_steps: float = 50.0,
         ramp_steps: float | None = None,

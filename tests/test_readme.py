@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from lightning_geco.verdict import within_noise
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -39,8 +41,8 @@ def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypa
     printed, summary = _run_as_written("## Bring your own model", tmp_path, monkeypatch, capsys)
     assert printed.startswith("GECO: distortion ")
     assert summary["verdict"] == "met" and summary["tolerance"] == 0.5
-    # The README's figure: 0.4 % under after the model learned at once far under the tolerance
-    # (the fast release; with the clip alone 11.7 % under), validated at the last step.
+    # The README's figure: 0.2 % under after the model learned at once far under the tolerance
+    # (the fast release; with the clip alone 11.4 % under), validated at the last step.
     assert -0.02 < summary["relative_violation"] <= 0.01
     assert summary["validated_step"] == summary["global_step"] == 1500
     # The snippet logs the reading's standard error (MeanWithStandardError), which the line shows
@@ -48,8 +50,12 @@ def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypa
     assert summary["standard_error"] > 0 and " ± " in printed
 
 
-def test_the_own_constraint_example_meets_its_tolerance(tmp_path, monkeypatch, capsys):
+def test_the_own_constraint_example_ends_on_its_tolerance_within_its_noise(tmp_path, monkeypatch, capsys):
     printed, summary = _run_as_written("**A constraint of your own**", tmp_path, monkeypatch, capsys)
-    assert printed.startswith("GECO: coarse_mse ")
     assert summary["reading"] == "coarse_mse" and summary["tolerance"] == 0.002
-    assert summary["verdict"] == "met" and -0.05 < summary["relative_violation"] <= 0.01
+    # The README's figure: +1.7 % ± 3.1 % at seed 0, past the 1 % band by less than one standard
+    # error of its 512-image validation mean (the snippet logs it), so the line shows the noise.
+    assert printed.startswith("GECO: NOT MET: coarse_mse ") and " ± " in printed
+    assert summary["verdict"] == "not_met" and 0.01 < summary["relative_violation"] < 0.03
+    standard_error = summary["standard_error"] / summary["tolerance"]
+    assert 0.02 < standard_error < 0.05 and within_noise(summary["relative_violation"], standard_error)
