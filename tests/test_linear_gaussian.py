@@ -68,7 +68,7 @@ def test_linear_vae_with_geco_lands_on_the_gaussian_rate_distortion_curve():
     batches = BatchSampler(RandomSampler(dataset), batch_size=500, drop_last=True)
     loader = DataLoader(dataset, sampler=batches, batch_size=None)
     model = LinearVAE(n, GECOObjective([ReconstructionMSE(tolerance)]), learning_rate=1e-2)
-    # The default, relative nu: the same one the image configs use, at an MSE ~36x the shapes'.
+    # The default settings: the same the image configs use, at an MSE ~36x the shapes'.
     callback = GECOCallback()
     trainer = quiet_trainer(
         max_steps=2500,
