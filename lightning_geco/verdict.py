@@ -29,9 +29,9 @@ The rules (documented in the README, "The verdict"):
     the model will not get there on its own at this budget either. (Without the pace, the
     default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
     past its tolerance, yet at that pace 616 steps from it with 781 left; it ended 6.5 %
-    better than asked.) A regulated reading that later comes within the band of its tolerance at
+    better than asked, with the default gains of the time, K_I 0.06.) A regulated reading that later comes within the band of its tolerance at
     ``REACHED_READINGS`` (2) logging steps in a row withdraws the stall for good: a tolerance the
-    model reached is not unreachable (the README's MLP example sat 5x past it for 300 steps, then
+    model reached is not unreachable (the README's MLP example sat ~5x past it for ~500 steps, then
     broke through). Two in a row, so that one lucky 64-image calibration measurement does not.
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda

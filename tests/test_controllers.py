@@ -287,8 +287,8 @@ def test_the_fast_release_never_takes_lambda_below_its_lowest():
 
 def test_ramp_tracking_removes_the_lag_behind_a_steep_drift():
     # A model improving fast (ln c falls 1e-3 per step) against a weak plant (g 0.3): the PI's
-    # integrator needs a standing error of drift / (g K_I) = 4.2 % (8.1 % measured, under the
-    # clip) to follow it; a second integrator that learns the drift needs none. Measured on the
+    # integrator needs a standing error of drift / (g K_I) = 4.2 % (8.1 % measured) to follow
+    # it; a second integrator that learns the drift needs none. Measured on the
     # real cells it overshoots as the learning rate anneals (docs/RESULTS.md), so it is an option.
     def tail_log_error(**settings):
         ratios = closed_loop(0.3, drift=1e-3, **settings)

