@@ -100,8 +100,10 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
 
     Each setting is ``VALUE`` (only when there is one constraint) or ``NAME=VALUE``, NAME a
     constraint's ``name``, or for a :class:`~lightning_geco.ReconstructionMSE` its unit
-    ``mse`` or ``psnr`` (which also sets the unit). The constraint checks the value's range
-    when it is built.
+    ``mse`` or ``psnr`` (which also sets the unit). A bare VALUE is in the constraint's unit as
+    the config states it. Each constraint takes one setting: a second (``psnr=24`` then
+    ``0.004``, which would read 0.004 dB) is refused, naming both. The constraint checks the
+    value's range when it is built.
     """
     constraints = _constraint_namespaces(model)
     for constraint in constraints:
@@ -112,6 +114,16 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
         raise ConfigurationError(
             f"--tolerance {settings[0]!r}: the model's objective ({model.get('class_path')}) has no constraints to set."
         )
+    given: dict[int, str] = {}  # constraint index -> the setting that set it
+
+    def set_once(index: int, setting: str) -> None:
+        if index in given:
+            raise ConfigurationError(
+                f"--tolerance {setting!r} sets {names[index]!r} again after --tolerance {given[index]!r}; "
+                "give each constraint one --tolerance."
+            )
+        given[index] = setting
+
     for setting in settings:
         key, _, text = setting.rpartition("=")
         try:
@@ -124,20 +136,24 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
                     f"--tolerance {setting!r} is ambiguous: the objective has {len(constraints)} constraints "
                     f"({', '.join(names)}); give NAME=VALUE, e.g. --tolerance {names[0]}={text}."
                 )
+            set_once(0, setting)
             constraints[0].init_args[_tolerance_argument(constraints[0].class_path)] = value
             continue
-        matches = [c for c, name in zip(constraints, names) if name == key]
+        matches = [i for i, name in enumerate(names) if name == key]
         if not matches and key in ("mse", "psnr"):
-            matches = [c for c in constraints if c.class_path.endswith("ReconstructionMSE")]
-            for constraint in matches:
-                constraint.init_args["unit"] = key
+            matches = [i for i, c in enumerate(constraints) if c.class_path.endswith("ReconstructionMSE")]
         if len(matches) != 1:
             accepted = names + (["mse", "psnr"] if any(c.class_path.endswith("ReconstructionMSE") for c in constraints) else [])
             raise ConfigurationError(
                 f"--tolerance {setting!r}: {key!r} names {len(matches)} of the constraints; "
                 f"accepted names: {', '.join(accepted)}."
             )
-        matches[0].init_args[_tolerance_argument(matches[0].class_path)] = value
+        (index,) = matches
+        set_once(index, setting)
+        constraint = constraints[index]
+        if key in ("mse", "psnr") and key not in names:
+            constraint.init_args["unit"] = key
+        constraint.init_args[_tolerance_argument(constraint.class_path)] = value
 
 
 # ------------------------------------------------------ checkpoint vs config

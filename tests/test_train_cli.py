@@ -282,6 +282,15 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
         (["--tolerance", "0"], "ReconstructionMSE tolerance 0.0 (unit 'mse') cannot be expressed"),
         (["--tolerance", "x=0.1"], "--tolerance 'x=0.1': 'x' names 0 of the constraints; accepted names: reconstruction, mse, psnr."),
+        # a bare value after psnr=24 would read 0.004 dB (an MSE of 0.999): refused, naming both
+        (
+            ["--tolerance", "psnr=24", "--tolerance", "0.004"],
+            "--tolerance '0.004' sets 'reconstruction' again after --tolerance 'psnr=24'; give each constraint one --tolerance.",
+        ),
+        (
+            ["--tolerance", "reconstruction=0.004", "--tolerance", "mse=0.003"],
+            "--tolerance 'mse=0.003' sets 'reconstruction' again after --tolerance 'reconstruction=0.004'; give each",
+        ),
     ],
 )
 def test_configuration_errors_show_their_cause_in_a_few_lines(override, message, capsys):
