@@ -235,8 +235,11 @@ class GECOCallback(Callback):
       steps, from ``max_steps`` or ``max_epochs``, over an epoch's), or when
       ``calibration_dataset`` is given. Decided at the start of training, by rank 0 for every
       rank, and kept by a resumed run; choosing the calibration split is said in one line.
-      Without a split (or for a module not of the collection) it warns with the fix and uses
-      the training batches.
+      A module of your own is measured so when it can be: its ``forward(x, labels)`` returns a
+      :class:`~lightning_geco.VAEOutput` (tried once, on one calibration image, in eval mode
+      without gradients). Without a split, or for a module that cannot be measured, it uses the
+      training batches, and warns with the fix (for a module of your own, only for a
+      constraint that says so).
     - ``"training"``: the training batches, every optimizer step (the paper).
     - ``"calibration"``: every ``calibration_every`` optimizer steps, ``calibration_batch_size``
       images of a calibration split the model never trains on (``num_calibration`` of the
@@ -515,15 +518,15 @@ class GECOCallback(Callback):
 
     def _choose_drive(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``drive="auto"``: measure on the calibration split when :meth:`reasons_for_calibration`
-        finds a reason, the split is there and the model is one of the collection's (which take
-        ``model(x, labels)``), said in one line; else on the training batches (warned, with the
-        fix, when there was a reason)."""
+        finds a reason, the split is there and the model can be measured (the collection's
+        models, or one whose ``model(x, labels)`` returns a VAEOutput), said in one line; else on
+        the training batches (warned, with the fix, when there was a reason)."""
         from lightning_geco.models.base import VAEModule  # the models import this module's package
 
         reasons = self.reasons_for_calibration(trainer)
         calibration = self._find_calibration(trainer) if reasons else None
         own_module = not isinstance(pl_module, VAEModule)
-        if own_module:
+        if own_module and calibration is not None and not self._measurable(trainer, pl_module, calibration):
             calibration = None
         choice = "calibration" if calibration is not None else "training"
         # Rank 0 decides for all: ranks with shards of other lengths must not disagree, or only
@@ -555,13 +558,14 @@ class GECOCallback(Callback):
                 f"{self.calibration_batch_size} every {self.calibration_every} steps): " + "; ".join(reasons) + "."
             )
         elif own_module and any(c.optimistic_on_training_images for c in self._ready_objective.constraints):
-            # (Many epochs alone are not warned here: a module of the user's cannot be measured by
-            # "auto" anyway, and whether it overfits is for its own validation to say.)
+            # (Many epochs alone are not warned here: whether a module of the user's overfits is
+            # for its own validation to say.)
             rank_zero_warn(
-                "GECO: " + "; ".join(reasons) + f". Lambda is driven by the training batches: drive='auto' measures "
-                f"a calibration split only for the collection's models, and the tolerance may be missed on new "
-                f"images. If {type(pl_module).__name__}.forward(x, labels) returns a VAEOutput, pass "
-                "GECOCallback(drive='calibration') with a calibration split."
+                "GECO: " + "; ".join(reasons) + ". Lambda is driven by the training batches, and the tolerance may "
+                f"be missed on new images: drive='auto' measures a calibration split for a module whose "
+                f"forward(x, labels) returns a VAEOutput (VAEOutput.from_terms(x, reconstruction, rate)), and "
+                f"{type(pl_module).__name__}'s does not, or there is no split (the DataModule's num_calibration, "
+                "or GECOCallback(calibration_dataset=...))."
             )
         elif reasons and not own_module:
             rank_zero_warn(
@@ -655,6 +659,24 @@ class GECOCallback(Callback):
     def consecutive_nonfinite_steps(self) -> int:
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
         return self.geco.num_consecutive_skips if self.geco is not None else 0
+
+    @torch.no_grad()
+    def _measurable(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> bool:
+        """Whether a module of the user's can be measured as the collection's models are:
+        ``model(x, labels)`` on one calibration image returns a VAEOutput (eval mode, no
+        gradients, the training's random state untouched)."""
+        was_training = pl_module.training
+        pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+                batch = trainer.strategy.batch_to_device(gather(dataset, [0]))
+                _calibration_output(pl_module, batch_images(batch), batch_labels(batch))
+        except Exception:  # noqa: BLE001 - any failure of this speculative call means "not so": train as before
+            return False
+        finally:
+            pl_module.train(was_training)
+        return True
 
     @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:

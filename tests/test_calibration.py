@@ -202,35 +202,70 @@ def test_auto_drive_without_a_calibration_split_warns_with_the_fix_and_uses_the_
     assert auto.active_drive == "training"
 
 
+class OwnVAE(pl.LightningModule):
+    """A module of the user's: one 1x1 convolution and noise (as a sampled z would draw), the rate 0;
+    ``forward(x)`` alone."""
+
+    def __init__(self, constraint):
+        super().__init__()
+        self.net = torch.nn.Conv2d(1, 1, 1)
+        self.objective = GECOObjective([constraint])
+
+    def output(self, x):
+        from lightning_geco.records import VAEOutput
+
+        noise = 0.1 * torch.randn_like(x)  # draws from the random state the try must leave alone
+        return VAEOutput.from_terms(x, torch.sigmoid(self.net(x) + noise), torch.zeros(len(x)))
+
+    def forward(self, x):
+        return self.output(x)
+
+    def training_step(self, batch, batch_idx):
+        output = self.output(batch[0])
+        return self.objective.lagrangian(output.rate, output.x, output.reconstruction)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class MeasurableOwnVAE(OwnVAE):
+    """The same, taking ``model(x, labels)`` as the collection's models do."""
+
+    def forward(self, x, labels=None):
+        return self.output(x)
+
+
+def _own_fit(module_class, constraint, drive="auto", max_steps=40):
+    """A ``module_class(constraint)`` built after seeding, fitted on 96 shapes (32 of them carved as
+    the calibration split): 10 epochs at 40 steps."""
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    callback = GECOCallback(drive=drive, calibration_every=2)
+    quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback]).fit(module_class(constraint), data)
+    return callback
+
+
 def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_warns_only_for_an_optimistic_constraint(
     recwarn,
 ):
-    from lightning_geco.records import VAEOutput
-
-    class OwnVAE(pl.LightningModule):
-        def __init__(self, constraint):
-            super().__init__()
-            self.net = torch.nn.Conv2d(1, 1, 1)
-            self.objective = GECOObjective([constraint])
-
-        def training_step(self, batch, batch_idx):
-            x = batch[0]
-            output = VAEOutput.from_terms(x, torch.sigmoid(self.net(x)), torch.zeros(len(x)))
-            return self.objective.lagrangian(output.rate, x, output.reconstruction)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
-    callback = GECOCallback(calibration_every=2)
-    quiet_trainer(max_steps=40, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(ReconstructionMSE(0.05)), data)
-    assert callback.active_drive == "training"  # 10 epochs, but not a model "auto" can measure
+    callback = _own_fit(OwnVAE, ReconstructionMSE(0.05))
+    assert callback.active_drive == "training"  # 10 epochs, but forward(x, labels) is not there to measure
     assert not [w for w in recwarn if "GECO:" in str(w.message)]
-    callback = GECOCallback(calibration_every=2)
-    with pytest.warns(UserWarning, match=re.escape("If OwnVAE.forward(x, labels) returns a VAEOutput, pass "
-                                                   "GECOCallback(drive='calibration') with a calibration split.")):
-        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(OptimisticMSE(0.05)), data)
+    message = ("drive='auto' measures a calibration split for a module whose forward(x, labels) returns a VAEOutput "
+               "(VAEOutput.from_terms(x, reconstruction, rate)), and OwnVAE's does not, or there is no split")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        callback = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4)
     assert callback.active_drive == "training"
+
+
+def test_auto_drive_measures_a_module_of_your_own_whose_forward_takes_labels_exactly_as_drive_calibration():
+    # The one-image try leaves the model and the training's random state as they were: the run
+    # is the explicit calibration drive's, bit for bit.
+    auto = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05))
+    assert auto.active_drive == "calibration" and auto.geco.num_measurements == 20
+    explicit = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05), drive="calibration")
+    assert torch.equal(auto.geco.log_lagrange_multiplier, explicit.geco.log_lagrange_multiplier)
+    assert torch.equal(auto.geco.constraint_ema, explicit.geco.constraint_ema)
 
 
 
