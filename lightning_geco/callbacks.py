@@ -25,6 +25,8 @@ controller's state and the constraints as stated (name, tolerance, unit).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -148,6 +150,29 @@ def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor
     if not isinstance(output, VAEOutput):
         raise TypeError(message.format(f"returned {type(output).__name__}"))
     return output
+
+
+@contextmanager
+def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA
+    device) around a measurement; each submodule gets back the mode it had (one the user froze
+    in eval stays so)."""
+    modes = [(module, module.training) for module in pl_module.modules()]
+    pl_module.eval()
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """``(x, labels)`` of the calibration images ``indices``, on the device and in the precision
+    the training batches get."""
+    batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(gather(dataset, list(indices))))
+    return batch_images(batch), batch_labels(batch)
 
 
 def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
@@ -526,8 +551,11 @@ class GECOCallback(Callback):
         reasons = self.reasons_for_calibration(trainer)
         calibration = self._find_calibration(trainer) if reasons else None
         own_module = not isinstance(pl_module, VAEModule)
-        if own_module and calibration is not None and not self._measurable(trainer, pl_module, calibration):
-            calibration = None
+        why_not = None  # why a module of the user's could not be measured, when it was tried
+        if own_module and calibration is not None and self._resumed_drive is None:
+            why_not = self._why_not_measurable(trainer, pl_module, calibration)
+            if why_not is not None:
+                calibration = None
         choice = "calibration" if calibration is not None else "training"
         # Rank 0 decides for all: ranks with shards of other lengths must not disagree, or only
         # some of them would enter the calibration all-reduce.
@@ -557,16 +585,26 @@ class GECOCallback(Callback):
                 f"GECO: lambda is driven by the calibration split ({dataset_length(calibration)} images, "
                 f"{self.calibration_batch_size} every {self.calibration_every} steps): " + "; ".join(reasons) + "."
             )
-        elif own_module and any(c.optimistic_on_training_images for c in self._ready_objective.constraints):
-            # (Many epochs alone are not warned here: whether a module of the user's overfits is
-            # for its own validation to say.)
-            rank_zero_warn(
-                "GECO: " + "; ".join(reasons) + ". Lambda is driven by the training batches, and the tolerance may "
-                f"be missed on new images: drive='auto' measures a calibration split for a module whose "
-                f"forward(x, labels) returns a VAEOutput (VAEOutput.from_terms(x, reconstruction, rate)), and "
-                f"{type(pl_module).__name__}'s does not, or there is no split (the DataModule's num_calibration, "
-                "or GECOCallback(calibration_dataset=...))."
+        elif own_module and reasons:
+            name = type(pl_module).__name__
+            if why_not is not None:
+                fix = (
+                    f"drive='auto' tried {name}(x, labels) on one calibration image to measure the split, and "
+                    f"it failed ({why_not})"
+                )
+            else:
+                fix = "there is no calibration split (the DataModule's num_calibration, or GECOCallback(calibration_dataset=...))"
+            message = (
+                "GECO: " + "; ".join(reasons) + f". Lambda is driven by the training batches: {fix}. A module of "
+                "your own is measured on the split when its forward(x, labels) returns "
+                "VAEOutput.from_terms(x, reconstruction, rate, labels=labels)."
             )
+            # Many epochs alone are said, not warned: whether the module overfits is for its own
+            # validation to say. A constraint that reads the training images optimistically is warned.
+            if any(c.optimistic_on_training_images for c in self._ready_objective.constraints):
+                rank_zero_warn(message + " The tolerance may be missed on new images.")
+            else:
+                rank_zero_info(message)
         elif reasons and not own_module:
             rank_zero_warn(
                 "GECO: " + "; ".join(reasons) + ". Lambda is driven by the training batches because there is no "
@@ -660,23 +698,17 @@ class GECOCallback(Callback):
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
         return self.geco.num_consecutive_skips if self.geco is not None else 0
 
-    @torch.no_grad()
-    def _measurable(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> bool:
-        """Whether a module of the user's can be measured as the collection's models are:
-        ``model(x, labels)`` on one calibration image returns a VAEOutput (eval mode, no
-        gradients, the training's random state untouched)."""
-        was_training = pl_module.training
-        pl_module.eval()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    def _why_not_measurable(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> str | None:
+        """None when a module of the user's can be measured as the collection's models are
+        (``model(x, labels)`` on one calibration image returns a VAEOutput its constraints can
+        read), else why not: the error that call raised, which the caller reports."""
         try:
-            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
-                batch = trainer.strategy.batch_to_device(gather(dataset, [0]))
-                _calibration_output(pl_module, batch_images(batch), batch_labels(batch))
-        except Exception:  # noqa: BLE001 - any failure of this speculative call means "not so": train as before
-            return False
-        finally:
-            pl_module.train(was_training)
-        return True
+            with _measuring(trainer, pl_module):
+                x, labels = _calibration_inputs(trainer, dataset, [0])
+                self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels))
+        except Exception as error:  # noqa: BLE001 - a speculative call: whatever fails, train as before, and say why
+            return f"{type(error).__name__}: {error}"
+        return None
 
     @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -690,19 +722,11 @@ class GECOCallback(Callback):
         k = self._ready_geco.num_constraints
         if not mine:
             return torch.zeros(k + 2, device=pl_module.device)
-        batch = trainer.strategy.batch_to_device(gather(dataset, mine))
-        x, labels = batch_images(batch), batch_labels(batch)
-        was_training = pl_module.training
-        pl_module.eval()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        try:
+        x, labels = _calibration_inputs(trainer, dataset, mine)
+        with _measuring(trainer, pl_module):
             # The latent noise of a measurement is seeded too, without touching the training RNG.
-            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
-                _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
-                output = _calibration_output(pl_module, x, labels)
-                values = self._ready_objective.constraint_values(output).float()
-        finally:
-            pl_module.train(was_training)
+            _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
+            values = self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels)).float()
         return constraint_statistics(values)
 
     def regulated_ratio(self) -> list[float]:

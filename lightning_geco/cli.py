@@ -63,7 +63,8 @@ TOLERANCE_HELP = (
     "Constraint tolerance, in the constraint's unit: '--tolerance 0.004' when the config has one "
     "constraint; 'NAME=VALUE' per constraint otherwise, NAME being the constraint's name "
     "(e.g. '--tolerance reconstruction=0.004 --tolerance pncc=0.95'). For a reconstruction MSE "
-    "constraint NAME may also be a unit: 'mse=0.004' or 'psnr=24' (dB)."
+    "constraint NAME may also be a unit: 'mse=0.004' or 'psnr=24' (dB). Each constraint takes one "
+    "--tolerance: a second is refused, not read as an override."
 )
 
 

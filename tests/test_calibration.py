@@ -235,27 +235,35 @@ class MeasurableOwnVAE(OwnVAE):
         return self.output(x)
 
 
-def _own_fit(module_class, constraint, drive="auto", max_steps=40):
-    """A ``module_class(constraint)`` built after seeding, fitted on 96 shapes (32 of them carved as
-    the calibration split): 10 epochs at 40 steps."""
+def _own_fit(module_class, constraint, drive="auto", max_steps=40, num_calibration=32):
+    """A ``module_class(constraint)`` built after seeding, fitted on 64 shapes (after
+    ``num_calibration`` more carved as the calibration split): 10 epochs at 40 steps."""
     pl.seed_everything(0)
-    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    data = ShapesDataModule(image_size=16, num_train=64 + num_calibration, num_val=16, batch_size=16,
+                            num_calibration=num_calibration)
     callback = GECOCallback(drive=drive, calibration_every=2)
-    quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback]).fit(module_class(constraint), data)
+    module = module_class(constraint)
+    quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback]).fit(module, data)
+    callback.module = module
     return callback
 
 
-def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_warns_only_for_an_optimistic_constraint(
-    recwarn,
-):
-    callback = _own_fit(OwnVAE, ReconstructionMSE(0.05))
+def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_says_why(recwarn, caplog):
+    with caplog.at_level("INFO"):
+        callback = _own_fit(OwnVAE, ReconstructionMSE(0.05))
     assert callback.active_drive == "training"  # 10 epochs, but forward(x, labels) is not there to measure
-    assert not [w for w in recwarn if "GECO:" in str(w.message)]
-    message = ("drive='auto' measures a calibration split for a module whose forward(x, labels) returns a VAEOutput "
-               "(VAEOutput.from_terms(x, reconstruction, rate)), and OwnVAE's does not, or there is no split")
+    assert not [w for w in recwarn if "GECO:" in str(w.message)]  # said in one line, not warned
+    said = ("Lambda is driven by the training batches: drive='auto' tried OwnVAE(x, labels) on one calibration "
+            "image to measure the split, and it failed (TypeError: GECOCallback(drive='calibration') reads the model "
+            "as model(x, labels)")
+    assert said in caplog.text
+    message = ("there is no calibration split (the DataModule's num_calibration, or GECOCallback(calibration_dataset=...)). "
+               "A module of your own is measured on the split when its forward(x, labels) returns "
+               "VAEOutput.from_terms(x, reconstruction, rate, labels=labels). The tolerance may be missed on new images.")
     with pytest.warns(UserWarning, match=re.escape(message)):
-        callback = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4)
+        callback = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4, num_calibration=0)
     assert callback.active_drive == "training"
+
 
 
 def test_auto_drive_measures_a_module_of_your_own_whose_forward_takes_labels_exactly_as_drive_calibration():
@@ -266,6 +274,20 @@ def test_auto_drive_measures_a_module_of_your_own_whose_forward_takes_labels_exa
     explicit = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05), drive="calibration")
     assert torch.equal(auto.geco.log_lagrange_multiplier, explicit.geco.log_lagrange_multiplier)
     assert torch.equal(auto.geco.constraint_ema, explicit.geco.constraint_ema)
+
+
+class FrozenPartOwnVAE(MeasurableOwnVAE):
+    """With a submodule the user froze in eval mode (a BatchNorm kept at its running statistics)."""
+
+    def __init__(self, constraint):
+        super().__init__(constraint)
+        self.frozen = torch.nn.BatchNorm2d(1).eval()
+
+
+def test_measuring_leaves_each_submodule_in_the_mode_it_had():
+    callback = _own_fit(FrozenPartOwnVAE, ReconstructionMSE(0.05))
+    assert callback.active_drive == "calibration" and callback.geco.num_measurements == 20
+    assert callback.module.training and callback.module.net.training and not callback.module.frozen.training
 
 
 
