@@ -605,7 +605,7 @@ class GECOCallback(Callback):
                 rank_zero_warn(message + " The tolerance may be missed on new images.")
             else:
                 rank_zero_info(message)
-        elif reasons and not own_module:
+        elif reasons:  # one of the collection's models, with no split
             rank_zero_warn(
                 "GECO: " + "; ".join(reasons) + ". Lambda is driven by the training batches because there is no "
                 "calibration split, and the tolerance may be missed on new images: carve one with the "
@@ -710,7 +710,6 @@ class GECOCallback(Callback):
             return f"{type(error).__name__}: {error}"
         return None
 
-    @torch.no_grad()
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
         measurement ``global_step // calibration_every``'s calibration images (eval mode, no gradients)."""

@@ -141,8 +141,10 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
             constraints[0].init_args[_tolerance_argument(constraints[0].class_path)] = value
             continue
         matches = [i for i, name in enumerate(names) if name == key]
+        unit = None  # set when NAME is a unit, not a constraint's name
         if not matches and key in ("mse", "psnr"):
             matches = [i for i, c in enumerate(constraints) if c.class_path.endswith("ReconstructionMSE")]
+            unit = key
         if len(matches) != 1:
             accepted = names + (["mse", "psnr"] if any(c.class_path.endswith("ReconstructionMSE") for c in constraints) else [])
             raise ConfigurationError(
@@ -152,8 +154,8 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
         (index,) = matches
         set_once(index, setting)
         constraint = constraints[index]
-        if key in ("mse", "psnr") and key not in names:
-            constraint.init_args["unit"] = key
+        if unit is not None:
+            constraint.init_args["unit"] = unit
         constraint.init_args[_tolerance_argument(constraint.class_path)] = value
 
 

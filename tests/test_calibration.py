@@ -237,20 +237,20 @@ class MeasurableOwnVAE(OwnVAE):
 
 def _own_fit(module_class, constraint, drive="auto", max_steps=40, num_calibration=32):
     """A ``module_class(constraint)`` built after seeding, fitted on 64 shapes (after
-    ``num_calibration`` more carved as the calibration split): 10 epochs at 40 steps."""
+    ``num_calibration`` more carved as the calibration split): 10 epochs at 40 steps. Returns
+    the callback and the module."""
     pl.seed_everything(0)
     data = ShapesDataModule(image_size=16, num_train=64 + num_calibration, num_val=16, batch_size=16,
                             num_calibration=num_calibration)
     callback = GECOCallback(drive=drive, calibration_every=2)
     module = module_class(constraint)
     quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback]).fit(module, data)
-    callback.module = module
-    return callback
+    return callback, module
 
 
 def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_says_why(recwarn, caplog):
     with caplog.at_level("INFO"):
-        callback = _own_fit(OwnVAE, ReconstructionMSE(0.05))
+        callback, _ = _own_fit(OwnVAE, ReconstructionMSE(0.05))
     assert callback.active_drive == "training"  # 10 epochs, but forward(x, labels) is not there to measure
     assert not [w for w in recwarn if "GECO:" in str(w.message)]  # said in one line, not warned
     said = ("Lambda is driven by the training batches: drive='auto' tried OwnVAE(x, labels) on one calibration "
@@ -261,17 +261,16 @@ def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_says
                "A module of your own is measured on the split when its forward(x, labels) returns "
                "VAEOutput.from_terms(x, reconstruction, rate, labels=labels). The tolerance may be missed on new images.")
     with pytest.warns(UserWarning, match=re.escape(message)):
-        callback = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4, num_calibration=0)
+        callback, _ = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4, num_calibration=0)
     assert callback.active_drive == "training"
-
 
 
 def test_auto_drive_measures_a_module_of_your_own_whose_forward_takes_labels_exactly_as_drive_calibration():
     # The one-image try leaves the model and the training's random state as they were: the run
     # is the explicit calibration drive's, bit for bit.
-    auto = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05))
+    auto, _ = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05))
     assert auto.active_drive == "calibration" and auto.geco.num_measurements == 20
-    explicit = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05), drive="calibration")
+    explicit, _ = _own_fit(MeasurableOwnVAE, ReconstructionMSE(0.05), drive="calibration")
     assert torch.equal(auto.geco.log_lagrange_multiplier, explicit.geco.log_lagrange_multiplier)
     assert torch.equal(auto.geco.constraint_ema, explicit.geco.constraint_ema)
 
@@ -285,10 +284,9 @@ class FrozenPartOwnVAE(MeasurableOwnVAE):
 
 
 def test_measuring_leaves_each_submodule_in_the_mode_it_had():
-    callback = _own_fit(FrozenPartOwnVAE, ReconstructionMSE(0.05))
+    callback, module = _own_fit(FrozenPartOwnVAE, ReconstructionMSE(0.05))
     assert callback.active_drive == "calibration" and callback.geco.num_measurements == 20
-    assert callback.module.training and callback.module.net.training and not callback.module.frozen.training
-
+    assert module.training and module.net.training and not module.frozen.training
 
 
 @pytest.mark.parametrize(
