@@ -1,6 +1,6 @@
 """How much of a test-split gap is the split: one trained model read on every split it has.
 
-    python benchmarks/split_shift.py [--cells mnist_mse fashion_mse mnist_bce mnist_laddervae mnist_flowvae] \
+    python benchmarks/split_shift.py [--cells mnist_mse fashion_mse mnist_bce mnist_laddervae mnist_flowvae mnist_convdraw] \
         [--seed 0] [--data-root ../shared/data] [--out docs/results/controllers/splits.md]
 
 The controller table (``benchmarks/controllers.py``) scores a run on the TEST split, which
@@ -81,7 +81,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", nargs="*", default=["mnist_mse", "fashion_mse", "mnist_bce", "mnist_laddervae", "mnist_flowvae"])
+    parser.add_argument("--cells", nargs="*", default=["mnist_mse", "fashion_mse", "mnist_bce", "mnist_laddervae", "mnist_flowvae", "mnist_convdraw"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=str(controllers.REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
