@@ -10,7 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.verdict import constraint_clause, verdict, verdict_line
@@ -21,11 +21,20 @@ VALIDATION_KEYS = ("distortion", "rate", "elbo", "marginal_kl", "mutual_info")
 
 
 def run_directory(trainer: pl.Trainer) -> Path:
-    """Where this run's own files go: the W&B run's files folder, else the logger's log_dir."""
+    """Where this run's own files go: the W&B run's files folder, else the folder
+    ``trainer.log_dir`` names (the first logger's, or ``default_root_dir`` without one).
+
+    Read from the logger here because ``trainer.log_dir`` broadcasts, a collective every rank
+    must join, and the run folder is wanted on rank 0 alone (the summary, the saved config).
+    """
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             return Path(logger.experiment.dir)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    directory = None
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+    return Path(directory or trainer.default_root_dir)
 
 
 def _is_last_batch_of_fit(trainer: pl.Trainer) -> bool:

@@ -21,7 +21,7 @@ from lightning_geco.datamodules import ResumableSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer
-from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
+from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE, RunSummary
 
 IMAGE_SHAPE = (1, 16, 16)
 
@@ -117,6 +117,7 @@ def run(
     resumable_sampler: bool = False,
     drive: str = "calibration",
     compile: bool = False,
+    summary: bool = False,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,10 @@ def run(
     else:
         geco = GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps, compile=compile)
     callbacks = [geco, trajectory]
+    if summary:  # summary.json in the run folder (no logger: default_root_dir), written by rank 0
+        callbacks.append(RunSummary())
     trainer = quiet_trainer(
+        default_root_dir=out,
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=max_steps,
@@ -197,6 +201,7 @@ if __name__ == "__main__":
     parser.add_argument("--resumable-sampler", action="store_true")
     parser.add_argument("--drive", default="calibration", help="the drive of --calibration runs")
     parser.add_argument("--compile", action="store_true", help="GECOCallback(compile=True)")
+    parser.add_argument("--summary", action="store_true", help="add RunSummary (no logger)")
     args = parser.parse_args()
     run(
         args.out,
@@ -211,4 +216,5 @@ if __name__ == "__main__":
         resumable_sampler=args.resumable_sampler,
         drive=args.drive,
         compile=args.compile,
+        summary=args.summary,
     )

@@ -33,7 +33,10 @@ def _log_lambda(rows):
 
 @pytest.mark.timeout(300)
 def test_two_ranks_hold_identical_lambda_and_follow_the_single_process_trajectory(tmp_path):
-    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "12")
+    # With RunSummary and no logger: rank 0 alone finds the run folder, which must not be a
+    # collective (trainer.log_dir broadcasts: the fit hung there, or crashed once rank 1 left).
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "12", "--summary")
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["global_step"] == 12
     # Bit-identical state on both ranks at every step, without any broadcast.
     assert rank0 == rank1
     assert [row["updates"] for row in rank0] == list(range(1, 13))

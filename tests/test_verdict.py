@@ -3,15 +3,17 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback, GECOObjective, PatchNCC, ReconstructionMSE, RunSummary
-from lightning_geco.summary import _relative_standard_error
+from lightning_geco.summary import _relative_standard_error, run_directory
 from lightning_geco.verdict import (
     MET_BAND,
     Stall,
@@ -362,3 +364,17 @@ def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
     assert (written["validated_step"], written["global_step"]) == (4, 6)
     assert written["verdict_line"].endswith(" (validated at step 4; the run ended at step 6)")
     assert summary.verdict_line == written["verdict_line"]
+
+
+@pytest.mark.parametrize("logger", ["csv", None])
+def test_the_run_folder_is_found_without_a_collective(tmp_path, logger):
+    # Only rank 0 asks (for summary.json and the saved config); trainer.log_dir broadcasts,
+    # which under DDP waits for ranks that never call it.
+    trainer = quiet_trainer(logger=CSVLogger(tmp_path) if logger else False, default_root_dir=tmp_path / "root")
+    expected = trainer.log_dir  # one process: the broadcast returns its input
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("run_directory called a collective")
+
+    trainer.strategy.broadcast = no_collective  # type: ignore[method-assign]
+    assert run_directory(trainer) == Path(expected)
