@@ -18,7 +18,8 @@ The rules (documented in the README, "The verdict"):
 ``unreachable``
     not met, and at some point during training the regulated reading stayed clearly violated
     (at least ``MIN_VIOLATION``, 5 %, past its tolerance at every logging step) over a window
-    of ``window_steps`` optimizer steps (20 % of the run) while lambda rose at least
+    of ``window_steps`` optimizer steps (20 % of the run; from the latest logging step at least
+    that far back, so up to one logging interval more) while lambda rose at least
     ``MIN_LAMBDA_FACTOR`` (4x) and the reading improved less than ``MAX_GAIN`` (0.1) as much,
     in log terms, as lambda rose: ``-d ln(reading) / d ln(lambda) < 0.1``, e.g. lambda x4
     and the reading down by less than 13 %; and, at the pace the reading fell over that window
@@ -179,7 +180,14 @@ class StallDetector:
         if ratio < 1.0 + MIN_VIOLATION:
             return None
         at_bound = log_lam >= self.log_lambda_max - 1e-3
-        window = [h for h in history if h[0] >= step - self.window_steps]
+        # The window opens at the latest observation at least window_steps back: observations are
+        # a logging interval apart, which need not divide window_steps.
+        start = 0
+        for i, (seen, _, _) in enumerate(history):
+            if seen > step - self.window_steps:
+                break
+            start = i
+        window = history[start:]
         first_step, first_log_lam, first_ratio = window[0]
         if step - first_step < self.window_steps and not at_bound:
             return None  # not enough history yet

@@ -41,6 +41,23 @@ def test_lambda_rising_fourfold_while_the_reading_stays_flat_is_a_stall():
     assert stall.lambda_after / stall.lambda_before == pytest.approx(5.0)
 
 
+@pytest.mark.parametrize("window", [200, 220, 247, 300])
+def test_a_window_the_logging_interval_does_not_divide_still_finds_the_stall(window):
+    # Observations every 50 steps (log_every_n_steps): a 220-step window holds none exactly 220
+    # steps back, and once demanded one, so max_steps 1100 (20 %: 220) could never find a stall.
+    detector = _detector(window)
+    found = []
+    for step in range(0, 601, 50):
+        found += detector.observe(step, [step / 100 * math.log(7.0)], [1.5])  # x7 per 100 steps
+        if found:
+            break
+    assert found == [0]
+    stall = detector.stalls[0]
+    # The window opens at the latest observation at least `window` steps back.
+    assert stall.last_step - stall.first_step == 50 * math.ceil(window / 50)
+    assert stall.last_step == 50 * math.ceil(window / 50)
+
+
 def test_a_reading_that_follows_lambda_is_no_stall():
     detector = _detector()
     for step in range(0, 226, 25):
