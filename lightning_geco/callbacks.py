@@ -57,10 +57,17 @@ from lightning_geco.verdict import StallDetector
 CALLBACK_DRIVES = ("auto", *DRIVES)
 #: ``drive="auto"`` measures on the calibration split once a run sees its training images more
 #: often than this: at 1.7 epochs (full MNIST, Fashion-MNIST) the training batches read as new
-#: images do (validation within 0.6 % of the tolerance they are held at), at 11 (KMNIST's
-#: 9,000-image split) they read 2 % better and at about 40 (Omniglot's small set) 14 % better,
-#: and GECO driven by them misses on new images
+#: images do (validation within 0.6 % of the tolerance they are held at), at 11-12 (KMNIST's
+#: test split as the training set, with and without a calibration split carved) they read 2 %
+#: better and at 38-44 (Omniglot's small set) 14 % better, and GECO driven by them misses on
+#: new images
 AUTO_CALIBRATION_EPOCHS = 8.0
+#: optimizer steps between the host reads of the non-finite streak and the stall watch when the
+#: Trainer writes no step logs (``log_every_n_steps=0``); else they come at its logging steps
+UNLOGGED_CHECK_EVERY = 50
+#: optimizer steps the stall rule looks back over in a fit with no planned end (neither
+#: ``max_steps`` nor ``max_epochs``)
+UNPLANNED_STALL_WINDOW = 300
 
 __all__ = [
     "AUTO_CALIBRATION_EPOCHS",
@@ -315,8 +322,9 @@ class GECOCallback(Callback):
         log_lambda_bounds: clamp of log lambda, so exp() never overflows.
         initial_lambda: lambda before the first update (the paper: 1).
         max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error.
-        stall_window: steps the unreachable rule looks back over, as a fraction of
-            ``max_steps`` (or, without ``max_steps``, 300 steps).
+        stall_window: steps the unreachable rule looks back over, as a fraction of the fit's
+            planned optimizer steps (``max_steps``, or what ``max_epochs`` makes of them; with
+            neither, 300 steps).
         compile: run GECO's per-step bookkeeping and update as ``torch.compile``-fused functions.
     """
 
@@ -376,7 +384,7 @@ class GECOCallback(Callback):
                 f"ramp_steps={ramp_steps!r}."
             )
         if not 0.0 < stall_window <= 1.0:
-            raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got {stall_window!r}.")
+            raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got {stall_window!r}.")
         self.controller = controller
         self.alpha = alpha
         self.step_size = step_size
@@ -409,6 +417,11 @@ class GECOCallback(Callback):
         self._last_calibration: Tensor | None = None
         self._state_to_load: dict[str, Any] | None = None
         self._resumed_drive: str | None = None
+        # Whether this training batch's optimizer step updated GECO (a second optimizer on the
+        # same batch, under manual optimization, must not update it again).
+        self._batch_updated = False
+        # The stall history of the checkpoint a fit resumes from, until training starts.
+        self._detector_state: dict[str, Any] | None = None
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -447,7 +460,9 @@ class GECOCallback(Callback):
         if self.geco is None or self.geco.state is not self.objective.multipliers:
             self.geco = self._build_geco(self.objective)
         self.objective.attach(self.geco)
-        self._peak_learning_rate = None  # a new fit; a checkpoint's is restored below
+        # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
+        self._peak_learning_rate = None
+        self._detector_state = None
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
@@ -617,7 +632,14 @@ class GECOCallback(Callback):
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
         if self.detector is not None:
-            self.detector.last_step = _planned_steps(trainer)
+            # The window is a share of the fit's planned steps, whether max_steps or max_epochs
+            # ends it; only now is the training loader's length known.
+            planned = _planned_steps(trainer)
+            self.detector.window_steps = max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW
+            self.detector.last_step = planned
+            if self._detector_state is not None:  # a resumed fit keeps the evidence so far
+                self.detector.load_state_dict(self._detector_state)
+                self._detector_state = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
@@ -635,16 +657,24 @@ class GECOCallback(Callback):
                 "updates run eagerly (the same results)."
             )
         self._last_calibration = None
-        # Each fit watches its own history (on_train_start sets the planned last step).
-        window = round(self.stall_window * trainer.max_steps) if trainer.max_steps > 0 else 300
-        self.detector = StallDetector(geco.num_constraints, max(1, window), self.log_lambda_bounds[1])
+        # Each fit watches its own history (a resumed one, its checkpoint's); on_train_start sizes the window.
+        self.detector = StallDetector(geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
 
     # --------------------------------------------------------------- update
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_updated = False
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         geco = self._ready_geco
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if self._batch_updated:
+            # A second optimizer stepping on the same batch (manual optimization, e.g. a
+            # discriminator's): the batch's update and skip decision stand for it too.
+            self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
+            return
+        self._batch_updated = True
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
             rate = _learning_rate(torch_optimizer)
             self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
@@ -655,29 +685,40 @@ class GECOCallback(Callback):
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = constraint_means(measured)
-        # The optimizer must not see the gradients of a non-finite step.
-        skip = geco.skipped
+        on_device = self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
         logging = is_logging_step(trainer)
-        on_device = getattr(torch_optimizer, "_step_supports_amp_scaling", False)
-        if on_device:
-            # Fused optimizers (Adam/AdamW/SGD with fused=True) read GradScaler's device-side
-            # flag and leave parameters, moments and step counts exactly as they were: no host sync.
-            # found_inf is not an Optimizer attribute: GradScaler sets it on these fused optimizers
-            # (torch.amp.GradScaler.step), and their step() reads it; we set it the same way.
-            torch_optimizer.found_inf = skip.float()  # type: ignore[union-attr]
-        elif bool(skip):  # the one host read of the step, for every other optimizer
-            optimizer.zero_grad(set_to_none=True)
+        # Without step logs (log_every_n_steps=0) the host reads below still come, every
+        # UNLOGGED_CHECK_EVERY steps: else the non-finite stop and the stall watch never would.
+        # (Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on the class.)
+        unlogged = getattr(trainer, "log_every_n_steps", 1) == 0
+        checking = logging or (unlogged and (trainer.global_step + 1) % UNLOGGED_CHECK_EVERY == 0)
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, constraint_means(statistics))
+        if checking:
             self._watch(trainer)
-        # On the device path the count is read at logging steps only (reading it syncs).
-        if (logging or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
+        # On the device path the count is read at those steps only (reading it syncs).
+        if (checking or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteConstraintError(
                 f"GECO saw a non-finite constraint or loss on {self.consecutive_nonfinite_steps} consecutive "
                 f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}); lambda was last "
                 f"{geco.lagrange_multiplier.tolist()}. Lower the learning rate, check the data, or use a "
                 "precision with more range (bf16-mixed or 32)."
             )
+
+    @staticmethod
+    def _withhold_if_skipped(optimizer: Optimizer, torch_optimizer: Optimizer, skip: Tensor) -> bool:
+        """Keep the gradients of a skipped (non-finite) step from the optimizer; True when that
+        was decided on the device, with no host read."""
+        if getattr(torch_optimizer, "_step_supports_amp_scaling", False):
+            # Fused optimizers (Adam/AdamW/SGD with fused=True) read GradScaler's device-side
+            # flag and leave parameters, moments and step counts exactly as they were: no host sync.
+            # found_inf is not an Optimizer attribute: GradScaler sets it on these fused optimizers
+            # (torch.amp.GradScaler.step), and their step() reads it; we set it the same way.
+            torch_optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+            return True
+        if bool(skip):  # the one host read of the step, for every other optimizer
+            optimizer.zero_grad(set_to_none=True)
+        return False
 
     @property
     def active_drive(self) -> str:
@@ -790,6 +831,7 @@ class GECOCallback(Callback):
             "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
             "active_drive": self.active_drive,
             "peak_learning_rate": self._peak_learning_rate,
+            "stall_detector": self.detector.state_dict() if self.detector is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -816,6 +858,7 @@ class GECOCallback(Callback):
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
         self._peak_learning_rate = state.get("peak_learning_rate")
+        self._detector_state = state.get("stall_detector")
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive

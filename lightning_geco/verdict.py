@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = [
     "MAX_GAIN",
@@ -207,6 +208,28 @@ class StallDetector:
                 first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, False, steps_needed, steps_left
             )
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and what was found in it, as plain Python (a checkpoint's part, so a resumed
+        run keeps the evidence); ``window_steps`` and ``last_step`` belong to each fit."""
+        return {
+            "history": [[list(h) for h in history] for history in self.history],
+            "stalls": [None if s is None else asdict(s) for s in self.stalls],
+            "reached": list(self.reached),
+            "in_band": list(self._in_band),
+            "withdrawn": [None if s is None else asdict(s) for s in self.withdrawn],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["history"]) != len(self.history):
+            raise ValueError(
+                f"The stall history is for {len(state['history'])} constraints, this detector watches {len(self.history)}."
+            )
+        self.history = [[(int(s), float(lam), float(r)) for s, lam, r in history] for history in state["history"]]
+        self.stalls = [None if s is None else Stall(**s) for s in state["stalls"]]
+        self.reached = list(state["reached"])
+        self._in_band = list(state["in_band"])
+        self.withdrawn = [None if s is None else Stall(**s) for s in state["withdrawn"]]
 
     def lambda_trend(self, k: int) -> float:
         """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""

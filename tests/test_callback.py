@@ -5,6 +5,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import ELBO, ConvVAE, GECOCallback
+from lightning_geco.callbacks import UNLOGGED_CHECK_EVERY, NonFiniteConstraintError
 from lightning_geco.models.base import VAEModule
 
 
@@ -49,6 +50,76 @@ def test_gradient_accumulation_updates_once_per_window_from_all_micro_batches():
     assert spy.geco.num_updates == 3
     # count (index K) = 2 micro-batches x 8 examples per update
     assert [s[1].item() for s in spy.seen] == [16.0, 16.0, 16.0]
+
+
+class TwoOptimizerVAE(ConvVAE):
+    """Manual optimization with a second optimizer stepping on every batch (a critic's, as a
+    VAE-GAN has); the batch ``nan_batch`` makes the decoder's input non-finite."""
+
+    def __init__(self, nan_batch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.critic = torch.nn.Linear(self.latent_dim, 1)
+        self.nan_batch = nan_batch
+
+    def reparameterization_noise(self, x, posterior):
+        noise = torch.randn_like(posterior.mean)
+        return noise * float("nan") if self.training and self.global_step == 2 * self.nan_batch else noise
+
+    def configure_optimizers(self):
+        vae = [p for name, p in self.named_parameters() if not name.startswith("critic.")]
+        return torch.optim.Adam(vae, lr=1e-3, fused=True), torch.optim.Adam(self.critic.parameters(), lr=1e-3)
+
+    def training_step(self, batch, batch_idx):
+        vae_optimizer, critic_optimizer = self.optimizers()
+        output = self(batch[0], None)
+        loss = self.objective(output) + self.critic(output.z).pow(2).mean()
+        vae_optimizer.zero_grad()
+        critic_optimizer.zero_grad()
+        self.manual_backward(loss)
+        vae_optimizer.step()
+        critic_optimizer.step()  # global_step counts both: 2 per batch
+
+
+@pytest.mark.parametrize("log_every_n_steps", [50, 0])
+def test_a_second_optimizer_on_a_skipped_batch_is_withheld_too(log_every_n_steps):
+    # The batch's skip decision holds for each optimizer that steps on it, and the streak counts
+    # the batch once (the second optimizer used to find no statistics, step on the NaN gradients
+    # and reset the streak to 0).
+    pl.seed_everything(0)
+    callback = GECOCallback()
+    model = tiny_conv_vae(model_class=TwoOptimizerVAE, nan_batch=2)
+    snapshots = []
+
+    class Parameters(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append([p.detach().clone() for p in pl_module.parameters()])
+
+    trainer = _trainer([callback, Parameters()], max_steps=8, limit_val_batches=0, log_every_n_steps=log_every_n_steps)
+    trainer.fit(model, _loader())
+    assert trainer.global_step == 8 and callback.geco.num_updates == 3  # 4 batches, one skipped
+    assert callback.geco.num_skipped_updates == 1
+    for before, after in zip(snapshots[1], snapshots[2]):  # the NaN batch moved nothing
+        assert torch.equal(before, after)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))
+
+
+class AlwaysNaNVAE(ConvVAE):
+    def reparameterization_noise(self, x, posterior):
+        return torch.full_like(posterior.mean, float("nan"))
+
+
+def test_a_run_that_writes_no_step_logs_still_stops_on_non_finite_steps():
+    # The fused optimizer takes the skip on the device, so the streak is read on the host only
+    # at logging steps; with log_every_n_steps=0 there are none, and a max_epochs run used to skip
+    # every step to its end. It is read every UNLOGGED_CHECK_EVERY (50) steps then.
+    pl.seed_everything(0)
+    callback = GECOCallback(max_nonfinite_steps=3)
+    trainer = _trainer([callback], max_steps=-1, max_epochs=10, limit_val_batches=0, log_every_n_steps=0)
+    with pytest.raises(NonFiniteConstraintError, match="non-finite constraint or loss on 50 consecutive"):
+        trainer.fit(tiny_conv_vae(model_class=AlwaysNaNVAE), _loader())
+    assert trainer.global_step == UNLOGGED_CHECK_EVERY - 1 < 80  # the 50th step, of 80 planned
 
 
 def test_validation_and_test_never_move_lambda():

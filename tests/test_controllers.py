@@ -167,7 +167,7 @@ def test_calibration_drive_moves_lambda_only_through_control():
         ({"noise_correction": 1}, "PIController noise_correction must be True or False, got 1."),
         ({"release_threshold": 0.0}, "PIController release_threshold must be a positive finite number, got 0.0."),
         ({"calibration_every": 0}, "GECOCallback calibration_every must be a positive int, got 0."),
-        ({"stall_window": 1.5}, "GECOCallback stall_window must lie in (0, 1] (a fraction of max_steps), got 1.5."),
+        ({"stall_window": 1.5}, "GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got 1.5."),
     ],
 )
 def test_bad_controller_settings_are_refused_with_the_value(kwargs, message):

@@ -207,7 +207,7 @@ def _images(n=256, seed=0):
     return (torch.rand(n, 1, 16, 16, generator=g) > 0.7).float()
 
 
-def _run(tmp_path, tolerance, max_steps, log_every_n_steps=1, **callback_kwargs):
+def _run(tmp_path, tolerance, max_steps, log_every_n_steps=1, ckpt_path=None, save_to=None, **callback_kwargs):
     pl.seed_everything(0)
     summary = RunSummary()
     geco = GECOCallback(controller="pi", **callback_kwargs)
@@ -221,7 +221,9 @@ def _run(tmp_path, tolerance, max_steps, log_every_n_steps=1, **callback_kwargs)
     )
     train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
-    trainer.fit(tiny_conv_vae(tolerance=tolerance), train, val)
+    trainer.fit(tiny_conv_vae(tolerance=tolerance), train, val, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     return json.loads(summary.path.read_text()), summary, geco
 
 
@@ -243,12 +245,32 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     # Random pixels: no 4-dimensional code reconstructs them, so the MSE stays near their
     # variance (~0.2) whatever lambda does. Lambda rises at most 0.006 per step (the integrator's
     # clipped error), so 4x takes ~230 steps: the window is 300 of the 400 steps.
+    checkpoint = tmp_path / "end.ckpt"
     with pytest.warns(UserWarning, match="looks unreachable for this model: lambda rose"):
-        summary, callback, geco = _run(tmp_path, tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.75)
+        summary, callback, geco = _run(
+            tmp_path, tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.75, save_to=checkpoint
+        )
     assert summary["verdict"] == "unreachable"
     stall = geco.detector.stalls[0]
     assert stall.last_step < 399  # said before the end of the run
     assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
+    # Extended by 10 steps from its checkpoint, the run keeps the evidence (a fresh detector
+    # would have 10 steps of history and call the same run not_met).
+    resumed, _, resumed_geco = _run(
+        tmp_path / "resumed", tolerance=1e-5, max_steps=410, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+    )
+    assert resumed_geco.detector.stalls[0] == stall
+    assert resumed_geco.detector.history[0][: len(geco.detector.history[0])] == geco.detector.history[0]
+    assert resumed["verdict"] == "unreachable"
+
+
+def test_the_stall_window_is_a_share_of_the_planned_steps_also_under_max_epochs(tmp_path):
+    # 256 images in batches of 32: 8 steps an epoch; 5 epochs plan 40 steps, and 20 % of them is 8.
+    pl.seed_everything(0)
+    geco = GECOCallback()
+    trainer = quiet_trainer(max_epochs=5, limit_val_batches=0, callbacks=[geco])
+    trainer.fit(tiny_conv_vae(tolerance=0.1), DataLoader(TensorDataset(_images()), batch_size=32))
+    assert (geco.detector.window_steps, geco.detector.last_step) == (8, 40)
 
 
 def test_the_summary_gives_the_standard_error_of_the_final_validation_reading(tmp_path, monkeypatch):
