@@ -62,6 +62,10 @@ CALLBACK_DRIVES = ("auto", *DRIVES)
 #: better and at 38-44 (Omniglot's small set) 14 % better, and GECO driven by them misses on
 #: new images
 AUTO_CALIBRATION_EPOCHS = 8.0
+#: per controller, the ``(alpha, step_size)`` GECOCallback takes when they are not given:
+#: Algorithm 1 as written for ``"paper"`` (an absolute nu of 1); for ``"relative"`` a nu of
+#: 0.006 per unit of relative violation (``"pi"`` reads only alpha, for the loss's moving average)
+CONTROLLER_DEFAULTS: dict[str, tuple[float, float]] = {"paper": (0.99, 1.0), "relative": (0.9, 0.006), "pi": (0.9, 0.006)}
 #: optimizer steps between the host reads of the non-finite streak and the stall watch when the
 #: Trainer writes no step logs (``log_every_n_steps=0``); else they come at its logging steps
 UNLOGGED_CHECK_EVERY = 50
@@ -72,8 +76,11 @@ UNPLANNED_STALL_WINDOW = 300
 __all__ = [
     "AUTO_CALIBRATION_EPOCHS",
     "CALLBACK_DRIVES",
+    "CONTROLLER_DEFAULTS",
     "GECOCallback",
     "NonFiniteConstraintError",
+    "UNLOGGED_CHECK_EVERY",
+    "UNPLANNED_STALL_WINDOW",
     "find_geco_objective",
     "is_logging_step",
     "upgrade_multiplier_buffers",
@@ -307,8 +314,11 @@ class GECOCallback(Callback):
     Args:
         controller: ``"pi"``, ``"relative"`` or ``"paper"``.
         alpha: moving-average coefficient in [0, 1) of the training constraint (the loss
-            value and the logs; the input of ``"relative"`` and ``"paper"``).
-        step_size: nu > 0 of ``"relative"`` (no units) and ``"paper"`` (absolute).
+            value and the logs; the input of ``"relative"`` and ``"paper"``). Default (None):
+            the controller's own, :data:`CONTROLLER_DEFAULTS` (0.99 for ``"paper"``, as
+            Algorithm 1; 0.9 otherwise).
+        step_size: nu > 0 of ``"relative"`` (no units; default 0.006) and ``"paper"``
+            (absolute, in one over the constraint's units; default 1, as Algorithm 1).
         release_speedup: >= 1, ``"relative"`` only.
         max_relative_violation: ``"relative"`` only (None: no cap).
         proportional_gain, integral_gain, smoothing_steps, integral_error_limit, approach_steps, ramp_steps,
@@ -331,8 +341,8 @@ class GECOCallback(Callback):
     def __init__(
         self,
         controller: str = "pi",
-        alpha: float = 0.9,
-        step_size: float = 0.006,
+        alpha: float | None = None,
+        step_size: float | None = None,
         release_speedup: float = 3.0,
         max_relative_violation: float | None = 1.0,
         proportional_gain: float = 0.5,
@@ -360,6 +370,9 @@ class GECOCallback(Callback):
             raise ValueError(f"GECOCallback controller must be one of {CONTROLLER_NAMES}, got {controller!r}.")
         if drive not in CALLBACK_DRIVES:
             raise ValueError(f"GECOCallback drive must be one of {CALLBACK_DRIVES}, got {drive!r}.")
+        default_alpha, default_step_size = CONTROLLER_DEFAULTS[controller]
+        alpha = default_alpha if alpha is None else alpha
+        step_size = default_step_size if step_size is None else step_size
         # Validate now, before any Trainer exists: probe states raise the clear errors.
         GECO(["probe"], alpha, step_size, log_lambda_bounds, initial_lambda, release_speedup)
         PIController(

@@ -266,12 +266,13 @@ class PIController(MultiplierController):
         if not (isinstance(proportional_gain, (int, float)) and math.isfinite(proportional_gain) and proportional_gain >= 0):
             raise ValueError(f"PIController proportional_gain must be a finite number >= 0, got {proportional_gain!r}.")
         _check_positive("PIController integral_gain", integral_gain)
-        if not (isinstance(smoothing_steps, (int, float)) and math.isfinite(smoothing_steps) and smoothing_steps >= 0):
-            raise ValueError(f"PIController smoothing_steps must be a finite number >= 0, got {smoothing_steps!r}.")
-        if not (isinstance(trend_steps, (int, float)) and math.isfinite(trend_steps) and trend_steps > smoothing_steps):
+        if not (isinstance(trend_steps, (int, float)) and math.isfinite(trend_steps) and trend_steps > 0):
+            raise ValueError(f"PIController trend_steps must be a finite number > 0 (optimizer steps), got {trend_steps!r}.")
+        if not (isinstance(smoothing_steps, (int, float)) and 0 <= smoothing_steps < trend_steps):
+            # The hold compares the two averages' slopes: the smoothing one must be the faster.
             raise ValueError(
-                f"PIController trend_steps must be a finite number > smoothing_steps ({smoothing_steps!r}), "
-                f"got {trend_steps!r}."
+                f"PIController smoothing_steps must be a number in [0, trend_steps) = [0, {trend_steps:g}) "
+                f"(optimizer steps), got {smoothing_steps!r}."
             )
         self.proportional_gain = float(proportional_gain)
         self.integral_gain = float(integral_gain)

@@ -30,8 +30,9 @@ def _batches(steps=40, seed=0):
 
 
 def test_paper_mode_is_algorithm_1_bit_for_bit():
+    # Its defaults are Algorithm 1's (alpha 0.99, an absolute nu of 1), not the relative law's 0.006.
     alpha, nu = 0.99, 1.0
-    geco = _callback_geco([0.015, 0.06], controller="paper", alpha=alpha, step_size=nu)
+    geco = _callback_geco([0.015, 0.06], controller="paper")
     ema, log_lambda = None, torch.zeros(2)
     for values in _batches():
         geco.update(_statistics(values))
@@ -162,7 +163,8 @@ def test_calibration_drive_moves_lambda_only_through_control():
         ({"drive": "validation"}, "GECOCallback drive must be one of ('auto', 'training', 'calibration'), got 'validation'."),
         ({"proportional_gain": -1.0}, "PIController proportional_gain must be a finite number >= 0, got -1.0."),
         ({"integral_gain": 0.0}, "PIController integral_gain must be a positive finite number, got 0.0."),
-        ({"smoothing_steps": float("nan")}, "PIController smoothing_steps must be a finite number >= 0, got nan."),
+        ({"smoothing_steps": float("nan")}, "PIController smoothing_steps must be a number in [0, trend_steps) = [0, 50) (optimizer steps), got nan."),
+        ({"smoothing_steps": 60}, "PIController smoothing_steps must be a number in [0, trend_steps) = [0, 50) (optimizer steps), got 60."),
         ({"ramp_steps": -5.0}, "PIController ramp_steps must be a positive finite number, got -5.0."),
         ({"noise_correction": 1}, "PIController noise_correction must be True or False, got 1."),
         ({"release_threshold": 0.0}, "PIController release_threshold must be a positive finite number, got 0.0."),
