@@ -168,14 +168,19 @@ def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor
 
 @contextmanager
 def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA
-    device) around a measurement; each submodule gets back the mode it had (one the user froze
-    in eval stays so)."""
+    """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA or
+    MPS device) around a measurement; each submodule gets back the mode it had (one the user
+    froze in eval stays so)."""
     modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    kind = pl_module.device.type
+    devices = [pl_module.device] if kind in ("cuda", "mps") else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices, device_type=kind if devices else None),
+            trainer.precision_plugin.forward_context(),
+        ):
             yield
     finally:
         for module, training in modes:
@@ -469,6 +474,7 @@ class GECOCallback(Callback):
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._resumed_drive = None  # a fit without a checkpoint chooses afresh; a checkpoint's is restored below
         self.objective = find_geco_objective(pl_module)
         if self.geco is None or self.geco.state is not self.objective.multipliers:
             self.geco = self._build_geco(self.objective)

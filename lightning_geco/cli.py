@@ -499,7 +499,8 @@ class GECOLightningCLI(LightningCLI):
         verdict = getattr(summary, "verdict_line", "")
         if verdict:
             print(verdict)
-        print(summary.path, flush=True)
+        if summary.path is not None:  # none under fast_dev_run
+            print(summary.path, flush=True)
 
     def _link_last_checkpoints(self) -> None:
         # <dirpath>/last.ckpt -> <run id>/last.ckpt: the stable path of the newest finished run,

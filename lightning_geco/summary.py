@@ -68,6 +68,9 @@ def _relative_standard_error(constraint: Any, standard_error: float | None) -> f
 class RunSummary(Callback):
     """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
 
+    Under ``fast_dev_run`` no file is written (:attr:`summary` and :attr:`verdict_line` are still
+    set; :attr:`path` stays None), as Lightning writes no logs or checkpoints then.
+
     A fit that ends at ``max_steps`` mid-epoch, or in an epoch ``check_val_every_n_epoch`` does
     not divide, is validated at its last step all the same, so the figures are the trained
     model's; where no validation could run then, the verdict line names the step they are of.
@@ -116,6 +119,7 @@ class RunSummary(Callback):
         self._standard_errors = {}
         self._history = []
         self.verdict_line = ""
+        self.path = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets the earlier seconds of a resumed run).
@@ -176,12 +180,15 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With no training batch Lightning skips the loop and "finishes" at step 0 with exit
         # code 0; a summary of that run would say nothing true.
-        if trainer.num_training_batches == 0 and trainer.global_step == 0 and trainer.max_steps != 0:
-            raise ValueError(
-                "The training loader yields no batch (0 batches per epoch): no training step ran. "
-                "Check that the training set is not empty and holds at least one full batch "
-                "(with drop_last=True, at least batch_size items)."
-            )
+        if trainer.global_step == 0 and trainer.max_steps != 0:
+            if trainer.limit_train_batches == 0:  # Lightning then skips the loop without counting batches
+                raise ValueError("Trainer(limit_train_batches=0) runs no training step: set it > 0 to train.")
+            if trainer.num_training_batches == 0:
+                raise ValueError(
+                    "The training loader yields no batch (0 batches per epoch): no training step ran. "
+                    "Check that the training set is not empty and holds at least one full batch "
+                    "(with drop_last=True, at least batch_size items)."
+                )
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
@@ -199,6 +206,10 @@ class RunSummary(Callback):
         self.summary = summary
         if not trainer.is_global_zero:
             return  # other ranks hold the same numbers; only rank 0 has the run folder
+        # A trial of the code, which Lightning runs with no logs or checkpoints: no files either.
+        # (Trainer.fast_dev_run is set by Lightning's init, not declared on the class.)
+        if getattr(trainer, "fast_dev_run", False):
+            return
         directory = run_directory(trainer)
         self.path = directory / self.filename
         summary["path"] = str(self.path)

@@ -302,7 +302,7 @@ def constraint_clause(
     if lambda_rising:
         parts.append("lambda still rising at the last step")
     if best is not None:
-        steps = f" in {max_steps} steps" if max_steps else ""
+        steps = f" in {max_steps} step{'s' if max_steps != 1 else ''}" if max_steps else ""
         parts.append(f"this model did not reach it{steps} (best {_fmt(best[0])} at step {best[1]})")
     return "; ".join(parts)
 

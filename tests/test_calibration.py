@@ -337,3 +337,21 @@ def test_a_second_fit_with_the_same_callback_starts_its_watch_afresh():
     assert callback.last_calibration is not None
     quiet_trainer(max_steps=40, limit_val_batches=0, callbacks=[callback]).fit(model, data)
     assert callback.detector is not first and callback.detector.last_step == 40
+
+
+def test_a_fit_after_a_resumed_one_chooses_its_drive_afresh(tmp_path):
+    path = tmp_path / "half.ckpt"
+    _fit("auto", 4, OptimisticMSE(0.05), save_to=path)  # driven by the calibration split
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    callback = GECOCallback(calibration_every=2, calibration_batch_size=8)
+    with pytest.warns(UserWarning, match="the resumed run keeps 'calibration'"):
+        quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=[callback]).fit(
+            tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.05)])), data, ckpt_path=path
+        )
+    assert callback.active_drive == "calibration"
+    # The same callback, a new fit with no checkpoint and no reason for the split.
+    quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(
+        tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.05)])), data
+    )
+    assert callback.active_drive == "training" and callback.geco.num_measurements == 0

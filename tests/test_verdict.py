@@ -417,3 +417,22 @@ def test_the_run_folder_is_found_without_a_collective(tmp_path, logger):
 
     trainer.strategy.broadcast = no_collective  # type: ignore[method-assign]
     assert run_directory(trainer) == Path(expected)
+
+
+def test_a_fast_dev_run_writes_no_summary_file(tmp_path, monkeypatch):
+    # Lightning writes no logs or checkpoints under fast_dev_run; summary.json used to land in the
+    # current folder (default_root_dir).
+    monkeypatch.chdir(tmp_path)
+    summary = RunSummary()
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[GECOCallback(), summary],
+                         enable_progress_bar=False, enable_model_summary=False)
+    train = DataLoader(TensorDataset(_images()), batch_size=32)
+    trainer.fit(tiny_conv_vae(), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
+    assert summary.path is None and summary.verdict_line.startswith("GECO: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fit_told_to_take_no_training_batch_says_so():
+    trainer = quiet_trainer(max_steps=4, limit_train_batches=0, callbacks=[GECOCallback(), RunSummary()])
+    with pytest.raises(ValueError, match=re.escape("Trainer(limit_train_batches=0) runs no training step: set it > 0 to train.")):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images()), batch_size=32))
