@@ -36,7 +36,7 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
@@ -296,8 +296,9 @@ class ShortErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
-def _checkpoint_hyperparameters(path: str) -> dict[str, Any]:
-    """A checkpoint's ``hyper_parameters``, read before the Trainer loads the whole file.
+def _checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
+    """A checkpoint's ``hyper_parameters`` and ``global_step``, read before the Trainer loads the
+    whole file.
 
     Memory-mapped, so the weights and optimizer state are not read twice (the Trainer reads them
     when it restores); a checkpoint in torch's legacy format cannot be mapped and is read whole.
@@ -306,7 +307,7 @@ def _checkpoint_hyperparameters(path: str) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(checkpoint.get("hyper_parameters", {}))
+    return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
 
 
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
@@ -370,7 +371,8 @@ class GECOLightningCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         ckpt_path = config.get("ckpt_path")
         folders = _checkpoint_folders(config) if "trainer" in config else []
-        if ckpt_path == "last" and folders:
+        from_last = ckpt_path == "last" and bool(folders)
+        if from_last:
             found = newest_last_checkpoint(folders)
             if found is None:
                 rank_zero_warn(
@@ -384,7 +386,9 @@ class GECOLightningCLI(LightningCLI):
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
         if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
             self.resumed_run_id = Path(ckpt_path).parent.name
-        hyperparameters = _checkpoint_hyperparameters(ckpt_path)
+        hyperparameters, step = _checkpoint_head(ckpt_path)
+        if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
+            rank_zero_info(f"--ckpt_path last: resuming run {Path(ckpt_path).parent.name} from step {step} ({ckpt_path}).")
         try:
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
@@ -463,6 +467,8 @@ class GECOLightningCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
+            if self.trainer.is_global_zero and (self.trainer.interrupted or self.trainer.global_step > 0):
+                sys.stderr.write(self._where_to_resume() + "\n")
             cause = _root_cause(error)
             # A mistake in the data or the settings is its message, not a 50-line trace (which
             # LIGHTNING_GECO_TRACEBACK=1 brings back); anything else is raised as it is.
@@ -471,6 +477,24 @@ class GECOLightningCLI(LightningCLI):
             ):
                 _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
             raise
+
+    def _where_to_resume(self) -> str:
+        """One line after a fit that stopped early: the step this run's newest checkpoint holds and
+        the path to resume it from, or that it wrote none (and which run ``last`` would take)."""
+        stopped = f"GECO: stopped at step {self.trainer.global_step}"
+        folders = [
+            Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath
+        ]
+        written = [path for folder in folders for path in folder.glob("*.ckpt") if path.is_file()]
+        if written:
+            newest = max(written, key=lambda path: path.stat().st_mtime)
+            shown = newest.relative_to(Path.cwd()) if newest.is_relative_to(Path.cwd()) else newest
+            return f"{stopped}; this run's newest checkpoint holds step {_checkpoint_head(newest)[1]}: resume with --ckpt_path {shown}"
+        line = f"{stopped}, before this run wrote a checkpoint (its ModelCheckpoint saves after validation): nothing of it to resume"
+        other = newest_last_checkpoint([folder.parent for folder in folders])
+        if other is not None:
+            line += f"; --ckpt_path last would take another run, {other.parent.name} at step {_checkpoint_head(other)[1]}"
+        return line
 
     def _finish_wandb(self, failed_with: BaseException | None = None) -> None:
         if not self.trainer.is_global_zero:
@@ -483,10 +507,9 @@ class GECOLightningCLI(LightningCLI):
                 if failed_with is None:
                     print(f"W&B run ({mode}): {run_dir}")
                 else:
-                    sys.stderr.write(
-                        f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by "
-                        f"{type(failed_with).__name__}: {failed_with}\n"
-                    )
+                    # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown.
+                    cause = "an interrupt (Ctrl-C)" if self.trainer.interrupted else f"{type(failed_with).__name__}: {failed_with}"
+                    sys.stderr.write(f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by {cause}\n")
 
     def after_fit(self) -> None:
         # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.

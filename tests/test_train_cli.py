@@ -408,6 +408,43 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
                   "--model.init_args.learning_rate", "0.01", "--ckpt_path", str(last)))
 
 
+def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_takes(capsys, caplog, monkeypatch):
+    import signal
+
+    from lightning_geco import ConvVAE
+
+    main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
+    finished = next(p.name for p in Path("runs/checkpoints/default").iterdir() if p.is_dir())
+    capsys.readouterr()
+    training_step = ConvVAE.training_step
+
+    def interrupted_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise KeyboardInterrupt  # Ctrl-C: Lightning shuts down and exits with SystemExit(1)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ConvVAE, "training_step", interrupted_at_step_3)
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down
+    try:
+        for interval, expected in [
+            ("8", f"GECO: stopped at step 3, before this run wrote a checkpoint (its ModelCheckpoint saves after "
+                  f"validation): nothing of it to resume; --ckpt_path last would take another run, {finished} at step 2"),
+            ("2", "GECO: stopped at step 3; this run's newest checkpoint holds step 2: resume with --ckpt_path "
+                  "runs/checkpoints/default/"),
+        ]:
+            with pytest.raises(SystemExit):
+                main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "8",
+                          "--trainer.val_check_interval", interval))
+            assert expected in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    monkeypatch.setattr(ConvVAE, "training_step", training_step)  # (undo() would also undo the fixture's chdir)
+    newest = max(Path("runs/checkpoints/default").glob("*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    with caplog.at_level("INFO"):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    assert f"--ckpt_path last: resuming run {newest.parent.name} from step 2 ({newest})." in caplog.text
+
+
 def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
     first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
