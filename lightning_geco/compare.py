@@ -7,7 +7,9 @@ Each RUN is a W&B run folder (``runs/wandb/offline-run-...``), its ``files`` fol
 ``summary.json`` (from any logger). Writes to DIR: ``comparison.md`` and ``comparison.csv``
 (one row per run), ``rate_distortion.png`` (the rate-distortion plane, one point per run, with
 each run's tolerance), ``metrics.png`` (rate, distortion and marginal KL per run) and, when the
-runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps).
+runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
+a resumed run's curves join every W&B folder of its run id, the resumed part replacing what the
+interrupted one logged past the checkpoint). Exits 0, or 2 with one line for a path that is no run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +26,11 @@ from typing import Any
 
 from lightning_geco.wandb_records import read_history
 
-__all__ = ["COLUMNS", "CURVES", "Run", "load_run", "main", "markdown_table"]
+__all__ = ["COLUMNS", "CURVES", "STEP", "Run", "compare", "joined_history", "load_run", "main", "markdown_table"]
 
 COLUMNS = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
+#: the history key of the optimizer step (Lightning's WandbLogger logs it with every row)
+STEP = "trainer/global_step"
 CURVES = (
     ("train/distortion", "distortion (MSE / element)"),
     ("train/rate", "rate (nats / image)"),
@@ -52,12 +58,36 @@ def load_run(path: str | Path) -> Run:
     else:
         raise FileNotFoundError(
             f"No run at {path}: expected a W&B run folder (with files/summary.json), a folder holding "
-            "summary.json, or a summary.json file."
+            "summary.json, or a summary.json file (a run stopped before its end writes none)."
         )
     summary = json.loads(summary_file.read_text())
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
-    history = read_history(run_dir) if list(run_dir.glob("run-*.wandb")) else []
-    return Run(name=run_dir.name, summary=summary, history=history)
+    return Run(name=run_dir.name, summary=summary, history=joined_history(run_dir))
+
+
+def _wandb_run_id(folder: Path) -> str | None:
+    """The id in a W&B run folder's name, ``[offline-]run-<date>_<time>-<id>`` (None: not one)."""
+    match = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", folder.name)
+    return match.group(1) if match else None
+
+
+def joined_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The W&B history of a run across its resumed segments: every folder beside ``run_dir``
+    with the same run id (a resumed run writes a new one offline), oldest first, each later
+    segment replacing the rows from its first step on (a resume starts over from its
+    checkpoint's step). Empty without W&B records."""
+    run_id = _wandb_run_id(run_dir)
+    segments = sorted(f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id) if run_id else [run_dir]
+    rows: list[dict[str, Any]] = []
+    for segment in segments:
+        if not list(segment.glob("run-*.wandb")):
+            continue
+        later = read_history(segment)
+        steps = [row[STEP] for row in later if STEP in row]
+        if steps:
+            rows = [row for row in rows if row.get(STEP, -1) < min(steps)]
+        rows += later
+    return rows
 
 
 def _cell(value: Any) -> str:
@@ -116,7 +146,7 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), dpi=100)
     for ax, (key, label) in zip(axes.flat, CURVES):
         for i, run in enumerate(runs):
-            points = [(row["trainer/global_step"], row[key]) for row in run.history if key in row and "trainer/global_step" in row]
+            points = [(row[STEP], row[key]) for row in run.history if key in row and STEP in row]
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, color=f"C{i % 10}", label=run.name, marker="o" if len(points) < 20 else None)
@@ -136,8 +166,19 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 once the table and plots are written, 2 (and one line) for a path that is no run."""
+    try:
+        compare(argv)
+    except FileNotFoundError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    return 0
+
+
+def compare(argv: Sequence[str] | None = None) -> list[Path]:
+    """Write the table and the plots for the runs ``argv`` names; returns the files written."""
+    parser = argparse.ArgumentParser(prog="lightning-geco-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="W&B run folders, their files/ folders, or summary.json files")
     parser.add_argument("--out", required=True, help="folder for the table and the plots")
     parser.add_argument("--names", nargs="+", help="labels for the runs, in order (default: folder names)")
@@ -175,4 +216,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

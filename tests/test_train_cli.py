@@ -21,6 +21,7 @@ from PIL import Image
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
+from lightning_geco.compare import compare, joined_history
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history
 
@@ -350,6 +351,11 @@ def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(cap
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
     assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 4
     assert json.loads(Path(resumed[-1]).read_text())["global_step"] == 4
+    # Offline, the resume is a second folder of the same id; the run's curves join both.
+    segments = [Path(other[-1]).parents[1], Path(resumed[-1]).parents[1]]
+    steps = [{row["trainer/global_step"] for row in read_history(s) if "trainer/global_step" in row} for s in segments]
+    joined = {row["trainer/global_step"] for row in joined_history(segments[1]) if "trainer/global_step" in row}
+    assert min(steps[0]) < 2 <= min(steps[1]) and joined == steps[0] | steps[1]
     assert first != other
 
 
@@ -481,7 +487,7 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         main(_fit(REPO / "configs" / "default.yaml", "--model.init_args.objective.init_args.constraints.init_args.tolerance", tolerance))
         summaries.append(Path(capsys.readouterr().out.strip().splitlines()[-1]))
     run_dir = summaries[0].parent.parent
-    written = compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "cmp")])
+    written = compare([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert run_dir.name in table and summaries[1].parent.parent.name in table
     assert "| 0.05 |" in table and "| 0.02 |" in table
@@ -489,11 +495,18 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         image = Image.open(png)
         assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
     assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
-    compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "named"), "--names", "loose", "tight"])
+    # The command's exit status: 0 when it wrote them (the console script exits with it).
+    assert compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "named"), "--names", "loose", "tight"]) == 0
     named = (tmp_path / "named" / "comparison.md").read_text()
     assert "| loose | " in named and "| tight | " in named
     with pytest.raises(SystemExit):
         compare_main([str(run_dir), "--out", str(tmp_path / "bad"), "--names", "a", "b"])
+    capsys.readouterr()
+    assert compare_main([str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: No run at {tmp_path}: expected a W&B run folder (with files/summary.json), a folder holding "
+        "summary.json, or a summary.json file (a run stopped before its end writes none).\n"
+    )
 
 
 @pytest.mark.timeout(300)
