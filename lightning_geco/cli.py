@@ -53,10 +53,10 @@ __all__ = [
     "TOLERANCE_HELP",
     "apply_tolerances",
     "check_checkpoint_matches",
+    "keep_the_checkpoints_optimizer_settings",
     "main",
     "newest_last_checkpoint",
     "short_parser_message",
-    "warn_settings_the_checkpoint_overrides",
 ]
 
 TOLERANCE_HELP = (
@@ -205,16 +205,22 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
 RESUMED_SETTINGS = ("learning_rate", "lr_schedule")
 
 
-def warn_settings_the_checkpoint_overrides(model: Namespace, hyperparameters: dict[str, Any], ckpt_path: str) -> None:
-    """Warn, naming both values, when the config sets an optimizer setting the resumed run will not use."""
+def keep_the_checkpoints_optimizer_settings(model: Namespace, hyperparameters: dict[str, Any], ckpt_path: str) -> None:
+    """Build a resumed run's model with the checkpoint's optimizer settings (``RESUMED_SETTINGS``),
+    warning with both values where the config asks for others: the optimizer and its schedule
+    continue from the checkpoint, and the model (its ``configure_optimizers``, the
+    hyperparameters its next checkpoint records) must say what they are."""
     init_args = model.get("init_args") or Namespace()
-    changed = [
-        f"{key}={hyperparameters[key]!r} (the config asks for {init_args[key]!r})"
+    keys = [
+        key
         for key in RESUMED_SETTINGS
         if key in hyperparameters
         and init_args.get(key) is not None
         and _as_comparable(hyperparameters[key]) != _as_comparable(init_args[key])
     ]
+    changed = [f"{key}={hyperparameters[key]!r} (the config asks for {init_args[key]!r})" for key in keys]
+    for key in keys:
+        init_args[key] = hyperparameters[key]
     if changed:
         rank_zero_warn(
             f"--ckpt_path {ckpt_path} continues its optimizer and learning-rate schedule with {', '.join(changed)}: "
@@ -393,7 +399,7 @@ class GECOLightningCLI(LightningCLI):
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
             _fail(str(error))
-        warn_settings_the_checkpoint_overrides(config.model, hyperparameters, ckpt_path)
+        keep_the_checkpoints_optimizer_settings(config.model, hyperparameters, ckpt_path)
         self._checkpoint = (ckpt_path, hyperparameters)
 
     def before_instantiate_classes(self) -> None:

@@ -409,9 +409,16 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
         err,
     ), err
     with pytest.warns(UserWarning, match=r"continues its optimizer and learning-rate schedule with "
-                      r"learning_rate=0\.001 \(the config asks for 0\.01\)"):
+                      r"learning_rate=0\.001 \(the config asks for 0\.01\), lr_schedule='cosine' \(the config "
+                      r"asks for 'constant'\)"):
         main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "3",
-                  "--model.init_args.learning_rate", "0.01", "--ckpt_path", str(last)))
+                  "--model.init_args.learning_rate", "0.01", "--model.init_args.lr_schedule", "constant",
+                  "--ckpt_path", str(last)))
+    # The run is built with the checkpoint's settings, so the schedule continues and the next
+    # checkpoint records what it trained with, not the config's ignored values.
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 3 and len(resumed["lr_schedulers"]) == 1
+    assert (resumed["hyper_parameters"]["learning_rate"], resumed["hyper_parameters"]["lr_schedule"]) == (0.001, "cosine")
 
 
 def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_takes(capsys, caplog, monkeypatch):
