@@ -86,7 +86,8 @@ class RunSummary(Callback):
     None without two images), ``drive`` (what moved lambda:
     ``training`` or ``calibration``, as ``drive="auto"`` chose; with ``calibration``,
     ``calibration`` is the last measurement, in ``constraint_ema``'s units) and ``satisfied`` (every
-    constraint's validation reading meets its tolerance), ``verdict`` (``met``, ``not_met`` or
+    constraint's validation reading meets its tolerance, strictly, with no band: ``verdict`` may
+    say ``met`` for a reading up to 1 % past it where this says False), ``verdict`` (``met``, ``not_met`` or
     ``unreachable``, see :mod:`lightning_geco.verdict`) and ``verdict_line`` (the sentence the
     CLI prints before the summary path, also in :attr:`verdict_line`); ``validated_step`` (the
     optimizer step of the validation the figures come from), ``global_step``,
