@@ -41,14 +41,22 @@ class MissingDatasetError(FileNotFoundError):
 
 
 def missing_files_message(
-    dataset: str, missing: list[str], looked_in: list[Path], where_to_get: str, put_in: Path, root: Path
+    dataset: str,
+    missing: list[str],
+    looked_in: list[Path],
+    where_to_get: str,
+    put_in: Path,
+    root: Path,
+    downloadable: bool = False,
 ) -> str:
-    """One error text: the dataset, every path looked at, the expected files and where to get them."""
+    """One error text: the dataset, every path looked at, the expected files and where to get them
+    (``downloadable``: also that the DataModule's ``download`` fetches them)."""
     folders = "\n".join(f"  {folder}" for folder in looked_in)
+    fetch = " Or pass --data.download true to fetch them (needs network access)." if downloadable else ""
     return (
         f"{dataset}: missing {', '.join(missing)}.\n"
         f"Looked in:\n{folders}\n"
-        f"Get the files from {where_to_get} and put them in {put_in}, then pass --data.root {root}."
+        f"Get the files from {where_to_get} and put them in {put_in}, then pass --data.root {root}.{fetch}"
     )
 
 

@@ -82,7 +82,7 @@ class CIFAR10DataModule(ImageDataModule):
         missing = [name for name, path in found.items() if path is None]
         if missing:
             raise MissingDatasetError(
-                missing_files_message(f"CIFAR-10 ({self.source} split)", missing, folders, URL, folders[0], self.root)
+                missing_files_message(f"CIFAR-10 ({self.source} split)", missing, folders, URL, folders[0], self.root, downloadable=True)
             )
         return [path for path in found.values() if path is not None]  # all found: none missing
 

@@ -69,7 +69,7 @@ class DSpritesDataModule(ImageDataModule):
         path = find_file(folders, (FILE_NAME,))
         if path is None:
             raise MissingDatasetError(
-                missing_files_message("dSprites", [FILE_NAME], folders, URL, folders[0], self.root)
+                missing_files_message("dSprites", [FILE_NAME], folders, URL, folders[0], self.root, downloadable=True)
             )
         return path
 

@@ -144,7 +144,8 @@ class MNISTDataModule(ImageDataModule):
         missing = [f"{stem} (or {stem}.gz)" for stem, path in zip(_STEMS[self.source], found) if path is None]
         raise MissingDatasetError(
             missing_files_message(
-                f"{self.name} ({self.source} split)", missing, folders, self.source_url, folders[0], self.root
+                f"{self.name} ({self.source} split)", missing, folders, self.source_url, folders[0], self.root,
+                downloadable=True,
             )
         )
 

@@ -487,7 +487,7 @@ class GECOCallback(Callback):
             if self._calibration is None:
                 raise ValueError(
                     "GECOCallback(drive='calibration') needs a calibration split the model does not train on: "
-                    "set the DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass "
+                    "set the DataModule's num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
                     "GECOCallback(calibration_dataset=...)."
                 )
         self._restore_if_pending()
@@ -643,7 +643,7 @@ class GECOCallback(Callback):
             rank_zero_warn(
                 "GECO: " + "; ".join(reasons) + ". Lambda is driven by the training batches because there is no "
                 "calibration split, and the tolerance may be missed on new images: carve one with the "
-                "DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass "
+                "DataModule's num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
                 "GECOCallback(calibration_dataset=...)."
             )
 

@@ -130,7 +130,10 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
         try:
             value = float(text)
         except ValueError:
-            raise ConfigurationError(f"--tolerance {setting!r}: {text!r} is not a number.") from None
+            raise ConfigurationError(
+                f"--tolerance {setting!r}: {text!r} is not a number; give VALUE, psnr=DB, mse=VALUE or NAME=VALUE "
+                "(NAME a constraint's name)."
+            ) from None
         if not key:
             if len(constraints) > 1:
                 raise ConfigurationError(
@@ -148,8 +151,8 @@ def apply_tolerances(model: Namespace, settings: list[str]) -> None:
         if len(matches) != 1:
             accepted = names + (["mse", "psnr"] if any(c.class_path.endswith("ReconstructionMSE") for c in constraints) else [])
             raise ConfigurationError(
-                f"--tolerance {setting!r}: {key!r} names {len(matches)} of the constraints; "
-                f"accepted names: {', '.join(accepted)}."
+                f"--tolerance {setting!r}: {key!r} {'is no constraint' if not matches else 'names several constraints'} "
+                f"of this config; accepted names: {', '.join(accepted)}."
             )
         (index,) = matches
         set_once(index, setting)
@@ -473,7 +476,7 @@ class GECOLightningCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
-            if self.trainer.is_global_zero and (self.trainer.interrupted or self.trainer.global_step > 0):
+            if self.trainer.is_global_zero and (self._stopped_by_ctrl_c(error) or self.trainer.global_step > 0):
                 sys.stderr.write(self._where_to_resume() + "\n")
             cause = _root_cause(error)
             # A mistake in the data or the settings is its message, not a 50-line trace (which
@@ -483,6 +486,11 @@ class GECOLightningCLI(LightningCLI):
             ):
                 _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
             raise
+
+    def _stopped_by_ctrl_c(self, error: BaseException) -> bool:
+        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (and marks the
+        # trainer interrupted, as it does for any exception).
+        return isinstance(error, SystemExit) and self.trainer.interrupted
 
     def _where_to_resume(self) -> str:
         """One line after a fit that stopped early: the step this run's newest checkpoint holds and
@@ -513,8 +521,8 @@ class GECOLightningCLI(LightningCLI):
                 if failed_with is None:
                     print(f"W&B run ({mode}): {run_dir}")
                 else:
-                    # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown.
-                    cause = "an interrupt (Ctrl-C)" if self.trainer.interrupted else f"{type(failed_with).__name__}: {failed_with}"
+                    stopped = self._stopped_by_ctrl_c(failed_with)
+                    cause = "an interrupt (Ctrl-C)" if stopped else f"{type(failed_with).__name__}: {failed_with}"
                     sys.stderr.write(f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by {cause}\n")
 
     def after_fit(self) -> None:

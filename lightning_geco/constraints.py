@@ -176,7 +176,7 @@ class ReconstructionMSE(Constraint):
                 raise ValueError(
                     f"ReconstructionMSE tolerance {tolerance!r} (unit 'mse') cannot be expressed: "
                     f"a per-element MSE of {data_text} must lie in {range_text}; for data in other units "
-                    "pass peak=None."
+                    "pass peak=None (in a config: peak: null)."
                 )
             self.tolerance_mse = float(tolerance)
         elif unit == "psnr":

@@ -105,7 +105,8 @@ def test_calibration_without_a_split_says_how_to_get_one():
     callback = GECOCallback(drive="calibration")
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
     message = ("GECOCallback(drive='calibration') needs a calibration split the model does not train on: set the "
-               "DataModule's num_calibration (e.g. --data.num_calibration 1000) or pass GECOCallback(calibration_dataset=...).")
+               "DataModule's num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
+               "GECOCallback(calibration_dataset=...).")
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(16, 0)), batch_size=8))
 
@@ -196,7 +197,8 @@ def test_auto_drive_without_a_calibration_split_warns_with_the_fix_and_uses_the_
     message = ("GECO: 'reconstruction' reads the training images optimistically (its reader may have trained on "
                "them). Lambda is driven by the training batches because there is no calibration split, and the "
                "tolerance may be missed on new images: carve one with the DataModule's num_calibration (e.g. "
-               "--data.num_calibration 1000) or pass GECOCallback(calibration_dataset=...).")
+               "--data.num_calibration 1000, or a tenth of a smaller training set) or pass "
+               "GECOCallback(calibration_dataset=...).")
     with pytest.warns(UserWarning, match=re.escape(message)):
         auto, _ = _fit("auto", 4, OptimisticMSE(0.05), num_calibration=0)
     assert auto.active_drive == "training"

@@ -177,7 +177,7 @@ def test_scheduled_objective_follows_the_trainers_step_and_logs_its_weight():
 def test_mse_tolerances_in_the_datas_own_units():
     assert ReconstructionMSE(5.0, peak=None).reading_tolerance == 5.0
     assert ReconstructionMSE(20.0, unit="psnr", peak=255.0).reading_tolerance == pytest.approx(255.0**2 * 0.01)
-    with pytest.raises(ValueError, match=re.escape("must lie in (0, 1]; for data in other units pass peak=None.")):
+    with pytest.raises(ValueError, match=re.escape("must lie in (0, 1]; for data in other units pass peak=None (in a config: peak: null).")):
         ReconstructionMSE(5.0)
     with pytest.raises(ValueError, match=re.escape("ReconstructionMSE unit 'psnr' needs the data's peak value; got peak=None.")):
         ReconstructionMSE(20.0, unit="psnr", peak=None)

@@ -269,7 +269,7 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
     if len(constraints) > 1:
         with pytest.raises(ConfigurationError, match=rf"ambiguous: the objective has {len(names)} constraints \({', '.join(names)}\)"):
             apply_tolerances(model, ["0.01"])
-    with pytest.raises(ConfigurationError, match=r"'nope' names 0 of the constraints; accepted names: "):
+    with pytest.raises(ConfigurationError, match=r"'nope' is no constraint of this config; accepted names: "):
         apply_tolerances(model, ["nope=1"])
 
 
@@ -282,7 +282,8 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
         (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
         (["--tolerance", "0"], "ReconstructionMSE tolerance 0.0 (unit 'mse') cannot be expressed"),
-        (["--tolerance", "x=0.1"], "--tolerance 'x=0.1': 'x' names 0 of the constraints; accepted names: reconstruction, mse, psnr."),
+        (["--tolerance", "x=0.1"], "--tolerance 'x=0.1': 'x' is no constraint of this config; accepted names: reconstruction, mse, psnr."),
+        (["--tolerance", "abc"], "--tolerance 'abc': 'abc' is not a number; give VALUE, psnr=DB, mse=VALUE or NAME=VALUE"),
         # a bare value after psnr=24 would read 0.004 dB (an MSE of 0.999): refused, naming both
         (
             ["--tolerance", "psnr=24", "--tolerance", "0.004"],
