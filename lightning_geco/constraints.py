@@ -92,6 +92,13 @@ class Constraint(Rebuildable, nn.Module):
         under ``reading_name``, and any others a subclass reports beside it."""
         return {self.reading_name: self.reading(output)}
 
+    def name_readings_apart(self) -> None:
+        """Log this constraint's readings under keys of its own, ``<reading>_<name>``: called by
+        :class:`~lightning_geco.objectives.GECOObjective` when another of its constraints logs the
+        same ``reading_name`` (two pNCC scales, two classifiers), which would otherwise share, and
+        overwrite, one ``val/<reading>``."""
+        self.reading_name = f"{type(self).reading_name}_{self.name}"
+
     @property
     def reading_tolerance(self) -> float:
         """The tolerance in the reading's units (what a chart of the reading draws as its line)."""
@@ -454,9 +461,10 @@ class ClassificationConstraint(Constraint):
         # One classifier pass for both readings.
         logits = self.classifier.logits(output.reconstruction).float()
         targets = self._targets(output)
+        suffix = self.reading_name.removeprefix(type(self).reading_name)  # "_<name>" once named apart
         return {
             self.reading_name: F.cross_entropy(logits, targets, reduction="none"),
-            "class_accuracy": (logits.argmax(dim=1) == targets).float(),
+            f"class_accuracy{suffix}": (logits.argmax(dim=1) == targets).float(),
         }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,6 +193,10 @@ class GECOObjective(Objective):
         names = [c.name for c in constraints]
         if len(set(names)) != len(names):
             raise ValueError(f"GECOObjective constraint names must be unique, got {names}.")
+        readers = Counter(type(c).reading_name for c in constraints)
+        for constraint in constraints:
+            if readers[type(constraint).reading_name] > 1:
+                constraint.name_readings_apart()
         self.constraints = ConstraintList(constraints)
         self.multipliers = MultiplierState(len(constraints))
         self.geco: GECO | None = None

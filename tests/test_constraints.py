@@ -295,3 +295,22 @@ def test_the_callback_gives_each_constraint_nu_over_its_scale_and_caps_each_rise
     torch.testing.assert_close(callback.geco.controller.max_increase, torch.tensor([0.003, 0.003]))
     # Random images are far from both tolerances on the first step: both rise by the cap, nu.
     torch.testing.assert_close(callback.geco.log_lagrange_multiplier, torch.tensor([0.003, 0.003]))
+
+
+def test_two_constraints_of_one_kind_log_their_readings_apart_and_each_verdict_reads_its_own(tmp_path):
+    # Two pNCC scales would share val/pncc (the coarse reading overwrote the fine one, and both
+    # verdicts read it); the objective names them apart, <reading>_<name>.
+    from lightning_geco import RunSummary
+
+    objective = GECOObjective([PatchNCC(0.9, 4, 4, name="fine"), PatchNCC(0.5, 8, 8, name="coarse")])
+    assert [c.reading_name for c in objective.constraints] == ["pncc_fine", "pncc_coarse"]
+    assert GECOObjective([PatchNCC(0.5, 8, 8)]).constraints[0].reading_name == "pncc"  # alone: as before
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=2, callbacks=[GECOCallback(), summary], default_root_dir=tmp_path)
+    images = random_images(32, (1, 16, 16))
+    trainer.fit(tiny_conv_vae(objective=objective), DataLoader(TensorDataset(images), batch_size=16),
+                DataLoader(TensorDataset(images), batch_size=16))
+    fine, coarse = (trainer.callback_metrics[f"val/pncc_{n}"].item() for n in ("fine", "coarse"))
+    assert fine != coarse and "val/pncc" not in trainer.callback_metrics
+    assert summary.summary["reading"] == {"fine": "pncc_fine", "coarse": "pncc_coarse"}
+    assert summary.summary["relative_violation"]["fine"] == pytest.approx((0.9 - fine) / (1 - 0.9), rel=1e-5)
