@@ -35,6 +35,9 @@ class Objective(Rebuildable, nn.Module):
     """
 
     step: int = 0
+    #: whether the loss contains the likelihood's ``log_prob`` (what trains a learned likelihood
+    #: parameter, such as ``GaussianLikelihood(learn_sigma=True)``'s sigma)
+    reads_log_likelihood: bool = True
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
@@ -153,6 +156,8 @@ class SigmaVAE(Objective):
         min_log_sigma: soft lower bound of ``ln sigma`` (the authors: -6).
     """
 
+    reads_log_likelihood = False  # its own decoder term takes the likelihood's place
+
     def __init__(self, min_log_sigma: float = -6.0) -> None:
         super().__init__()
         self.min_log_sigma = float(min_log_sigma)
@@ -184,6 +189,8 @@ class GECOObjective(Objective):
     Args:
         constraints: one or more constraints; default: per-element MSE at most 0.01 (20 dB).
     """
+
+    reads_log_likelihood = False  # its constraints take the likelihood's place
 
     def __init__(self, constraints: Sequence[Constraint] | None = None) -> None:
         super().__init__()

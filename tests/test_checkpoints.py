@@ -1,5 +1,6 @@
 """A checkpoint is the whole model: objective, constraints, likelihood, lambda and the moving average."""
 
+import math
 import re
 import warnings
 
@@ -118,7 +119,7 @@ def _same_outputs(a, b, x):
 @pytest.mark.parametrize("name", MODELS)
 def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, tmp_path):
     objective = GECOObjective([ReconstructionMSE(0.03), PatchNCC(0.6, patch_size=4, stride=4)])
-    model = _trained(build(name, (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2, learn_sigma=True)), tmp_path)
+    model = _trained(build(name, (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2)), tmp_path)
     assert bool(model.objective.multipliers.seeded)
     loaded = type(model).load_from_checkpoint(tmp_path / "model.ckpt")
     assert loaded.objective.describe() == [
@@ -128,7 +129,6 @@ def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, 
     for key, value in model.objective.multipliers.state_dict().items():
         assert torch.equal(loaded.objective.multipliers.state_dict()[key], value), key
     assert not torch.equal(loaded.objective.lagrange_multiplier, torch.ones(2))  # the trained lambda, not 1
-    assert isinstance(loaded.likelihood.log_sigma, torch.nn.Parameter)
     assert torch.equal(loaded.likelihood.log_sigma, model.likelihood.log_sigma)
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
 
@@ -137,10 +137,26 @@ def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, 
     "objective", [ELBO(), BetaVAE(3.0), KLWarmup(100, 0.2), CapacityBetaVAE(20.0, 5.0, 50), SigmaVAE(-4.0)], ids=type
 )
 def test_every_objective_kind_comes_back_from_a_checkpoint(objective, tmp_path):
-    model = _trained(build("ConvVAE", (1, 16, 16), objective=objective), tmp_path, callbacks=[])
+    # A learned sigma where the loss reads the likelihood (it trains there, and comes back).
+    likelihood = GaussianLikelihood(0.2, learn_sigma=objective.reads_log_likelihood)
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=objective, likelihood=likelihood), tmp_path, callbacks=[])
     loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
     assert piece_config(loaded.objective, strict=True) == piece_config(objective, strict=True)
+    if objective.reads_log_likelihood:
+        assert isinstance(loaded.likelihood.log_sigma, torch.nn.Parameter) and loaded.likelihood.log_sigma != math.log(0.2)
+        assert torch.equal(loaded.likelihood.log_sigma, model.likelihood.log_sigma)
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
+
+
+@pytest.mark.parametrize("objective", [GECOObjective(), SigmaVAE()], ids=type)
+def test_a_learned_sigma_that_the_loss_never_reads_is_refused(objective):
+    message = (
+        f"GaussianLikelihood learns log_sigma through its log-likelihood, which {type(objective).__name__}'s loss does "
+        "not contain: it would never train (and DDP stops on the unused parameter). Use "
+        "GaussianLikelihood(learn_sigma=False) with this objective"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build("ConvVAE", (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2, learn_sigma=True))
 
 
 def test_a_bernoulli_model_loads_with_its_likelihood(tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -42,6 +44,14 @@ def test_bad_model_arguments_are_rejected():
         ConvVAE(latent_dim=0)
     with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\)"):
         ConvVAE(image_shape=(28, 28))
+    # Named as the model's arguments, with their ranges (the metrics they build used their own names).
+    for kwargs, message in [
+        ({"num_logged_images": 0}, "num_logged_images must be a positive int (images per panel), got 0; for no panels"),
+        ({"marginal_kl_chunk_size": 0}, "marginal_kl_chunk_size must be a positive int (rows), got 0."),
+        ({"active_unit_threshold": -1.0}, "active_unit_threshold must be >= 0 (a variance), got -1.0."),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ConvVAE(**kwargs)
 
 
 def test_iwae_bound_equals_the_elbo_at_k1_in_expectation_and_grows_with_k():

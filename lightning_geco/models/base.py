@@ -131,6 +131,15 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
         if iwae_samples < 0:
             raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
+        if not (isinstance(num_logged_images, int) and num_logged_images >= 1):
+            raise ValueError(
+                f"num_logged_images must be a positive int (images per panel), got {num_logged_images!r}; "
+                "for no panels, leave DiagnosticPanels out of the Trainer's callbacks."
+            )
+        if not (isinstance(marginal_kl_chunk_size, int) and marginal_kl_chunk_size >= 1):
+            raise ValueError(f"marginal_kl_chunk_size must be a positive int (rows), got {marginal_kl_chunk_size!r}.")
+        if not active_unit_threshold >= 0:
+            raise ValueError(f"active_unit_threshold must be >= 0 (a variance), got {active_unit_threshold!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
         # A checkpoint's hyperparameters carry the objective and likelihood as the configs that
@@ -141,6 +150,14 @@ class VAEModule(pl.LightningModule):
             likelihood = instantiate(likelihood, "likelihood")
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
+        learned = [name for name, parameter in self.likelihood.named_parameters() if parameter.requires_grad]
+        if learned and not self.objective.reads_log_likelihood:
+            raise ValueError(
+                f"{type(self.likelihood).__name__} learns {', '.join(learned)} through its log-likelihood, which "
+                f"{type(self.objective).__name__}'s loss does not contain: it would never train (and DDP stops on "
+                "the unused parameter). Use GaussianLikelihood(learn_sigma=False) with this objective, or an "
+                "objective that reads the likelihood (ELBO, BetaVAE, KLWarmup, CapacityBetaVAE)."
+            )
         for constraint in self.constraints:
             constraint.check_model(self)
         self.learning_rate = learning_rate
