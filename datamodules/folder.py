@@ -42,6 +42,11 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _is_visible_image(path: Path, root: Path) -> bool:
+    """An image file with no hidden file or folder on its path below ``root``."""
+    return _is_image(path) and not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _has_images(folder: Path) -> bool:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -91,7 +96,13 @@ class FlatImages(Dataset):
 
 
 class _ClassFolders(ImageFolder):
-    """torchvision's ImageFolder whose classes are the non-hidden subfolders holding at least one image."""
+    """torchvision's ImageFolder whose classes are the non-hidden subfolders holding at least one
+    image, and whose images are the files :func:`_is_image` takes with no hidden folder on their
+    way down from the class folder (torchvision takes every file with an image extension,
+    macOS's ``._name.png`` metadata files and ``.thumbnails/`` included)."""
+
+    def __init__(self, root: str, **kwargs) -> None:
+        super().__init__(root, is_valid_file=lambda path: _is_visible_image(Path(path), Path(root)), **kwargs)
 
     def find_classes(self, directory):
         classes = sorted(

@@ -139,6 +139,9 @@ def test_hidden_files_folders_and_other_files_are_skipped(tmp_path):
     write_png(root / ".ipynb_checkpoints" / "x.png", (8, 8), "RGB", seed=0)
     (root / "empty_class").mkdir()
     (root / "cats" / "notes.txt").write_text("not an image")
+    # Inside a class folder too: macOS's AppleDouble files (not images) and a hidden folder.
+    (root / "cats" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    write_png(root / "dogs" / ".thumbnails" / "t.png", (8, 8), "RGB", seed=1)
     data = _setup(root=root, image_size=8, channels=3, num_val=1)
     assert len(data.train_dataset) + len(data.val_dataset) == 6
     assert _all(data.train_dataset)[1].max() <= 2
