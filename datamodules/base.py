@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 # Seed of the calibration draw. A constant of its own, not the DataModule's ``seed``: the
-# calibration images are then the same whatever validation split was drawn, on every rank and run.
+# calibration images are then the same on every rank and run. They are positions in the training
+# split, so they are other images when the split's own seed changes.
 CALIBRATION_SEED = 0x0CA1
 
 
@@ -159,8 +160,9 @@ class ImageDataModule(pl.LightningDataModule):
             costs 4 bytes per pixel of device memory.
         num_calibration: images carved from the training split into :attr:`calibration_dataset`
             (and removed from :attr:`train_dataset`), drawn with the fixed seed
-            :data:`CALIBRATION_SEED`: the same images on every rank and every run, whatever the
-            validation split. 0 (default) carves none and leaves ``calibration_dataset`` None.
+            :data:`CALIBRATION_SEED`: the same images on every rank and every run with the same
+            split seed (positions in the training split: another split seed gives other
+            images). 0 (default) carves none and leaves ``calibration_dataset`` None.
     """
 
     def __init__(
