@@ -261,9 +261,17 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(
             dataset, self.batch_size, seed=self.shuffle_seed, num_replicas=trainer.world_size, rank=trainer.global_rank
         )
-        # The batches per rank training has consumed, from the optimizer steps (what a checkpoint
-        # restores exactly), the accumulation and the epoch's last, shorter window.
-        sampler.batches_done = lambda: sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches)
+        def batches_done() -> int:
+            # The batches per rank training has consumed, from the optimizer steps (what a
+            # checkpoint restores exactly), the accumulation and the epoch's last, shorter window.
+            module = trainer.lightning_module
+            if module is not None and not module.automatic_optimization:
+                # Manual optimization may step several optimizers on a batch, each counted in
+                # global_step; Lightning's count of batches that stepped counts the batch once.
+                return trainer.fit_loop.epoch_loop._batches_that_stepped
+            return sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches)
+
+        sampler.batches_done = batches_done
         return sampler
 
     def state_dict(self) -> dict[str, Any]:

@@ -197,3 +197,32 @@ def make_omniglot(root: Path, subset: str, copies: int = 1) -> dict[str, Image.I
         path.parent.mkdir(parents=True, exist_ok=True)
         glyph.save(path)
     return glyphs
+
+
+class TwoOptimizerVAE(ConvVAE):
+    """Manual optimization with a second optimizer stepping on every batch (a critic's, as a
+    VAE-GAN has); the batch ``nan_batch`` makes the decoder's input non-finite (-1: none)."""
+
+    def __init__(self, nan_batch: int = -1, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.critic = torch.nn.Linear(self.latent_dim, 1)
+        self.nan_batch = nan_batch
+
+    def reparameterization_noise(self, x, posterior):
+        noise = torch.randn_like(posterior.mean)
+        return noise * float("nan") if self.training and self.global_step == 2 * self.nan_batch else noise
+
+    def configure_optimizers(self):
+        vae = [p for name, p in self.named_parameters() if not name.startswith("critic.")]
+        return torch.optim.Adam(vae, lr=1e-3, fused=True), torch.optim.Adam(self.critic.parameters(), lr=1e-3)
+
+    def training_step(self, batch, batch_idx):
+        vae_optimizer, critic_optimizer = self.optimizers()
+        output = self(batch[0], None)
+        loss = self.objective(output) + self.critic(output.z).pow(2).mean()
+        vae_optimizer.zero_grad()
+        critic_optimizer.zero_grad()
+        self.manual_backward(loss)
+        vae_optimizer.step()
+        critic_optimizer.step()  # global_step counts both: 2 per batch

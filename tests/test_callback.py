@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import quiet_trainer, tiny_conv_vae
+from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
 from lightning_geco import ELBO, ConvVAE, GECOCallback
 from lightning_geco.callbacks import UNLOGGED_CHECK_EVERY, NonFiniteConstraintError
 from lightning_geco.models.base import VAEModule
@@ -50,35 +50,6 @@ def test_gradient_accumulation_updates_once_per_window_from_all_micro_batches():
     assert spy.geco.num_updates == 3
     # count (index K) = 2 micro-batches x 8 examples per update
     assert [s[1].item() for s in spy.seen] == [16.0, 16.0, 16.0]
-
-
-class TwoOptimizerVAE(ConvVAE):
-    """Manual optimization with a second optimizer stepping on every batch (a critic's, as a
-    VAE-GAN has); the batch ``nan_batch`` makes the decoder's input non-finite."""
-
-    def __init__(self, nan_batch: int, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-        self.critic = torch.nn.Linear(self.latent_dim, 1)
-        self.nan_batch = nan_batch
-
-    def reparameterization_noise(self, x, posterior):
-        noise = torch.randn_like(posterior.mean)
-        return noise * float("nan") if self.training and self.global_step == 2 * self.nan_batch else noise
-
-    def configure_optimizers(self):
-        vae = [p for name, p in self.named_parameters() if not name.startswith("critic.")]
-        return torch.optim.Adam(vae, lr=1e-3, fused=True), torch.optim.Adam(self.critic.parameters(), lr=1e-3)
-
-    def training_step(self, batch, batch_idx):
-        vae_optimizer, critic_optimizer = self.optimizers()
-        output = self(batch[0], None)
-        loss = self.objective(output) + self.critic(output.z).pow(2).mean()
-        vae_optimizer.zero_grad()
-        critic_optimizer.zero_grad()
-        self.manual_backward(loss)
-        vae_optimizer.step()
-        critic_optimizer.step()  # global_step counts both: 2 per batch
 
 
 @pytest.mark.parametrize("log_every_n_steps", [50, 0])

@@ -123,3 +123,36 @@ def test_a_datamodule_with_accumulation_that_does_not_divide_its_epoch_keeps_ste
     trainer = quiet_trainer(max_epochs=3, limit_val_batches=0, accumulate_grad_batches=3)
     trainer.fit(tiny_conv_vae(objective=ELBO()), data)
     assert trainer.global_step == 6
+
+
+def test_a_run_stepping_two_optimizers_a_batch_walks_and_resumes_the_order_by_batches(tmp_path):
+    # Manual optimization counts both optimizers' steps in global_step (2 a batch); the order
+    # used to be placed by it, skipping every other epoch and half an epoch on resume.
+    import pytorch_lightning as pl
+    from lightning_geco.datamodules import ShapesDataModule
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
+    from lightning_geco import GECOCallback
+
+    def fit(max_steps, ckpt_path=None, checkpoints=()):
+        pl.seed_everything(0)
+        data = ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=16)  # 4 batches an epoch
+        seen = []
+
+        class Seen(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append(batch[1].sum().item())
+
+        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[GECOCallback(), Seen(), *checkpoints],
+                                enable_checkpointing=bool(checkpoints))
+        trainer.fit(tiny_conv_vae(model_class=TwoOptimizerVAE), data, ckpt_path=ckpt_path)
+        return seen, data
+
+    whole, data = fit(20)  # 10 batches: epoch 0, epoch 1, half of epoch 2
+    orders = [data.train_dataset.tensors[1][data.train_dataloader().sampler.order(e)] for e in range(3)]
+    expected = [orders[e][16 * b : 16 * b + 16].sum().item() for e, b in ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1))]
+    assert whole[:6] == pytest.approx(expected)
+    first, _ = fit(10, checkpoints=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)])
+    resumed, _ = fit(20, ckpt_path=str(next(tmp_path.glob("*step=6.ckpt"))))  # after 3 batches, mid-epoch
+    assert first[:3] + resumed == whole
