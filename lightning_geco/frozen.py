@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.rebuild import Rebuildable
@@ -51,20 +53,35 @@ class FrozenClassifier(FrozenNetwork):
 
     Args:
         checkpoint: path of the ``.ckpt`` file (e.g. ``runs/checkpoints/mnist_classifier/last.ckpt``).
+        architecture: the classifier's hyperparameters, recorded with it (:meth:`init_args`) so a
+            model checkpoint that holds the classifier's weights (a VAE trained with a
+            classification constraint) loads where ``checkpoint`` is not: the classifier is then
+            built from them, with a warning, and takes its weights from that model checkpoint.
+            Ignored while ``checkpoint`` exists; leave it None when building one yourself.
     """
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, architecture: dict[str, Any] | None = None) -> None:
         super().__init__()
         from lightning_geco.classifier import ImageClassifier
 
-        path = _existing_file(
-            checkpoint,
-            "Classifier checkpoint",
-            "Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml` "
-            "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
-        )
+        path = Path(checkpoint).expanduser()
+        if path.is_file() or architecture is None:
+            path = _existing_file(
+                checkpoint,
+                "Classifier checkpoint",
+                "Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml` "
+                "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
+            )
+            self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+        else:
+            rank_zero_warn(
+                f"Classifier checkpoint {path} not found: the classifier is built from the architecture recorded "
+                "with it, and its weights must come from the checkpoint being loaded (a model trained with it "
+                "holds them)."
+            )
+            self.classifier = ImageClassifier(**architecture)
         self.checkpoint = str(path)
-        self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+        self.architecture = dict(self.classifier.hparams)
         self.image_shape = self.classifier.image_shape
         self.label_column = self.classifier.label_column
         self.freeze()

@@ -133,6 +133,22 @@ def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, 
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
 
 
+def test_a_model_with_a_classifier_constraint_loads_where_the_classifier_file_is_not(tmp_path):
+    # The model checkpoint holds the classifier's weights; its file stayed on the training machine.
+    classifier_file = save_classifier(tmp_path / "classifier.ckpt", bias=[0.5, -1.0, 2.0])
+    constraint = ClassificationConstraint(FrozenClassifier(str(classifier_file)), 0.3, "prediction")
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.02), constraint])), tmp_path)
+    classifier_file.unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"Classifier checkpoint {classifier_file} not found: the classifier is built")):
+        loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    for name, value in model.objective.constraints[1].state_dict().items():
+        assert torch.equal(loaded.objective.constraints[1].state_dict()[name], value), name
+    assert loaded.objective.constraints[1].classifier.classifier.head.bias.tolist() == [0.5, -1.0, 2.0]
+    _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
+    with pytest.raises(FileNotFoundError, match="Classifier checkpoint not found"):  # built by hand: the file is needed
+        FrozenClassifier(str(classifier_file))
+
+
 @pytest.mark.parametrize(
     "objective", [ELBO(), BetaVAE(3.0), KLWarmup(100, 0.2), CapacityBetaVAE(20.0, 5.0, 50), SigmaVAE(-4.0)], ids=type
 )
