@@ -86,6 +86,11 @@ class FlowVAE(VAEModule):
         )
 
     def posterior_code(self, x: Tensor) -> Tensor:
-        """The flow applied to the base mean (the panels' reconstructions and traversals), (N, latent_dim)."""
+        """The flow applied to the base mean (the panels' reconstructions and traversals), (N, latent_dim).
+
+        The traversal panel moves these coordinates of z_K but orders them by the per-dimension
+        KL of the base posterior z_0 (``val/kl_dim/<j>``): the flow mixes coordinates, so the
+        order is a guide to z_0's informative dimensions, not z_K's.
+        """
         base, context = self.encode_with_context(x)
         return self.flow(base.mean, context)[0]
