@@ -504,7 +504,7 @@ class GECOLightningCLI(LightningCLI):
             newest = max(written, key=lambda path: path.stat().st_mtime)
             shown = newest.relative_to(Path.cwd()) if newest.is_relative_to(Path.cwd()) else newest
             return f"{stopped}; this run's newest checkpoint holds step {_checkpoint_head(newest)[1]}: resume with --ckpt_path {shown}"
-        line = f"{stopped}, before this run wrote a checkpoint (its ModelCheckpoint saves after validation): nothing of it to resume"
+        line = f"{stopped}, before this run wrote a checkpoint (the configs write one after each validation): nothing of it to resume"
         other = newest_last_checkpoint([folder.parent for folder in folders])
         if other is not None:
             line += f"; --ckpt_path last would take another run, {other.parent.name} at step {_checkpoint_head(other)[1]}"

@@ -441,7 +441,7 @@ def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down
     try:
         for interval, expected in [
-            ("8", f"GECO: stopped at step 3, before this run wrote a checkpoint (its ModelCheckpoint saves after "
+            ("8", f"GECO: stopped at step 3, before this run wrote a checkpoint (the configs write one after each "
                   f"validation): nothing of it to resume; --ckpt_path last would take another run, {finished} at step 2"),
             ("2", "GECO: stopped at step 3; this run's newest checkpoint holds step 2: resume with --ckpt_path "
                   "runs/checkpoints/default/"),
