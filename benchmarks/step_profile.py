@@ -259,6 +259,8 @@ def warm_host_ms(args: argparse.Namespace, data: torch.utils.data.DataLoader, re
     trainer = bare_trainer(args.device, 2, [callback])
     trainer.fit(model, train_dataloaders=data)
     # Steps that do not log, as the timed rows' are: neither due nor the run's last.
+    # (log_every_n_steps 0: the unlogged host check comes every 50th batch, and the batch count
+    # stands still here, at 2.)
     trainer.log_every_n_steps = 0  # type: ignore[attr-defined]  # set by Lightning at init
     trainer.fit_loop.epoch_loop.max_steps = 10**9
     assert not is_logging_step(trainer)
@@ -267,6 +269,7 @@ def warm_host_ms(args: argparse.Namespace, data: torch.utils.data.DataLoader, re
     output = model(batch_images(next(iter(data))).to(args.device))
 
     def step() -> None:
+        callback.on_train_batch_start(trainer, model, None, 0)  # a new batch, as Lightning says
         objective(output)
         callback.on_before_optimizer_step(trainer, model, optimizer)
 

@@ -297,7 +297,8 @@ class GECOCallback(Callback):
     constraint or loss skips the step on every rank together (lambda left alone; a fused
     optimizer, as the models here use, gets GradScaler's device-side ``found_inf`` flag and
     leaves parameters, moments and step counts as they were; any other optimizer's gradients
-    are dropped after one host read). A step that does not log reads nothing on the host.
+    are dropped after one host read). A step that does not log reads nothing on the host (with
+    ``log_every_n_steps=0``, every 50th batch reads the non-finite streak and feeds the stall watch).
     Once ``max_nonfinite_steps`` steps in a row were skipped, training stops with an error at
     the next logging step (at once on the host path).
 
@@ -666,6 +667,7 @@ class GECOCallback(Callback):
         geco = self._ready_geco
         geco.to(pl_module.device)
         geco.reset_pending()
+        geco.recorded = False
         # Decided here, where the device is known: torch.compile needs a C++ compiler on the CPU,
         # triton on CUDA.
         geco.compile = self.compile and compiler_available(pl_module.device)
@@ -688,12 +690,16 @@ class GECOCallback(Callback):
     ) -> None:
         geco = self._ready_geco
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        # Under manual optimization several optimizers may step on one batch (a VAE-GAN's critic,
+        # before or after the VAE). GECO updates once a batch, at the first step after the GECO
+        # loss was computed; a step after it keeps its skip decision, and one before it (a
+        # critic stepping first) has no GECO loss behind it and is left alone.
         if self._batch_updated:
-            # A second optimizer stepping on the same batch (manual optimization, e.g. a
-            # discriminator's): the batch's update and skip decision stand for it too.
             self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
             return
-        self._batch_updated = True
+        if not geco.recorded:
+            return
+        self._batch_updated, geco.recorded = True, False
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
             rate = _learning_rate(torch_optimizer)
             self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
@@ -708,9 +714,12 @@ class GECOCallback(Callback):
         logging = is_logging_step(trainer)
         # Without step logs (log_every_n_steps=0) the host reads below still come, every
         # UNLOGGED_CHECK_EVERY steps: else the non-finite stop and the stall watch never would.
-        # (Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on the class.)
+        # (Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on the
+        # class.) Counted in batches that stepped, as Lightning's logging is: global_step counts
+        # every optimizer's step.
         unlogged = getattr(trainer, "log_every_n_steps", 1) == 0
-        checking = logging or (unlogged and (trainer.global_step + 1) % UNLOGGED_CHECK_EVERY == 0)
+        batches = trainer.fit_loop.epoch_loop._batches_that_stepped
+        checking = logging or (unlogged and (batches + 1) % UNLOGGED_CHECK_EVERY == 0)
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, constraint_means(statistics))
         if checking:

@@ -477,7 +477,11 @@ class GECOLightningCLI(LightningCLI):
         except BaseException as error:
             self._finish_wandb(failed_with=error)
             if self.trainer.is_global_zero and (self._stopped_by_ctrl_c(error) or self.trainer.global_step > 0):
-                sys.stderr.write(self._where_to_resume() + "\n")
+                try:
+                    line = self._where_to_resume()
+                except Exception as unreadable:  # a checkpoint cut short must not hide the error itself
+                    line = f"GECO: stopped at step {self.trainer.global_step} (its checkpoints could not be read: {unreadable})"
+                sys.stderr.write(line + "\n")
             cause = _root_cause(error)
             # A mistake in the data or the settings is its message, not a 50-line trace (which
             # LIGHTNING_GECO_TRACEBACK=1 brings back); anything else is raised as it is.

@@ -327,6 +327,9 @@ class GECO:
         self._num_measurements = torch.zeros((), dtype=torch.int64)
         # [sum_1..sum_K, count, nonfinite] of the coming update, summed over (micro-)batches
         self._pending = torch.zeros(k + 2, dtype=torch.float32)
+        #: whether :meth:`constraint_term` recorded a batch since the callback last took the
+        #: statistics (a host flag, so asking costs no device read)
+        self.recorded = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -451,6 +454,7 @@ class GECO:
             )
         per_example = _as_fp32(per_example)
         batch_mean = per_example.mean(dim=0)
+        self.recorded = True
         return batch_mean + self._record_and_smooth(per_example.detach(), batch_mean.detach())
 
     @_compilable

@@ -201,17 +201,21 @@ def make_omniglot(root: Path, subset: str, copies: int = 1) -> dict[str, Image.I
 
 class TwoOptimizerVAE(ConvVAE):
     """Manual optimization with a second optimizer stepping on every batch (a critic's, as a
-    VAE-GAN has); the batch ``nan_batch`` makes the decoder's input non-finite (-1: none)."""
+    VAE-GAN has); the batch ``nan_batch`` makes the decoder's input non-finite (-1: none, "all":
+    every batch). By default the VAE steps first, on one loss with the critic's term; with
+    ``critic_first`` the critic steps first, on a loss of the images alone, then the VAE."""
 
-    def __init__(self, nan_batch: int = -1, **kwargs):
+    def __init__(self, nan_batch: int | str = -1, critic_first: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.critic = torch.nn.Linear(self.latent_dim, 1)
-        self.nan_batch = nan_batch
+        self.nan_batch, self.critic_first = nan_batch, critic_first
+        self.batches = 0
 
     def reparameterization_noise(self, x, posterior):
         noise = torch.randn_like(posterior.mean)
-        return noise * float("nan") if self.training and self.global_step == 2 * self.nan_batch else noise
+        nan = self.nan_batch == "all" or self.batches == self.nan_batch
+        return noise * float("nan") if self.training and nan else noise
 
     def configure_optimizers(self):
         vae = [p for name, p in self.named_parameters() if not name.startswith("critic.")]
@@ -220,6 +224,15 @@ class TwoOptimizerVAE(ConvVAE):
     def training_step(self, batch, batch_idx):
         vae_optimizer, critic_optimizer = self.optimizers()
         output = self(batch[0], None)
+        self.batches += 1
+        if self.critic_first:
+            critic_optimizer.zero_grad()
+            self.manual_backward(self.critic(batch[0].flatten(1)[:, : self.latent_dim]).pow(2).mean())
+            critic_optimizer.step()
+            vae_optimizer.zero_grad()
+            self.manual_backward(self.objective(output))
+            vae_optimizer.step()
+            return
         loss = self.objective(output) + self.critic(output.z).pow(2).mean()
         vae_optimizer.zero_grad()
         critic_optimizer.zero_grad()

@@ -171,8 +171,11 @@ def test_a_learned_sigma_that_the_loss_never_reads_is_refused(objective):
         "not contain: it would never train (and DDP stops on the unused parameter). Use "
         "GaussianLikelihood(learn_sigma=False) with this objective"
     )
+    # Refused when training starts: built (or loaded from a checkpoint made so) it is accepted.
+    model = build("ConvVAE", (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2, learn_sigma=True))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[GECOCallback()] if isinstance(objective, GECOObjective) else [])
     with pytest.raises(ValueError, match=re.escape(message)):
-        build("ConvVAE", (1, 16, 16), objective=objective, likelihood=GaussianLikelihood(0.2, learn_sigma=True))
+        trainer.fit(model, DataLoader(random_images(8, (1, 16, 16)), batch_size=4))
 
 
 def test_a_bernoulli_model_loads_with_its_likelihood(tmp_path):

@@ -489,6 +489,26 @@ def test_other_loggers_get_the_same_scalars(tmp_path):
         assert list(Path(cli.trainer.logger.log_dir).glob(f"images/{panel.replace('/', '_')}/step_*.png")), panel
 
 
+def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacing_the_overlap(tmp_path, monkeypatch):
+    # Offline, a resume is a second folder of the run's id. The interrupted segment logged steps
+    # 10-40, its checkpoint held step 20, so the resumed one logs 30-50: 30 and 40 are its own.
+    import lightning_geco.compare as compare_module
+
+    histories = {
+        "offline-run-20261127_100000-abc123": [{"trainer/global_step": s, "v": "old"} for s in (10, 20, 30, 40)],
+        "offline-run-20261127_100500-abc123": [{"trainer/global_step": s, "v": "new"} for s in (30, 40, 50)],
+        "offline-run-20261127_100200-other9": [{"trainer/global_step": 99, "v": "other run"}],
+    }
+    for name in histories:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"run-{name[-6:]}.wandb").write_bytes(b"")
+    monkeypatch.setattr(compare_module, "read_history", lambda folder: histories[folder.name])
+    joined = joined_history(tmp_path / "offline-run-20261127_100500-abc123")
+    assert [(row["trainer/global_step"], row["v"]) for row in joined] == [
+        (10, "old"), (20, "old"), (30, "new"), (40, "new"), (50, "new")
+    ]
+
+
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
     summaries = []
     for tolerance in ("0.05", "0.02"):

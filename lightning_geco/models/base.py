@@ -150,14 +150,6 @@ class VAEModule(pl.LightningModule):
             likelihood = instantiate(likelihood, "likelihood")
         self.objective = objective if objective is not None else GECOObjective()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
-        learned = [name for name, parameter in self.likelihood.named_parameters() if parameter.requires_grad]
-        if learned and not self.objective.reads_log_likelihood:
-            raise ValueError(
-                f"{type(self.likelihood).__name__} learns {', '.join(learned)} through its log-likelihood, which "
-                f"{type(self.objective).__name__}'s loss does not contain: it would never train (and DDP stops on "
-                "the unused parameter). Use GaussianLikelihood(learn_sigma=False) with this objective, or an "
-                "objective that reads the likelihood (ELBO, BetaVAE, KLWarmup, CapacityBetaVAE)."
-            )
         for constraint in self.constraints:
             constraint.check_model(self)
         self.learning_rate = learning_rate
@@ -508,6 +500,15 @@ class VAEModule(pl.LightningModule):
         return f" ({', '.join(stated)})" if stated else ""
 
     def configure_optimizers(self) -> Any:
+        # Refused when training starts, not when built: a checkpoint made so still loads.
+        learned = [name for name, parameter in self.likelihood.named_parameters() if parameter.requires_grad]
+        if learned and not self.objective.reads_log_likelihood:
+            raise ValueError(
+                f"{type(self.likelihood).__name__} learns {', '.join(learned)} through its log-likelihood, which "
+                f"{type(self.objective).__name__}'s loss does not contain: it would never train (and DDP stops on "
+                "the unused parameter). Use GaussianLikelihood(learn_sigma=False) with this objective, or an "
+                "objective that reads the likelihood (ELBO, BetaVAE, KLWarmup, CapacityBetaVAE)."
+            )
         # Frozen networks inside constraints have no gradients and no place in the optimizer.
         parameters = [p for p in self.parameters() if p.requires_grad]
         # Fused Adam takes GECOCallback's non-finite-step flag on the device (as GradScaler's),
