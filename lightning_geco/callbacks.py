@@ -66,8 +66,8 @@ AUTO_CALIBRATION_EPOCHS = 8.0
 #: Algorithm 1 as written for ``"paper"`` (an absolute nu of 1); for ``"relative"`` a nu of
 #: 0.006 per unit of relative violation (``"pi"`` reads only alpha, for the loss's moving average)
 CONTROLLER_DEFAULTS: dict[str, tuple[float, float]] = {"paper": (0.99, 1.0), "relative": (0.9, 0.006), "pi": (0.9, 0.006)}
-#: optimizer steps between the host reads of the non-finite streak and the stall watch when the
-#: Trainer writes no step logs (``log_every_n_steps=0``); else they come at its logging steps
+#: batches between the host reads of the non-finite streak and the stall watch when the Trainer
+#: writes no step logs (``log_every_n_steps=0``); else they come at its logging steps
 UNLOGGED_CHECK_EVERY = 50
 #: optimizer steps the stall rule looks back over in a fit with no planned end (neither
 #: ``max_steps`` nor ``max_epochs``)
@@ -713,13 +713,14 @@ class GECOCallback(Callback):
         on_device = self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
         logging = is_logging_step(trainer)
         # Without step logs (log_every_n_steps=0) the host reads below still come, every
-        # UNLOGGED_CHECK_EVERY steps: else the non-finite stop and the stall watch never would.
+        # UNLOGGED_CHECK_EVERY batches: else the non-finite stop and the stall watch never would.
         # (Trainer.log_every_n_steps is set by Lightning's logger connector, not declared on the
         # class.) Counted in batches that stepped, as Lightning's logging is: global_step counts
         # every optimizer's step.
-        unlogged = getattr(trainer, "log_every_n_steps", 1) == 0
-        batches = trainer.fit_loop.epoch_loop._batches_that_stepped
-        checking = logging or (unlogged and (batches + 1) % UNLOGGED_CHECK_EVERY == 0)
+        checking = logging or (
+            getattr(trainer, "log_every_n_steps", 1) == 0
+            and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % UNLOGGED_CHECK_EVERY == 0
+        )
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, constraint_means(statistics))
         if checking:
