@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from geco_run import run
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
+from lightning_geco.resume import RandomState
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
 
@@ -138,9 +139,10 @@ class OptimisticMSE(ReconstructionMSE):
 
 
 def _fit(drive, max_steps, constraint=None, num_calibration=32, trainer_kwargs=None, ckpt_path=None,
-         save_to=None, **callback_kwargs):
+         save_to=None, random_state=False, **callback_kwargs):
     """The shapes (64 training images, 4 batches an epoch, after ``num_calibration``) fitted for
-    ``max_steps``; returns the callback and lambda after every step."""
+    ``max_steps``; returns the callback and lambda after every step. ``random_state`` adds
+    :class:`RandomState`, so a resumed fit draws the noise the uninterrupted one draws."""
     pl.seed_everything(0)
     data = ShapesDataModule(image_size=16, num_train=64 + num_calibration, num_val=16, batch_size=16,
                             num_calibration=num_calibration)
@@ -152,7 +154,10 @@ def _fit(drive, max_steps, constraint=None, num_calibration=32, trainer_kwargs=N
         def on_train_batch_end(self, *args):
             trajectory.append(callback.geco.log_lagrange_multiplier.tolist())
 
-    trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback, Trace()], **(trainer_kwargs or {}))
+    extra = [RandomState()] if random_state else []
+    trainer = quiet_trainer(
+        max_steps=max_steps, limit_val_batches=0, callbacks=[callback, Trace(), *extra], **(trainer_kwargs or {})
+    )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
@@ -317,16 +322,18 @@ def test_auto_drive_measures_a_calibration_set_it_is_given():
 
 def test_a_resumed_auto_run_keeps_the_drive_its_checkpoint_was_driven_by(tmp_path, caplog):
     path = tmp_path / "half.ckpt"
-    first, _ = _fit("auto", 4, OptimisticMSE(0.05), save_to=path)
+    first, first_lambda = _fit("auto", 4, OptimisticMSE(0.05), save_to=path, random_state=True)
     assert first.active_drive == "calibration"
     # The same constraint name without the reason: "auto" alone would now choose the training batches.
     message = ("GECO: drive='auto' would choose 'training' for this fit, but the checkpoint's lambda was driven by "
                "'calibration'; the resumed run keeps 'calibration'.")
     with pytest.warns(UserWarning, match=re.escape(message)):
-        resumed, _ = _fit("auto", 8, ReconstructionMSE(0.05), ckpt_path=path)
+        resumed, resumed_lambda = _fit("auto", 8, ReconstructionMSE(0.05), ckpt_path=path, random_state=True)
     assert resumed.active_drive == "calibration" and resumed.geco.num_measurements == 4  # steps 0, 2 and 4, 6
-    full, full_lambda = _fit("auto", 8, OptimisticMSE(0.05))
+    full, full_lambda = _fit("auto", 8, OptimisticMSE(0.05), random_state=True)
     assert full.geco.num_measurements == 4
+    # Goes on as the uninterrupted run, lambda to the bit (the constraints differ in their flag only).
+    assert first_lambda + resumed_lambda == full_lambda and full_lambda[-1] != full_lambda[3]
 
 
 def test_a_second_fit_with_the_same_callback_starts_its_watch_afresh():
