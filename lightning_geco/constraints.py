@@ -59,9 +59,11 @@ class Constraint(Rebuildable, nn.Module):
     """Interface of a GECO constraint.
 
     Subclasses set ``name``, ``unit``, ``tolerance`` and ``reading_name`` and implement
-    :meth:`reading` and :meth:`forward`. GECO's step is relative to :attr:`scale` (see
-    :class:`~lightning_geco.callbacks.GECOCallback`); ``step_size`` (None: the callback's)
-    gives this constraint its own relative step size.
+    :meth:`reading` and :meth:`forward`. Every controller reads a constraint relative to
+    :attr:`scale`: the default PI controller's error is ``ln(reading / tolerance)``, and under
+    ``GECOCallback(controller="relative")`` the step is ``nu * value / scale``, where
+    ``step_size`` (None: the callback's ``step_size``; no units) gives this constraint its own
+    ``nu``. The PI and paper controllers do not read ``step_size``.
     """
 
     name: str
@@ -108,8 +110,9 @@ class Constraint(Rebuildable, nn.Module):
     def scale(self) -> float:
         """What counts as a 100 % violation, in the value's units (default: the tolerance).
 
-        GECO moves ``log lambda`` by ``nu * value / scale`` per step, so one ``nu`` fits an
-        MSE of 0.005 and a cross-entropy of 0.15 alike: both violate by "10 %" at 1.1x.
+        The PI controller's error is ``ln(1 + value / scale)`` and the ``relative`` controller's
+        step ``nu * value / scale``, so one setting fits an MSE of 0.005 and a cross-entropy of
+        0.15 alike: both violate by "10 %" at 1.1x.
         """
         return self.reading_tolerance
 
@@ -158,6 +161,7 @@ class ReconstructionMSE(Constraint):
             tolerance lies in (0, peak²] and a PSNR in (0, 100] dB (``MSE = peak² 10^(-PSNR/10)``:
             20 dB is 0.01 for images in [0, 1]). ``None``: data in any units (standardised
             vectors, raw sensor values): any positive MSE, and no PSNR.
+        step_size: see :class:`Constraint`.
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class ReconstructionMSE(Constraint):
         unit: Literal["mse", "psnr"] = "mse",
         name: str = "reconstruction",
         peak: float | None = 1.0,
+        step_size: float | None = None,
     ) -> None:
         super().__init__()
         if peak is not None and not (math.isfinite(peak) and peak > 0):
@@ -201,6 +206,7 @@ class ReconstructionMSE(Constraint):
         self.unit = unit
         self.name = name
         self.peak = peak
+        self.step_size = _step_size("ReconstructionMSE", step_size)
 
     reading_name = "distortion"
 

@@ -24,15 +24,20 @@ valid. Two classes, three laws selectable by name (``GECOCallback(controller=...
         zeta_t     = r * zeta_{t-1} + (1 - r) * e_t                 (slow average, zeta_{-1} = e_0)
         slope_t    = (xi_t - zeta_t) / (T_slow - T_fast)            (the error's slope per step)
         hold_t     = xi_t > 0 and slope_t < 0 and xi_t < H * -slope_t
-        I_t        = clip(I_{t-1} + K_I * clip(e_t, +-L) * (not hold_t), bounds)   (I_{-1} = log initial lambda)
+        J_t        = clip(I_{t-1} + K_I * clip(e_t, +-L) * (not hold_t), bounds)   (I_{-1} = log initial lambda)
+        I_t        = max(J_t + K_I * min(max(xi_t, zeta_t) + R, 0), min(J_t, F_{t-1}))   (the fast release)
+        F_t        = min(F_{t-1}, I_t)                              (the lowest it has been, F_{-1} = I_{-1})
         log lam_t  = clip(I_t + K_P * xi_t, bounds)
 
     with ``s = exp(-1 / T_fast)``, ``r = exp(-1 / T_slow)`` (``smoothing_steps`` 10 and
-    ``trend_steps`` 50) and ``H = approach_steps`` (200). Defaults K_P 0.5, K_I 0.08 per step,
-    L 0.075: chosen by the controller table of docs/RESULTS.md, one setting for every cell.
+    ``trend_steps`` 50), ``H = approach_steps`` (200) and ``R = release_threshold`` (0.5).
+    Defaults K_P 0.5, K_I 0.08 per step, L 0.075: chosen by the controller table of
+    docs/RESULTS.md, one setting for every cell.
 
     The log ratio is symmetric (a 2x violation and a 2x over-satisfaction move lambda by the
-    same amount), so no release speedup is needed. The P term is never stored: a large early
+    same amount), so no release speedup is needed while the reading is near its tolerance; the
+    fast release acts only far under it (both averages below ``-R``: the reading under 61 % of
+    its tolerance), where the clip alone would lower lambda too slowly (see ``release_threshold``). The P term is never stored: a large early
     error raises lambda at once and lets go as soon as the error shrinks. Two things keep the
     integrator from winding up while the model is still learning, when the reading is far
     above its tolerance for reasons more lambda does not fix: it reads the error clipped to

@@ -277,6 +277,10 @@ def test_a_violation_of_ten_percent_of_the_scale_moves_log_lambda_by_a_tenth_of_
 def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused():
     callback = GECOCallback(step_size=0.003)
     assert callback.absolute_step_size(PatchNCC(0.9, step_size=0.01)) == pytest.approx(0.01 / 0.1)
+    assert callback.absolute_step_size(ReconstructionMSE(0.02, step_size=0.01)) == pytest.approx(0.01 / 0.02)
+    assert callback.absolute_step_size(ReconstructionMSE(0.02)) == pytest.approx(0.003 / 0.02)
+    with pytest.raises(ValueError, match=re.escape("ReconstructionMSE step_size must be a positive finite number or None, got -1.0.")):
+        ReconstructionMSE(0.02, step_size=-1.0)
 
     class Unscaled(ReconstructionMSE):
         scale = 0.0
