@@ -30,6 +30,8 @@ def wandb_file(run_dir: str | Path) -> Path:
 
 
 def _payloads(data: bytes) -> Iterator[bytes]:
+    if len(data) < _HEADER.size:
+        return  # a file W&B has just created, its header not yet written: no records yet
     ident, magic, version = _HEADER.unpack_from(data, 0)
     if ident != b":W&B" or magic != 0xBEE1 or version != 0:
         raise ValueError(f"Not a W&B run file (header {ident!r}, magic {magic:#x}, version {version}).")

@@ -94,12 +94,26 @@ def test_calibration_reads_the_model_in_eval_mode_without_gradients_and_leaves_t
 
 
 def test_the_datamodule_calibration_split_drives_lambda(tmp_path):
+    def fit(given):
+        pl.seed_everything(0)
+        data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+        data.setup("fit")
+        callback = GECOCallback(controller="pi", drive="calibration", calibration_every=1, calibration_batch_size=8,
+                                calibration_dataset=data.calibration_dataset if given else None)
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback]).fit(tiny_conv_vae(), data)
+        return callback, callback.geco.log_lagrange_multiplier.tolist()
+
+    found, found_lambda = fit(given=False)
+    assert found.geco.num_measurements == 3 and found_lambda != [0.0]
+    # The split the callback found on the DataModule is the one it measures: as if handed over.
+    given, given_lambda = fit(given=True)
+    assert given.geco.num_measurements == 3 and given_lambda == found_lambda
+    # The training batches alone would move lambda elsewhere.
     pl.seed_everything(0)
     data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
-    callback = GECOCallback(controller="pi", drive="calibration", calibration_every=1, calibration_batch_size=8)
-    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback])
-    trainer.fit(tiny_conv_vae(), data)
-    assert callback.geco.num_measurements == 3
+    training = GECOCallback(controller="pi", drive="training")
+    quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[training]).fit(tiny_conv_vae(), data)
+    assert training.geco.log_lagrange_multiplier.tolist() != found_lambda
 
 
 def test_calibration_without_a_split_says_how_to_get_one():

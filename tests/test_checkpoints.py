@@ -237,10 +237,35 @@ def test_a_checkpoint_of_the_previous_version_loads_its_lambda_and_says_what_to_
     assert torch.equal(loaded.objective.multipliers.log_lagrange_multiplier, geco["log_lagrange_multiplier"])
     # Resuming it continues from the same lambda.
     model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)]))
-    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[GECOCallback()])
-    with pytest.warns(UserWarning, match="recorded a model's objective"):
+    callback, at_start = GECOCallback(), []
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            at_start.append(pl_module.objective.multipliers.log_lagrange_multiplier.clone())
+
+    trainer = quiet_trainer(max_steps=7, limit_val_batches=0, callbacks=[callback, AtStart()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.fit(model, DataLoader(random_images(24, (1, 16, 16)), batch_size=8), ckpt_path=tmp_path / "model.ckpt")
-    assert trainer.global_step == 7
+    messages = [str(w.message) for w in caught]
+    assert any("recorded a model's objective" in m for m in messages)
+    assert not any("holds no GECO multipliers" in m for m in messages)  # found in the callback's state
+    assert trainer.global_step == 7 and callback.geco.num_updates == 7  # 6 saved + 1
+    assert torch.equal(at_start[0], geco["log_lagrange_multiplier"])
+
+
+def test_a_checkpoint_with_no_multipliers_anywhere_keeps_the_models_lambda_and_says_so(tmp_path):
+    _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path)
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    for key in [k for k in checkpoint["state_dict"] if k.startswith("objective.multipliers.")]:
+        del checkpoint["state_dict"][key]
+    del checkpoint["callbacks"]  # as saved without GECOCallback
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    message = ("The checkpoint holds no GECO multipliers for 'objective.multipliers' (it was saved without GECOCallback, or before "
+               "they were part of the model): lambda stays at [1.0].")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert loaded.objective.lagrange_multiplier.tolist() == [1.0]
 
 
 def test_a_checkpoint_that_kept_the_skip_streak_in_the_callback_restores_it(tmp_path):

@@ -153,7 +153,10 @@ def test_calibration_drive_moves_lambda_only_through_control():
     geco.update(_statistics(torch.full((4, 1), 0.05)))
     assert geco.log_lagrange_multiplier.item() == 0.0 and geco.num_updates == 1
     geco.control(_statistics(torch.full((4, 1), 0.01)), period=16)  # 2x the tolerance
-    assert geco.log_lagrange_multiplier.item() > 0.0 and geco.num_measurements == 1
+    # The first measurement: e = ln 2, the integrator's clipped error 0.075 over 16 steps, and
+    # the P term on xi_0 = e (nothing held: no slope yet; nothing released: e > -0.5).
+    expected = 0.08 * 16 * 0.075 + 0.5 * math.log(2.0)
+    assert geco.log_lagrange_multiplier.item() == pytest.approx(expected, rel=1e-6) and geco.num_measurements == 1
 
 
 @pytest.mark.parametrize(
@@ -280,11 +283,53 @@ def test_the_fast_release_never_takes_lambda_below_its_lowest():
 
     risen, released = integral_after_rise_and_fall()
     _, clipped = integral_after_rise_and_fall(release_threshold=None)
-    # the clip's crawl (the approach hold holds it for the first two steps of the fall)
-    assert risen > 1.0 and clipped == pytest.approx(risen - 100 * 0.006, abs=0.015)
+    # The clip's crawl, 0.006 a step, held for the first two steps of the fall: the fast average
+    # of the error is still above 0 there (1.02, then 0.49) and falling fast enough to arrive
+    # within the 200 steps (the slope -0.012 a step, then steeper), so 98 steps crawl.
+    assert risen == pytest.approx(200 * 0.006, abs=1e-5)
+    assert clipped == pytest.approx(risen - 98 * 0.006, abs=1e-5)
     # The release took back what had risen, down to where lambda started (its lowest), and the
     # clip's crawl went on from there: not the ~15 in log lambda an unbounded release would fall.
     assert -100 * 0.006 <= released < 0.0
+
+
+def test_the_integrator_holds_while_the_reading_falls_onto_its_tolerance_as_the_docstring_states():
+    def integrals(readings, **settings):
+        controller = PIController(**settings)
+        controller.reset(torch.zeros(1))
+        scale, valid, seen = torch.tensor([0.01]), torch.tensor(True), []
+        for reading in readings:
+            value = torch.tensor([reading - 0.01])
+            controller.step(torch.zeros(1), value, value, scale, 1, valid)
+            seen.append(controller.integral.item())
+        return seen
+
+    def documented(readings, hold=True):
+        """The module docstring's law in float64 (no release: every error here is above -0.5)."""
+        s, r, integral, seen, held_at = math.exp(-1 / 10), math.exp(-1 / 50), 0.0, [], []
+        xi = zeta = math.log(readings[0] / 0.01)  # xi_{-1} = zeta_{-1} = e_0
+        for t, reading in enumerate(readings):
+            e = math.log(reading / 0.01)
+            xi = s * xi + (1 - s) * e
+            zeta = r * zeta + (1 - r) * e
+            slope = (xi - zeta) / (50 - 10)
+            held = hold and xi > 0 and slope < 0 and xi < 200 * -slope
+            integral += 0.0 if held else 0.08 * max(-0.075, min(0.075, e))
+            seen.append(integral)
+            held_at += [t] if held else []
+        return seen, held_at
+
+    # 2x past and standing: the integrator rises by the clip, K_I * 0.075 a step, every step.
+    standing = [0.02] * 40
+    assert integrals(standing) == pytest.approx([0.006 * (t + 1) for t in range(40)], abs=1e-6)
+    assert documented(standing)[1] == []
+    # 2x past and falling 2 % a step (the error's slope -0.02 a step: at 0 in 35 steps): once the
+    # averages show the slope, the integrator stops rising, as the docstring's hold says.
+    falling = [0.02 * 0.98**t for t in range(40)]
+    expected, held_at = documented(falling)
+    assert held_at == list(range(15, 40))  # the averages need 15 steps to see the slope
+    assert integrals(falling) == pytest.approx(expected, abs=1e-5)
+    assert integrals(falling, approach_steps=None) == pytest.approx(documented(falling, hold=False)[0], abs=1e-5)
 
 
 def test_ramp_tracking_removes_the_lag_behind_a_steep_drift():

@@ -1,5 +1,6 @@
 """train.py end to end: every config runs a few steps, writes summary.json, logs to W&B offline."""
 
+import csv
 import importlib.util
 import inspect
 import json
@@ -16,14 +17,16 @@ import torch
 import yaml
 from jsonargparse import dict_to_namespace
 from jsonargparse._util import import_object
+from lightning_geco.datamodules import ShapesDataModule
 from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
+from lightning_geco import ConvVAE
 from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
 from lightning_geco.compare import compare, joined_history
 from lightning_geco.compare import main as compare_main
-from lightning_geco.wandb_records import read_history
+from lightning_geco.wandb_records import read_history, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -53,6 +56,8 @@ CONSTRAINT_READINGS = {
     "features": ["feature_distance"],
 }
 PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_distortion")
+# The columns of the compare command's table (lightning_geco.compare.COLUMNS), spelled out here.
+COMPARED = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
 
 
 def _small_data_overrides(config: Path) -> list[str]:
@@ -160,15 +165,18 @@ def test_every_config_runs_a_few_steps_and_writes_its_summary(config, capsys):
 
 
 def _history(run_dir: Path, expected: set[str], timeout: float = 30.0) -> list[dict]:
-    """The run's history rows once they hold the ``expected`` keys (or ``timeout`` seconds on).
+    """The run's history rows once they hold the ``expected`` keys and the file holds the run's
+    exit record, its last (or ``timeout`` seconds on).
 
     W&B's service process writes the ``.wandb`` file on its own: under a full suite's load a read
-    right after ``finish()`` returned has found no history yet (once, in a CI run).
+    right after ``finish()`` returned has found no history yet (once, in a CI run); the exit
+    record says the rows after the first ones holding the keys (the last step's) are there too.
     """
     deadline = time.monotonic() + timeout
     while True:
+        finished = any(record.WhichOneof("record_type") == "exit" for record in read_records(run_dir))
         history = read_history(run_dir)
-        if expected <= set().union(*history) or time.monotonic() > deadline:
+        if (finished and expected <= set().union(*history)) or time.monotonic() > deadline:
             return history
         time.sleep(0.5)
 
@@ -195,7 +203,13 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     assert (summary_path.parent / "config.yaml").exists()
     summary = json.loads(summary_path.read_text())
     assert summary["tolerance"] == pytest.approx(0.005)  # configs/default.yaml's
-    assert summary["lambda"] == pytest.approx(cli.trainer.callback_metrics["geco/lambda"].item())
+    assert summary["lambda"] == cli.trainer.callback_metrics["geco/lambda"].item()
+    # What W&B holds: the last lambda logged is the one the run ended with, and the second
+    # validation's figures (step 4) are the summary's.
+    assert [row["geco/lambda"] for row in history if "geco/lambda" in row][-1] == summary["lambda"]
+    validations = [row for row in history if "val/distortion" in row]
+    assert len(validations) == 2
+    assert (validations[-1]["val/distortion"], validations[-1]["val/rate"]) == (summary["distortion"], summary["rate"])
 
 
 def test_image_shape_comes_from_the_data_even_when_the_config_repeats_it():
@@ -222,7 +236,25 @@ def test_the_readme_controller_config_runs_pi_on_a_calibration_split_and_prints_
     assert out[-2].startswith("GECO: ") and "distortion" in out[-2]  # the verdict, just before the summary path
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GECOCallback"]
     assert callback.controller == "pi" and callback.geco.num_measurements == 2  # steps 0 and 2
-    assert json.loads(Path(out[-1]).read_text())["verdict"] in ("met", "not_met", "unreachable")
+    summary = json.loads(Path(out[-1]).read_text())
+    assert summary["drive"] == "calibration" and summary["calibration"] == callback.last_calibration.item()
+    assert summary["validated_step"] == summary["global_step"] == 4
+    # The verdict follows from the recorded figures (lightning_geco/verdict.py): met up to 1 % past
+    # the tolerance (relative to it, for an MSE), else unreachable where a stall was found, else not met.
+    distortion, tolerance, violation = summary["distortion"], summary["tolerance"], summary["relative_violation"]
+    assert tolerance == 0.005 and violation == pytest.approx((distortion - tolerance) / tolerance, rel=1e-12)
+    stall = callback.detector.stalls[0]
+    expected = "met" if violation <= 0.01 else "unreachable" if stall is not None else "not_met"
+    assert summary["verdict"] == expected
+    # The printed line is the summary's, and states the verdict with the figures it was decided on.
+    assert out[-2] == summary["verdict_line"]
+    if expected == "met":
+        sign, percent = ("<=", f"{-100 * violation:.1f} %") if violation <= 0 else ("~", f"{100 * violation:.1f} %")
+        clause = f"GECO: distortion {distortion:.4g} {sign} {tolerance:.4g} ({percent}"
+    else:
+        clause = f"GECO: {expected.replace('_', ' ').upper()}: distortion {distortion:.4g} > {tolerance:.4g} ({100 * violation:+.1f} %"
+    assert out[-2].startswith(clause), (out[-2], clause)
+    assert out[-2].endswith(f", rate {summary['rate']:.3g} nats")
 
 
 def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
@@ -462,11 +494,26 @@ def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_
 def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
     first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    last = Path("runs/checkpoints/default/last.ckpt").resolve()
+    checkpoint = torch.load(last, weights_only=False)
+    saved = checkpoint["callbacks"]["RunSummary"]["wall_clock_seconds"]
+    # The checkpoint was written before the first fit's summary (which rounds to the millisecond).
+    assert 0 < saved <= first["wall_clock_seconds"] + 5e-4
+    # The run so far made an hour longer: the resumed fit alone takes seconds, so a summary that
+    # left the checkpoint's time out (or counted it twice) cannot land within the bounds below.
+    earlier = saved + 3600.0
+    checkpoint["callbacks"]["RunSummary"]["wall_clock_seconds"] = earlier
+    torch.save(checkpoint, last)
+    started = time.monotonic()
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    second_call = time.monotonic() - started
     resumed = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
     assert resumed["global_step"] == 4
-    # The checkpoint was written before the first fit's final validation and summary.
-    assert resumed["wall_clock_seconds"] > 0.5 * first["wall_clock_seconds"]
+    assert earlier < resumed["wall_clock_seconds"] <= earlier + second_call + 5e-4
+    # The resumed fit's checkpoint carries the whole run's time on to a next resume.
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert earlier < checkpoint["callbacks"]["RunSummary"]["wall_clock_seconds"] <= resumed["wall_clock_seconds"] + 5e-4
     assert Path(first["path"]).parent == Path.cwd() / "runs"  # --trainer.logger false: under runs/, not here
     assert not Path("config.yaml").exists() and not Path("summary.json").exists()
 
@@ -523,13 +570,32 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         image = Image.open(png)
         assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
     assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
+    # One row per run, in both files, each figure the run's summary.json holds (floats to 4 digits).
+    header, rule, *rows = table.strip().splitlines()
+    assert header == "| run | " + " | ".join(COMPARED) + " |" and rule == "|---" * (len(COMPARED) + 1) + "|"
+    markdown_rows = [[part.strip() for part in row.strip("|").split("|")] for row in rows]
+    cell = lambda value: f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)  # noqa: E731
+    expected = []
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        expected.append([path.parent.parent.name, *(cell(summary[column]) for column in COMPARED)])
+    assert markdown_rows == expected and [row[2] for row in expected] == ["0.05", "0.02"]
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as handle:
+        assert list(csv.reader(handle)) == [["run", *COMPARED], *expected]
     # The command's exit status: 0 when it wrote them (the console script exits with it).
     assert compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "named"), "--names", "loose", "tight"]) == 0
     named = (tmp_path / "named" / "comparison.md").read_text()
     assert "| loose | " in named and "| tight | " in named
-    with pytest.raises(SystemExit):
-        compare_main([str(run_dir), "--out", str(tmp_path / "bad"), "--names", "a", "b"])
+    with open(tmp_path / "named" / "comparison.csv", newline="") as handle:
+        assert list(csv.reader(handle))[1:] == [["loose", *expected[0][1:]], ["tight", *expected[1][1:]]]
     capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error: the usage, then the message
+        compare_main([str(run_dir), "--out", str(tmp_path / "bad"), "--names", "a", "b"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: lightning-geco-compare ")
+    assert err[-1] == "lightning-geco-compare: error: --names got 2 labels for 1 runs"
+    assert not (tmp_path / "bad").exists()
     assert compare_main([str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err == (
         f"error: No run at {tmp_path}: expected a W&B run folder (with files/summary.json), a folder holding "
@@ -549,13 +615,35 @@ def test_two_process_ddp_run_through_train_py_logs_to_wandb_and_writes_one_summa
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary_path = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads(summary_path.read_text())
-    assert summary["global_step"] == 4 and summary["lambda"] > 0
-    assert summary["standard_error"] > 0  # over both ranks' validation images
+    assert summary["global_step"] == summary["validated_step"] == 4 and summary["standard_error"] > 0
     # Values that are global already are not flagged as unsynced epoch-level tensors.
     assert "sync_dist=True" not in proc.stderr
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 1
     expected = {"geco/lambda", "val/marginal_kl", "val/distortion/standard_error"}
-    assert expected <= set().union(*_history(summary_path.parent.parent, expected))
+    history = _history(summary_path.parent.parent, expected)
+    assert expected <= set().union(*history)
+    # lambda: the one the run ended with, as its checkpoint holds it and W&B logged it last.
+    (last,) = (tmp_path / "runs" / "checkpoints" / "default").glob("*/last.ckpt")
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert summary["lambda"] == checkpoint["state_dict"]["objective.multipliers.log_lagrange_multiplier"].exp().item()
+    assert [row["geco/lambda"] for row in history if "geco/lambda" in row][-1] == summary["lambda"]
+    # The validation rate (the closed-form KL of the posterior: no sampling) is the mean over all
+    # 64 validation images, each rank's 2 batches of 16: the trained encoder gives it again here
+    # (in float64; the run's float32 is ~2e-6 off). One rank's half alone (DistributedSampler:
+    # every other image) is ~4.5e-4 off: after 4 steps the per-image rates differ by ~1 %.
+    model = ConvVAE.load_from_checkpoint(last, map_location="cpu").eval()
+    data = ShapesDataModule(image_size=64, num_train=128, num_val=64, batch_size=16)
+    data.setup("fit")
+    images = torch.cat([batch[0] for batch in data.val_dataloader()])
+    assert images.shape == (64, 1, 64, 64)
+    with torch.no_grad():
+        posterior = model.encode(images)
+    mean, log_variance = posterior.mean.double(), posterior.log_variance.double()
+    rate = 0.5 * (mean.pow(2) + log_variance.exp() - 1 - log_variance).sum(dim=1)
+    assert summary["rate"] == pytest.approx(rate.mean().item(), rel=2e-5)
+    for rank in (0, 1):
+        assert abs(rate[rank::2].mean().item() / summary["rate"] - 1) > 2e-4
 
 
 def test_a_run_prints_no_wandb_warning_the_user_cannot_act_on(tmp_path):
