@@ -1,6 +1,6 @@
 """LightningDataModules that wrap datasets, offline-first, on a shared base."""
 
-from .base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
+from .base import ImageDataModule, MissingDatasetError, NoTestSplitError, UInt8Images, seeded_split
 from .celeba import CelebADataModule
 from .cifar import CIFAR10DataModule
 from .dsprites import DSpritesDataModule
@@ -23,6 +23,7 @@ __all__ = [
     "KMNISTDataModule",
     "MNISTDataModule",
     "MissingDatasetError",
+    "NoTestSplitError",
     "OmniglotDataModule",
     "ResumableLoader",
     "ResumableSampler",

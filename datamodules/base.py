@@ -3,9 +3,10 @@ optional calibration split carved from the training set."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "CALIBRATION_SEED",
     "ImageDataModule",
     "MissingDatasetError",
+    "NoTestSplitError",
     "UInt8Images",
     "carve_calibration",
     "dataset_length",
@@ -35,6 +37,12 @@ __all__ = [
 # calibration images are then the same on every rank and run. They are positions in the training
 # split, so they are other images when the split's own seed changes.
 CALIBRATION_SEED = 0x0CA1
+
+_DataModule = TypeVar("_DataModule", bound="ImageDataModule")
+
+
+class NoTestSplitError(ValueError):
+    """A DataModule asked for a test set its data do not hold."""
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -188,6 +196,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.device = device
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        #: the test set (``trainer.test``), built by ``setup("test")`` from :meth:`build_test`
+        self.test_dataset: Dataset | None = None
         self.num_calibration = num_calibration
         # Items yield what train's do: (image, target); a TensorDataset on ``device`` when set.
         self.calibration_dataset: Dataset | None = None
@@ -203,8 +213,29 @@ class ImageDataModule(pl.LightningDataModule):
         """The (train, val) datasets; subclasses load or generate their data here."""
         raise NotImplementedError
 
+    def build_test(self) -> Dataset:
+        """The test set: images that neither training, validation nor calibration draws from,
+        e.g. a dataset's official test files. Raises :class:`NoTestSplitError` (saying why) where
+        the data hold none; the default."""
+        raise NoTestSplitError(
+            f"{type(self).__name__} has no test split: its data are one set, split into training and "
+            "validation. Evaluate on the validation split (train.py validate) instead."
+        )
+
+    def with_source(self: _DataModule, source: str) -> _DataModule:
+        """This DataModule as if built with ``source=source`` (a shallow copy, for reading another
+        of the dataset's files with the same settings: the test files for :meth:`build_test`)."""
+        other = copy.copy(self)
+        other.source = source  # type: ignore[attr-defined]
+        return other
+
     def setup(self, stage: str | None = None) -> None:
-        """Build the splits once (every stage shares them), then carve the calibration split."""
+        """Build the splits once (every stage shares them), then carve the calibration split;
+        ``"test"`` builds the test set alone."""
+        if stage == "test":
+            if self.test_dataset is None:
+                self.test_dataset = self.build_test()
+            return
         if self.train_dataset is not None:
             return
         train, val = self.build_splits()
@@ -312,6 +343,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
 
 
 def download_files(dataset: str, urls: list[str], folder: Path, timeout_s: float = 10.0) -> None:

@@ -8,8 +8,8 @@ Looked for under ``root/celeba`` (torchvision's layout) and ``root``:
 
 Images are center-cropped to ``crop`` pixels (148 by default, the face) and resized to
 ``image_size`` (64 by default). Batches are ``(images, attributes)`` with attributes (B, 40)
-in {0, 1}. The official partitions give the train (0) and validation (1) sets, so the split is
-the same everywhere. There is no download: the files live on Google Drive behind a quota.
+in {0, 1}. The official partitions give the train (0), validation (1) and test (2) sets, so the
+split is the same everywhere. There is no download: the files live on Google Drive behind a quota.
 """
 
 from __future__ import annotations
@@ -105,6 +105,14 @@ class CelebADataModule(ImageDataModule):
         self.folder()
 
     def build_splits(self) -> tuple[CelebAImages, CelebAImages]:
+        return self._partition("0"), self._partition("1")
+
+    def build_test(self) -> CelebAImages:
+        """The official test partition (2)."""
+        return self._partition("2")
+
+    def _partition(self, code: str) -> CelebAImages:
+        """The images of one official partition: 0 train, 1 validation, 2 test."""
         folder = self.folder()
         partition = dict(line.split() for line in (folder / PARTITION).read_text().split("\n") if line.strip())
         lines = (folder / ATTRIBUTES).read_text().split("\n")
@@ -122,9 +130,6 @@ class CelebADataModule(ImageDataModule):
             ]
         )
 
-        def subset(code: str) -> CelebAImages:
-            names = sorted(name for name, part in partition.items() if part == code)
-            attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), 40)
-            return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)
-
-        return subset("0"), subset("1")
+        names = sorted(name for name, part in partition.items() if part == code)
+        attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), 40)
+        return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)

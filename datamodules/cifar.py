@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 from .base import (
     ImageDataModule,
     MissingDatasetError,
+    NoTestSplitError,
     UInt8Images,
     download_files,
     ensure_files,
@@ -96,8 +97,19 @@ class CIFAR10DataModule(ImageDataModule):
         with tarfile.open(self.root / URL.rsplit("/", 1)[-1]) as archive:
             archive.extractall(self.root, filter="data")
 
-    def build_splits(self) -> tuple[Subset, Subset]:
+    def load(self) -> UInt8Images:
+        """The whole source split: images (N, 3, 32, 32) served in [0, 1], labels (N,) int64."""
         parts = [read_cifar_batch(path) for path in self.files()]
-        images = torch.cat([p[0] for p in parts])
-        labels = torch.cat([p[1] for p in parts])
-        return seeded_split(UInt8Images(images, labels), self.num_val, self.seed)
+        return UInt8Images(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def build_splits(self) -> tuple[Subset, Subset]:
+        return seeded_split(self.load(), self.num_val, self.seed)
+
+    def build_test(self) -> UInt8Images:
+        """``test_batch`` (10,000 images) when training reads the five data batches."""
+        if self.source == "test":
+            raise NoTestSplitError(
+                "CIFAR10DataModule(source='test') trains and validates on test_batch: no test split is left. "
+                "Train with source='train' to test on test_batch."
+            )
+        return self.with_source("test").load()

@@ -81,11 +81,11 @@ class ShapesDataModule(ImageDataModule):
 
     Args:
         image_size: side S of the square images.
-        num_train, num_val: images in each split, generated from two seeds. Both draw from the
-            same finite grid of factors (737,280 cells, fewer distinct images through the
-            shapes' symmetries), so a split can repeat an image of the other: with the defaults,
-            105 of the 2,000 validation images (5.3 %) are also training images. The real-data
-            DataModules hold images out by index.
+        num_train, num_val, num_test: images in each split (the test split for ``trainer.test``),
+            generated from three seeds. All draw from the same finite grid of factors (737,280
+            cells, fewer distinct images through the shapes' symmetries), so a split can repeat
+            an image of another: with the defaults, 105 of the 2,000 validation images (5.3 %)
+            are also training images. The real-data DataModules hold images out by index.
         seed: seed of the factors; the same seed gives the same images on every rank and run.
         batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
             :class:`ImageDataModule`.
@@ -103,8 +103,11 @@ class ShapesDataModule(ImageDataModule):
         pin_memory: bool = False,
         device: str | None = None,
         num_calibration: int = 0,
+        num_test: int = 2_000,
     ) -> None:
         super().__init__(batch_size, num_workers, shuffle, pin_memory, device, num_calibration)
+        if num_test < 1:
+            raise ValueError(f"ShapesDataModule num_test must be positive, got {num_test!r}.")
         if image_size < 8:
             raise ValueError(f"ShapesDataModule image_size must be at least 8 pixels, got {image_size!r}.")
         if num_train < 1 or num_val < 1:
@@ -112,6 +115,7 @@ class ShapesDataModule(ImageDataModule):
         self.image_size = image_size
         self.num_train = num_train
         self.num_val = num_val
+        self.num_test = num_test
         self.seed = seed
 
     @property
@@ -125,3 +129,8 @@ class ShapesDataModule(ImageDataModule):
             TensorDataset(render_shapes(train_factors, self.image_size), train_factors),
             TensorDataset(render_shapes(val_factors, self.image_size), val_factors),
         )
+
+    def build_test(self) -> TensorDataset:
+        # A seed no training or validation split of any seed in [0, 2**31) draws from (2s, 2s + 1).
+        factors = sample_factors(self.num_test, seed=2**32 + self.seed)
+        return TensorDataset(render_shapes(factors, self.image_size), factors)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Subset
 from torchvision.datasets import EMNIST, SVHN, VisionDataset
 
-from .base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
+from .base import ImageDataModule, MissingDatasetError, NoTestSplitError, UInt8Images, seeded_split
 
 __all__ = ["EMNISTDataModule", "SVHNDataModule", "TorchvisionDataModule"]
 
@@ -100,6 +100,17 @@ class TorchvisionDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Subset, Subset]:
         dataset, self._prepared = self._prepared or self._read(download=False), None
         return seeded_split(self.to_images(dataset), self.num_val, self.seed)
+
+    def build_test(self) -> UInt8Images:
+        """The dataset's ``test`` files when training reads another source."""
+        if self.source == "test":
+            raise NoTestSplitError(
+                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
+                "left. Train with another source to test on the test files."
+            )
+        other = self.with_source("test")
+        other._prepared = None
+        return self.to_images(other._read(download=False))
 
 
 class EMNISTDataModule(TorchvisionDataModule):

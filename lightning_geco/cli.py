@@ -383,7 +383,7 @@ class GECOLightningCLI(LightningCLI):
         from_last = ckpt_path == "last" and bool(folders)
         if from_last:
             found = newest_last_checkpoint(folders)
-            if found is None:
+            if found is None and self.config.subcommand == "fit":  # test refuses to run without one
                 rank_zero_warn(
                     f"--ckpt_path last: no checkpoint under {', '.join(f'{f}/<run id>/' for f in folders)}; "
                     "this is a new run from step 0."
@@ -397,7 +397,9 @@ class GECOLightningCLI(LightningCLI):
             self.resumed_run_id = Path(ckpt_path).parent.name
         hyperparameters, step = _checkpoint_head(ckpt_path)
         if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
-            rank_zero_info(f"--ckpt_path last: resuming run {Path(ckpt_path).parent.name} from step {step} ({ckpt_path}).")
+            run = Path(ckpt_path).parent.name
+            doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
+            rank_zero_info(f"--ckpt_path last: {doing} step {step} ({ckpt_path}).")
         try:
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
@@ -482,14 +484,34 @@ class GECOLightningCLI(LightningCLI):
                 except Exception as unreadable:  # a checkpoint cut short must not hide the error itself
                     line = f"GECO: stopped at step {self.trainer.global_step} (its checkpoints could not be read: {unreadable})"
                 sys.stderr.write(line + "\n")
-            cause = _root_cause(error)
-            # A mistake in the data or the settings is its message, not a 50-line trace (which
-            # LIGHTNING_GECO_TRACEBACK=1 brings back); anything else is raised as it is.
-            if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not os.environ.get(
-                "LIGHTNING_GECO_TRACEBACK"
-            ):
-                _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
+            _fail_short(error)
             raise
+
+    def test(self, model: LightningModule, **kwargs: Any) -> None:
+        """``train.py test``: the trained model (``--ckpt_path``) on the DataModule's test split."""
+        if kwargs.get("ckpt_path") is None:
+            _fail(
+                "train.py test reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for this "
+                "config's newest run."
+            )
+        try:
+            self.trainer.test(model, **kwargs)
+        except BaseException as error:
+            self._finish_wandb(failed_with=error)
+            _fail_short(error)
+            raise
+
+    def after_test(self) -> None:
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        summary = next(c for c in callbacks if isinstance(c, RunSummary))
+        if not self.trainer.is_global_zero:
+            return
+        self._finish_wandb()
+        if summary.test_verdict_line:
+            print(summary.test_verdict_line)
+        if summary.test_path is not None:  # none under fast_dev_run
+            print(summary.test_path, flush=True)
 
     def _stopped_by_ctrl_c(self, error: BaseException) -> bool:
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (and marks the
@@ -556,6 +578,14 @@ class GECOLightningCLI(LightningCLI):
                 link.symlink_to(Path(last.parent.name) / last.name)
             except OSError:  # no symlinks (e.g. Windows without the privilege): a copy
                 shutil.copyfile(last, link)
+
+
+def _fail_short(error: BaseException) -> None:
+    """Exit with the message of a mistake in the data or the settings, not a 50-line trace (which
+    LIGHTNING_GECO_TRACEBACK=1 brings back); return for anything else, which the caller raises."""
+    cause = _root_cause(error)
+    if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
+        _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 
 
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:

@@ -13,6 +13,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_geco.callbacks import GECOCallback
+from lightning_geco.constraints import Constraint
+from lightning_geco.objectives import GECOObjective
 from lightning_geco.verdict import constraint_clause, verdict, verdict_line
 
 __all__ = ["VALIDATION_KEYS", "RunSummary", "run_directory"]
@@ -56,6 +58,49 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _stage_readings(metrics: dict[str, Any], stage: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The top-level ``<stage>/<name>`` scalars of an evaluation (the docs/ARCHITECTURE.md keys
+    first, then the rest sorted; per-dimension and per-part keys left out), and the standard
+    error of each reading that has one (``<stage>/<reading>/standard_error``)."""
+    prefix, suffix = f"{stage}/", "/standard_error"
+    names = [k[len(prefix) :] for k in metrics if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+    ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
+    readings = {k: float(metrics[prefix + k]) for k in ordered}
+    standard_errors = {
+        k[len(prefix) : -len(suffix)]: float(v) for k, v in metrics.items() if k.startswith(prefix) and k.endswith(suffix)
+    }
+    return readings, standard_errors
+
+
+def _constraint_fields(
+    constraints: list[Constraint], readings: dict[str, float], standard_errors: dict[str, float]
+) -> tuple[dict[str, list[Any]], list[float | None], list[float | None]]:
+    """Per constraint: the summary's fields on its reading, how far each reading is past its
+    tolerance (``relative_violation``) and the reading's standard error in those units."""
+    violation = [
+        c.relative_violation(readings[c.reading_name]) if c.reading_name in readings else None for c in constraints
+    ]
+    errors = [standard_errors.get(c.reading_name) for c in constraints]
+    fields: dict[str, list[Any]] = {
+        "tolerance": [c.reading_tolerance for c in constraints],
+        "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
+        "reading": [c.reading_name for c in constraints],
+        "relative_violation": violation,
+        "standard_error": [_number(e) for e in errors],
+    }
+    return fields, violation, [_relative_standard_error(c, e) for c, e in zip(constraints, errors)]
+
+
+def _satisfied(constraints: list[Constraint], readings: dict[str, float]) -> bool:
+    """Whether every constraint's reading meets its tolerance (strictly, no band)."""
+    return all(c.reading_name in readings and c.satisfied_by(readings[c.reading_name]) for c in constraints)
+
+
+def _per_constraint(constraints: list[Constraint], values: list[Any]) -> Any:
+    """One constraint's value as it is; several keyed by constraint name."""
+    return values[0] if len(constraints) == 1 else dict(zip([c.name for c in constraints], values))
+
+
 def _relative_standard_error(constraint: Any, standard_error: float | None) -> float | None:
     """A reading's standard error in units of the constraint's scale (as ``relative_violation``)."""
     if standard_error is None or not math.isfinite(standard_error):
@@ -66,7 +111,8 @@ def _relative_standard_error(constraint: Any, standard_error: float | None) -> f
 
 
 class RunSummary(Callback):
-    """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated.
+    """Writes ``summary.json`` at the end of ``fit`` and makes sure the last step is validated;
+    writes ``test_summary.json`` at the end of ``test``.
 
     Under ``fast_dev_run`` no file is written (:attr:`summary` and :attr:`verdict_line` are still
     set; :attr:`path` stays None), as Lightning writes no logs or checkpoints then.
@@ -95,6 +141,13 @@ class RunSummary(Callback):
     and ``path``. With several constraints, the per-constraint fields
     are dicts keyed by constraint name.
     The W&B run summary gets the same fields.
+
+    ``trainer.test`` (``train.py test``) writes ``test_<filename>``: the test set's figures as
+    above (from ``test/*``), for a GECO model ``lambda`` (as trained), ``tolerance``,
+    ``tolerance_stated``, ``reading``, ``relative_violation``, ``standard_error``,
+    ``satisfied``, ``verdict`` (``met`` or ``not_met``: a test has no training to stall) and
+    ``verdict_line`` (``GECO on the test set: ...``, also :attr:`test_verdict_line`), then
+    ``global_step`` (the tested checkpoint's step) and ``path``.
     """
 
     def __init__(self, filename: str = "summary.json") -> None:
@@ -103,6 +156,10 @@ class RunSummary(Callback):
         self.path: Path | None = None
         self.summary: dict[str, Any] = {}
         self.verdict_line = ""
+        #: what the last ``trainer.test`` gave: its fields, its verdict line and its file
+        self.test_summary: dict[str, Any] = {}
+        self.test_verdict_line = ""
+        self.test_path: Path | None = None
         self._validation: dict[str, float] = {}
         #: the standard error of each constraint reading's validation mean (``val/<reading>/standard_error``)
         self._standard_errors: dict[str, float] = {}
@@ -110,6 +167,8 @@ class RunSummary(Callback):
         self._start = 0.0
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
+        #: the optimizer step of the checkpoint this stage loaded (None: none loaded)
+        self._checkpoint_step: int | None = None
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
 
@@ -125,6 +184,11 @@ class RunSummary(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets the earlier seconds of a resumed run).
         self._earlier_seconds = 0.0
+        self._checkpoint_step = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # trainer.test(ckpt_path=...) loads the weights but not the loops: the step is read here.
+        self._checkpoint_step = checkpoint.get("global_step")
 
     def state_dict(self) -> dict[str, Any]:
         """The run's wall-clock seconds so far, so a resumed run reports the whole run's."""
@@ -164,19 +228,40 @@ class RunSummary(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics = trainer.callback_metrics
-        # The docs/ARCHITECTURE.md keys first, then every other top-level validation scalar (constraint
-        # readings such as pncc or class_accuracy, iwae, ...); per-dimension/per-part keys stay out.
-        names = [k[len("val/"):] for k in metrics if k.startswith("val/") and "/" not in k[len("val/"):]]
-        ordered = [k for k in VALIDATION_KEYS if k in names] + sorted(k for k in names if k not in VALIDATION_KEYS)
-        self._validation = {k: float(metrics[f"val/{k}"]) for k in ordered}
-        suffix = "/standard_error"
-        self._standard_errors = {
-            k[len("val/") : -len(suffix)]: float(v)
-            for k, v in metrics.items()
-            if k.startswith("val/") and k.endswith(suffix)
-        }
+        self._validation, self._standard_errors = _stage_readings(trainer.callback_metrics, "val")
         self._history.append((trainer.global_step, dict(self._validation)))
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The test set's figures and, for a GECO model, each constraint's verdict on them, in
+        ``test_<filename>`` beside the run's logs (:attr:`test_summary`, :attr:`test_verdict_line`)."""
+        readings, standard_errors = _stage_readings(trainer.callback_metrics, "test")
+        summary: dict[str, Any] = {k: _number(v) for k, v in readings.items()}
+        self.test_verdict_line = ""
+        objective = next((m for m in pl_module.modules() if isinstance(m, GECOObjective)), None)
+        if objective is not None:
+            constraints = list(objective.constraints)
+            fields, violation, relative_errors = _constraint_fields(constraints, readings, standard_errors)
+            # The test reads lambda as trained; there is no run to stall, so met or not_met.
+            outcomes = [verdict(v, None) for v in violation]
+            clauses = [
+                constraint_clause(
+                    c.reading_name, readings.get(c.reading_name), c.reading_tolerance, violation[k],
+                    lower_is_better=c.lower_is_better, outcome=outcomes[k], standard_error=relative_errors[k],
+                    stage="test",
+                )
+                for k, c in enumerate(constraints)
+            ]
+            fields = {"lambda": objective.lagrange_multiplier.tolist(), **fields}
+            summary.update({key: _per_constraint(constraints, values) for key, values in fields.items()})
+            summary["satisfied"] = _satisfied(constraints, readings)
+            summary["verdict"] = _per_constraint(constraints, outcomes)
+            self.test_verdict_line = summary["verdict_line"] = verdict_line(
+                clauses, readings.get("rate"), label="GECO on the test set"
+            )
+        # The step of the model tested: the checkpoint's, when one is loaded.
+        summary["global_step"] = self._checkpoint_step if self._checkpoint_step is not None else trainer.global_step
+        self.test_summary = summary
+        self.test_path = self._write(trainer, f"test_{self.filename}", summary, "test_summary")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With no training batch Lightning skips the loop and "finishes" at step 0 with exit
@@ -205,20 +290,27 @@ class RunSummary(Callback):
         summary["global_step"] = trainer.global_step
         summary["wall_clock_seconds"] = round(self._earlier_seconds + time.monotonic() - self._start, 3)
         self.summary = summary
+        self.path = self._write(trainer, self.filename, summary, "summary")
+
+    @staticmethod
+    def _write(trainer: pl.Trainer, filename: str, summary: dict[str, Any], wandb_prefix: str) -> Path | None:
+        """Write ``summary`` (with its ``path``) into the run folder on rank 0 and into the W&B
+        run's summary under ``<wandb_prefix>/``; the path, or None where nothing is written."""
         if not trainer.is_global_zero:
-            return  # other ranks hold the same numbers; only rank 0 has the run folder
+            return None  # other ranks hold the same numbers; only rank 0 has the run folder
         # A trial of the code, which Lightning runs with no logs or checkpoints: no files either.
         # (Trainer.fast_dev_run is set by Lightning's init, not declared on the class.)
         if getattr(trainer, "fast_dev_run", False):
-            return
+            return None
         directory = run_directory(trainer)
-        self.path = directory / self.filename
-        summary["path"] = str(self.path)
+        path = directory / filename
+        summary["path"] = str(path)
         directory.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(summary, indent=2) + "\n")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items()})
+                logger.experiment.summary.update({f"{wandb_prefix}/{k}": v for k, v in summary.items()})
+        return path
 
     def _geco_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
         # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
@@ -227,37 +319,20 @@ class RunSummary(Callback):
         if callback is None or callback.geco is None or callback.objective is None:
             return {}
         constraints = list(callback.objective.constraints)
-        lam = callback.geco.lagrange_multiplier.tolist()
-        ema = callback.geco.constraint_ema.tolist()
-        violation = [
-            c.relative_violation(self._validation[c.reading_name]) if c.reading_name in self._validation else None
-            for c in constraints
-        ]
-        # The standard error in the verdict's units (relative to the scale), for the clause.
-        standard_errors = [self._standard_errors.get(c.reading_name) for c in constraints]
-        relative_errors = [_relative_standard_error(c, e) for c, e in zip(constraints, standard_errors)]
+        # relative_errors: the standard error in the verdict's units (relative to the scale), for the clause.
+        reading_fields, violation, relative_errors = _constraint_fields(constraints, self._validation, self._standard_errors)
         per_constraint = {
-            "lambda": lam,
-            "constraint_ema": ema,
-            "tolerance": [c.reading_tolerance for c in constraints],
-            "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
-            "reading": [c.reading_name for c in constraints],
-            "relative_violation": violation,
-            "standard_error": [_number(e) for e in standard_errors],
+            "lambda": callback.geco.lagrange_multiplier.tolist(),
+            "constraint_ema": callback.geco.constraint_ema.tolist(),
+            **reading_fields,
         }
         if callback.last_calibration is not None:  # only the calibration drive measures
             # What moved lambda under the calibration drive (constraint_ema is then the training
             # batches' average, which only the loss reads).
             per_constraint["calibration"] = callback.last_calibration.tolist()
-        if len(constraints) == 1:
-            fields: dict[str, Any] = {key: values[0] for key, values in per_constraint.items()}
-        else:
-            names = [c.name for c in constraints]
-            fields = {key: dict(zip(names, values)) for key, values in per_constraint.items()}
+        fields: dict[str, Any] = {key: _per_constraint(constraints, values) for key, values in per_constraint.items()}
         fields["drive"] = callback.active_drive
-        fields["satisfied"] = all(
-            c.reading_name in self._validation and c.satisfied_by(self._validation[c.reading_name]) for c in constraints
-        )
+        fields["satisfied"] = _satisfied(constraints, self._validation)
         stalls = callback.detector.stalls if callback.detector is not None else [None] * len(constraints)
         outcomes = [verdict(v, stall) for v, stall in zip(violation, stalls)]
         clauses = []
@@ -277,7 +352,7 @@ class RunSummary(Callback):
                     standard_error=relative_errors[k],
                 )
             )
-        fields["verdict"] = outcomes[0] if len(constraints) == 1 else dict(zip([c.name for c in constraints], outcomes))
+        fields["verdict"] = _per_constraint(constraints, outcomes)
         fields["verdict_line"] = verdict_line(clauses, self._validation.get("rate"))
         return fields
 

@@ -277,15 +277,19 @@ def constraint_clause(
     best: tuple[float, int] | None = None,
     max_steps: int | None = None,
     standard_error: float | None = None,
+    stage: str = "val",
 ) -> str:
     """The verdict of one constraint in words, with its figures.
 
     ``standard_error`` is the validation reading's, in the units of ``relative_violation``; it
     is shown (``± 2.3 %``) when the reading lies within ``NOISE_STANDARD_ERRORS`` (2) of them of
     the band's edge, where another draw of as many validation images could give the other verdict.
+    ``stage`` is where the reading was logged (``"val"``, or ``"test"`` for ``trainer.test``).
     """
     if reading is None or relative_violation is None:
-        return f"{name}: NOT MET: no validation reading (validation never ran, or logged no val/{name})"
+        if stage == "val":
+            return f"{name}: NOT MET: no validation reading (validation never ran, or logged no val/{name})"
+        return f"{name}: NOT MET: no {stage} reading (logged no {stage}/{name})"
     worse, better = (">", "<=") if lower_is_better else ("<", ">=")
     percent = 100.0 * relative_violation
     noise = ""
@@ -307,7 +311,8 @@ def constraint_clause(
     return "; ".join(parts)
 
 
-def verdict_line(clauses: Sequence[str], rate: float | None) -> str:
-    """``GECO: <clause>[; <clause>...], rate <r> nats``: the line a person reads first."""
+def verdict_line(clauses: Sequence[str], rate: float | None, label: str = "GECO") -> str:
+    """``GECO: <clause>[ | <clause>...], rate <r> nats``: the line a person reads first
+    (``label`` in place of ``GECO``, e.g. for the test set's)."""
     rate_part = f", rate {rate:.3g} nats" if rate is not None and math.isfinite(rate) else ""
-    return "GECO: " + " | ".join(clauses) + rate_part
+    return f"{label}: " + " | ".join(clauses) + rate_part

@@ -354,39 +354,72 @@ class VAEModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step("val", batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """The validation step's figures on the test set, logged as ``test/<name>``
+        (``trainer.test``, ``train.py test``): lambda is read, never moved."""
+        self._evaluation_step("test", batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per image of a batch (images, or ``(images, targets)``; ``trainer.predict`` returns
+        one dict per batch): ``reconstruction``, what :meth:`reconstruct` gives (N, C, H, W) in
+        [0, 1], and the ``distortion`` (per-element MSE) and ``rate`` (nats) of one pass with a
+        sampled code, as the validation averages them, each (N,)."""
+        x = batch_images(batch)
+        self.check_images(x, check_range=batch_idx == 0)
+        output = self(x, batch_labels(batch))
+        return {"reconstruction": self.reconstruct(x), "distortion": output.distortion, "rate": output.rate}
+
+    def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> None:
         x = batch_images(batch)
         self.check_images(x, check_range=batch_idx == 0)
         output = self(x, batch_labels(batch))
         loss = self.objective(output)
-        self._log_terms("val", output, loss, on_step=False)
-        self._log_constraint_readings(output)
+        self._log_terms(stage, output, loss, on_step=False)
+        self._log_constraint_readings(stage, output)
         posterior = output.posterior
         self.aggregate_posterior.update(posterior.mean, posterior.log_variance)
         self.latent_activity.update(posterior.mean, posterior.log_variance)
         if self.iwae_samples:
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
-            self.log("val/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+            self.log(f"{stage}/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
     def _validation_metrics(self) -> tuple:
         return (self.aggregate_posterior, self.latent_activity)
 
     def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_validation_epoch_end(self) -> None:
+        activity = self._finish_evaluation("val")
+        if not self.trainer.sanity_checking:
+            self.kl_per_dimension = activity["kl_per_dim"].detach()
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def _start_evaluation(self) -> None:
         # Reset here too: after trainer.validate (inference mode) the states are inference
         # tensors, which the validation inside a later fit (no_grad) cannot update in place.
         for metric in self._validation_metrics():
             metric.reset()
-        # Fresh ones each validation (nothing to reset), for the constraints of this moment.
+        # Fresh ones each evaluation (nothing to reset), for the constraints of this moment.
         names = dict.fromkeys(c.reading_name for c in self.constraints)
         self.reading_precision = {name: MeanWithStandardError().to(self.device) for name in names}
 
-    def on_validation_epoch_end(self) -> None:
-        # Metrics gather every rank's states, so these cover the whole validation set and are
+    def _finish_evaluation(self, stage: str) -> dict[str, Tensor]:
+        """Log the whole evaluated set's figures under ``<stage>/``; returns the latent activity."""
+        # Metrics gather every rank's states, so these cover the whole evaluated set and are
         # the same on every rank. sync_dist averages identical values (exact), one small
-        # all-reduce per key per validation, and keeps Lightning from warning once per key
+        # all-reduce per key per evaluation, and keeps Lightning from warning once per key
         # under DDP that an unsynced epoch-level value may differ between ranks.
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
-        # What another draw of as many validation images could change each reading by.
+        # What another draw of as many images could change each reading by.
         standard_errors = {
             name: metric.compute()["standard_error"]
             for name, metric in self.reading_precision.items()
@@ -395,15 +428,14 @@ class VAEModule(pl.LightningModule):
         for metric in self._validation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
-            self.log(f"val/{key}", estimates[key], sync_dist=True)
-        self.log("val/active_units", activity["active_units"].float(), sync_dist=True)
+            self.log(f"{stage}/{key}", estimates[key], sync_dist=True)
+        self.log(f"{stage}/active_units", activity["active_units"].float(), sync_dist=True)
         for name, standard_error in standard_errors.items():
-            self.log(f"val/{name}/standard_error", standard_error, sync_dist=True)
+            self.log(f"{stage}/{name}/standard_error", standard_error, sync_dist=True)
         if len(activity["kl_per_dim"]) <= MAX_LOGGED_DIMENSIONS:
             for j, kl in enumerate(activity["kl_per_dim"]):
-                self.log(f"val/kl_dim/{j}", kl, sync_dist=True)
-        if not self.trainer.sanity_checking:
-            self.kl_per_dimension = activity["kl_per_dim"].detach()
+                self.log(f"{stage}/kl_dim/{j}", kl, sync_dist=True)
+        return activity
 
     def _log_terms(self, stage: str, output: VAEOutput, loss: Tensor, on_step: bool) -> None:
         # Step-level training values are rank-local (a collective per scalar per step is not
@@ -421,7 +453,7 @@ class VAEModule(pl.LightningModule):
         self.log_dict(terms, on_step=on_step, on_epoch=not on_step, sync_dist=sync, batch_size=batch_size)
 
     @torch.no_grad()
-    def _log_constraint_readings(self, output: VAEOutput) -> None:
+    def _log_constraint_readings(self, stage: str, output: VAEOutput) -> None:
         # The distortion is logged for every model already; other constraints' readings (pNCC,
         # class cross-entropy and accuracy, ...) go beside it, reduced over ranks.
         readings = {}
@@ -432,7 +464,7 @@ class VAEModule(pl.LightningModule):
                 metric.update(readings[name])
         readings.pop("distortion", None)
         for name, values in readings.items():
-            self.log(f"val/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
+            self.log(f"{stage}/{name}", values.float().mean(), on_epoch=True, sync_dist=True, batch_size=values.shape[0])
 
     @torch.no_grad()
     def latent_traversal(self, x: Tensor, dims: Sequence[int], steps: int = 9, span: float = 2.5) -> Tensor | None:

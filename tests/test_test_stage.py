@@ -1,0 +1,191 @@
+"""The test stage: ``trainer.test`` / ``train.py test`` read a trained model on the DataModule's
+test split, its verdict on those images, and ``trainer.predict``."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from lightning_geco.datamodules import (
+    CelebADataModule,
+    CIFAR10DataModule,
+    DSpritesDataModule,
+    EMNISTDataModule,
+    MissingDatasetError,
+    MNISTDataModule,
+    NoTestSplitError,
+    ShapesDataModule,
+)
+from lightning_geco.datamodules.dsprites import FILE_NAME
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, quiet_trainer, random_images, tiny_conv_vae
+from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE, RunSummary
+from lightning_geco.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _labelled(n=24, seed=0):
+    return TensorDataset(random_images(n, (1, 16, 16), seed=seed), torch.arange(n) % 3)
+
+
+def test_the_test_split_reads_as_the_validation_does_and_never_moves_lambda():
+    pl.seed_everything(0)
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.05)]))
+    callback = GECOCallback()
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, DataLoader(_labelled(), batch_size=8))
+    trained = model.objective.multipliers.log_lagrange_multiplier.clone()
+    loader = DataLoader(_labelled(seed=1), batch_size=8)
+    trainer = quiet_trainer(callbacks=[callback])
+    pl.seed_everything(1)  # the same latent noise for both passes
+    trainer.validate(model, loader, verbose=False)
+    validation = {k[len("val/") :]: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    pl.seed_everything(1)
+    trainer.test(model, loader, verbose=False)
+    test = {k[len("test/") :]: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    assert set(test) == set(validation) and {"distortion", "rate", "marginal_kl", "distortion/standard_error"} <= set(test)
+    for key, value in validation.items():
+        torch.testing.assert_close(test[key], value, rtol=0, atol=0, msg=key)
+    assert torch.equal(model.objective.multipliers.log_lagrange_multiplier, trained)
+    assert callback.geco.num_updates == 3
+
+
+def _fit_and_save(tmp_path, tolerance, steps=3):
+    pl.seed_everything(0)
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(tolerance)]))
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(model, DataLoader(_labelled(), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    return model
+
+
+@pytest.mark.parametrize("tolerance, outcome", [(0.5, "met"), (0.001, "not_met")])
+def test_the_run_summary_gives_the_verdict_on_the_test_set_and_the_tested_step(tmp_path, tolerance, outcome):
+    trained = _fit_and_save(tmp_path, tolerance)
+    summary = RunSummary()
+    trainer = quiet_trainer(callbacks=[summary], default_root_dir=tmp_path)
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(tolerance)]))
+    trainer.test(model, DataLoader(_labelled(seed=1), batch_size=8), ckpt_path=tmp_path / "model.ckpt", verbose=False)
+    result = summary.test_summary
+    distortion = float(trainer.callback_metrics["test/distortion"])
+    assert result["distortion"] == distortion and result["global_step"] == 3
+    assert result["lambda"] == trained.objective.lagrange_multiplier.item()
+    assert result["relative_violation"] == pytest.approx((distortion - tolerance) / tolerance, rel=1e-12)
+    assert result["verdict"] == outcome and result["satisfied"] == (outcome == "met")
+    percent = 100 * result["relative_violation"]
+    clause = (
+        f"distortion {distortion:.4g} <= {tolerance:.4g} ({-percent:.1f} % better than asked)"
+        if outcome == "met"
+        else f"NOT MET: distortion {distortion:.4g} > {tolerance:.4g} ({percent:+.1f} %"
+    )
+    assert summary.test_verdict_line.startswith(f"GECO on the test set: {clause}")
+    assert summary.test_path == tmp_path / "test_summary.json"
+    assert json.loads(summary.test_path.read_text()) == {**result, "path": str(summary.test_path)}
+    assert summary.path is None and not (tmp_path / "summary.json").exists()  # the fit's file is not the test's
+
+
+def test_predict_gives_each_images_reconstruction_distortion_and_rate():
+    model = tiny_conv_vae()
+    dataset = _labelled(10)
+    pl.seed_everything(0)
+    batches = quiet_trainer().predict(model, DataLoader(dataset, batch_size=4))
+    assert [b["reconstruction"].shape[0] for b in batches] == [4, 4, 2]
+    images = dataset.tensors[0]
+    model.eval()
+    torch.testing.assert_close(torch.cat([b["reconstruction"] for b in batches]), model.reconstruct(images), rtol=0, atol=0)
+    # The distortion and rate of one pass with a sampled code per image, as the validation reads
+    # them. (Iterating the loader draws its base seed from the same generator as the noise.)
+    pl.seed_everything(0)
+    with torch.no_grad():
+        passes = [model(x, labels) for x, labels in DataLoader(dataset, batch_size=4)]
+    for key in ("distortion", "rate"):
+        predicted = torch.cat([b[key] for b in batches])
+        assert predicted.shape == (10,)
+        torch.testing.assert_close(predicted, torch.cat([getattr(p, key) for p in passes]), rtol=0, atol=0, msg=key)
+
+
+def test_the_mnist_family_tests_on_the_test_files_and_says_when_there_are_none(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    make_mnist(raw, 64, "train", gzipped=True)
+    test_images, test_labels = make_mnist(raw, 24, "t10k", gzipped=True, seed=1)
+    data = MNISTDataModule(str(tmp_path), num_val=16, batch_size=10)
+    data.setup("test")
+    assert data.train_dataset is None  # the test stage reads the test files alone
+    images, labels = zip(*data.test_dataloader())
+    assert torch.equal(torch.cat(images), test_images.unsqueeze(1).float() / 255)
+    assert torch.equal(torch.cat(labels), test_labels.long())
+    message = ("MNISTDataModule(source='test') trains and validates on the test files: no test split is left. "
+               "Train with source='train' to test on the test files.")
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        MNISTDataModule(str(tmp_path), source="test").setup("test")
+    make_mnist(tmp_path / "other" / "MNIST" / "raw", 64, "train", gzipped=True)
+    with pytest.raises(MissingDatasetError, match=re.escape("MNIST (test split)")):
+        MNISTDataModule(str(tmp_path / "other")).setup("test")
+
+
+def test_cifar_celeba_and_the_shapes_have_test_splits_and_dsprites_says_it_has_none(tmp_path):
+    written = make_cifar(tmp_path / "cifar-10-batches-py", per_batch=6)
+    cifar = CIFAR10DataModule(str(tmp_path), num_val=6)
+    cifar.setup("test")
+    assert torch.equal(cifar.test_dataset.images.flatten(1), written["test_batch"][0])
+
+    make_celeba(tmp_path / "celeba", partitions=[0] * 4 + [1] * 2 + [2] * 3)
+    celeba = CelebADataModule(str(tmp_path), num_workers=0)
+    celeba.setup("test")
+    assert [p.name for p in celeba.test_dataset.files] == ["000007.jpg", "000008.jpg", "000009.jpg"]
+
+    shapes = ShapesDataModule(image_size=16, num_train=64, num_val=32, num_test=48)
+    shapes.setup("fit")
+    shapes.setup("test")
+    test_images = shapes.test_dataset.tensors[0]
+    assert test_images.shape == (48, 1, 16, 16)
+    again = ShapesDataModule(image_size=16, num_train=64, num_val=32, num_test=48)
+    again.setup("test")
+    assert torch.equal(again.test_dataset.tensors[0], test_images)  # a function of the seed
+    assert not torch.equal(shapes.val_dataset.tensors[0][:32], test_images[:32])
+    with pytest.raises(ValueError, match=re.escape("ShapesDataModule num_test must be positive, got 0.")):
+        ShapesDataModule(num_test=0)
+
+    make_dsprites(tmp_path / "dsprites" / FILE_NAME, n=16)
+    message = ("DSpritesDataModule has no test split: its data are one set, split into training and validation. "
+               "Evaluate on the validation split (train.py validate) instead.")
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        DSpritesDataModule(str(tmp_path)).setup("test")
+
+
+def test_emnist_tests_on_its_test_files(tmp_path):
+    from test_more_datasets import _make_emnist
+
+    _make_emnist(tmp_path, "letters", "train", 20)
+    upright, _ = _make_emnist(tmp_path, "letters", "test", 12)
+    data = EMNISTDataModule(str(tmp_path), split="letters", num_val=4)
+    data.setup("test")
+    assert torch.equal(data.test_dataset.images, upright.unsqueeze(1))
+
+
+def _small_default(*extra):
+    return ["--config", str(REPO / "configs" / "default.yaml"), "--trainer.logger", "false",
+            "--data.init_args.num_train", "64", "--data.init_args.num_val", "32", "--data.init_args.num_test", "32",
+            "--data.init_args.batch_size", "16", *extra]
+
+
+def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the_path(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", *_small_default()])
+    assert exit_.value.code == 2
+    assert ("train.py test reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for this config's "
+            "newest run.") in capsys.readouterr().err
+    main(["fit", *_small_default("--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0")])
+    capsys.readouterr()
+    main(["test", *_small_default("--ckpt_path", "last")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    path = Path(lines[-1])
+    assert path == Path("runs/test_summary.json").resolve()
+    result = json.loads(path.read_text())
+    assert lines[-2] == result["verdict_line"] and lines[-2].startswith("GECO on the test set: ")
+    assert result["global_step"] == 2 and result["verdict"] in ("met", "not_met")
+    assert result["verdict"] == ("met" if result["relative_violation"] <= 0.01 else "not_met")
