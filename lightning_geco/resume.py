@@ -56,8 +56,11 @@ class RandomState(Callback):
         for name, state in states.items():
             as_ints = state.to(device=pl_module.device, dtype=torch.int32)
             gathered[name] = trainer.strategy.all_gather(as_ints).to(device="cpu", dtype=torch.uint8)
+        # Each rank's row cloned: a row of the gathered tensor is a view at an offset into its
+        # storage, which torch.save keeps, and torch.set_rng_state reads from the storage's start
+        # (it crashed rank 1 of a resumed run).
         checkpoint[CHECKPOINT_KEY] = [
-            {name: gathered[name][rank] for name in gathered} for rank in range(trainer.world_size)
+            {name: gathered[name][rank].clone() for name in gathered} for rank in range(trainer.world_size)
         ]
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -76,6 +79,7 @@ class RandomState(Callback):
         if self._to_restore is None:
             return
         states, self._to_restore = self._to_restore[trainer.global_rank], None
-        torch.set_rng_state(states["cpu"])
+        # clone(): a checkpoint written before the fix above holds views at an offset.
+        torch.set_rng_state(states["cpu"].clone())
         if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"])
+            torch.cuda.set_rng_state(states["cuda"].clone())

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer
 from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE, RunSummary
+from lightning_geco.resume import RandomState
 
 IMAGE_SHAPE = (1, 16, 16)
 
@@ -118,6 +119,7 @@ def run(
     drive: str = "calibration",
     compile: bool = False,
     summary: bool = False,
+    random_state: bool = False,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,8 @@ def run(
     callbacks = [geco, trajectory]
     if summary:  # summary.json in the run folder (no logger: default_root_dir), written by rank 0
         callbacks.append(RunSummary())
+    if random_state:  # every rank's generators in the checkpoint, restored on resume
+        callbacks.append(RandomState())
     trainer = quiet_trainer(
         default_root_dir=out,
         devices=devices,
@@ -202,6 +206,9 @@ if __name__ == "__main__":
     parser.add_argument("--drive", default="calibration", help="the drive of --calibration runs")
     parser.add_argument("--compile", action="store_true", help="GECOCallback(compile=True)")
     parser.add_argument("--summary", action="store_true", help="add RunSummary (no logger)")
+    parser.add_argument("--random-state", action="store_true", help="add RandomState")
+    parser.add_argument("--ckpt-in", help="resume from this checkpoint")
+    parser.add_argument("--ckpt-out", help="save a checkpoint here at the end")
     args = parser.parse_args()
     run(
         args.out,
@@ -217,4 +224,7 @@ if __name__ == "__main__":
         drive=args.drive,
         compile=args.compile,
         summary=args.summary,
+        random_state=args.random_state,
+        ckpt_in=args.ckpt_in,
+        ckpt_out=args.ckpt_out,
     )

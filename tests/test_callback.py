@@ -217,16 +217,18 @@ def test_the_pace_is_relative_to_the_largest_rate_so_far_never_above_one():
     assert spy.paces == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.4, 0.2], rel=1e-6)
 
 
-def test_a_resumed_fit_paces_from_the_saved_peak_rate():
+def test_a_resumed_fit_paces_from_the_saved_peak_rate(tmp_path):
     spy = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
-    model = tiny_conv_vae(model_class=WarmupThenDecay)
-    _trainer([spy], max_steps=4).fit(model, _loader())
-    state = spy.state_dict()
-    assert state["peak_learning_rate"] == pytest.approx(1e-3)
-    restored = GECOCallback(ramp_steps=100.0, ramp_follows_lr=True)
-    restored.setup(_trainer([restored]), model, "fit")
-    restored.load_state_dict(state)
-    assert restored._peak_learning_rate == pytest.approx(1e-3)
+    trainer = _trainer([spy], max_steps=4)
+    trainer.fit(tiny_conv_vae(model_class=WarmupThenDecay), _loader())
+    assert spy.state_dict()["peak_learning_rate"] == pytest.approx(1e-3)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = PaceSpy(ramp_steps=100.0, ramp_follows_lr=True)
+    _trainer([resumed], max_steps=6).fit(tiny_conv_vae(model_class=WarmupThenDecay), _loader(), ckpt_path=tmp_path / "half.ckpt")
+    # The uninterrupted run's last two (0.4 and 0.2 of the peak); from the resumed rates alone
+    # (0.4e-3, then 0.2e-3) they would be 1.0 and 0.5.
+    assert resumed.rates == pytest.approx([0.4e-3, 0.2e-3], rel=1e-6)
+    assert resumed.paces == pytest.approx([0.4, 0.2], rel=1e-6)
 
 
 @pytest.mark.parametrize("kwargs", [{"ramp_follows_lr": True}, {"ramp_follows_lr": True, "ramp_steps": 300.0, "controller": "relative"}])

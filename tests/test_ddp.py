@@ -88,3 +88,16 @@ def test_the_resumable_sampler_shares_each_global_batch_over_the_ranks_as_one_pr
     single = _single(tmp_path / "single", batch_size=16, max_steps=12, resumable_sampler=True)
     torch.testing.assert_close(_log_lambda(rank0), _log_lambda(single), rtol=1e-4, atol=1e-5)
     assert_same_parameters(tmp_path / "single" / "params.pt", tmp_path / "ddp" / "params.pt", rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_a_two_rank_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
+    # Each rank's generators (RandomState) and the global batches (ResumableSampler) come back, so
+    # rank 1 draws its own noise again; it crashed restoring a state saved as a view of the gather.
+    common = ("--batch-size", "8", "--resumable-sampler", "--random-state")
+    whole = _ddp(tmp_path / "whole", *common, "--max-steps", "8")
+    first = _ddp(tmp_path / "first", *common, "--max-steps", "4", "--ckpt-out", str(tmp_path / "half.ckpt"))
+    second = _ddp(tmp_path / "second", *common, "--max-steps", "8", "--ckpt-in", str(tmp_path / "half.ckpt"))
+    for rank in (0, 1):
+        assert first[rank] + second[rank] == whole[rank]
+    assert_same_parameters(tmp_path / "whole" / "params.pt", tmp_path / "second" / "params.pt", rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,3 +266,48 @@ def test_without_the_random_state_a_resumed_run_draws_other_noise(tmp_path):
     torch.save(saved, checkpoint)
     resumed = _shapes_fit(tmp_path / "resumed", ckpt_in=checkpoint, seed=123)
     assert not torch.equal(resumed.objective.lagrange_multiplier, whole.objective.lagrange_multiplier)
+
+
+def test_random_state_under_ddp_saves_every_ranks_generators_and_gives_each_rank_its_own(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_geco.resume import CHECKPOINT_KEY, RandomState
+
+    mine = torch.get_rng_state()
+    torch.manual_seed(1234)
+    other = torch.get_rng_state()  # what the second rank's generator holds
+    torch.set_rng_state(mine)
+
+    def all_gather(tensor):  # the gloo collective as rank 0 sees it: every rank's tensor, stacked
+        return torch.stack([tensor, other.to(tensor.dtype)])
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    rank = lambda r, world: SimpleNamespace(world_size=world, global_rank=r, strategy=SimpleNamespace(all_gather=all_gather))  # noqa: E731
+    checkpoint = {}
+    RandomState().on_save_checkpoint(rank(0, 2), module, checkpoint)
+    saved = checkpoint[CHECKPOINT_KEY]
+    assert len(saved) == 2 and all(s["cpu"].dtype == torch.uint8 for s in saved)
+    assert torch.equal(saved[0]["cpu"], mine) and torch.equal(saved[1]["cpu"], other)
+    # Each rank's state stands alone: torch.save keeps a view's offset into the gathered tensor,
+    # and torch.set_rng_state of such a view crashed the process.
+    assert saved[1]["cpu"].storage_offset() == 0
+    torch.save(checkpoint, tmp_path / "states.ckpt")
+    # Rank 1 of a resumed 2-rank run gets its own generator back at the start of training, also
+    # from a checkpoint written before that (its states views into one tensor).
+    stacked = torch.stack([mine, other])
+    written_before = {CHECKPOINT_KEY: [{"cpu": stacked[0]}, {"cpu": stacked[1]}]}
+    for loaded in (torch.load(tmp_path / "states.ckpt", weights_only=False), written_before):
+        callback = RandomState()
+        callback.on_load_checkpoint(rank(1, 2), module, loaded)
+        callback.on_train_start(rank(1, 2), module)
+        assert torch.equal(torch.get_rng_state(), other)
+        torch.set_rng_state(mine)
+    # A run on another number of ranks leaves the generators as they are, and says why.
+    callback = RandomState()
+    with pytest.warns(UserWarning, match=re.escape(
+        "The checkpoint holds the random states of 2 rank(s), this run has 4: the generators are not restored, "
+        "so the resumed run draws other noise than the original."
+    )):
+        callback.on_load_checkpoint(rank(0, 4), module, checkpoint)
+    callback.on_train_start(rank(0, 4), module)
+    assert torch.equal(torch.get_rng_state(), mine)
