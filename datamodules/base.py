@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
@@ -214,9 +215,9 @@ class ImageDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def build_test(self) -> Dataset:
-        """The test set: images that neither training, validation nor calibration draws from,
-        e.g. a dataset's official test files. Raises :class:`NoTestSplitError` (saying why) where
-        the data hold none; the default."""
+        """The test set (``trainer.test``): images set apart from the training, validation and
+        calibration splits, e.g. a dataset's official test files. Raises
+        :class:`NoTestSplitError` (saying why) where the data hold none; the default."""
         raise NoTestSplitError(
             f"{type(self).__name__} has no test split: its data are one set, split into training and "
             "validation. Evaluate on the validation split (train.py validate) instead."
@@ -229,12 +230,17 @@ class ImageDataModule(pl.LightningDataModule):
         other.source = source  # type: ignore[attr-defined]
         return other
 
+    def reads_test_files(self) -> bool:
+        """Whether the trainer is testing or predicting, which read the test split alone (so
+        ``prepare_data`` checks, or fetches, the test files instead of the training ones)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
+
     def setup(self, stage: str | None = None) -> None:
         """Build the splits once (every stage shares them), then carve the calibration split;
-        ``"test"`` builds the test set alone."""
-        if stage == "test":
-            if self.test_dataset is None:
-                self.test_dataset = self.build_test()
+        ``"test"`` and ``"predict"`` build the test set alone."""
+        if stage in ("test", "predict"):
+            self._test_set()
             return
         if self.train_dataset is not None:
             return
@@ -344,8 +350,17 @@ class ImageDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
 
+    def _test_set(self) -> Dataset:
+        if self.test_dataset is None:
+            self.test_dataset = self.build_test()
+        return self.test_dataset
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self._test_set(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order: what ``trainer.predict(model, datamodule=...)`` reads."""
+        return self._loader(self._test_set(), shuffle=False)
 
 
 def download_files(dataset: str, urls: list[str], folder: Path, timeout_s: float = 10.0) -> None:

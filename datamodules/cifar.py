@@ -88,7 +88,8 @@ class CIFAR10DataModule(ImageDataModule):
         return [path for path in found.values() if path is not None]  # all found: none missing
 
     def prepare_data(self) -> None:
-        ensure_files(self.download, self.files, self._fetch)
+        reader = self.with_source("test") if self.reads_test_files() and self.source != "test" else self
+        ensure_files(self.download, reader.files, self._fetch)
 
     def _fetch(self) -> None:
         import tarfile

@@ -63,6 +63,8 @@ class TorchvisionDataModule(ImageDataModule):
         self.root, self.source, self.num_val, self.seed, self.download = Path(root), source, num_val, seed, download
         #: the dataset prepare_data read, handed to setup in the same process (then dropped)
         self._prepared: VisionDataset | None = None
+        #: the same for the test files, in a test
+        self._prepared_test: VisionDataset | None = None
 
     def torchvision_dataset(self, download: bool) -> VisionDataset:
         raise NotImplementedError
@@ -94,7 +96,11 @@ class TorchvisionDataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         # torchvision checks the files by reading them: what it read is kept for setup in this
-        # process (a full SVHN is over a GB; reading it twice doubles the start-up).
+        # process (a full SVHN is over a GB; reading it twice doubles the start-up). A test
+        # reads (or fetches) the test files alone.
+        if self.reads_test_files() and self.source != "test":
+            self._prepared_test = self.with_source("test")._read(self.download)
+            return
         self._prepared = self._read(self.download)
 
     def build_splits(self) -> tuple[Subset, Subset]:
@@ -108,9 +114,8 @@ class TorchvisionDataModule(ImageDataModule):
                 f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
                 "left. Train with another source to test on the test files."
             )
-        other = self.with_source("test")
-        other._prepared = None
-        return self.to_images(other._read(download=False))
+        dataset, self._prepared_test = self._prepared_test or self.with_source("test")._read(download=False), None
+        return self.to_images(dataset)
 
 
 class EMNISTDataModule(TorchvisionDataModule):

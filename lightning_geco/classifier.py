@@ -101,10 +101,18 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """``test/loss`` (cross-entropy, nats) and ``test/accuracy`` on the test split."""
+        self._evaluation_step("test", batch)
+
+    def _evaluation_step(self, stage: str, batch: Any) -> None:
         loss, logits, labels = self._loss(batch)
+        # One accuracy state, reset at each epoch's end: validation and test never run at once.
         self.val_accuracy.update(logits, labels)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
-        self.log("val/accuracy", self.val_accuracy, on_epoch=True)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=labels.shape[0])
+        self.log(f"{stage}/accuracy", self.val_accuracy, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.learning_rate)

@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from jsonargparse._util import import_object
@@ -40,7 +39,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
-from lightning_geco.resume import RandomState
+from lightning_geco.resume import RandomState, checkpoint_head
 from lightning_geco.summary import RunSummary, run_directory
 
 __all__ = [
@@ -305,20 +304,6 @@ class ShortErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
-def _checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
-    """A checkpoint's ``hyper_parameters`` and ``global_step``, read before the Trainer loads the
-    whole file.
-
-    Memory-mapped, so the weights and optimizer state are not read twice (the Trainer reads them
-    when it restores); a checkpoint in torch's legacy format cannot be mapped and is read whole.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
-
-
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -326,13 +311,18 @@ def _fail(message: str, exit_code: int = 2) -> NoReturn:
 
 # ------------------------------------------------------------------- the CLI
 class SaveConfigToRun(SaveConfigCallback):
-    """Saves the run's full config as ``config.yaml`` in the run's own folder and logs it as hyperparameters."""
+    """Saves the run's full config as ``config.yaml`` in the run's own folder (``<stage>_config.yaml``
+    for ``test`` and ``validate``) and logs it as hyperparameters."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
             directory = run_directory(trainer)
             directory.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, directory / "config.yaml", skip_none=False, overwrite=True, multifile=False)
+            # A test or validation beside the trained run (with --trainer.logger false both write
+            # into runs/) keeps the run's own config.yaml.
+            stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
+            name = "config.yaml" if stage == "fit" else f"{stage}_config.yaml"
+            self.parser.save(self.config, directory / name, skip_none=False, overwrite=True, multifile=False)
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
@@ -381,21 +371,28 @@ class GECOLightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         folders = _checkpoint_folders(config) if "trainer" in config else []
         from_last = ckpt_path == "last" and bool(folders)
+        fitting = self.config.subcommand == "fit"
         if from_last:
             found = newest_last_checkpoint(folders)
-            if found is None and self.config.subcommand == "fit":  # test refuses to run without one
-                rank_zero_warn(
-                    f"--ckpt_path last: no checkpoint under {', '.join(f'{f}/<run id>/' for f in folders)}; "
-                    "this is a new run from step 0."
-                )
+            if found is None:
+                where = ", ".join(f"{f}/<run id>/" for f in folders)
+                if not fitting:  # an untrained model's figures would read as the trained one's
+                    _fail(f"--ckpt_path last: no checkpoint under {where}; train one first (train.py fit).")
+                rank_zero_warn(f"--ckpt_path last: no checkpoint under {where}; this is a new run from step 0.")
             config.ckpt_path = ckpt_path = str(found) if found else None
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        if not ckpt_path or (fitting and ckpt_path in ("last", "best", "hpc", "registry")):
             return  # Lightning's own names, resolved by the Trainer
+        if ckpt_path in ("last", "best", "hpc", "registry"):
+            # On a fresh Trainer Lightning finds none of these and evaluates the untrained model.
+            _fail(
+                f"--ckpt_path {ckpt_path}: {self.config.subcommand} reads a checkpoint file; this config's "
+                "ModelCheckpoint has no dirpath to find it in, so pass the file's path."
+            )
         if not Path(ckpt_path).is_file():
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
         if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
             self.resumed_run_id = Path(ckpt_path).parent.name
-        hyperparameters, step = _checkpoint_head(ckpt_path)
+        hyperparameters, step = checkpoint_head(ckpt_path)
         if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
             run = Path(ckpt_path).parent.name
             doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
@@ -404,7 +401,8 @@ class GECOLightningCLI(LightningCLI):
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:
             _fail(str(error))
-        keep_the_checkpoints_optimizer_settings(config.model, hyperparameters, ckpt_path)
+        if fitting:  # only a resumed fit continues the checkpoint's optimizer and schedule
+            keep_the_checkpoints_optimizer_settings(config.model, hyperparameters, ckpt_path)
         self._checkpoint = (ckpt_path, hyperparameters)
 
     def before_instantiate_classes(self) -> None:
@@ -529,11 +527,11 @@ class GECOLightningCLI(LightningCLI):
         if written:
             newest = max(written, key=lambda path: path.stat().st_mtime)
             shown = newest.relative_to(Path.cwd()) if newest.is_relative_to(Path.cwd()) else newest
-            return f"{stopped}; this run's newest checkpoint holds step {_checkpoint_head(newest)[1]}: resume with --ckpt_path {shown}"
+            return f"{stopped}; this run's newest checkpoint holds step {checkpoint_head(newest)[1]}: resume with --ckpt_path {shown}"
         line = f"{stopped}, before this run wrote a checkpoint (the configs write one after each validation): nothing of it to resume"
         other = newest_last_checkpoint([folder.parent for folder in folders])
         if other is not None:
-            line += f"; --ckpt_path last would take another run, {other.parent.name} at step {_checkpoint_head(other)[1]}"
+            line += f"; --ckpt_path last would take another run, {other.parent.name} at step {checkpoint_head(other)[1]}"
         return line
 
     def _finish_wandb(self, failed_with: BaseException | None = None) -> None:

@@ -126,6 +126,11 @@ class DiagnosticPanels(Callback):
             tolerance = _reconstruction_tolerance(pl_module, self.distortion_key.removeprefix("val/"))
             log_image_grid(loggers, "val/rate_distortion", rate_distortion_figure(self.history, tolerance), step)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Each fit (or test) charts its own run; a resumed one gets its history back afterwards,
+        # when Lightning restores the checkpoint.
+        self.history = []
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
 

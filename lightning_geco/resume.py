@@ -9,18 +9,33 @@ saves every rank's generator states in the checkpoint and restores them when tra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_KEY", "RandomState"]
+__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head"]
 
 #: key of the saved states in the checkpoint
 CHECKPOINT_KEY = "random_states"
+
+
+def checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
+    """A checkpoint's ``hyper_parameters`` and ``global_step``, read without reading the weights.
+
+    Memory-mapped, so the weights and optimizer state are not read twice (the Trainer reads them
+    when it restores); a checkpoint in torch's legacy format cannot be mapped and is read whole.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
 
 
 def _generator_states() -> dict[str, Tensor]:
@@ -63,9 +78,13 @@ class RandomState(Callback):
             {name: gathered[name][rank].clone() for name in gathered} for rank in range(trainer.world_size)
         ]
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._to_restore = None  # nothing carried over from an earlier stage of this callback
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
+        # Lightning restores callbacks for trainer.test(ckpt_path=...) too; only a resumed fit trains on.
+        if saved is None or trainer.state.fn != TrainerFn.FITTING:
             return
         if len(saved) != trainer.world_size:
             rank_zero_warn(

@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.constraints import Constraint
 from lightning_geco.objectives import GECOObjective
+from lightning_geco.resume import checkpoint_head
 from lightning_geco.verdict import constraint_clause, verdict, verdict_line
 
 __all__ = ["VALIDATION_KEYS", "RunSummary", "run_directory"]
@@ -147,7 +148,8 @@ class RunSummary(Callback):
     ``tolerance_stated``, ``reading``, ``relative_violation``, ``standard_error``,
     ``satisfied``, ``verdict`` (``met`` or ``not_met``: a test has no training to stall) and
     ``verdict_line`` (``GECO on the test set: ...``, also :attr:`test_verdict_line`), then
-    ``global_step`` (the tested checkpoint's step) and ``path``.
+    ``checkpoint`` (the file tested, None for the module as it is), ``global_step`` (its step)
+    and ``path``.
     """
 
     def __init__(self, filename: str = "summary.json") -> None:
@@ -167,8 +169,6 @@ class RunSummary(Callback):
         self._start = 0.0
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
-        #: the optimizer step of the checkpoint this stage loaded (None: none loaded)
-        self._checkpoint_step: int | None = None
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
 
@@ -184,11 +184,6 @@ class RunSummary(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets the earlier seconds of a resumed run).
         self._earlier_seconds = 0.0
-        self._checkpoint_step = None
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # trainer.test(ckpt_path=...) loads the weights but not the loops: the step is read here.
-        self._checkpoint_step = checkpoint.get("global_step")
 
     def state_dict(self) -> dict[str, Any]:
         """The run's wall-clock seconds so far, so a resumed run reports the whole run's."""
@@ -258,8 +253,11 @@ class RunSummary(Callback):
             self.test_verdict_line = summary["verdict_line"] = verdict_line(
                 clauses, readings.get("rate"), label="GECO on the test set"
             )
-        # The step of the model tested: the checkpoint's, when one is loaded.
-        summary["global_step"] = self._checkpoint_step if self._checkpoint_step is not None else trainer.global_step
+        # The model tested: the checkpoint's step (trainer.test loads its weights, not its loop
+        # counters, so the trainer's own step is 0), or the trainer's when none was loaded.
+        checkpoint = trainer.ckpt_path
+        summary["checkpoint"] = str(checkpoint) if checkpoint else None
+        summary["global_step"] = checkpoint_head(checkpoint)[1] if checkpoint else trainer.global_step
         self.test_summary = summary
         self.test_path = self._write(trainer, f"test_{self.filename}", summary, "test_summary")
 

@@ -271,6 +271,8 @@ def test_without_the_random_state_a_resumed_run_draws_other_noise(tmp_path):
 def test_random_state_under_ddp_saves_every_ranks_generators_and_gives_each_rank_its_own(tmp_path):
     from types import SimpleNamespace
 
+    from pytorch_lightning.trainer.states import TrainerFn
+
     from lightning_geco.resume import CHECKPOINT_KEY, RandomState
 
     mine = torch.get_rng_state()
@@ -282,7 +284,12 @@ def test_random_state_under_ddp_saves_every_ranks_generators_and_gives_each_rank
         return torch.stack([tensor, other.to(tensor.dtype)])
 
     module = SimpleNamespace(device=torch.device("cpu"))
-    rank = lambda r, world: SimpleNamespace(world_size=world, global_rank=r, strategy=SimpleNamespace(all_gather=all_gather))  # noqa: E731
+    def rank(r, world):  # the trainer as rank r of a resumed fit on `world` ranks sees it
+        return SimpleNamespace(
+            world_size=world, global_rank=r, strategy=SimpleNamespace(all_gather=all_gather),
+            state=SimpleNamespace(fn=TrainerFn.FITTING),
+        )
+
     checkpoint = {}
     RandomState().on_save_checkpoint(rank(0, 2), module, checkpoint)
     saved = checkpoint[CHECKPOINT_KEY]

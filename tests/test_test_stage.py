@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from lightning_geco.datamodules import (
     CelebADataModule,
     CIFAR10DataModule,
@@ -86,6 +87,21 @@ def test_the_run_summary_gives_the_verdict_on_the_test_set_and_the_tested_step(t
     assert summary.test_path == tmp_path / "test_summary.json"
     assert json.loads(summary.test_path.read_text()) == {**result, "path": str(summary.test_path)}
     assert summary.path is None and not (tmp_path / "summary.json").exists()  # the fit's file is not the test's
+    assert result["checkpoint"] == str(tmp_path / "model.ckpt")
+
+
+def test_the_test_summary_reads_the_step_of_a_weights_only_checkpoint(tmp_path):
+    # A weights-only checkpoint has no callback states, so no callback hears of it being loaded.
+    _fit_and_save(tmp_path, 0.05, steps=3)
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    torch.save({k: checkpoint[k] for k in ("state_dict", "global_step", "epoch", "hyper_parameters", "pytorch-lightning_version")},
+               tmp_path / "weights.ckpt")
+    summary = RunSummary()
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.05)]))
+    quiet_trainer(callbacks=[summary], default_root_dir=tmp_path).test(
+        model, DataLoader(_labelled(), batch_size=8), ckpt_path=tmp_path / "weights.ckpt", verbose=False
+    )
+    assert summary.test_summary["global_step"] == 3
 
 
 def test_predict_gives_each_images_reconstruction_distortion_and_rate():
@@ -179,6 +195,14 @@ def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the
     assert exit_.value.code == 2
     assert ("train.py test reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for this config's "
             "newest run.") in capsys.readouterr().err
+    # Before any training, "last" finds nothing: test and validate refuse (an untrained model's
+    # figures would read as the trained one's); only fit starts afresh.
+    for subcommand in ("test", "validate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, *_small_default("--ckpt_path", "last")])
+        assert exit_.value.code == 2
+        assert ("error: --ckpt_path last: no checkpoint under runs/checkpoints/default/<run id>/; train one first "
+                "(train.py fit).") in capsys.readouterr().err
     main(["fit", *_small_default("--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0")])
     capsys.readouterr()
     main(["test", *_small_default("--ckpt_path", "last")])
@@ -189,3 +213,58 @@ def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the
     assert lines[-2] == result["verdict_line"] and lines[-2].startswith("GECO on the test set: ")
     assert result["global_step"] == 2 and result["verdict"] in ("met", "not_met")
     assert result["verdict"] == ("met" if result["relative_violation"] <= 0.01 else "not_met")
+    (tested,) = Path("runs/checkpoints/default").glob("*/last.ckpt")
+    assert Path(result["checkpoint"]).resolve() == tested.resolve()
+    # The trained run's config stays as it trained; the test's goes beside it.
+    assert yaml.safe_load(Path("runs/config.yaml").read_text())["trainer"]["max_steps"] == 2
+    assert "ckpt_path" in yaml.safe_load(Path("runs/test_config.yaml").read_text())
+
+
+def test_a_test_with_only_the_test_files_checks_those_and_trainer_predict_reads_the_test_split(tmp_path):
+    # A machine that holds MNIST's t10k files alone can test (prepare_data checks the test files).
+    images, _ = make_mnist(tmp_path / "MNIST" / "raw", 20, "t10k", gzipped=True)
+    model = tiny_conv_vae(image_shape=(1, 28, 28))
+    data = MNISTDataModule(str(tmp_path), batch_size=8)
+    quiet_trainer().test(model, datamodule=data, verbose=False)
+    # trainer.predict with the DataModule reads the same test split, in order.
+    batches = quiet_trainer().predict(model, datamodule=MNISTDataModule(str(tmp_path), batch_size=8))
+    model.eval()
+    reconstructions = torch.cat([b["reconstruction"] for b in batches])
+    torch.testing.assert_close(reconstructions, model.reconstruct(images.unsqueeze(1).float() / 255), rtol=0, atol=0)
+    # setup() of every stage and then the test loader: the test set is built when first asked for.
+    shapes = ShapesDataModule(image_size=16, num_train=32, num_val=16, num_test=24, batch_size=8)
+    shapes.setup()
+    assert sum(x.shape[0] for x, _ in shapes.test_dataloader()) == 24
+
+
+def test_a_tested_checkpoints_random_state_does_not_reach_a_later_fit():
+    from types import SimpleNamespace
+
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    from lightning_geco.resume import CHECKPOINT_KEY, RandomState
+
+    callback = RandomState()
+    checkpoint = {CHECKPOINT_KEY: [{"cpu": torch.get_rng_state()}]}
+    testing = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.TESTING))
+    callback.on_load_checkpoint(testing, None, checkpoint)
+    assert callback._to_restore is None  # a test trains nothing: nothing to restore
+    fitting = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    callback.on_load_checkpoint(fitting, None, checkpoint)
+    assert callback._to_restore is checkpoint[CHECKPOINT_KEY]
+    callback.setup(fitting, None, "fit")  # a new stage starts with nothing pending
+    assert callback._to_restore is None
+
+
+def test_the_classifier_tests_as_it_validates():
+    from lightning_geco.classifier import ImageClassifier
+
+    pl.seed_everything(0)
+    classifier = ImageClassifier(image_shape=(1, 16, 16), num_classes=3, widths=(8, 8), hidden_dim=16)
+    loader = DataLoader(_labelled(), batch_size=8)
+    trainer = quiet_trainer()
+    trainer.validate(classifier, loader, verbose=False)
+    validation = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+    trainer.test(classifier, loader, verbose=False)
+    for name in ("loss", "accuracy"):
+        torch.testing.assert_close(trainer.callback_metrics[f"test/{name}"], validation[f"val/{name}"], rtol=0, atol=0)
