@@ -500,16 +500,16 @@ class GECOLightningCLI(LightningCLI):
             raise
 
     def after_test(self) -> None:
-        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
-        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
-        summary = next(c for c in callbacks if isinstance(c, RunSummary))
+        summary = self._run_summary()
         if not self.trainer.is_global_zero:
             return
         self._finish_wandb()
-        if summary.test_verdict_line:
-            print(summary.test_verdict_line)
-        if summary.test_path is not None:  # none under fast_dev_run
-            print(summary.test_path, flush=True)
+        _print_ending(summary.test_verdict_line, summary.test_path)
+
+    def _run_summary(self) -> RunSummary:
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        return next(c for c in callbacks if isinstance(c, RunSummary))
 
     def _stopped_by_ctrl_c(self, error: BaseException) -> bool:
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (and marks the
@@ -550,18 +550,12 @@ class GECOLightningCLI(LightningCLI):
                     sys.stderr.write(f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by {cause}\n")
 
     def after_fit(self) -> None:
-        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
-        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
-        summary = next(c for c in callbacks if isinstance(c, RunSummary))
+        summary = self._run_summary()
         if not self.trainer.is_global_zero:
             return
         self._finish_wandb()
         self._link_last_checkpoints()
-        verdict = getattr(summary, "verdict_line", "")
-        if verdict:
-            print(verdict)
-        if summary.path is not None:  # none under fast_dev_run
-            print(summary.path, flush=True)
+        _print_ending(summary.verdict_line, summary.path)
 
     def _link_last_checkpoints(self) -> None:
         # <dirpath>/last.ckpt -> <run id>/last.ckpt: the stable path of the newest finished run,
@@ -576,6 +570,15 @@ class GECOLightningCLI(LightningCLI):
                 link.symlink_to(Path(last.parent.name) / last.name)
             except OSError:  # no symlinks (e.g. Windows without the privilege): a copy
                 shutil.copyfile(last, link)
+
+
+def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
+    """A run's last lines: its verdict (a GECO model's), then its summary's path (always the
+    last line; none under fast_dev_run, which writes no files)."""
+    if verdict_line:
+        print(verdict_line)
+    if summary_path is not None:
+        print(summary_path, flush=True)
 
 
 def _fail_short(error: BaseException) -> None:

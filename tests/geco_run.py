@@ -18,6 +18,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from lightning_geco.datamodules import ResumableSampler
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer
@@ -120,6 +121,7 @@ def run(
     compile: bool = False,
     summary: bool = False,
     random_state: bool = False,
+    ckpt_every: int = 0,
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,8 @@ def run(
         callbacks.append(RunSummary())
     if random_state:  # every rank's generators in the checkpoint, restored on resume
         callbacks.append(RandomState())
+    if ckpt_every:  # a checkpoint every ckpt_every steps, in out/checkpoints (step=N in the name)
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=ckpt_every, save_top_k=-1))
     trainer = quiet_trainer(
         default_root_dir=out,
         devices=devices,
@@ -152,6 +156,7 @@ def run(
         precision=precision,
         limit_val_batches=0,
         callbacks=callbacks,
+        enable_checkpointing=bool(ckpt_every),
     )
     data = dataset()
     if resumable_sampler:
@@ -209,6 +214,7 @@ if __name__ == "__main__":
     parser.add_argument("--random-state", action="store_true", help="add RandomState")
     parser.add_argument("--ckpt-in", help="resume from this checkpoint")
     parser.add_argument("--ckpt-out", help="save a checkpoint here at the end")
+    parser.add_argument("--ckpt-every", type=int, default=0, help="a checkpoint every N steps, in OUT/checkpoints")
     args = parser.parse_args()
     run(
         args.out,
@@ -227,4 +233,5 @@ if __name__ == "__main__":
         random_state=args.random_state,
         ckpt_in=args.ckpt_in,
         ckpt_out=args.ckpt_out,
+        ckpt_every=args.ckpt_every,
     )

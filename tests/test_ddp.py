@@ -94,10 +94,10 @@ def test_the_resumable_sampler_shares_each_global_batch_over_the_ranks_as_one_pr
 def test_a_two_rank_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
     # Each rank's generators (RandomState) and the global batches (ResumableSampler) come back, so
     # rank 1 draws its own noise again; it crashed restoring a state saved as a view of the gather.
-    common = ("--batch-size", "8", "--resumable-sampler", "--random-state")
-    whole = _ddp(tmp_path / "whole", *common, "--max-steps", "8")
-    first = _ddp(tmp_path / "first", *common, "--max-steps", "4", "--ckpt-out", str(tmp_path / "half.ckpt"))
-    second = _ddp(tmp_path / "second", *common, "--max-steps", "8", "--ckpt-in", str(tmp_path / "half.ckpt"))
+    common = ("--batch-size", "8", "--resumable-sampler", "--random-state", "--max-steps", "8")
+    whole = _ddp(tmp_path / "whole", *common, "--ckpt-every", "4")  # writes its step-4 checkpoint on the way
+    (half,) = (tmp_path / "whole" / "checkpoints").glob("*step=4.ckpt")
+    second = _ddp(tmp_path / "second", *common, "--ckpt-in", str(half))
     for rank in (0, 1):
-        assert first[rank] + second[rank] == whole[rank]
+        assert second[rank] == whole[rank][4:]
     assert_same_parameters(tmp_path / "whole" / "params.pt", tmp_path / "second" / "params.pt", rtol=0, atol=0)
