@@ -256,7 +256,7 @@ class RunSummary(Callback):
         # The model tested: the checkpoint's step (trainer.test loads its weights, not its loop
         # counters, so the trainer's own step is 0), or the trainer's when none was loaded.
         checkpoint = trainer.ckpt_path
-        summary["checkpoint"] = str(checkpoint) if checkpoint else None
+        summary["checkpoint"] = str(Path(checkpoint).resolve()) if checkpoint else None
         summary["global_step"] = checkpoint_head(checkpoint)[1] if checkpoint else trainer.global_step
         self.test_summary = summary
         self.test_path = self._write(trainer, f"test_{self.filename}", summary, "test_summary")

@@ -87,7 +87,7 @@ def test_the_run_summary_gives_the_verdict_on_the_test_set_and_the_tested_step(t
     assert summary.test_path == tmp_path / "test_summary.json"
     assert json.loads(summary.test_path.read_text()) == {**result, "path": str(summary.test_path)}
     assert summary.path is None and not (tmp_path / "summary.json").exists()  # the fit's file is not the test's
-    assert result["checkpoint"] == str(tmp_path / "model.ckpt")
+    assert result["checkpoint"] == str((tmp_path / "model.ckpt").resolve())
 
 
 def test_the_test_summary_reads_the_step_of_a_weights_only_checkpoint(tmp_path):
@@ -214,7 +214,7 @@ def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the
     assert result["global_step"] == 2 and result["verdict"] in ("met", "not_met")
     assert result["verdict"] == ("met" if result["relative_violation"] <= 0.01 else "not_met")
     (tested,) = Path("runs/checkpoints/default").glob("*/last.ckpt")
-    assert Path(result["checkpoint"]).resolve() == tested.resolve()
+    assert result["checkpoint"] == str(tested.resolve())
     # The trained run's config stays as it trained; the test's goes beside it.
     assert yaml.safe_load(Path("runs/config.yaml").read_text())["trainer"]["max_steps"] == 2
     assert "ckpt_path" in yaml.safe_load(Path("runs/test_config.yaml").read_text())
