@@ -385,7 +385,7 @@ class VAEModule(pl.LightningModule):
             iwae = self.importance_weighted_bound(x, self.iwae_samples)
             self.log(f"{stage}/iwae", iwae.mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
-    def _validation_metrics(self) -> tuple:
+    def _evaluation_metrics(self) -> tuple:
         return (self.aggregate_posterior, self.latent_activity)
 
     def on_validation_epoch_start(self) -> None:
@@ -405,7 +405,7 @@ class VAEModule(pl.LightningModule):
     def _start_evaluation(self) -> None:
         # Reset here too: after trainer.validate (inference mode) the states are inference
         # tensors, which the validation inside a later fit (no_grad) cannot update in place.
-        for metric in self._validation_metrics():
+        for metric in self._evaluation_metrics():
             metric.reset()
         # Fresh ones each evaluation (nothing to reset), for the constraints of this moment.
         names = dict.fromkeys(c.reading_name for c in self.constraints)
@@ -425,7 +425,7 @@ class VAEModule(pl.LightningModule):
             for name, metric in self.reading_precision.items()
             if metric.update_called
         }
-        for metric in self._validation_metrics():
+        for metric in self._evaluation_metrics():
             metric.reset()
         for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
             self.log(f"{stage}/{key}", estimates[key], sync_dist=True)
