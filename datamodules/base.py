@@ -204,6 +204,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.calibration_dataset: Dataset | None = None
         #: seed of the training order; drawn when the first training loader is built, restored on resume
         self.shuffle_seed: int | None = None
+        #: the ``source`` a loaded checkpoint was trained on (None: no checkpoint, or no source)
+        self.trained_source: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -216,12 +218,25 @@ class ImageDataModule(pl.LightningDataModule):
 
     def build_test(self) -> Dataset:
         """The test set (``trainer.test``): images set apart from the training, validation and
-        calibration splits, e.g. a dataset's official test files. Raises
-        :class:`NoTestSplitError` (saying why) where the data hold none; the default."""
-        raise NoTestSplitError(
-            f"{type(self).__name__} has no test split: its data are one set, split into training and "
-            "validation. Evaluate on the validation split (train.py validate) instead."
-        )
+        calibration splits, e.g. a dataset's official test files. A subclass whose data hold
+        one overrides this (and :meth:`missing_test_split` where that depends on its settings)."""
+        raise NoTestSplitError(self.missing_test_split())
+
+    def missing_test_split(self) -> str | None:
+        """Why this DataModule, as configured, has no test split; None when it has one. Cheap
+        (no data read), so ``train.py test`` asks before it starts a run."""
+        if type(self).build_test is ImageDataModule.build_test:
+            return (
+                f"{type(self).__name__} has no test split: its data are one set, split into training and "
+                "validation. Evaluate on the validation split (train.py validate) instead."
+            )
+        if self.trained_source == "test" and getattr(self, "source", None) != "test":
+            # What a checkpoint trained on the test files (source 'test') would be tested on.
+            return (
+                f"the checkpoint was trained on {type(self).__name__}'s test files (source 'test'), so its test split is "
+                "its own training data. Test a model trained with source 'train' (--data.source train)."
+            )
+        return None
 
     def with_source(self: _DataModule, source: str) -> _DataModule:
         """This DataModule as if built with ``source=source`` (a shallow copy, for reading another
@@ -240,8 +255,7 @@ class ImageDataModule(pl.LightningDataModule):
         """Build the splits once (every stage shares them), then carve the calibration split;
         ``"test"`` and ``"predict"`` build the test set alone."""
         if stage in ("test", "predict"):
-            self._test_set()
-            return
+            return  # the test set is built when its loader is asked for, after a checkpoint's state is back
         if self.train_dataset is not None:
             return
         train, val = self.build_splits()
@@ -312,11 +326,13 @@ class ImageDataModule(pl.LightningDataModule):
         return sampler
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the seed of the training order."""
-        return {"shuffle_seed": self.shuffle_seed}
+        """What a resumed run needs: the seed of the training order; and the files it trained on
+        (``source``, where the DataModule has one), so a test never reads them as its test split."""
+        return {"shuffle_seed": self.shuffle_seed, "source": getattr(self, "source", None)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
+        self.trained_source = state_dict.get("source")
 
     def _on_device(self, dataset: Dataset, device: str) -> TensorDataset:
         indices = None
@@ -352,6 +368,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _test_set(self) -> Dataset:
         if self.test_dataset is None:
+            reason = self.missing_test_split()
+            if reason is not None:
+                raise NoTestSplitError(reason)
             self.test_dataset = self.build_test()
         return self.test_dataset
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Subset
 from torchvision.datasets import EMNIST, SVHN, VisionDataset
 
-from .base import ImageDataModule, MissingDatasetError, NoTestSplitError, UInt8Images, seeded_split
+from .base import ImageDataModule, MissingDatasetError, UInt8Images, seeded_split
 
 __all__ = ["EMNISTDataModule", "SVHNDataModule", "TorchvisionDataModule"]
 
@@ -107,13 +107,16 @@ class TorchvisionDataModule(ImageDataModule):
         dataset, self._prepared = self._prepared or self._read(download=False), None
         return seeded_split(self.to_images(dataset), self.num_val, self.seed)
 
+    def missing_test_split(self) -> str | None:
+        if self.source == "test":
+            return (
+                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
+                "left. Train with another source (--data.source train) to test on the test files."
+            )
+        return super().missing_test_split()
+
     def build_test(self) -> UInt8Images:
         """The dataset's ``test`` files when training reads another source."""
-        if self.source == "test":
-            raise NoTestSplitError(
-                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
-                "left. Train with another source to test on the test files."
-            )
         dataset, self._prepared_test = self._prepared_test or self.with_source("test")._read(download=False), None
         return self.to_images(dataset)
 

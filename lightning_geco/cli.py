@@ -198,7 +198,7 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
             if saved != configured:
                 raise ConfigurationError(
                     f"--ckpt_path {ckpt_path} was trained with {key}={saved!r}; the config asks for "
-                    f"{key}={configured!r} (--model.init_args.{key}). A checkpoint only resumes the model it was "
+                    f"{key}={configured!r} (--model.init_args.{key}). A checkpoint only loads into the model it was "
                     "built for: use its setting, or start a new run without --ckpt_path."
                 )
 
@@ -434,7 +434,7 @@ class GECOLightningCLI(LightningCLI):
             if saved is not None and current is not None and list(saved) != list(current):
                 _fail(
                     f"--ckpt_path {path} was trained on images of shape {tuple(saved)}; the data gives "
-                    f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only resumes the model it was "
+                    f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only loads into the model it was "
                     "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
                 )
         for logger in self.trainer.loggers:
@@ -484,6 +484,26 @@ class GECOLightningCLI(LightningCLI):
                 sys.stderr.write(line + "\n")
             _fail_short(error)
             raise
+
+    def before_test(self) -> None:
+        # Checked before the W&B run starts, as before_fit does: a test with nothing to read.
+        missing = getattr(self.datamodule, "missing_test_split", None)
+        reason = missing() if callable(missing) else None
+        if reason is not None:
+            _fail(reason)
+        self._read_in_run_folder()
+
+    def before_validate(self) -> None:
+        self._read_in_run_folder()
+
+    def _read_in_run_folder(self) -> None:
+        # A checkpoint of one of the config's runs is read where fit wrote it, so Lightning's
+        # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
+        if self.resumed_run_id is None:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                callback.dirpath = os.path.join(callback.dirpath, self.resumed_run_id)
 
     def test(self, model: LightningModule, **kwargs: Any) -> None:
         """``train.py test``: the trained model (``--ckpt_path``) on the DataModule's test split."""

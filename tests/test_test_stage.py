@@ -130,37 +130,37 @@ def test_the_mnist_family_tests_on_the_test_files_and_says_when_there_are_none(t
     test_images, test_labels = make_mnist(raw, 24, "t10k", gzipped=True, seed=1)
     data = MNISTDataModule(str(tmp_path), num_val=16, batch_size=10)
     data.setup("test")
-    assert data.train_dataset is None  # the test stage reads the test files alone
     images, labels = zip(*data.test_dataloader())
+    assert data.train_dataset is None  # the test stage reads the test files alone
     assert torch.equal(torch.cat(images), test_images.unsqueeze(1).float() / 255)
     assert torch.equal(torch.cat(labels), test_labels.long())
     message = ("MNISTDataModule(source='test') trains and validates on the test files: no test split is left. "
-               "Train with source='train' to test on the test files.")
+               "Train with source='train' (--data.source train) to test on the test files.")
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
-        MNISTDataModule(str(tmp_path), source="test").setup("test")
+        MNISTDataModule(str(tmp_path), source="test").test_dataloader()
     make_mnist(tmp_path / "other" / "MNIST" / "raw", 64, "train", gzipped=True)
     with pytest.raises(MissingDatasetError, match=re.escape("MNIST (test split)")):
-        MNISTDataModule(str(tmp_path / "other")).setup("test")
+        MNISTDataModule(str(tmp_path / "other")).test_dataloader()
 
 
 def test_cifar_celeba_and_the_shapes_have_test_splits_and_dsprites_says_it_has_none(tmp_path):
     written = make_cifar(tmp_path / "cifar-10-batches-py", per_batch=6)
     cifar = CIFAR10DataModule(str(tmp_path), num_val=6)
-    cifar.setup("test")
+    cifar.test_dataloader()
     assert torch.equal(cifar.test_dataset.images.flatten(1), written["test_batch"][0])
 
     make_celeba(tmp_path / "celeba", partitions=[0] * 4 + [1] * 2 + [2] * 3)
     celeba = CelebADataModule(str(tmp_path), num_workers=0)
-    celeba.setup("test")
+    celeba.test_dataloader()
     assert [p.name for p in celeba.test_dataset.files] == ["000007.jpg", "000008.jpg", "000009.jpg"]
 
     shapes = ShapesDataModule(image_size=16, num_train=64, num_val=32, num_test=48)
     shapes.setup("fit")
-    shapes.setup("test")
+    shapes.test_dataloader()
     test_images = shapes.test_dataset.tensors[0]
     assert test_images.shape == (48, 1, 16, 16)
     again = ShapesDataModule(image_size=16, num_train=64, num_val=32, num_test=48)
-    again.setup("test")
+    again.test_dataloader()
     assert torch.equal(again.test_dataset.tensors[0], test_images)  # a function of the seed
     assert not torch.equal(shapes.val_dataset.tensors[0][:32], test_images[:32])
     with pytest.raises(ValueError, match=re.escape("ShapesDataModule num_test must be positive, got 0.")):
@@ -170,7 +170,7 @@ def test_cifar_celeba_and_the_shapes_have_test_splits_and_dsprites_says_it_has_n
     message = ("DSpritesDataModule has no test split: its data are one set, split into training and validation. "
                "Evaluate on the validation split (train.py validate) instead.")
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
-        DSpritesDataModule(str(tmp_path)).setup("test")
+        DSpritesDataModule(str(tmp_path)).test_dataloader()
 
 
 def test_emnist_tests_on_its_test_files(tmp_path):
@@ -179,7 +179,7 @@ def test_emnist_tests_on_its_test_files(tmp_path):
     _make_emnist(tmp_path, "letters", "train", 20)
     upright, _ = _make_emnist(tmp_path, "letters", "test", 12)
     data = EMNISTDataModule(str(tmp_path), split="letters", num_val=4)
-    data.setup("test")
+    data.test_dataloader()
     assert torch.equal(data.test_dataset.images, upright.unsqueeze(1))
 
 
@@ -268,3 +268,36 @@ def test_the_classifier_tests_as_it_validates():
     trainer.test(classifier, loader, verbose=False)
     for name in ("loss", "accuracy"):
         torch.testing.assert_close(trainer.callback_metrics[f"test/{name}"], validation[f"val/{name}"], rtol=0, atol=0)
+
+
+def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
+    # KMNIST's config trains on the test files (source 'test'); testing its checkpoint with
+    # source 'train' would read the very images it trained on as its test split.
+    raw = tmp_path / "MNIST" / "raw"
+    make_mnist(raw, 40, "t10k", gzipped=True)
+    make_mnist(raw, 40, "train", gzipped=True, seed=1)
+    model = tiny_conv_vae(image_shape=(1, 28, 28))
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(model, datamodule=MNISTDataModule(str(tmp_path), source="test", num_val=8, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    assert torch.load(tmp_path / "model.ckpt", weights_only=False)["MNISTDataModule"]["source"] == "test"
+    message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
+               "training data. Test a model trained with source 'train' (--data.source train).")
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        quiet_trainer().test(model, datamodule=MNISTDataModule(str(tmp_path), batch_size=8), ckpt_path=tmp_path / "model.ckpt")
+
+
+def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(capsys):
+    from types import SimpleNamespace
+
+    from lightning_geco.cli import GECOLightningCLI
+
+    # before_test runs before the Trainer starts the W&B run (as before_fit's checks do).
+    cli = SimpleNamespace(datamodule=DSpritesDataModule("nowhere"), resumed_run_id=None, trainer=None)
+    with pytest.raises(SystemExit) as exit_:
+        GECOLightningCLI.before_test(cli)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: DSpritesDataModule has no test split: its data are one set, split into training and validation. "
+        "Evaluate on the validation split (train.py validate) instead.\n"
+    )
