@@ -222,6 +222,13 @@ class ImageDataModule(pl.LightningDataModule):
         one overrides this (and :meth:`missing_test_split` where that depends on its settings)."""
         raise NoTestSplitError(self.missing_test_split())
 
+    @property
+    def files_source(self) -> str | None:
+        """Which of the dataset's files training reads (``source``: ``"train"``, ``"test"``, ...),
+        for the DataModules that take one; None for the others."""
+        source = getattr(self, "source", None)  # Omniglot's `source` is a method: a path, not a name
+        return source if isinstance(source, str) else None
+
     def missing_test_split(self) -> str | None:
         """Why this DataModule, as configured, has no test split; None when it has one. Cheap
         (no data read), so ``train.py test`` asks before it starts a run."""
@@ -230,7 +237,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} has no test split: its data are one set, split into training and "
                 "validation. Evaluate on the validation split (train.py validate) instead."
             )
-        if self.trained_source == "test" and getattr(self, "source", None) != "test":
+        if self.trained_source == "test" and self.files_source != "test":
             # What a checkpoint trained on the test files (source 'test') would be tested on.
             return (
                 f"the checkpoint was trained on {type(self).__name__}'s test files (source 'test'), so its test split is "
@@ -328,7 +335,7 @@ class ImageDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the seed of the training order; and the files it trained on
         (``source``, where the DataModule has one), so a test never reads them as its test split."""
-        return {"shuffle_seed": self.shuffle_seed, "source": getattr(self, "source", None)}
+        return {"shuffle_seed": self.shuffle_seed, "source": self.files_source}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)

@@ -281,6 +281,10 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
     trainer.fit(model, datamodule=MNISTDataModule(str(tmp_path), source="test", num_val=8, batch_size=8))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     assert torch.load(tmp_path / "model.ckpt", weights_only=False)["MNISTDataModule"]["source"] == "test"
+    # Only a DataModule's name of its files is recorded (Omniglot's `source` is a method).
+    from lightning_geco.datamodules import OmniglotDataModule
+
+    assert OmniglotDataModule("nowhere").state_dict() == {"shuffle_seed": None, "source": None}
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
