@@ -237,7 +237,12 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} has no test split: its data are one set, split into training and "
                 "validation. Evaluate on the validation split (train.py validate) instead."
             )
-        if self.trained_source == "test" and self.files_source != "test":
+        if self.files_source == "test":
+            return (
+                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
+                "left. Train with source='train' (--data.source train) to test on the test files."
+            )
+        if self.trained_source == "test":
             # What a checkpoint trained on the test files (source 'test') would be tested on.
             return (
                 f"the checkpoint was trained on {type(self).__name__}'s test files (source 'test'), so its test split is "

@@ -105,14 +105,6 @@ class CIFAR10DataModule(ImageDataModule):
     def build_splits(self) -> tuple[Subset, Subset]:
         return seeded_split(self.load(), self.num_val, self.seed)
 
-    def missing_test_split(self) -> str | None:
-        if self.source == "test":
-            return (
-                "CIFAR10DataModule(source='test') trains and validates on test_batch: no test split is left. "
-                "Train with source='train' (--data.source train) to test on test_batch."
-            )
-        return super().missing_test_split()
-
     def build_test(self) -> UInt8Images:
         """``test_batch`` (10,000 images) when training reads the five data batches."""
         return self.with_source("test").load()

@@ -173,14 +173,6 @@ class MNISTDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Subset, Subset]:
         return seeded_split(self.load(), self.num_val, self.seed)
 
-    def missing_test_split(self) -> str | None:
-        if self.source == "test":
-            return (
-                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
-                "left. Train with source='train' (--data.source train) to test on the test files."
-            )
-        return super().missing_test_split()
-
     def build_test(self) -> UInt8Images:
         """The whole test split (10,000 images) when training reads the training files."""
         return self.with_source("test").load()

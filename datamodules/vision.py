@@ -107,14 +107,6 @@ class TorchvisionDataModule(ImageDataModule):
         dataset, self._prepared = self._prepared or self._read(download=False), None
         return seeded_split(self.to_images(dataset), self.num_val, self.seed)
 
-    def missing_test_split(self) -> str | None:
-        if self.source == "test":
-            return (
-                f"{type(self).__name__}(source='test') trains and validates on the test files: no test split is "
-                "left. Train with another source (--data.source train) to test on the test files."
-            )
-        return super().missing_test_split()
-
     def build_test(self) -> UInt8Images:
         """The dataset's ``test`` files when training reads another source."""
         dataset, self._prepared_test = self._prepared_test or self.with_source("test")._read(download=False), None
