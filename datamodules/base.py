@@ -197,7 +197,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.device = device
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
-        #: the test set (``trainer.test``), built by ``setup("test")`` from :meth:`build_test`
+        #: the test set (``trainer.test``), built from :meth:`build_test` when its loader is first asked for
         self.test_dataset: Dataset | None = None
         self.num_calibration = num_calibration
         # Items yield what train's do: (image, target); a TensorDataset on ``device`` when set.
@@ -264,10 +264,11 @@ class ImageDataModule(pl.LightningDataModule):
         return trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the splits once (every stage shares them), then carve the calibration split;
-        ``"test"`` and ``"predict"`` build the test set alone."""
+        """Build the splits once (every stage shares them), then carve the calibration split.
+        ``"test"`` and ``"predict"`` build nothing here: they read the test set alone, built when
+        its loader is asked for (after a checkpoint's DataModule state is back)."""
         if stage in ("test", "predict"):
-            return  # the test set is built when its loader is asked for, after a checkpoint's state is back
+            return
         if self.train_dataset is not None:
             return
         train, val = self.build_splits()
