@@ -257,11 +257,13 @@ class ImageDataModule(pl.LightningDataModule):
         other.source = source  # type: ignore[attr-defined]
         return other
 
-    def reads_test_files(self) -> bool:
-        """Whether the trainer is testing or predicting, which read the test split alone (so
-        ``prepare_data`` checks, or fetches, the test files instead of the training ones)."""
+    def files_to_prepare(self: _DataModule) -> _DataModule:
+        """The DataModule whose files ``prepare_data`` checks (or fetches): while the trainer tests
+        or predicts, which read the test split alone, its test-files twin (:meth:`with_source`),
+        else itself."""
         trainer = self.trainer
-        return trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
+        testing = trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
+        return self.with_source("test") if testing and self.files_source not in (None, "test") else self
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits once (every stage shares them), then carve the calibration split.

@@ -87,8 +87,7 @@ class CIFAR10DataModule(ImageDataModule):
         return [path for path in found.values() if path is not None]  # all found: none missing
 
     def prepare_data(self) -> None:
-        reader = self.with_source("test") if self.reads_test_files() and self.source != "test" else self
-        ensure_files(self.download, reader.files, self._fetch)
+        ensure_files(self.download, self.files_to_prepare().files, self._fetch)
 
     def _fetch(self) -> None:
         import tarfile

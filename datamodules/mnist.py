@@ -167,8 +167,7 @@ class MNISTDataModule(ImageDataModule):
     def prepare_data(self) -> None:
         # File work on one process only (Lightning calls this on local rank 0).
         urls = [self.mirror + stem + ".gz" for split in _STEMS.values() for stem in split]
-        reader = self.with_source("test") if self.reads_test_files() and self.source != "test" else self
-        ensure_files(self.download, reader.files, lambda: download_files(self.name, urls, self.candidate_folders()[0]))
+        ensure_files(self.download, self.files_to_prepare().files, lambda: download_files(self.name, urls, self.candidate_folders()[0]))
 
     def build_splits(self) -> tuple[Subset, Subset]:
         return seeded_split(self.load(), self.num_val, self.seed)

@@ -98,8 +98,9 @@ class TorchvisionDataModule(ImageDataModule):
         # torchvision checks the files by reading them: what it read is kept for setup in this
         # process (a full SVHN is over a GB; reading it twice doubles the start-up). A test
         # reads (or fetches) the test files alone.
-        if self.reads_test_files() and self.source != "test":
-            self._prepared_test = self.with_source("test")._read(self.download)
+        reader = self.files_to_prepare()
+        if reader is not self:
+            self._prepared_test = reader._read(self.download)
             return
         self._prepared = self._read(self.download)
 

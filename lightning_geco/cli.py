@@ -304,6 +304,10 @@ class ShortErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
+#: the --ckpt_path names Lightning resolves itself (a resumed fit's; nothing on a fresh Trainer)
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -380,9 +384,9 @@ class GECOLightningCLI(LightningCLI):
                     _fail(f"--ckpt_path last: no checkpoint under {where}; train one first (train.py fit).")
                 rank_zero_warn(f"--ckpt_path last: no checkpoint under {where}; this is a new run from step 0.")
             config.ckpt_path = ckpt_path = str(found) if found else None
-        if not ckpt_path or (fitting and ckpt_path in ("last", "best", "hpc", "registry")):
+        if not ckpt_path or (fitting and ckpt_path in LIGHTNING_CKPT_NAMES):
             return  # Lightning's own names, resolved by the Trainer
-        if ckpt_path in ("last", "best", "hpc", "registry"):
+        if ckpt_path in LIGHTNING_CKPT_NAMES:
             # On a fresh Trainer Lightning finds none of these and evaluates the untrained model.
             _fail(
                 f"--ckpt_path {ckpt_path}: {self.config.subcommand} reads a checkpoint file; this config's "
@@ -445,10 +449,7 @@ class GECOLightningCLI(LightningCLI):
                     logger._wandb_init.pop("anonymous", None)
                 if logger.save_dir:
                     os.makedirs(logger.save_dir, exist_ok=True)
-        run_id = self._run_id()
-        for callback in self.trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
-                callback.dirpath = os.path.join(callback.dirpath, run_id)
+        self._checkpoints_into(self._run_id())
 
     def _run_id(self) -> str:
         """The resumed run's id, else this run's W&B id / logger version, else a fresh id."""
@@ -491,19 +492,19 @@ class GECOLightningCLI(LightningCLI):
         reason = missing() if callable(missing) else None
         if reason is not None:
             _fail(reason)
-        self._read_in_run_folder()
+        self.before_validate()
 
     def before_validate(self) -> None:
-        self._read_in_run_folder()
-
-    def _read_in_run_folder(self) -> None:
         # A checkpoint of one of the config's runs is read where fit wrote it, so Lightning's
         # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
-        if self.resumed_run_id is None:
-            return
+        if self.resumed_run_id is not None:
+            self._checkpoints_into(self.resumed_run_id)
+
+    def _checkpoints_into(self, run_id: str) -> None:
+        """Point every ModelCheckpoint of the config at its ``<dirpath>/<run id>/`` folder."""
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
-                callback.dirpath = os.path.join(callback.dirpath, self.resumed_run_id)
+                callback.dirpath = os.path.join(callback.dirpath, run_id)
 
     def test(self, model: LightningModule, **kwargs: Any) -> None:
         """``train.py test``: the trained model (``--ckpt_path``) on the DataModule's test split."""
