@@ -305,7 +305,7 @@ class ShortErrorParser(LightningArgumentParser):
 
 
 #: the --ckpt_path names Lightning resolves itself (a resumed fit's; nothing on a fresh Trainer)
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
@@ -384,9 +384,9 @@ class GECOLightningCLI(LightningCLI):
                     _fail(f"--ckpt_path last: no checkpoint under {where}; train one first (train.py fit).")
                 rank_zero_warn(f"--ckpt_path last: no checkpoint under {where}; this is a new run from step 0.")
             config.ckpt_path = ckpt_path = str(found) if found else None
-        if not ckpt_path or (fitting and ckpt_path in LIGHTNING_CKPT_NAMES):
+        if not ckpt_path or (fitting and ckpt_path in _LIGHTNING_CKPT_NAMES):
             return  # Lightning's own names, resolved by the Trainer
-        if ckpt_path in LIGHTNING_CKPT_NAMES:
+        if ckpt_path in _LIGHTNING_CKPT_NAMES:
             # On a fresh Trainer Lightning finds none of these and evaluates the untrained model.
             _fail(
                 f"--ckpt_path {ckpt_path}: {self.config.subcommand} reads a checkpoint file; this config's "
