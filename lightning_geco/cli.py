@@ -25,6 +25,7 @@ import shutil
 import sys
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -326,8 +327,8 @@ class SaveConfigToRun(SaveConfigCallback):
             # into runs/) keeps the run's own config.yaml.
             stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
             name = "config.yaml" if stage == "fit" else f"{stage}_config.yaml"
-            self.parser.save(self.config, directory / name, skip_none=False, overwrite=True, multifile=False)
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            self.parser.save(self.config, directory / name, skip_unset=False, overwrite=True, multifile=False)
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 
@@ -508,13 +509,20 @@ class GECOLightningCLI(LightningCLI):
 
     def test(self, model: LightningModule, **kwargs: Any) -> None:
         """``train.py test``: the trained model (``--ckpt_path``) on the DataModule's test split."""
+        self._evaluate("test", self.trainer.test, model, **kwargs)
+
+    def validate(self, model: LightningModule, **kwargs: Any) -> None:
+        """``train.py validate``: the trained model (``--ckpt_path``) on the validation split."""
+        self._evaluate("validate", self.trainer.validate, model, **kwargs)
+
+    def _evaluate(self, subcommand: str, run: Callable[..., Any], model: LightningModule, **kwargs: Any) -> None:
         if kwargs.get("ckpt_path") is None:
             _fail(
-                "train.py test reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for this "
-                "config's newest run."
+                f"train.py {subcommand} reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for "
+                "this config's newest run."
             )
         try:
-            self.trainer.test(model, **kwargs)
+            run(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
             _fail_short(error)
@@ -526,6 +534,13 @@ class GECOLightningCLI(LightningCLI):
             return
         self._finish_wandb()
         _print_ending(summary.test_verdict_line, summary.test_path)
+
+    def after_validate(self) -> None:
+        summary = self._run_summary()
+        if not self.trainer.is_global_zero:
+            return
+        self._finish_wandb()
+        _print_ending(summary.validate_verdict_line, summary.validate_path)
 
     def _run_summary(self) -> RunSummary:
         # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.

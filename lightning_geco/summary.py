@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.constraints import Constraint
@@ -149,7 +150,9 @@ class RunSummary(Callback):
     ``satisfied``, ``verdict`` (``met`` or ``not_met``: a test has no training to stall) and
     ``verdict_line`` (``GECO on the test set: ...``, also :attr:`test_verdict_line`), then
     ``checkpoint`` (the file tested, None for the module as it is), ``global_step`` (its step)
-    and ``path``.
+    and ``path``. ``trainer.validate`` (``train.py validate``) writes ``validate_<filename>``
+    with the same fields from ``val/*`` (``GECO on the validation set: ...``, also
+    :attr:`validate_verdict_line`); it does not change what ``fit`` writes.
     """
 
     def __init__(self, filename: str = "summary.json") -> None:
@@ -162,6 +165,10 @@ class RunSummary(Callback):
         self.test_summary: dict[str, Any] = {}
         self.test_verdict_line = ""
         self.test_path: Path | None = None
+        #: the same for the last ``trainer.validate`` (``validate_<filename>``)
+        self.validate_summary: dict[str, Any] = {}
+        self.validate_verdict_line = ""
+        self.validate_path: Path | None = None
         self._validation: dict[str, float] = {}
         #: the standard error of each constraint reading's validation mean (``val/<reading>/standard_error``)
         self._standard_errors: dict[str, float] = {}
@@ -223,26 +230,42 @@ class RunSummary(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._validated_alone(trainer, pl_module)
+            return
         self._validation, self._standard_errors = _stage_readings(trainer.callback_metrics, "val")
         self._history.append((trainer.global_step, dict(self._validation)))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The test set's figures and, for a GECO model, each constraint's verdict on them, in
         ``test_<filename>`` beside the run's logs (:attr:`test_summary`, :attr:`test_verdict_line`)."""
-        readings, standard_errors = _stage_readings(trainer.callback_metrics, "test")
+        self.test_summary = self._evaluation_summary(trainer, pl_module, "test", "GECO on the test set")
+        self.test_verdict_line = self.test_summary.get("verdict_line", "")
+        self.test_path = self._write(trainer, f"test_{self.filename}", self.test_summary, "test_summary")
+
+    def _validated_alone(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``trainer.validate``'s figures and verdict, in ``validate_<filename>`` (as a test's)."""
+        self.validate_summary = self._evaluation_summary(trainer, pl_module, "val", "GECO on the validation set")
+        self.validate_verdict_line = self.validate_summary.get("verdict_line", "")
+        self.validate_path = self._write(trainer, f"validate_{self.filename}", self.validate_summary, "validate_summary")
+
+    @staticmethod
+    def _evaluation_summary(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, label: str) -> dict[str, Any]:
+        """The figures an evaluation outside ``fit`` logged as ``<stage>/*``, with each
+        constraint's ``met`` / ``not_met`` on them for a GECO model, and the model's step."""
+        readings, standard_errors = _stage_readings(trainer.callback_metrics, stage)
         summary: dict[str, Any] = {k: _number(v) for k, v in readings.items()}
-        self.test_verdict_line = ""
         objective = next((m for m in pl_module.modules() if isinstance(m, GECOObjective)), None)
         if objective is not None:
             constraints = list(objective.constraints)
             fields, violation, relative_errors = _constraint_fields(constraints, readings, standard_errors)
-            # The test reads lambda as trained; there is no run to stall, so met or not_met.
+            # Lambda is read as trained; with no training to stall the outcome is met or not_met.
             outcomes = [verdict(v, None) for v in violation]
             clauses = [
                 constraint_clause(
                     c.reading_name, readings.get(c.reading_name), c.reading_tolerance, violation[k],
                     lower_is_better=c.lower_is_better, outcome=outcomes[k], standard_error=relative_errors[k],
-                    stage="test",
+                    stage=stage,
                 )
                 for k, c in enumerate(constraints)
             ]
@@ -250,16 +273,14 @@ class RunSummary(Callback):
             summary.update({key: _per_constraint(constraints, values) for key, values in fields.items()})
             summary["satisfied"] = _satisfied(constraints, readings)
             summary["verdict"] = _per_constraint(constraints, outcomes)
-            self.test_verdict_line = summary["verdict_line"] = verdict_line(
-                clauses, readings.get("rate"), label="GECO on the test set"
-            )
-        # The model tested: the checkpoint's step (trainer.test loads its weights, not its loop
-        # counters, so the trainer's own step is 0), or the trainer's when none was loaded.
+            summary["verdict_line"] = verdict_line(clauses, readings.get("rate"), label=label)
+        # The model evaluated: the checkpoint's step (trainer.test and trainer.validate load its
+        # weights, not its loop counters, so the trainer's own step is 0), or the trainer's when
+        # none was loaded.
         checkpoint = trainer.ckpt_path
         summary["checkpoint"] = str(Path(checkpoint).resolve()) if checkpoint else None
         summary["global_step"] = checkpoint_head(checkpoint)[1] if checkpoint else trainer.global_step
-        self.test_summary = summary
-        self.test_path = self._write(trainer, f"test_{self.filename}", summary, "test_summary")
+        return summary
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # With no training batch Lightning skips the loop and "finishes" at step 0 with exit

@@ -65,14 +65,21 @@ def _fit_and_save(tmp_path, tolerance, steps=3):
 
 
 @pytest.mark.parametrize("tolerance, outcome", [(0.5, "met"), (0.001, "not_met")])
-def test_the_run_summary_gives_the_verdict_on_the_test_set_and_the_tested_step(tmp_path, tolerance, outcome):
+@pytest.mark.parametrize("stage", ["test", "validate"])
+def test_the_run_summary_gives_the_verdict_on_the_evaluated_set_and_the_evaluated_step(tmp_path, tolerance, outcome, stage):
     trained = _fit_and_save(tmp_path, tolerance)
     summary = RunSummary()
     trainer = quiet_trainer(callbacks=[summary], default_root_dir=tmp_path)
     model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(tolerance)]))
-    trainer.test(model, DataLoader(_labelled(seed=1), batch_size=8), ckpt_path=tmp_path / "model.ckpt", verbose=False)
-    result = summary.test_summary
-    distortion = float(trainer.callback_metrics["test/distortion"])
+    evaluate = trainer.test if stage == "test" else trainer.validate
+    evaluate(model, DataLoader(_labelled(seed=1), batch_size=8), ckpt_path=tmp_path / "model.ckpt", verbose=False)
+    result, line, path = (
+        (summary.test_summary, summary.test_verdict_line, summary.test_path)
+        if stage == "test"
+        else (summary.validate_summary, summary.validate_verdict_line, summary.validate_path)
+    )
+    logged = "test" if stage == "test" else "val"
+    distortion = float(trainer.callback_metrics[f"{logged}/distortion"])
     assert result["distortion"] == distortion and result["global_step"] == 3
     assert result["lambda"] == trained.objective.lagrange_multiplier.item()
     assert result["relative_violation"] == pytest.approx((distortion - tolerance) / tolerance, rel=1e-12)
@@ -83,10 +90,12 @@ def test_the_run_summary_gives_the_verdict_on_the_test_set_and_the_tested_step(t
         if outcome == "met"
         else f"NOT MET: distortion {distortion:.4g} > {tolerance:.4g} ({percent:+.1f} %"
     )
-    assert summary.test_verdict_line.startswith(f"GECO on the test set: {clause}")
-    assert summary.test_path == tmp_path / "test_summary.json"
-    assert json.loads(summary.test_path.read_text()) == {**result, "path": str(summary.test_path)}
-    assert summary.path is None and not (tmp_path / "summary.json").exists()  # the fit's file is not the test's
+    label = "GECO on the test set" if stage == "test" else "GECO on the validation set"
+    assert line == result["verdict_line"] and line.startswith(f"{label}: {clause}")
+    assert path == tmp_path / f"{stage}_summary.json"
+    assert json.loads(path.read_text()) == {**result, "path": str(path)}
+    assert summary.path is None and not (tmp_path / "summary.json").exists()  # the fit's file is not this one's
+    assert summary.summary == {} and summary.verdict_line == ""
     assert result["checkpoint"] == str((tmp_path / "model.ckpt").resolve())
 
 
@@ -190,11 +199,12 @@ def _small_default(*extra):
 
 
 def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the_path(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["test", *_small_default()])
-    assert exit_.value.code == 2
-    assert ("train.py test reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for this config's "
-            "newest run.") in capsys.readouterr().err
+    for subcommand in ("test", "validate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, *_small_default()])
+        assert exit_.value.code == 2
+        assert (f"train.py {subcommand} reads a trained model: pass --ckpt_path PATH, or --ckpt_path last for "
+                "this config's newest run.") in capsys.readouterr().err
     # Before any training, "last" finds nothing: test and validate refuse (an untrained model's
     # figures would read as the trained one's); only fit starts afresh.
     for subcommand in ("test", "validate"):
@@ -218,6 +228,13 @@ def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the
     # The trained run's config stays as it trained; the test's goes beside it.
     assert yaml.safe_load(Path("runs/config.yaml").read_text())["trainer"]["max_steps"] == 2
     assert "ckpt_path" in yaml.safe_load(Path("runs/test_config.yaml").read_text())
+    # validate reads the same checkpoint on the validation split, and says so as test does.
+    main(["validate", *_small_default("--ckpt_path", "last")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert Path(lines[-1]) == Path("runs/validate_summary.json").resolve()
+    result = json.loads(Path(lines[-1]).read_text())
+    assert lines[-2] == result["verdict_line"] and lines[-2].startswith("GECO on the validation set: ")
+    assert result["global_step"] == 2 and result["checkpoint"] == str(tested.resolve())
 
 
 def test_a_test_with_only_the_test_files_checks_those_and_trainer_predict_reads_the_test_split(tmp_path):
