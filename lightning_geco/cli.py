@@ -530,17 +530,16 @@ class GECOLightningCLI(LightningCLI):
 
     def after_test(self) -> None:
         summary = self._run_summary()
-        if not self.trainer.is_global_zero:
-            return
-        self._finish_wandb()
-        _print_ending(summary.test_verdict_line, summary.test_path)
+        self._end_evaluation(summary.test_verdict_line, summary.test_path)
 
     def after_validate(self) -> None:
         summary = self._run_summary()
-        if not self.trainer.is_global_zero:
-            return
-        self._finish_wandb()
-        _print_ending(summary.validate_verdict_line, summary.validate_path)
+        self._end_evaluation(summary.validate_verdict_line, summary.validate_path)
+
+    def _end_evaluation(self, verdict_line: str, summary_path: Path | None) -> None:
+        if self.trainer.is_global_zero:
+            self._finish_wandb()
+            _print_ending(verdict_line, summary_path)
 
     def _run_summary(self) -> RunSummary:
         # Trainer.callbacks is set by Lightning's callback connector, not declared on the class.
