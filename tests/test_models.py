@@ -1,6 +1,7 @@
 """The VAE collection: every variant's shapes, rates, closed forms and a short GECO training run."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -174,9 +175,26 @@ def test_images_out_of_range_after_the_first_batch_and_nan_are_named(monkeypatch
         tiny_conv_vae().check_images(nan, check_range=True)
 
 
-def test_a_wrong_shape_passed_to_the_model_is_named():
-    with pytest.raises(ValueError, match=r"ConvVAE was built for images of shape \(N, 1, 16, 16\), got a batch of shape \(2, 1, 28, 28\)"):
-        tiny_conv_vae()(torch.rand(2, 1, 28, 28))
+@pytest.mark.parametrize("call", ["forward", "reconstruct", "importance_weighted_bound"])
+def test_a_wrong_shape_passed_to_the_model_is_named(call):
+    model = tiny_conv_vae()
+    # 18x18 passes the 16x16 model's convolutions and came back resized from reconstruct, silently.
+    for size in (18, 28):
+        with pytest.raises(ValueError, match=rf"ConvVAE was built for images of shape \(N, 1, 16, 16\), got a batch of shape \(2, 1, {size}, {size}\)"):
+            if call == "importance_weighted_bound":
+                model.importance_weighted_bound(torch.rand(2, 1, size, size), 2)
+            else:
+                getattr(model, call)(torch.rand(2, 1, size, size))
+
+
+def test_a_bad_number_of_samples_is_named():
+    model = tiny_conv_vae()
+    for bad in (-1, 2.5, "3"):
+        with pytest.raises(ValueError, match=re.escape(f"sample: num_samples must be an integer >= 0, got {bad!r}.")):
+            model.sample(bad)
+    with pytest.raises(ValueError, match=re.escape("importance_weighted_bound: num_samples must be an integer >= 1, got 0.")):
+        model.importance_weighted_bound(random_images(2), 0)
+    assert model.sample(0).shape == (0, 1, 16, 16) and model.sample(torch.tensor(3)).shape == (3, 1, 16, 16)
 
 
 def test_reconstruct_of_a_bernoulli_model_is_its_mean_not_its_logits():

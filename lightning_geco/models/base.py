@@ -20,6 +20,7 @@ image; ``distortion`` is the per-element MSE of the reconstruction (the likeliho
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,16 @@ def traversal_codes(origin: Tensor, dims: Sequence[int], steps: int, span: float
     for row, dim in enumerate(dims):
         codes[row * steps : (row + 1) * steps, dim] = values
     return codes
+
+
+def _check_count(method: str, value: Any, minimum: int) -> None:
+    """Raise a clear error unless ``value`` is an integer >= ``minimum``."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"{method}: num_samples must be an integer >= {minimum}, got {value!r}.")
 
 
 def _as_comparable(value: Any) -> Any:
@@ -301,6 +312,8 @@ class VAEModule(pl.LightningModule):
         ``log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)`` with z_k ~ q(z|x): equal to the ELBO in
         expectation at K = 1, non-decreasing in K in expectation, -> log p(x) as K -> inf.
         """
+        self.check_images(x)
+        _check_count("importance_weighted_bound", num_samples, minimum=1)
         log_weights = []
         for _ in range(num_samples):
             latent = self.infer(x)
@@ -320,6 +333,8 @@ class VAEModule(pl.LightningModule):
     def reconstruct(self, x: Tensor) -> Tensor:
         """The reconstruction of images x (N, C, H, W): the likelihood's mean at the posterior
         code, clamped to [0, 1] (a Gaussian mean may overshoot), (N, C, H, W)."""
+        # Checked here too: some wrong sizes pass a conv encoder and come back resized, silently.
+        self.check_images(x)
         return self.likelihood.mean(self.decode_posterior_code(x)).clamp(0, 1)
 
     @torch.no_grad()
@@ -330,6 +345,7 @@ class VAEModule(pl.LightningModule):
     @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:
         """Images decoded from z ~ p(z), (num_samples, C, H, W): the likelihood's mean, clamped to [0, 1]."""
+        _check_count("sample", num_samples, minimum=0)
         return self.likelihood.mean(self.generate(num_samples)).clamp(0, 1)
 
     # ------------------------------------------------------------- training
