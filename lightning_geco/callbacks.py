@@ -441,6 +441,8 @@ class GECOCallback(Callback):
         self._batch_updated = False
         # The stall history of the checkpoint a fit resumes from, until training starts.
         self._detector_state: dict[str, Any] | None = None
+        # The constraints whose tolerance differs from that checkpoint's (their evidence is dropped).
+        self._changed_tolerances: list[int] = []
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -483,6 +485,7 @@ class GECOCallback(Callback):
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
         self._detector_state = None
+        self._changed_tolerances = []
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
@@ -652,14 +655,21 @@ class GECOCallback(Callback):
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
         if self.detector is not None:
+            self._load_stall_evidence()  # where the strategy restored the checkpoint after on_fit_start
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
             planned = _planned_steps(trainer)
-            self.detector.window_steps = max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW
-            self.detector.last_step = planned
-            if self._detector_state is not None:  # a resumed fit keeps the evidence so far
-                self.detector.load_state_dict(self._detector_state)
-                self._detector_state = None
+            self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
+
+    def _load_stall_evidence(self) -> None:
+        """A resumed fit keeps the checkpoint's stall evidence, but for a constraint whose
+        tolerance changed (readings over another tolerance)."""
+        if self.detector is None or self._detector_state is None:
+            return
+        self.detector.load_state_dict(self._detector_state)
+        self._detector_state = None
+        for k in self._changed_tolerances:
+            self.detector.forget(k)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
@@ -680,6 +690,8 @@ class GECOCallback(Callback):
         self._last_calibration = None
         # Each fit watches its own history (a resumed one, its checkpoint's); on_train_start sizes the window.
         self.detector = StallDetector(geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
+        # Loaded now, so a resumed fit with no step left to train still reports the checkpoint's stalls.
+        self._load_stall_evidence()
 
     # --------------------------------------------------------------- update
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -879,7 +891,12 @@ class GECOCallback(Callback):
                 f"The checkpoint's GECO state is for constraints {[c['name'] for c in saved]}, but the model "
                 f"has {[c['name'] for c in current]}: the checkpoint comes from an incompatible model."
             )
-        # A changed tolerance is warned by the objective, whose state dict holds the trained one.
+        # A changed tolerance is warned by the objective, whose state dict holds the trained one;
+        # the stall evidence, readings over the old tolerance, is dropped for it.
+        self._changed_tolerances = [
+            k for k, (before, now) in enumerate(zip(saved, current))
+            if (before.get("tolerance"), before.get("unit")) != (now["tolerance"], now["unit"])
+        ]
         geco_state = dict(state["geco"])
         # Checkpoints from before GECO counted skips in a row kept the count here.
         geco_state.setdefault("num_consecutive_skips", state.get("consecutive_nonfinite_steps", 0))

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.constraints import Constraint
@@ -174,6 +175,8 @@ class RunSummary(Callback):
         self._standard_errors: dict[str, float] = {}
         self._history: list[tuple[int, dict[str, float]]] = []
         self._start = 0.0
+        #: whether this fit ran a training step (a resumed one may have none left)
+        self._trained = False
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
@@ -182,26 +185,39 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
         self._start = time.monotonic()
-        self._validation = {}
-        self._standard_errors = {}
-        self._history = []
+        self._trained = False
         self.verdict_line = ""
         self.path = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Before a checkpoint is restored (which sets the earlier seconds of a resumed run).
-        self._earlier_seconds = 0.0
+        # Before a checkpoint is restored (which sets a resumed run's earlier seconds and validations).
+        if stage == "fit":
+            self._earlier_seconds = 0.0
+            self._validation = {}
+            self._standard_errors = {}
+            self._history = []
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's wall-clock seconds so far, so a resumed run reports the whole run's."""
-        return {"wall_clock_seconds": self._earlier_seconds + time.monotonic() - self._start}
+        """The run's wall-clock seconds so far and its validations' figures, so a resumed run
+        reports the whole run's time and best reading, and one with no step left to train
+        reports the checkpoint's last validation."""
+        return {
+            "wall_clock_seconds": self._earlier_seconds + time.monotonic() - self._start,
+            "validations": [[step, dict(readings)] for step, readings in self._history],
+            "standard_errors": dict(self._standard_errors),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._earlier_seconds = float(state_dict.get("wall_clock_seconds", 0.0))
+        # Checkpoints from before the validations were kept carry none: the resumed fit's own count.
+        self._history = [(int(step), dict(readings)) for step, readings in state_dict.get("validations", [])]
+        self._validation = dict(self._history[-1][1]) if self._history else {}
+        self._standard_errors = dict(state_dict.get("standard_errors", {}))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._trained = True
         if not _is_last_batch_of_fit(trainer):
             return
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
@@ -294,6 +310,12 @@ class RunSummary(Callback):
                     "Check that the training set is not empty and holds at least one full batch "
                     "(with drop_last=True, at least batch_size items)."
                 )
+        if not self._trained and trainer.global_step > 0:
+            rank_zero_warn(
+                f"This fit trained no step: it resumed at step {trainer.global_step}, where max_steps="
+                f"{trainer.max_steps} and max_epochs={trainer.max_epochs} end it already. The figures are "
+                "the checkpoint's last validation; to train on, raise max_steps (--trainer.max_steps)."
+            )
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None

@@ -86,6 +86,10 @@ NOISE_STANDARD_ERRORS = 2.0
 REACHED_READINGS = 2
 
 
+#: a checkpoint's stalls whose plan is not known (or nothing loaded)
+_UNSAID = object()
+
+
 @dataclass(frozen=True)
 class Stall:
     """Evidence that more lambda no longer buys quality, for one constraint.
@@ -155,6 +159,8 @@ class StallDetector:
         self._in_band = [0] * num_constraints
         #: per constraint, the stall a later reaching withdrew (None: none was)
         self.withdrawn: list[Stall | None] = [None] * num_constraints
+        # The last_step the loaded stalls were judged against, until plan() reads it.
+        self._judged_against: Any = _UNSAID
 
     def observe(self, step: int, log_lambda: Sequence[float], ratio: Sequence[float]) -> list[int]:
         """Add one logging step's values; returns the constraints newly found stalled (see
@@ -211,8 +217,10 @@ class StallDetector:
 
     def state_dict(self) -> dict[str, Any]:
         """The history and what was found in it, as plain Python (a checkpoint's part, so a resumed
-        run keeps the evidence); ``window_steps`` and ``last_step`` belong to each fit."""
+        run keeps the evidence); ``window_steps`` and ``last_step`` belong to each fit (the
+        ``last_step`` the stalls were judged against is kept, to see a changed plan)."""
         return {
+            "last_step": self.last_step,
             "history": [[list(h) for h in history] for history in self.history],
             "stalls": [None if s is None else asdict(s) for s in self.stalls],
             "reached": list(self.reached),
@@ -230,6 +238,27 @@ class StallDetector:
         self.reached = list(state["reached"])
         self._in_band = list(state["in_band"])
         self.withdrawn = [None if s is None else Stall(**s) for s in state["withdrawn"]]
+        # (Checkpoints from before it was kept do not say: their stalls stand.)
+        self._judged_against = state.get("last_step", _UNSAID)
+
+    def plan(self, window_steps: int, last_step: int | None) -> None:
+        """Set this fit's window and last step. A stall found on the pace against another last
+        step (a run extended from 3000 to 6000 steps may now have the steps its reading needs)
+        is judged again at the latest observation; one at lambda's bound stands whatever the plan."""
+        self.window_steps, self.last_step = int(window_steps), last_step
+        judged, self._judged_against = self._judged_against, _UNSAID
+        if judged is _UNSAID or judged == last_step:
+            return
+        for k, stall in enumerate(self.stalls):
+            if stall is not None and not stall.at_bound:
+                self.stalls[k] = self._stall(self.history[k])
+
+    def forget(self, k: int) -> None:
+        """Drop constraint ``k``'s history and findings: they were readings against another
+        tolerance (a resumed run that changed it starts its evidence afresh)."""
+        self.history[k] = []
+        self.stalls[k] = self.reached[k] = self.withdrawn[k] = None
+        self._in_band[k] = 0
 
     def lambda_trend(self, k: int) -> float:
         """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""

@@ -160,6 +160,32 @@ def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
     assert detector.stalls[0].at_bound
 
 
+def test_a_loaded_stall_is_judged_again_only_against_another_plan_and_never_at_the_bound():
+    # A reading falling 0.03 % per step while lambda rises 5x per 100 steps needs ~640 more steps
+    # at step 200: with 900 left it is no stall; against the checkpoint's plan (step 300) it is one.
+    def history(detector):
+        for step in range(0, 201, 10):
+            detector.observe(step, [step / 100 * math.log(5.0)], [1.30 * math.exp(-0.0003 * step)])
+        return detector
+
+    planned = history(StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=300))
+    stall = planned.stalls[0]
+    assert stall is not None and (stall.last_step, stall.steps_left) == (100, 200)
+    for last_step, expected in [(300, stall), (1100, None)]:
+        resumed = StallDetector(1, window_steps=1, log_lambda_max=30.0)
+        resumed.load_state_dict(planned.state_dict())
+        resumed.plan(100, last_step)
+        assert resumed.stalls[0] == expected and resumed.history == planned.history
+    at_bound = StallDetector(1, window_steps=1000, log_lambda_max=5.0, last_step=300)
+    at_bound.observe(10, [5.0], [3.0])
+    resumed = StallDetector(1, window_steps=1, log_lambda_max=5.0)
+    resumed.load_state_dict(at_bound.state_dict())
+    resumed.plan(1000, 100_000)
+    assert resumed.stalls == at_bound.stalls
+    resumed.forget(0)
+    assert (resumed.history, resumed.stalls, resumed.reached, resumed.withdrawn) == ([[]], [None], [None], [None])
+
+
 def test_verdict_rule():
     stall = Stall(0, 100, 1.0, 5.0, 1.3, 1.29)
     assert verdict(-0.2, None) == "met"
@@ -254,14 +280,35 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     stall = geco.detector.stalls[0]
     assert stall.last_step < 399  # said before the end of the run
     assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
+    # Resumed with no step left to train, the run says so and reports the checkpoint's figures
+    # and verdict (it printed "NOT MET: no validation reading" before).
+    with pytest.warns(UserWarning, match=r"This fit trained no step: it resumed at step 400, where max_steps=400"):
+        again, again_summary, _ = _run(
+            tmp_path / "again", tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+        )
+    assert again_summary.verdict_line == callback.verdict_line
+    assert {k: again[k] for k in ("distortion", "rate", "verdict", "validated_step")} == {
+        k: summary[k] for k in ("distortion", "rate", "verdict", "validated_step")
+    }
     # Extended by 10 steps from its checkpoint, the run keeps the evidence (a fresh detector
-    # would have 10 steps of history and call the same run not_met).
+    # would have 10 steps of history and call the same run not_met), judged again against the
+    # new last step: at the latest observation before the checkpoint (the last step's), with
+    # 410 - 399 steps left, over a window of 0.75 * 410 steps.
     resumed, _, resumed_geco = _run(
         tmp_path / "resumed", tolerance=1e-5, max_steps=410, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
     )
-    assert resumed_geco.detector.stalls[0] == stall
     assert resumed_geco.detector.history[0][: len(geco.detector.history[0])] == geco.detector.history[0]
+    restated = resumed_geco.detector.stalls[0]
+    assert restated.last_step == geco.detector.history[0][-1][0] == 399 and restated.steps_left == 11
+    assert restated.first_step == 89 and stall.steps_left == 400 - stall.last_step
     assert resumed["verdict"] == "unreachable"
+    # Resumed towards another tolerance, the evidence (readings over the old one) is dropped.
+    with pytest.warns(UserWarning, match="now asks for distortion at 0.4"):
+        changed, _, changed_geco = _run(
+            tmp_path / "changed", tolerance=0.4, max_steps=410, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+        )
+    assert changed_geco.detector.stalls == [None] and [h[0] for h in changed_geco.detector.history[0]] == [409]
+    assert changed["verdict"] != "unreachable"
 
 
 def test_the_stall_window_is_a_share_of_the_planned_steps_also_under_max_epochs(tmp_path):
