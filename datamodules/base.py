@@ -190,6 +190,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
         if num_calibration < 0:
             raise ValueError(f"num_calibration must be >= 0, got {num_calibration!r}.")
+        if device is not None:
+            self._check_device(device)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
@@ -348,6 +350,26 @@ class ImageDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.trained_source = state_dict.get("source")
+
+    def _check_device(self, device: str) -> None:
+        """Refuse, naming the value, a device torch does not know or this machine does not have."""
+        name = f"{type(self).__name__}(device={device!r})"
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"{name}: not a torch device ({error}); use e.g. 'cuda', 'cuda:1', 'mps' or 'cpu', or leave it unset "
+                "to load batches from host memory."
+            ) from None
+        available = {
+            "cuda": torch.cuda.device_count(),
+            "mps": int(torch.backends.mps.is_available()),
+        }.get(parsed.type)
+        if available is not None and (parsed.index or 0) >= available:
+            raise ValueError(
+                f"{name}: this machine has {available} {parsed.type} device(s); leave device unset to load batches "
+                "from host memory."
+            )
 
     def _on_device(self, dataset: Dataset, device: str) -> TensorDataset:
         indices = None

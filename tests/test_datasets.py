@@ -130,6 +130,12 @@ def test_in_memory_device_option_serves_the_same_batches(tmp_path):
     celeba.train_dataset = torch.utils.data.Dataset()
     with pytest.raises(ValueError, match=r"needs an in-memory dataset; Dataset reads from disk"):
         celeba.train_dataloader()
+    # A device torch does not know, or this machine does not have, is named when the DataModule is built.
+    with pytest.raises(ValueError, match=r"MNISTDataModule\(device='banana'\): not a torch device \(.*\); use e\.g\. 'cuda'"):
+        MNISTDataModule(root=str(tmp_path), device="banana")
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"MNISTDataModule\(device='{missing}'\): this machine has {torch.cuda.device_count()} cuda device\(s\); leave device unset"):
+        MNISTDataModule(root=str(tmp_path), device=missing)
 
 
 def _base_indices(dataset) -> set[int]:

@@ -89,6 +89,27 @@ def test_a_fresh_cosine_schedule_is_torchs_cosine_annealing():
     assert ours.param_groups[0]["lr"] == pytest.approx(0.005)
 
 
+def test_a_cosine_schedule_under_max_epochs_anneals_over_the_epochs_planned_steps():
+    # 64 images in batches of 16, 3 epochs: 12 steps, the last at the floor's neighbour.
+    torch.manual_seed(0)
+    rates = LearningRates()
+    trainer = quiet_trainer(max_steps=-1, max_epochs=3, limit_val_batches=0, callbacks=[GECOCallback(), rates])
+    trainer.fit(tiny_conv_vae(learning_rate=1e-3, lr_schedule="cosine"), DataLoader(TensorDataset(random_images(64)), batch_size=16))
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 12 == len(rates.rates)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05e-3)
+    unbounded = quiet_trainer(max_steps=-1, max_epochs=-1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"got max_steps=-1 and max_epochs=-1 \(inf steps\)\. Set max_steps > 0"):
+        unbounded.fit(tiny_conv_vae(lr_schedule="cosine"), DataLoader(TensorDataset(random_images(16)), batch_size=16))
+
+
+@pytest.mark.parametrize("precision, clip, fused", [("bf16-mixed", 1.0, False), ("bf16-mixed", None, True), ("32-true", 1.0, True)])
+def test_gradient_clipping_under_mixed_precision_trains_on_a_foreach_adam(precision, clip, fused):
+    # Lightning refuses to clip a fused optimizer's gradients under mixed precision.
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, precision=precision, gradient_clip_val=clip, callbacks=[GECOCallback()])
+    trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(random_images(32)), batch_size=16))
+    assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is fused
+
+
 @pytest.mark.timeout(120)
 def test_extending_a_finished_cosine_run_replans_the_schedule_and_never_raises_the_rate(tmp_path):
     n = 6

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -105,7 +106,8 @@ class VAEModule(pl.LightningModule):
         active_unit_threshold: variance of the posterior mean above which a latent dimension
             counts as active (``val/active_units``).
         lr_schedule: ``"constant"``, or ``"cosine"``: anneal the learning rate to 5% of
-            ``learning_rate`` at the Trainer's ``max_steps``. Resumed with the same ``max_steps``
+            ``learning_rate`` at the Trainer's ``max_steps`` (without one, at the last step
+            ``max_epochs`` plans). Resumed with the same ``max_steps``
             the schedule continues unchanged; with another (an extended run) it is re-planned
             from the current step and learning rate to the new end, so it never rises.
             As the model stops improving, GECO's multiplier catches up with it and the
@@ -562,16 +564,31 @@ class VAEModule(pl.LightningModule):
         # Fused Adam takes GECOCallback's non-finite-step flag on the device (as GradScaler's),
         # so a step that does not log needs no host sync; elsewhere the callback reads the flag.
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision (it
+        # unscales them inside its step): there the optimizer is Adam's foreach kind.
+        trainer = self._trainer
+        if trainer is not None and trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision):
+            fused = False
         optimizer = torch.optim.Adam(parameters, lr=self.learning_rate, fused=fused)
         if self.lr_schedule == "constant":
             return optimizer
-        total_steps = self.trainer.max_steps
-        if total_steps <= 0:
-            raise ValueError(
-                f"lr_schedule='cosine' anneals over Trainer(max_steps=...); got max_steps={total_steps}, set it > 0."
-            )
-        scheduler = CosineToFloor(optimizer, total_steps=total_steps, floor_fraction=COSINE_FLOOR_FRACTION)
+        scheduler = CosineToFloor(optimizer, total_steps=self._planned_steps(), floor_fraction=COSINE_FLOOR_FRACTION)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _planned_steps(self) -> int:
+        """The optimizer steps the fit plans: ``max_steps``, else what ``max_epochs`` makes of
+        the training loader (Lightning's ``estimated_stepping_batches``)."""
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        estimated = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated) or estimated < 1:
+            raise ValueError(
+                "lr_schedule='cosine' anneals over the fit's planned optimizer steps, Trainer(max_steps=...) or "
+                f"max_epochs times the batches of an epoch; got max_steps={self.trainer.max_steps} and "
+                f"max_epochs={self.trainer.max_epochs} ({estimated} steps). Set max_steps > 0, or max_epochs > 0 "
+                "with a training loader that has a length, or use lr_schedule='constant'."
+            )
+        return int(estimated)
 
     def on_train_start(self) -> None:
         # Runs after Lightning restored the checkpoint's scheduler. A run resumed with the same
@@ -582,10 +599,11 @@ class VAEModule(pl.LightningModule):
             scheduler = config.scheduler
             if isinstance(scheduler, CosineToFloor):
                 start_step = scheduler.last_epoch
-                if scheduler.replan(self.trainer.max_steps):
+                planned = self._planned_steps()
+                if scheduler.replan(planned):
                     rank_zero_info(
                         f"Cosine learning-rate schedule re-planned: from step {start_step} at "
                         f"{scheduler.get_last_lr()[0]:.3g} down to {COSINE_FLOOR_FRACTION:g} x "
-                        f"{scheduler.base_lrs[0]:g} (the checkpoint's base learning rate) at the new max_steps "
-                        f"{self.trainer.max_steps}."
+                        f"{scheduler.base_lrs[0]:g} (the checkpoint's base learning rate) at the new last step "
+                        f"{planned}."
                     )
