@@ -250,15 +250,18 @@ def newest_last_checkpoint(folders: list[Path]) -> Path | None:
 
 
 # ------------------------------------------------------------- short errors
+def _chain(error: BaseException) -> list[BaseException]:
+    """An exception and the ones it was raised from, outermost first."""
+    chain, seen = [error], {id(error)}
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and id(inner) not in seen:
+        chain.append(inner)
+        seen.add(id(inner))
+    return chain
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The innermost exception of a chain (jsonargparse wraps a constructor's error several times)."""
-    seen = {id(error)}
-    while True:
-        inner = error.__cause__ or error.__context__
-        if inner is None or id(inner) in seen:
-            return error
-        seen.add(id(inner))
-        error = inner
+    return _chain(error)[-1]
 
 
 def short_parser_message(message: str, options: list[str]) -> str:
@@ -619,9 +622,11 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
 def _fail_short(error: BaseException) -> None:
     """Exit with the message of a mistake in the data or the settings, not a 50-line trace (which
     LIGHTNING_GECO_TRACEBACK=1 brings back); return for anything else, which the caller raises."""
-    cause = _root_cause(error)
-    if isinstance(cause, (ValueError, TypeError, FileNotFoundError)) and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
-        _fail(f"{cause}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
+    # The innermost such error: the library's own message, also where it names the library
+    # error it was raised from (an unreadable image file's, say).
+    mistakes = [e for e in _chain(error) if isinstance(e, (ValueError, TypeError, FileNotFoundError))]
+    if mistakes and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
+        _fail(f"{mistakes[-1]}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 
 
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:

@@ -23,7 +23,14 @@ from PIL import Image
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco import ConvVAE
-from lightning_geco.cli import ConfigurationError, _constraint_namespaces, _default_name, apply_tolerances, main
+from lightning_geco.cli import (
+    ConfigurationError,
+    _constraint_namespaces,
+    _default_name,
+    _fail_short,
+    apply_tolerances,
+    main,
+)
 from lightning_geco.compare import compare, joined_history
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history, read_records
@@ -401,6 +408,26 @@ def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_i
     assert re.search(r"W&B run \(offline\) \S+offline-run-\S+ finished as failed \(exit code 1\) by MissingDatasetError", err)
     assert "error: MNIST (train split): missing train-images-idx3-ubyte" in err
     assert "Traceback" not in err and "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)" in err
+
+
+def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_else_is_raised(capsys):
+    # An unreadable image: the DataModule's ValueError, raised from PIL's OSError, wrapped by the caller.
+    try:
+        try:
+            raise OSError("cannot identify image file 'zzz.png'")
+        except OSError as unreadable:
+            raise ValueError("ImageFolderDataModule: cannot read image file zzz.png (...); remove or replace it.") from unreadable
+    except ValueError as named:
+        error = RuntimeError("while setting up")
+        error.__cause__ = named
+    with pytest.raises(SystemExit) as exit_:
+        _fail_short(error)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.endswith(
+        "error: ImageFolderDataModule: cannot read image file zzz.png (...); remove or replace it.\n"
+        "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)\n"
+    )
+    assert _fail_short(OSError("disk full")) is None  # not a mistake in the data or settings: the caller raises it
 
 
 def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys):
