@@ -519,10 +519,11 @@ class LatentActivity(Metric):
         if self.sum_mean.numel() == 0:
             zeros = torch.zeros(mean.shape[1], dtype=torch.float64, device=mean.device)
             self.sum_mean, self.sum_mean_sq, self.sum_kl = zeros, zeros.clone(), zeros.clone()
-        self.count += mean.shape[0]
-        self.sum_mean += mean.sum(dim=0)
-        self.sum_mean_sq += mean.pow(2).sum(dim=0)
-        self.sum_kl += gaussian_kl_per_dimension(mean, log_variance).sum(dim=0)
+        # Not in place, as MeanWithStandardError.update: states reset under inference mode stay usable.
+        self.count = self.count + mean.shape[0]
+        self.sum_mean = self.sum_mean + mean.sum(dim=0)
+        self.sum_mean_sq = self.sum_mean_sq + mean.pow(2).sum(dim=0)
+        self.sum_kl = self.sum_kl + gaussian_kl_per_dimension(mean, log_variance).sum(dim=0)
 
     def compute(self) -> dict[str, Tensor]:
         average = self.sum_mean / self.count
@@ -571,9 +572,11 @@ class MeanWithStandardError(Metric):
             shape = tuple(values.shape)
             raise ValueError(f"MeanWithStandardError takes one value per example, shape (N,), got {shape}.")
         values = values.detach().double()
-        self.total += values.sum()
-        self.total_squares += values.pow(2).sum()
-        self.count += values.numel()
+        # Not in place: states reset under trainer.validate's inference mode are inference
+        # tensors, which a later fit's validation (no_grad, not inference mode) cannot add to.
+        self.total = self.total + values.sum()
+        self.total_squares = self.total_squares + values.pow(2).sum()
+        self.count = self.count + values.numel()
 
     def compute(self) -> dict[str, Tensor]:
         mean, standard_error = mean_and_standard_error(self.total, self.total_squares, self.count)

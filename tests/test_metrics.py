@@ -13,6 +13,7 @@ from lightning_geco.metrics import (
     aggregate_log_densities,
     aggregate_log_densities_reference,
     compiler_available,
+    gaussian_kl_per_dimension,
 )
 
 
@@ -378,3 +379,19 @@ def test_a_block_of_infinitely_wide_components_does_not_poison_the_joint():
     joint = metrics._eager_joint(z, mean, log_variance, 2, 4)
     finite = aggregate_log_densities_reference(z, mean[4:], log_variance[4:], 2)[0] + math.log(6)
     torch.testing.assert_close(joint, finite, rtol=0, atol=1e-6)
+
+
+def test_states_reset_under_inference_mode_take_updates_outside_it():
+    # trainer.validate resets the metrics under inference mode; a later fit validates under
+    # no_grad, where an in-place update of an inference tensor raised (the README's own model).
+    values, mean, log_variance = torch.rand(8), torch.randn(8, 3), torch.randn(8, 3)
+    reading, activity = MeanWithStandardError(), LatentActivity()
+    with torch.inference_mode():
+        reading.update(values), activity.update(mean, log_variance)
+        reading.compute(), activity.compute()
+        reading.reset(), activity.reset()
+    with torch.no_grad():
+        reading.update(values), activity.update(mean, log_variance)
+    assert reading.compute()["mean"] == values.double().mean().float()
+    expected = gaussian_kl_per_dimension(mean.double(), log_variance.double()).mean(0).float()
+    torch.testing.assert_close(activity.compute()["kl_per_dim"], expected)
