@@ -9,7 +9,10 @@ Each RUN is a W&B run folder (``runs/wandb/offline-run-...``), its ``files`` fol
 each run's tolerance), ``metrics.png`` (rate, distortion and marginal KL per run) and, when the
 runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
 a resumed run's curves join every W&B folder of its run id, the resumed part replacing what the
-interrupted one logged past the checkpoint). Exits 0, or 2 with one line for a path that is no run.
+interrupted one logged past the checkpoint, and its row is its newest folder's summary). A
+``test_summary.json`` or ``validate_summary.json`` row is named ``<run> (test set)`` or
+``<run> (validation set)``. Exits 0, or 2 with one line for a path that is no run or two paths
+of one run.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Run:
     name: str
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: what the row reads: the run's first folder and the summary's file name
+    source: tuple[Path, str] | None = None
 
 
 def load_run(path: str | Path) -> Run:
@@ -60,9 +65,16 @@ def load_run(path: str | Path) -> Run:
             f"No run at {path}: expected a W&B run folder (with files/summary.json), a folder holding "
             "summary.json, or a summary.json file (a run stopped before its end writes none)."
         )
-    summary = json.loads(summary_file.read_text())
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
-    return Run(name=run_dir.name, summary=summary, history=joined_history(run_dir))
+    if summary_file.name == "summary.json":
+        # A resumed run's figures are its newest segment's (the one given may be an earlier one).
+        newest = [s / "files" / "summary.json" for s in _segments(run_dir) if (s / "files" / "summary.json").exists()]
+        summary_file = newest[-1] if newest else summary_file
+    summary = json.loads(summary_file.read_text())
+    # A test's or a validation's figures (train.py test / validate) are named so in the table.
+    stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
+    source = (_segments(run_dir)[0].resolve(), summary_file.name)
+    return Run(name=run_dir.name + stage, summary=summary, history=joined_history(run_dir), source=source)
 
 
 def _wandb_run_id(folder: Path) -> str | None:
@@ -71,15 +83,22 @@ def _wandb_run_id(folder: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def _segments(run_dir: Path) -> list[Path]:
+    """The W&B folders of ``run_dir``'s run (a resumed run writes one per segment offline),
+    oldest first; ``[run_dir]`` for a folder that is not a W&B run's."""
+    run_id = _wandb_run_id(run_dir)
+    if run_id is None:
+        return [run_dir]
+    return sorted(f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id)
+
+
 def joined_history(run_dir: Path) -> list[dict[str, Any]]:
     """The W&B history of a run across its resumed segments: every folder beside ``run_dir``
     with the same run id (a resumed run writes a new one offline), oldest first, each later
     segment replacing the rows from its first step on (a resume starts over from its
     checkpoint's step). Empty without W&B records."""
-    run_id = _wandb_run_id(run_dir)
-    segments = sorted(f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id) if run_id else [run_dir]
     rows: list[dict[str, Any]] = []
-    for segment in segments:
+    for segment in _segments(run_dir):
         if not list(segment.glob("run-*.wandb")):
             continue
         later = read_history(segment)
@@ -123,7 +142,8 @@ def _plot_rate_distortion(runs: Sequence[Run], path: Path, plt) -> None:
     ax.set_xlabel("rate (nats / image)")
     ax.set_ylabel("distortion (MSE / element)")
     ax.set_title("rate-distortion plane (dashed: tolerance)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -153,24 +173,26 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
         if key == "train/distortion":
             for i, run in enumerate(runs):
                 tolerance = _scalar(run.summary.get("tolerance"))
-                if tolerance is not None:
+                if tolerance is not None and any(key in row for row in run.history):  # beside its own curve only
                     ax.axhline(tolerance, color=f"C{i % 10}", linestyle="--", linewidth=0.8)
             ax.set_yscale("log")
         if key == "geco/lambda":
             ax.set_yscale("log")
         ax.set_title(label)
         ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=7)
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command: 0 once the table and plots are written, 2 (and one line) for a path that is no run."""
+    """The command: 0 once the table and plots are written, 2 (and one line) for a path that is
+    no run, or two paths of one run."""
     try:
         compare(argv)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     return 0
@@ -192,6 +214,13 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
     from matplotlib import pyplot as plt
 
     runs = [load_run(path) for path in args.runs]
+    given: dict[Any, str] = {}
+    for path, run in zip(args.runs, runs):
+        if run.source in given:
+            raise ValueError(
+                f"{path} and {given[run.source]} are the same run (a resumed run's W&B folders are one run): pass one of them."
+            )
+        given[run.source] = path
     for run, name in zip(runs, args.names or []):
         run.name = name
     out = Path(args.out)

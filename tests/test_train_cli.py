@@ -31,7 +31,7 @@ from lightning_geco.cli import (
     apply_tolerances,
     main,
 )
-from lightning_geco.compare import compare, joined_history
+from lightning_geco.compare import compare, joined_history, load_run
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history, read_records
 
@@ -581,6 +581,24 @@ def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacin
     assert [(row["trainer/global_step"], row["v"]) for row in joined] == [
         (10, "old"), (20, "old"), (30, "new"), (40, "new"), (50, "new")
     ]
+
+
+def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses_one_run_twice(tmp_path, capsys):
+    first, resumed = tmp_path / "offline-run-20261127_100000-abc123", tmp_path / "offline-run-20261127_100500-abc123"
+    for folder, step, tolerance in ((first, 200, 0.005), (resumed, 300, 0.01)):
+        (folder / "files").mkdir(parents=True)
+        (folder / "files" / "summary.json").write_text(json.dumps({"global_step": step, "tolerance": tolerance, "rate": 30.0, "distortion": 0.004}))
+    (resumed / "files" / "test_summary.json").write_text(json.dumps({"global_step": 300, "rate": 31.0, "distortion": 0.0041}))
+    # The first segment's folder, given alone, reads the whole run's (newest) summary.
+    run = load_run(first)
+    assert run.name == first.name and run.summary["global_step"] == 300 and run.summary["tolerance"] == 0.01
+    test = load_run(resumed / "files" / "test_summary.json")
+    assert test.name == f"{resumed.name} (test set)" and test.summary["distortion"] == 0.0041
+    assert compare_main([str(first), str(resumed / "files" / "test_summary.json"), "--out", str(tmp_path / "ok")]) == 0
+    assert compare_main([str(first), str(resumed), "--out", str(tmp_path / "twice")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {resumed} and {first} are the same run (a resumed run's W&B folders are one run): pass one of them.\n"
+    )
 
 
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
