@@ -219,6 +219,20 @@ class ReconstructionMSE(Constraint):
         """The tolerance in dB (peak 1 when the constraint has none)."""
         return mse_to_psnr(self.tolerance_mse / (self.peak or 1.0) ** 2)
 
+    def check_data(self, output: VAEOutput) -> None:
+        # A PSNR means something only against the data's peak: data outside [0, peak] makes the
+        # stated dB another quality than the one asked for.
+        if self.unit != "psnr" or self.peak is None:
+            return
+        low, high = float(output.x.min()), float(output.x.max())
+        if low < -1e-3 * self.peak or high > (1 + 1e-3) * self.peak:
+            rank_zero_warn(
+                f"ReconstructionMSE {self.name!r}: a PSNR of {self.tolerance:g} dB is stated against peak "
+                f"{self.peak:g} (data in [0, {self.peak:g}]), but the first training batch spans [{low:.4g}, "
+                f"{high:.4g}]: the dB it holds is not the one asked for. Pass peak= the data's peak value with "
+                "data in [0, peak], or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)."
+            )
+
     def reading(self, output: VAEOutput) -> Tensor:
         return output.distortion
 

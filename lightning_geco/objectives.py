@@ -207,6 +207,8 @@ class GECOObjective(Objective):
         self.constraints = ConstraintList(constraints)
         self.multipliers = MultiplierState(len(constraints))
         self.geco: GECO | None = None
+        # Whether lagrangian() has checked the data once (the collection's models check in training_step).
+        self._data_checked = False
 
     def init_args(self) -> dict[str, object]:
         return {"constraints": list(self.constraints)}
@@ -286,7 +288,14 @@ class GECOObjective(Objective):
                         f"{type(constraint).__name__} {constraint.name!r} reads the decoder's raw output (Bernoulli "
                         "logits), not the reconstruction: pass lagrangian(rate, x, reconstruction, decoder_output=logits)."
                     )
-        return self(VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output))
+        output = VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output)
+        if not self._data_checked and torch.is_grad_enabled():
+            # Once, on the first training batch, as the collection's models do: a tolerance the
+            # data make impossible (or meaningless) is said now, not after the run.
+            for constraint in self.constraints:
+                constraint.check_data(output)
+            self._data_checked = True
+        return self(output)
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""

@@ -1,5 +1,6 @@
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -196,6 +197,32 @@ def test_the_lagrangian_of_a_users_own_tensors_is_the_objective_of_their_record(
         VAEOutput.from_terms(x, reconstruction, rate[:, None])
     with pytest.raises(ValueError, match=r"x and reconstruction must have the same shape"):
         VAEOutput.from_terms(x, reconstruction[:, :5], rate)
+
+
+def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_models_do():
+    rate = torch.zeros(8)
+    # A PSNR stated against the default peak 1 on data in raw units means another quality.
+    def objective(*constraints):
+        built = GECOObjective(list(constraints))
+        attach_fixed_lambda(built, 1.0)
+        return built
+
+    psnr = objective(ReconstructionMSE(20, unit="psnr"))
+    raw = torch.linspace(-24, 52, 160).reshape(8, 20)
+    with torch.no_grad():  # a validation step: not checked
+        psnr.lagrangian(rate, raw, raw)
+    with pytest.warns(UserWarning, match=re.escape(
+        "ReconstructionMSE 'reconstruction': a PSNR of 20 dB is stated against peak 1 (data in [0, 1]), but the first "
+        "training batch spans [-24, 52]: the dB it holds is not the one asked for."
+    )):
+        psnr.lagrangian(rate, raw, raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        psnr.lagrangian(rate, raw, raw)  # once
+        objective(ReconstructionMSE(20, unit="psnr", peak=255)).lagrangian(rate, raw.abs() * 4, raw.abs())
+    # A tolerance below the data's own entropy is refused at the first batch, as in training_step.
+    with pytest.raises(ValueError, match=r"ReconstructionBCE tolerance 0.01 nats/element cannot be met"):
+        objective(ReconstructionBCE(0.01)).lagrangian(rate, torch.full((8, 4), 0.5), torch.zeros(8, 4), decoder_output=torch.zeros(8, 4))
 
 
 def test_a_users_own_tensors_get_errors_that_name_what_to_pass():
