@@ -59,7 +59,7 @@ def rate_distortion_figure(history: Sequence[tuple[int, float, float]], toleranc
     fig.colorbar(points, ax=ax, label="step")
     if tolerance is not None:
         ax.axhline(tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:g}")
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")  # away from the points: the latest sits near the tolerance line
     ax.set_xlabel("rate (nats / image)")
     ax.set_ylabel("distortion (MSE / element)")
     ax.set_title("validation rate-distortion")
