@@ -191,7 +191,7 @@ class ImageDataModule(pl.LightningDataModule):
         if num_calibration < 0:
             raise ValueError(f"num_calibration must be >= 0, got {num_calibration!r}.")
         if device is not None:
-            self._check_device(device)
+            self._parse_device(device)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
@@ -351,16 +351,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.trained_source = state_dict.get("source")
 
-    def _check_device(self, device: str) -> None:
-        """Refuse, naming the value, a device torch does not know or this machine does not have."""
-        name = f"{type(self).__name__}(device={device!r})"
+    def _parse_device(self, device: str) -> torch.device:
+        """``device`` as a torch device; refused, naming the value, when torch does not know it."""
         try:
-            parsed = torch.device(device)
+            return torch.device(device)
         except (RuntimeError, TypeError) as error:
             raise ValueError(
-                f"{name}: not a torch device ({error}); use e.g. 'cuda', 'cuda:1', 'mps' or 'cpu', or leave it unset "
-                "to load batches from host memory."
+                f"{type(self).__name__}(device={device!r}): not a torch device ({error}); use e.g. 'cuda', 'cuda:1', "
+                "'mps' or 'cpu', or leave it unset to load batches from host memory."
             ) from None
+
+    def _check_device(self, device: str) -> None:
+        """Refuse, naming the value, a device this machine does not have (checked when the data
+        are set up, so the DataModule can be built, and its config printed, anywhere)."""
+        name = f"{type(self).__name__}(device={device!r})"
+        parsed = self._parse_device(device)
         available = {
             "cuda": torch.cuda.device_count(),
             "mps": int(torch.backends.mps.is_available()),
@@ -372,6 +377,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
 
     def _on_device(self, dataset: Dataset, device: str) -> TensorDataset:
+        self._check_device(device)
         indices = None
         if isinstance(dataset, Subset):
             indices = torch.as_tensor(dataset.indices)

@@ -199,6 +199,14 @@ def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
+def _tolerance_changed(before: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a constraint is held to another tolerance than the checkpoint's (compared in the
+    reading's units; a checkpoint from before they were saved, as stated)."""
+    if "reading_tolerance" in before:
+        return not math.isclose(before["reading_tolerance"], now["reading_tolerance"], rel_tol=1e-9)
+    return (before.get("tolerance"), before.get("unit")) != (now["tolerance"], now["unit"])
+
+
 def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
     """The model's single :class:`GECOObjective`; a clear error when there is none or several."""
     found = [m for m in pl_module.modules() if isinstance(m, GECOObjective)]
@@ -439,10 +447,6 @@ class GECOCallback(Callback):
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
         # same batch, under manual optimization, must not update it again).
         self._batch_updated = False
-        # The stall history of the checkpoint a fit resumes from, until training starts.
-        self._detector_state: dict[str, Any] | None = None
-        # The constraints whose tolerance differs from that checkpoint's (their evidence is dropped).
-        self._changed_tolerances: list[int] = []
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -484,8 +488,10 @@ class GECOCallback(Callback):
         self.objective.attach(self.geco)
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
-        self._detector_state = None
-        self._changed_tolerances = []
+        if stage == "fit":
+            # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
+            # after on_fit_start with some strategies); on_train_start hands it the plan.
+            self.detector = StallDetector(self.geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
@@ -655,21 +661,10 @@ class GECOCallback(Callback):
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
         if self.detector is not None:
-            self._load_stall_evidence()  # where the strategy restored the checkpoint after on_fit_start
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
             planned = _planned_steps(trainer)
             self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
-
-    def _load_stall_evidence(self) -> None:
-        """A resumed fit keeps the checkpoint's stall evidence, but for a constraint whose
-        tolerance changed (readings over another tolerance)."""
-        if self.detector is None or self._detector_state is None:
-            return
-        self.detector.load_state_dict(self._detector_state)
-        self._detector_state = None
-        for k in self._changed_tolerances:
-            self.detector.forget(k)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
@@ -688,10 +683,6 @@ class GECOCallback(Callback):
                 "updates run eagerly (the same results)."
             )
         self._last_calibration = None
-        # Each fit watches its own history (a resumed one, its checkpoint's); on_train_start sizes the window.
-        self.detector = StallDetector(geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
-        # Loaded now, so a resumed fit with no step left to train still reports the checkpoint's stalls.
-        self._load_stall_evidence()
 
     # --------------------------------------------------------------- update
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -867,13 +858,19 @@ class GECOCallback(Callback):
             return {}
         return {
             "geco": self.geco.state_dict(),
-            "constraints": self.objective.describe() if self.objective is not None else [],
+            "constraints": self._constraints_as_trained(),
             # Also where the previous version kept it, so that version reads the streak back.
             "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
             "active_drive": self.active_drive,
             "peak_learning_rate": self._peak_learning_rate,
             "stall_detector": self.detector.state_dict() if self.detector is not None else None,
         }
+
+    def _constraints_as_trained(self) -> list[dict[str, Any]]:
+        """Each constraint as stated, and the tolerance GECO holds it to (``reading_tolerance``)."""
+        if self.objective is None:
+            return []
+        return [{**c.describe(), "reading_tolerance": c.reading_tolerance} for c in self.objective.constraints]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
@@ -885,18 +882,12 @@ class GECOCallback(Callback):
             return
         state, self._state_to_load = self._state_to_load, None
         saved = state.get("constraints", [])
-        current = self.objective.describe()
+        current = self._constraints_as_trained()
         if [c["name"] for c in saved] != [c["name"] for c in current]:
             raise ValueError(
                 f"The checkpoint's GECO state is for constraints {[c['name'] for c in saved]}, but the model "
                 f"has {[c['name'] for c in current]}: the checkpoint comes from an incompatible model."
             )
-        # A changed tolerance is warned by the objective, whose state dict holds the trained one;
-        # the stall evidence, readings over the old tolerance, is dropped for it.
-        self._changed_tolerances = [
-            k for k, (before, now) in enumerate(zip(saved, current))
-            if (before.get("tolerance"), before.get("unit")) != (now["tolerance"], now["unit"])
-        ]
         geco_state = dict(state["geco"])
         # Checkpoints from before GECO counted skips in a row kept the count here.
         geco_state.setdefault("num_consecutive_skips", state.get("consecutive_nonfinite_steps", 0))
@@ -904,7 +895,14 @@ class GECOCallback(Callback):
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
         self._peak_learning_rate = state.get("peak_learning_rate")
-        self._detector_state = state.get("stall_detector")
+        evidence = state.get("stall_detector")
+        if evidence is not None and self.detector is not None:  # a resumed fit keeps the evidence so far
+            self.detector.load_state_dict(evidence)
+            # ... but for a constraint whose tolerance changed (a changed tolerance is warned by the
+            # objective, whose state dict holds the trained one): readings over another tolerance.
+            for k, (before, now) in enumerate(zip(saved, current)):
+                if _tolerance_changed(before, now):
+                    self.detector.forget(k)
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive

@@ -250,13 +250,29 @@ def newest_last_checkpoint(folders: list[Path]) -> Path | None:
 
 
 # ------------------------------------------------------------- short errors
-def _chain(error: BaseException) -> list[BaseException]:
-    """An exception and the ones it was raised from, outermost first."""
+def _chain(error: BaseException, as_shown: bool = False) -> list[BaseException]:
+    """An exception and the ones it was raised from, outermost first (``as_shown``: as Python's
+    traceback shows them, stopping where ``raise ... from None`` hid the context)."""
     chain, seen = [error], {id(error)}
-    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and id(inner) not in seen:
+    while True:
+        last = chain[-1]
+        inner = last.__cause__ or (None if as_shown and last.__suppress_context__ else last.__context__)
+        if inner is None or id(inner) in seen:
+            return chain
         chain.append(inner)
         seen.add(id(inner))
-    return chain
+
+
+#: the folders of the library's own code (the package and its DataModules)
+_OWN_CODE = (Path(__file__).resolve().parent, Path(inspect.getfile(ImageDataModule)).resolve().parent)
+
+
+def _raised_by_the_library(error: BaseException) -> bool:
+    """Whether ``error`` was raised in the library's own code (its innermost traceback frame)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and any(Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(root) for root in _OWN_CODE)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -622,11 +638,12 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
 def _fail_short(error: BaseException) -> None:
     """Exit with the message of a mistake in the data or the settings, not a 50-line trace (which
     LIGHTNING_GECO_TRACEBACK=1 brings back); return for anything else, which the caller raises."""
-    # The innermost such error: the library's own message, also where it names the library
-    # error it was raised from (an unreadable image file's, say).
-    mistakes = [e for e in _chain(error) if isinstance(e, (ValueError, TypeError, FileNotFoundError))]
+    # The innermost such error the library raised: its message names the file or the setting,
+    # also where it was raised from another library's error (an unreadable image's, say).
+    mistakes = [e for e in _chain(error, as_shown=True) if isinstance(e, (ValueError, TypeError, FileNotFoundError))]
+    ours = [e for e in mistakes if _raised_by_the_library(e)]
     if mistakes and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
-        _fail(f"{mistakes[-1]}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
+        _fail(f"{(ours or mistakes)[-1]}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 
 
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:

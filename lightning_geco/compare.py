@@ -29,7 +29,7 @@ from typing import Any
 
 from lightning_geco.wandb_records import read_history
 
-__all__ = ["COLUMNS", "CURVES", "STEP", "Run", "compare", "joined_history", "load_run", "main", "markdown_table"]
+__all__ = ["COLUMNS", "CURVES", "STEP", "NotARunError", "Run", "compare", "joined_history", "load_run", "main", "markdown_table"]
 
 COLUMNS = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
 #: the history key of the optimizer step (Lightning's WandbLogger logs it with every row)
@@ -40,6 +40,10 @@ CURVES = (
     ("geco/lambda", "lambda"),
     ("val/marginal_kl", "marginal KL (nats / image)"),
 )
+
+
+class NotARunError(FileNotFoundError):
+    """A path that holds no finished run (or a second path of one already given)."""
 
 
 @dataclass
@@ -61,7 +65,7 @@ def load_run(path: str | Path) -> Run:
     elif path.is_file() and path.suffix == ".json":
         summary_file = path
     else:
-        raise FileNotFoundError(
+        raise NotARunError(
             f"No run at {path}: expected a W&B run folder (with files/summary.json), a folder holding "
             "summary.json, or a summary.json file (a run stopped before its end writes none)."
         )
@@ -70,7 +74,10 @@ def load_run(path: str | Path) -> Run:
         # A resumed run's figures are its newest segment's (the one given may be an earlier one).
         newest = [s / "files" / "summary.json" for s in _segments(run_dir) if (s / "files" / "summary.json").exists()]
         summary_file = newest[-1] if newest else summary_file
-    summary = json.loads(summary_file.read_text())
+    try:
+        summary = json.loads(summary_file.read_text())
+    except ValueError as error:  # a file cut short, or not JSON
+        raise NotARunError(f"{summary_file} is not a summary: {error}.") from error
     # A test's or a validation's figures (train.py test / validate) are named so in the table.
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     source = (_segments(run_dir)[0].resolve(), summary_file.name)
@@ -192,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     no run, or two paths of one run."""
     try:
         compare(argv)
-    except (FileNotFoundError, ValueError) as error:
+    except NotARunError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     return 0
@@ -217,7 +224,7 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
     given: dict[Any, str] = {}
     for path, run in zip(args.runs, runs):
         if run.source in given:
-            raise ValueError(
+            raise NotARunError(
                 f"{path} and {given[run.source]} are the same run (a resumed run's W&B folders are one run): pass one of them."
             )
         given[run.source] = path

@@ -220,12 +220,12 @@ class ReconstructionMSE(Constraint):
         return mse_to_psnr(self.tolerance_mse / (self.peak or 1.0) ** 2)
 
     def check_data(self, output: VAEOutput) -> None:
-        # A PSNR means something only against the data's peak: data outside [0, peak] makes the
-        # stated dB another quality than the one asked for.
+        # A PSNR means something only against the data's peak: data outside [0, peak], or far
+        # below it (peak 255 on images in [0, 1]: 48 dB off), make the stated dB another quality.
         if self.unit != "psnr" or self.peak is None:
             return
         low, high = float(output.x.min()), float(output.x.max())
-        if low < -1e-3 * self.peak or high > (1 + 1e-3) * self.peak:
+        if low < -1e-3 * self.peak or high > (1 + 1e-3) * self.peak or high < 0.1 * self.peak:
             rank_zero_warn(
                 f"ReconstructionMSE {self.name!r}: a PSNR of {self.tolerance:g} dB is stated against peak "
                 f"{self.peak:g} (data in [0, {self.peak:g}]), but the first training batch spans [{low:.4g}, "

@@ -311,11 +311,7 @@ class RunSummary(Callback):
                     "(with drop_last=True, at least batch_size items)."
                 )
         if not self._trained and trainer.global_step > 0:
-            rank_zero_warn(
-                f"This fit trained no step: it resumed at step {trainer.global_step}, where max_steps="
-                f"{trainer.max_steps} and max_epochs={trainer.max_epochs} end it already. The figures are "
-                "the checkpoint's last validation; to train on, raise max_steps (--trainer.max_steps)."
-            )
+            self._warn_nothing_trained(trainer)
         summary: dict[str, Any] = {k: _number(v) for k, v in self._validation.items()}
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
@@ -332,6 +328,22 @@ class RunSummary(Callback):
         summary["wall_clock_seconds"] = round(self._earlier_seconds + time.monotonic() - self._start, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")
+
+    def _warn_nothing_trained(self, trainer: pl.Trainer) -> None:
+        """A fit that starts where its limits end it (a resumed run with no step left) trains
+        nothing: say so, what the figures are, and which limit to raise."""
+        where = f"resumed from {trainer.ckpt_path} at step" if trainer.ckpt_path else "started at step"
+        by_steps = 0 < trainer.max_steps <= trainer.global_step
+        limit = f"max_steps={trainer.max_steps}" if by_steps else f"max_epochs={trainer.max_epochs}"
+        figures = (
+            f"the figures are the last validation before it (step {self._history[-1][0]})"
+            if self._history
+            else "no validation of it is recorded (a checkpoint of an earlier version), so there are no figures"
+        )
+        rank_zero_warn(
+            f"This fit trained no step: it {where} {trainer.global_step}, where {limit} ends it already; "
+            f"{figures}. To train on, raise {'max_steps (--trainer.max_steps)' if by_steps else 'max_epochs (--trainer.max_epochs)'}."
+        )
 
     @staticmethod
     def _write(trainer: pl.Trainer, filename: str, summary: dict[str, Any], wandb_prefix: str) -> Path | None:

@@ -217,9 +217,10 @@ class StallDetector:
 
     def state_dict(self) -> dict[str, Any]:
         """The history and what was found in it, as plain Python (a checkpoint's part, so a resumed
-        run keeps the evidence); ``window_steps`` and ``last_step`` belong to each fit (the
-        ``last_step`` the stalls were judged against is kept, to see a changed plan)."""
+        run keeps the evidence), with the plan it was judged against (``window_steps``,
+        ``last_step``: a resumed fit that trains sets its own with :meth:`plan`)."""
         return {
+            "window_steps": self.window_steps,
             "last_step": self.last_step,
             "history": [[list(h) for h in history] for history in self.history],
             "stalls": [None if s is None else asdict(s) for s in self.stalls],
@@ -238,7 +239,10 @@ class StallDetector:
         self.reached = list(state["reached"])
         self._in_band = list(state["in_band"])
         self.withdrawn = [None if s is None else Stall(**s) for s in state["withdrawn"]]
-        # (Checkpoints from before it was kept do not say: their stalls stand.)
+        # The plan the stalls were judged against, until plan() sets this fit's (a fit with no
+        # step left never does). Checkpoints from before it was kept do not say: their stalls stand.
+        self.window_steps = int(state.get("window_steps", self.window_steps))
+        self.last_step = state.get("last_step", self.last_step)
         self._judged_against = state.get("last_step", _UNSAID)
 
     def plan(self, window_steps: int, last_step: int | None) -> None:

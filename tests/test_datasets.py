@@ -134,8 +134,10 @@ def test_in_memory_device_option_serves_the_same_batches(tmp_path):
     with pytest.raises(ValueError, match=r"MNISTDataModule\(device='banana'\): not a torch device \(.*\); use e\.g\. 'cuda'"):
         MNISTDataModule(root=str(tmp_path), device="banana")
     missing = f"cuda:{torch.cuda.device_count()}"
+    elsewhere = MNISTDataModule(root=str(tmp_path), num_val=8, batch_size=8, device=missing)  # built anywhere; refused when set up
     with pytest.raises(ValueError, match=rf"MNISTDataModule\(device='{missing}'\): this machine has {torch.cuda.device_count()} cuda device\(s\); leave device unset"):
-        MNISTDataModule(root=str(tmp_path), device=missing)
+        elsewhere.setup()
+        elsewhere.train_dataloader()
 
 
 def _base_indices(dataset) -> set[int]:

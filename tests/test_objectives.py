@@ -216,6 +216,10 @@ def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_
         "training batch spans [-24, 52]: the dB it holds is not the one asked for."
     )):
         psnr.lagrangian(rate, raw, raw)
+    with pytest.warns(UserWarning, match=re.escape("a PSNR of 30 dB is stated against peak 255 (data in [0, 255]), but "
+                                                   "the first training batch spans [0, 1]")):
+        images = torch.linspace(0, 1, 160).reshape(8, 20)  # peak 255 on images in [0, 1]: 48 dB off
+        objective(ReconstructionMSE(30, unit="psnr", peak=255)).lagrangian(rate, images, images)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         psnr.lagrangian(rate, raw, raw)  # once

@@ -38,7 +38,7 @@ def test_checkpoint_holds_the_geco_state_with_its_tolerance(tmp_path):
     assert weights["objective.multipliers.seeded"].item() is True
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("GECOCallback")]
     assert state["geco"]["num_updates"] == 4
-    assert state["constraints"] == [{"name": "reconstruction", "tolerance": 0.05, "unit": "mse"}]
+    assert state["constraints"] == [{"name": "reconstruction", "tolerance": 0.05, "unit": "mse", "reading_tolerance": 0.05}]
 
 
 @pytest.mark.timeout(180)
@@ -245,32 +245,36 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_where_the_uninterrupted_run_
         assert resumed[key] == uninterrupted[key], key
 
 
-def _shapes_fit(folder: Path, ckpt_in=None, save_at: int | None = None, seed: int = 0):
+def _shapes_fit(folder: Path, ckpt_in=None, save_at: int | None = None, seed: int = 0, by_epochs: bool = False):
     """15 steps of a ConvVAE + GECO on shuffled shapes (6 batches an epoch, so a checkpoint at
-    step 9 is mid-epoch), cosine schedule, sampled noise: the shipped kind of run, small."""
+    step 9 is mid-epoch), cosine schedule, sampled noise: the shipped kind of run, small.
+    ``by_epochs``: 3 epochs instead (18 steps, the cosine planned from the loader's length),
+    loaded by a worker process (which starts drawing batches as soon as its iterator exists)."""
     from lightning_geco.datamodules import ShapesDataModule
 
     from lightning_geco.resume import RandomState
 
     pl.seed_everything(seed)
     model = tiny_conv_vae(image_shape=(1, 16, 16), lr_schedule="cosine")
-    data = ShapesDataModule(image_size=16, num_train=100, num_val=16, batch_size=16)
+    data = ShapesDataModule(image_size=16, num_train=100, num_val=16, batch_size=16, num_workers=1 if by_epochs else 0)
     callbacks = [GECOCallback(controller="pi"), RandomState()]
     if save_at is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=save_at, save_top_k=-1))
-    trainer = quiet_trainer(max_steps=15, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=save_at is not None)
+    limits = {"max_steps": -1, "max_epochs": 3} if by_epochs else {"max_steps": 15}
+    trainer = quiet_trainer(**limits, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=save_at is not None)
     trainer.fit(model, data, ckpt_path=ckpt_in)
     return model
 
 
-def test_a_run_resumed_mid_epoch_draws_the_same_batches_and_noise_as_the_uninterrupted_run(tmp_path):
-    whole = _shapes_fit(tmp_path, save_at=9)
+@pytest.mark.parametrize("by_epochs", [False, True])
+def test_a_run_resumed_mid_epoch_draws_the_same_batches_and_noise_as_the_uninterrupted_run(tmp_path, by_epochs):
+    whole = _shapes_fit(tmp_path, save_at=9, by_epochs=by_epochs)
     (checkpoint,) = tmp_path.glob("*step=9.ckpt")
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1  # mid-epoch: 6 batches an epoch
     # Another seed in the resumed process: the checkpoint decides the order and the noise.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed = _shapes_fit(tmp_path / "resumed", ckpt_in=checkpoint, seed=123)
+        resumed = _shapes_fit(tmp_path / "resumed", ckpt_in=checkpoint, seed=123, by_epochs=by_epochs)
     # The loader is resumable (ResumableLoader), so Lightning does not say it is not.
     assert not [w for w in caught if "not resumable" in str(w.message)]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

@@ -18,6 +18,7 @@ import yaml
 from jsonargparse import dict_to_namespace
 from jsonargparse._util import import_object
 from lightning_geco.datamodules import ShapesDataModule
+from lightning_geco.datamodules import folder as folder_module
 from lightning_geco.datamodules.dsprites import FILE_NAME
 from PIL import Image
 
@@ -410,7 +411,7 @@ def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_i
     assert "Traceback" not in err and "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)" in err
 
 
-def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_else_is_raised(capsys):
+def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_else_is_raised(capsys, monkeypatch):
     # An unreadable image: the DataModule's ValueError, raised from PIL's OSError, wrapped by the caller.
     try:
         try:
@@ -428,6 +429,27 @@ def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_el
         "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)\n"
     )
     assert _fail_short(OSError("disk full")) is None  # not a mistake in the data or settings: the caller raises it
+    # The library's message wins over the one it was raised from, also where that is a ValueError too.
+    def foreign(*args, **kwargs):
+        raise ValueError("a decoder's own complaint")
+
+    monkeypatch.setattr(folder_module.Image, "open", foreign)
+    try:
+        folder_module.read_image("cat.png", "L")
+    except ValueError as named:
+        error = RuntimeError("while setting up")
+        error.__cause__ = named
+    with pytest.raises(SystemExit):
+        _fail_short(error)
+    assert "error: ImageFolderDataModule: cannot read image file cat.png (ValueError: a decoder's own complaint)" in capsys.readouterr().err
+    # What `raise ... from None` hid is not shown.
+    try:
+        try:
+            raise ValueError("hidden")
+        except ValueError:
+            raise RuntimeError("shown") from None
+    except RuntimeError as hiding:
+        assert _fail_short(hiding) is None
 
 
 def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys):
@@ -599,6 +621,10 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     assert capsys.readouterr().err == (
         f"error: {resumed} and {first} are the same run (a resumed run's W&B folders are one run): pass one of them.\n"
     )
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "summary.json").write_text('{"rate": 3')
+    assert compare_main([str(tmp_path / "cut"), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'cut' / 'summary.json'} is not a summary: Expecting")
 
 
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):

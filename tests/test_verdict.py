@@ -270,11 +270,11 @@ def test_a_reachable_tolerance_with_too_few_steps_ends_not_met(tmp_path):
 def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     # Random pixels: no 4-dimensional code reconstructs them, so the MSE stays near their
     # variance (~0.2) whatever lambda does. Lambda rises at most 0.006 per step (the integrator's
-    # clipped error), so 4x takes ~230 steps: the window is 300 of the 400 steps.
+    # clipped error), so 4x takes ~230 steps: the window is 280 of the 400 steps.
     checkpoint = tmp_path / "end.ckpt"
     with pytest.warns(UserWarning, match="looks unreachable for this model: lambda rose"):
         summary, callback, geco = _run(
-            tmp_path, tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.75, save_to=checkpoint
+            tmp_path, tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.7, save_to=checkpoint
         )
     assert summary["verdict"] == "unreachable"
     stall = geco.detector.stalls[0]
@@ -282,30 +282,31 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
     # Resumed with no step left to train, the run says so and reports the checkpoint's figures
     # and verdict (it printed "NOT MET: no validation reading" before).
-    with pytest.warns(UserWarning, match=r"This fit trained no step: it resumed at step 400, where max_steps=400"):
-        again, again_summary, _ = _run(
-            tmp_path / "again", tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+    with pytest.warns(UserWarning, match=r"This fit trained no step: it resumed from \S+end.ckpt at step 400, where max_steps=400 ends it already; the figures are the last validation before it \(step 400\)\. To train on, raise max_steps"):
+        again, again_summary, again_geco = _run(
+            tmp_path / "again", tolerance=1e-5, max_steps=400, log_every_n_steps=10, stall_window=0.7, ckpt_path=checkpoint
         )
     assert again_summary.verdict_line == callback.verdict_line
+    assert again_geco.detector.window_steps == geco.detector.window_steps == 280  # the checkpoint's plan
     assert {k: again[k] for k in ("distortion", "rate", "verdict", "validated_step")} == {
         k: summary[k] for k in ("distortion", "rate", "verdict", "validated_step")
     }
     # Extended by 10 steps from its checkpoint, the run keeps the evidence (a fresh detector
     # would have 10 steps of history and call the same run not_met), judged again against the
     # new last step: at the latest observation before the checkpoint (the last step's), with
-    # 410 - 399 steps left, over a window of 0.75 * 410 steps.
+    # 410 - 399 steps left, over a window of 0.7 * 410 steps.
     resumed, _, resumed_geco = _run(
-        tmp_path / "resumed", tolerance=1e-5, max_steps=410, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+        tmp_path / "resumed", tolerance=1e-5, max_steps=410, log_every_n_steps=10, stall_window=0.7, ckpt_path=checkpoint
     )
     assert resumed_geco.detector.history[0][: len(geco.detector.history[0])] == geco.detector.history[0]
     restated = resumed_geco.detector.stalls[0]
     assert restated.last_step == geco.detector.history[0][-1][0] == 399 and restated.steps_left == 11
-    assert restated.first_step == 89 and stall.steps_left == 400 - stall.last_step
+    assert restated.first_step == 109 and stall.steps_left == 400 - stall.last_step
     assert resumed["verdict"] == "unreachable"
     # Resumed towards another tolerance, the evidence (readings over the old one) is dropped.
     with pytest.warns(UserWarning, match="now asks for distortion at 0.4"):
         changed, _, changed_geco = _run(
-            tmp_path / "changed", tolerance=0.4, max_steps=410, log_every_n_steps=10, stall_window=0.75, ckpt_path=checkpoint
+            tmp_path / "changed", tolerance=0.4, max_steps=410, log_every_n_steps=10, stall_window=0.7, ckpt_path=checkpoint
         )
     assert changed_geco.detector.stalls == [None] and [h[0] for h in changed_geco.detector.history[0]] == [409]
     assert changed["verdict"] != "unreachable"

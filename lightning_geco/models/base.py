@@ -572,12 +572,17 @@ class VAEModule(pl.LightningModule):
         optimizer = torch.optim.Adam(parameters, lr=self.learning_rate, fused=fused)
         if self.lr_schedule == "constant":
             return optimizer
-        scheduler = CosineToFloor(optimizer, total_steps=self._planned_steps(), floor_fraction=COSINE_FLOOR_FRACTION)
+        # Under max_epochs the plan needs the training loader's length, which reading here would
+        # start the loader before Lightning restores a resumed run's counters (the sampler would
+        # start at batch 0): a placeholder end, planned at on_train_start.
+        planned = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        scheduler = CosineToFloor(optimizer, total_steps=planned, floor_fraction=COSINE_FLOOR_FRACTION)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _planned_steps(self) -> int:
         """The optimizer steps the fit plans: ``max_steps``, else what ``max_epochs`` makes of
-        the training loader (Lightning's ``estimated_stepping_batches``)."""
+        the training loader (Lightning's ``estimated_stepping_batches``; read once training
+        starts, when the loader is set up)."""
         if self.trainer.max_steps > 0:
             return self.trainer.max_steps
         estimated = self.trainer.estimated_stepping_batches
@@ -592,15 +597,15 @@ class VAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         # Runs after Lightning restored the checkpoint's scheduler. A run resumed with the same
-        # max_steps keeps the plan (and so equals the uninterrupted run); an extended (or
-        # shortened) run re-plans the cosine from the current step and rate to the new end,
-        # instead of climbing back up the old cosine past its end.
+        # plan keeps it (and so equals the uninterrupted run); an extended (or shortened) run
+        # re-plans the cosine from the current step and rate to the new end, instead of climbing
+        # back up the old cosine past its end. At step 0 this sets a max_epochs run's plan.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, CosineToFloor):
                 start_step = scheduler.last_epoch
                 planned = self._planned_steps()
-                if scheduler.replan(planned):
+                if scheduler.replan(planned) and start_step > 0:
                     rank_zero_info(
                         f"Cosine learning-rate schedule re-planned: from step {start_step} at "
                         f"{scheduler.get_last_lr()[0]:.3g} down to {COSINE_FLOOR_FRACTION:g} x "
