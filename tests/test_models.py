@@ -13,6 +13,8 @@ from lightning_geco import (
     ELBO,
     BernoulliLikelihood,
     ConvDRAW,
+    ConvVAE,
+    DiagnosticPanels,
     FlowVAE,
     GECOCallback,
     GECOObjective,
@@ -201,3 +203,13 @@ def test_reconstruct_of_a_bernoulli_model_is_its_mean_not_its_logits():
     model = tiny_conv_vae(likelihood=BernoulliLikelihood(), objective=ELBO())
     x = random_images(3)
     torch.testing.assert_close(model.reconstruct(x), torch.sigmoid(model.decode_posterior_code(x)))
+
+
+def test_a_one_dimensional_latent_trains_validates_and_draws_its_panels():
+    # torchmetrics squeezes a one-element result to 0-d: the validation stopped at len() of it.
+    model = ConvVAE(image_shape=(1, 16, 16), latent_dim=1, widths=(8, 8), hidden_dim=32)
+    trainer = quiet_trainer(max_steps=2, callbacks=[GECOCallback(), DiagnosticPanels()])
+    trainer.fit(model, DataLoader(random_images(16), batch_size=8), DataLoader(random_images(8, seed=1), batch_size=8))
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["val/kl_dim/0"], metrics["val/rate"], rtol=1e-5, atol=1e-7)
+    assert model.kl_per_dimension.shape == (1,)

@@ -437,6 +437,8 @@ class VAEModule(pl.LightningModule):
         # under DDP that an unsynced epoch-level value may differ between ranks.
         estimates = self.aggregate_posterior.compute()
         activity = self.latent_activity.compute()
+        # torchmetrics squeezes a one-element result to 0-d: one latent dimension stays (1,).
+        activity["kl_per_dim"] = activity["kl_per_dim"].reshape(-1)
         # What another draw of as many images could change each reading by.
         standard_errors = {
             name: metric.compute()["standard_error"]
