@@ -456,11 +456,14 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys):
     for extra, message in [
         (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
+        # A constructor's refusal, which jsonargparse's Union report wrapped in a 75-line trace.
+        (("--data.init_args.device", "banana"), "ShapesDataModule(device='banana'): not a torch device ("),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["fit", "--config", str(REPO / "configs" / "default.yaml"), *extra])
         assert exit_.value.code == 2
-        assert f"error: {message}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"error: {message}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not Path("runs/wandb").exists()
 
 
