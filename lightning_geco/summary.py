@@ -401,7 +401,7 @@ class RunSummary(Callback):
                     stall=stalls[k],
                     lambda_rising=callback.lambda_rising(k),
                     best=self._best(constraint),
-                    max_steps=trainer.max_steps if trainer.max_steps > 0 else None,
+                    trained_steps=trainer.global_step or None,
                     standard_error=relative_errors[k],
                 )
             )

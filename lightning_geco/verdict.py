@@ -308,7 +308,7 @@ def constraint_clause(
     stall: Stall | None = None,
     lambda_rising: bool = False,
     best: tuple[float, int] | None = None,
-    max_steps: int | None = None,
+    trained_steps: int | None = None,
     standard_error: float | None = None,
     stage: str = "val",
 ) -> str:
@@ -318,6 +318,8 @@ def constraint_clause(
     is shown (``± 2.3 %``) when the reading lies within ``NOISE_STANDARD_ERRORS`` (2) of them of
     the band's edge, where another draw of as many validation images could give the other verdict.
     ``stage`` is where the reading was logged (``"val"``, or ``"test"`` for ``trainer.test``).
+    ``trained_steps`` is the optimizer steps the model has been trained (the run's global step:
+    fewer than ``max_steps`` in a run stopped early, more in a resume with no step left).
     """
     if reading is None or relative_violation is None:
         if stage == "val":
@@ -339,7 +341,7 @@ def constraint_clause(
     if lambda_rising:
         parts.append("lambda still rising at the last step")
     if best is not None:
-        steps = f" in {max_steps} step{'s' if max_steps != 1 else ''}" if max_steps else ""
+        steps = f" in {trained_steps} step{'s' if trained_steps != 1 else ''}" if trained_steps else ""
         parts.append(f"this model did not reach it{steps} (best {_fmt(best[0])} at step {best[1]})")
     return "; ".join(parts)
 

@@ -201,7 +201,7 @@ def test_verdict_lines_carry_the_figures():
     close = constraint_clause("distortion", 0.01004, 0.01, 0.004, True, "met")
     assert close == "distortion 0.01004 ~ 0.01 (0.4 % past it, within the 1 % band)"
     missed = constraint_clause(
-        "distortion", 0.0131, 0.01, 0.31, True, "not_met", lambda_rising=True, best=(0.0128, 1400), max_steps=1500
+        "distortion", 0.0131, 0.01, 0.31, True, "not_met", lambda_rising=True, best=(0.0128, 1400), trained_steps=1500
     )
     assert missed == (
         "NOT MET: distortion 0.0131 > 0.01 (+31.0 %); lambda still rising at the last step; "
@@ -265,6 +265,21 @@ def test_a_reachable_tolerance_with_too_few_steps_ends_not_met(tmp_path):
     assert summary["verdict"] == "not_met"
     assert geco.detector.stalls == [None]
     assert callback.verdict_line.startswith("GECO: NOT MET: distortion ")
+    assert "; this model did not reach it in 4 steps (best " in callback.verdict_line
+
+
+def test_a_run_stopped_early_names_the_steps_it_trained_not_the_planned_ones(tmp_path):
+    class StopAtThree(pl.Callback):  # as max_time or an early-stopping callback would
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step >= 3
+
+    pl.seed_everything(0)
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=40, callbacks=[GECOCallback(), StopAtThree(), summary], default_root_dir=tmp_path)
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    trainer.fit(tiny_conv_vae(tolerance=0.12), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
+    assert trainer.global_step == 3 and summary.summary["validated_step"] == 3
+    assert "; this model did not reach it in 3 steps (best " in summary.verdict_line, summary.verdict_line
 
 
 def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
