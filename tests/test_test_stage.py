@@ -131,6 +131,9 @@ def test_predict_gives_each_images_reconstruction_distortion_and_rate():
         predicted = torch.cat([b[key] for b in batches])
         assert predicted.shape == (10,)
         torch.testing.assert_close(predicted, torch.cat([getattr(p, key) for p in passes]), rtol=0, atol=0, msg=key)
+    # The distortion is that pass's, whose reconstruction comes with it.
+    sampled = torch.cat([b["sampled_reconstruction"] for b in batches])
+    torch.testing.assert_close(torch.cat([b["distortion"] for b in batches]), (sampled - images).pow(2).flatten(1).mean(1))
 
 
 def test_the_mnist_family_tests_on_the_test_files_and_says_when_there_are_none(tmp_path):

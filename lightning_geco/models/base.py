@@ -382,12 +382,19 @@ class VAEModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Per image of a batch (images, or ``(images, targets)``; ``trainer.predict`` returns
         one dict per batch): ``reconstruction``, what :meth:`reconstruct` gives (N, C, H, W) in
-        [0, 1], and the ``distortion`` (per-element MSE) and ``rate`` (nats) of one pass with a
-        sampled code, as the validation averages them, each (N,)."""
+        [0, 1], the deterministic one at the posterior mean; then one pass with a sampled code,
+        as GECO and the validation read the model: its ``sampled_reconstruction`` (the
+        likelihood's mean, (N, C, H, W), unclamped), and its ``distortion`` (the per-element MSE
+        of that one, not of ``reconstruction``) and ``rate`` (nats), each (N,)."""
         x = batch_images(batch)
         self.check_images(x, check_range=batch_idx == 0)
         output = self(x, batch_labels(batch))
-        return {"reconstruction": self.reconstruct(x), "distortion": output.distortion, "rate": output.rate}
+        return {
+            "reconstruction": self.reconstruct(x),
+            "sampled_reconstruction": output.reconstruction,
+            "distortion": output.distortion,
+            "rate": output.rate,
+        }
 
     def _evaluation_step(self, stage: str, batch: Any, batch_idx: int) -> None:
         x = batch_images(batch)
