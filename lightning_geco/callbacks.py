@@ -488,9 +488,10 @@ class GECOCallback(Callback):
         self.objective.attach(self.geco)
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
-        if stage == "fit":
+        if stage == "fit" and (self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
-            # after on_fit_start with some strategies); on_train_start hands it the plan.
+            # after on_fit_start with some strategies), a Trainer fitted again its own so far;
+            # on_train_start hands it the plan.
             self.detector = StallDetector(self.geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)

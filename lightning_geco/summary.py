@@ -191,8 +191,10 @@ class RunSummary(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets a resumed run's earlier seconds and validations).
+        # A Trainer fitted again goes on from its step: its validations so far stay.
         if stage == "fit":
             self._earlier_seconds = 0.0
+        if stage == "fit" and trainer.global_step == 0:
             self._validation = {}
             self._standard_errors = {}
             self._history = []

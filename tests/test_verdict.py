@@ -499,3 +499,20 @@ def test_a_fit_told_to_take_no_training_batch_says_so():
     trainer = quiet_trainer(max_steps=4, limit_train_batches=0, callbacks=[GECOCallback(), RunSummary()])
     with pytest.raises(ValueError, match=re.escape("Trainer(limit_train_batches=0) runs no training step: set it > 0 to train.")):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images()), batch_size=32))
+
+
+def test_a_trainer_fitted_again_with_no_step_left_keeps_its_verdict(tmp_path):
+    pl.seed_everything(0)
+    summary, geco = RunSummary(), GECOCallback()
+    trainer = quiet_trainer(max_steps=4, callbacks=[geco, summary], default_root_dir=tmp_path)
+    model = tiny_conv_vae(tolerance=0.12)
+    train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
+    trainer.fit(model, train, val)
+    first, detector = summary.verdict_line, geco.detector
+    # As in a notebook: the same Trainer, fit again (it said "NOT MET: no validation reading").
+    with pytest.warns(UserWarning, match=r"This fit trained no step: it started at step 4, where max_steps=4 ends it already; "
+                      r"the figures are the last validation before it \(step 4\)"):
+        trainer.fit(model, train, val)
+    assert summary.verdict_line == first and first.startswith("GECO: NOT MET: distortion ")
+    assert geco.detector is detector
