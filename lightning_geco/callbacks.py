@@ -24,6 +24,7 @@ controller's state and the constraints as stated (name, tolerance, unit).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -197,6 +198,25 @@ def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence
 def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
     """A seed that is a function of (seed, measurement number, stream) alone."""
     return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+#: the settings only some controllers read, and those controllers
+_CONTROLLER_SETTINGS = {
+    "step_size": ("relative", "paper"),
+    "release_speedup": ("relative",),
+    "max_relative_violation": ("relative",),
+    **dict.fromkeys(
+        ("proportional_gain", "integral_gain", "smoothing_steps", "integral_error_limit", "approach_steps",
+         "ramp_steps", "noise_correction", "release_threshold"),
+        ("pi",),
+    ),
+}
+
+
+def _unread_setting(controller: str, name: str, value: Any) -> bool:
+    """Whether ``name`` was given another value than its default for a controller that does not read it."""
+    default = inspect.signature(GECOCallback.__init__).parameters[name].default
+    return controller not in _CONTROLLER_SETTINGS[name] and value != default
 
 
 def _tolerance_changed(before: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -384,6 +404,12 @@ class GECOCallback(Callback):
             raise ValueError(f"GECOCallback controller must be one of {CONTROLLER_NAMES}, got {controller!r}.")
         if drive not in CALLBACK_DRIVES:
             raise ValueError(f"GECOCallback drive must be one of {CALLBACK_DRIVES}, got {drive!r}.")
+        given = {  # as passed: a controller that does not read one of these is warned below
+            "step_size": step_size, "release_speedup": release_speedup, "max_relative_violation": max_relative_violation,
+            "proportional_gain": proportional_gain, "integral_gain": integral_gain, "smoothing_steps": smoothing_steps,
+            "integral_error_limit": integral_error_limit, "approach_steps": approach_steps, "ramp_steps": ramp_steps,
+            "noise_correction": noise_correction, "release_threshold": release_threshold,
+        }
         default_alpha, default_step_size = CONTROLLER_DEFAULTS[controller]
         alpha = default_alpha if alpha is None else alpha
         step_size = default_step_size if step_size is None else step_size
@@ -412,6 +438,13 @@ class GECOCallback(Callback):
             )
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got {stall_window!r}.")
+        unread = [f"{name}={value!r}" for name, value in given.items() if _unread_setting(controller, name, value)]
+        if unread:
+            rank_zero_warn(
+                f"GECOCallback(controller={controller!r}) does not read {', '.join(unread)}: "
+                f"{'they are other controllers settings and change' if len(unread) > 1 else 'it is another controller setting and changes'} "
+                "nothing (see GECOCallback's docstring for which controller reads which)."
+            )
         self.controller = controller
         self.alpha = alpha
         self.step_size = step_size

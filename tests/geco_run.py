@@ -139,7 +139,7 @@ def run(
             compile=compile,
         )
     else:
-        geco = GECOCallback(alpha=0.9, step_size=0.1, max_nonfinite_steps=max_nonfinite_steps, compile=compile)
+        geco = GECOCallback(alpha=0.9, max_nonfinite_steps=max_nonfinite_steps, compile=compile)
     callbacks = [geco, trajectory]
     if summary:  # summary.json in the run folder (no logger: default_root_dir), written by rank 0
         callbacks.append(RunSummary())

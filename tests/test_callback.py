@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -33,7 +36,7 @@ class UpdateSpy(GECOCallback):
 
 def test_lambda_moves_once_per_optimizer_step_and_logs_the_geco_keys():
     pl.seed_everything(0)
-    callback = GECOCallback(step_size=0.025)
+    callback = GECOCallback()
     trainer = _trainer([callback], max_steps=6, limit_val_batches=2, val_check_interval=3)
     trainer.fit(tiny_conv_vae(), _loader(), _loader(16))
     assert callback.geco.num_updates == 6 == trainer.global_step
@@ -235,3 +238,19 @@ def test_a_resumed_fit_paces_from_the_saved_peak_rate(tmp_path):
 def test_ramp_follows_lr_without_a_learned_drift_is_rejected(kwargs):
     with pytest.raises(ValueError, match="ramp_follows_lr=True paces the drift the PI controller learns with ramp_steps"):
         GECOCallback(**kwargs)
+
+
+def test_a_setting_the_chosen_controller_does_not_read_is_warned_with_its_value():
+    # A relative run with ramp_steps=300 ended to the digit as one without: the setting was ignored, silently.
+    with pytest.warns(UserWarning, match=re.escape("GECOCallback(controller='relative') does not read ramp_steps=300: it is "
+                                                   "another controller setting and changes nothing")):
+        GECOCallback(controller="relative", ramp_steps=300)
+    with pytest.warns(UserWarning, match=re.escape("GECOCallback(controller='paper') does not read release_speedup=2.0, "
+                                                   "integral_gain=0.5: they are other controllers settings and change nothing")):
+        GECOCallback(controller="paper", release_speedup=2.0, integral_gain=0.5)
+    with pytest.warns(UserWarning, match=re.escape("GECOCallback(controller='pi') does not read step_size=0.1")):
+        GECOCallback(step_size=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GECOCallback(controller="relative", step_size=0.01, release_speedup=2.0, max_relative_violation=None)
+        GECOCallback(integral_gain=0.12, ramp_steps=300, release_threshold=None)

@@ -268,14 +268,14 @@ def test_classifier_rejects_unknown_pooling_and_few_classes():
 )
 def test_a_violation_of_ten_percent_of_the_scale_moves_log_lambda_by_a_tenth_of_nu(constraint, scale):
     assert constraint.scale == pytest.approx(scale)
-    callback = GECOCallback(alpha=0.0, step_size=0.003)
+    callback = GECOCallback(controller="relative", alpha=0.0, step_size=0.003)
     geco = GECO([constraint.name], alpha=0.0, step_size=callback.absolute_step_size(constraint))
     geco.update(torch.tensor([0.1 * scale * 64, 64.0, 0.0]))  # 64 examples, each 10 % over
     assert geco.log_lagrange_multiplier.item() == pytest.approx(0.1 * 0.003, rel=1e-5)
 
 
 def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused():
-    callback = GECOCallback(step_size=0.003)
+    callback = GECOCallback(controller="relative", step_size=0.003)
     assert callback.absolute_step_size(PatchNCC(0.9, step_size=0.01)) == pytest.approx(0.01 / 0.1)
     assert callback.absolute_step_size(ReconstructionMSE(0.02, step_size=0.01)) == pytest.approx(0.01 / 0.02)
     assert callback.absolute_step_size(ReconstructionMSE(0.02)) == pytest.approx(0.003 / 0.02)
