@@ -660,8 +660,9 @@ class GECOCallback(Callback):
         if choice == "calibration":
             assert calibration is not None
             rank_zero_info(
-                f"GECO: lambda is driven by the calibration split ({dataset_length(calibration)} images, "
-                f"{self.calibration_batch_size} every {self.calibration_every} steps): " + "; ".join(reasons) + "."
+                f"GECO: lambda is driven by the calibration split ({dataset_length(calibration)} images; "
+                f"{self.calibration_batch_size} drawn from it, with replacement, every {self.calibration_every} steps): "
+                + "; ".join(reasons) + "."
             )
         elif own_module and reasons:
             name = type(pl_module).__name__

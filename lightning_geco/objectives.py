@@ -243,7 +243,8 @@ class GECOObjective(Objective):
                     f"{constraint.reading_tolerance:g} (stated: {constraint.tolerance:g} {constraint.unit}); the "
                     f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's: "
                     "a resumed run goes on from them towards the new tolerance (the moving average, kept as "
-                    "reading - old tolerance, reads shifted by the change until it has averaged new steps). "
+                    "reading - old tolerance, reads shifted by the change until it has averaged new steps), and "
+                    "a test or validation judges the model against the new tolerance. "
                     "To load the model as trained, build it with the trained tolerance (a LightningModule that "
                     "calls self.save_hyperparameters() gets it back from load_from_checkpoint)."
                 )

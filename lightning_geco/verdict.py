@@ -120,6 +120,11 @@ class Stall:
         while the reading moved -1.0 % (31.0 % -> 29.7 % past the tolerance)``."""
         factor = self.lambda_after / self.lambda_before
         moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
+        if self.at_bound and self.first_step == self.last_step:  # at the bound from its first observation
+            return (
+                f"lambda was at its upper bound ({self.lambda_after:.3g}) at step {self.last_step} with the reading "
+                f"{100 * (self.ratio_after - 1):.1f} % past the tolerance"
+            )
         bound = " and reached its upper bound" if self.at_bound else ""
         pace = ""
         if self.steps_needed is not None and self.steps_left is not None:

@@ -192,7 +192,7 @@ def test_auto_drive_measures_an_optimistic_constraint_on_the_calibration_split_e
     calibration, calibration_lambda = _fit("calibration", 4, OptimisticMSE(0.05))
     assert auto.active_drive == "calibration" and auto.geco.num_measurements == 2  # steps 0 and 2
     assert auto_lambda == calibration_lambda and auto_lambda[-1] != auto_lambda[0]
-    assert ("GECO: lambda is driven by the calibration split (32 images, 8 every 2 steps): 'reconstruction' reads "
+    assert ("GECO: lambda is driven by the calibration split (32 images; 8 drawn from it, with replacement, every 2 steps): 'reconstruction' reads "
             "the training images optimistically (its reader may have trained on them).") in caplog.text
 
 

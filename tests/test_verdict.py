@@ -158,6 +158,8 @@ def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
     detector = StallDetector(1, window_steps=1000, log_lambda_max=5.0)
     assert detector.observe(10, [5.0], [3.0]) == [0]
     assert detector.stalls[0].at_bound
+    # Said as it is (it read "lambda rose 1x (148 -> 148) and reached its upper bound over steps 10-10").
+    assert detector.stalls[0].describe() == "lambda was at its upper bound (148) at step 10 with the reading 200.0 % past the tolerance"
 
 
 def test_a_loaded_stall_is_judged_again_only_against_another_plan_and_never_at_the_bound():
