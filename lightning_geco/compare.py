@@ -10,8 +10,8 @@ each run's tolerance), ``metrics.png`` (rate, distortion and marginal KL per run
 runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
 a resumed run's curves join every W&B folder of its run id, the resumed part replacing what the
 interrupted one logged past the checkpoint, and its row is its newest folder's summary). A
-``test_summary.json`` or ``validate_summary.json`` row is named ``<run> (test set)`` or
-``<run> (validation set)``. Exits 0, or 2 with one line for a path that is no run or two paths
+``test_summary.json`` or ``validate_summary.json`` row is named after the checkpoint's run
+folder, ``<run id> (test set)`` or ``<run id> (validation set)``. Exits 0, or 2 with one line for a path that is no run or two paths
 of one run.
 """
 
@@ -78,10 +78,13 @@ def load_run(path: str | Path) -> Run:
         summary = json.loads(summary_file.read_text())
     except ValueError as error:  # a file cut short, or not JSON
         raise NotARunError(f"{summary_file} is not a summary: {error}.") from error
-    # A test's or a validation's figures (train.py test / validate) are named so in the table.
+    # A test's or a validation's figures (train.py test / validate) are named so in the table,
+    # after the trained run whose checkpoint they read (its folder, runs/checkpoints/<config>/<run id>/).
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
+    checkpoint = summary.get("checkpoint") if stage else None
+    name = Path(checkpoint).parent.name if checkpoint else run_dir.name
     source = (_segments(run_dir)[0].resolve(), summary_file.name)
-    return Run(name=run_dir.name + stage, summary=summary, history=joined_history(run_dir), source=source)
+    return Run(name=name + stage, summary=summary, history=joined_history(run_dir), source=source)
 
 
 def _wandb_run_id(folder: Path) -> str | None:

@@ -613,12 +613,14 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     for folder, step, tolerance in ((first, 200, 0.005), (resumed, 300, 0.01)):
         (folder / "files").mkdir(parents=True)
         (folder / "files" / "summary.json").write_text(json.dumps({"global_step": step, "tolerance": tolerance, "rate": 30.0, "distortion": 0.004}))
-    (resumed / "files" / "test_summary.json").write_text(json.dumps({"global_step": 300, "rate": 31.0, "distortion": 0.0041}))
+    checkpoint = "/somewhere/runs/checkpoints/default/abc123/last.ckpt"
+    (resumed / "files" / "test_summary.json").write_text(json.dumps({"global_step": 300, "rate": 31.0, "distortion": 0.0041,
+                                                                     "checkpoint": checkpoint}))
     # The first segment's folder, given alone, reads the whole run's (newest) summary.
     run = load_run(first)
     assert run.name == first.name and run.summary["global_step"] == 300 and run.summary["tolerance"] == 0.01
     test = load_run(resumed / "files" / "test_summary.json")
-    assert test.name == f"{resumed.name} (test set)" and test.summary["distortion"] == 0.0041
+    assert test.name == "abc123 (test set)" and test.summary["distortion"] == 0.0041  # the run it tested
     assert compare_main([str(first), str(resumed / "files" / "test_summary.json"), "--out", str(tmp_path / "ok")]) == 0
     assert compare_main([str(first), str(resumed), "--out", str(tmp_path / "twice")]) == 2
     assert capsys.readouterr().err == (
