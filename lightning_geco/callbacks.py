@@ -213,9 +213,11 @@ _CONTROLLER_SETTINGS = {
 }
 
 
-def _unread_setting(controller: str, name: str, value: Any) -> bool:
-    """Whether ``name`` was given another value than its default for a controller that does not read it."""
-    default = inspect.signature(GECOCallback.__init__).parameters[name].default
+def _unread_setting(callback: type[Callback], controller: str, name: str, value: Any) -> bool:
+    """Whether ``name`` was given another value than its default (in ``callback``'s signature)
+    for a controller that does not read it."""
+    parameter = inspect.signature(callback.__init__).parameters.get(name)  # a subclass may take **kwargs
+    default = (parameter or inspect.signature(GECOCallback.__init__).parameters[name]).default
     return controller not in _CONTROLLER_SETTINGS[name] and value != default
 
 
@@ -438,7 +440,7 @@ class GECOCallback(Callback):
             )
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got {stall_window!r}.")
-        unread = [f"{name}={value!r}" for name, value in given.items() if _unread_setting(controller, name, value)]
+        unread = [f"{name}={value!r}" for name, value in given.items() if _unread_setting(type(self), controller, name, value)]
         if unread:
             rank_zero_warn(
                 f"GECOCallback(controller={controller!r}) does not read {', '.join(unread)}: "
@@ -516,16 +518,18 @@ class GECOCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._resumed_drive = None  # a fit without a checkpoint chooses afresh; a checkpoint's is restored below
         self.objective = find_geco_objective(pl_module)
-        if self.geco is None or self.geco.state is not self.objective.multipliers:
-            self.geco = self._build_geco(self.objective)
-        self.objective.attach(self.geco)
+        geco = self.geco
+        rebuilt = geco is None or geco.state is not self.objective.multipliers
+        if geco is None or rebuilt:
+            geco = self.geco = self._build_geco(self.objective)
+        self.objective.attach(geco)
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
-        if stage == "fit" and (self.detector is None or trainer.global_step == 0):
+        if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
-            # after on_fit_start with some strategies), a Trainer fitted again its own so far;
-            # on_train_start hands it the plan.
-            self.detector = StallDetector(self.geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
+            # after on_fit_start with some strategies), a Trainer fitted again on the same model
+            # its own so far; on_train_start hands it the plan.
+            self.detector = StallDetector(geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
@@ -538,6 +542,12 @@ class GECOCallback(Callback):
 
     def _build_geco(self, objective: GECOObjective) -> GECO:
         constraints = list(objective.constraints)
+        own_steps = [f"{c.name!r} (step_size={c.step_size!r})" for c in constraints if c.step_size is not None]
+        if own_steps and self.controller != "relative":
+            rank_zero_warn(
+                f"GECOCallback(controller={self.controller!r}) does not read a constraint's own step_size: "
+                f"{', '.join(own_steps)} change{'s' if len(own_steps) == 1 else ''} nothing (controller='relative' reads it)."
+            )
         scales = [self._scale(c) for c in constraints]
         law: MultiplierController
         if self.controller == "pi":

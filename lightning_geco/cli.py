@@ -442,7 +442,8 @@ class GECOLightningCLI(LightningCLI):
             super().instantiate_classes()
         except Exception as error:  # noqa: BLE001 - reported as its cause; the chain stays attached
             # A constructor's own refusal, wherever jsonargparse's Union report put it in the chain.
-            ours = [e for e in _chain(error) if isinstance(e, (ValueError, TypeError)) and _raised_by_the_library(e)]
+            chain = _chain(error, as_shown=True)
+            ours = [e for e in chain if isinstance(e, (ValueError, TypeError)) and _raised_by_the_library(e)]
             if ours:
                 _fail(str(ours[-1]))
             cause = _root_cause(error)

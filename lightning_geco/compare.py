@@ -79,12 +79,19 @@ def load_run(path: str | Path) -> Run:
     except ValueError as error:  # a file cut short, or not JSON
         raise NotARunError(f"{summary_file} is not a summary: {error}.") from error
     # A test's or a validation's figures (train.py test / validate) are named so in the table,
-    # after the trained run whose checkpoint they read (its folder, runs/checkpoints/<config>/<run id>/).
+    # after the trained run whose checkpoint they read.
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     checkpoint = summary.get("checkpoint") if stage else None
-    name = Path(checkpoint).parent.name if checkpoint else run_dir.name
+    name = _trained_run(Path(checkpoint)) if checkpoint else run_dir.name
     source = (_segments(run_dir)[0].resolve(), summary_file.name)
     return Run(name=name + stage, summary=summary, history=joined_history(run_dir), source=source)
+
+
+def _trained_run(checkpoint: Path) -> str:
+    """The run a checkpoint belongs to: its folder, ``<dirpath>/<run id>/`` as ``train.py`` writes
+    them, or the one above Lightning's ``<version or run id>/checkpoints/``."""
+    folder = checkpoint.parent
+    return folder.parent.name if folder.name == "checkpoints" else folder.name
 
 
 def _wandb_run_id(folder: Path) -> str | None:

@@ -492,7 +492,8 @@ class LatentActivity(Metric):
     ``compute()`` returns ``kl_per_dim`` (d,) in nats per image (summing to the mean rate),
     ``mean_variance`` (d,): the variance over the set of the posterior mean, and
     ``active_units``: how many dimensions have ``mean_variance > threshold`` (Burda et al.
-    2016 use 0.01).
+    2016 use 0.01). With d = 1 the two vectors come back 0-d: torchmetrics squeezes every
+    one-element result (``.reshape(-1)`` gives (1,)).
     """
 
     full_state_update = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ class RunSummary(Callback):
         self._start = 0.0
         #: whether this fit ran a training step (a resumed one may have none left)
         self._trained = False
+        #: the module of the last fit (a Trainer fitted again on it keeps its validations)
+        self._fitted: weakref.ref[pl.LightningModule] | None = None
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
@@ -191,13 +194,20 @@ class RunSummary(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets a resumed run's earlier seconds and validations).
-        # A Trainer fitted again goes on from its step: its validations so far stay.
-        if stage == "fit":
-            self._earlier_seconds = 0.0
-        if stage == "fit" and trainer.global_step == 0:
+        # A Trainer fitted again on the same model goes on from its step: its validations so far stay.
+        if stage != "fit":
+            return
+        self._earlier_seconds = 0.0
+        again = trainer.global_step > 0 and self._fitted is not None and self._fitted() is pl_module
+        self._fitted = weakref.ref(pl_module)
+        if not again:
             self._validation = {}
             self._standard_errors = {}
             self._history = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference does not pickle (a spawned DDP process gets the callback pickled).
+        return {**self.__dict__, "_fitted": None}
 
     def state_dict(self) -> dict[str, Any]:
         """The run's wall-clock seconds so far and its validations' figures, so a resumed run
@@ -340,7 +350,7 @@ class RunSummary(Callback):
         figures = (
             f"the figures are the last validation before it (step {self._history[-1][0]})"
             if self._history
-            else "no validation of it is recorded (a checkpoint of an earlier version), so there are no figures"
+            else "no validation of this model is recorded, so there are no figures"
         )
         rank_zero_warn(
             f"This fit trained no step: it {where} {trainer.global_step}, where {limit} ends it already; "

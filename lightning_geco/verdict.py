@@ -51,6 +51,7 @@ with it: ``met`` still means at most ``MET_BAND`` past.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -86,10 +87,6 @@ NOISE_STANDARD_ERRORS = 2.0
 REACHED_READINGS = 2
 
 
-#: a checkpoint's stalls whose plan is not known (or nothing loaded)
-_UNSAID = object()
-
-
 @dataclass(frozen=True)
 class Stall:
     """Evidence that more lambda no longer buys quality, for one constraint.
@@ -120,7 +117,7 @@ class Stall:
         while the reading moved -1.0 % (31.0 % -> 29.7 % past the tolerance)``."""
         factor = self.lambda_after / self.lambda_before
         moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
-        if self.at_bound and self.first_step == self.last_step:  # at the bound from its first observation
+        if self.at_bound and self.lambda_after <= 1.001 * self.lambda_before:  # at the bound throughout the window
             return (
                 f"lambda was at its upper bound ({self.lambda_after:.3g}) at step {self.last_step} with the reading "
                 f"{100 * (self.ratio_after - 1):.1f} % past the tolerance"
@@ -164,8 +161,8 @@ class StallDetector:
         self._in_band = [0] * num_constraints
         #: per constraint, the stall a later reaching withdrew (None: none was)
         self.withdrawn: list[Stall | None] = [None] * num_constraints
-        # The last_step the loaded stalls were judged against, until plan() reads it.
-        self._judged_against: Any = _UNSAID
+        # Whether last_step is the plan the stalls were judged against (a fresh detector has none).
+        self._planned = False
 
     def observe(self, step: int, log_lambda: Sequence[float], ratio: Sequence[float]) -> list[int]:
         """Add one logging step's values; returns the constraints newly found stalled (see
@@ -248,15 +245,15 @@ class StallDetector:
         # step left never does). Checkpoints from before it was kept do not say: their stalls stand.
         self.window_steps = int(state.get("window_steps", self.window_steps))
         self.last_step = state.get("last_step", self.last_step)
-        self._judged_against = state.get("last_step", _UNSAID)
+        self._planned = "last_step" in state
 
     def plan(self, window_steps: int, last_step: int | None) -> None:
         """Set this fit's window and last step. A stall found on the pace against another last
         step (a run extended from 3000 to 6000 steps may now have the steps its reading needs)
         is judged again at the latest observation; one at lambda's bound stands whatever the plan."""
-        self.window_steps, self.last_step = int(window_steps), last_step
-        judged, self._judged_against = self._judged_against, _UNSAID
-        if judged is _UNSAID or judged == last_step:
+        replanned = self._planned and last_step != self.last_step
+        self.window_steps, self.last_step, self._planned = int(window_steps), last_step, True
+        if not replanned:
             return
         for k, stall in enumerate(self.stalls):
             if stall is not None and not stall.at_bound:
@@ -316,6 +313,7 @@ def constraint_clause(
     trained_steps: int | None = None,
     standard_error: float | None = None,
     stage: str = "val",
+    max_steps: int | None = None,
 ) -> str:
     """The verdict of one constraint in words, with its figures.
 
@@ -324,8 +322,12 @@ def constraint_clause(
     the band's edge, where another draw of as many validation images could give the other verdict.
     ``stage`` is where the reading was logged (``"val"``, or ``"test"`` for ``trainer.test``).
     ``trained_steps`` is the optimizer steps the model has been trained (the run's global step:
-    fewer than ``max_steps`` in a run stopped early, more in a resume with no step left).
+    fewer than ``max_steps`` in a run stopped early, more in a resume with no step left);
+    ``max_steps`` is its former name, deprecated.
     """
+    if max_steps is not None:
+        warnings.warn("constraint_clause(max_steps=...) is now trained_steps=...", DeprecationWarning, stacklevel=2)
+        trained_steps = max_steps if trained_steps is None else trained_steps
     if reading is None or relative_violation is None:
         if stage == "val":
             return f"{name}: NOT MET: no validation reading (validation never ran, or logged no val/{name})"

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
-from lightning_geco import ELBO, ConvVAE, GECOCallback
+from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
 from lightning_geco.callbacks import UNLOGGED_CHECK_EVERY, NonFiniteConstraintError
 from lightning_geco.models.base import VAEModule
 
@@ -254,3 +254,8 @@ def test_a_setting_the_chosen_controller_does_not_read_is_warned_with_its_value(
         warnings.simplefilter("error")
         GECOCallback(controller="relative", step_size=0.01, release_speedup=2.0, max_relative_violation=None)
         GECOCallback(integral_gain=0.12, ramp_steps=300, release_threshold=None)
+    # A constraint's own step_size is relative's too.
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.05, step_size=0.01)]))
+    with pytest.warns(UserWarning, match=re.escape("GECOCallback(controller='pi') does not read a constraint's own step_size: "
+                                                   "'reconstruction' (step_size=0.01) changes nothing")):
+        GECOCallback().setup(quiet_trainer(), model, "fit")

@@ -621,6 +621,10 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     assert run.name == first.name and run.summary["global_step"] == 300 and run.summary["tolerance"] == 0.01
     test = load_run(resumed / "files" / "test_summary.json")
     assert test.name == "abc123 (test set)" and test.summary["distortion"] == 0.0041  # the run it tested
+    # A plain Trainer's checkpoint, lightning_logs/version_3/checkpoints/: named after its version.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "validate_summary.json").write_text(json.dumps({"checkpoint": "/x/lightning_logs/version_3/checkpoints/e.ckpt"}))
+    assert load_run(tmp_path / "plain" / "validate_summary.json").name == "version_3 (validation set)"
     assert compare_main([str(first), str(resumed / "files" / "test_summary.json"), "--out", str(tmp_path / "ok")]) == 0
     assert compare_main([str(first), str(resumed), "--out", str(tmp_path / "twice")]) == 2
     assert capsys.readouterr().err == (

@@ -178,6 +178,12 @@ def test_a_loaded_stall_is_judged_again_only_against_another_plan_and_never_at_t
         resumed.load_state_dict(planned.state_dict())
         resumed.plan(100, last_step)
         assert resumed.stalls[0] == expected and resumed.history == planned.history
+    # The same detector planned again (a Trainer fitted again with a later max_steps) too.
+    kept = StallDetector(1, window_steps=1, log_lambda_max=30.0)
+    kept.plan(100, 300)
+    assert history(kept).stalls == [stall]
+    kept.plan(100, 1100)
+    assert kept.stalls == [None]
     at_bound = StallDetector(1, window_steps=1000, log_lambda_max=5.0, last_step=300)
     at_bound.observe(10, [5.0], [3.0])
     resumed = StallDetector(1, window_steps=1, log_lambda_max=5.0)
@@ -195,6 +201,12 @@ def test_verdict_rule():
     assert verdict(0.02, None) == "not_met"
     assert verdict(0.02, stall) == "unreachable"
     assert verdict(None, None) == "not_met"
+
+
+def test_the_former_max_steps_keyword_of_constraint_clause_still_works_and_is_deprecated():
+    with pytest.warns(DeprecationWarning, match=r"constraint_clause\(max_steps=\.\.\.\) is now trained_steps=\.\.\."):
+        clause = constraint_clause("distortion", 0.0131, 0.01, 0.31, True, "not_met", best=(0.0128, 1400), max_steps=1500)
+    assert clause.endswith("this model did not reach it in 1500 steps (best 0.0128 at step 1400)")
 
 
 def test_verdict_lines_carry_the_figures():
@@ -518,3 +530,8 @@ def test_a_trainer_fitted_again_with_no_step_left_keeps_its_verdict(tmp_path):
         trainer.fit(model, train, val)
     assert summary.verdict_line == first and first.startswith("GECO: NOT MET: distortion ")
     assert geco.detector is detector
+    # Another model on the same Trainer is not the first one's run: none of its figures or evidence.
+    with pytest.warns(UserWarning, match=r"it started at step 4, where max_steps=4 ends it already; no validation of this "
+                      r"model is recorded"):
+        trainer.fit(tiny_conv_vae(tolerance=0.12), train, val)
+    assert geco.detector is not detector and summary.verdict_line.startswith("GECO: distortion: NOT MET: no validation reading")
