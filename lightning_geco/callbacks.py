@@ -213,14 +213,6 @@ _CONTROLLER_SETTINGS = {
 }
 
 
-def _unread_setting(callback: type[Callback], controller: str, name: str, value: Any) -> bool:
-    """Whether ``name`` was given another value than its default (in ``callback``'s signature)
-    for a controller that does not read it."""
-    parameter = inspect.signature(callback.__init__).parameters.get(name)  # a subclass may take **kwargs
-    default = (parameter or inspect.signature(GECOCallback.__init__).parameters[name]).default
-    return controller not in _CONTROLLER_SETTINGS[name] and value != default
-
-
 def _tolerance_changed(before: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether a constraint is held to another tolerance than the checkpoint's (compared in the
     reading's units; a checkpoint from before they were saved, as stated)."""
@@ -440,7 +432,13 @@ class GECOCallback(Callback):
             )
         if not 0.0 < stall_window <= 1.0:
             raise ValueError(f"GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got {stall_window!r}.")
-        unread = [f"{name}={value!r}" for name, value in given.items() if _unread_setting(type(self), controller, name, value)]
+        # The defaults of the class in use (a subclass's own, where its signature names them).
+        defaults = {**inspect.signature(GECOCallback.__init__).parameters, **inspect.signature(type(self).__init__).parameters}
+        unread = [
+            f"{name}={value!r}"
+            for name, value in given.items()
+            if controller not in _CONTROLLER_SETTINGS[name] and value != defaults[name].default
+        ]
         if unread:
             rank_zero_warn(
                 f"GECOCallback(controller={controller!r}) does not read {', '.join(unread)}: "
@@ -518,10 +516,10 @@ class GECOCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._resumed_drive = None  # a fit without a checkpoint chooses afresh; a checkpoint's is restored below
         self.objective = find_geco_objective(pl_module)
-        geco = self.geco
-        rebuilt = geco is None or geco.state is not self.objective.multipliers
-        if geco is None or rebuilt:
-            geco = self.geco = self._build_geco(self.objective)
+        rebuilt = self.geco is None or self.geco.state is not self.objective.multipliers
+        if rebuilt:
+            self.geco = self._build_geco(self.objective)
+        geco = self._ready_geco
         self.objective.attach(geco)
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None

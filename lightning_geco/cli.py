@@ -275,6 +275,18 @@ def _raised_by_the_library(error: BaseException) -> bool:
     return frame is not None and any(Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(root) for root in _OWN_CODE)
 
 
+def _innermost_mistake(
+    error: BaseException, kinds: tuple[type[BaseException], ...], library_only: bool = False
+) -> BaseException | None:
+    """The innermost error of ``kinds`` in the chain as shown that the library itself raised (its
+    message names the file or the setting, also where it was raised from another library's
+    error); else, unless ``library_only``, the innermost of ``kinds``; None without one."""
+    mistakes = [e for e in _chain(error, as_shown=True) if isinstance(e, kinds)]
+    ours = [e for e in mistakes if _raised_by_the_library(e)]
+    found = ours if library_only else ours or mistakes
+    return found[-1] if found else None
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The innermost exception of a chain (jsonargparse wraps a constructor's error several times)."""
     return _chain(error)[-1]
@@ -442,10 +454,9 @@ class GECOLightningCLI(LightningCLI):
             super().instantiate_classes()
         except Exception as error:  # noqa: BLE001 - reported as its cause; the chain stays attached
             # A constructor's own refusal, wherever jsonargparse's Union report put it in the chain.
-            chain = _chain(error, as_shown=True)
-            ours = [e for e in chain if isinstance(e, (ValueError, TypeError)) and _raised_by_the_library(e)]
-            if ours:
-                _fail(str(ours[-1]))
+            refusal = _innermost_mistake(error, (ValueError, TypeError), library_only=True)
+            if refusal is not None:
+                _fail(str(refusal))
             cause = _root_cause(error)
             if isinstance(cause, ModuleNotFoundError) and "tensorboard" in str(cause):
                 _fail(f"{str(cause).splitlines()[0]} TensorBoardLogger needs it: pip install -e \".[tensorboard]\"")
@@ -643,12 +654,9 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
 def _fail_short(error: BaseException) -> None:
     """Exit with the message of a mistake in the data or the settings, not a 50-line trace (which
     LIGHTNING_GECO_TRACEBACK=1 brings back); return for anything else, which the caller raises."""
-    # The innermost such error the library raised: its message names the file or the setting,
-    # also where it was raised from another library's error (an unreadable image's, say).
-    mistakes = [e for e in _chain(error, as_shown=True) if isinstance(e, (ValueError, TypeError, FileNotFoundError))]
-    ours = [e for e in mistakes if _raised_by_the_library(e)]
-    if mistakes and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
-        _fail(f"{(ours or mistakes)[-1]}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
+    mistake = _innermost_mistake(error, (ValueError, TypeError, FileNotFoundError))
+    if mistake is not None and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
+        _fail(f"{mistake}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 
 
 def main(args: list[str] | None = None, **kwargs: Any) -> GECOLightningCLI:

@@ -70,9 +70,10 @@ def load_run(path: str | Path) -> Run:
             "summary.json, or a summary.json file (a run stopped before its end writes none)."
         )
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
+    segments = _segments(run_dir)
     if summary_file.name == "summary.json":
         # A resumed run's figures are its newest segment's (the one given may be an earlier one).
-        newest = [s / "files" / "summary.json" for s in _segments(run_dir) if (s / "files" / "summary.json").exists()]
+        newest = [s / "files" / "summary.json" for s in segments if (s / "files" / "summary.json").exists()]
         summary_file = newest[-1] if newest else summary_file
     try:
         summary = json.loads(summary_file.read_text())
@@ -83,7 +84,7 @@ def load_run(path: str | Path) -> Run:
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     checkpoint = summary.get("checkpoint") if stage else None
     name = _trained_run(Path(checkpoint)) if checkpoint else run_dir.name
-    source = (_segments(run_dir)[0].resolve(), summary_file.name)
+    source = (segments[0].resolve(), summary_file.name)
     return Run(name=name + stage, summary=summary, history=joined_history(run_dir), source=source)
 
 

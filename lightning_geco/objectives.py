@@ -207,7 +207,7 @@ class GECOObjective(Objective):
         self.constraints = ConstraintList(constraints)
         self.multipliers = MultiplierState(len(constraints))
         self.geco: GECO | None = None
-        # Whether lagrangian() has checked the data once (the collection's models check in training_step).
+        # Whether the first training batch's data were checked (each constraint's check_data).
         self._data_checked = False
 
     def init_args(self) -> dict[str, object]:
@@ -289,14 +289,7 @@ class GECOObjective(Objective):
                         f"{type(constraint).__name__} {constraint.name!r} reads the decoder's raw output (Bernoulli "
                         "logits), not the reconstruction: pass lagrangian(rate, x, reconstruction, decoder_output=logits)."
                     )
-        output = VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output)
-        if not self._data_checked and torch.is_grad_enabled():
-            # Once, on the first training batch, as the collection's models do: a tolerance the
-            # data make impossible (or meaningless) is said now, not after the run.
-            for constraint in self.constraints:
-                constraint.check_data(output)
-            self._data_checked = True
-        return self(output)
+        return self(VAEOutput.from_terms(x, reconstruction, rate, labels=labels, decoder_output=decoder_output))
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""
@@ -304,6 +297,12 @@ class GECOObjective(Objective):
 
     def forward(self, output: VAEOutput) -> Tensor:
         """The Lagrangian; in eval mode the batch's own constraint with lambda as it stands."""
+        if self.training and torch.is_grad_enabled() and not self._data_checked:
+            # Once, on the first training batch (the collection's models' and lagrangian()'s): a
+            # tolerance the data make impossible (or meaningless) is said now, not after the run.
+            for stated in self.constraints:
+                stated.check_data(output)
+            self._data_checked = True
         values = self.constraint_values(output)
         if self.training:
             if self.geco is None:
