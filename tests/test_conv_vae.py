@@ -26,6 +26,23 @@ def test_wrong_image_shape_gets_a_clear_error():
         model.check_images(torch.rand(2, 3, 16, 16))
 
 
+def test_a_batch_of_the_wrong_dtype_is_named_not_left_to_the_first_convolution():
+    model = tiny_conv_vae(image_shape=(1, 16, 16))
+    x = torch.rand(2, 1, 16, 16)
+    with pytest.raises(TypeError, match=r"takes floating-point images in \[0, 1\], got a batch of dtype torch.uint8\. .*/ 255"):
+        model.reconstruct((x * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match=r"weights are torch.float32, got a batch of dtype torch.float64\. .*x\.to\(torch.float32\) \(numpy"):
+        model(x.double())
+    with pytest.raises(TypeError, match=r"got a batch of dtype torch.bfloat16\. Convert it with x\.to\(torch.float32\), or"):
+        model.reconstruct(x.bfloat16())
+    # Autocast casts a float32 batch to bf16 layers, so that passes; a float64 one it does not cast.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.reconstruct(x).shape == x.shape
+        with pytest.raises(TypeError, match="got a batch of dtype torch.float64"):
+            model.importance_weighted_bound(x.double(), num_samples=2)
+    assert model.double().reconstruct(x.double()).dtype == torch.float64
+
+
 def test_images_outside_unit_interval_get_a_clear_error():
     model = tiny_conv_vae(image_shape=(1, 16, 16))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\] .* held values in \[-0.5, 2\]"):

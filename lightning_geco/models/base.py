@@ -204,11 +204,26 @@ class VAEModule(pl.LightningModule):
 
     # ------------------------------------------------------------ the model
     def check_images(self, x: Tensor, check_range: bool = False) -> None:
-        """Raise a clear error for images of the wrong shape (and, optionally, outside [0, 1])."""
+        """Raise a clear error for images of the wrong shape or dtype (and, optionally, outside [0, 1])."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"{type(self).__name__} was built for images of shape (N, {', '.join(map(str, self.image_shape))}), "
                 f"got a batch of shape {tuple(x.shape)}. Set the model's image_shape to the data's."
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} takes floating-point images in [0, 1], got a batch of dtype {x.dtype}. "
+                "Convert it, e.g. x.float() / 255 for 8-bit images (torchvision: v2.ToDtype(torch.float32, "
+                "scale=True))."
+            )
+        # Autocast casts float32/16 inputs to the layers' dtype; nothing casts float64 (numpy's default).
+        weights = self.dtype
+        autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+        if x.dtype != weights and not autocast:
+            hint = " (numpy's default is float64: torch.from_numpy(a).float())" if x.dtype == torch.float64 else ""
+            raise TypeError(
+                f"{type(self).__name__}'s weights are {weights}, got a batch of dtype {x.dtype}. Convert it with "
+                f"x.to({weights}){hint}, or set the Trainer's precision to the batch's."
             )
         if check_range and self.expects_unit_interval:
             low, high = torch.aminmax(x.detach().float())
