@@ -182,6 +182,8 @@ class RunSummary(Callback):
         self._fitted: weakref.ref[pl.LightningModule] | None = None
         #: seconds of the run before this fit started (from the checkpoint a resumed run loads)
         self._earlier_seconds = 0.0
+        #: seconds of the run when the last fit ended (a Trainer fitted again goes on from them)
+        self._ended_seconds = 0.0
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
 
@@ -197,8 +199,9 @@ class RunSummary(Callback):
         # A Trainer fitted again on the same model goes on from its step: its validations so far stay.
         if stage != "fit":
             return
-        self._earlier_seconds = 0.0
         again = trainer.global_step > 0 and self._fitted is not None and self._fitted() is pl_module
+        # Not the time between the fits (a notebook's pause): the seconds the fits ran.
+        self._earlier_seconds = self._ended_seconds if again else 0.0
         self._fitted = weakref.ref(pl_module)
         if not again:
             self._validation = {}
@@ -214,7 +217,7 @@ class RunSummary(Callback):
         reports the whole run's time and best reading, and one with no step left to train
         reports the checkpoint's last validation."""
         return {
-            "wall_clock_seconds": self._earlier_seconds + time.monotonic() - self._start,
+            "wall_clock_seconds": self._run_seconds(),
             "validations": [[step, dict(readings)] for step, readings in self._history],
             "standard_errors": dict(self._standard_errors),
         }
@@ -249,6 +252,11 @@ class RunSummary(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit that raised (in that last validation, say) never reaches on_train_end.
         self._restore_validation_schedule(trainer)
+        self._ended_seconds = self._run_seconds()  # a fit interrupted by Ctrl-C may be fitted again
+
+    def _run_seconds(self) -> float:
+        """Wall-clock seconds of the run so far: this fit's, and those of the fits it goes on from."""
+        return self._earlier_seconds + time.monotonic() - self._start
 
     def _restore_validation_schedule(self, trainer: pl.Trainer) -> None:
         if self._check_val_every_n_epoch is not None:
@@ -337,7 +345,8 @@ class RunSummary(Callback):
             self.verdict_line = summary["verdict_line"]
         summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
-        summary["wall_clock_seconds"] = round(self._earlier_seconds + time.monotonic() - self._start, 3)
+        self._ended_seconds = self._run_seconds()
+        summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")
 

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -523,12 +524,17 @@ def test_a_trainer_fitted_again_with_no_step_left_keeps_its_verdict(tmp_path):
     train = DataLoader(TensorDataset(_images()), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64)
     trainer.fit(model, train, val)
-    first, detector = summary.verdict_line, geco.detector
+    first, detector, seconds = summary.verdict_line, geco.detector, summary.summary["wall_clock_seconds"]
+    time.sleep(0.2)  # a notebook's pause between the fits, not the run's time
     # As in a notebook: the same Trainer, fit again (it said "NOT MET: no validation reading").
     with pytest.warns(UserWarning, match=r"This fit trained no step: it started at step 4, where max_steps=4 ends it already; "
                       r"the figures are the last validation before it \(step 4\)"):
+        start = time.monotonic()
         trainer.fit(model, train, val)
+        second_fit = time.monotonic() - start
     assert summary.verdict_line == first and first.startswith("GECO: NOT MET: distortion ")
+    # The run's seconds go on from the first fit's (they were the second fit's alone).
+    assert seconds < summary.summary["wall_clock_seconds"] <= seconds + second_fit + 1e-3
     assert geco.detector is detector
     # Another model on the same Trainer is not the first one's run: none of its figures or evidence.
     with pytest.warns(UserWarning, match=r"it started at step 4, where max_steps=4 ends it already; no validation of this "
