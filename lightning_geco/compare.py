@@ -6,7 +6,7 @@
 Each RUN is a W&B run folder (``runs/wandb/offline-run-...``), its ``files`` folder, or a
 ``summary.json`` (from any logger). Writes to DIR: ``comparison.md`` and ``comparison.csv``
 (one row per run), ``rate_distortion.png`` (the rate-distortion plane, one point per run, with
-each run's tolerance), ``metrics.png`` (rate, distortion and marginal KL per run) and, when the
+each run's tolerance on the distortion; a BCE's or pNCC's is not on that axis), ``metrics.png`` (rate, distortion and marginal KL per run) and, when the
 runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
 a resumed run's curves join every W&B folder of its run id, the resumed part replacing what the
 interrupted one logged past the checkpoint, and its row is its newest folder's summary). A
@@ -31,7 +31,11 @@ from lightning_geco.wandb_records import read_history
 
 __all__ = ["COLUMNS", "CURVES", "STEP", "NotARunError", "Run", "compare", "joined_history", "load_run", "main", "markdown_table"]
 
-COLUMNS = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
+#: the table's columns: the summary's figures of those names, but ``reading``, each constraint's
+#: own reading as ``<reading name>=<value>`` (``pncc=0.9399``; the distortion for an MSE constraint)
+COLUMNS = (
+    "distortion", "reading", "tolerance", "satisfied", "verdict", "rate", "marginal_kl", "mutual_info", "lambda", "global_step"
+)
 #: the history key of the optimizer step (Lightning's WandbLogger logs it with every row)
 STEP = "trainer/global_step"
 CURVES = (
@@ -135,10 +139,34 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _readings(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Each constraint's reading, ``{reading name: value}``: a pNCC's tolerance is read beside
+    the pNCC, not the distortion. None for a summary that names no reading."""
+    names = summary.get("reading")
+    if isinstance(names, str):
+        return {names: summary.get(names)}
+    if isinstance(names, dict):
+        return {reading: summary.get(reading) for reading in names.values()}
+    return None
+
+
+def _distortion_tolerance(summary: dict[str, Any]) -> float | None:
+    """The tolerance on the distortion (MSE per element), to draw on its axis; None where no
+    constraint reads the distortion (a BCE, a pNCC, ...). A summary naming no reading is an MSE run's."""
+    names, tolerance = summary.get("reading", "distortion"), summary.get("tolerance")
+    if isinstance(names, dict) and isinstance(tolerance, dict):
+        return next((_scalar(tolerance.get(name)) for name, reading in names.items() if reading == "distortion"), None)
+    return _scalar(tolerance) if names == "distortion" else None
+
+
+def _row(run: Run) -> list[str]:
+    return [_cell(_readings(run.summary) if c == "reading" else run.summary.get(c)) for c in COLUMNS]
+
+
 def markdown_table(runs: Sequence[Run]) -> str:
     lines = ["| run | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for run in runs:
-        lines.append(f"| {run.name} | " + " | ".join(_cell(run.summary.get(c)) for c in COLUMNS) + " |")
+        lines.append(f"| {run.name} | " + " | ".join(_row(run)) + " |")
     return "\n".join(lines)
 
 
@@ -154,7 +182,7 @@ def _plot_rate_distortion(runs: Sequence[Run], path: Path, plt) -> None:
             continue
         color = f"C{i % 10}"
         ax.scatter([rate], [distortion], color=color, label=run.name, zorder=2)
-        tolerance = _scalar(run.summary.get("tolerance"))
+        tolerance = _distortion_tolerance(run.summary)
         if tolerance is not None:
             ax.axhline(tolerance, color=color, linestyle="--", linewidth=0.8, zorder=1)
     ax.set_xlabel("rate (nats / image)")
@@ -190,7 +218,7 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
                 ax.plot(steps, values, color=f"C{i % 10}", label=run.name, marker="o" if len(points) < 20 else None)
         if key == "train/distortion":
             for i, run in enumerate(runs):
-                tolerance = _scalar(run.summary.get("tolerance"))
+                tolerance = _distortion_tolerance(run.summary)
                 if tolerance is not None and any(key in row for row in run.history):  # beside its own curve only
                     ax.axhline(tolerance, color=f"C{i % 10}", linestyle="--", linewidth=0.8)
             ax.set_yscale("log")
@@ -249,7 +277,7 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["run", *COLUMNS])
         for run in runs:
-            writer.writerow([run.name, *(_cell(run.summary.get(c)) for c in COLUMNS)])
+            writer.writerow([run.name, *_row(run)])
     written = [out / "comparison.md", out / "comparison.csv", out / "rate_distortion.png", out / "metrics.png"]
     _plot_rate_distortion(runs, written[2], plt)
     _plot_metrics(runs, written[3], plt)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco import ConvVAE
+from lightning_geco import compare as compare_module
 from lightning_geco.cli import (
     ConfigurationError,
     _constraint_namespaces,
@@ -32,7 +33,7 @@ from lightning_geco.cli import (
     apply_tolerances,
     main,
 )
-from lightning_geco.compare import compare, joined_history, load_run
+from lightning_geco.compare import Run, compare, joined_history, load_run, markdown_table
 from lightning_geco.compare import main as compare_main
 from lightning_geco.wandb_records import read_history, read_records
 
@@ -65,7 +66,9 @@ CONSTRAINT_READINGS = {
 }
 PANELS = ("val/reconstructions", "val/samples", "val/traversals", "val/rate_distortion")
 # The columns of the compare command's table (lightning_geco.compare.COLUMNS), spelled out here.
-COMPARED = ("distortion", "tolerance", "satisfied", "rate", "marginal_kl", "mutual_info", "lambda", "global_step")
+COMPARED = (
+    "distortion", "reading", "tolerance", "satisfied", "verdict", "rate", "marginal_kl", "mutual_info", "lambda", "global_step"
+)
 
 
 def _small_data_overrides(config: Path) -> list[str]:
@@ -591,8 +594,6 @@ def test_other_loggers_get_the_same_scalars(tmp_path):
 def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacing_the_overlap(tmp_path, monkeypatch):
     # Offline, a resume is a second folder of the run's id. The interrupted segment logged steps
     # 10-40, its checkpoint held step 20, so the resumed one logs 30-50: 30 and 40 are its own.
-    import lightning_geco.compare as compare_module
-
     histories = {
         "offline-run-20261127_100000-abc123": [{"trainer/global_step": s, "v": "old"} for s in (10, 20, 30, 40)],
         "offline-run-20261127_100500-abc123": [{"trainer/global_step": s, "v": "new"} for s in (30, 40, 50)],
@@ -636,6 +637,25 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'cut' / 'summary.json'} is not a summary: Expecting")
 
 
+def test_compare_shows_each_constraints_own_reading_and_draws_only_a_distortion_tolerance_on_its_axis(tmp_path):
+    summaries = {
+        "mse": {"distortion": 0.0047, "reading": "distortion", "tolerance": 0.005, "verdict": "met"},
+        "pncc": {"distortion": 0.012, "pncc": 0.93986, "reading": "pncc", "tolerance": 0.94, "verdict": "met"},
+        "two": {"distortion": 0.011, "feature_distance": 0.319, "reading": {"reconstruction": "distortion", "features":
+                "feature_distance"}, "tolerance": {"reconstruction": 0.015, "features": 0.5},
+                "verdict": {"reconstruction": "met", "features": "unreachable"}},
+        "old": {"distortion": 0.004, "tolerance": 0.005},  # a summary from before "reading"
+    }
+    runs = [Run(name, summary) for name, summary in summaries.items()]
+    rows = [[part.strip() for part in row.strip("|").split("|")] for row in markdown_table(runs).splitlines()[2:]]
+    assert [dict(zip(("run", *COMPARED), row))["reading"] for row in rows] == [
+        "distortion=0.0047", "pncc=0.9399", "distortion=0.011, feature_distance=0.319", ""
+    ]
+    assert rows[2][COMPARED.index("verdict") + 1] == "reconstruction=met, features=unreachable"
+    # The rate-distortion plane's dashed line is the MSE's tolerance, never a pNCC's 0.94 on an MSE axis.
+    assert [compare_module._distortion_tolerance(s) for s in summaries.values()] == [0.005, None, 0.015, 0.005]
+
+
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
     summaries = []
     for tolerance in ("0.05", "0.02"):
@@ -658,8 +678,9 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
     expected = []
     for path in summaries:
         summary = json.loads(path.read_text())
-        expected.append([path.parent.parent.name, *(cell(summary[column]) for column in COMPARED)])
-    assert markdown_rows == expected and [row[2] for row in expected] == ["0.05", "0.02"]
+        readings = {"reading": f"distortion={cell(summary['distortion'])}"}
+        expected.append([path.parent.parent.name, *(readings.get(column) or cell(summary[column]) for column in COMPARED)])
+    assert markdown_rows == expected and [row[3] for row in expected] == ["0.05", "0.02"]
     with open(tmp_path / "cmp" / "comparison.csv", newline="") as handle:
         assert list(csv.reader(handle)) == [["run", *COMPARED], *expected]
     # The command's exit status: 0 when it wrote them (the console script exits with it).
