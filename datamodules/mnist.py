@@ -1,8 +1,9 @@
 """MNIST and Fashion-MNIST from the standard idx files, gzipped or extracted.
 
 Looked for, in order, under ``root``: ``<Name>/raw`` (torchvision's layout: ``MNIST/raw``,
-``FashionMNIST/raw``), ``<name>/raw`` (lower case), ``raw``, and ``root`` itself. Each of the
-four files may be gzipped (``.gz``) or extracted:
+``FashionMNIST/raw``), ``<name>/raw`` (lower case), and for MNIST (or a ``root`` named after the
+dataset) also ``raw`` and ``root`` itself; the images and labels of a split come from one folder.
+Each of the four files may be gzipped (``.gz``) or extracted:
 
     train-images-idx3-ubyte   train-labels-idx1-ubyte
     t10k-images-idx3-ubyte    t10k-labels-idx1-ubyte
@@ -131,17 +132,29 @@ class MNISTDataModule(ImageDataModule):
         return (1, 28, 28)
 
     def candidate_folders(self) -> list[Path]:
+        """Where the files are looked for, in order: ``<root>/<Name>/raw``, ``<root>/<name>/raw``,
+        then ``<root>/raw`` and ``<root>`` itself, those two for MNIST, or for a root named after
+        the dataset (``FashionMNIST``, ``kmnist``, ...): the four datasets share their file names, so
+        Fashion-MNIST or KMNIST read from a folder named after no dataset might read MNIST's."""
         folder = self.folder_name
-        return [self.root / folder / "raw", self.root / folder.lower() / "raw", self.root / "raw", self.root]
+        named = [self.root / folder / "raw", self.root / folder.lower() / "raw"]
+        if folder == "MNIST" or self.root.name.lower() == folder.lower():
+            return [*named, self.root / "raw", self.root]
+        return named
 
     def files(self) -> tuple[Path, Path]:
-        """The (images, labels) idx files of ``source``; a clear error naming what is missing."""
+        """The (images, labels) idx files of ``source``, both from one folder (the first that holds
+        both: never the images of one dataset with the labels of another); a clear error naming
+        what is missing."""
         folders = self.candidate_folders()
-        found = [find_file(folders, (stem, stem + ".gz")) for stem in _STEMS[self.source]]
-        images, labels = found
-        if images is not None and labels is not None:
-            return images, labels
-        missing = [f"{stem} (or {stem}.gz)" for stem, path in zip(_STEMS[self.source], found) if path is None]
+        for folder in folders:
+            images, labels = (find_file([folder], (stem, stem + ".gz")) for stem in _STEMS[self.source])
+            if images is not None and labels is not None:
+                return images, labels
+        images, labels = (find_file(folders, (stem, stem + ".gz")) for stem in _STEMS[self.source])
+        missing = [f"{stem} (or {stem}.gz)" for stem, path in zip(_STEMS[self.source], (images, labels)) if path is None]
+        if images is not None and labels is not None:  # each file is somewhere, but no folder holds both
+            missing = [f"{images.name} and {labels.name} in one folder (found in {images.parent} and {labels.parent})"]
         raise MissingDatasetError(
             missing_files_message(
                 f"{self.name} ({self.source} split)", missing, folders, self.source_url, folders[0], self.root,

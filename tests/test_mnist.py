@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from lightning_geco.datamodules.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
+from lightning_geco.datamodules.mnist import FashionMNISTDataModule, KMNISTDataModule, MNISTDataModule, read_idx
 
 from helpers import make_mnist, write_idx
 
@@ -67,6 +68,28 @@ def test_fashion_mnist_uses_its_own_folder_and_names_it_in_errors(tmp_path):
     assert len(dm.train_dataset) == 30
     with pytest.raises(FileNotFoundError, match=r"(?s)FashionMNIST \(train split\): missing .*fashion-mnist"):
         FashionMNISTDataModule(root=str(tmp_path)).prepare_data()
+
+
+def test_fashion_mnist_and_kmnist_never_read_mnists_files_nor_mix_two_folders(tmp_path):
+    # The four datasets share their file names: MNIST's files in raw/ or the root itself were
+    # read as Fashion-MNIST or KMNIST, silently.
+    make_mnist(tmp_path / "raw", 40, "t10k", False, seed=1)
+    for module in (FashionMNISTDataModule, KMNISTDataModule):
+        with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte"):
+            module(root=str(tmp_path), source="test", num_val=10).files()
+    # A root named after the dataset holds its own files (zalando's and torchvision's folders).
+    fashion_images, _ = make_mnist(tmp_path / "FashionMNIST", 40, "t10k", False, seed=2)
+    root_named = FashionMNISTDataModule(root=str(tmp_path / "FashionMNIST"), source="test", num_val=10)
+    assert root_named.files()[0].parent == tmp_path / "FashionMNIST"
+    assert torch.equal(root_named.load().images[:, 0], fashion_images)
+    # Images in one folder, labels in another: never paired, the error says where each was found.
+    (tmp_path / "mnist" / "raw").mkdir(parents=True)
+    (tmp_path / "raw" / "t10k-labels-idx1-ubyte").rename(tmp_path / "mnist" / "raw" / "t10k-labels-idx1-ubyte")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"missing t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in one folder (found in {tmp_path / 'raw'} and "
+        f"{tmp_path / 'mnist' / 'raw'})"
+    )):
+        MNISTDataModule(root=str(tmp_path), source="test", num_val=10).files()
 
 
 def test_bad_source_is_rejected():
