@@ -6,7 +6,8 @@
 
 Images are files ending in .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff or .webp (any case);
 hidden files and folders (names starting with ".") are skipped. Each image is converted to
-``channels`` (1: grayscale, 3: RGB; an alpha channel is dropped), resized so it covers
+``channels`` (1: grayscale, 3: RGB; an alpha channel is dropped; 16-bit and float grayscale
+scaled to 8 bits, see :func:`read_image`), resized so it covers
 ``image_size`` keeping its aspect ratio, and center-cropped to it. A seeded split holds
 ``num_val`` images out for validation.
 
@@ -22,6 +23,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -56,16 +58,40 @@ def _has_images(folder: Path) -> bool:
 
 
 def read_image(path: str | Path, mode: str) -> Image.Image:
-    """The image at ``path`` fully decoded in PIL ``mode`` ("L" or "RGB"); a clear error naming a bad file."""
+    """The image at ``path`` fully decoded in PIL ``mode`` ("L" or "RGB"); a clear error naming a bad file.
+
+    Grayscale of more than 8 bits is scaled to 8 (PIL's ``convert`` clips it instead: a 16-bit
+    image came out nearly all white, a float one in [0, 1] nearly black): 16-bit integers (PIL
+    modes ``I;16*``, and ``I`` with values in [0, 65535]) by 255 / 65535, floats (``F``) in
+    [0, 1] by 255; a float image outside [0, 1] or a 32-bit one past 65535 is refused, since its
+    white is unknown.
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _to_8_bit(image, path)
             return image.convert(mode)
     except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
         raise ValueError(
             f"ImageFolderDataModule: cannot read image file {path} ({type(error).__name__}: {error}); "
             "remove or replace it."
         ) from error
+
+
+def _to_8_bit(image: Image.Image, path: str | Path) -> Image.Image:
+    """A 16-bit integer or float grayscale image as 8-bit "L", scaled (see :func:`read_image`)."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if low < 0.0 or high > 1.0 or math.isnan(low) or math.isnan(high):
+            raise ValueError(f"a float image must lie in [0, 1]; this one holds [{low:g}, {high:g}]")
+        white = 1.0
+    else:
+        if low < 0.0 or high > 65535.0:
+            raise ValueError(f"an integer image (PIL mode {image.mode}) holds [{low:g}, {high:g}], past 16 bits' [0, 65535]")
+        white = 65535.0
+    return Image.fromarray(np.rint(values * (255.0 / white)).astype(np.uint8))  # 2-d uint8: mode "L"
 
 
 class _CoverCrop:

@@ -92,6 +92,31 @@ def test_grayscale_source_becomes_three_equal_channels_and_values_match_the_file
         assert any(torch.equal(image, expected) for image in x[:, 0])
 
 
+def test_16_bit_and_float_grayscale_are_scaled_to_the_unit_interval_not_clipped(tmp_path):
+    # PIL's convert("L") clips: a 16-bit ramp came out 99.6 % white, a float one in [0, 1] black.
+    root = tmp_path / "flat"
+    root.mkdir()
+    ramp = numpy.linspace(0.0, 1.0, 16 * 16).reshape(16, 16)
+    Image.fromarray(numpy.rint(ramp * 65535).astype(numpy.uint16)).save(root / "a16.png")
+    Image.fromarray(ramp.astype(numpy.float32), "F").save(root / "float.tif")
+    with Image.open(root / "a16.png") as a16, Image.open(root / "float.tif") as floats:
+        assert (a16.mode, floats.mode) == ("I;16", "F")
+    data = _setup(root=root, image_size=16, channels=1, num_val=1)
+    x, _ = _all(torch.utils.data.ConcatDataset([data.train_dataset, data.val_dataset]))
+    expected = torch.from_numpy(numpy.rint(ramp * 255) / 255).float()
+    for image in x[:, 0]:  # 8 bits of each: within half a level of the ramp
+        torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+    # A float image beyond [0, 1] or an integer one past 16 bits has no known white: refused, named.
+    Image.fromarray((ramp * 3).astype(numpy.float32), "F").save(root / "float.tif")
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'float.tif'} (ValueError: a float image must lie in [0, 1]; "
+                                                   "this one holds [0, 3])")):
+        _setup(root=root, image_size=16, channels=1, num_val=1)
+    (root / "float.tif").unlink()
+    Image.fromarray((ramp * 70000).astype(numpy.int32), "I").save(root / "wide.tif")
+    with pytest.raises(ValueError, match=re.escape("an integer image (PIL mode I) holds [0, 70000], past 16 bits' [0, 65535]")):
+        _setup(root=root, image_size=16, channels=1, num_val=1)
+
+
 def test_split_is_deterministic_and_follows_the_seed(tmp_path):
     root = make_class_folders(tmp_path / "images")
 
