@@ -125,6 +125,12 @@ def test_in_memory_device_option_serves_the_same_batches(tmp_path):
         torch.testing.assert_close(a, b)
         assert torch.equal(ya, yb)
     assert in_memory.train_dataloader().num_workers == 0
+    # The split's items alone are converted to float (the whole set was, then indexed: twice the memory).
+    converted, to_float = [], torch.Tensor.float
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "float", lambda self, *a, **k: converted.append(self.shape[0]) or to_float(self, *a, **k))
+        assert in_memory.train_dataloader().dataset.tensors[0].shape == (32, 1, 28, 28)
+    assert converted == [32]
     celeba = CelebADataModule(root=str(tmp_path))
     celeba.device = "cpu"
     celeba.train_dataset = torch.utils.data.Dataset()
