@@ -35,10 +35,15 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, 3, 32, 32) uint8, labels (N,) int64) from one CIFAR-10 python pickle."""
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
-    data = torch.as_tensor(batch[b"data"], dtype=torch.uint8)
-    return data.reshape(-1, 3, 32, 32), torch.as_tensor(batch[b"labels"], dtype=torch.int64)
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data = torch.as_tensor(batch[b"data"], dtype=torch.uint8)
+        return data.reshape(-1, 3, 32, 32), torch.as_tensor(batch[b"labels"], dtype=torch.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch or is damaged ({type(error).__name__}: {error}); download it again."
+        ) from None
 
 
 class CIFAR10DataModule(ImageDataModule):

@@ -10,6 +10,8 @@ orientation, position x, position y. Batches are ``(images, factors)`` with the 
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy
@@ -77,9 +79,15 @@ class DSpritesDataModule(ImageDataModule):
         ensure_files(self.download, self.file, lambda: download_files("dSprites", [URL], self.root / "dsprites"))
 
     def build_splits(self) -> tuple[Subset, Subset]:
-        with numpy.load(self.file()) as archive:
-            images = torch.from_numpy(archive["imgs"]).to(torch.uint8).unsqueeze(1)
-            values = torch.from_numpy(archive["latents_values"]).float()
-            classes = torch.from_numpy(archive["latents_classes"])
+        path = self.file()
+        try:
+            with numpy.load(path) as archive:
+                images = torch.from_numpy(archive["imgs"]).to(torch.uint8).unsqueeze(1)
+                values = torch.from_numpy(archive["latents_values"]).float()
+                classes = torch.from_numpy(archive["latents_classes"])
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, zlib.error) as error:
+            raise ValueError(
+                f"{path} is not the dSprites .npz or is damaged ({type(error).__name__}: {error}); download it again."
+            ) from None
         factors = torch.cat([classes[:, 1:2].float(), values[:, 2:6]], dim=1)
         return seeded_split(UInt8Images(images, factors, scale=1.0), self.num_val, self.seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -57,7 +58,10 @@ def read_omniglot(source: Path, image_size: int) -> UInt8Images:
         names = sorted(files)
         archive = None
     else:
-        archive = zipfile.ZipFile(source)
+        try:
+            archive = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(f"{source} is not a zip file or is damaged ({error}); download it again.") from None
         entries = [PurePosixPath(name) for name in archive.namelist() if name.endswith(".png")]
         # Drop the zip's top folder so both sources name images <alphabet>/<character>/<file>.
         by_name = {str(PurePosixPath(*entry.parts[-3:])): str(entry) for entry in entries if len(entry.parts) >= 3}
@@ -74,9 +78,14 @@ def read_omniglot(source: Path, image_size: int) -> UInt8Images:
     images = torch.empty(len(names), 1, image_size, image_size, dtype=torch.uint8)
     try:
         for i, name in enumerate(names):
-            with Image.open(io.BytesIO(read(name))) as image:
-                strokes = 255 - torch.frombuffer(bytearray(image.convert("L").tobytes()), dtype=torch.uint8)
-                images[i] = resize(strokes.view(1, image.height, image.width))
+            try:
+                with Image.open(io.BytesIO(read(name))) as image:
+                    strokes = 255 - torch.frombuffer(bytearray(image.convert("L").tobytes()), dtype=torch.uint8)
+                    images[i] = resize(strokes.view(1, image.height, image.width))
+            except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+                raise ValueError(
+                    f"{source}: cannot read image {name} ({type(error).__name__}: {error}); download the set again."
+                ) from None
     finally:
         if archive is not None:
             archive.close()

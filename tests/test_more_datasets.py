@@ -1,21 +1,26 @@
 """KMNIST, EMNIST, SVHN and Omniglot from fixtures in their real file formats (and the real
 KMNIST and Omniglot files where ``../shared/data`` has them)."""
 
+import re
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from lightning_geco.datamodules import (
+    CIFAR10DataModule,
+    DSpritesDataModule,
     EMNISTDataModule,
     KMNISTDataModule,
     MissingDatasetError,
     OmniglotDataModule,
     SVHNDataModule,
 )
+from lightning_geco.datamodules.dsprites import FILE_NAME
 from lightning_geco.datamodules.omniglot import read_omniglot
 from PIL import Image
 
-from helpers import make_mnist, make_omniglot, write_idx
+from helpers import make_cifar, make_dsprites, make_mnist, make_omniglot, write_idx
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -198,3 +203,29 @@ def test_prepare_data_then_setup_reads_the_files_once(tmp_path, monkeypatch):
     module.prepare_data()
     module.setup()
     assert reads == [False] and len(module.train_dataset) == 25
+
+
+def test_a_damaged_file_of_any_reader_is_named_with_what_to_do(tmp_path):
+    # The readers' own errors named no file: "pickle data was truncated", "File is not a zip file",
+    # "cannot identify image file <_io.BytesIO ...>".
+    make_cifar(tmp_path / "cifar-10-batches-py", per_batch=4)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{batch} is not a CIFAR-10 python batch or is damaged (UnpicklingError: ")):
+        CIFAR10DataModule(root=str(tmp_path), num_val=2).setup()
+    npz = tmp_path / "dsprites" / FILE_NAME
+    make_dsprites(npz, n=8)
+    npz.write_bytes(npz.read_bytes()[:200])
+    with pytest.raises(ValueError, match=re.escape(f"{npz} is not the dSprites .npz or is damaged (BadZipFile: ")):
+        DSpritesDataModule(root=str(tmp_path), num_val=2).setup()
+    make_omniglot(tmp_path / "omniglot", "background")
+    zipped = tmp_path / "omniglot" / "images_background.zip"
+    with zipfile.ZipFile(zipped, "a") as archive:
+        archive.writestr("images_background/Latin/character02/broken.png", b"\x89PNG not really")
+    with pytest.raises(ValueError, match=re.escape(
+        f"{zipped}: cannot read image Latin/character02/broken.png (UnidentifiedImageError: "
+    )):
+        read_omniglot(zipped, image_size=28)
+    zipped.write_bytes(zipped.read_bytes()[:50])
+    with pytest.raises(ValueError, match=re.escape(f"{zipped} is not a zip file or is damaged (")):
+        read_omniglot(zipped, image_size=28)
