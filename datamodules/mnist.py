@@ -233,6 +233,12 @@ class ColouredMNISTDataModule(MNISTDataModule):
 
     def __init__(self, *args, colour_seed: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.binarize:
+            # Six of the twelve hues have a channel at 0.5: a binarized digit coloured is not binary.
+            raise ValueError(
+                "ColouredMNISTDataModule: binarize=True gives no binary images (the hues' channels take 0, 0.5 "
+                "and 1, a Bernoulli likelihood's floor above 0); leave binarize False."
+            )
         self.colour_seed = colour_seed
 
     @property

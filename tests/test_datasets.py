@@ -50,6 +50,12 @@ def test_dsprites_loads_images_and_factors_in_the_shapes_layout(tmp_path):
     assert full.targets[3, 1:].tolist() == pytest.approx(arrays["latents_values"][3, 2:].tolist())
 
 
+def test_coloured_mnist_refuses_binarize_whose_colours_are_not_binary():
+    # It served pixels in {0, 0.502, 1}: a Bernoulli likelihood's or BCE's floor above 0.
+    with pytest.raises(ValueError, match=r"binarize=True gives no binary images \(the hues' channels take 0, 0.5 and 1"):
+        ColouredMNISTDataModule(binarize=True)
+
+
 def test_coloured_mnist_follows_its_recipe(tmp_path):
     grey, labels = make_mnist(tmp_path / "MNIST" / "raw", 60, "train", gzipped=True)
     dm = ColouredMNISTDataModule(root=str(tmp_path), num_val=10, colour_seed=3)
