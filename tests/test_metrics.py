@@ -242,6 +242,11 @@ def test_latent_activity_counts_active_units_and_splits_the_rate_by_dimension():
     expected = 0.5 * (mean.pow(2) + 0.5 - 1 - math.log(0.5)).mean(dim=0)
     torch.testing.assert_close(result["kl_per_dim"], expected, rtol=1e-5, atol=1e-6)
     assert result["mean_variance"][0].item() == pytest.approx(mean[:, 0].var(unbiased=False).item(), rel=1e-5)
+    # A NaN in some dimension makes the count NaN (NaN > threshold is False: it read 1, as if inactive).
+    mean[7, 3] = math.nan
+    metric.reset()
+    metric.update(mean, log_variance)
+    assert math.isnan(metric.compute()["active_units"].item())
 
 
 def _free_port() -> int:
