@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
@@ -83,9 +84,10 @@ class ShapesDataModule(ImageDataModule):
         image_size: side S of the square images.
         num_train, num_val, num_test: images in each split (the test split for ``trainer.test``),
             generated from three seeds. All draw from the same finite grid of factors (737,280
-            cells, fewer distinct images through the shapes' symmetries), so a split can repeat
-            an image of another: with the defaults, 105 of the 2,000 validation images (5.3 %)
-            are also training images. The real-data DataModules hold images out by index.
+            cells, fewer distinct images through the shapes' symmetries), so the validation split
+            can repeat a training image: with the defaults, 105 of its 2,000 images (5.3 %) are
+            also training images. The test split repeats none (see :meth:`build_test`). The
+            real-data DataModules hold images out by index.
         seed: seed of the factors; the same seed gives the same images on every rank and run.
         batch_size, num_workers, shuffle, pin_memory, device, num_calibration: see
             :class:`ImageDataModule`.
@@ -131,6 +133,40 @@ class ShapesDataModule(ImageDataModule):
         )
 
     def build_test(self) -> TensorDataset:
-        # A seed no training or validation split of any seed in [0, 2**31) draws from (2s, 2s + 1).
-        factors = sample_factors(self.num_test, seed=2**32 + self.seed)
-        return TensorDataset(render_shapes(factors, self.image_size), factors)
+        """``num_test`` shapes from seeds no training or validation split draws from, none of
+        them an image of those splits (nor, so, of the calibration split carved from training).
+
+        The grid is finite: of 2,000 shapes drawn at 64 x 64 with another seed, ~5 % repeat a
+        training image (the same factors, or a symmetry of them); such a draw is replaced by one
+        of a further seed, so the test images are a function of the seed and the split sizes.
+        Telling them apart renders the training and validation splits again (as ``setup`` does).
+        """
+        seen = set()
+        for split, seed in ((self.num_train, 2 * self.seed), (self.num_val, 2 * self.seed + 1)):
+            seen.update(_image_keys(render_shapes(sample_factors(split, seed), self.image_size)))
+        kept_factors, kept_images, missing = [], [], self.num_test
+        # Seeds 2**32 + s + k * 2**31: above every (2s, 2s + 1) of a seed in [0, 2**31).
+        for round_ in range(_TEST_ROUNDS):
+            factors = sample_factors(missing, seed=2**32 + self.seed + round_ * 2**31)
+            images = render_shapes(factors, self.image_size)
+            new = torch.tensor([key not in seen for key in _image_keys(images)])
+            kept_factors.append(factors[new])
+            kept_images.append(images[new])
+            missing -= int(new.sum())
+            if missing == 0:
+                return TensorDataset(torch.cat(kept_images), torch.cat(kept_factors))
+        raise ValueError(
+            f"ShapesDataModule: at image_size {self.image_size} the training and validation splits ({self.num_train} "
+            f"and {self.num_val} shapes) hold almost every image the grid gives ({len(seen)} distinct): {missing} of "
+            f"num_test={self.num_test} test shapes were still training or validation images after {_TEST_ROUNDS} "
+            "draws. Raise image_size or lower num_train."
+        )
+
+
+#: draws of the test split's missing shapes before it gives up (each replaces the repeats of the last)
+_TEST_ROUNDS = 20
+
+
+def _image_keys(images: Tensor) -> list[bytes]:
+    """One bytes key per binary image (N, 1, S, S): equal keys, equal images."""
+    return [row.tobytes() for row in np.packbits(images.flatten(1).numpy() > 0.5, axis=1)]

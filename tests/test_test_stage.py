@@ -20,6 +20,7 @@ from lightning_geco.datamodules import (
     ShapesDataModule,
 )
 from lightning_geco.datamodules.dsprites import FILE_NAME
+from lightning_geco.datamodules.shapes import _image_keys
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, quiet_trainer, random_images, tiny_conv_vae
@@ -175,6 +176,17 @@ def test_cifar_celeba_and_the_shapes_have_test_splits_and_dsprites_says_it_has_n
     again.test_dataloader()
     assert torch.equal(again.test_dataset.tensors[0], test_images)  # a function of the seed
     assert not torch.equal(shapes.val_dataset.tensors[0][:32], test_images[:32])
+    # No test image is a training or validation one (the finite grid gave 5 % repeats at the defaults).
+    seen = set(_image_keys(torch.cat([shapes.train_dataset.tensors[0], shapes.val_dataset.tensors[0]])))
+    assert not seen & set(_image_keys(test_images))
+    small = ShapesDataModule(image_size=8, num_train=64, num_val=32, num_test=48)
+    small.test_dataloader()
+    assert not set(_image_keys(small.test_dataset.tensors[0])) & set(
+        _image_keys(torch.cat([t.tensors[0] for t in small.build_splits()]))
+    )
+    with pytest.raises(ValueError, match=r"at image_size 8 the training and validation splits \(5000 and 32 shapes\) hold "
+                       r"almost every image the grid gives \(\d+ distinct\): \d+ of num_test=48 test shapes were still"):
+        ShapesDataModule(image_size=8, num_train=5000, num_val=32, num_test=48).test_dataloader()
     with pytest.raises(ValueError, match=re.escape("ShapesDataModule num_test must be positive, got 0.")):
         ShapesDataModule(num_test=0)
 
