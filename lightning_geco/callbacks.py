@@ -858,11 +858,11 @@ class GECOCallback(Callback):
             return
         ratio = self.regulated_ratio()
         found = self.detector.observe(trainer.global_step, geco.log_lagrange_multiplier.tolist(), ratio)
-        for k, (reached, withdrawn) in enumerate(zip(self.detector.reached, self.detector.withdrawn)):
-            if withdrawn is not None and reached == trainer.global_step:  # withdrawn by this observation
+        for k, (step, why) in enumerate(zip(self.detector.withdrawn_at, self.detector.withdrawn_why)):
+            if step == trainer.global_step and why is not None:  # withdrawn by this observation
                 rank_zero_warn(
-                    f"GECO: {self._ready_objective.constraints[k].name!r} came within 1 % of its tolerance at step "
-                    f"{self.detector.reached[k]} after all: the earlier 'looks unreachable' warning is withdrawn."
+                    f"GECO: {self._ready_objective.constraints[k].name!r}: its reading {why}: the earlier 'looks "
+                    "unreachable' warning is withdrawn."
                 )
         for k in found:
             constraint = self._ready_objective.constraints[k]
@@ -871,8 +871,9 @@ class GECOCallback(Callback):
                 continue
             rank_zero_warn(
                 f"GECO: the tolerance of {constraint.name!r} ({constraint.tolerance} {constraint.unit}) looks "
-                f"unreachable for this model: {stall.describe()}. More lambda no longer buys "
-                "quality; stop the run and loosen the tolerance, or give the model more capacity or steps."
+                f"unreachable for this model: {stall.describe()}. More lambda is not buying quality; unless the "
+                "reading falls again (a plateau can break, and this warning is then withdrawn), stop the run and "
+                "loosen the tolerance, or give the model more capacity or steps."
             )
 
     def lambda_rising(self, k: int) -> bool:

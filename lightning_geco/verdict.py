@@ -34,6 +34,12 @@ The rules (documented in the README, "The verdict"):
     ``REACHED_READINGS`` (2) logging steps in a row withdraws the stall for good: a tolerance the
     model reached is not unreachable (the README's MLP example sat ~5x past it for ~500 steps, then
     broke through). Two in a row, so that one lucky 64-image calibration measurement does not.
+    A reading that, at two logging steps in a row, has fallen since the stall by at least
+    ``MIN_VIOLATION`` (5 %) and by at least ``MAX_GAIN`` times lambda's rise since (in log terms)
+    withdraws it too: more lambda buys quality again, so the stall was a plateau, and a later
+    stall is judged only on the readings from the withdrawn one's end on. (On an image folder a
+    new-user trial saw a plateau at 4.7x the tolerance for 300 steps, warned at step 524, then the
+    reading fell to 1.29x by step 1500 at a gain of 0.32: without this it ended ``unreachable``.)
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda
     (e.g. a run too short for its tolerance, or a controller that had not settled).
@@ -159,14 +165,27 @@ class StallDetector:
         #: ``REACHED_READINGS``-th logging step in a row (None: not yet)
         self.reached: list[int | None] = [None] * num_constraints
         self._in_band = [0] * num_constraints
-        #: per constraint, the stall a later reaching withdrew (None: none was)
+        #: per constraint, the last stall withdrawn (None: none was): by a reached tolerance, or
+        #: by a reading that fell again as lambda rose (see :meth:`observe`)
         self.withdrawn: list[Stall | None] = [None] * num_constraints
+        #: per constraint, the step of that withdrawal and why, one clause (None: none)
+        self.withdrawn_at: list[int | None] = [None] * num_constraints
+        self.withdrawn_why: list[str | None] = [None] * num_constraints
+        # Logging steps in a row whose reading says more lambda buys quality again since the stall.
+        self._responding = [0] * num_constraints
         # Whether last_step is the plan the stalls were judged against (a fresh detector has none).
         self._planned = False
 
     def observe(self, step: int, log_lambda: Sequence[float], ratio: Sequence[float]) -> list[int]:
-        """Add one logging step's values; returns the constraints newly found stalled (see
-        :attr:`withdrawn` for stalls a reached tolerance took back)."""
+        """Add one logging step's values; returns the constraints newly found stalled.
+
+        A stall is withdrawn (:attr:`withdrawn`, :attr:`withdrawn_at`, :attr:`withdrawn_why`) when
+        the reading later comes within the band (``REACHED_READINGS`` logging steps in a row; for
+        good: no stall is found again), or when, at ``REACHED_READINGS`` logging steps in a row,
+        the reading has fallen since the stall by at least ``MIN_VIOLATION`` (5 %) and by at least
+        ``MAX_GAIN`` times lambda's rise since, in log terms: more lambda buys quality again (a
+        plateau broke). A stall found again after that is judged only on what came after it.
+        """
         found = []
         for k, (log_lam, r) in enumerate(zip(log_lambda, ratio)):
             if not (math.isfinite(log_lam) and math.isfinite(r) and r > 0):
@@ -174,17 +193,46 @@ class StallDetector:
             history = self.history[k]
             history.append((int(step), float(log_lam), float(r)))
             self._in_band[k] = self._in_band[k] + 1 if r <= 1.0 + MET_BAND else 0
+            stall = self.stalls[k]
             if self._in_band[k] >= REACHED_READINGS and self.reached[k] is None:
                 self.reached[k] = int(step)
-                self.withdrawn[k], self.stalls[k] = self.stalls[k], None
+                if stall is not None:
+                    self._withdraw(k, step, f"came within 1 % of its tolerance at step {step} after all")
+                continue
+            if stall is not None and not stall.at_bound:
+                fall = math.log(stall.ratio_after / r)
+                rise = log_lam - math.log(stall.lambda_after)
+                responding = fall >= max(math.log(1.0 + MIN_VIOLATION), MAX_GAIN * rise)
+                self._responding[k] = self._responding[k] + 1 if responding else 0
+                if self._responding[k] >= REACHED_READINGS:
+                    self._withdraw(
+                        k, step, f"fell {100 * (1 - math.exp(-fall)):.1f} % ({100 * (stall.ratio_after - 1):.1f} % -> "
+                        f"{100 * (r - 1):.1f} % past the tolerance) over steps {stall.last_step}-{step} while lambda moved "
+                        f"{math.exp(rise):.3g}x: more lambda buys quality again"
+                    )
             if self.stalls[k] is None and self.reached[k] is None:
-                stall = self._stall(history)
+                stall = self._stall(self._evidence(k))
                 if stall is not None:
                     self.stalls[k] = stall
                     found.append(k)
         return found
 
+    def _evidence(self, k: int) -> list[tuple[int, float, float]]:
+        """Constraint ``k``'s history a stall is judged on: all of it, or what came after the stall
+        last withdrawn (its plateau is what broke)."""
+        withdrawn = self.withdrawn[k]
+        if withdrawn is None:
+            return self.history[k]
+        return [h for h in self.history[k] if h[0] >= withdrawn.last_step]
+
+    def _withdraw(self, k: int, step: int, why: str) -> None:
+        self.withdrawn[k], self.stalls[k] = self.stalls[k], None
+        self.withdrawn_at[k], self.withdrawn_why[k] = int(step), why
+        self._responding[k] = 0
+
     def _stall(self, history: list[tuple[int, float, float]]) -> Stall | None:
+        if not history:
+            return None
         step, log_lam, ratio = history[-1]
         if ratio < 1.0 + MIN_VIOLATION:
             return None
@@ -229,6 +277,9 @@ class StallDetector:
             "reached": list(self.reached),
             "in_band": list(self._in_band),
             "withdrawn": [None if s is None else asdict(s) for s in self.withdrawn],
+            "withdrawn_at": list(self.withdrawn_at),
+            "withdrawn_why": list(self.withdrawn_why),
+            "responding": list(self._responding),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,6 +292,11 @@ class StallDetector:
         self.reached = list(state["reached"])
         self._in_band = list(state["in_band"])
         self.withdrawn = [None if s is None else Stall(**s) for s in state["withdrawn"]]
+        # Checkpoints from before the withdrawal was told: a withdrawn stall was one reached.
+        nothing = [None] * len(self.history)
+        self.withdrawn_at = list(state.get("withdrawn_at", self.reached))
+        self.withdrawn_why = list(state.get("withdrawn_why", nothing))
+        self._responding = list(state.get("responding", [0] * len(self.history)))
         # The plan the stalls were judged against, until plan() sets this fit's (a fit with no
         # step left never does). Checkpoints from before it was kept do not say: their stalls stand.
         self.window_steps = int(state.get("window_steps", self.window_steps))
@@ -257,14 +313,14 @@ class StallDetector:
             return
         for k, stall in enumerate(self.stalls):
             if stall is not None and not stall.at_bound:
-                self.stalls[k] = self._stall(self.history[k])
+                self.stalls[k] = self._stall(self._evidence(k))
 
     def forget(self, k: int) -> None:
         """Drop constraint ``k``'s history and findings: they were readings against another
         tolerance (a resumed run that changed it starts its evidence afresh)."""
         self.history[k] = []
-        self.stalls[k] = self.reached[k] = self.withdrawn[k] = None
-        self._in_band[k] = 0
+        self.stalls[k] = self.reached[k] = self.withdrawn[k] = self.withdrawn_at[k] = self.withdrawn_why[k] = None
+        self._in_band[k] = self._responding[k] = 0
 
     def lambda_trend(self, k: int) -> float:
         """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""
