@@ -92,6 +92,21 @@ class NonFiniteConstraintError(RuntimeError):
     """Raised after too many consecutive optimizer steps with a non-finite constraint or loss."""
 
 
+def _nonfinite_advice(trainer: pl.Trainer) -> str:
+    """What to change after a run of non-finite steps, for the precision the run trains in."""
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if precision.startswith("16"):
+        more_range = " or a precision with more range (bf16-mixed, or 32)"
+    elif precision.startswith("bf16"):
+        more_range = " or full precision (32)"
+    else:
+        more_range = ""
+    return (
+        "Clip the gradients (--trainer.gradient_clip_val 1.0; a run resumed from an earlier checkpoint takes it "
+        f"too) or train with a lower learning rate{more_range}, and check the data."
+    )
+
+
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether values logged now reach the loggers: Lightning writes step values every
     ``log_every_n_steps`` optimizer steps; we add the last step so a run's final values are there.
@@ -775,9 +790,9 @@ class GECOCallback(Callback):
         if (checking or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteConstraintError(
                 f"GECO saw a non-finite constraint or loss on {self.consecutive_nonfinite_steps} consecutive "
-                f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}); lambda was last "
-                f"{geco.lagrange_multiplier.tolist()}. Lower the learning rate, check the data, or use a "
-                "precision with more range (bf16-mixed or 32)."
+                f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}, read at the logging steps); "
+                f"lambda was last {geco.lagrange_multiplier.tolist()}. A skipped step changes no weight, so the model "
+                f"as the last finite step left it gives non-finite values on every batch. {_nonfinite_advice(trainer)}"
             )
 
     @staticmethod

@@ -163,8 +163,13 @@ def test_nan_loss_never_reaches_the_optimizer_state(tmp_path):
 def test_consecutive_non_finite_steps_stop_training_with_a_clear_error(tmp_path):
     # The models' fused Adam skips a non-finite step on the device, so the count is read at the
     # next logging step (here the last, step 9): training stops there, 9 skips in a row.
-    with pytest.raises(NonFiniteConstraintError, match=r"non-finite constraint or loss on 9 consecutive optimizer steps"):
+    with pytest.raises(NonFiniteConstraintError, match=r"non-finite constraint or loss on 9 consecutive optimizer steps") as error:
         run(tmp_path / "nan", batch_size=32, max_steps=10, nan_steps=range(1, 10), max_nonfinite_steps=3)
+    # The advice fits the precision: in 32 bits none to raise it (it said "use ... bf16-mixed or 32").
+    assert str(error.value).endswith(
+        "gives non-finite values on every batch. Clip the gradients (--trainer.gradient_clip_val 1.0; a run resumed "
+        "from an earlier checkpoint takes it too) or train with a lower learning rate, and check the data."
+    )
     assert [r["skipped"] for r in _rows(tmp_path / "nan")] == list(range(9))
 
 
