@@ -105,7 +105,7 @@ def _small_data_overrides(config: Path) -> list[str]:
             path = root / "images" / f"class_{i % 2}" / f"{i:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, shape, dtype=numpy.uint8), mode).save(path)
-        return ["--data.init_args.root", str(root / "images"), "--data.init_args.num_val", "16"]
+        return ["--data.init_args.root", str(root / "images"), "--data.init_args.num_val", "16", *calibration]
     raise AssertionError(f"{config.name}: add a small-data fixture for {data_class} to this test")
 
 
