@@ -34,12 +34,17 @@ The rules (documented in the README, "The verdict"):
     ``REACHED_READINGS`` (2) logging steps in a row withdraws the stall for good: a tolerance the
     model reached is not unreachable (the README's MLP example sat ~5x past it for ~500 steps, then
     broke through). Two in a row, so that one lucky 64-image calibration measurement does not.
-    A reading that, at two logging steps in a row, has fallen since the stall by at least
-    ``MIN_VIOLATION`` (5 %) and by at least ``MAX_GAIN`` times lambda's rise since (in log terms)
+    A reading that, at two logging steps in a row, has fallen since the stall (the mean ``ln`` of
+    its last ``RESPONSE_READINGS`` (3) readings against the window's fitted end) by at least
+    ``MIN_VIOLATION`` (5 %), by at least ``MAX_GAIN`` times lambda's rise since, in log terms,
+    and by twice that difference's standard error (from the window's spread about its line)
     withdraws it too: more lambda buys quality again, so the stall was a plateau, and a later
     stall is judged only on the readings from the withdrawn one's end on. (On an image folder a
     new-user trial saw a plateau at 4.7x the tolerance for 300 steps, warned at step 524, then the
     reading fell to 1.29x by step 1500 at a gain of 0.32: without this it ended ``unreachable``.)
+    The window's fall is read from a least-squares line through its ``ln`` readings, not from its
+    two end readings: under the calibration drive each reading is one 64-image measurement
+    (6-12 % noise), which made and unmade stalls by chance.
 ``not_met``
     otherwise: the reading ends past the band but the model was still responding to lambda
     (e.g. a run too short for its tolerance, or a controller that had not settled).
@@ -69,6 +74,7 @@ __all__ = [
     "MIN_VIOLATION",
     "NOISE_STANDARD_ERRORS",
     "REACHED_READINGS",
+    "RESPONSE_READINGS",
     "VERDICTS",
     "Stall",
     "StallDetector",
@@ -91,6 +97,8 @@ MAX_GAIN = 0.1
 NOISE_STANDARD_ERRORS = 2.0
 #: logging steps in a row within the band that show a tolerance was reached (and withdraw a stall)
 REACHED_READINGS = 2
+#: readings since a stall whose mean tells whether the reading fell again (see StallDetector.observe)
+RESPONSE_READINGS = 3
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,17 @@ class Stall:
         first_step, last_step: the window, optimizer steps.
         lambda_before, lambda_after: the multiplier at either end.
         ratio_before, ratio_after: the regulated reading over its tolerance at either end
-            (1.31 is 31 % past it).
+            (1.31 is 31 % past it): of a stall on the pace, the ends of a least-squares line
+            through the window's ``ln`` readings (two single readings of a noisy measurement, a
+            64-image calibration draw varying by 6-12 %, made and unmade stalls by chance); of
+            one at the bound, the readings.
         at_bound: lambda reached its upper bound.
         steps_needed: optimizer steps the reading would need, at the window's pace, to reach
             the band (inf: it was not falling); None for a stall at the bound.
         steps_left: optimizer steps left when the stall was found (None: unknown).
+        noise: the spread of the window's ``ln`` readings about that line (their residual
+            standard deviation, log units); None: not fitted.
+        points: readings in the window (0: not fitted).
     """
 
     first_step: int
@@ -117,6 +131,8 @@ class Stall:
     at_bound: bool = False
     steps_needed: float | None = None
     steps_left: int | None = None
+    noise: float | None = None
+    points: int = 0
 
     def describe(self) -> str:
         """One clause with the figures, e.g. ``lambda rose 4.3x (12 -> 51.6) over steps 1100-1400
@@ -182,9 +198,10 @@ class StallDetector:
         A stall is withdrawn (:attr:`withdrawn`, :attr:`withdrawn_at`, :attr:`withdrawn_why`) when
         the reading later comes within the band (``REACHED_READINGS`` logging steps in a row; for
         good: no stall is found again), or when, at ``REACHED_READINGS`` logging steps in a row,
-        the reading has fallen since the stall by at least ``MIN_VIOLATION`` (5 %) and by at least
-        ``MAX_GAIN`` times lambda's rise since, in log terms: more lambda buys quality again (a
-        plateau broke). A stall found again after that is judged only on what came after it.
+        the reading has fallen since the stall, beyond the noise of its measurements, by at least
+        ``MIN_VIOLATION`` (5 %) and by at least ``MAX_GAIN`` times lambda's rise since, in log
+        terms: more lambda buys quality again (a plateau broke; :meth:`_judge_response`). A stall
+        found again after that is judged only on what came after it.
         """
         found = []
         for k, (log_lam, r) in enumerate(zip(log_lambda, ratio)):
@@ -200,22 +217,39 @@ class StallDetector:
                     self._withdraw(k, step, f"came within 1 % of its tolerance at step {step} after all")
                 continue
             if stall is not None and not stall.at_bound:
-                fall = math.log(stall.ratio_after / r)
-                rise = log_lam - math.log(stall.lambda_after)
-                responding = fall >= max(math.log(1.0 + MIN_VIOLATION), MAX_GAIN * rise)
-                self._responding[k] = self._responding[k] + 1 if responding else 0
-                if self._responding[k] >= REACHED_READINGS:
-                    self._withdraw(
-                        k, step, f"fell {100 * (1 - math.exp(-fall)):.1f} % ({100 * (stall.ratio_after - 1):.1f} % -> "
-                        f"{100 * (r - 1):.1f} % past the tolerance) over steps {stall.last_step}-{step} while lambda moved "
-                        f"{math.exp(rise):.3g}x: more lambda buys quality again"
-                    )
+                self._judge_response(k, stall, step, log_lam)
             if self.stalls[k] is None and self.reached[k] is None:
                 stall = self._stall(self._evidence(k))
                 if stall is not None:
                     self.stalls[k] = stall
                     found.append(k)
         return found
+
+    def _judge_response(self, k: int, stall: Stall, step: int, log_lam: float) -> None:
+        """Withdraw constraint ``k``'s stall once its reading has fallen again, beyond noise, as
+        lambda rose (see :meth:`observe`): at ``REACHED_READINGS`` logging steps in a row, the mean
+        ``ln`` reading of the last ``RESPONSE_READINGS`` since the stall lies below the stall
+        window's fitted end (``ratio_after``) by at least ``MIN_VIOLATION`` (5 %), ``MAX_GAIN`` times
+        lambda's rise since, and twice the standard error of that difference (from the
+        window's ``noise``): single 64-image measurements vary by 6-12 %."""
+        since = [math.log(r) for s, _, r in self.history[k] if s > stall.last_step][-RESPONSE_READINGS:]
+        if len(since) < RESPONSE_READINGS:
+            return
+        level = math.log(stall.ratio_after)
+        latest = sum(since) / len(since)
+        fall = level - latest
+        rise = log_lam - math.log(stall.lambda_after)
+        noise = stall.noise or 0.0
+        beyond_noise = 2.0 * noise * math.sqrt(1.0 / max(stall.points, 1) + 1.0 / len(since))
+        responding = fall >= max(-math.log(1.0 - MIN_VIOLATION), MAX_GAIN * rise, beyond_noise)
+        self._responding[k] = self._responding[k] + 1 if responding else 0
+        if self._responding[k] >= REACHED_READINGS:
+            self._withdraw(
+                k, step, f"fell {100 * (1 - math.exp(-fall)):.1f} % ({100 * (math.exp(level) - 1):.1f} % -> "
+                f"{100 * (math.exp(latest) - 1):.1f} % past the tolerance, the stall's fitted end against the mean of "
+                f"the last {len(since)} readings) over steps {stall.last_step}-{step} while lambda moved "
+                f"{math.exp(rise):.3g}x: more lambda buys quality again"
+            )
 
     def _evidence(self, k: int) -> list[tuple[int, float, float]]:
         """Constraint ``k``'s history a stall is judged on: all of it, or what came after the stall
@@ -250,18 +284,20 @@ class StallDetector:
             return None  # not enough history yet
         if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
             return None
+        if at_bound:
+            return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, True)
         rise = log_lam - first_log_lam
-        fall = math.log(first_ratio) - math.log(ratio)
+        start_level, end_level, noise = _fitted_line([(s, math.log(r)) for s, _, r in window])
+        fall = start_level - end_level
         gain = fall / rise if rise > 0 else 0.0
         # The pace: steps to the band if ln(reading) kept falling as it did over the window.
         pace = fall / (step - first_step) if step > first_step else 0.0
-        steps_needed = math.log(ratio / (1.0 + MET_BAND)) / pace if pace > 0 else math.inf
+        steps_needed = (end_level - math.log(1.0 + MET_BAND)) / pace if pace > 0 else math.inf
         steps_left = self.window_steps if self.last_step is None else max(0, self.last_step - step)
-        if at_bound:
-            return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, True)
         if rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN and steps_needed > steps_left:
             return Stall(
-                first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, False, steps_needed, steps_left
+                first_step, step, math.exp(first_log_lam), math.exp(log_lam), math.exp(start_level), math.exp(end_level),
+                False, steps_needed, steps_left, noise, len(window),
             )
         return None
 
@@ -314,6 +350,7 @@ class StallDetector:
         for k, stall in enumerate(self.stalls):
             if stall is not None and not stall.at_bound:
                 self.stalls[k] = self._stall(self._evidence(k))
+                self._responding[k] = 0  # a stall judged again: its response is counted afresh
 
     def forget(self, k: int) -> None:
         """Drop constraint ``k``'s history and findings: they were readings against another
@@ -330,6 +367,22 @@ class StallDetector:
         step = history[-1][0]
         recent = [h for h in history if h[0] >= step - max(1, self.window_steps // 4)]
         return recent[-1][1] - recent[0][1]
+
+
+def _fitted_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """(value at the first x, value at the last x, residual standard deviation) of a
+    least-squares line through ``(x, y)`` points; with fewer than 3 points, the first and last
+    y and 0."""
+    if len(points) < 3:
+        return points[0][1], points[-1][1], 0.0
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx if sxx > 0 else 0.0
+    residuals = [y - (mean_y + slope * (x - mean_x)) for x, y in points]
+    noise = math.sqrt(sum(e * e for e in residuals) / (n - 2))
+    return mean_y + slope * (points[0][0] - mean_x), mean_y + slope * (points[-1][0] - mean_x), noise
 
 
 def verdict(relative_violation: float | None, stall: Stall | None) -> str:
