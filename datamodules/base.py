@@ -109,7 +109,7 @@ class UInt8Images(Dataset):
         ``ImageDataModule(device=...)``). Indexed first and moved as uint8, so the device holds
         only the items' float copy (and, while converting, their uint8 one)."""
         images, targets = (self.images, self.targets) if indices is None else (self.images[indices], self.targets[indices])
-        return TensorDataset(images.to(device).float() / self.scale, targets.to(device))
+        return TensorDataset(images.to(device).float().div_(self.scale), targets.to(device))
 
 
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:

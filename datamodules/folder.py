@@ -62,8 +62,9 @@ def read_image(path: str | Path, mode: str) -> Image.Image:
 
     Grayscale of more than 8 bits is scaled to 8 (PIL's ``convert`` clips it instead: a 16-bit
     image came out nearly all white, a float one in [0, 1] nearly black): 16-bit integers (PIL
-    modes ``I;16*``, and ``I`` with values in [0, 65535]) by 255 / 65535, floats (``F``) in
-    [0, 1] by 255; a float image outside [0, 1] or a 32-bit one past 65535 is refused, since its
+    modes ``I;16*``, and ``I`` holding values past 255, up to 65535) by 255 / 65535, floats
+    (``F``) in [0, 1] by 255; an ``I`` image within [0, 255] is read as 8-bit, as ``convert``
+    reads it; a float image outside [0, 1] or a 32-bit one past 65535 is refused, since its
     white is unknown.
     """
     try:
@@ -87,6 +88,8 @@ def _to_8_bit(image: Image.Image, path: str | Path) -> Image.Image:
         if low < 0.0 or high > 1.0 or math.isnan(low) or math.isnan(high):
             raise ValueError(f"a float image must lie in [0, 1]; this one holds [{low:g}, {high:g}]")
         white = 1.0
+    elif image.mode == "I" and low >= 0.0 and high <= 255.0:  # 32-bit integers holding 8-bit values
+        white = 255.0
     else:
         if low < 0.0 or high > 65535.0:
             raise ValueError(f"an integer image (PIL mode {image.mode}) holds [{low:g}, {high:g}], past 16 bits' [0, 65535]")

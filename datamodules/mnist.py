@@ -83,6 +83,10 @@ def read_idx(path: str | Path) -> Tensor:
     return data.reshape(shape)
 
 
+#: lower-case folder names of the datasets that share MNIST's file names (MNIST never reads their root)
+_OTHER_FOLDERS = ("fashionmnist", "kmnist")
+
+
 class MNISTDataModule(ImageDataModule):
     """MNIST digits, (1, 28, 28) in [0, 1]; batches are ``(images, labels)``.
 
@@ -133,14 +137,15 @@ class MNISTDataModule(ImageDataModule):
 
     def candidate_folders(self) -> list[Path]:
         """Where the files are looked for, in order: ``<root>/<Name>/raw``, ``<root>/<name>/raw``,
-        then ``<root>/raw`` and ``<root>`` itself, those two for MNIST, or for a root named after
-        the dataset (``FashionMNIST``, ``kmnist``, ...): the four datasets share their file names, so
-        Fashion-MNIST or KMNIST read from a folder named after no dataset might read MNIST's."""
+        then ``<root>/raw`` and ``<root>`` itself, those two for a root named after the dataset
+        (``FashionMNIST``, ``kmnist``, ...), or for MNIST one named after none of the others: the
+        datasets share their file names, so Fashion-MNIST or KMNIST read from a folder named after
+        no dataset might read MNIST's, and MNIST from ``FashionMNIST/`` Fashion-MNIST's."""
         folder = self.folder_name
         named = [self.root / folder / "raw", self.root / folder.lower() / "raw"]
-        if folder == "MNIST" or self.root.name.lower() == folder.lower():
-            return [*named, self.root / "raw", self.root]
-        return named
+        # MNIST's files anywhere but in a folder named after another dataset of the same file names.
+        generic = self.root.name.lower() not in _OTHER_FOLDERS if folder == "MNIST" else self.root.name.lower() == folder.lower()
+        return [*named, self.root / "raw", self.root] if generic else named
 
     def files(self) -> tuple[Path, Path]:
         """The (images, labels) idx files of ``source``, both from one folder (the first that holds

@@ -143,7 +143,8 @@ class ShapesDataModule(ImageDataModule):
         """
         seen = set()
         for split, seed in ((self.num_train, 2 * self.seed), (self.num_val, 2 * self.seed + 1)):
-            seen.update(_image_keys(render_shapes(sample_factors(split, seed), self.image_size)))
+            for factors in sample_factors(split, seed).split(4096):  # rendered a chunk at a time: bounded memory
+                seen.update(_image_keys(render_shapes(factors, self.image_size)))
         kept_factors, kept_images, missing = [], [], self.num_test
         # Seeds 2**32 + s + k * 2**31: above every (2s, 2s + 1) of a seed in [0, 2**31).
         for round_ in range(_TEST_ROUNDS):

@@ -184,12 +184,15 @@ class RunSummary(Callback):
         self._earlier_seconds = 0.0
         #: seconds of the run when the last fit ended (a Trainer fitted again goes on from them)
         self._ended_seconds = 0.0
+        #: whether a fit is under way (between on_fit_start and its end or exception)
+        self._fitting = False
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
         self._start = time.monotonic()
+        self._fitting = True
         self._trained = False
         self.verdict_line = ""
         self.path = None
@@ -252,7 +255,8 @@ class RunSummary(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit that raised (in that last validation, say) never reaches on_train_end.
         self._restore_validation_schedule(trainer)
-        self._ended_seconds = self._run_seconds()  # a fit interrupted by Ctrl-C may be fitted again
+        if self._fitting:  # a fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end
+            self._ended_seconds, self._fitting = self._run_seconds(), False
 
     def _run_seconds(self) -> float:
         """Wall-clock seconds of the run so far: this fit's, and those of the fits it goes on from."""
@@ -345,7 +349,7 @@ class RunSummary(Callback):
             self.verdict_line = summary["verdict_line"]
         summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
-        self._ended_seconds = self._run_seconds()
+        self._ended_seconds, self._fitting = self._run_seconds(), False
         summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")

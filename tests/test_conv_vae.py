@@ -43,6 +43,22 @@ def test_a_batch_of_the_wrong_dtype_is_named_not_left_to_the_first_convolution()
     assert model.double().reconstruct(x.double()).dtype == torch.float64
 
 
+def test_the_dtype_check_runs_on_a_torch_whose_autocast_query_takes_no_device(monkeypatch):
+    # torch < 2.4 (pyproject allows 2.1): is_autocast_enabled() takes no argument, and the
+    # check raised "takes no arguments" on every forward.
+    def old_query(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes no arguments (1 given)")
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", old_query)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: False)
+    model = tiny_conv_vae(image_shape=(1, 16, 16))
+    assert model.reconstruct(torch.rand(2, 1, 16, 16)).shape == (2, 1, 16, 16)
+    with pytest.raises(TypeError, match="got a batch of dtype torch.float64"):
+        model(torch.rand(2, 1, 16, 16, dtype=torch.float64))
+
+
 def test_images_outside_unit_interval_get_a_clear_error():
     model = tiny_conv_vae(image_shape=(1, 16, 16))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\] .* held values in \[-0.5, 2\]"):

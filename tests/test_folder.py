@@ -99,8 +99,9 @@ def test_16_bit_and_float_grayscale_are_scaled_to_the_unit_interval_not_clipped(
     ramp = numpy.linspace(0.0, 1.0, 16 * 16).reshape(16, 16)
     Image.fromarray(numpy.rint(ramp * 65535).astype(numpy.uint16)).save(root / "a16.png")
     Image.fromarray(ramp.astype(numpy.float32), "F").save(root / "float.tif")
-    with Image.open(root / "a16.png") as a16, Image.open(root / "float.tif") as floats:
-        assert (a16.mode, floats.mode) == ("I;16", "F")
+    Image.fromarray(numpy.rint(ramp * 255).astype(numpy.int32), "I").save(root / "i8.tif")  # 8-bit values in 32 bits
+    with Image.open(root / "a16.png") as a16, Image.open(root / "float.tif") as floats, Image.open(root / "i8.tif") as i8:
+        assert (a16.mode, floats.mode, i8.mode) == ("I;16", "F", "I")
     data = _setup(root=root, image_size=16, channels=1, num_val=1)
     x, _ = _all(torch.utils.data.ConcatDataset([data.train_dataset, data.val_dataset]))
     expected = torch.from_numpy(numpy.rint(ramp * 255) / 255).float()
@@ -112,6 +113,7 @@ def test_16_bit_and_float_grayscale_are_scaled_to_the_unit_interval_not_clipped(
                                                    "this one holds [0, 3])")):
         _setup(root=root, image_size=16, channels=1, num_val=1)
     (root / "float.tif").unlink()
+    (root / "i8.tif").unlink()
     Image.fromarray((ramp * 70000).astype(numpy.int32), "I").save(root / "wide.tif")
     with pytest.raises(ValueError, match=re.escape("an integer image (PIL mode I) holds [0, 70000], past 16 bits' [0, 65535]")):
         _setup(root=root, image_size=16, channels=1, num_val=1)

@@ -82,6 +82,9 @@ def test_fashion_mnist_and_kmnist_never_read_mnists_files_nor_mix_two_folders(tm
     root_named = FashionMNISTDataModule(root=str(tmp_path / "FashionMNIST"), source="test", num_val=10)
     assert root_named.files()[0].parent == tmp_path / "FashionMNIST"
     assert torch.equal(root_named.load().images[:, 0], fashion_images)
+    # Nor does MNIST read Fashion-MNIST's files from a root named after it.
+    with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte"):
+        MNISTDataModule(root=str(tmp_path / "FashionMNIST"), source="test", num_val=10).files()
     # Images in one folder, labels in another: never paired, the error says where each was found.
     (tmp_path / "mnist" / "raw").mkdir(parents=True)
     (tmp_path / "raw" / "t10k-labels-idx1-ubyte").rename(tmp_path / "mnist" / "raw" / "t10k-labels-idx1-ubyte")

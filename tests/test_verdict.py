@@ -580,6 +580,21 @@ def test_a_fit_told_to_take_no_training_batch_says_so():
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images()), batch_size=32))
 
 
+def test_an_error_outside_a_fit_adds_no_seconds_to_the_run():
+    # A test that raised an hour after a 60-second fit (a folder has no test split) set the run's
+    # seconds to 3660, and a fit after it went on from there.
+    from types import SimpleNamespace
+
+    summary = RunSummary()
+    summary._ended_seconds, summary._start = 60.0, time.monotonic() - 3600.0
+    summary.on_exception(SimpleNamespace(), None, ValueError("no test split"))
+    assert summary._ended_seconds == 60.0
+    summary.on_fit_start(SimpleNamespace(), None)  # a fit interrupted (Ctrl-C) does count
+    summary._earlier_seconds, summary._start = 60.0, time.monotonic() - 30.0
+    summary.on_exception(SimpleNamespace(), None, KeyboardInterrupt())
+    assert summary._ended_seconds == pytest.approx(90.0, abs=1.0)
+
+
 def test_a_trainer_fitted_again_with_no_step_left_keeps_its_verdict(tmp_path):
     pl.seed_everything(0)
     summary, geco = RunSummary(), GECOCallback()

@@ -74,6 +74,17 @@ def traversal_codes(origin: Tensor, dims: Sequence[int], steps: int, span: float
     return codes
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 takes no argument and knows cuda
+    and cpu only; a device type autocast does not know, e.g. meta, has none)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 def _check_count(method: str, value: Any, minimum: int) -> None:
     """Raise a clear error unless ``value`` is an integer >= ``minimum``."""
     try:
@@ -218,7 +229,7 @@ class VAEModule(pl.LightningModule):
             )
         # Autocast casts float32/16 inputs to the layers' dtype; nothing casts float64 (numpy's default).
         weights = self.dtype
-        autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+        autocast = _autocast_enabled(x.device.type) and x.dtype != torch.float64
         if x.dtype != weights and not autocast:
             hint = " (numpy's default is float64: torch.from_numpy(a).float())" if x.dtype == torch.float64 else ""
             raise TypeError(
