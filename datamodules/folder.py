@@ -71,7 +71,7 @@ def read_image(path: str | Path, mode: str) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             if image.mode.startswith("I") or image.mode == "F":
-                image = _to_8_bit(image, path)
+                image = _to_8_bit(image)
             return image.convert(mode)
     except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
         raise ValueError(
@@ -80,7 +80,7 @@ def read_image(path: str | Path, mode: str) -> Image.Image:
         ) from error
 
 
-def _to_8_bit(image: Image.Image, path: str | Path) -> Image.Image:
+def _to_8_bit(image: Image.Image) -> Image.Image:
     """A 16-bit integer or float grayscale image as 8-bit "L", scaled (see :func:`read_image`)."""
     values = np.asarray(image, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from .base import ImageDataModule
 
@@ -139,10 +139,18 @@ class ShapesDataModule(ImageDataModule):
         The grid is finite: of 2,000 shapes drawn at 64 x 64 with another seed, ~5 % repeat a
         training image (the same factors, or a symmetry of them); such a draw is replaced by one
         of a further seed, so the test images are a function of the seed and the split sizes.
-        Telling them apart renders the training and validation splits again (as ``setup`` does).
+        Telling them apart reads the training and validation images ``setup`` built, or, where
+        it built none (``train.py test`` sets up the test split alone), renders them again.
         """
         seen = set()
-        for split, seed in ((self.num_train, 2 * self.seed), (self.num_val, 2 * self.seed + 1)):
+        for split, seed, built in (
+            (self.num_train, 2 * self.seed, self.train_dataset),
+            (self.num_val, 2 * self.seed + 1, self.val_dataset),
+        ):
+            stored = built.dataset if isinstance(built, Subset) else built  # the training set less its calibration split
+            if isinstance(stored, TensorDataset):
+                seen.update(_image_keys(stored.tensors[0]))
+                continue
             for factors in sample_factors(split, seed).split(4096):  # rendered a chunk at a time: bounded memory
                 seen.update(_image_keys(render_shapes(factors, self.image_size)))
         kept_factors, kept_images, missing = [], [], self.num_test

@@ -6,13 +6,13 @@
 Each RUN is a W&B run folder (``runs/wandb/offline-run-...``), its ``files`` folder, or a
 ``summary.json`` (from any logger). Writes to DIR: ``comparison.md`` and ``comparison.csv``
 (one row per run), ``rate_distortion.png`` (the rate-distortion plane, one point per run, with
-each run's tolerance on the distortion; a BCE's or pNCC's is not on that axis), ``metrics.png`` (rate, distortion and marginal KL per run) and, when the
-runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
+each run's tolerance on the distortion; a BCE's or pNCC's is not on that axis), ``metrics.png``
+(rate, distortion and marginal KL per run) and, when the runs have W&B histories, ``curves.png`` (distortion, rate, lambda and marginal KL over steps;
 a resumed run's curves join every W&B folder of its run id, the resumed part replacing what the
 interrupted one logged past the checkpoint, and its row is its newest folder's summary). A
 ``test_summary.json`` or ``validate_summary.json`` row is named after the checkpoint's run
-folder, ``<run id> (test set)`` or ``<run id> (validation set)``. Exits 0, or 2 with one line for a path that is no run or two paths
-of one run.
+folder, ``<run id> (test set)`` or ``<run id> (validation set)``. Exits 0, or 2 with one line
+for a path that is no run or two paths of one run.
 """
 
 from __future__ import annotations

@@ -495,8 +495,9 @@ class LatentActivity(Metric):
     ``compute()`` returns ``kl_per_dim`` (d,) in nats per image (summing to the mean rate),
     ``mean_variance`` (d,): the variance over the set of the posterior mean, and
     ``active_units``: how many dimensions have ``mean_variance > threshold`` (Burda et al.
-    2016 use 0.01), a float count, NaN when some dimension's variance is NaN. With d = 1 the two vectors come back 0-d: torchmetrics squeezes every
-    one-element result (``.reshape(-1)`` gives (1,)).
+    2016 use 0.01), a float count, NaN when some dimension's variance is NaN. With d = 1 the
+    two vectors come back 0-d: torchmetrics squeezes every one-element result (``.reshape(-1)``
+    gives (1,)).
     """
 
     full_state_update = False
@@ -536,9 +537,7 @@ class LatentActivity(Metric):
             "kl_per_dim": (self.sum_kl / self.count).float(),
             "mean_variance": mean_variance.float(),
             # NaN where a dimension's variance is (a NaN compares as inactive, and was counted so).
-            "active_units": torch.where(
-                mean_variance.isnan().any(), torch.nan, (mean_variance > self.threshold).sum().double()
-            ).float(),
+            "active_units": torch.where(mean_variance.isnan().any(), torch.nan, (mean_variance > self.threshold).sum().float()),
         }
 
 
