@@ -102,6 +102,10 @@ class MultiplierController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def limit_to(self, log_lambda_bounds: tuple[float, float]) -> None:
+        """Keep whatever state the controller carries within the owner's clamp of ``log lambda``
+        (an integrator beyond it would wind up where the output cannot follow)."""
+
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
         """The new ``log lambda`` (K,), before the owner's clamp.
 
@@ -123,13 +127,14 @@ class Algorithm1(MultiplierController):
     (``nu`` in one over the value's units). The previous default of this library is the same
     arithmetic with ``nu = relative_nu / scale`` per constraint, a rise capped at
     ``relative_nu * max_relative_violation`` and ``release_speedup=3`` (see
-    :meth:`relative`).
+    :meth:`relative`). Both ``nu`` and the cap are per optimizer step: fed a measurement every
+    ``period`` steps (the calibration stream), one update moves ``period`` times as far.
 
     Args:
         step_size: ``nu`` > 0 per constraint (K,) or one number.
         release_speedup: >= 1; a step that lowers lambda is this many times larger.
-        max_increase: the most ``log lambda`` may rise in one update, per constraint or one
-            number (None: unbounded).
+        max_increase: the most ``log lambda`` may rise in one optimizer step, per constraint or
+            one number (None: unbounded).
     """
 
     name = "paper"
@@ -165,16 +170,27 @@ class Algorithm1(MultiplierController):
         increase = None if max_relative_violation is None else [step_size * max_relative_violation] * len(scales)
         return cls([step_size / s for s in scales], release_speedup, increase)
 
+    def reset(self, log_lambda: Tensor) -> None:
+        k = log_lambda.numel()
+        for name, sizes in (("step_size", self.step_size), ("max_increase", self.max_increase)):
+            if sizes is not None and sizes.numel() not in (1, k):
+                raise ValueError(
+                    f"Algorithm1 {name} has {sizes.numel()} values, but GECO has {k} constraints: "
+                    f"give one number or one per constraint ({k})."
+                )
+
     def to(self, device: torch.device | str) -> None:
         self.step_size = self.step_size.to(device)
         if self.max_increase is not None:
             self.max_increase = self.max_increase.to(device)
 
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
-        step = self.step_size * ema
+        # nu and the cap are per optimizer step: a measurement every ``period`` steps takes
+        # ``period`` steps' worth (1 on the training stream, where this is the paper's rule exactly).
+        step = self.step_size * period * ema
         step = torch.where(step < 0, step * self.release_speedup, step)
         if self.max_increase is not None:
-            step = step.minimum(self.max_increase)
+            step = step.minimum(self.max_increase * period)
         return log_lambda + step
 
 
@@ -305,6 +321,16 @@ class PIController(MultiplierController):
         #: pace (within its bound), so a pace that rises again applies what it learned meanwhile.
         #: Not saved state: whoever sets it sets it before every step.
         self.pace = torch.ones((), device=self.integral.device)
+
+    def limit_to(self, log_lambda_bounds: tuple[float, float]) -> None:
+        """Narrow the integrator's clamp to the owner's (``GECO(log_lambda_bounds=...)``)."""
+        low, high = max(self.log_lambda_bounds[0], log_lambda_bounds[0]), min(self.log_lambda_bounds[1], log_lambda_bounds[1])
+        if not low < high:
+            raise ValueError(
+                f"PIController log_lambda_bounds {self.log_lambda_bounds} and GECO's {tuple(log_lambda_bounds)} do not "
+                "overlap: give the controller bounds within GECO's."
+            )
+        self.log_lambda_bounds = (low, high)
 
     def to(self, device: torch.device | str) -> None:
         self.integral = self.integral.to(device)

@@ -157,6 +157,18 @@ class MultiplierState(nn.Module):
         """lambda, shape (K,), fp32, strictly positive."""
         return self.log_lagrange_multiplier.exp()
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MultiplierState:
+        # Moves keep the device; a cast of the whole module (the ``bf16-true`` and ``16-true``
+        # precisions call ``module.to(dtype)``) would round log lambda to steps larger than an
+        # update's (frozen lambda) and overflow fp16's exp past log lambda 11: stay fp32.
+        before = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in before.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != buffer.dtype:  # moved only, not rounded
+                self._buffers[name] = buffer.to(moved.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"num_constraints={self.log_lagrange_multiplier.numel()}"
 
@@ -231,7 +243,8 @@ class GECO:
         step_size: ``nu`` > 0 of the default controller, :class:`~lightning_geco.controllers.Algorithm1`
             (``log lambda += nu * C_ma``, units: 1 / constraint units); one number for every
             constraint, or one per constraint. Ignored when ``controller`` is given.
-        log_lambda_bounds: clamp of ``log lambda``; keeps ``exp`` finite and positive.
+        log_lambda_bounds: clamp of ``log lambda``; keeps ``exp`` finite and positive. A
+            controller with state of its own (the PI integrator) is held within it too.
         initial_lambda: the multiplier every constraint starts at (the paper: 1).
         release_speedup: >= 1, of the default controller (the paper: 1).
         max_increase: of the default controller: the most ``log lambda`` may rise in one
@@ -318,6 +331,7 @@ class GECO:
             state.log_lagrange_multiplier.fill_(math.log(initial_lambda))
         self.state = state
         self.compile = bool(compile)
+        self.controller.limit_to(self.log_lambda_bounds)
         self.controller.reset(self.log_lagrange_multiplier)
         self._num_updates = torch.zeros((), dtype=torch.int64)
         self._num_skipped_updates = torch.zeros((), dtype=torch.int64)

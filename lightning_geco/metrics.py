@@ -57,6 +57,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -489,7 +490,23 @@ class AggregatePosteriorKL(Metric):
         }
 
 
-class LatentActivity(Metric):
+class _SumStates(Metric):
+    """A metric of float64 sum states that a cast of the module moves but never casts.
+
+    Lightning's ``bf16-true`` and ``16-true`` precisions call ``module.to(dtype)``, which
+    torchmetrics applies to states too: a bf16 count is exact only up to 256 examples.
+    """
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = "") -> _SumStates:
+        super()._apply(fn, exclude_state=tuple(self._defaults))
+        for name, default in self._defaults.items():
+            assert isinstance(default, Tensor)  # sum states are tensors, never lists
+            self._defaults[name] = default.to(self.device)
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+
+class LatentActivity(_SumStates):
     """Per-dimension KL and active units over an evaluated set (sum states: cheap under DDP).
 
     ``compute()`` returns ``kl_per_dim`` (d,) in nats per image (summing to the mean rate),
@@ -554,7 +571,7 @@ def mean_and_standard_error(total: Tensor, total_squares: Tensor, count: Tensor)
     return mean, standard_error
 
 
-class MeanWithStandardError(Metric):
+class MeanWithStandardError(_SumStates):
     """Mean of per-example values (N,) over an evaluated set, and its standard error.
 
     Sum states in float64 (cheap and exact under DDP: ranks' sums add). ``compute()`` returns

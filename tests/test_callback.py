@@ -1,3 +1,4 @@
+import math
 import re
 import warnings
 
@@ -259,3 +260,16 @@ def test_a_setting_the_chosen_controller_does_not_read_is_warned_with_its_value(
     with pytest.warns(UserWarning, match=re.escape("GECOCallback(controller='pi') does not read a constraint's own step_size: "
                                                    "'reconstruction' (step_size=0.01) changes nothing")):
         GECOCallback().setup(quiet_trainer(), model, "fit")
+
+
+def test_lambda_moves_under_bf16_true_precision():
+    # bf16-true casts the module, GECO's buffers included: log lambda stood at ln 20 = 3.0 in bf16,
+    # whose steps there (0.016) are larger than the relative law's updates.
+    pl.seed_everything(0)
+    callback = GECOCallback(controller="relative", initial_lambda=20.0)
+    trainer = _trainer([callback], max_steps=40, precision="bf16-true", limit_val_batches=0)
+    model = tiny_conv_vae(tolerance=0.01)
+    trainer.fit(model, _loader())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert callback.geco.log_lagrange_multiplier.dtype == torch.float32
+    assert callback.geco.log_lagrange_multiplier.item() > math.log(20.0) + 0.1

@@ -101,6 +101,58 @@ def test_pi_gains_are_per_step_so_the_measurement_period_does_not_change_the_int
     assert every_fourth.integral.item() == pytest.approx(every_step.integral.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("controller", ["paper", "relative"])
+def test_algorithm_1_steps_are_per_optimizer_step_so_a_measurement_every_16_steps_moves_lambda_as_far(controller):
+    # The calibration stream feeds one measurement every 16 steps: it must move lambda as 16
+    # training updates of the same reading would, the rise cap included (it used to move 1/16 as far).
+    def moved(reading: float, drive: str) -> float:
+        geco = _callback_geco([0.01], controller=controller, drive=drive)
+        statistics = _statistics(torch.full((8, 1), reading - 0.01))
+        if drive == "training":
+            for _ in range(32):
+                geco.update(statistics)
+        else:
+            for _ in range(2):
+                geco.control(statistics, 16)
+        return geco.log_lagrange_multiplier.item()
+
+    for reading in (0.015, 0.05, 0.004):  # 1.5x (uncapped), 5x (the relative law's cap), 0.4x (the release)
+        training = moved(reading, "training")
+        assert training != 0.0
+        # the training drive's moving average starts at the first batch, so a constant reading is its own average
+        assert moved(reading, "calibration") == pytest.approx(training, rel=1e-5)
+
+
+def test_an_algorithm_1_sized_for_other_constraints_is_refused_with_the_counts():
+    from lightning_geco.controllers import Algorithm1
+
+    with pytest.raises(ValueError, match=re.escape(
+        "Algorithm1 step_size has 2 values, but GECO has 3 constraints: give one number or one per constraint (3)."
+    )):
+        GECO(["a", "b", "c"], controller=Algorithm1([1.0, 2.0]))
+    with pytest.raises(ValueError, match=re.escape("Algorithm1 max_increase has 2 values, but GECO has 1 constraints")):
+        GECO(["a"], controller=Algorithm1(1.0, max_increase=[0.1, 0.2]))
+    GECO(["a", "b"], controller=Algorithm1([1.0, 2.0], max_increase=0.1))  # one per constraint, or one for all
+
+
+def test_a_pi_controller_given_to_geco_is_held_within_geco_s_bounds():
+    # Its own bounds were (-30, 30) while GECO clamped the output to (-5, 5): the integrator wound
+    # up to 30 and a constraint gone slack sat at the bound for thousands of steps.
+    geco = GECO(["c"], log_lambda_bounds=(-5.0, 5.0), controller=PIController(), scales=[0.01])
+    assert geco.controller.log_lambda_bounds == (-5.0, 5.0)
+    for _ in range(5000):
+        geco.update(_statistics(torch.full((8, 1), 0.01)))  # 2x the tolerance
+    assert geco.log_lagrange_multiplier.item() == 5.0 and geco.controller.integral.item() == 5.0
+    for _ in range(20):
+        geco.update(_statistics(torch.full((8, 1), -0.002)))  # 20 % better than asked
+    assert geco.log_lagrange_multiplier.item() < 5.0
+    assert GECO(["c"], controller=PIController(log_lambda_bounds=(-1.0, 2.0))).controller.log_lambda_bounds == (-1.0, 2.0)
+    with pytest.raises(ValueError, match=re.escape(
+        "PIController log_lambda_bounds (-30.0, -20.0) and GECO's (-5.0, 5.0) do not overlap"
+    )):
+        GECO(["c"], log_lambda_bounds=(-5.0, 5.0), controller=PIController(log_lambda_bounds=(-30.0, -20.0)))
+
+
 def test_pi_integrator_is_clamped_so_it_cannot_wind_up_past_the_bounds():
     pi = PIController(0.0, 1.0, log_lambda_bounds=(-2.0, 3.0), integral_error_limit=None)
     pi.reset(torch.zeros(1))

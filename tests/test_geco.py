@@ -150,6 +150,22 @@ def test_state_stays_fp32_under_autocast():
     assert geco.constraint_ema.dtype == torch.float32
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)])
+def test_the_multiplier_state_is_moved_but_never_cast(cast):
+    # The -true precisions call module.to(dtype): in bf16, log lambda near 3 moves in steps of
+    # 0.016, larger than an update's, so lambda froze; in fp16, exp overflowed past log lambda 11.
+    from lightning_geco.geco import MultiplierState
+
+    state = MultiplierState(2, initial_lambda=3.0)
+    state.log_lagrange_multiplier[1] = 11.5
+    before = state.log_lagrange_multiplier.clone()
+    cast(state)
+    assert state.log_lagrange_multiplier.dtype == state.constraint_ema.dtype == torch.float32
+    assert state.seeded.dtype == torch.bool
+    assert torch.equal(state.log_lagrange_multiplier, before)  # not rounded on the way
+    assert torch.isfinite(state.lagrange_multiplier).all()
+
+
 def test_state_dict_round_trip_and_incompatible_names():
     geco = GECO(["a", "b"], alpha=0.5)
     geco.constraint_term(torch.tensor([[0.1, -0.2]]))

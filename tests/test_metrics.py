@@ -249,6 +249,21 @@ def test_latent_activity_counts_active_units_and_splits_the_rate_by_dimension():
     assert math.isnan(metric.compute()["active_units"].item())
 
 
+def test_sum_states_are_moved_but_never_cast_by_a_cast_of_the_module():
+    # bf16-true casts the whole module: a bf16 count is exact only to 256 (10,010 read 9,984).
+    activity, reading = LatentActivity(), MeanWithStandardError()
+    activity.to(torch.bfloat16), reading.to(torch.bfloat16)
+    for _ in range(10):
+        activity.update(torch.ones(1001, 2), torch.zeros(1001, 2))
+        reading.update(torch.full((1001,), 0.25))
+    assert activity.count.dtype == reading.count.dtype == torch.float64
+    assert activity.count.item() == reading.count.item() == 10010
+    assert reading.compute()["mean"].item() == 0.25
+    torch.testing.assert_close(activity.compute()["kl_per_dim"], torch.full((2,), 0.5))
+    activity.reset()
+    assert activity.count.dtype == torch.float64  # the defaults too
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
