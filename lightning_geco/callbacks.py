@@ -121,6 +121,16 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return due or last
 
 
+def _batches_stepped(trainer: pl.Trainer) -> int:
+    """Training batches that stepped before the present one: GECO's updates, one a batch.
+
+    ``global_step`` is the same under automatic optimization but counts every optimizer's step
+    under manual optimization (a VAE-GAN's critic too); this is Lightning's logging count,
+    saved in and restored from checkpoints.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     """Sum over all ranks, identical everywhere. One all-reduce under torch.distributed (the
     strategy's ``reduce`` adds a barrier: a second collective per step); other strategies
@@ -368,7 +378,8 @@ class GECOCallback(Callback):
         ramp_follows_lr, noise_correction, release_threshold:
             ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"auto"``, ``"training"`` or ``"calibration"``.
-        calibration_every: optimizer steps between calibration measurements.
+        calibration_every: optimizer steps between calibration measurements (under manual
+            optimization, training batches that stepped: a critic's steps do not count).
         calibration_batch_size: images per calibration measurement, over all ranks together.
         calibration_seed: seed of the measurements' images and latent noise.
         calibration_dataset: the calibration split (default: ``trainer.datamodule.calibration_dataset``).
@@ -538,6 +549,8 @@ class GECOCallback(Callback):
         self.objective.attach(geco)
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
+        if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
+            self._last_calibration = None
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -740,7 +753,8 @@ class GECOCallback(Callback):
                 "(no C++ compiler on the CPU, no triton on CUDA, or TORCH_COMPILE_DISABLE); GECO's per-step "
                 "updates run eagerly (the same results)."
             )
-        self._last_calibration = None
+        if self._last_calibration is not None:
+            self._last_calibration = self._last_calibration.to(pl_module.device)
 
     # --------------------------------------------------------------- update
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -767,7 +781,7 @@ class GECOCallback(Callback):
             geco.controller.pace.fill_(rate / self._peak_learning_rate if self._peak_learning_rate > 0 else 1.0)
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
-        if self.active_drive == "calibration" and trainer.global_step % self.calibration_every == 0:
+        if self.active_drive == "calibration" and _batches_stepped(trainer) % self.calibration_every == 0:
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = constraint_means(measured)
@@ -780,7 +794,7 @@ class GECOCallback(Callback):
         # every optimizer's step.
         checking = logging or (
             getattr(trainer, "log_every_n_steps", 1) == 0
-            and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % UNLOGGED_CHECK_EVERY == 0
+            and (_batches_stepped(trainer) + 1) % UNLOGGED_CHECK_EVERY == 0
         )
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, constraint_means(statistics))
@@ -843,8 +857,9 @@ class GECOCallback(Callback):
 
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
-        measurement ``global_step // calibration_every``'s calibration images (eval mode, no gradients)."""
-        measurement = trainer.global_step // self.calibration_every
+        measurement ``batches stepped // calibration_every``'s calibration images (eval mode, no
+        gradients; the batches that stepped so far, ``global_step`` under automatic optimization)."""
+        measurement = _batches_stepped(trainer) // self.calibration_every
         dataset = self._ready_calibration
         generator = torch.Generator().manual_seed(_measurement_seed(self.calibration_seed, measurement))
         indices = torch.randint(dataset_length(dataset), (self.calibration_batch_size,), generator=generator)
@@ -923,6 +938,7 @@ class GECOCallback(Callback):
             "active_drive": self.active_drive,
             "peak_learning_rate": self._peak_learning_rate,
             "stall_detector": self.detector.state_dict() if self.detector is not None else None,
+            "last_calibration": None if self._last_calibration is None else self._last_calibration.tolist(),
         }
 
     def _constraints_as_trained(self) -> list[dict[str, Any]]:
@@ -954,6 +970,13 @@ class GECOCallback(Callback):
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
         self._peak_learning_rate = state.get("peak_learning_rate")
+        # Checkpoints from before it was saved have none; under a changed tolerance it would be
+        # read against the new one (it is reading - tolerance).
+        last = state.get("last_calibration")
+        if last is None or any(_tolerance_changed(before, now) for before, now in zip(saved, current)):
+            self._last_calibration = None
+        else:
+            self._last_calibration = torch.tensor(last, device=self.geco.device)
         evidence = state.get("stall_detector")
         if evidence is not None and self.detector is not None:  # a resumed fit keeps the evidence so far
             self.detector.load_state_dict(evidence)

@@ -13,7 +13,7 @@ from lightning_geco.datamodules import ShapesDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from geco_run import run
-from helpers import quiet_trainer, tiny_conv_vae
+from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
 from lightning_geco.resume import RandomState
 
@@ -91,6 +91,47 @@ def test_calibration_reads_the_model_in_eval_mode_without_gradients_and_leaves_t
     assert calibration == [(False, False, 5)] * 2  # steps 0 and 2
     assert all(mode and grad for mode, grad, _ in training) and len(training) == 4
     assert callback.geco.num_measurements == 2 and model.training
+
+
+@pytest.mark.parametrize("critic_first", [False, True])
+def test_two_optimizers_a_batch_are_measured_every_calibration_every_batches(critic_first):
+    # global_step counts both optimizers' steps: keyed on it, a critic stepping first left GECO's
+    # updates on odd steps, never measured (lambda frozen), and a VAE stepping first was measured
+    # every 8 batches with 16 steps' gains.
+    pl.seed_everything(0)
+    model = tiny_conv_vae(model_class=TwoOptimizerVAE, critic_first=critic_first)
+    spy = ModeSpy(model)
+    callback = GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                            calibration_dataset=TensorDataset(_images(20, 1)))
+    trainer = quiet_trainer(max_steps=16, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(model, DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
+    assert trainer.global_step == 16 and callback.geco.num_updates == 8  # 8 batches
+    assert callback.geco.num_measurements == 4  # batches 0, 2, 4 and 6
+    assert [s[2] for s in spy.seen] == [8, 5, 8, 8, 5, 8, 8, 5, 8, 8, 5, 8]
+    assert callback.geco.log_lagrange_multiplier.item() != 0.0
+
+
+def test_a_resumed_fit_keeps_the_last_calibration_measurement(tmp_path):
+    # It is what the stall watch and the summary read under the calibration drive; a resumed fit
+    # had none until its first measurement (and one with no step left, none at all).
+    def fit(callback, max_steps, ckpt_path=None):
+        pl.seed_everything(0)
+        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback])
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(64, 0)), batch_size=8), ckpt_path=ckpt_path)
+        return trainer
+
+    def callback():
+        return GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                            calibration_dataset=TensorDataset(_images(20, 1)))
+
+    first = callback()
+    fit(first, 5).save_checkpoint(tmp_path / "five.ckpt")
+    measured = first.last_calibration
+    assert measured is not None and first.geco.num_measurements == 3
+    resumed = callback()
+    fit(resumed, 5, ckpt_path=tmp_path / "five.ckpt")  # no step left
+    assert torch.equal(resumed.last_calibration, measured)
+    assert resumed.regulated_ratio() == first.regulated_ratio()
 
 
 def test_the_datamodule_calibration_split_drives_lambda(tmp_path):
