@@ -308,14 +308,29 @@ class ReconstructionBCE(Constraint):
 
 # SSIM's structure constant C3 = (0.03)^2 / 2 for data in [0, 1]: it keeps flat patches defined.
 NCC_STABILISER = 0.03**2 / 2
+# The least contrast, as a share of x's, up to which a patch of y counts as x's structure rescaled.
+NCC_MIN_CONTRAST = 0.25
 
 
-def patch_ncc(x: Tensor, y: Tensor, patch_size: int = 7, stride: int = 7, stabiliser: float = NCC_STABILISER) -> Tensor:
+def patch_ncc(
+    x: Tensor,
+    y: Tensor,
+    patch_size: int = 7,
+    stride: int = 7,
+    stabiliser: float = NCC_STABILISER,
+    min_contrast: float = NCC_MIN_CONTRAST,
+) -> Tensor:
     """Normalised cross-correlation of each patch of x and y, (N, C, H, W) -> (N, C, h, w).
 
-    ``(cov(x, y) + c) / (std(x) std(y) + c)`` over each ``patch_size``^2 window (SSIM's
-    structure term): 1 for identical patches, flat ones included; unchanged when a patch's
-    brightness is shifted or its contrast scaled by a positive factor; at most 1.
+    ``(cov(x, y) + c) / (std(x) max(std(y), k std(x)) + c)`` over each ``patch_size``^2 window,
+    dimensionless, at most 1: SSIM's structure term ``(cov + c) / (std std + c)`` wherever y
+    keeps at least ``k`` (``min_contrast``, 0.25) of x's contrast. It is 1 for identical patches,
+    flat ones included; unchanged when a patch's brightness is shifted or its contrast scaled
+    by a factor of at least k; a patch of x that is flat counts as matched whatever y holds.
+    Below k the structure term alone would still read 1 (a flat reconstruction of a stroke
+    patch read 0.99, so a blank image met any minimum): the correlation is read against
+    k std(x) instead, so a flat reconstruction of a patch of variance v reads ``c / (k v + c)``
+    (0.03 for v = 0.06), and one at contrast a < k reads about ``a / k``.
     """
     if x.dim() != 4 or min(x.shape[-2:]) < patch_size:
         raise ValueError(
@@ -329,7 +344,8 @@ def patch_ncc(x: Tensor, y: Tensor, patch_size: int = 7, stride: int = 7, stabil
     var_y = (pool(y * y) - mean_y.pow(2)).clamp_min(0.0)
     covariance = pool(x * y) - mean_x * mean_y
     # The tiny floor keeps sqrt's gradient finite on perfectly flat patches.
-    return (covariance + stabiliser) / ((var_x + 1e-10).sqrt() * (var_y + 1e-10).sqrt() + stabiliser)
+    std_x, std_y = (var_x + 1e-10).sqrt(), (var_y + 1e-10).sqrt()
+    return (covariance + stabiliser) / (std_x * torch.maximum(std_y, min_contrast * std_x) + stabiliser)
 
 
 class PatchNCC(Constraint):

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import attach_fixed_lambda, quiet_trainer, random_images, save_classifier, tiny_conv_vae
@@ -65,11 +66,28 @@ def test_bce_needs_a_bernoulli_decoder_and_data_it_can_reach():
 def test_pncc_is_one_for_identical_images_and_for_brightness_and_contrast_changes():
     x = random_images(3, (2, 14, 14))
     constraint = PatchNCC(minimum=0.9, patch_size=7, stride=7)
-    for y in (x, x + 0.3, 0.5 * x, 0.25 * x + 0.6):
+    for y in (x, x + 0.3, 0.5 * x, 0.25 * x + 0.6, 3.0 * x):  # contrast kept down to a quarter
         torch.testing.assert_close(constraint.reading(fake_output(x, y)), torch.ones(3), atol=2e-5, rtol=0)
     torch.testing.assert_close(constraint(fake_output(x, 0.5 * x + 0.1)), torch.full((3,), -0.1), atol=2e-5, rtol=0)
     flat = torch.zeros(1, 1, 7, 7)
     assert patch_ncc(flat, flat).item() == pytest.approx(1.0, abs=1e-6)
+    # nothing to match (to within the 1e-5 floor under its standard deviation, times y's)
+    assert patch_ncc(flat, random_images(1, (1, 7, 7))).item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_pncc_of_a_flat_or_washed_out_reconstruction_of_a_patch_with_structure_is_low():
+    # SSIM's structure term alone, (cov + c) / (std std + c), read 0.99 here: a blank image met any minimum.
+    strokes = (random_images(2, (1, 28, 28)) > 0.7).float()
+    c, k = 0.03**2 / 2, 0.25
+    variance = F.avg_pool2d(strokes * strokes, 7) - F.avg_pool2d(strokes, 7).pow(2)
+    for blank in (torch.zeros_like(strokes), torch.full_like(strokes, 0.5)):
+        torch.testing.assert_close(patch_ncc(strokes, blank), c / (k * variance + c), atol=1e-5, rtol=1e-4)
+    assert (patch_ncc(strokes, torch.zeros_like(strokes)) < 0.05).all()
+    blank_reading = PatchNCC(0.5).reading(fake_output(strokes, torch.zeros_like(strokes)))
+    assert not PatchNCC(0.5).satisfied_by(blank_reading.mean().item())
+    # Washed out to a tenth of its contrast: about 0.1 / 0.25 of a match.
+    torch.testing.assert_close(patch_ncc(strokes, 0.1 * strokes + 0.4), (0.1 * variance + c) / (k * variance + c),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_pncc_of_a_hand_made_patch_pair_matches_the_formula():
