@@ -188,6 +188,20 @@ def test_a_bernoulli_model_loads_with_its_likelihood(tmp_path):
     _same_outputs(model, loaded, x)
 
 
+def test_a_loaded_model_orders_its_traversal_panel_as_the_trained_one(tmp_path):
+    # The per-dimension KL of the last validation picks the dimensions the panel moves; a loaded
+    # model had none until it validated again, and moved dimensions 0, 1, 2, ... instead.
+    model = build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)]))
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(model, DataLoader(random_images(16, model.image_shape), batch_size=8))
+    model.kl_per_dimension = torch.tensor([0.1, 0.5, 0.0, 0.3] + [0.0] * (model.latent_dim - 4))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert loaded.traversal_dimensions(3) == model.traversal_dimensions(3) == [1, 3, 0]
+    assert ConvVAE(image_shape=(1, 16, 16)).traversal_dimensions(3) == [0, 1, 2]  # never validated
+
+
 def test_validate_and_predict_from_a_checkpoint_read_the_trained_lambda(tmp_path):
     model = _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.03)])), tmp_path)
     trained = float(model.objective.lagrange_multiplier)

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -139,6 +140,39 @@ def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
         ConvDRAW(num_steps=0)
     with pytest.raises(ValueError, match="A coupling flow needs a code of at least 2 dimensions, got latent_dim=1"):
         FlowVAE(latent_dim=1)
+
+
+@pytest.mark.parametrize("build_it, message", [
+    # these failed with an IndexError, torch's "negative dimension", a TypeError of duplicate
+    # keywords, or not at all (hidden_dim 0 built a posterior that ignores its input)
+    (lambda: ConvVAE(widths=()), "widths must be the channels of one or more stride-2 levels, positive ints (e.g. [32, 64, 64]), got ()."),
+    (lambda: ConvDRAW(widths=[8, -1]), "widths must be the channels of one or more stride-2 levels, positive ints (e.g. [32, 64, 64]), got [8, -1]."),
+    (lambda: ConvVAE(hidden_dim=0), "hidden_dim must be a positive int (the fully connected layer's width), got 0."),
+    (lambda: LadderVAE(latent_dim=5), "LadderVAE takes latent_dims, one size per stochastic layer (its latent_dim is their sum), got latent_dim=5: pass e.g. latent_dims=[16, 8]."),
+    (lambda: ConvDRAW(latent_dim=5), "ConvDRAW derives its latent_dim (num_steps x latent_channels x the reader's output size), got latent_dim=5: set num_steps and latent_channels instead."),
+    (lambda: ConvDRAW(num_steps=2.5), "ConvDRAW num_steps, latent_channels and hidden_channels must be positive ints, got 2.5, 4, 64."),
+])
+def test_a_bad_architecture_is_refused_naming_the_value(build_it, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_it()
+
+
+def test_a_bernoulli_likelihood_on_grey_images_warns_that_the_elbo_bounds_nothing():
+    def fit(images):
+        model = tiny_conv_vae(objective=ELBO(), likelihood=BernoulliLikelihood())
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, DataLoader(images, batch_size=8))
+
+    grey = torch.full((8, 1, 16, 16), 0.5)
+    grey[:, :, :8] = 0.0
+    expected = ("BernoulliLikelihood reads binary images, but 50.0% of the first training batch's pixels lie strictly "
+                "between 0 and 1: log p(x|z) is then no normalised density, so val/elbo and val/iwae bound no "
+                f"log-likelihood and include the data's own binary entropy ({128 * math.log(2):.1f} nats per image on "
+                "this batch). Binarize the data (--data.binarize true) for a binary-image ELBO, or use GaussianLikelihood.")
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        fit(grey)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="BernoulliLikelihood")
+        fit((grey > 0.25).float())  # binary: nothing to say
 
 
 @pytest.mark.parametrize("name", MODELS)

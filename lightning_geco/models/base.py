@@ -380,6 +380,8 @@ class VAEModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch_images(batch)
         self.check_images(x, check_range=not self._checked_range)
+        if not self._checked_range:
+            self.likelihood.check_data(x)
         self._track_pixel_range(x)
         output = self(x, batch_labels(batch))
         self._checked_range = True
@@ -542,6 +544,10 @@ class VAEModule(pl.LightningModule):
         if hyperparameters is not None:
             hyperparameters["objective"] = piece_config(self.objective)
             hyperparameters["likelihood"] = piece_config(self.likelihood)
+        # Not a buffer (a model built before its first validation has none): what orders a loaded
+        # model's traversal panel as the trained one's.
+        if self.kl_per_dimension is not None:
+            checkpoint["kl_per_dimension"] = self.kl_per_dimension.tolist()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a differently built model with the differing setting named, and
@@ -571,6 +577,8 @@ class VAEModule(pl.LightningModule):
                 "another, pass it: load_from_checkpoint(path, objective=...)."
             )
         upgrade_multiplier_buffers(checkpoint, self)
+        if checkpoint.get("kl_per_dimension") is not None:
+            self.kl_per_dimension = torch.tensor(checkpoint["kl_per_dimension"])
         # A scheduled objective (KL warm-up, capacity) weighs the terms as at the saved step.
         self.objective.set_step(int(checkpoint.get("global_step", 0)))
 

@@ -60,7 +60,13 @@ class ConvDRAW(VAEModule):
         widths: Sequence[int] = (32, 64, 64, 64),
         **kwargs: Any,
     ) -> None:
-        if num_steps < 1 or latent_channels < 1 or hidden_channels < 1:
+        if "latent_dim" in kwargs:
+            raise ValueError(
+                f"ConvDRAW derives its latent_dim (num_steps x latent_channels x the reader's output size), got "
+                f"latent_dim={kwargs['latent_dim']!r}: set num_steps and latent_channels instead."
+            )
+        counts = (num_steps, latent_channels, hidden_channels)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
             raise ValueError(
                 "ConvDRAW num_steps, latent_channels and hidden_channels must be positive ints, got "
                 f"{num_steps!r}, {latent_channels!r}, {hidden_channels!r}."

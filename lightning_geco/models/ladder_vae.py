@@ -78,6 +78,11 @@ class LadderVAE(VAEModule):
         hidden_dim: int = 256,
         **kwargs: Any,
     ) -> None:
+        if "latent_dim" in kwargs:
+            raise ValueError(
+                f"LadderVAE takes latent_dims, one size per stochastic layer (its latent_dim is their sum), got "
+                f"latent_dim={kwargs['latent_dim']!r}: pass e.g. latent_dims=[16, 8]."
+            )
         latent_dims = [int(d) for d in latent_dims]
         if len(latent_dims) < 2 or min(latent_dims) < 1:
             raise ValueError(

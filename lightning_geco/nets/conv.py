@@ -11,7 +11,15 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["ConvDecoder", "ConvDownsampler", "ConvEncoder", "ConvUpsampler", "check_image_shape", "conv_feature_sizes"]
+__all__ = [
+    "ConvDecoder",
+    "ConvDownsampler",
+    "ConvEncoder",
+    "ConvUpsampler",
+    "check_image_shape",
+    "check_widths",
+    "conv_feature_sizes",
+]
 
 
 def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
@@ -26,6 +34,22 @@ def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[i
             )
         sizes.append((h // 2, w // 2))
     return sizes
+
+
+def check_widths(widths: Sequence[int]) -> list[int]:
+    """``widths`` as a list of channel counts; a clear error unless it is one or more positive ints."""
+    values = list(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else []
+    if not values or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in values):
+        raise ValueError(
+            f"widths must be the channels of one or more stride-2 levels, positive ints (e.g. [32, 64, 64]), got {widths!r}."
+        )
+    return values
+
+
+def _check_hidden_dim(hidden_dim: int) -> int:
+    if not (isinstance(hidden_dim, int) and not isinstance(hidden_dim, bool) and hidden_dim >= 1):
+        raise ValueError(f"hidden_dim must be a positive int (the fully connected layer's width), got {hidden_dim!r}.")
+    return hidden_dim
 
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -45,6 +69,7 @@ class ConvDownsampler(nn.Module):
 
     def __init__(self, in_channels: int, height: int, width: int, widths: Sequence[int]) -> None:
         super().__init__()
+        widths = check_widths(widths)
         self.sizes = conv_feature_sizes(height, width, len(widths))
         layers: list[nn.Module] = []
         for out_channels in widths:
@@ -65,8 +90,8 @@ class ConvUpsampler(nn.Module):
 
     def __init__(self, out_channels: int, height: int, width: int, widths: Sequence[int]) -> None:
         super().__init__()
+        widths = check_widths(widths)
         self.sizes = conv_feature_sizes(height, width, len(widths))
-        widths = list(widths)
         channels = widths[-2::-1] + [out_channels]
         self.deconvs = nn.ModuleList(
             nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
@@ -95,6 +120,7 @@ class ConvEncoder(ConvDownsampler):
     def __init__(self, image_shape: Sequence[int], widths: Sequence[int] = (32, 32, 64, 64), hidden_dim: int = 256):
         channels, height, width = check_image_shape(image_shape)
         super().__init__(channels, height, width, widths)
+        _check_hidden_dim(hidden_dim)
         h, w = self.sizes[-1]
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * h * w, hidden_dim), nn.SiLU())
         self.out_features = hidden_dim
@@ -118,6 +144,7 @@ class ConvDecoder(ConvUpsampler):
     ):
         channels, height, width = check_image_shape(image_shape)
         super().__init__(channels, height, width, widths)
+        _check_hidden_dim(hidden_dim)
         h, w = self.sizes[-1]
         self.top_shape = (widths[-1], h, w)
         self.fc = nn.Sequential(
