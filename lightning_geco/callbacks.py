@@ -220,6 +220,37 @@ def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence
     return batch_images(batch), batch_labels(batch)
 
 
+def _image_summary(batch: Any) -> tuple[tuple[int, ...], float, float] | None:
+    """(shape of one image, min, max) of a batch's images; None when the batch holds none we can find."""
+    try:
+        x = batch_images(batch)
+    except TypeError:
+        return None
+    if x.dim() < 2 or x.numel() == 0:
+        return None
+    values = x.detach().float()
+    return tuple(x.shape[1:]), float(values.min()), float(values.max())
+
+
+def _images_mismatch(
+    training: tuple[tuple[int, ...], float, float] | None, calibration: tuple[tuple[int, ...], float, float] | None
+) -> str | None:
+    """Why calibration images are unlike the training images (another shape, or a largest magnitude
+    more than twice or under half theirs), or None."""
+    if training is None or calibration is None:
+        return None
+    (shape, low, high), (calibration_shape, calibration_low, calibration_high) = training, calibration
+    if calibration_shape != shape:
+        return f"the calibration images have shape {calibration_shape}, the training images {shape}"
+    scale, calibration_scale = max(abs(low), abs(high)), max(abs(calibration_low), abs(calibration_high))
+    if scale > 0 and calibration_scale > 0 and not 0.5 <= calibration_scale / scale <= 2.0:
+        return (
+            f"the calibration images span [{calibration_low:.4g}, {calibration_high:.4g}], the first training batch "
+            f"[{low:.4g}, {high:.4g}]"
+        )
+    return None
+
+
 def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
     """A seed that is a function of (seed, measurement number, stream) alone."""
     return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
@@ -501,6 +532,10 @@ class GECOCallback(Callback):
         self.detector: StallDetector | None = None
         self._calibration: Dataset | None = None
         self._last_calibration: Tensor | None = None
+        # (shape of one image, min, max) of this rank's first training batch of the fit, which the
+        # first calibration measurement is checked against (None: not seen yet)
+        self._training_images: tuple[tuple[int, ...], float, float] | None = None
+        self._calibration_checked = False
         self._state_to_load: dict[str, Any] | None = None
         self._resumed_drive: str | None = None
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
@@ -551,6 +586,7 @@ class GECOCallback(Callback):
         self._peak_learning_rate = None
         if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
             self._last_calibration = None
+            self._training_images, self._calibration_checked = None, False
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -759,6 +795,8 @@ class GECOCallback(Callback):
     # --------------------------------------------------------------- update
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_updated = False
+        if self._training_images is None and self.active_drive == "calibration":
+            self._training_images = _image_summary(batch)  # one host read, on the fit's first batch
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -782,6 +820,8 @@ class GECOCallback(Callback):
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
         if self.active_drive == "calibration" and _batches_stepped(trainer) % self.calibration_every == 0:
+            if not self._calibration_checked:
+                self._check_calibration_images(trainer, pl_module)
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = constraint_means(measured)
@@ -854,6 +894,24 @@ class GECOCallback(Callback):
         except Exception as error:  # noqa: BLE001 - a speculative call: whatever fails, train as before, and say why
             return f"{type(error).__name__}: {error}"
         return None
+
+    def _check_calibration_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse calibration images of another shape or scale than the training images (before the
+        first measurement of a fit): a measurement on them would steer lambda by a meaningless
+        reading (images in [0, 255] beside training images in [0, 1] drove lambda to 3.4 million).
+        Decided on every rank alike, from a flag all-reduced over the ranks."""
+        self._calibration_checked = True
+        dataset = self._ready_calibration
+        first = list(range(min(self.calibration_batch_size, dataset_length(dataset))))
+        problem = _images_mismatch(self._training_images, _image_summary(_calibration_inputs(trainer, dataset, first)[0]))
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=pl_module.device)
+        if float(_all_reduce_sum(trainer, flag)[0]) > 0:
+            raise ValueError(
+                "GECOCallback(drive='calibration'): "
+                + (problem or "another rank found the calibration images unlike its training images (see its error)")
+                + ". The calibration split must hold images like the training images (the same shape, scaling and "
+                "transforms), or lambda is steered by a reading of other data."
+            )
 
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of

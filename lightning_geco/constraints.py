@@ -220,17 +220,24 @@ class ReconstructionMSE(Constraint):
         return mse_to_psnr(self.tolerance_mse / (self.peak or 1.0) ** 2)
 
     def check_data(self, output: VAEOutput) -> None:
-        # A PSNR means something only against the data's peak: data outside [0, peak], or far
-        # below it (peak 255 on images in [0, 1]: 48 dB off), make the stated dB another quality.
-        if self.unit != "psnr" or self.peak is None:
+        # A PSNR, or an MSE checked against a peak, means something only for data in [0, peak]:
+        # data outside it, or far below it (peak 255 on images in [0, 1]: 48 dB off), make the
+        # stated figure another quality (images in [0, 255] under an MSE of 0.03 drove lambda to 6e12).
+        if self.peak is None:
             return
         low, high = float(output.x.min()), float(output.x.max())
         if low < -1e-3 * self.peak or high > (1 + 1e-3) * self.peak or high < 0.1 * self.peak:
+            stated = f"a PSNR of {self.tolerance:g} dB" if self.unit == "psnr" else f"an MSE of {self.tolerance:g}"
+            fix = (
+                "or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)"
+                if self.unit == "psnr"
+                else "or pass peak=None (in a config: peak: null) for an MSE in the data's own units squared"
+            )
             rank_zero_warn(
-                f"ReconstructionMSE {self.name!r}: a PSNR of {self.tolerance:g} dB is stated against peak "
-                f"{self.peak:g} (data in [0, {self.peak:g}]), but the first training batch spans [{low:.4g}, "
-                f"{high:.4g}]: the dB it holds is not the one asked for. Pass peak= the data's peak value with "
-                "data in [0, peak], or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)."
+                f"ReconstructionMSE {self.name!r}: {stated} is stated against peak {self.peak:g} (data in "
+                f"[0, {self.peak:g}]), but the first training batch spans [{low:.4g}, {high:.4g}]: the quality it "
+                f"holds is not the one asked for. Scale the data to [0, {self.peak:g}], pass peak= the data's peak "
+                f"value, {fix}."
             )
 
     def reading(self, output: VAEOutput) -> Tensor:

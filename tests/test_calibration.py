@@ -134,6 +134,24 @@ def test_a_resumed_fit_keeps_the_last_calibration_measurement(tmp_path):
     assert resumed.regulated_ratio() == first.regulated_ratio()
 
 
+@pytest.mark.parametrize("calibration, message", [
+    (_images(20, 1) * 255, "the calibration images span [0, 255], the first training batch [0, 1]"),
+    (_images(20, 1)[:, :, :8], "the calibration images have shape (1, 8, 16), the training images (1, 16, 16)"),
+])
+def test_calibration_images_unlike_the_training_images_are_refused_before_they_move_lambda(calibration, message):
+    # In a trial, images in [0, 255] as the calibration set beside training images in [0, 1] drove
+    # lambda to 3.4 million while the verdict, read on the validation images, said met.
+    callback = GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                            calibration_dataset=TensorDataset(calibration))
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback])
+    with pytest.raises(ValueError, match=re.escape(
+        f"GECOCallback(drive='calibration'): {message}. The calibration split must hold images like the training images "
+        "(the same shape, scaling and transforms), or lambda is steered by a reading of other data."
+    )):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
+    assert callback.geco.num_measurements == 0
+
+
 def test_the_datamodule_calibration_split_drives_lambda(tmp_path):
     def fit(given):
         pl.seed_everything(0)

@@ -213,16 +213,27 @@ def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_
         psnr.lagrangian(rate, raw, raw)
     with pytest.warns(UserWarning, match=re.escape(
         "ReconstructionMSE 'reconstruction': a PSNR of 20 dB is stated against peak 1 (data in [0, 1]), but the first "
-        "training batch spans [-24, 52]: the dB it holds is not the one asked for."
+        "training batch spans [-24, 52]: the quality it holds is not the one asked for. Scale the data to [0, 1], pass "
+        "peak= the data's peak value, or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)."
     )):
         psnr.lagrangian(rate, raw, raw)
     with pytest.warns(UserWarning, match=re.escape("a PSNR of 30 dB is stated against peak 255 (data in [0, 255]), but "
                                                    "the first training batch spans [0, 1]")):
         images = torch.linspace(0, 1, 160).reshape(8, 20)  # peak 255 on images in [0, 1]: 48 dB off
         objective(ReconstructionMSE(30, unit="psnr", peak=255)).lagrangian(rate, images, images)
+    # An MSE against the default peak 1 on images in [0, 255] (it drove lambda to 6e12, then non-finite).
+    with pytest.warns(UserWarning, match=re.escape(
+        "ReconstructionMSE 'reconstruction': an MSE of 0.03 is stated against peak 1 (data in [0, 1]), but the first "
+        "training batch spans [0, 255]: the quality it holds is not the one asked for. Scale the data to [0, 1], pass "
+        "peak= the data's peak value, or pass peak=None (in a config: peak: null) for an MSE in the data's own units squared."
+    )):
+        bytes_ = torch.linspace(0, 255, 160).reshape(8, 20)
+        objective(ReconstructionMSE(0.03)).lagrangian(rate, bytes_, bytes_)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         psnr.lagrangian(rate, raw, raw)  # once
+        objective(ReconstructionMSE(0.03)).lagrangian(rate, torch.linspace(0, 1, 160).reshape(8, 20), raw)
+        objective(ReconstructionMSE(0.03, peak=None)).lagrangian(rate, raw, raw)  # data in their own units
         objective(ReconstructionMSE(20, unit="psnr", peak=255)).lagrangian(rate, raw.abs() * 4, raw.abs())
     # A tolerance below the data's own entropy is refused at the first batch, as in training_step.
     with pytest.raises(ValueError, match=r"ReconstructionBCE tolerance 0.01 nats/element cannot be met"):
