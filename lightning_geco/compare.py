@@ -75,10 +75,15 @@ def load_run(path: str | Path) -> Run:
         )
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
     segments = _segments(run_dir)
-    if summary_file.name == "summary.json":
-        # A resumed run's figures are its newest segment's (the one given may be an earlier one).
+    last_segment = None
+    if summary_file.name == "summary.json" and not path.is_file():
+        # A resumed run's figures are its newest segment's (the folder given may be an earlier one).
         newest = [s / "files" / "summary.json" for s in segments if (s / "files" / "summary.json").exists()]
         summary_file = newest[-1] if newest else summary_file
+    elif summary_file.name == "summary.json" and run_dir.resolve() != segments[-1].resolve():
+        # A file named by path is read as it is: an extended run's earlier summary (before a longer
+        # fit or another tolerance), with the curves up to it, apart from the run's newest.
+        last_segment = run_dir
     try:
         summary = json.loads(summary_file.read_text())
     except ValueError as error:  # a file cut short, or not JSON
@@ -88,8 +93,8 @@ def load_run(path: str | Path) -> Run:
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     checkpoint = summary.get("checkpoint") if stage else None
     name = _trained_run(Path(checkpoint)) if checkpoint else run_dir.name
-    source = (segments[0].resolve(), summary_file.name)
-    return Run(name=name + stage, summary=summary, history=joined_history(run_dir), source=source)
+    source = (segments[0].resolve(), summary_file.name) if last_segment is None else (summary_file.resolve(), "")
+    return Run(name=name + stage, summary=summary, history=joined_history(run_dir, last_segment), source=source)
 
 
 def _trained_run(checkpoint: Path) -> str:
@@ -114,13 +119,16 @@ def _segments(run_dir: Path) -> list[Path]:
     return sorted(f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id)
 
 
-def joined_history(run_dir: Path) -> list[dict[str, Any]]:
+def joined_history(run_dir: Path, last_segment: Path | None = None) -> list[dict[str, Any]]:
     """The W&B history of a run across its resumed segments: every folder beside ``run_dir``
     with the same run id (a resumed run writes a new one offline), oldest first, each later
     segment replacing the rows from its first step on (a resume starts over from its
-    checkpoint's step). Empty without W&B records."""
+    checkpoint's step), up to ``last_segment`` (None: the newest). Empty without W&B records."""
     rows: list[dict[str, Any]] = []
-    for segment in _segments(run_dir):
+    segments = _segments(run_dir)
+    if last_segment is not None:
+        segments = segments[: [s.resolve() for s in segments].index(last_segment.resolve()) + 1]
+    for segment in segments:
         if not list(segment.glob("run-*.wandb")):
             continue
         later = read_history(segment)

@@ -607,6 +607,8 @@ def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacin
     assert [(row["trainer/global_step"], row["v"]) for row in joined] == [
         (10, "old"), (20, "old"), (30, "new"), (40, "new"), (50, "new")
     ]
+    first = joined_history(tmp_path / "offline-run-20261127_100500-abc123", tmp_path / "offline-run-20261127_100000-abc123")
+    assert [row["v"] for row in first] == ["old"] * 4  # up to the earlier segment
 
 
 def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses_one_run_twice(tmp_path, capsys):
@@ -626,6 +628,11 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "validate_summary.json").write_text(json.dumps({"checkpoint": "/x/lightning_logs/version_3/checkpoints/e.ckpt"}))
     assert load_run(tmp_path / "plain" / "validate_summary.json").name == "version_3 (validation set)"
+    # A summary.json named by path is read as it is: an extended run before and after (a trial's
+    # "loosen the tolerance" comparison showed the extension's figures in both rows).
+    before = load_run(first / "files" / "summary.json")
+    assert before.summary["global_step"] == 200 and before.summary["tolerance"] == 0.005
+    assert compare_main([str(first / "files" / "summary.json"), str(resumed), "--out", str(tmp_path / "both")]) == 0
     assert compare_main([str(first), str(resumed / "files" / "test_summary.json"), "--out", str(tmp_path / "ok")]) == 0
     assert compare_main([str(first), str(resumed), "--out", str(tmp_path / "twice")]) == 2
     assert capsys.readouterr().err == (
