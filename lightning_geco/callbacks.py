@@ -536,6 +536,7 @@ class GECOCallback(Callback):
         # first calibration measurement is checked against (None: not seen yet)
         self._training_images: tuple[tuple[int, ...], float, float] | None = None
         self._calibration_checked = False
+        self._warned_repeated_calls = False
         self._state_to_load: dict[str, Any] | None = None
         self._resumed_drive: str | None = None
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
@@ -687,7 +688,7 @@ class GECOCallback(Callback):
         if epochs > AUTO_CALIBRATION_EPOCHS:
             reasons.append(
                 f"the run sees each training image {epochs:.3g} times (more than {AUTO_CALIBRATION_EPOCHS:g}), "
-                "and by then the training batches read better than new images"
+                "and by then the training batches may read better than new images (a model can learn them by heart)"
             )
         return reasons
 
@@ -795,6 +796,7 @@ class GECOCallback(Callback):
     # --------------------------------------------------------------- update
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_updated = False
+        self._ready_geco.recorded_calls = 0
         if self._training_images is None and self.active_drive == "calibration":
             self._training_images = _image_summary(batch)  # one host read, on the fit's first batch
 
@@ -847,6 +849,19 @@ class GECOCallback(Callback):
                 f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}, read at the logging steps); "
                 f"lambda was last {geco.lagrange_multiplier.tolist()}. A skipped step changes no weight, so the model "
                 f"as the last finite step left it gives non-finite values on every batch. {_nonfinite_advice(trainer)}"
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        calls = self._ready_geco.recorded_calls
+        if calls > 1 and not self._warned_repeated_calls:
+            self._warned_repeated_calls = True
+            rank_zero_warn(
+                f"GECO: the constraints were recorded {calls} times on one training batch (the objective, or its "
+                "lagrangian, called more than once in training mode): every call's examples count towards lambda's "
+                "update, as micro-batches do. Call it once a batch, on the batch you train on; for a figure to "
+                "log, read objective.constraint_values(output), which records nothing."
             )
 
     @staticmethod

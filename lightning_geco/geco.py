@@ -344,6 +344,9 @@ class GECO:
         #: whether :meth:`constraint_term` recorded a batch since the callback last took the
         #: statistics (a host flag, so asking costs no device read)
         self.recorded = False
+        #: how many (micro-)batches :meth:`constraint_term` recorded since the callback last reset
+        #: it (each training batch): a host count, more than one when a step calls the loss twice
+        self.recorded_calls = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -469,6 +472,7 @@ class GECO:
         per_example = _as_fp32(per_example)
         batch_mean = per_example.mean(dim=0)
         self.recorded = True
+        self.recorded_calls += 1
         return batch_mean + self._record_and_smooth(per_example.detach(), batch_mean.detach())
 
     @_compilable

@@ -381,7 +381,7 @@ class RunSummary(Callback):
         if getattr(trainer, "fast_dev_run", False):
             return None
         directory = run_directory(trainer)
-        path = directory / filename
+        path = directory.resolve() / filename  # absolute: the file says where it is from any folder
         summary["path"] = str(path)
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")

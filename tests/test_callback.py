@@ -273,3 +273,27 @@ def test_lambda_moves_under_bf16_true_precision():
     assert next(model.parameters()).dtype == torch.bfloat16
     assert callback.geco.log_lagrange_multiplier.dtype == torch.float32
     assert callback.geco.log_lagrange_multiplier.item() > math.log(20.0) + 0.1
+
+
+class TwiceVAE(ConvVAE):
+    """Calls the objective a second time on part of the batch, as a figure for the logs."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.objective(self(batch[0][:4], None))
+        return loss
+
+
+def test_a_loss_recorded_twice_on_one_training_batch_is_warned_once():
+    # In a trial a second lagrangian call for a logged figure moved lambda to 3.5 instead of 1.7, silently.
+    pl.seed_everything(0)
+    message = ("GECO: the constraints were recorded 2 times on one training batch (the objective, or its lagrangian, "
+               "called more than once in training mode): every call's examples count towards lambda's update, as "
+               "micro-batches do. Call it once a batch, on the batch you train on; for a figure to log, read "
+               "objective.constraint_values(output), which records nothing.")
+    with pytest.warns(UserWarning, match=re.escape(message)) as record:
+        _trainer([GECOCallback()], limit_val_batches=0).fit(tiny_conv_vae(model_class=TwiceVAE), _loader())
+    assert sum("recorded 2 times" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():  # once a batch, micro-batches included: nothing to say
+        warnings.filterwarnings("error", message="GECO: the constraints were recorded")
+        _trainer([GECOCallback()], limit_val_batches=0, accumulate_grad_batches=2).fit(tiny_conv_vae(), _loader())

@@ -337,3 +337,14 @@ def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(c
         "error: DSpritesDataModule has no test split: its data are one set, split into training and validation. "
         "Evaluate on the validation split (train.py validate) instead.\n"
     )
+
+
+def test_a_summary_written_under_a_relative_folder_names_its_absolute_path(tmp_path, monkeypatch):
+    # A trial's own module with default_root_dir="out_calibration" wrote "path": "out_calibration/summary.json".
+    _fit_and_save(tmp_path, 0.5)
+    monkeypatch.chdir(tmp_path)
+    summary = RunSummary()
+    trainer = quiet_trainer(callbacks=[summary], default_root_dir="out")
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.5)]))
+    trainer.validate(model, DataLoader(_labelled(seed=1), batch_size=8), ckpt_path=tmp_path / "model.ckpt", verbose=False)
+    assert summary.validate_summary["path"] == str((tmp_path / "out" / "validate_summary.json").resolve())
