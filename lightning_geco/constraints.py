@@ -36,6 +36,7 @@ __all__ = [
     "ConstraintList",
     "FeatureReconstruction",
     "MAX_PSNR_DB",
+    "NCC_MIN_CONTRAST",
     "NCC_STABILISER",
     "PatchNCC",
     "ReconstructionBCE",
