@@ -121,16 +121,6 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return due or last
 
 
-def _batches_stepped(trainer: pl.Trainer) -> int:
-    """Training batches that stepped before the present one: GECO's updates, one a batch.
-
-    ``global_step`` is the same under automatic optimization but counts every optimizer's step
-    under manual optimization (a VAE-GAN's critic too); this is Lightning's logging count,
-    saved in and restored from checkpoints.
-    """
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
 def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     """Sum over all ranks, identical everywhere. One all-reduce under torch.distributed (the
     strategy's ``reduce`` adds a barrier: a second collective per step); other strategies
@@ -220,33 +210,36 @@ def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence
     return batch_images(batch), batch_labels(batch)
 
 
-def _image_summary(batch: Any) -> tuple[tuple[int, ...], float, float] | None:
-    """(shape of one image, min, max) of a batch's images; None when the batch holds none we can find."""
+#: (shape of one image, mean magnitude, min, max) of a batch's images
+_ImageSummary = tuple[tuple[int, ...], float, float, float]
+
+
+def _image_summary(batch: Any) -> _ImageSummary | None:
+    """What the calibration images are checked against; None when the batch holds no images we can find."""
     try:
         x = batch_images(batch)
     except TypeError:
         return None
     if x.dim() < 2 or x.numel() == 0:
         return None
-    values = x.detach().float()
-    return tuple(x.shape[1:]), float(values.min()), float(values.max())
+    values = x.detach()
+    low, high = torch.aminmax(values)
+    return tuple(x.shape[1:]), float(values.float().abs().mean()), float(low), float(high)
 
 
-def _images_mismatch(
-    training: tuple[tuple[int, ...], float, float] | None, calibration: tuple[tuple[int, ...], float, float] | None
-) -> str | None:
-    """Why calibration images are unlike the training images (another shape, or a largest magnitude
-    more than twice or under half theirs), or None."""
+def _images_mismatch(training: _ImageSummary | None, calibration: _ImageSummary | None) -> str | None:
+    """Why calibration images are unlike the training images, or None: another shape, or a mean
+    magnitude more than 10x apart (images in [0, 255] beside [0, 1]: 255x; a sample's mean, not
+    its extremes, so standardised or heavy-tailed data of one kind pass)."""
     if training is None or calibration is None:
         return None
-    (shape, low, high), (calibration_shape, calibration_low, calibration_high) = training, calibration
+    (shape, scale, low, high), (calibration_shape, calibration_scale, calibration_low, calibration_high) = training, calibration
     if calibration_shape != shape:
         return f"the calibration images have shape {calibration_shape}, the training images {shape}"
-    scale, calibration_scale = max(abs(low), abs(high)), max(abs(calibration_low), abs(calibration_high))
-    if scale > 0 and calibration_scale > 0 and not 0.5 <= calibration_scale / scale <= 2.0:
+    if scale > 0 and calibration_scale > 0 and not 0.1 <= calibration_scale / scale <= 10.0:
         return (
-            f"the calibration images span [{calibration_low:.4g}, {calibration_high:.4g}], the first training batch "
-            f"[{low:.4g}, {high:.4g}]"
+            f"the calibration images' mean magnitude is {calibration_scale:.4g} (range [{calibration_low:.4g}, "
+            f"{calibration_high:.4g}]), the first training batch's {scale:.4g} ([{low:.4g}, {high:.4g}])"
         )
     return None
 
@@ -410,7 +403,7 @@ class GECOCallback(Callback):
             ``"pi"`` only, see :class:`~lightning_geco.controllers.PIController` (per optimizer step).
         drive: ``"auto"``, ``"training"`` or ``"calibration"``.
         calibration_every: optimizer steps between calibration measurements (under manual
-            optimization, training batches that stepped: a critic's steps do not count).
+            optimization, GECO's updates: a critic's steps do not count).
         calibration_batch_size: images per calibration measurement, over all ranks together.
         calibration_seed: seed of the measurements' images and latent noise.
         calibration_dataset: the calibration split (default: ``trainer.datamodule.calibration_dataset``).
@@ -534,9 +527,11 @@ class GECOCallback(Callback):
         self._last_calibration: Tensor | None = None
         # (shape of one image, min, max) of this rank's first training batch of the fit, which the
         # first calibration measurement is checked against (None: not seen yet)
-        self._training_images: tuple[tuple[int, ...], float, float] | None = None
+        self._training_images: _ImageSummary | None = None
+        self._training_images_seen = False
         self._calibration_checked = False
         self._warned_repeated_calls = False
+        self._manual_updates = 0  # GECO's updates in this run under manual optimization (see _update_index)
         self._state_to_load: dict[str, Any] | None = None
         self._resumed_drive: str | None = None
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
@@ -587,7 +582,8 @@ class GECOCallback(Callback):
         self._peak_learning_rate = None
         if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
             self._last_calibration = None
-            self._training_images, self._calibration_checked = None, False
+            self._training_images, self._training_images_seen, self._calibration_checked = None, False, False
+            self._manual_updates = 0  # a checkpoint's count is restored below
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -797,8 +793,9 @@ class GECOCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_updated = False
         self._ready_geco.recorded_calls = 0
-        if self._training_images is None and self.active_drive == "calibration":
-            self._training_images = _image_summary(batch)  # one host read, on the fit's first batch
+        if not self._training_images_seen and self.active_drive == "calibration":
+            self._training_images_seen = True
+            self._training_images = _image_summary(batch)  # host reads on the fit's first batch only
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -821,12 +818,13 @@ class GECOCallback(Callback):
             geco.controller.pace.fill_(rate / self._peak_learning_rate if self._peak_learning_rate > 0 else 1.0)
         statistics = _all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
-        if self.active_drive == "calibration" and _batches_stepped(trainer) % self.calibration_every == 0:
+        if self.active_drive == "calibration" and self._update_index(trainer) % self.calibration_every == 0:
             if not self._calibration_checked:
                 self._check_calibration_images(trainer, pl_module)
             measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
             geco.control(measured, self.calibration_every)
             self._last_calibration = constraint_means(measured)
+        self._manual_updates += 1
         on_device = self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
         logging = is_logging_step(trainer)
         # Without step logs (log_every_n_steps=0) the host reads below still come, every
@@ -836,7 +834,7 @@ class GECOCallback(Callback):
         # every optimizer's step.
         checking = logging or (
             getattr(trainer, "log_every_n_steps", 1) == 0
-            and (_batches_stepped(trainer) + 1) % UNLOGGED_CHECK_EVERY == 0
+            and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % UNLOGGED_CHECK_EVERY == 0
         )
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             self._log(pl_module, constraint_means(statistics))
@@ -910,6 +908,16 @@ class GECOCallback(Callback):
             return f"{type(error).__name__}: {error}"
         return None
 
+    def _update_index(self, trainer: pl.Trainer) -> int:
+        """GECO's updates before the present one, which the calibration schedule is a function of:
+        ``global_step`` under automatic optimization; under manual optimization, where
+        ``global_step`` counts every optimizer's step (a critic's too) and a batch may step none,
+        the callback's own count of GECO's updates (saved in its state, so a resumed run measures
+        as the uninterrupted one)."""
+        if trainer.lightning_module.automatic_optimization:
+            return trainer.global_step
+        return self._manual_updates
+
     def _check_calibration_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse calibration images of another shape or scale than the training images (before the
         first measurement of a fit): a measurement on them would steer lambda by a meaningless
@@ -930,9 +938,9 @@ class GECOCallback(Callback):
 
     def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
-        measurement ``batches stepped // calibration_every``'s calibration images (eval mode, no
-        gradients; the batches that stepped so far, ``global_step`` under automatic optimization)."""
-        measurement = _batches_stepped(trainer) // self.calibration_every
+        measurement ``update index // calibration_every``'s calibration images (eval mode, no
+        gradients; see :meth:`_update_index`)."""
+        measurement = self._update_index(trainer) // self.calibration_every
         dataset = self._ready_calibration
         generator = torch.Generator().manual_seed(_measurement_seed(self.calibration_seed, measurement))
         indices = torch.randint(dataset_length(dataset), (self.calibration_batch_size,), generator=generator)
@@ -1012,6 +1020,7 @@ class GECOCallback(Callback):
             "peak_learning_rate": self._peak_learning_rate,
             "stall_detector": self.detector.state_dict() if self.detector is not None else None,
             "last_calibration": None if self._last_calibration is None else self._last_calibration.tolist(),
+            "manual_updates": self._manual_updates,
         }
 
     def _constraints_as_trained(self) -> list[dict[str, Any]]:
@@ -1043,13 +1052,10 @@ class GECOCallback(Callback):
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).
         self._peak_learning_rate = state.get("peak_learning_rate")
-        # Checkpoints from before it was saved have none; under a changed tolerance it would be
-        # read against the new one (it is reading - tolerance).
-        last = state.get("last_calibration")
-        if last is None or any(_tolerance_changed(before, now) for before, now in zip(saved, current)):
-            self._last_calibration = None
-        else:
-            self._last_calibration = torch.tensor(last, device=self.geco.device)
+        # Checkpoints from before the count was saved: GECO's updates, valid and skipped, are it.
+        self._manual_updates = int(
+            state.get("manual_updates", int(geco_state["num_updates"]) + int(geco_state.get("num_skipped_updates", 0)))
+        )
         evidence = state.get("stall_detector")
         if evidence is not None and self.detector is not None:  # a resumed fit keeps the evidence so far
             self.detector.load_state_dict(evidence)
@@ -1062,3 +1068,12 @@ class GECOCallback(Callback):
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive
             self.geco.drive = saved_drive
+        # The last measurement, for a fit driven by calibration as its checkpoint was. Checkpoints
+        # from before it was saved have none; under a changed tolerance it would be read against the
+        # new one (it is reading - tolerance).
+        last = state.get("last_calibration")
+        tolerance_changed = any(_tolerance_changed(before, now) for before, now in zip(saved, current))
+        if last is None or tolerance_changed or saved_drive != "calibration" or self.active_drive != "calibration":
+            self._last_calibration = None
+        else:
+            self._last_calibration = torch.tensor(last, device=self.geco.device)

@@ -359,7 +359,8 @@ def patch_ncc(
 class PatchNCC(Constraint):
     """Mean patch-wise normalised cross-correlation (pNCC) of x and its reconstruction at least ``minimum``.
 
-    Insensitive to local brightness and contrast (see :func:`patch_ncc`); the value per example
+    Insensitive to local brightness, and to contrast down to a quarter of the data's (see
+    :func:`patch_ncc`: a blank reconstruction reads ~0); the value per example
     is ``minimum - pNCC``, per patch and channel (one "element" is one patch of one channel).
 
     Args:

@@ -148,8 +148,11 @@ class MultiplierState(nn.Module):
             raise ValueError(f"MultiplierState needs at least one constraint, got {num_constraints!r}.")
         if not initial_lambda > 0:
             raise ValueError(f"MultiplierState initial_lambda must be positive, got {initial_lambda!r}.")
-        self.register_buffer("log_lagrange_multiplier", torch.full((num_constraints,), math.log(initial_lambda)))
-        self.register_buffer("constraint_ema", torch.zeros(num_constraints))
+        # fp32 whatever the default dtype (Lightning's -true precisions set it while a module is built)
+        self.register_buffer(
+            "log_lagrange_multiplier", torch.full((num_constraints,), math.log(initial_lambda), dtype=torch.float32)
+        )
+        self.register_buffer("constraint_ema", torch.zeros(num_constraints, dtype=torch.float32))
         self.register_buffer("seeded", torch.zeros((), dtype=torch.bool))
 
     @property

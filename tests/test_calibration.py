@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from lightning_geco.datamodules import ShapesDataModule
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from geco_run import run
@@ -132,10 +133,15 @@ def test_a_resumed_fit_keeps_the_last_calibration_measurement(tmp_path):
     fit(resumed, 5, ckpt_path=tmp_path / "five.ckpt")  # no step left
     assert torch.equal(resumed.last_calibration, measured)
     assert resumed.regulated_ratio() == first.regulated_ratio()
+    # A fit the training batches drive reads none (a stale one fed its stall watch before).
+    training = GECOCallback(controller="pi", drive="training")
+    fit(training, 5, ckpt_path=tmp_path / "five.ckpt")
+    assert training.last_calibration is None
 
 
 @pytest.mark.parametrize("calibration, message", [
-    (_images(20, 1) * 255, "the calibration images span [0, 255], the first training batch [0, 1]"),
+    (_images(20, 1) * 255, "the calibration images' mean magnitude is {:.4g} (range [0, 255]), the first training "
+                           "batch's {:.4g} ([0, 1])".format(float(_images(20, 1)[:5].mean() * 255), float(_images(64, 0)[:8].mean()))),
     (_images(20, 1)[:, :, :8], "the calibration images have shape (1, 8, 16), the training images (1, 16, 16)"),
 ])
 def test_calibration_images_unlike_the_training_images_are_refused_before_they_move_lambda(calibration, message):
@@ -150,6 +156,56 @@ def test_calibration_images_unlike_the_training_images_are_refused_before_they_m
     )):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
     assert callback.geco.num_measurements == 0
+
+
+def test_calibration_images_of_one_kind_pass_the_check_however_they_are_scaled_or_tailed():
+    # Extremes of 8 images against 64 refused standardised MNIST in 56 of 100 draws; a mean does not.
+    from lightning_geco.callbacks import _image_summary, _images_mismatch
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        heavy = torch.distributions.StudentT(2.0).sample((72, 1, 8, 8))
+        standardised = (_images(72, int(torch.randint(1000, (1,), generator=generator))) - 0.3) / 0.46
+        for images in (heavy, standardised):
+            assert _images_mismatch(_image_summary(images[:8]), _image_summary(images[8:])) is None
+    assert _images_mismatch(_image_summary(_images(8, 0)), _image_summary(_images(64, 1) * 255)) is not None
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_a_calibration_driven_run_resumed_at_an_epoch_end_measures_where_the_uninterrupted_run_does(tmp_path, manual):
+    # Lightning's count of batches that stepped comes back one ahead from an epoch-end checkpoint
+    # (a reviewer's run measured at updates 11 and 15 instead of 8 and 12 after a resume); the
+    # schedule is global_step's, or under manual optimization (two optimizers a batch, the critic
+    # first) the callback's own count of GECO's updates, saved in its state. (Exact lambda on
+    # resume is the DataModules' and RandomState's: test_calibration_driven_lambda_resumes_exactly.)
+    steps_per_batch = 2 if manual else 1
+
+    def fit(max_batches, ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny_conv_vae(model_class=TwoOptimizerVAE, critic_first=True) if manual else tiny_conv_vae()
+        callback = GECOCallback(controller="pi", drive="calibration", calibration_every=3, calibration_batch_size=5,
+                                calibration_dataset=TensorDataset(_images(20, 1)))
+        measured, measure = [], callback.measure_calibration
+
+        def spy(trainer, pl_module):
+            measured.append(callback.geco.num_updates - 1)  # this update's number: the count includes it
+            return measure(trainer, pl_module)
+
+        callback.measure_calibration = spy
+        # Saved where the configs save: at the validation after each epoch's last batch (8 a epoch).
+        saving = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)] if ckpt_path is None else []
+        trainer = quiet_trainer(max_steps=max_batches * steps_per_batch, limit_val_batches=1,
+                                callbacks=[callback, *saving], enable_checkpointing=bool(saving))
+        images = DataLoader(TensorDataset(_images(64, 0)), batch_size=8)
+        trainer.fit(model, images, DataLoader(TensorDataset(_images(8, 2)), batch_size=8), ckpt_path=ckpt_path)
+        return trainer, callback, measured
+
+    _, uninterrupted, all_measured = fit(16)
+    (after_one_epoch,) = tmp_path.glob("epoch=0-*.ckpt")
+    _, resumed, then_measured = fit(16, ckpt_path=after_one_epoch)
+    assert all_measured == [0, 3, 6, 9, 12, 15]
+    assert then_measured == [9, 12, 15]
+    assert resumed.geco.num_measurements == uninterrupted.geco.num_measurements == 6
 
 
 def test_the_datamodule_calibration_split_drives_lambda(tmp_path):

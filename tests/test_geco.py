@@ -166,6 +166,20 @@ def test_the_multiplier_state_is_moved_but_never_cast(cast):
     assert torch.isfinite(state.lagrange_multiplier).all()
 
 
+def test_the_multiplier_state_is_fp32_when_built_under_another_default_dtype():
+    # Lightning's -true precisions build the module under their dtype (trainer.init_module()).
+    from lightning_geco.geco import MultiplierState
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        state = MultiplierState(1, initial_lambda=3.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert state.log_lagrange_multiplier.dtype == state.constraint_ema.dtype == torch.float32
+    assert state.log_lagrange_multiplier.item() == torch.tensor(math.log(3.0)).item()
+
+
 def test_state_dict_round_trip_and_incompatible_names():
     geco = GECO(["a", "b"], alpha=0.5)
     geco.constraint_term(torch.tensor([[0.1, -0.2]]))

@@ -157,6 +157,14 @@ def test_a_bad_architecture_is_refused_naming_the_value(build_it, message):
         build_it()
 
 
+def test_numpy_integers_are_sizes_like_python_ones():
+    import numpy as np
+
+    model = ConvVAE(image_shape=(1, 16, 16), widths=[np.int64(8), np.int64(8)], hidden_dim=np.int64(16), latent_dim=4)
+    assert model.encoder.fc[1].out_features == 16
+    ConvDRAW(image_shape=(1, 16, 16), num_steps=np.int64(2), widths=[8, 8])
+
+
 def test_a_bernoulli_likelihood_on_grey_images_warns_that_the_elbo_bounds_nothing():
     def fit(images):
         model = tiny_conv_vae(objective=ELBO(), likelihood=BernoulliLikelihood())

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl
 from lightning_geco.nets import ConvDownsampler, ConvLSTMCell, ConvUpsampler
-from lightning_geco.nets.conv import check_image_shape
+from lightning_geco.nets.conv import check_image_shape, is_positive_int
 
 __all__ = ["ConvDRAW"]
 
@@ -66,7 +66,7 @@ class ConvDRAW(VAEModule):
                 f"latent_dim={kwargs['latent_dim']!r}: set num_steps and latent_channels instead."
             )
         counts = (num_steps, latent_channels, hidden_channels)
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        if not all(is_positive_int(n) for n in counts):
             raise ValueError(
                 "ConvDRAW num_steps, latent_channels and hidden_channels must be positive ints, got "
                 f"{num_steps!r}, {latent_channels!r}, {hidden_channels!r}."

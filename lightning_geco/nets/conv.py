@@ -7,6 +7,7 @@ encoder saw, so odd sizes (28, 33, ...) round-trip without cropping or padding t
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ __all__ = [
     "ConvUpsampler",
     "check_image_shape",
     "check_widths",
+    "is_positive_int",
     "conv_feature_sizes",
 ]
 
@@ -36,20 +38,30 @@ def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[i
     return sizes
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an integer >= 1 (a Python or NumPy integer; not a bool, not a float)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= 1  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
 def check_widths(widths: Sequence[int]) -> list[int]:
     """``widths`` as a list of channel counts; a clear error unless it is one or more positive ints."""
     values = list(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else []
-    if not values or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in values):
+    if not values or not all(is_positive_int(c) for c in values):
         raise ValueError(
             f"widths must be the channels of one or more stride-2 levels, positive ints (e.g. [32, 64, 64]), got {widths!r}."
         )
-    return values
+    return [operator.index(c) for c in values]
 
 
 def _check_hidden_dim(hidden_dim: int) -> int:
-    if not (isinstance(hidden_dim, int) and not isinstance(hidden_dim, bool) and hidden_dim >= 1):
+    if not is_positive_int(hidden_dim):
         raise ValueError(f"hidden_dim must be a positive int (the fully connected layer's width), got {hidden_dim!r}.")
-    return hidden_dim
+    return operator.index(hidden_dim)
 
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
