@@ -525,8 +525,8 @@ class GECOCallback(Callback):
         self.detector: StallDetector | None = None
         self._calibration: Dataset | None = None
         self._last_calibration: Tensor | None = None
-        # (shape of one image, min, max) of this rank's first training batch of the fit, which the
-        # first calibration measurement is checked against (None: not seen yet)
+        # _image_summary of this rank's first training batch of the fit, which the first calibration
+        # measurement is checked against (None: no images found in it, or not seen yet)
         self._training_images: _ImageSummary | None = None
         self._training_images_seen = False
         self._calibration_checked = False
@@ -1056,13 +1056,14 @@ class GECOCallback(Callback):
         self._manual_updates = int(
             state.get("manual_updates", int(geco_state["num_updates"]) + int(geco_state.get("num_skipped_updates", 0)))
         )
+        changed = [_tolerance_changed(before, now) for before, now in zip(saved, current)]
         evidence = state.get("stall_detector")
         if evidence is not None and self.detector is not None:  # a resumed fit keeps the evidence so far
             self.detector.load_state_dict(evidence)
             # ... but for a constraint whose tolerance changed (a changed tolerance is warned by the
             # objective, whose state dict holds the trained one): readings over another tolerance.
-            for k, (before, now) in enumerate(zip(saved, current)):
-                if _tolerance_changed(before, now):
+            for k, tolerance_changed in enumerate(changed):
+                if tolerance_changed:
                     self.detector.forget(k)
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
@@ -1072,8 +1073,7 @@ class GECOCallback(Callback):
         # from before it was saved have none; under a changed tolerance it would be read against the
         # new one (it is reading - tolerance).
         last = state.get("last_calibration")
-        tolerance_changed = any(_tolerance_changed(before, now) for before, now in zip(saved, current))
-        if last is None or tolerance_changed or saved_drive != "calibration" or self.active_drive != "calibration":
+        if last is None or any(changed) or saved_drive != "calibration" or self.active_drive != "calibration":
             self._last_calibration = None
         else:
             self._last_calibration = torch.tensor(last, device=self.geco.device)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_geco.classifier import class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
-from lightning_geco.likelihoods import BernoulliLikelihood
+from lightning_geco.likelihoods import BernoulliLikelihood, binary_entropy
 from lightning_geco.metrics import mean_and_standard_error
 from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
@@ -297,8 +297,7 @@ class ReconstructionBCE(Constraint):
             )
 
     def check_data(self, output: VAEOutput) -> None:
-        x = output.x.float().clamp(1e-7, 1 - 1e-7)
-        floor = float(-(x * x.log() + (1 - x) * (1 - x).log()).mean())
+        floor = float(binary_entropy(output.x).mean())
         if floor >= self.tolerance:
             raise ValueError(
                 f"ReconstructionBCE tolerance {self.tolerance:g} nats/element cannot be met: the data's own "

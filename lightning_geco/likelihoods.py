@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from lightning_geco.rebuild import Rebuildable
 
-__all__ = ["BernoulliLikelihood", "GaussianLikelihood", "Likelihood"]
+__all__ = ["BernoulliLikelihood", "GaussianLikelihood", "Likelihood", "binary_entropy"]
+
+
+def binary_entropy(x: Tensor) -> Tensor:
+    """Each element's binary entropy ``-(x ln x + (1 - x) ln(1 - x))`` in nats, x in [0, 1] (0 at 0 and 1):
+    the least binary cross-entropy any Bernoulli reconstruction of x can reach."""
+    p = x.float().clamp(1e-7, 1 - 1e-7)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
 class Likelihood(Rebuildable, nn.Module):
@@ -82,8 +89,7 @@ class BernoulliLikelihood(Likelihood):
         x = x.detach().float()
         grey = (x > 0) & (x < 1)
         if bool(grey.any()):
-            p = x.clamp(1e-7, 1 - 1e-7)
-            entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).flatten(1).sum(dim=1).mean())
+            entropy = float(binary_entropy(x).flatten(1).sum(dim=1).mean())
             rank_zero_warn(
                 f"BernoulliLikelihood reads binary images, but {float(grey.float().mean()):.1%} of the first training "
                 f"batch's pixels lie strictly between 0 and 1: log p(x|z) is then no normalised density, so val/elbo "
