@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -173,28 +172,47 @@ def test_consecutive_non_finite_steps_stop_training_with_a_clear_error(tmp_path)
     assert [r["skipped"] for r in _rows(tmp_path / "nan")] == list(range(9))
 
 
-def _small_default_config(folder: Path, max_steps: int) -> list[str]:
+def _small_default_config(folder: Path, max_steps: int, extra_callbacks: list[dict] = ()) -> list[str]:
     """configs/default.yaml as shipped (cosine schedule, real loader, sampled noise) on less data,
     checkpointing every 10 steps and validating once, at the end; the train.py command."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"].update(every_n_train_steps=10)
+    config["trainer"]["callbacks"].extend(extra_callbacks)
     config["trainer"].update(
         max_steps=max_steps, val_check_interval=max_steps, limit_val_batches=4, num_sanity_val_steps=0,
         enable_progress_bar=False, logger=False,
     )
     config["data"]["init_args"].update(num_train=480, num_val=64, image_size=32, batch_size=16)
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return [sys.executable, str(REPO / "train.py"), "fit", "--config", str(folder / "config.yaml")]
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "victim.yaml" if extra_callbacks else "config.yaml"
+    (folder / name).write_text(yaml.safe_dump(config))
+    return [sys.executable, str(REPO / "train.py"), "fit", "--config", str(folder / name)]
 
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
+# A callback that SIGKILLs its own process: the machine dying at a known step, so the kill
+# always lands after a checkpoint and before the end, however fast or busy the machine is.
+_SIGKILL_AT = """\
+import os, signal
+from pytorch_lightning import Callback
 
-def _start(command: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class SigkillAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _start(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=cwd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, cwd: Path) -> tuple[dict, dict]:
@@ -207,32 +225,26 @@ def _finish(proc: subprocess.Popen, cwd: Path) -> tuple[dict, dict]:
 
 @pytest.mark.timeout(400)
 def test_a_run_killed_with_sigkill_and_resumed_ends_where_the_uninterrupted_run_ends(tmp_path):
-    # 200 steps, so that even on a fast, quiet machine the victim is still training when killed
-    # (with 60 it once finished in the half second between its step-20 checkpoint and the kill).
-    steps, kill_after = 200, 20
+    # Killed at step 25, five steps past its step-20 checkpoint, so the kill loses work; 40 steps
+    # cross an epoch's end (30 batches an epoch) after the resume.
+    steps, saved_at, killed_at = 40, 20, 25
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     command = _small_default_config(killed, steps)
-    victim = subprocess.Popen(command, cwd=killed, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "sigkill_at.py").write_text(_SIGKILL_AT)
+    killer = {"class_path": "sigkill_at.SigkillAt", "init_args": {"step": killed_at}}
+    uninterrupted_proc = _start(_small_default_config(whole, steps), whole)
+    victim = _start(
+        _small_default_config(killed, steps, [killer]), killed, {**ENV, "PYTHONPATH": str(tmp_path)}
+    )
+    victim.communicate(timeout=280)
+    assert victim.returncode == -signal.SIGKILL
     folder = killed / "runs" / "checkpoints" / "default"
-    deadline = time.monotonic() + 200
-    def last_is_written() -> bool:  # the step file first, then last.ckpt after it
-        step_files = list(folder.glob(f"*/*step={kill_after}.ckpt"))
-        last = step_files[0].parent / "last.ckpt" if step_files else None
-        return bool(last and last.exists() and last.stat().st_mtime >= step_files[0].stat().st_mtime)
-
-    while time.monotonic() < deadline and not last_is_written():
-        time.sleep(0.05)
-    time.sleep(0.5)  # let it train on past the checkpoint, so the kill loses work
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
     (run_folder,) = folder.glob("*/")
-    killed_at = torch.load(run_folder / "last.ckpt", weights_only=False)["global_step"]
-    assert kill_after <= killed_at < steps
+    assert torch.load(run_folder / "last.ckpt", weights_only=False)["global_step"] == saved_at
 
-    # The same command plus --ckpt_path last, beside the uninterrupted run.
-    resumed_proc = _start([*command, "--ckpt_path", "last"], killed)
-    uninterrupted, uninterrupted_ckpt = _finish(_start(_small_default_config(whole, steps), whole), whole)
-    resumed, resumed_ckpt = _finish(resumed_proc, killed)
+    # The same command (without the killer) plus --ckpt_path last.
+    resumed, resumed_ckpt = _finish(_start([*command, "--ckpt_path", "last"], killed), killed)
+    uninterrupted, uninterrupted_ckpt = _finish(uninterrupted_proc, whole)
     assert resumed["global_step"] == uninterrupted["global_step"] == steps
     assert [p.name for p in folder.glob("*/")] == [run_folder.name]  # the resumed run wrote into its own folder
     (state,) = [v for k, v in resumed_ckpt["callbacks"].items() if k.startswith("GECOCallback")]
