@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -104,19 +105,29 @@ def _trained_run(checkpoint: Path) -> str:
     return folder.parent.name if folder.name == "checkpoints" else folder.name
 
 
+_WANDB_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)(?:-(\d+))?")
+
+
 def _wandb_run_id(folder: Path) -> str | None:
     """The id in a W&B run folder's name, ``[offline-]run-<date>_<time>-<id>`` (None: not one)."""
-    match = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", folder.name)
-    return match.group(1) if match else None
+    match = _WANDB_FOLDER.fullmatch(folder.name)
+    return match.group(2) if match else None
 
 
 def _segments(run_dir: Path) -> list[Path]:
     """The W&B folders of ``run_dir``'s run (a resumed run writes one per segment offline),
-    oldest first; ``[run_dir]`` for a folder that is not a W&B run's."""
+    oldest first, by the start time in their names (not by name: ``offline-run-*`` would sort
+    before every online ``run-*``); ``[run_dir]`` for a folder that is not a W&B run's."""
     run_id = _wandb_run_id(run_dir)
     if run_id is None:
         return [run_dir]
-    return sorted(f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id)
+
+    def started(folder: Path) -> tuple[str, int]:
+        match = _WANDB_FOLDER.fullmatch(folder.name)
+        assert match is not None  # only folders with this run's id are sorted
+        return match.group(1), int(match.group(3) or 0)
+
+    return sorted((f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id), key=started)
 
 
 def joined_history(run_dir: Path, last_segment: Path | None = None) -> list[dict[str, Any]]:
@@ -179,7 +190,10 @@ def markdown_table(runs: Sequence[Run]) -> str:
 
 
 def _scalar(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number, else None (a missing, non-numeric or non-finite figure)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _plot_rate_distortion(runs: Sequence[Run], path: Path, plt) -> None:
@@ -208,7 +222,12 @@ def _plot_metrics(runs: Sequence[Run], path: Path, plt) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), dpi=100)
     names = [run.name for run in runs]
     for ax, (key, label) in zip(axes, keys):
-        ax.bar(range(len(runs)), [_scalar(run.summary.get(key)) or 0.0 for run in runs], color="C0")
+        values = [_scalar(run.summary.get(key)) for run in runs]
+        # A figure the run does not have is marked n/a: a bar of 0 would read as a perfect one.
+        ax.bar(range(len(runs)), [math.nan if v is None else v for v in values], color="C0")
+        for x, value in enumerate(values):
+            if value is None:
+                ax.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(label)
     fig.tight_layout()

@@ -62,6 +62,18 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity, at any depth, replaced by None: ``json.dumps`` would
+    write them as ``NaN`` / ``Infinity``, which strict JSON readers refuse."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _stage_readings(metrics: dict[str, Any], stage: str) -> tuple[dict[str, float], dict[str, float]]:
     """The top-level ``<stage>/<name>`` scalars of an evaluation (the docs/ARCHITECTURE.md keys
     first, then the rest sorted; per-dimension and per-part keys left out), and the standard
@@ -89,7 +101,7 @@ def _constraint_fields(
         "tolerance": [c.reading_tolerance for c in constraints],
         "tolerance_stated": [{"value": c.tolerance, "unit": c.unit} for c in constraints],
         "reading": [c.reading_name for c in constraints],
-        "relative_violation": violation,
+        "relative_violation": [_number(v) for v in violation],
         "standard_error": [_number(e) for e in errors],
     }
     return fields, violation, [_relative_standard_error(c, e) for c, e in zip(constraints, errors)]
@@ -383,8 +395,9 @@ class RunSummary(Callback):
         directory = run_directory(trainer)
         path = directory.resolve() / filename  # absolute: the file says where it is from any folder
         summary["path"] = str(path)
+        summary = _json_safe(summary)  # a lambda or moving average gone non-finite reads null, not NaN
         directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({f"{wandb_prefix}/{k}": v for k, v in summary.items()})

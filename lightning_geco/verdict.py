@@ -25,7 +25,7 @@ The rules (documented in the README, "The verdict"):
     and the reading down by less than 13 %; and, at the pace the reading fell over that window
     (in log terms, per step), it would not reach the band by the run's last step (``max_steps``;
     without one, within another window). Lambda at its upper bound while clearly violated
-    counts too. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
+    counts too, on the pace alone (no more lambda can come), from whatever history there is. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
     the MSE about 4-fold; a tenth of that says more lambda no longer helps, and the pace says
     the model will not get there on its own at this budget either. (Without the pace, the
     default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
@@ -111,11 +111,11 @@ class Stall:
         ratio_before, ratio_after: the regulated reading over its tolerance at either end
             (1.31 is 31 % past it): of a stall on the pace, the ends of a least-squares line
             through the window's ``ln`` readings (two single readings of a noisy measurement, a
-            64-image calibration draw varying by 6-12 %, made and unmade stalls by chance); of
-            one at the bound, the readings.
-        at_bound: lambda reached its upper bound.
+            64-image calibration draw varying by 6-12 %, made and unmade stalls by chance).
+        at_bound: lambda reached its upper bound (the stall is then found on the pace alone,
+            and from whatever history there is: no more lambda can come).
         steps_needed: optimizer steps the reading would need, at the window's pace, to reach
-            the band (inf: it was not falling); None for a stall at the bound.
+            the band (inf: it was not falling).
         steps_left: optimizer steps left when the stall was found (None: unknown).
         noise: the spread of the window's ``ln`` readings about that line (their residual
             standard deviation, log units); None: not fitted.
@@ -216,7 +216,7 @@ class StallDetector:
                 if stall is not None:
                     self._withdraw(k, step, f"came within 1 % of its tolerance at step {step} after all")
                 continue
-            if stall is not None and not stall.at_bound:
+            if stall is not None:
                 self._judge_response(k, stall, step, log_lam)
             if self.stalls[k] is None and self.reached[k] is None:
                 stall = self._stall(self._evidence(k))
@@ -284,20 +284,20 @@ class StallDetector:
             return None  # not enough history yet
         if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
             return None
-        if at_bound:
-            return Stall(first_step, step, math.exp(first_log_lam), math.exp(log_lam), first_ratio, ratio, True)
         rise = log_lam - first_log_lam
         start_level, end_level, noise = _fitted_line([(s, math.log(r)) for s, _, r in window])
         fall = start_level - end_level
-        gain = fall / rise if rise > 0 else 0.0
         # The pace: steps to the band if ln(reading) kept falling as it did over the window.
         pace = fall / (step - first_step) if step > first_step else 0.0
         steps_needed = (end_level - math.log(1.0 + MET_BAND)) / pace if pace > 0 else math.inf
         steps_left = self.window_steps if self.last_step is None else max(0, self.last_step - step)
-        if rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN and steps_needed > steps_left:
+        if steps_needed <= steps_left:
+            return None  # falling onto the band in time, lambda at its bound or not
+        gain = fall / rise if rise > 0 else 0.0
+        if at_bound or (rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN):
             return Stall(
                 first_step, step, math.exp(first_log_lam), math.exp(log_lam), math.exp(start_level), math.exp(end_level),
-                False, steps_needed, steps_left, noise, len(window),
+                at_bound, steps_needed, steps_left, noise, len(window),
             )
         return None
 
@@ -342,13 +342,13 @@ class StallDetector:
     def plan(self, window_steps: int, last_step: int | None) -> None:
         """Set this fit's window and last step. A stall found on the pace against another last
         step (a run extended from 3000 to 6000 steps may now have the steps its reading needs)
-        is judged again at the latest observation; one at lambda's bound stands whatever the plan."""
+        is judged again at the latest observation."""
         replanned = self._planned and last_step != self.last_step
         self.window_steps, self.last_step, self._planned = int(window_steps), last_step, True
         if not replanned:
             return
         for k, stall in enumerate(self.stalls):
-            if stall is not None and not stall.at_bound:
+            if stall is not None:
                 self.stalls[k] = self._stall(self._evidence(k))
                 self._responding[k] = 0  # a stall judged again: its response is counted afresh
 
@@ -360,13 +360,22 @@ class StallDetector:
         self._in_band[k] = self._responding[k] = 0
 
     def lambda_trend(self, k: int) -> float:
-        """Change of ``ln lambda`` over the last quarter window (0 without enough history)."""
+        """Change of ``ln lambda`` over the last quarter window (0 without enough history).
+
+        Measured from the latest observation at least a quarter window back and scaled to a
+        quarter window, so that logging sparser than that (Lightning's default 50 steps against a
+        25-step quarter of a 500-step run) still sees the rise; with less history, over all of it.
+        """
         history = self.history[k]
         if len(history) < 2:
             return 0.0
-        step = history[-1][0]
-        recent = [h for h in history if h[0] >= step - max(1, self.window_steps // 4)]
-        return recent[-1][1] - recent[0][1]
+        step, last = history[-1][0], history[-1][1]
+        quarter = max(1, self.window_steps // 4)
+        before = [h for h in history[:-1] if h[0] <= step - quarter]
+        first_step, first = (before[-1] if before else history[0])[:2]
+        if step <= first_step:
+            return 0.0
+        return (last - first) * min(1.0, quarter / (step - first_step))
 
 
 def _fitted_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
@@ -437,28 +446,37 @@ def constraint_clause(
     if max_steps is not None:
         warnings.warn("constraint_clause(max_steps=...) is now trained_steps=...", DeprecationWarning, stacklevel=2)
         trained_steps = max_steps if trained_steps is None else trained_steps
+    worse, better = (">", "<=") if lower_is_better else ("<", ">=")
+    label = "UNREACHABLE" if outcome == "unreachable" else "NOT MET"
     if reading is None or relative_violation is None:
         if stage == "val":
-            return f"{name}: NOT MET: no validation reading (validation never ran, or logged no val/{name})"
-        return f"{name}: NOT MET: no {stage} reading (logged no {stage}/{name})"
-    worse, better = (">", "<=") if lower_is_better else ("<", ">=")
-    percent = 100.0 * relative_violation
-    noise = ""
-    if standard_error is not None and within_noise(relative_violation, standard_error):
-        noise = f" ± {100.0 * standard_error:.1f} %"
-    if outcome == "met":
-        if relative_violation <= 0:
-            return f"{name} {_fmt(reading)} {better} {_fmt(tolerance)} ({-percent:.1f} %{noise} better than asked)"
-        return f"{name} {_fmt(reading)} ~ {_fmt(tolerance)} ({percent:.1f} %{noise} past it, within the {100 * MET_BAND:g} % band)"
-    label = "UNREACHABLE" if outcome == "unreachable" else "NOT MET"
-    parts = [f"{label}: {name} {_fmt(reading)} {worse} {_fmt(tolerance)} ({percent:+.1f} %{noise})"]
+            parts = [f"{name}: {label}: no validation reading (validation never ran, or logged no val/{name})"]
+        else:
+            parts = [f"{name}: {label}: no {stage} reading (logged no {stage}/{name})"]
+    elif not (math.isfinite(reading) and math.isfinite(relative_violation)):
+        parts = [f"{label}: {name} {_fmt(reading)} (not a finite reading; asked {better} {_fmt(tolerance)})"]
+    else:
+        percent = 100.0 * relative_violation
+        noise = ""
+        if standard_error is not None and within_noise(relative_violation, standard_error):
+            noise = f" ± {100.0 * standard_error:.1f} %"
+        if outcome == "met":
+            if relative_violation <= 0:
+                return f"{name} {_fmt(reading)} {better} {_fmt(tolerance)} ({-percent:.1f} %{noise} better than asked)"
+            return f"{name} {_fmt(reading)} ~ {_fmt(tolerance)} ({percent:.1f} %{noise} past it, within the {100 * MET_BAND:g} % band)"
+        parts = [f"{label}: {name} {_fmt(reading)} {worse} {_fmt(tolerance)} ({percent:+.1f} %{noise})"]
     if stall is not None:
         parts.append(stall.describe())
     if lambda_rising:
         parts.append("lambda still rising at the last step")
     if best is not None:
-        steps = f" in {trained_steps} step{'s' if trained_steps != 1 else ''}" if trained_steps else ""
-        parts.append(f"this model did not reach it{steps} (best {_fmt(best[0])} at step {best[1]})")
+        best_reading, best_step = best
+        if best_reading <= tolerance if lower_is_better else best_reading >= tolerance:
+            # A validation met it before the end: the model can; this run's last steps lost it.
+            parts.append(f"an earlier validation met it ({_fmt(best_reading)} at step {best_step}), the last did not")
+        else:
+            steps = f" in {trained_steps} step{'s' if trained_steps != 1 else ''}" if trained_steps else ""
+            parts.append(f"this model did not reach it{steps} (best {_fmt(best_reading)} at step {best_step})")
     return "; ".join(parts)
 
 

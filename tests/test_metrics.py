@@ -84,6 +84,20 @@ def test_mutual_information_saturates_at_log_n_for_point_like_posteriors():
     assert mi == pytest.approx(math.log(n), rel=1e-3)
 
 
+def test_at_the_log_n_ceiling_total_correlation_takes_the_marginal_kls_excess():
+    # Independent posteriors whose aggregate is exactly N(0, I): true marginal KL and total
+    # correlation are 0. With an encoder separating every image (std 0.018), mutual information
+    # sits at log N and the estimate's excess lands in total correlation: the README's metric
+    # table says so ("independent posteriors whose true value is 0 read 32 nats at N = 2,000").
+    n, variance = 2000, math.exp(-8.0)
+    mean, log_variance = _gaussian_posteriors(n, 10, 1.0 - variance, variance)
+    metric = AggregatePosteriorKL()
+    metric.update(mean, log_variance)
+    result = {k: v.item() for k, v in metric.compute().items()}
+    assert result["mutual_info"] == pytest.approx(math.log(n), abs=1e-3)
+    assert 30.0 < result["total_correlation"] < 34.0 and result["dimensionwise_kl"] < 0.5
+
+
 def test_mismatched_shapes_are_rejected():
     with pytest.raises(ValueError, match=r"must both be \(batch, latent_dim\), got \(4, 2\) and \(4, 3\)"):
         AggregatePosteriorKL().update(torch.zeros(4, 2), torch.zeros(4, 3))
@@ -181,6 +195,25 @@ def test_metrics_match_the_float64_definition_within_a_thousandth_of_a_nat(make,
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-3), key
     assert result["rate"] == expected["rate"]  # closed form, untouched
+
+
+@pytest.mark.parametrize("log_variance_value", [-10.0, -14.0, -20.0])
+def test_the_eager_path_is_exact_for_very_narrow_posteriors(log_variance_value, monkeypatch):
+    # A std of 7e-3 to 5e-5: 1 / (2 var) up to 2.4e8, where the expanded square (u - w)^2 cancels
+    # in float32 (at -10 it was 0.02 nats off, at -20 it overflowed: dimension-wise KL inf and
+    # total correlation -inf). Those chunks take the direct difference.
+    generator = torch.Generator().manual_seed(2)
+    mean = torch.randn(600, 4, generator=generator)
+    log_variance = torch.full_like(mean, log_variance_value)
+    z = _draws(mean, log_variance)
+    fast = aggregate_log_densities(z, mean, log_variance, compile=False)
+    for got, expected in zip(fast, aggregate_log_densities_reference(z, mean, log_variance)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    expected_metrics = _reference_metric(mean, log_variance, monkeypatch)
+    metric = AggregatePosteriorKL(compile=False)
+    metric.update(mean, log_variance)
+    for key, value in metric.compute().items():
+        assert value.item() == pytest.approx(expected_metrics[key], abs=1e-3), key
 
 
 def test_points_far_from_every_component_are_recomputed_exactly():

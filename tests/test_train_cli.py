@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -609,6 +610,20 @@ def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacin
     ]
     first = joined_history(tmp_path / "offline-run-20261127_100500-abc123", tmp_path / "offline-run-20261127_100000-abc123")
     assert [row["v"] for row in first] == ["old"] * 4  # up to the earlier segment
+    # Started online, resumed offline: ordered by start time, not by name (every "offline-run-*"
+    # sorts before every "run-*", which joined the online segment's rows over the resumed ones).
+    mixed = tmp_path / "mixed"
+    histories.update({
+        "run-20261127_090000-def456": [{"trainer/global_step": s, "v": "online"} for s in (10, 20, 30)],
+        "offline-run-20261127_093000-def456": [{"trainer/global_step": s, "v": "offline"} for s in (20, 30, 40)],
+    })
+    for name in ("run-20261127_090000-def456", "offline-run-20261127_093000-def456"):
+        (mixed / name).mkdir(parents=True)
+        (mixed / name / "run-def456.wandb").write_bytes(b"")
+    joined = joined_history(mixed / "run-20261127_090000-def456")
+    assert [(row["trainer/global_step"], row["v"]) for row in joined] == [
+        (10, "online"), (20, "offline"), (30, "offline"), (40, "offline")
+    ]
 
 
 def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses_one_run_twice(tmp_path, capsys):
@@ -767,3 +782,22 @@ def test_a_run_prints_no_wandb_warning_the_user_cannot_act_on(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Tracking run with wandb" in proc.stderr  # wandb speaks, so its warnings would show
     assert "anonymous" not in proc.stderr and "git root" not in proc.stderr
+
+
+def test_the_compare_chart_marks_a_missing_figure_n_a_instead_of_a_bar_of_zero(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    runs = [
+        Run("logged", {"rate": 30.0, "distortion": 0.004, "marginal_kl": 12.5}),
+        Run("not logged", {"rate": 31.0, "distortion": 0.005, "marginal_kl": None}),
+        Run("non-finite", {"rate": 32.0, "distortion": 0.006, "marginal_kl": float("nan")}),
+    ]
+    compare_module._plot_metrics(runs, tmp_path / "metrics.png", plt)
+    marginal_kl = figures[0].axes[2]
+    heights = [bar.get_height() for bar in marginal_kl.patches]
+    assert heights[0] == 12.5 and math.isnan(heights[1]) and math.isnan(heights[2])
+    assert [(text.get_position()[0], text.get_text()) for text in marginal_kl.texts] == [(1, "n/a"), (2, "n/a")]

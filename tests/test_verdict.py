@@ -227,7 +227,43 @@ def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
     assert detector.stalls[0].describe() == "lambda was at its upper bound (148) at step 10 with the reading 200.0 % past the tolerance"
 
 
-def test_a_loaded_stall_is_judged_again_only_against_another_plan_and_never_at_the_bound():
+def test_at_its_bound_a_reading_falling_onto_its_tolerance_in_time_is_no_stall_and_a_fall_withdraws_one():
+    # Lambda pinned at a user's bound of 100 from step 50 while the reading falls from 3x towards
+    # its tolerance: it was called unreachable at step 50, and stayed so when it ended 3 % past.
+    bound = math.log(100.0)
+    falling = StallDetector(1, window_steps=200, log_lambda_max=bound, last_step=1000)
+    for step in range(25, 1001, 25):
+        assert falling.observe(step, [min(bound, 0.1 * step)], [max(3.0 * math.exp(-step / 300), 1.03)]) == []
+    assert falling.stalls == [None] and verdict(0.03, falling.stalls[0]) == "not_met"
+    # Flat at the bound: a stall at once, and it stands while the reading stays flat...
+    plateau = StallDetector(1, window_steps=200, log_lambda_max=bound, last_step=1000)
+    found = []
+    for step in range(25, 501, 25):
+        found += [step] * len(plateau.observe(step, [min(bound, 0.1 * step)], [2.0]))
+    assert found == [50] and plateau.stalls[0].at_bound and plateau.stalls[0].steps_needed == math.inf
+    # ...until the reading falls again, still at the bound: more quality came, the stall is withdrawn.
+    for step in range(525, 1001, 25):
+        plateau.observe(step, [bound], [max(2.0 * math.exp(-(step - 500) / 150), 1.03)])
+    assert plateau.stalls == [None] and plateau.withdrawn[0].at_bound
+    assert plateau.withdrawn_why[0].startswith("fell ")
+
+
+@pytest.mark.parametrize("log_every", [1, 10, 50])
+def test_lambda_trend_is_its_rise_over_a_quarter_window_however_sparse_the_logging(log_every):
+    # A 500-step run: a 100-step window, a 25-step quarter. Lambda rises 0.4 % a step (ln), so
+    # 0.1 per quarter window; with Lightning's default log_every_n_steps=50 one observation fell
+    # in the quarter and the trend read 0 ("lambda still rising" never said).
+    detector = StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=500)
+    for step in range(log_every, 501, log_every):
+        detector.observe(step, [math.log(10.0) + 0.004 * step], [1.3])
+    assert detector.lambda_trend(0) == pytest.approx(0.1)
+    flat = StallDetector(1, window_steps=100, log_lambda_max=30.0, last_step=500)
+    for step in range(log_every, 501, log_every):
+        flat.observe(step, [math.log(10.0) + (0.004 * step if step <= 250 else 1.0)], [1.3])
+    assert flat.lambda_trend(0) == pytest.approx(0.0)
+
+
+def test_a_loaded_stall_is_judged_again_only_against_another_plan():
     # A reading falling 0.03 % per step while lambda rises 5x per 100 steps needs ~640 more steps
     # at step 200: with 900 left it is no stall; against the checkpoint's plan (step 300) it is one.
     def history(detector):
@@ -254,7 +290,9 @@ def test_a_loaded_stall_is_judged_again_only_against_another_plan_and_never_at_t
     resumed = StallDetector(1, window_steps=1, log_lambda_max=5.0)
     resumed.load_state_dict(at_bound.state_dict())
     resumed.plan(1000, 100_000)
-    assert resumed.stalls == at_bound.stalls
+    # At its bound, with a reading that was not falling, it stands against the new plan too.
+    (again,) = resumed.stalls
+    assert again is not None and again.at_bound and (again.steps_needed, again.steps_left) == (math.inf, 99_990)
     resumed.forget(0)
     assert (resumed.history, resumed.stalls, resumed.reached, resumed.withdrawn) == ([[]], [None], [None], [None])
 
@@ -288,6 +326,26 @@ def test_verdict_lines_carry_the_figures():
     )
     pncc = constraint_clause("pncc", 0.93, 0.94, 0.17, False, "unreachable", stall=Stall(100, 400, 2.0, 9.0, 1.2, 1.18))
     assert pncc.startswith("UNREACHABLE: pncc 0.93 < 0.94 (+17.0 %); lambda rose 4.5x (2 -> 9) over steps 100-400")
+
+
+def test_a_tolerance_met_by_an_earlier_validation_is_not_called_out_of_reach():
+    # The best validation met it (lower or higher is better): the model can; its last steps lost it.
+    mse = constraint_clause("distortion", 0.006, 0.005, 0.2, True, "not_met", best=(0.0046, 1000), trained_steps=1500)
+    assert mse == "NOT MET: distortion 0.006 > 0.005 (+20.0 %); an earlier validation met it (0.0046 at step 1000), the last did not"
+    pncc = constraint_clause("pncc", 0.9, 0.94, 0.667, False, "not_met", best=(0.95, 1000), trained_steps=1500)
+    assert pncc.endswith("; an earlier validation met it (0.95 at step 1000), the last did not")
+    never = constraint_clause("pncc", 0.9, 0.94, 0.667, False, "not_met", best=(0.93, 1000), trained_steps=1500)
+    assert never.endswith("; this model did not reach it in 1500 steps (best 0.93 at step 1000)")
+
+
+def test_a_non_finite_or_missing_reading_is_said_so_and_an_unreachable_verdict_keeps_its_word():
+    nan = constraint_clause("distortion", math.nan, 0.005, math.nan, True, verdict(math.nan, None))
+    assert nan == "NOT MET: distortion nan (not a finite reading; asked <= 0.005)"
+    stall = Stall(100, 400, 2.0, 9.0, 1.2, 1.18)
+    missing = constraint_clause("distortion", None, 0.005, None, True, verdict(None, stall), stall=stall)
+    # verdict() says unreachable (the stall was seen in training), and so does the line.
+    assert missing.startswith("distortion: UNREACHABLE: no validation reading (validation never ran")
+    assert "; lambda rose 4.5x (2 -> 9) over steps 100-400" in missing
 
 
 def test_the_line_shows_the_standard_error_only_where_the_verdict_is_within_the_noise():
@@ -620,3 +678,19 @@ def test_a_trainer_fitted_again_with_no_step_left_keeps_its_verdict(tmp_path):
                       r"model is recorded"):
         trainer.fit(tiny_conv_vae(tolerance=0.12), train, val)
     assert geco.detector is not detector and summary.verdict_line.startswith("GECO: distortion: NOT MET: no validation reading")
+
+
+def test_summary_json_holds_null_for_a_non_finite_number_at_any_depth(tmp_path):
+    # json.dumps writes NaN / Infinity, which strict JSON readers refuse.
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(is_global_zero=True, fast_dev_run=False, loggers=[], default_root_dir=str(tmp_path))
+    summary = {
+        "distortion": math.nan, "lambda": [1.5, math.inf], "relative_violation": {"a": -math.inf, "b": 0.25}, "steps": 3,
+    }
+    path = RunSummary._write(trainer, "summary.json", summary, "final")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    written = json.loads(text)
+    assert written["distortion"] is None and written["lambda"] == [1.5, None]
+    assert written["relative_violation"] == {"a": None, "b": 0.25} and written["steps"] == 3
