@@ -177,6 +177,11 @@ class ImageDataModule(pl.LightningDataModule):
             images). 0 (default) carves none and leaves ``calibration_dataset`` None.
     """
 
+    #: whether the validation split is drawn from the same set as the training split (with
+    #: ``seed`` and ``num_val``, :func:`seeded_split`): a checkpoint then records the draw, and
+    #: a validation with another is refused (:meth:`held_out_split`)
+    validation_drawn_from_training_set: bool = True
+
     def __init__(
         self,
         batch_size: int = 64,
@@ -345,14 +350,61 @@ class ImageDataModule(pl.LightningDataModule):
         sampler.batches_done = batches_done
         return sampler
 
+    def held_out_split(self) -> dict[str, int] | None:
+        """What decides which images were held out of training (``seed``, ``num_val``,
+        ``num_calibration``), for a DataModule whose validation split is drawn from the same set
+        as its training split (:func:`seeded_split`); None for one that draws them apart (the
+        generated shapes) or does not say."""
+        seed, num_val = getattr(self, "seed", None), getattr(self, "num_val", None)
+        if not self.validation_drawn_from_training_set or not isinstance(seed, int) or not isinstance(num_val, int):
+            return None
+        return {"seed": seed, "num_val": num_val, "num_calibration": self.num_calibration}
+
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the seed of the training order; and the files it trained on
-        (``source``, where the DataModule has one), so a test never reads them as its test split."""
-        return {"shuffle_seed": self.shuffle_seed, "source": self.files_source}
+        """What a resumed run needs: the seed of the training order; the files it trained on
+        (``source``, where the DataModule has one), so a test never reads them as its test split;
+        and how the held-out images were drawn (:meth:`held_out_split`), so a validation never
+        reads images the model trained on."""
+        return {"shuffle_seed": self.shuffle_seed, "source": self.files_source, "split": self.held_out_split()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.trained_source = state_dict.get("source")
+        self.check_held_out_split(state_dict.get("split"))
+
+    def check_held_out_split(self, trained: dict[str, int] | None) -> None:
+        """Refuse a split that would validate on images the checkpoint's model trained on: another
+        ``seed`` (a new draw: most of its validation images were training images), or a larger
+        ``num_val`` (the extra ones were); a smaller ``num_val`` is a subset, and so fine. A
+        resumed fit with another ``num_calibration`` trains on another set: warned. The test
+        split (other files) is not concerned. ``trained``: the checkpoint's ``held_out_split()``
+        (None: not recorded, nothing to check); called by :meth:`load_state_dict`, and by
+        ``train.py`` before its W&B run starts."""
+        current = self.held_out_split()
+        trainer = self.trainer
+        if trained is None or current is None or (trainer is not None and trainer.state.fn == TrainerFn.TESTING):
+            return
+        name = type(self).__name__
+        if current["seed"] != trained["seed"] or current["num_val"] > trained["num_val"]:
+            changed = (
+                f"seed={current['seed']} (it was {trained['seed']}): another draw, whose validation images are mostly "
+                "ones the model trained on"
+                if current["seed"] != trained["seed"]
+                else f"num_val={current['num_val']} (it was {trained['num_val']}): the images beyond "
+                f"{trained['num_val']} were training images"
+            )
+            raise ValueError(
+                f"{name}: the checkpoint's model was trained with the split seed={trained['seed']}, "
+                f"num_val={trained['num_val']}; this DataModule has {changed}. Use --data.seed {trained['seed']} and "
+                f"--data.num_val {trained['num_val']} or fewer."
+            )
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and current["num_calibration"] != trained["num_calibration"]:
+            rank_zero_warn(
+                f"{name}: the checkpoint's run carved num_calibration={trained['num_calibration']} images from its "
+                f"training split; this one carves {current['num_calibration']}: the resumed run trains, and measures "
+                "its calibration split, on other images than the checkpoint's run did."
+            )
 
     def _parse_device(self, device: str) -> torch.device:
         """``device`` as a torch device; refused, naming the value, when torch does not know it."""

@@ -40,7 +40,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
-from lightning_geco.resume import RandomState, checkpoint_head
+from lightning_geco.resume import RandomState, checkpoint_head, mapped_checkpoint
 from lightning_geco.summary import RunSummary, run_directory
 
 __all__ = [
@@ -477,6 +477,7 @@ class GECOLightningCLI(LightningCLI):
                     f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only loads into the model it was "
                     "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
                 )
+        self._check_held_out_split()
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # Two warnings every run printed, neither the user's to act on: Lightning passes
@@ -535,6 +536,20 @@ class GECOLightningCLI(LightningCLI):
         # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
         if self.resumed_run_id is not None:
             self._checkpoints_into(self.resumed_run_id)
+        if self.subcommand == "validate":
+            self._check_held_out_split()
+
+    def _check_held_out_split(self) -> None:
+        """Refuse, before the W&B run starts, a split that would validate on images the
+        checkpoint's model trained on (the DataModule refuses it again when the Trainer restores)."""
+        check = getattr(self.datamodule, "check_held_out_split", None)
+        if self._checkpoint is None or check is None:
+            return
+        state = mapped_checkpoint(self._checkpoint[0])
+        try:
+            check((state.get(type(self.datamodule).__qualname__) or {}).get("split"))
+        except ValueError as error:
+            _fail(str(error))
 
     def _checkpoints_into(self, run_id: str) -> None:
         """Point every ModelCheckpoint of the config at its ``<dirpath>/<run id>/`` folder."""

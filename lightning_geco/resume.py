@@ -19,22 +19,26 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head"]
+__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head", "mapped_checkpoint"]
 
 #: key of the saved states in the checkpoint
 CHECKPOINT_KEY = "random_states"
 
 
-def checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
-    """A checkpoint's ``hyper_parameters`` and ``global_step``, read without reading the weights.
-
-    Memory-mapped, so the weights and optimizer state are not read twice (the Trainer reads them
-    when it restores); a checkpoint in torch's legacy format cannot be mapped and is read whole.
-    """
+def mapped_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, memory-mapped, so reading its small parts does not read the weights
+    and optimizer state (the Trainer reads them when it restores); a checkpoint in torch's legacy
+    format cannot be mapped and is read whole."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
+    """A checkpoint's ``hyper_parameters`` and ``global_step``, read without reading the weights
+    (:func:`mapped_checkpoint`)."""
+    checkpoint = mapped_checkpoint(path)
     return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
 
 

@@ -316,7 +316,9 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
     # Only a DataModule's name of its files is recorded (Omniglot's `source` is a method).
     from lightning_geco.datamodules import OmniglotDataModule
 
-    assert OmniglotDataModule("nowhere").state_dict() == {"shuffle_seed": None, "source": None}
+    assert OmniglotDataModule("nowhere").state_dict() == {
+        "shuffle_seed": None, "source": None, "split": {"seed": 0, "num_val": 500, "num_calibration": 0}
+    }
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
@@ -348,3 +350,56 @@ def test_a_summary_written_under_a_relative_folder_names_its_absolute_path(tmp_p
     model = tiny_conv_vae(objective=GECOObjective([ReconstructionMSE(0.5)]))
     trainer.validate(model, DataLoader(_labelled(seed=1), batch_size=8), ckpt_path=tmp_path / "model.ckpt", verbose=False)
     assert summary.validate_summary["path"] == str((tmp_path / "out" / "validate_summary.json").resolve())
+
+
+def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_path):
+    # Another split seed draws a validation set of mostly training images, a larger num_val adds
+    # training images: both read optimistic figures, silently (a new-user trial's validate with
+    # --data.seed 5). A smaller num_val is a subset; the test split is other files.
+    raw = tmp_path / "MNIST" / "raw"
+    make_mnist(raw, 48, "train", gzipped=True)
+    make_mnist(raw, 16, "t10k", gzipped=True, seed=1)
+    data = lambda **kwargs: MNISTDataModule(str(tmp_path), batch_size=8, **{"num_val": 16, **kwargs})  # noqa: E731
+    model = tiny_conv_vae(image_shape=(1, 28, 28))
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()]).fit(model, datamodule=data())
+    checkpoint = tmp_path / "model.ckpt"
+    model.trainer.save_checkpoint(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["MNISTDataModule"]["split"] == {"seed": 0, "num_val": 16, "num_calibration": 0}
+    refusals = {
+        "seed=5 (it was 0): another draw, whose validation images are mostly ones the model trained on": data(seed=5),
+        "num_val=24 (it was 16): the images beyond 16 were training images": data(num_val=24),
+    }
+    for changed, datamodule in refusals.items():
+        message = (f"MNISTDataModule: the checkpoint's model was trained with the split seed=0, num_val=16; this "
+                   f"DataModule has {changed}. Use --data.seed 0 and --data.num_val 16 or fewer.")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quiet_trainer().validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    quiet_trainer().validate(model, datamodule=data(num_val=8), ckpt_path=checkpoint, verbose=False)
+    quiet_trainer().test(model, datamodule=data(seed=5), ckpt_path=checkpoint, verbose=False)
+    with pytest.warns(UserWarning, match=r"carved num_calibration=0 images from its training split; this one carves 8"):
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=data(num_calibration=8), ckpt_path=checkpoint
+        )
+
+
+def test_train_py_refuses_another_split_before_its_wandb_run_starts(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    make_mnist(raw, 64, "train", gzipped=True)
+    make_mnist(raw, 16, "t10k", gzipped=True, seed=1)
+    config = [
+        "--config", str(REPO / "configs" / "mnist_convvae_geco.yaml"), "--data.root", str(tmp_path),
+        "--data.num_val", "16", "--data.num_calibration", "0", "--data.batch_size", "16",
+        "--trainer.num_sanity_val_steps", "0",
+    ]
+    main(["fit", *config, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    runs = sorted(Path("runs/wandb").glob("*run-*"))
+    capsys.readouterr()
+    for subcommand, extra in (("validate", []), ("fit", ["--trainer.max_steps", "4"])):
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, *config, "--ckpt_path", "last", "--data.seed", "5", *extra])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(
+            "error: MNISTDataModule: the checkpoint's model was trained with the split seed=0, num_val=16; this "
+            "DataModule has seed=5 (it was 0)"
+        )
+    assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # refused before a W&B run started
