@@ -60,7 +60,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: cell -> (config, {dotted override: value}) on the real files
+#: cell -> (config, {dotted override: value}) on the real files. (``runs.jsonl`` also keeps
+#: ``mnist_pncc_before``: the pNCC config's runs from before ``patch_ncc`` read a washed-out patch
+#: against a quarter of the data's contrast, no longer reproducible, kept as the record.)
 CELLS: dict[str, tuple[str, dict]] = {
     "mnist_mse": ("mnist_convvae_geco.yaml", {}),
     "fashion_mse": ("fashion_mnist_convvae_geco.yaml", {}),
