@@ -353,8 +353,10 @@ def _eager_per_dim_sums(
         # then of size h * u^2, and float32 loses ~1e-7 of that to cancellation; a chunk where h *
         # u^2 reaches _EXPANDED_SQUARE_LIMIT (very narrow posteriors: h = 1 / (2 var) large)
         # evaluates (z - mean)^2 itself instead, elementwise, at about twice the cost.
-        centres = z_j[[min(start + (chunk_size - 1) // 2, m - 1) for start in starts]]
-        half_spans = torch.stack([(z_j[start : start + chunk_size] - c).abs().max() for start, c in zip(starts, centres)])
+        firsts = torch.tensor(starts, device=z.device)
+        lasts = (firsts + chunk_size - 1).clamp_max_(m - 1)
+        centres = z_j[firsts + (lasts - firsts) // 2]  # each chunk's middle row
+        half_spans = torch.maximum(z_j[lasts] - centres, centres - z_j[firsts])  # z_j is sorted
         expanded = (half_precision_j.max() * half_spans.square() < _EXPANDED_SQUARE_LIMIT).tolist()  # one host read
         for start, centre, use_matmul in zip(starts, centres, expanded):
             # The direct difference is taken uncentred: z - mean of nearby values is exact in
