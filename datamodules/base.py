@@ -116,7 +116,9 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     """Deterministic (train, val) split: the same indices on every rank and every run."""
     n = dataset_length(dataset)
     if not 0 < num_val < n:
-        raise ValueError(f"num_val must lie in (0, {n}) for a dataset of {n} items, got {num_val}.")
+        raise ValueError(
+            f"num_val must lie in (0, {n}) for a dataset of {n} items, got {num_val} (--data.num_val)."
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
@@ -140,7 +142,8 @@ def carve_calibration(train: Dataset, num_calibration: int) -> tuple[Subset, Sub
     n = dataset_length(train)
     if not 0 < num_calibration < n:
         raise ValueError(
-            f"num_calibration must lie in [0, {n}) for a training set of {n} images, got {num_calibration}."
+            f"num_calibration must lie in [0, {n}) for a training set of {n} images, got {num_calibration} "
+            "(--data.num_calibration; 0 carves no calibration split)."
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
     chosen = order[:num_calibration].sort().values.tolist()

@@ -243,7 +243,7 @@ class ImageFolderDataModule(ImageDataModule):
         if not self.num_val < n:
             raise ValueError(
                 f"ImageFolderDataModule: num_val must lie in [1, {n - 1}] for the {n} images under {self.root}, "
-                f"got {self.num_val}."
+                f"got {self.num_val} (--data.num_val)."
             )
         size = n * math.prod(self.image_shape)
         if size > IN_MEMORY_LIMIT and self.device is not None:

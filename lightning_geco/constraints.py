@@ -186,10 +186,16 @@ class ReconstructionMSE(Constraint):
             elif not (0.0 < tolerance <= peak**2) or math.isnan(tolerance):
                 range_text = "(0, 1]" if peak == 1.0 else f"(0, {peak**2:g}] (peak {peak:g})"
                 data_text = "images in [0, 1]" if peak == 1.0 else f"data with peak {peak:g}"
+                # A number of decibels' size is most likely a PSNR written as an MSE.
+                psnr_hint = (
+                    f" A PSNR of {tolerance:g} dB is unit='psnr' (on the command line --tolerance psnr={tolerance:g})."
+                    if max(peak**2, 10.0) <= tolerance <= MAX_PSNR_DB
+                    else ""
+                )
                 raise ValueError(
                     f"ReconstructionMSE tolerance {tolerance!r} (unit 'mse') cannot be expressed: "
                     f"a per-element MSE of {data_text} must lie in {range_text}; for data in other units "
-                    "pass peak=None (in a config: peak: null)."
+                    f"pass peak=None (in a config: peak: null).{psnr_hint}"
                 )
             self.tolerance_mse = float(tolerance)
         elif unit == "psnr":

@@ -189,7 +189,8 @@ def test_calibration_split_works_for_generated_data_and_in_memory_mode(tmp_path)
 
 def test_calibration_split_as_large_as_train_names_both_numbers(tmp_path):
     dm = ShapesDataModule(image_size=8, num_train=10, num_val=2, num_calibration=10)
-    with pytest.raises(ValueError, match=r"num_calibration must lie in \[0, 10\) for a training set of 10 images, got 10"):
+    with pytest.raises(ValueError, match=r"num_calibration must lie in \[0, 10\) for a training set of 10 images, got 10 "
+                       r"\(--data.num_calibration; 0 carves no calibration split\)"):
         dm.setup()
     with pytest.raises(ValueError, match="num_calibration must be >= 0, got -1"):
         ShapesDataModule(num_calibration=-1)

@@ -258,7 +258,7 @@ def test_bad_arguments_name_the_value_and_the_range(tmp_path, kwargs, message):
 
 def test_num_val_too_large_for_the_folder(tmp_path):
     root = make_flat(tmp_path / "flat", n=4)
-    message = f"ImageFolderDataModule: num_val must lie in [1, 3] for the 4 images under {root}, got 4."
+    message = f"ImageFolderDataModule: num_val must lie in [1, 3] for the 4 images under {root}, got 4 (--data.num_val)."
     with pytest.raises(ValueError, match=re.escape(message)):
         _setup(root=root, image_size=8, channels=3, num_val=4)
 

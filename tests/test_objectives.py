@@ -101,7 +101,8 @@ def test_validation_loss_reads_lambda_without_recording():
     [
         ({"tolerance": 0.0}, r"tolerance 0.0 \(unit 'mse'\) cannot be expressed: .* must lie in \(0, 1\]"),
         ({"tolerance": -0.01}, r"tolerance -0.01 \(unit 'mse'\) cannot be expressed"),
-        ({"tolerance": 1.5}, r"tolerance 1.5 \(unit 'mse'\) cannot be expressed"),
+        ({"tolerance": 1.5}, r"tolerance 1.5 \(unit 'mse'\) cannot be expressed: .*peak: null\)\.$"),
+        ({"tolerance": 20}, r"cannot be expressed: .* A PSNR of 20 dB is unit='psnr' \(on the command line --tolerance psnr=20\)\.$"),
         ({"tolerance": 0.0, "unit": "psnr"}, r"tolerance 0.0 \(unit 'psnr'\) is out of range: .* \(0, 100\]"),
         ({"tolerance": 140.0, "unit": "psnr"}, r"tolerance 140.0 \(unit 'psnr'\) is out of range"),
         ({"tolerance": 0.01, "unit": "db"}, r"unit must be 'mse' or 'psnr', got 'db'"),
