@@ -182,8 +182,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     #: whether the validation split is drawn from the same set as the training split (with
     #: ``seed`` and ``num_val``, :func:`seeded_split`): a checkpoint then records the draw, and
-    #: a validation with another is refused (:meth:`held_out_split`)
-    validation_drawn_from_training_set: bool = True
+    #: a validation with another is refused (:meth:`held_out_split`). Set by the subclasses
+    #: whose ``build_splits`` calls :func:`seeded_split`.
+    validation_drawn_from_training_set: bool = False
 
     def __init__(
         self,
@@ -353,15 +354,21 @@ class ImageDataModule(pl.LightningDataModule):
         sampler.batches_done = batches_done
         return sampler
 
-    def held_out_split(self) -> dict[str, int] | None:
-        """What decides which images were held out of training (``seed``, ``num_val``,
-        ``num_calibration``), for a DataModule whose validation split is drawn from the same set
-        as its training split (:func:`seeded_split`); None for one that draws them apart (the
-        generated shapes) or does not say."""
+    def held_out_split(self) -> dict[str, Any] | None:
+        """What decides which images were held out of training, for a DataModule whose
+        validation split is drawn from the same set as its training split (:func:`seeded_split`):
+        ``seed``, ``num_val``, ``num_calibration``, the set's size ``num_items`` (None before
+        :meth:`setup`) and ``source`` (the files read, where the DataModule has several); None
+        for one that draws its splits apart (the generated shapes) or does not say."""
         seed, num_val = getattr(self, "seed", None), getattr(self, "num_val", None)
         if not self.validation_drawn_from_training_set or not isinstance(seed, int) or not isinstance(num_val, int):
             return None
-        return {"seed": seed, "num_val": num_val, "num_calibration": self.num_calibration}
+        built = [d for d in (self.train_dataset, self.val_dataset, self.calibration_dataset) if d is not None]
+        num_items = sum(dataset_length(d) for d in built) if self.train_dataset is not None else None
+        return {
+            "seed": seed, "num_val": num_val, "num_calibration": self.num_calibration, "num_items": num_items,
+            "source": self.files_source,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the seed of the training order; the files it trained on
@@ -375,7 +382,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.trained_source = state_dict.get("source")
         self.check_held_out_split(state_dict.get("split"))
 
-    def check_held_out_split(self, trained: dict[str, int] | None) -> None:
+    def check_held_out_split(self, trained: dict[str, Any] | None) -> None:
         """Refuse a split that would validate on images the checkpoint's model trained on: another
         ``seed`` (a new draw: most of its validation images were training images), or a larger
         ``num_val`` (the extra ones were); a smaller ``num_val`` is a subset, and so fine. A
@@ -385,9 +392,18 @@ class ImageDataModule(pl.LightningDataModule):
         ``train.py`` before its W&B run starts."""
         current = self.held_out_split()
         trainer = self.trainer
-        if trained is None or current is None or (trainer is not None and trainer.state.fn == TrainerFn.TESTING):
-            return
+        evaluating_test_files = trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
+        if trained is None or current is None or evaluating_test_files or trained.get("source") != current["source"]:
+            return  # nothing recorded, nothing to compare, or other files than the checkpoint's split
         name = type(self).__name__
+        trained_items, items = trained.get("num_items"), current["num_items"]
+        if trained_items is not None and items is not None and trained_items != items:
+            # Another set size draws another permutation from the same seed: nothing can be told.
+            rank_zero_warn(
+                f"{name}: the checkpoint's split was drawn from {trained_items} images; this data has {items}, so its "
+                "split is another draw, and its validation images may include ones the model trained on."
+            )
+            return
         if current["seed"] != trained["seed"] or current["num_val"] > trained["num_val"]:
             changed = (
                 f"seed={current['seed']} (it was {trained['seed']}): another draw, whose validation images are mostly "

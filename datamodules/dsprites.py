@@ -46,6 +46,8 @@ class DSpritesDataModule(ImageDataModule):
             :class:`ImageDataModule`.
     """
 
+    validation_drawn_from_training_set = True  # seeded_split of one set
+
     def __init__(
         self,
         root: str = "data",

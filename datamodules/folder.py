@@ -157,6 +157,8 @@ class ImageFolderDataModule(ImageDataModule):
             :class:`ImageDataModule` (``device`` needs the images to fit :data:`IN_MEMORY_LIMIT`).
     """
 
+    validation_drawn_from_training_set = True  # seeded_split of one set
+
     def __init__(
         self,
         root: str | Path,

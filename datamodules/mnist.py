@@ -106,6 +106,8 @@ class MNISTDataModule(ImageDataModule):
     source_url = "http://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
     mirror = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
+    validation_drawn_from_training_set = True  # seeded_split of one set
+
     def __init__(
         self,
         root: str = "data",

@@ -108,6 +108,8 @@ class OmniglotDataModule(ImageDataModule):
 
     source_url = "https://github.com/brendenlake/omniglot (python/images_<subset>.zip)"
 
+    validation_drawn_from_training_set = True  # seeded_split of one set
+
     def __init__(
         self,
         root: str = "data",

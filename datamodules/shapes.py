@@ -93,9 +93,6 @@ class ShapesDataModule(ImageDataModule):
             :class:`ImageDataModule`.
     """
 
-    # Each split is generated from its own seed: no seed or size puts a training image into validation.
-    validation_drawn_from_training_set = False
-
     def __init__(
         self,
         image_size: int = 64,

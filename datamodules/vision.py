@@ -43,6 +43,8 @@ class TorchvisionDataModule(ImageDataModule):
     expected_files: str = ""
     where_to_get: str = ""
 
+    validation_drawn_from_training_set = True  # seeded_split of one set
+
     def __init__(
         self,
         root: str = "data",

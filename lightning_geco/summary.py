@@ -424,7 +424,11 @@ class RunSummary(Callback):
         fields: dict[str, Any] = {key: _per_constraint(constraints, values) for key, values in per_constraint.items()}
         fields["drive"] = callback.active_drive
         fields["satisfied"] = _satisfied(constraints, self._validation)
-        stalls = callback.detector.stalls if callback.detector is not None else [None] * len(constraints)
+        stalls = list(callback.detector.stalls) if callback.detector is not None else [None] * len(constraints)
+        bests = [self._best(constraint) for constraint in constraints]
+        for k, (constraint, best) in enumerate(zip(constraints, bests)):
+            if best is not None and constraint.satisfied_by(best[0]):
+                stalls[k] = None  # a validation met it: not unreachable, whatever lambda did since
         outcomes = [verdict(v, stall) for v, stall in zip(violation, stalls)]
         clauses = []
         for k, (constraint, outcome) in enumerate(zip(constraints, outcomes)):
@@ -438,7 +442,7 @@ class RunSummary(Callback):
                     outcome=outcome,
                     stall=stalls[k],
                     lambda_rising=callback.lambda_rising(k),
-                    best=self._best(constraint),
+                    best=bests[k],
                     trained_steps=trainer.global_step or None,
                     standard_error=relative_errors[k],
                 )

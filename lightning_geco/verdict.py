@@ -25,7 +25,8 @@ The rules (documented in the README, "The verdict"):
     and the reading down by less than 13 %; and, at the pace the reading fell over that window
     (in log terms, per step), it would not reach the band by the run's last step (``max_steps``;
     without one, within another window). Lambda at its upper bound while clearly violated
-    counts too, on the pace alone (no more lambda can come), from whatever history there is. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
+    counts too, on the pace alone (no more lambda can come), from whatever history there is, and
+    is withdrawn when that pace, judged again at each logging step, reaches the band in time. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
     the MSE about 4-fold; a tenth of that says more lambda no longer helps, and the pace says
     the model will not get there on its own at this budget either. (Without the pace, the
     default job was called unreachable at step 719: lambda x5.6 while the MSE fell 14.5 %, 39 %
@@ -139,16 +140,16 @@ class Stall:
         while the reading moved -1.0 % (31.0 % -> 29.7 % past the tolerance)``."""
         factor = self.lambda_after / self.lambda_before
         moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
-        if self.at_bound and self.lambda_after <= 1.001 * self.lambda_before:  # at the bound throughout the window
-            return (
-                f"lambda was at its upper bound ({self.lambda_after:.3g}) at step {self.last_step} with the reading "
-                f"{100 * (self.ratio_after - 1):.1f} % past the tolerance"
-            )
-        bound = " and reached its upper bound" if self.at_bound else ""
         pace = ""
         if self.steps_needed is not None and self.steps_left is not None:
             need = "it was not falling" if math.isinf(self.steps_needed) else f"at that pace it needs {self.steps_needed:.0f} more steps"
             pace = f"; {need}, {self.steps_left} are left"
+        if self.at_bound and self.lambda_after <= 1.001 * self.lambda_before:  # at the bound throughout the window
+            return (
+                f"lambda was at its upper bound ({self.lambda_after:.3g}) at step {self.last_step} with the reading "
+                f"{100 * (self.ratio_after - 1):.1f} % past the tolerance{pace}"
+            )
+        bound = " and reached its upper bound" if self.at_bound else ""
         return (
             f"lambda rose {factor:.3g}x ({self.lambda_before:.3g} -> {self.lambda_after:.3g}){bound} over steps "
             f"{self.first_step}-{self.last_step} while the reading moved {moved:+.1f} % "
@@ -216,7 +217,9 @@ class StallDetector:
                 if stall is not None:
                     self._withdraw(k, step, f"came within 1 % of its tolerance at step {step} after all")
                 continue
-            if stall is not None:
+            if stall is not None and stall.at_bound:
+                self._judge_at_bound(k, step)
+            elif stall is not None:
                 self._judge_response(k, stall, step, log_lam)
             if self.stalls[k] is None and self.reached[k] is None:
                 stall = self._stall(self._evidence(k))
@@ -250,6 +253,15 @@ class StallDetector:
                 f"the last {len(since)} readings) over steps {stall.last_step}-{step} while lambda moved "
                 f"{math.exp(rise):.3g}x: more lambda buys quality again"
             )
+
+    def _judge_at_bound(self, k: int, step: int) -> None:
+        """Withdraw constraint ``k``'s stall at lambda's bound once the stall rule, applied afresh to
+        its evidence, no longer finds one: the reading now falls onto the band in time at its
+        window's pace (no more lambda can come, so the pace is the whole question), or lambda
+        left its bound. (The response rule would withdraw on any 5 % fall, and the next
+        observation, still at the bound and too slow, would find the stall again.)"""
+        if self._stall(self._evidence(k)) is None:
+            self._withdraw(k, step, f"at its window's pace it now reaches its tolerance in the steps left (step {step})")
 
     def _evidence(self, k: int) -> list[tuple[int, float, float]]:
         """Constraint ``k``'s history a stall is judged on: all of it, or what came after the stall

@@ -234,7 +234,8 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_where_the_uninterrupted_run_
     killer = {"class_path": "sigkill_at.SigkillAt", "init_args": {"step": killed_at}}
     uninterrupted_proc = _start(_small_default_config(whole, steps), whole)
     victim = _start(
-        _small_default_config(killed, steps, [killer]), killed, {**ENV, "PYTHONPATH": str(tmp_path)}
+        _small_default_config(killed, steps, [killer]), killed,
+        {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))},
     )
     victim.communicate(timeout=280)
     assert victim.returncode == -signal.SIGKILL

@@ -317,7 +317,8 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
     from lightning_geco.datamodules import OmniglotDataModule
 
     assert OmniglotDataModule("nowhere").state_dict() == {
-        "shuffle_seed": None, "source": None, "split": {"seed": 0, "num_val": 500, "num_calibration": 0}
+        "shuffle_seed": None, "source": None,
+        "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None},
     }
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
@@ -364,7 +365,9 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
     quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()]).fit(model, datamodule=data())
     checkpoint = tmp_path / "model.ckpt"
     model.trainer.save_checkpoint(checkpoint)
-    assert torch.load(checkpoint, weights_only=False)["MNISTDataModule"]["split"] == {"seed": 0, "num_val": 16, "num_calibration": 0}
+    assert torch.load(checkpoint, weights_only=False)["MNISTDataModule"]["split"] == {
+        "seed": 0, "num_val": 16, "num_calibration": 0, "num_items": 48, "source": "train"
+    }
     refusals = {
         "seed=5 (it was 0): another draw, whose validation images are mostly ones the model trained on": data(seed=5),
         "num_val=24 (it was 16): the images beyond 16 were training images": data(num_val=24),
@@ -376,6 +379,13 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
             quiet_trainer().validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     quiet_trainer().validate(model, datamodule=data(num_val=8), ckpt_path=checkpoint, verbose=False)
     quiet_trainer().test(model, datamodule=data(seed=5), ckpt_path=checkpoint, verbose=False)
+    quiet_trainer().predict(model, datamodule=data(seed=5), ckpt_path=checkpoint)  # the test files too
+    quiet_trainer().validate(model, datamodule=data(seed=5, source="test", num_val=8), ckpt_path=checkpoint, verbose=False)
+    # Files with more images: the same seed draws another permutation, which nothing can check.
+    make_mnist(tmp_path / "more" / "MNIST" / "raw", 56, "train", gzipped=True)
+    more = MNISTDataModule(str(tmp_path / "more"), batch_size=8, num_val=16)
+    with pytest.warns(UserWarning, match=r"the checkpoint's split was drawn from 48 images; this data has 56, so its split"):
+        quiet_trainer().validate(model, datamodule=more, ckpt_path=checkpoint, verbose=False)
     with pytest.warns(UserWarning, match=r"carved num_calibration=0 images from its training split; this one carves 8"):
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(num_calibration=8), ckpt_path=checkpoint

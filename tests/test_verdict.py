@@ -224,7 +224,10 @@ def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
     assert detector.observe(10, [5.0], [3.0]) == [0]
     assert detector.stalls[0].at_bound
     # Said as it is (it read "lambda rose 1x (148 -> 148) and reached its upper bound over steps 10-10").
-    assert detector.stalls[0].describe() == "lambda was at its upper bound (148) at step 10 with the reading 200.0 % past the tolerance"
+    assert detector.stalls[0].describe() == (
+        "lambda was at its upper bound (148) at step 10 with the reading 200.0 % past the tolerance; it was not "
+        "falling, 1000 are left"
+    )
 
 
 def test_at_its_bound_a_reading_falling_onto_its_tolerance_in_time_is_no_stall_and_a_fall_withdraws_one():
@@ -245,7 +248,13 @@ def test_at_its_bound_a_reading_falling_onto_its_tolerance_in_time_is_no_stall_a
     for step in range(525, 1001, 25):
         plateau.observe(step, [bound], [max(2.0 * math.exp(-(step - 500) / 150), 1.03)])
     assert plateau.stalls == [None] and plateau.withdrawn[0].at_bound
-    assert plateau.withdrawn_why[0].startswith("fell ")
+    assert plateau.withdrawn_why[0].startswith("at its window's pace it now reaches its tolerance in the steps left")
+    # A steady fall too slow to arrive: one stall, kept (not withdrawn at each 5 % and found again).
+    slow = StallDetector(1, window_steps=200, log_lambda_max=bound, last_step=1000)
+    events = []
+    for step in range(25, 1001, 25):
+        events += [step] * len(slow.observe(step, [bound], [3.0 * math.exp(-0.001 * step)]))
+    assert events == [25] and slow.stalls[0] is not None and slow.withdrawn == [None]
 
 
 @pytest.mark.parametrize("log_every", [1, 10, 50])
@@ -432,6 +441,16 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     stall = geco.detector.stalls[0]
     assert stall.last_step < 399  # said before the end of the run
     assert callback.verdict_line.startswith("GECO: UNREACHABLE: distortion ")
+    # Had an earlier validation met it, the tolerance is reachable: not_met, and the line says so.
+    from types import SimpleNamespace
+
+    callback._history.insert(0, (200, {"distortion": 5e-6}))
+    fields = callback._geco_fields(SimpleNamespace(callbacks=[geco], global_step=400))
+    callback._history.pop(0)
+    assert fields["verdict"] == "not_met"
+    assert fields["verdict_line"].startswith("GECO: NOT MET: distortion ")
+    assert "; an earlier validation met it (5e-06 at step 200), the last did not" in fields["verdict_line"]
+    assert "lambda rose" not in fields["verdict_line"]
     # Resumed with no step left to train, the run says so and reports the checkpoint's figures
     # and verdict (it printed "NOT MET: no validation reading" before).
     with pytest.warns(UserWarning, match=r"This fit trained no step: it resumed from \S+end.ckpt at step 400, where max_steps=400 ends it already; the figures are the last validation before it \(step 400\)\. To train on, raise max_steps"):
