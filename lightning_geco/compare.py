@@ -130,11 +130,20 @@ def _segments(run_dir: Path) -> list[Path]:
     return sorted((f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id), key=started)
 
 
+#: row keys that are W&B's or Lightning's bookkeeping, not a logged figure
+_BOOKKEEPING = frozenset({STEP, "epoch", "_step", "_runtime", "_timestamp"})
+
+
 def joined_history(run_dir: Path, last_segment: Path | None = None) -> list[dict[str, Any]]:
     """The W&B history of a run across its resumed segments: every folder beside ``run_dir``
-    with the same run id (a resumed run writes a new one offline), oldest first, each later
-    segment replacing the rows from its first step on (a resume starts over from its
-    checkpoint's step), up to ``last_segment`` (None: the newest). Empty without W&B records."""
+    with the same run id (a resumed run writes a new one offline), oldest first, up to
+    ``last_segment`` (None: the newest). Empty without W&B records.
+
+    From a later segment's first step on (a resume starts over from its checkpoint's step), an
+    earlier row goes where the later segment logged a figure of it at the same step, and stays
+    where it did not: a resumed fit logs its first training row one step early (Lightning's
+    count of batches that stepped comes back one behind) at the step of the earlier segment's
+    last validation, which it does not repeat, and that validation is the checkpoint's."""
     rows: list[dict[str, Any]] = []
     segments = _segments(run_dir)
     if last_segment is not None:
@@ -145,8 +154,16 @@ def joined_history(run_dir: Path, last_segment: Path | None = None) -> list[dict
         later = read_history(segment)
         steps = [row[STEP] for row in later if STEP in row]
         if steps:
-            rows = [row for row in rows if row.get(STEP, -1) < min(steps)]
-        rows += later
+            first = min(steps)
+            logged: dict[Any, set[str]] = {}
+            for row in later:
+                if STEP in row:
+                    logged.setdefault(row[STEP], set()).update(set(row) - _BOOKKEEPING)
+            rows = [
+                row for row in rows
+                if row.get(STEP, -1) < first or not (set(row) - _BOOKKEEPING) & logged.get(row[STEP], set())
+            ]
+        rows = sorted(rows + later, key=lambda row: row.get(STEP, -1))  # stable: each step's rows in order
     return rows
 
 

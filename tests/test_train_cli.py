@@ -624,6 +624,28 @@ def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacin
     assert [(row["trainer/global_step"], row["v"]) for row in joined] == [
         (10, "online"), (20, "offline"), (30, "offline"), (40, "offline")
     ]
+    # An extension from a finished run's checkpoint (step 300) logs its first training row at 299
+    # (Lightning's count comes back one behind), where the finished run's last validation is:
+    # the training row is replaced, the validation (the checkpoint's) and the panels stay.
+    extended = tmp_path / "extended"
+    histories.update({
+        "offline-run-20261127_110000-ghi789": [
+            {"trainer/global_step": 274, "train/rate": 1.2}, {"trainer/global_step": 299, "train/rate": 1.0},
+            {"trainer/global_step": 299, "val/rate": 1.16}, {"trainer/global_step": 300, "val/samples": "panel"},
+        ],
+        "offline-run-20261127_111000-ghi789": [
+            {"trainer/global_step": 299, "train/rate": 1.158}, {"trainer/global_step": 324, "train/rate": 1.29},
+        ],
+    })
+    for name in ("offline-run-20261127_110000-ghi789", "offline-run-20261127_111000-ghi789"):
+        (extended / name).mkdir(parents=True)
+        (extended / name / "run-ghi789.wandb").write_bytes(b"")
+    joined = joined_history(extended / "offline-run-20261127_111000-ghi789")
+    assert [sorted(row.items()) for row in joined] == [sorted(row.items()) for row in [
+        {"trainer/global_step": 274, "train/rate": 1.2}, {"trainer/global_step": 299, "val/rate": 1.16},
+        {"trainer/global_step": 299, "train/rate": 1.158}, {"trainer/global_step": 300, "val/samples": "panel"},
+        {"trainer/global_step": 324, "train/rate": 1.29},
+    ]]
 
 
 def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses_one_run_twice(tmp_path, capsys):
