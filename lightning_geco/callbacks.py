@@ -768,8 +768,7 @@ class GECOCallback(Callback):
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
             planned = _planned_steps(trainer)
-            window = max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW
-            self.detector.plan(window, planned, self._ready_geco.controller.largest_rise_per_step())
+            self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there

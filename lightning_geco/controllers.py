@@ -106,11 +106,6 @@ class MultiplierController:
         """Keep whatever state the controller carries within the owner's clamp of ``log lambda``
         (an integrator beyond it would wind up where the output cannot follow)."""
 
-    def largest_rise_per_step(self) -> float | None:
-        """The most ``ln lambda`` can rise per optimizer step under this law, sustained (the stall
-        rule asks a short window for a share of it instead of a 4-fold rise); None: unbounded."""
-        return None
-
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
         """The new ``log lambda`` (K,), before the owner's clamp.
 
@@ -188,10 +183,6 @@ class Algorithm1(MultiplierController):
         self.step_size = self.step_size.to(device)
         if self.max_increase is not None:
             self.max_increase = self.max_increase.to(device)
-
-    def largest_rise_per_step(self) -> float | None:
-        """The cap on a rise (``max_increase``, the largest over the constraints), or None."""
-        return None if self.max_increase is None else float(self.max_increase.max())
 
     def step(self, log_lambda: Tensor, value: Tensor, ema: Tensor, scale: Tensor, period: int, valid: Tensor) -> Tensor:
         # nu and the cap are per optimizer step: a measurement every ``period`` steps takes
@@ -340,13 +331,6 @@ class PIController(MultiplierController):
                 "overlap: give the controller bounds within GECO's."
             )
         self.log_lambda_bounds = (low, high)
-
-    def largest_rise_per_step(self) -> float | None:
-        """``K_I * integral_error_limit``, twice that with the drift (``ramp_steps``), which is
-        bounded by as much; None without a clip. (The P term adds a step, not a rate.)"""
-        if self.integral_error_limit is None:
-            return None
-        return self.integral_gain * self.integral_error_limit * (1 if self.ramp_steps is None else 2)
 
     def to(self, device: torch.device | str) -> None:
         self.integral = self.integral.to(device)

@@ -20,10 +20,7 @@ The rules (documented in the README, "The verdict"):
     (at least ``MIN_VIOLATION``, 5 %, past its tolerance at every logging step) over a window
     of ``window_steps`` optimizer steps (20 % of the run; from the latest logging step at least
     that far back, so up to one logging interval more) while lambda rose at least
-    ``MIN_LAMBDA_FACTOR`` (4x; in a window too short for the controller to rise 4-fold,
-    ``RISE_SHARE`` (80 %) of the most it can: ``0.8 * 0.006 * window`` in ln lambda for the
-    default PI, which changes nothing for windows of 289 steps or more, and never less than
-    ``LEAST_LAMBDA_FACTOR``, 1.2x, so windows under 38 steps cannot stall) and the reading improved less than ``MAX_GAIN`` (0.1) as much,
+    ``MIN_LAMBDA_FACTOR`` (4x) and the reading improved less than ``MAX_GAIN`` (0.1) as much,
     in log terms, as lambda rose: ``-d ln(reading) / d ln(lambda) < 0.1``, e.g. lambda x4
     and the reading down by less than 13 %; and, at the pace the reading fell over that window
     (in log terms, per step), it would not reach the band by the run's last step (``max_steps``;
@@ -74,9 +71,7 @@ from typing import Any
 __all__ = [
     "MAX_GAIN",
     "MET_BAND",
-    "LEAST_LAMBDA_FACTOR",
     "MIN_LAMBDA_FACTOR",
-    "RISE_SHARE",
     "MIN_VIOLATION",
     "NOISE_STANDARD_ERRORS",
     "REACHED_READINGS",
@@ -97,12 +92,6 @@ MET_BAND = 0.01
 MIN_VIOLATION = 0.05
 #: lambda must rise at least this many times over the window for a stall to count
 MIN_LAMBDA_FACTOR = 4.0
-#: share of the controller's largest possible rise a window too short for MIN_LAMBDA_FACTOR must
-#: show instead (lambda pushed up about as fast as the controller can push it)
-RISE_SHARE = 0.8
-#: ... but never less than this factor: a window of a few steps (a 4-step run's 1-step window)
-#: says nothing about what more lambda buys
-LEAST_LAMBDA_FACTOR = 1.2
 #: a stall: the reading improves less than this fraction of lambda's rise, in log terms
 MAX_GAIN = 0.1
 #: a verdict this many standard errors of its validation reading from the band's edge is told as noisy
@@ -177,25 +166,15 @@ class StallDetector:
         log_lambda_max: the multiplier's upper bound, ``ln lambda``.
         last_step: the run's last optimizer step (``max_steps``); None: unknown, and a reading
             must then be too slow to arrive within another window.
-        largest_rise_per_step: the most the controller raises ``ln lambda`` per optimizer step
-            (None: unbounded): a window too short for a 4-fold rise asks ``RISE_SHARE`` of it.
     """
 
-    def __init__(
-        self,
-        num_constraints: int,
-        window_steps: int,
-        log_lambda_max: float,
-        last_step: int | None = None,
-        largest_rise_per_step: float | None = None,
-    ) -> None:
+    def __init__(self, num_constraints: int, window_steps: int, log_lambda_max: float, last_step: int | None = None) -> None:
         if window_steps < 1:
             raise ValueError(f"window_steps must be a positive int (optimizer steps), got {window_steps!r}.")
         if last_step is not None and last_step < 1:
             raise ValueError(f"last_step must be a positive int (optimizer steps) or None, got {last_step!r}.")
         self.window_steps = int(window_steps)
         self.last_step = last_step
-        self.largest_rise_per_step = largest_rise_per_step
         self.log_lambda_max = float(log_lambda_max)
         self.history: list[list[tuple[int, float, float]]] = [[] for _ in range(num_constraints)]
         self.stalls: list[Stall | None] = [None] * num_constraints
@@ -327,22 +306,12 @@ class StallDetector:
         if steps_needed <= steps_left:
             return None  # falling onto the band in time, lambda at its bound or not
         gain = fall / rise if rise > 0 else 0.0
-        if at_bound or (rise >= self._rise_needed(step - first_step) and gain < MAX_GAIN):
+        if at_bound or (rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN):
             return Stall(
                 first_step, step, math.exp(first_log_lam), math.exp(log_lam), math.exp(start_level), math.exp(end_level),
                 at_bound, steps_needed, steps_left, noise, len(window),
             )
         return None
-
-    def _rise_needed(self, steps: int) -> float:
-        """The rise of ``ln lambda`` a window of ``steps`` must show: ``ln MIN_LAMBDA_FACTOR``, or
-        ``RISE_SHARE`` of the most the controller can raise it in that many steps where that is
-        less (a short run's window, where no controller could rise 4-fold), but at least
-        ``ln LEAST_LAMBDA_FACTOR`` (1.2x: the default PI's windows of 38 steps or more)."""
-        needed = math.log(MIN_LAMBDA_FACTOR)
-        if self.largest_rise_per_step is not None:
-            needed = min(needed, max(math.log(LEAST_LAMBDA_FACTOR), RISE_SHARE * self.largest_rise_per_step * steps))
-        return needed
 
     def state_dict(self) -> dict[str, Any]:
         """The history and what was found in it, as plain Python (a checkpoint's part, so a resumed
@@ -351,7 +320,6 @@ class StallDetector:
         return {
             "window_steps": self.window_steps,
             "last_step": self.last_step,
-            "largest_rise_per_step": self.largest_rise_per_step,
             "history": [[list(h) for h in history] for history in self.history],
             "stalls": [None if s is None else asdict(s) for s in self.stalls],
             "reached": list(self.reached),
@@ -381,17 +349,14 @@ class StallDetector:
         # step left never does). Checkpoints from before it was kept do not say: their stalls stand.
         self.window_steps = int(state.get("window_steps", self.window_steps))
         self.last_step = state.get("last_step", self.last_step)
-        self.largest_rise_per_step = state.get("largest_rise_per_step", self.largest_rise_per_step)
         self._planned = "last_step" in state
 
-    def plan(self, window_steps: int, last_step: int | None, largest_rise_per_step: float | None = None) -> None:
-        """Set this fit's window, last step and the controller's ``largest_rise_per_step`` (ln
-        lambda per optimizer step, None: unbounded; see :meth:`_rise_needed`). A stall found on
-        the pace against another last step (a run extended from 3000 to 6000 steps may now have
-        the steps its reading needs) is judged again at the latest observation."""
+    def plan(self, window_steps: int, last_step: int | None) -> None:
+        """Set this fit's window and last step. A stall found on the pace against another last
+        step (a run extended from 3000 to 6000 steps may now have the steps its reading needs)
+        is judged again at the latest observation."""
         replanned = self._planned and last_step != self.last_step
         self.window_steps, self.last_step, self._planned = int(window_steps), last_step, True
-        self.largest_rise_per_step = largest_rise_per_step
         if not replanned:
             return
         for k, stall in enumerate(self.stalls):

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback, GECOObjective, PatchNCC, ReconstructionMSE, RunSummary
-from lightning_geco.controllers import Algorithm1, PIController
 from lightning_geco.summary import _relative_standard_error, run_directory
 from lightning_geco.verdict import (
     MET_BAND,
@@ -398,31 +397,6 @@ def _run(tmp_path, tolerance, max_steps, log_every_n_steps=1, ckpt_path=None, sa
     if save_to is not None:
         trainer.save_checkpoint(save_to)
     return json.loads(summary.path.read_text()), summary, geco
-
-
-def test_a_short_run_with_an_impossible_tolerance_is_called_unreachable_too(tmp_path):
-    # 200 steps: a 40-step window, where the default PI can raise ln lambda by at most
-    # 0.006 * 40 = 0.24 (1.27x), so a 4-fold rise never comes; the window asks 80 % of that.
-    with pytest.warns(UserWarning, match="looks unreachable for this model: lambda rose"):
-        summary, callback, geco = _run(tmp_path, tolerance=1e-5, max_steps=200, log_every_n_steps=10)
-    assert summary["verdict"] == "unreachable"
-    stall = geco.detector.stalls[0]
-    assert stall.lambda_after / stall.lambda_before < 1.3 and stall.last_step - stall.first_step == 40
-    assert geco.detector.largest_rise_per_step == pytest.approx(0.006)
-
-
-def test_the_rise_a_window_needs_is_fourfold_or_most_of_what_the_controller_can_give():
-    detector = StallDetector(1, window_steps=100, log_lambda_max=30.0, largest_rise_per_step=0.006)
-    assert detector._rise_needed(40) == pytest.approx(0.8 * 0.006 * 40)
-    assert detector._rise_needed(1) == detector._rise_needed(37) == math.log(1.2)  # a few steps tell nothing
-    assert detector._rise_needed(289) == detector._rise_needed(1000) == math.log(4.0)  # 1500-step runs: as before
-    assert StallDetector(1, window_steps=100, log_lambda_max=30.0)._rise_needed(40) == math.log(4.0)
-    # The callback plans it from its controller's law:
-    assert PIController().largest_rise_per_step() == pytest.approx(0.08 * 0.075)
-    assert PIController(ramp_steps=300).largest_rise_per_step() == pytest.approx(2 * 0.08 * 0.075)
-    assert PIController(integral_error_limit=None).largest_rise_per_step() is None
-    assert Algorithm1.relative(0.006, [0.01]).largest_rise_per_step() == pytest.approx(0.006)
-    assert Algorithm1(step_size=1.0).largest_rise_per_step() is None
 
 
 def test_a_generous_tolerance_ends_met(tmp_path):
