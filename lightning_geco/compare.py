@@ -70,6 +70,15 @@ def load_run(path: str | Path) -> Run:
     elif path.is_file() and path.suffix == ".json":
         summary_file = path
     else:
+        # A test or validate run writes test_summary.json / validate_summary.json: read by path.
+        evaluations = sorted(
+            f for folder in (path / "files", path) if folder.is_dir() for f in folder.glob("*_summary.json")
+        )
+        if evaluations:
+            raise NotARunError(
+                f"No summary.json at {path}: it holds {', '.join(f.name for f in evaluations)} (a test or "
+                f"validate run's); pass the file itself, e.g. {evaluations[0]}."
+            )
         raise NotARunError(
             f"No run at {path}: expected a W&B run folder (with files/summary.json), a folder holding "
             "summary.json, or a summary.json file (a run stopped before its end writes none)."
