@@ -371,6 +371,8 @@ class GECOLightningCLI(LightningCLI):
     resumed_run_id: str | None = None
     #: (path, hyperparameters) of the checkpoint a ``--ckpt_path`` resumes
     _checkpoint: tuple[str, dict[str, Any]] | None = None
+    #: that checkpoint's held-out split records, by DataModule state key (its class's qualname)
+    _checkpoint_splits: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -428,7 +430,12 @@ class GECOLightningCLI(LightningCLI):
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
         if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
             self.resumed_run_id = Path(ckpt_path).parent.name
-        hyperparameters, step = checkpoint_head(ckpt_path)
+        checkpoint = mapped_checkpoint(ckpt_path)
+        hyperparameters, step = checkpoint_head(checkpoint)
+        # The DataModule's part (read now, from this one load; checked once the DataModule exists).
+        self._checkpoint_splits = {
+            key: state.get("split") for key, state in checkpoint.items() if isinstance(state, dict) and "shuffle_seed" in state
+        }
         if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
             run = Path(ckpt_path).parent.name
             doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
@@ -543,11 +550,10 @@ class GECOLightningCLI(LightningCLI):
         """Refuse, before the W&B run starts, a split that would validate on images the
         checkpoint's model trained on (the DataModule refuses it again when the Trainer restores)."""
         check = getattr(self.datamodule, "check_held_out_split", None)
-        if self._checkpoint is None or check is None:
+        if self._checkpoint_splits is None or check is None:
             return
-        state = mapped_checkpoint(self._checkpoint[0])
         try:
-            check((state.get(type(self.datamodule).__qualname__) or {}).get("split"))
+            check(self._checkpoint_splits.get(type(self.datamodule).__qualname__))
         except ValueError as error:
             _fail(str(error))
 

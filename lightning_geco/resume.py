@@ -35,10 +35,11 @@ def mapped_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def checkpoint_head(path: str | Path) -> tuple[dict[str, Any], int | None]:
+def checkpoint_head(checkpoint: str | Path | dict[str, Any]) -> tuple[dict[str, Any], int | None]:
     """A checkpoint's ``hyper_parameters`` and ``global_step``, read without reading the weights
-    (:func:`mapped_checkpoint`)."""
-    checkpoint = mapped_checkpoint(path)
+    (:func:`mapped_checkpoint`); ``checkpoint``: its path, or the dict that function returned."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = mapped_checkpoint(checkpoint)
     return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
 
 

@@ -291,7 +291,7 @@ class StallDetector:
                 break
             start = i
         window = history[start:]
-        first_step, first_log_lam, first_ratio = window[0]
+        first_step, first_log_lam, _ = window[0]
         if step - first_step < self.window_steps and not at_bound:
             return None  # not enough history yet
         if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
