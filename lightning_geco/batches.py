@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
-__all__ = ["batch_images", "batch_labels", "dataset_length", "gather"]
+__all__ = ["batch_images", "batch_labels", "dataset_length", "gather", "shared_items"]
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -44,6 +44,28 @@ def dataset_length(dataset: Dataset) -> int:
     if not isinstance(dataset, Sized):
         raise TypeError(f"{type(dataset).__name__} has no length; a map-style dataset with __len__ is needed here.")
     return len(dataset)
+
+
+def _stored_indices(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
+    """(the stored dataset under any chain of Subsets, the indices into it; None: all of it)."""
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def shared_items(dataset: Dataset, other: Dataset) -> int | None:
+    """How many stored items two datasets share: both the same object, or Subsets (at any depth)
+    of one stored dataset, as the DataModules' splits are. None when that cannot be told (other
+    stored datasets, which may still hold the same images)."""
+    base, indices = _stored_indices(dataset)
+    other_base, other_indices = _stored_indices(other)
+    if base is not other_base:
+        return None
+    mine = set(range(dataset_length(base))) if indices is None else {int(i) for i in indices}
+    theirs = set(range(dataset_length(base))) if other_indices is None else {int(i) for i in other_indices}
+    return len(mine & theirs)
 
 
 def gather(dataset: Dataset, indices: list[int]) -> Any:

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather
+from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather, shared_items
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import (
@@ -208,6 +208,15 @@ def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence
     the training batches get."""
     batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(gather(dataset, list(indices))))
     return batch_images(batch), batch_labels(batch)
+
+
+def _loader_dataset(loaders: Any) -> Dataset | None:
+    """The dataset of a fit's loader (the first, when there are several); None when there is none."""
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    return getattr(loaders, "dataset", None)
 
 
 #: (shape of one image, mean magnitude, min, max) of a batch's images
@@ -530,6 +539,8 @@ class GECOCallback(Callback):
         self._training_images: _ImageSummary | None = None
         self._training_images_seen = False
         self._calibration_checked = False
+        # whether this fit's calibration split was compared with its validation set
+        self._validation_overlap_checked = False
         self._warned_repeated_calls = False
         self._manual_updates = 0  # GECO's updates in this run under manual optimization (see _update_index)
         self._state_to_load: dict[str, Any] | None = None
@@ -583,6 +594,7 @@ class GECOCallback(Callback):
         if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
             self._last_calibration = None
             self._training_images, self._training_images_seen, self._calibration_checked = None, False, False
+            self._validation_overlap_checked = False
             self._manual_updates = 0  # a checkpoint's count is restored below
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
@@ -764,11 +776,45 @@ class GECOCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
+        if self._calibration is not None:
+            self._refuse_training_images(trainer)
         if self.detector is not None:
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
             planned = _planned_steps(trainer)
             self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
+
+    def _refuse_training_images(self, trainer: pl.Trainer) -> None:
+        """Refuse a calibration split that shares images with the training set: it would steer
+        lambda by images the model learns, what ``drive="training"`` does, under another name.
+        Told from the datasets' Subset indices (the DataModules' splits, ``random_split``); two
+        stored datasets that hold the same images are not detected."""
+        calibration = self._ready_calibration
+        training = _loader_dataset(trainer.train_dataloader)
+        if training is not None and (shared := shared_items(calibration, training)):
+            raise ValueError(
+                f"GECOCallback: the calibration split shares {shared} of its {dataset_length(calibration)} images "
+                f"with the training set ({dataset_length(training)} images): lambda would be steered by images the "
+                "model trains on. Carve the calibration split out of the training set (the DataModule's "
+                "num_calibration does, e.g. --data.num_calibration 1000) or use drive='training'."
+            )
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation set is known here (a fit without sanity check loads it at its first validation).
+        if trainer.state.fn != "fit" or self._calibration is None or self._validation_overlap_checked:
+            return
+        self._validation_overlap_checked = True
+        calibration = self._calibration
+        datamodule = getattr(trainer, "datamodule", None)
+        validation = getattr(datamodule, "val_dataset", None) or _loader_dataset(trainer.val_dataloaders)
+        if validation is not None and (shared := shared_items(calibration, validation)):
+            rank_zero_warn(
+                f"GECO: the calibration split shares {shared} of its {dataset_length(calibration)} images with the "
+                f"validation set ({dataset_length(validation)} images): the validation reading, and the verdict "
+                "from it, then judge images lambda was steered by, and read better than new images would. Give the "
+                "calibration split images of its own (the DataModule's num_calibration carves them from the "
+                "training set)."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there

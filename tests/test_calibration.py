@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,51 @@ def test_calibration_without_a_split_says_how_to_get_one():
                "GECOCallback(calibration_dataset=...).")
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(16, 0)), batch_size=8))
+
+
+def test_a_calibration_split_of_training_images_is_refused_with_the_count():
+    images = TensorDataset(_images(48, 0))
+    training, calibration = torch.utils.data.random_split(images, [40, 8], generator=torch.Generator().manual_seed(0))
+    # The whole training set, or a split that takes 3 of its images.
+    for given, shared in ((training, 40), (torch.utils.data.Subset(images, [*calibration.indices, *training.indices[:3]]), 3)):
+        callback = GECOCallback(drive="calibration", calibration_dataset=given)
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+        message = (f"GECOCallback: the calibration split shares {shared} of its {len(given)} images with the training set "
+                   "(40 images): lambda would be steered by images the model trains on. Carve the calibration split "
+                   "out of the training set (the DataModule's num_calibration does, e.g. --data.num_calibration 1000) "
+                   "or use drive='training'.")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            trainer.fit(tiny_conv_vae(), DataLoader(training, batch_size=8))
+        assert callback.geco.num_measurements == 0
+
+
+def test_a_calibration_split_that_is_the_validation_set_is_warned_once_and_a_split_of_its_own_is_not():
+    data = ShapesDataModule(image_size=16, num_train=96, num_val=16, batch_size=16, num_calibration=32)
+    data.setup("fit")
+    warning = ("GECO: the calibration split shares 16 of its 16 images with the validation set (16 images): the "
+               "validation reading, and the verdict from it, then judge images lambda was steered by")
+    for given, warned in ((data.val_dataset, True), (data.calibration_dataset, False)):
+        callback = GECOCallback(drive="calibration", calibration_every=1, calibration_batch_size=8, calibration_dataset=given)
+        trainer = quiet_trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, callbacks=[callback])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(tiny_conv_vae(), data)
+        said = [str(w.message) for w in caught if "shares" in str(w.message)]
+        assert [m[: len(warning)] for m in said] == ([warning] if warned else [])
+        assert callback.geco.num_measurements == 4  # a warning: the run goes on
+
+
+def test_shared_items_counts_the_stored_items_two_subsets_have_in_common():
+    from torch.utils.data import Subset
+
+    from lightning_geco.batches import shared_items
+
+    stored = TensorDataset(torch.arange(10.0))
+    outer = Subset(Subset(stored, [9, 8, 7, 6, 5]), [0, 2, 4])  # stored items 9, 7, 5
+    assert shared_items(outer, Subset(stored, [5, 6, 7])) == 2
+    assert shared_items(outer, stored) == 3 and shared_items(stored, stored) == 10
+    assert shared_items(outer, Subset(stored, [0, 1])) == 0
+    assert shared_items(outer, TensorDataset(torch.arange(10.0))) is None  # other storage: cannot tell
 
 
 def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():
