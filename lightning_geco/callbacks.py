@@ -210,6 +210,14 @@ def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence
     return batch_images(batch), batch_labels(batch)
 
 
+#: the refusal of drive="calibration" without a split (train.py says it before its W&B run starts)
+NO_CALIBRATION_SPLIT = (
+    "GECOCallback(drive='calibration') needs a calibration split the model does not train on: set the DataModule's "
+    "num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
+    "GECOCallback(calibration_dataset=...)."
+)
+
+
 def _loader_dataset(loaders: Any) -> Dataset | None:
     """The dataset of a fit's loader (the first, when there are several); None when there is none."""
     if isinstance(loaders, (list, tuple)):
@@ -604,11 +612,7 @@ class GECOCallback(Callback):
         if stage == "fit" and self.drive == "calibration":
             self._calibration = self._find_calibration(trainer)
             if self._calibration is None:
-                raise ValueError(
-                    "GECOCallback(drive='calibration') needs a calibration split the model does not train on: "
-                    "set the DataModule's num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
-                    "GECOCallback(calibration_dataset=...)."
-                )
+                raise ValueError(NO_CALIBRATION_SPLIT)
         self._restore_if_pending()
 
     def _build_geco(self, objective: GECOObjective) -> GECO:

@@ -38,6 +38,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_geco.callbacks import NO_CALIBRATION_SPLIT, GECOCallback
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.resume import RandomState, checkpoint_head, mapped_checkpoint
@@ -485,6 +486,10 @@ class GECOLightningCLI(LightningCLI):
                     "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
                 )
         self._check_held_out_split()
+        for callback in getattr(self.trainer, "callbacks", []):
+            no_split = getattr(self.datamodule, "num_calibration", None) == 0
+            if isinstance(callback, GECOCallback) and callback.drive == "calibration" and callback.calibration_dataset is None and no_split:
+                _fail(NO_CALIBRATION_SPLIT)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # Two warnings every run printed, neither the user's to act on: Lightning passes

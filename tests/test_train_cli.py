@@ -26,6 +26,7 @@ from PIL import Image
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco import ConvVAE
 from lightning_geco import compare as compare_module
+from lightning_geco.callbacks import NO_CALIBRATION_SPLIT
 from lightning_geco.cli import (
     ConfigurationError,
     _constraint_namespaces,
@@ -456,8 +457,15 @@ def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_el
         assert _fail_short(hiding) is None
 
 
-def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys):
+def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path):
+    # A calibration drive with no split to measure (the config carves none).
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    (geco,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GECOCallback")]
+    geco["init_args"] = {"drive": "calibration"}
+    calibration_config = tmp_path / "calibration.yaml"
+    calibration_config.write_text(yaml.safe_dump(config))
     for extra, message in [
+        (("--config", str(calibration_config)), NO_CALIBRATION_SPLIT),
         (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
         # A constructor's refusal, which jsonargparse's Union report wrapped in a 75-line trace.
