@@ -388,7 +388,7 @@ class GECOCallback(Callback):
     are dropped after one host read). A step that does not log reads nothing on the host (with
     ``log_every_n_steps=0``, every 50th batch reads the non-finite streak and feeds the stall watch).
     Once ``max_nonfinite_steps`` steps in a row were skipped, training stops with an error at
-    the next logging step (at once on the host path).
+    the next logging step, also when the run of skips has ended by then (at once on the host path).
 
     ``compile=True`` fuses the per-step work: the moving average, the controller and the skip
     decision run as four ``torch.compile``-built functions instead of ~100 small tensor ops
@@ -891,12 +891,22 @@ class GECOCallback(Callback):
         if checking:
             self._watch(trainer)
         # On the device path the count is read at those steps only (reading it syncs).
-        if (checking or not on_device) and self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
+        if not (checking or not on_device):
+            return
+        longest = geco.take_longest_skips()
+        if longest >= self.max_nonfinite_steps:
+            ongoing = self.consecutive_nonfinite_steps
+            now = (
+                "A skipped step changes no weight, so the model as the last finite step left it gives non-finite "
+                "values on every batch."
+                if ongoing == longest
+                else f"The run of skips has ended ({ongoing} in a row now): the non-finite values came from some "
+                "batches, not from every one."
+            )
             raise NonFiniteConstraintError(
-                f"GECO saw a non-finite constraint or loss on {self.consecutive_nonfinite_steps} consecutive "
-                f"optimizer steps (max_nonfinite_steps={self.max_nonfinite_steps}, read at the logging steps); "
-                f"lambda was last {geco.lagrange_multiplier.tolist()}. A skipped step changes no weight, so the model "
-                f"as the last finite step left it gives non-finite values on every batch. {_nonfinite_advice(trainer)}"
+                f"GECO saw a non-finite constraint or loss on {longest} consecutive optimizer steps "
+                f"(max_nonfinite_steps={self.max_nonfinite_steps}; counted on the device, read at the logging steps); "
+                f"lambda was last {geco.lagrange_multiplier.tolist()}. {now} {_nonfinite_advice(trainer)}"
             )
 
     def on_train_batch_end(

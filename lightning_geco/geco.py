@@ -339,6 +339,9 @@ class GECO:
         self._num_updates = torch.zeros((), dtype=torch.int64)
         self._num_skipped_updates = torch.zeros((), dtype=torch.int64)
         self._num_consecutive_skips = torch.zeros((), dtype=torch.int64)
+        # the longest run of skips in a row since take_longest_skips() last read it: a run that
+        # ends between two reads still counts (the reads come at logging steps only)
+        self._longest_skips = torch.zeros((), dtype=torch.int64)
         #: 0-dim bool: whether the last :meth:`update` was skipped for a non-finite value
         self.skipped = torch.zeros((), dtype=torch.bool)
         self._num_measurements = torch.zeros((), dtype=torch.int64)
@@ -391,6 +394,13 @@ class GECO:
         """Training updates skipped in a row, up to the last one (0 after a valid one)."""
         return int(self._num_consecutive_skips)
 
+    def take_longest_skips(self) -> int:
+        """The longest run of training updates skipped in a row since the last call (or since
+        the start), the run still going included; resets it to the current run (reading it syncs)."""
+        longest = int(self._longest_skips)
+        self._longest_skips = self._num_consecutive_skips.clone()
+        return longest
+
     @property
     def num_measurements(self) -> int:
         """Valid :meth:`control` measurements so far (calibration drive)."""
@@ -404,6 +414,7 @@ class GECO:
             "_num_updates",
             "_num_skipped_updates",
             "_num_consecutive_skips",
+            "_longest_skips",
             "skipped",
             "_num_measurements",
             "_pending",
@@ -420,6 +431,7 @@ class GECO:
             "num_updates": self.num_updates,
             "num_skipped_updates": self.num_skipped_updates,
             "num_consecutive_skips": self.num_consecutive_skips,
+            "longest_skips": int(self._longest_skips),
             "num_measurements": self.num_measurements,
             "controller": {"name": self.controller.name, **self.controller.state_dict()},
         }
@@ -439,6 +451,8 @@ class GECO:
         self._num_updates = torch.tensor(int(state["num_updates"]), device=device)
         self._num_skipped_updates = torch.tensor(int(state.get("num_skipped_updates", 0)), device=device)
         self._num_consecutive_skips = torch.tensor(int(state.get("num_consecutive_skips", 0)), device=device)
+        # Checkpoints from before the longest run was kept: the run going on is the longest known.
+        self._longest_skips = torch.tensor(int(state.get("longest_skips", self._num_consecutive_skips)), device=device)
         self.skipped = torch.zeros((), dtype=torch.bool, device=device)
         self._num_measurements = torch.tensor(int(state.get("num_measurements", 0)), device=device)
         saved = state.get("controller")
@@ -552,6 +566,7 @@ class GECO:
         self.skipped = has_examples & ~valid
         self._num_skipped_updates.add_(self.skipped)
         self._num_consecutive_skips = torch.where(self.skipped, self._num_consecutive_skips + 1, 0)
+        self._longest_skips = torch.maximum(self._longest_skips, self._num_consecutive_skips)
         return valid
 
     @_compilable

@@ -109,6 +109,29 @@ def test_a_run_that_writes_no_step_logs_still_stops_on_non_finite_steps():
     assert trainer.global_step == UNLOGGED_CHECK_EVERY - 1 < 80  # the 50th step, of 80 planned
 
 
+class NaNBetweenStepsVAE(ConvVAE):
+    """Non-finite on the training steps 2 to 6, finite before and after."""
+
+    def reparameterization_noise(self, x, posterior):
+        if self.training and 2 <= self.global_step <= 6:
+            return torch.full_like(posterior.mean, float("nan"))
+        return super().reparameterization_noise(x, posterior)
+
+
+def test_a_run_of_skips_that_ends_between_two_logging_steps_still_stops_the_run():
+    # The streak is read at logging steps only (every 10th here); 5 skips in a row at steps 2-6
+    # had ended by step 9, whose read saw 0 in a row and let the run go on.
+    pl.seed_everything(0)
+    callback = GECOCallback(max_nonfinite_steps=3)
+    trainer = _trainer([callback], max_steps=30, limit_val_batches=0, log_every_n_steps=10)
+    message = ("GECO saw a non-finite constraint or loss on 5 consecutive optimizer steps (max_nonfinite_steps=3; "
+               "counted on the device, read at the logging steps)")
+    with pytest.raises(NonFiniteConstraintError, match=re.escape(message)) as error:
+        trainer.fit(tiny_conv_vae(model_class=NaNBetweenStepsVAE), _loader())
+    assert "The run of skips has ended (0 in a row now)" in str(error.value)
+    assert trainer.global_step == 9 and callback.geco.num_skipped_updates == 5
+
+
 def test_validation_and_test_never_move_lambda():
     pl.seed_everything(0)
     callback = GECOCallback()

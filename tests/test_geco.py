@@ -207,6 +207,21 @@ def test_skips_in_a_row_are_counted_reset_by_a_valid_update_and_saved():
     assert geco.num_consecutive_skips == 0 and not geco.skipped and geco.num_skipped_updates == 3
 
 
+def test_the_longest_run_of_skips_since_the_last_read_counts_a_run_that_has_ended():
+    geco = GECO(["a"], alpha=0.5)
+    for value in (float("nan"),) * 4 + (0.1,) + (float("nan"),) * 2:
+        geco.update(torch.tensor([value, 1.0, 0.0]))
+    saved = geco.state_dict()
+    assert geco.num_consecutive_skips == 2 and geco.take_longest_skips() == 4
+    assert geco.take_longest_skips() == 2  # from the last read: the run still going
+    restored = GECO(["a"], alpha=0.5)
+    restored.load_state_dict(saved)  # a resumed run reads what the uninterrupted one would
+    assert restored.take_longest_skips() == 4 and restored.num_consecutive_skips == 2
+    del saved["longest_skips"]  # a checkpoint from before it was kept: the run going on
+    restored.load_state_dict(saved)
+    assert restored.take_longest_skips() == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
