@@ -986,7 +986,9 @@ class GECOCallback(Callback):
         self._calibration_checked = True
         dataset = self._ready_calibration
         first = list(range(min(self.calibration_batch_size, dataset_length(dataset))))
-        problem = _images_mismatch(self._training_images, _image_summary(_calibration_inputs(trainer, dataset, first)[0]))
+        with torch.random.fork_rng(devices=[]):  # a dataset's random transform draws here, not from training's
+            images = _calibration_inputs(trainer, dataset, first)[0]
+        problem = _images_mismatch(self._training_images, _image_summary(images))
         flag = torch.tensor([0.0 if problem is None else 1.0], device=pl_module.device)
         if float(_all_reduce_sum(trainer, flag)[0]) > 0:
             raise ValueError(
@@ -1008,8 +1010,14 @@ class GECOCallback(Callback):
         k = self._ready_geco.num_constraints
         if not mine:
             return torch.zeros(k + 2, device=pl_module.device)
-        x, labels = _calibration_inputs(trainer, dataset, mine)
         with _measuring(trainer, pl_module):
+            # A dataset's random transform draws in a fork of its own, seeded: the images, and
+            # the latent noise after them, are functions of (seed, measurement, rank) alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(
+                    _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1))
+                )
+                x, labels = _calibration_inputs(trainer, dataset, mine)
             # The latent noise of a measurement is seeded too, without touching the training RNG.
             _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
             values = self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels)).float()

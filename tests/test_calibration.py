@@ -95,6 +95,39 @@ def test_calibration_reads_the_model_in_eval_mode_without_gradients_and_leaves_t
     assert callback.geco.num_measurements == 2 and model.training
 
 
+class RandomlyShiftedImages(torch.utils.data.Dataset):
+    """Images plus a random shift of 0 times a draw from torch's global generator: the same
+    values as the images, read as a random transform reads them (RandomCrop, RandomHorizontalFlip)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return (self.images[index] + 0.0 * torch.rand(()),)
+
+
+def test_a_calibration_set_that_draws_random_numbers_leaves_the_training_noise_as_it_was():
+    # Its draws used to come from the training's random state (the images were read outside the
+    # measurement's fork), so the run's latent noise, and the weights, depended on them.
+    def fit(calibration):
+        pl.seed_everything(0)
+        model = tiny_conv_vae()
+        callback = GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                                calibration_dataset=calibration)
+        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback]).fit(
+            model, DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
+        return callback.geco.log_lagrange_multiplier.tolist(), [p.detach().clone() for p in model.parameters()]
+
+    images = _images(20, 1)
+    plain_lambda, plain_weights = fit(TensorDataset(images))
+    drawing_lambda, drawing_weights = fit(RandomlyShiftedImages(images))
+    assert drawing_lambda == plain_lambda
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, drawing_weights))
+
+
 @pytest.mark.parametrize("critic_first", [False, True])
 def test_two_optimizers_a_batch_are_measured_every_calibration_every_batches(critic_first):
     # global_step counts both optimizers' steps: keyed on it, a critic stepping first left GECO's
