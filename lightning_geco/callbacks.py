@@ -887,7 +887,10 @@ class GECOCallback(Callback):
             and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % UNLOGGED_CHECK_EVERY == 0
         )
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
-            self._log(pl_module, constraint_means(statistics))
+            # A step with a non-finite value has no batch mean (its sums left the non-finite
+            # values out): NaN, not the 0 that would read as "at the tolerance".
+            nonfinite = statistics[-1] > 0
+            self._log(pl_module, torch.where(nonfinite, torch.nan, constraint_means(statistics)))
         if checking:
             self._watch(trainer)
         # On the device path the count is read at those steps only (reading it syncs).

@@ -132,6 +132,22 @@ def test_a_run_of_skips_that_ends_between_two_logging_steps_still_stops_the_run(
     assert trainer.global_step == 9 and callback.geco.num_skipped_updates == 5
 
 
+def test_a_skipped_step_logs_no_batch_mean_for_its_constraint():
+    # The non-finite sums are left out of the statistics; their mean was logged as 0, which reads
+    # as "exactly at the tolerance" on a dashboard.
+    pl.seed_everything(0)
+    logged = []
+
+    class Logged(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            logged.append((trainer.callback_metrics["geco/constraint"].item(), trainer.callback_metrics["geco/skipped_updates"].item()))
+
+    trainer = _trainer([GECOCallback(max_nonfinite_steps=100), Logged()], max_steps=9, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(tiny_conv_vae(model_class=NaNBetweenStepsVAE), _loader())
+    assert [math.isnan(value) for value, _ in logged] == [False] * 2 + [True] * 5 + [False] * 2
+    assert [skipped for _, skipped in logged] == [0, 0, 1, 2, 3, 4, 5, 5, 5]
+
+
 def test_validation_and_test_never_move_lambda():
     pl.seed_everything(0)
     callback = GECOCallback()
