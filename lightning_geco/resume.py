@@ -47,11 +47,13 @@ def _generator_states() -> dict[str, Tensor]:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():  # Apple silicon: the latent noise is drawn there
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
 class RandomState(Callback):
-    """Saves each rank's torch generator states (CPU, and the current CUDA device's) in the
+    """Saves each rank's torch generator states (CPU, the current CUDA device's, MPS's) in the
     checkpoint and restores them when a resumed fit starts training.
 
     Restored at ``on_train_start``, after the sanity check (whose validation draws noise too),
@@ -107,3 +109,5 @@ class RandomState(Callback):
         torch.set_rng_state(states["cpu"].clone())
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state(states["cuda"].clone())
+        if "mps" in states and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(states["mps"].clone())

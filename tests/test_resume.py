@@ -361,3 +361,27 @@ def test_random_state_under_ddp_saves_every_ranks_generators_and_gives_each_rank
         callback.on_load_checkpoint(rank(0, 4), module, checkpoint)
     callback.on_train_start(rank(0, 4), module)
     assert torch.equal(torch.get_rng_state(), mine)
+
+
+def test_random_state_saves_and_restores_the_mps_generator_on_apple_silicon(monkeypatch):
+    # No MPS device here: torch.mps's generator functions stand in for it, as on a Mac.
+    from types import SimpleNamespace
+
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    from lightning_geco.resume import CHECKPOINT_KEY, RandomState
+
+    generator = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: generator.update(state=state))
+    trainer = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    module = SimpleNamespace(device=torch.device("cpu"))
+    checkpoint = {}
+    RandomState().on_save_checkpoint(trainer, module, checkpoint)
+    assert torch.equal(checkpoint[CHECKPOINT_KEY][0]["mps"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    generator["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the noise drawn after the checkpoint
+    callback = RandomState()
+    callback.on_load_checkpoint(trainer, module, checkpoint)
+    callback.on_train_start(trainer, module)
+    assert torch.equal(generator["state"], torch.tensor([1, 2, 3], dtype=torch.uint8))
