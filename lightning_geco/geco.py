@@ -106,11 +106,15 @@ def constraint_means(statistics: Tensor) -> Tensor:
 
 def psnr_to_mse(psnr_db: float) -> float:
     """Per-element MSE of a PSNR in dB for data in [0, 1] (peak value 1)."""
+    if not math.isfinite(psnr_db):
+        raise ValueError(f"psnr_to_mse needs a finite PSNR in dB, got {psnr_db!r}.")
     return 10.0 ** (-psnr_db / 10.0)
 
 
 def mse_to_psnr(mse: float) -> float:
     """PSNR in dB of a per-element MSE for data in [0, 1] (peak value 1)."""
+    if not (mse > 0 and math.isfinite(mse)):
+        raise ValueError(f"mse_to_psnr needs a per-element MSE > 0 and finite (data in [0, 1]), got {mse!r}.")
     return -10.0 * math.log10(mse)
 
 

@@ -331,3 +331,19 @@ def test_one_compiled_kernel_serves_every_batch_size(monkeypatch):
         geco.constraint_term(torch.full((n, 1), 0.01))
     assert geco.compile
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mse", [0.0, -0.01, float("nan"), float("inf")])
+def test_mse_to_psnr_names_a_value_it_cannot_take(mse):
+    from lightning_geco import mse_to_psnr
+
+    with pytest.raises(ValueError, match=re.escape(f"mse_to_psnr needs a per-element MSE > 0 and finite (data in [0, 1]), got {mse!r}.")):
+        mse_to_psnr(mse)
+
+
+def test_psnr_and_mse_convert_both_ways_and_psnr_to_mse_names_a_value_it_cannot_take():
+    from lightning_geco import mse_to_psnr, psnr_to_mse
+
+    assert mse_to_psnr(0.01) == pytest.approx(20.0) and psnr_to_mse(20.0) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=re.escape("psnr_to_mse needs a finite PSNR in dB, got nan.")):
+        psnr_to_mse(float("nan"))
