@@ -365,10 +365,18 @@ class VAEModule(pl.LightningModule):
         self.check_images(x)
         return self.likelihood.mean(self.decode_posterior_code(x)).clamp(0, 1)
 
+    @property
+    def _weights_dtype(self) -> torch.dtype:
+        """The dtype the module's weights are in (``LightningModule.dtype``, typed as a torch dtype)."""
+        dtype = self.dtype
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
     @torch.no_grad()
     def generate(self, num_samples: int) -> Tensor:
         """Decoder output for codes drawn from the prior, (num_samples, C, H, W)."""
-        return self.decode(torch.randn(num_samples, self.latent_dim, device=self.device))
+        # In the module's dtype: under bf16-true / 16-true its weights are, and the panels sample
+        # outside the step hooks, where Lightning's default dtype is not set.
+        return self.decode(torch.randn(num_samples, self.latent_dim, device=self.device, dtype=self._weights_dtype))
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:

@@ -191,7 +191,7 @@ class LadderVAE(VAEModule):
 
     @torch.no_grad()
     def generate(self, num_samples: int) -> Tensor:
-        top = torch.randn(num_samples, self.top_dim, device=self.device)
+        top = torch.randn(num_samples, self.top_dim, device=self.device, dtype=self._weights_dtype)  # see VAEModule.generate
         return self.decode(self.code(top, self.top_down(top, None, sample=True)))
 
     @property
