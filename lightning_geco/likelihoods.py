@@ -53,8 +53,8 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, sigma: float = 0.1, learn_sigma: bool = False) -> None:
         super().__init__()
-        if not sigma > 0:
-            raise ValueError(f"GaussianLikelihood sigma must be positive, got {sigma!r}.")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"GaussianLikelihood sigma must be positive and finite (data units), got {sigma!r}.")
         log_sigma = torch.tensor(math.log(sigma), dtype=torch.float32)
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)

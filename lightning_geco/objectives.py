@@ -69,8 +69,8 @@ class BetaVAE(Objective):
 
     def __init__(self, beta: float = 4.0) -> None:
         super().__init__()
-        if not beta >= 0:
-            raise ValueError(f"BetaVAE beta must be >= 0, got {beta!r}.")
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"BetaVAE beta must be >= 0 and finite, got {beta!r}.")
         self.beta = float(beta)
 
     def forward(self, output: VAEOutput) -> Tensor:
@@ -121,10 +121,10 @@ class CapacityBetaVAE(Objective):
 
     def __init__(self, gamma: float = 100.0, max_capacity: float = 25.0, capacity_steps: int = 1000) -> None:
         super().__init__()
-        if not gamma > 0:
-            raise ValueError(f"CapacityBetaVAE gamma must be positive, got {gamma!r}.")
-        if not max_capacity >= 0:
-            raise ValueError(f"CapacityBetaVAE max_capacity must be >= 0 nats, got {max_capacity!r}.")
+        if not (gamma > 0 and math.isfinite(gamma)):
+            raise ValueError(f"CapacityBetaVAE gamma must be positive and finite, got {gamma!r}.")
+        if not (max_capacity >= 0 and math.isfinite(max_capacity)):
+            raise ValueError(f"CapacityBetaVAE max_capacity must be >= 0 nats and finite, got {max_capacity!r}.")
         _check_steps("CapacityBetaVAE capacity_steps", capacity_steps)
         self.gamma = float(gamma)
         self.max_capacity = float(max_capacity)
@@ -160,6 +160,8 @@ class SigmaVAE(Objective):
 
     def __init__(self, min_log_sigma: float = -6.0) -> None:
         super().__init__()
+        if not math.isfinite(min_log_sigma):
+            raise ValueError(f"SigmaVAE min_log_sigma must be a finite ln sigma (the authors: -6), got {min_log_sigma!r}.")
         self.min_log_sigma = float(min_log_sigma)
 
     def log_sigma(self, output: VAEOutput) -> Tensor:

@@ -13,6 +13,7 @@ from helpers import MODELS, build, quiet_trainer, random_images, tiny_conv_vae
 from lightning_geco import (
     ELBO,
     BernoulliLikelihood,
+    BetaVAE,
     ConvDRAW,
     ConvVAE,
     DiagnosticPanels,
@@ -22,6 +23,7 @@ from lightning_geco import (
     GECOObjective,
     LadderVAE,
     ReconstructionMSE,
+    SigmaVAE,
 )
 from lightning_geco.metrics import gaussian_kl_per_dimension
 from lightning_geco.models.base import DiagonalGaussian, gaussian_kl
@@ -152,6 +154,14 @@ def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
     (lambda: LadderVAE(latent_dim=5), "LadderVAE takes latent_dims, one size per stochastic layer (its latent_dim is their sum), got latent_dim=5: pass e.g. latent_dims=[16, 8]."),
     (lambda: ConvDRAW(latent_dim=5), "ConvDRAW derives its latent_dim (num_steps x latent_channels x the reader's output size), got latent_dim=5: set num_steps and latent_channels instead."),
     (lambda: ConvDRAW(num_steps=2.5), "ConvDRAW num_steps, latent_channels and hidden_channels must be positive ints, got 2.5, 4, 64."),
+    # 0 built couplings that ignore their input; 4.7 and -3 failed inside torch without the name
+    (lambda: FlowVAE(flow_hidden_dim=0), "flow hidden_dim must be a positive int (flow_hidden_dim: each coupling network's width), got 0."),
+    (lambda: FlowVAE(flow_depth=2.0), "flow depth must be a positive int (flow_depth: coupling layers), got 2.0."),
+    (lambda: ConvVAE(latent_dim=4.7), "latent_dim must be a positive int, got 4.7."),
+    (lambda: ConvVAE(learning_rate=float("inf")), "learning_rate must be positive and finite, got inf."),
+    (lambda: GaussianLikelihood(sigma=float("inf")), "GaussianLikelihood sigma must be positive and finite (data units), got inf."),
+    (lambda: SigmaVAE(min_log_sigma=float("nan")), "SigmaVAE min_log_sigma must be a finite ln sigma (the authors: -6), got nan."),
+    (lambda: BetaVAE(beta=float("inf")), "BetaVAE beta must be >= 0 and finite, got inf."),
 ])
 def test_a_bad_architecture_is_refused_naming_the_value(build_it, message):
     with pytest.raises(ValueError, match=re.escape(message)):

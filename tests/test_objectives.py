@@ -154,8 +154,8 @@ def test_capacity_beta_vae_penalises_the_distance_of_the_kl_from_a_growing_capac
     [
         (lambda: KLWarmup(warmup_steps=0), "KLWarmup warmup_steps must be a positive int (optimizer steps), got 0"),
         (lambda: KLWarmup(start_beta=1.5), "KLWarmup start_beta must lie in [0, 1], got 1.5"),
-        (lambda: CapacityBetaVAE(gamma=0.0), "CapacityBetaVAE gamma must be positive, got 0.0"),
-        (lambda: CapacityBetaVAE(max_capacity=-1.0), "CapacityBetaVAE max_capacity must be >= 0 nats, got -1.0"),
+        (lambda: CapacityBetaVAE(gamma=0.0), "CapacityBetaVAE gamma must be positive and finite, got 0.0"),
+        (lambda: CapacityBetaVAE(max_capacity=-1.0), "CapacityBetaVAE max_capacity must be >= 0 nats and finite, got -1.0"),
         (lambda: CapacityBetaVAE(capacity_steps=2.5), "CapacityBetaVAE capacity_steps must be a positive int"),
     ],
 )

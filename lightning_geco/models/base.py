@@ -35,6 +35,7 @@ from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
+from lightning_geco.nets.conv import is_positive_int
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
@@ -147,10 +148,10 @@ class VAEModule(pl.LightningModule):
         super().__init__()
         if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
             raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {image_shape!r}.")
-        if latent_dim < 1:
+        if not is_positive_int(latent_dim):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}.")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+        if not (learning_rate > 0 and math.isfinite(learning_rate)):
+            raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}.")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
         if iwae_samples < 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.nets.conv import is_positive_int
+
 __all__ = ["AffineCoupling", "CouplingFlow"]
 
 
@@ -65,8 +67,11 @@ class CouplingFlow(nn.Module):
         super().__init__()
         if dim < 2:
             raise ValueError(f"A coupling flow needs a code of at least 2 dimensions, got latent_dim={dim}.")
-        if depth < 1:
-            raise ValueError(f"flow depth must be a positive int, got {depth!r}.")
+        if not is_positive_int(depth):
+            raise ValueError(f"flow depth must be a positive int (flow_depth: coupling layers), got {depth!r}.")
+        if not is_positive_int(hidden_dim):
+            # 0 built conditioners with no hidden layer: each coupling an affine map ignoring its input.
+            raise ValueError(f"flow hidden_dim must be a positive int (flow_hidden_dim: each coupling network's width), got {hidden_dim!r}.")
         even = (torch.arange(dim) % 2 == 0).float()
         self.layers = nn.ModuleList(
             AffineCoupling(even if k % 2 == 0 else 1.0 - even, context_dim, hidden_dim) for k in range(depth)
