@@ -124,7 +124,10 @@ class DiagnosticPanels(Callback):
             pl_module.train(was_training)
         if self.history:
             tolerance = _reconstruction_tolerance(pl_module, self.distortion_key.removeprefix("val/"))
-            log_image_grid(loggers, "val/rate_distortion", rate_distortion_figure(self.history, tolerance), step)
+            # Another reading than the MSE (a BCE, a pNCC) is labelled by its key.
+            label = "distortion (MSE / element)" if self.distortion_key == "val/distortion" else self.distortion_key
+            chart = rate_distortion_figure(self.history, tolerance, label)
+            log_image_grid(loggers, "val/rate_distortion", chart, step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Each fit (or test) charts its own run; a resumed one gets its history back afterwards,

@@ -537,7 +537,9 @@ class _SumStates(Metric):
 class LatentActivity(_SumStates):
     """Per-dimension KL and active units over an evaluated set (sum states: cheap under DDP).
 
-    ``compute()`` returns ``kl_per_dim`` (d,) in nats per image (summing to the mean rate),
+    ``compute()`` returns ``kl_per_dim`` (d,) in nats per image (summing to the mean closed-form
+    KL of the posterior it is given: the mean rate, except for the FlowVAE, whose metrics read
+    the base posterior q(z0|x) while its ``val/rate`` is the flowed code's Monte Carlo rate),
     ``mean_variance`` (d,): the variance over the set of the posterior mean, and
     ``active_units``: how many dimensions have ``mean_variance > threshold`` (Burda et al.
     2016 use 0.01), a float count, NaN when some dimension's variance is NaN. With d = 1 the

@@ -33,12 +33,18 @@ def traversal_grid(images: Tensor, steps: int = 9) -> Tensor:
     return make_grid(images.float().clamp(0, 1).cpu(), nrow=steps, pad_value=1.0)
 
 
-def rate_distortion_figure(history: Sequence[tuple[int, float, float]], tolerance: float | None) -> Tensor:
+def rate_distortion_figure(
+    history: Sequence[tuple[int, float, float]],
+    tolerance: float | None,
+    distortion_label: str = "distortion (MSE / element)",
+) -> Tensor:
     """Distortion against rate at each validation, the path coloured by step, with the tolerance.
 
     Args:
-        history: ``(global_step, rate in nats per image, per-element MSE)`` per validation.
-        tolerance: the MSE tolerance drawn as a horizontal line (None: no line).
+        history: ``(global_step, rate in nats per image, distortion reading)`` per validation
+            (the per-element MSE, or the reading ``distortion_label`` names).
+        tolerance: the reading's tolerance, in its units, drawn as a horizontal line (None: no line).
+        distortion_label: the y axis's label: the reading and its unit.
 
     Returns:
         The rendered chart, (3, H, W) float in [0, 1].
@@ -61,7 +67,7 @@ def rate_distortion_figure(history: Sequence[tuple[int, float, float]], toleranc
         ax.axhline(tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:g}")
         ax.legend(loc="best")  # away from the points: the latest sits near the tolerance line
     ax.set_xlabel("rate (nats / image)")
-    ax.set_ylabel("distortion (MSE / element)")
+    ax.set_ylabel(distortion_label)
     ax.set_title("validation rate-distortion")
     fig.tight_layout()
     canvas.draw()

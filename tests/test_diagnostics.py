@@ -97,3 +97,17 @@ def test_the_collection_s_models_get_their_traversals_and_the_history_survives_a
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match=r"DiagnosticPanels num_images must be a positive int or None, got 0\."):
         DiagnosticPanels(num_images=0)
+
+
+def test_the_rate_distortion_chart_labels_another_reading_by_its_key(monkeypatch):
+    from lightning_geco import diagnostics
+    from lightning_geco.panels import rate_distortion_figure
+
+    history = [(2, 30.0, 0.2), (4, 25.0, 0.15)]
+    assert not torch.equal(rate_distortion_figure(history, 0.1, "val/bce"), rate_distortion_figure(history, 0.1))
+    labels = []
+    monkeypatch.setattr(diagnostics, "rate_distortion_figure", lambda history, tolerance, label: labels.append(label) or torch.zeros(3, 4, 4))
+    for key in ("val/distortion", "val/elbo"):  # the MSE says so on its axis; another reading was labelled MSE too
+        trainer = quiet_trainer(max_steps=2, val_check_interval=2, callbacks=[GECOCallback(), DiagnosticPanels(distortion_key=key)])
+        trainer.fit(tiny_conv_vae(), DataLoader(random_images(16), batch_size=8), DataLoader(random_images(8), batch_size=8))
+    assert labels == ["distortion (MSE / element)", "val/elbo"]
