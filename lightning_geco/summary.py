@@ -426,9 +426,10 @@ class RunSummary(Callback):
         fields["satisfied"] = _satisfied(constraints, self._validation)
         stalls = list(callback.detector.stalls) if callback.detector is not None else [None] * len(constraints)
         bests = [self._best(constraint) for constraint in constraints]
-        for k, (constraint, best) in enumerate(zip(constraints, bests)):
-            if best is not None and constraint.satisfied_by(best[0]):
-                stalls[k] = None  # a validation met it: not unreachable, whatever lambda did since
+        # Met by the verdict's own rule (within its band): a model that met it can, however its
+        # last validation reads and whatever lambda did since, so it is not unreachable.
+        bests_met = [best is not None and verdict(c.relative_violation(best[0]), None) == "met" for c, best in zip(constraints, bests)]
+        stalls = [None if met else stall for stall, met in zip(stalls, bests_met)]
         outcomes = [verdict(v, stall) for v, stall in zip(violation, stalls)]
         clauses = []
         for k, (constraint, outcome) in enumerate(zip(constraints, outcomes)):
@@ -443,6 +444,7 @@ class RunSummary(Callback):
                     stall=stalls[k],
                     lambda_rising=callback.lambda_rising(k),
                     best=bests[k],
+                    best_met=bests_met[k],
                     trained_steps=trainer.global_step or None,
                     standard_error=relative_errors[k],
                 )

@@ -444,6 +444,7 @@ def constraint_clause(
     standard_error: float | None = None,
     stage: str = "val",
     max_steps: int | None = None,
+    best_met: bool | None = None,
 ) -> str:
     """The verdict of one constraint in words, with its figures.
 
@@ -453,7 +454,9 @@ def constraint_clause(
     ``stage`` is where the reading was logged (``"val"``, or ``"test"`` for ``trainer.test``).
     ``trained_steps`` is the optimizer steps the model has been trained (the run's global step:
     fewer than ``max_steps`` in a run stopped early, more in a resume with no step left);
-    ``max_steps`` is its former name, deprecated.
+    ``max_steps`` is its former name, deprecated. ``best_met``: whether the ``best`` reading was
+    met by :func:`verdict`'s rule (within ``MET_BAND`` past the tolerance); None: read from the
+    reading and the tolerance alone (at most the tolerance, no band).
     """
     if max_steps is not None:
         warnings.warn("constraint_clause(max_steps=...) is now trained_steps=...", DeprecationWarning, stacklevel=2)
@@ -483,9 +486,11 @@ def constraint_clause(
         parts.append("lambda still rising at the last step")
     if best is not None:
         best_reading, best_step = best
-        if best_reading <= tolerance if lower_is_better else best_reading >= tolerance:
+        within = best_reading <= tolerance if lower_is_better else best_reading >= tolerance
+        if within or best_met:
             # A validation met it before the end: the model can; this run's last steps lost it.
-            parts.append(f"an earlier validation met it ({_fmt(best_reading)} at step {best_step}), the last did not")
+            band = "" if within else f" within the {100 * MET_BAND:g} % band"
+            parts.append(f"an earlier validation met it{band} ({_fmt(best_reading)} at step {best_step}), the last did not")
         else:
             steps = f" in {trained_steps} step{'s' if trained_steps != 1 else ''}" if trained_steps else ""
             parts.append(f"this model did not reach it{steps} (best {_fmt(best_reading)} at step {best_step})")

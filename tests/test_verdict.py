@@ -345,6 +345,11 @@ def test_a_tolerance_met_by_an_earlier_validation_is_not_called_out_of_reach():
     assert pncc.endswith("; an earlier validation met it (0.95 at step 1000), the last did not")
     never = constraint_clause("pncc", 0.9, 0.94, 0.667, False, "not_met", best=(0.93, 1000), trained_steps=1500)
     assert never.endswith("; this model did not reach it in 1500 steps (best 0.93 at step 1000)")
+    # Within the verdict's 1 % band past the tolerance: met by its rule, said with the band.
+    band = constraint_clause("distortion", 0.006, 0.005, 0.2, True, "not_met", best=(0.00503, 1000), best_met=True)
+    assert band.endswith("; an earlier validation met it within the 1 % band (0.00503 at step 1000), the last did not")
+    assert constraint_clause("distortion", 0.006, 0.005, 0.2, True, "not_met", best=(0.00503, 1000)).endswith(
+        "; this model did not reach it (best 0.00503 at step 1000)")
 
 
 def test_a_non_finite_or_missing_reading_is_said_so_and_an_unreachable_verdict_keeps_its_word():
@@ -451,6 +456,12 @@ def test_an_impossible_tolerance_is_called_unreachable_during_the_run(tmp_path):
     assert fields["verdict_line"].startswith("GECO: NOT MET: distortion ")
     assert "; an earlier validation met it (5e-06 at step 200), the last did not" in fields["verdict_line"]
     assert "lambda rose" not in fields["verdict_line"]
+    # Met by the verdict's rule, within its 1 % band, counts too (it was read as never reached).
+    callback._history.insert(0, (200, {"distortion": 1.005e-5}))
+    fields = callback._geco_fields(SimpleNamespace(callbacks=[geco], global_step=400))
+    callback._history.pop(0)
+    assert fields["verdict"] == "not_met" and "lambda rose" not in fields["verdict_line"]
+    assert "; an earlier validation met it within the 1 % band (1.005e-05 at step 200), the last did not" in fields["verdict_line"]
     # Resumed with no step left to train, the run says so and reports the checkpoint's figures
     # and verdict (it printed "NOT MET: no validation reading" before).
     with pytest.warns(UserWarning, match=r"This fit trained no step: it resumed from \S+end.ckpt at step 400, where max_steps=400 ends it already; the figures are the last validation before it \(step 400\)\. To train on, raise max_steps"):
