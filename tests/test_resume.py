@@ -96,6 +96,13 @@ def test_a_cosine_schedule_under_max_epochs_anneals_over_the_epochs_planned_step
     trainer.fit(tiny_conv_vae(learning_rate=1e-3, lr_schedule="cosine"), DataLoader(TensorDataset(random_images(64)), batch_size=16))
     assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 12 == len(rates.rates)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05e-3)
+    # Both set, as the configs' max_steps with --trainer.max_epochs: whichever ends the fit first
+    # plans it (the schedule planned max_steps and ended the fit at 99.9 % of the rate).
+    rates = LearningRates()
+    both = quiet_trainer(max_steps=200, max_epochs=3, limit_val_batches=0, callbacks=[GECOCallback(), rates])
+    both.fit(tiny_conv_vae(learning_rate=1e-3, lr_schedule="cosine"), DataLoader(TensorDataset(random_images(64)), batch_size=16))
+    assert both.global_step == both.lr_scheduler_configs[0].scheduler.total_steps == 12 == len(rates.rates)
+    assert both.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05e-3)
     unbounded = quiet_trainer(max_steps=-1, max_epochs=-1, limit_val_batches=0)
     with pytest.raises(ValueError, match=r"got max_steps=-1 and max_epochs=-1 \(inf steps\)\. Set max_steps > 0"):
         unbounded.fit(tiny_conv_vae(lr_schedule="cosine"), DataLoader(TensorDataset(random_images(16)), batch_size=16))

@@ -626,11 +626,9 @@ class VAEModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _planned_steps(self) -> int:
-        """The optimizer steps the fit plans: ``max_steps``, else what ``max_epochs`` makes of
-        the training loader (Lightning's ``estimated_stepping_batches``; read once training
-        starts, when the loader is set up)."""
-        if self.trainer.max_steps > 0:
-            return self.trainer.max_steps
+        """The optimizer steps the fit plans: ``max_steps`` or what ``max_epochs`` makes of the
+        training loader, whichever ends the fit first (Lightning's ``estimated_stepping_batches``;
+        read once training starts, when the loader is set up)."""
         estimated = self.trainer.estimated_stepping_batches
         if not math.isfinite(estimated) or estimated < 1:
             raise ValueError(
