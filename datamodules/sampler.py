@@ -101,9 +101,15 @@ class ResumableLoader(DataLoader):
     sampler: ResumableSampler
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning may rebuild the loader with a sampler of its own (overfit_batches: a
+        # sequential one), which has no order to keep.
+        if not isinstance(self.sampler, ResumableSampler):
+            return {}
         return {"shuffle_seed": self.sampler.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(self.sampler, ResumableSampler):
+            return
         saved = state_dict.get("shuffle_seed", self.sampler.seed)
         if saved != self.sampler.seed:
             raise ValueError(

@@ -156,3 +156,22 @@ def test_a_run_stepping_two_optimizers_a_batch_walks_and_resumes_the_order_by_ba
     first, _ = fit(10, checkpoints=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)])
     resumed, _ = fit(20, ckpt_path=str(next(tmp_path.glob("*step=6.ckpt"))))  # after 3 batches, mid-epoch
     assert first[:3] + resumed == whole
+
+
+def test_overfit_batches_trains_and_checkpoints_on_lightnings_sequential_sampler(tmp_path):
+    # Lightning rebuilds the training loader with a SequentialSampler for overfit_batches; saving
+    # the checkpoint asked that sampler for its seed, and the trained run was lost.
+    import pytorch_lightning as pl
+
+    from lightning_geco import GECOCallback
+    from lightning_geco.datamodules import ShapesDataModule
+
+    from helpers import tiny_conv_vae
+
+    data = ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=16)
+    trainer = pl.Trainer(max_steps=4, overfit_batches=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[GECOCallback()], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="We are turning off the train dataloader shuffling"):
+        trainer.fit(tiny_conv_vae(), data)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert trainer.global_step == 4 and torch.load(checkpoint, weights_only=False)["global_step"] == 4
