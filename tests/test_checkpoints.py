@@ -133,6 +133,24 @@ def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, 
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
 
 
+def test_a_checkpoint_loaded_into_another_model_class_names_the_class_to_load_it_with(tmp_path):
+    from lightning_geco.models.base import VAEModule
+
+    model = _trained(build("ConvVAE", (1, 16, 16)), tmp_path)
+    # The base class (or another variant) has other weights: a wall of unexpected keys before.
+    message = ("The checkpoint holds a ConvVAE (lightning_geco.models.conv_vae.ConvVAE), whose weights this VAEModule "
+               "does not have: load it with ConvVAE.load_from_checkpoint(path).")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VAEModule.load_from_checkpoint(tmp_path / "model.ckpt")
+
+    class OwnHook(ConvVAE):  # a variant that overrides a hook has the same weights: it loads
+        def reparameterization_noise(self, x, posterior):
+            return super().reparameterization_noise(x, posterior)
+
+    loaded = OwnHook.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_a_model_with_a_classifier_constraint_loads_where_the_classifier_file_is_not(tmp_path):
     # The model checkpoint holds the classifier's weights; its file stayed on the training machine.
     classifier_file = save_classifier(tmp_path / "classifier.ckpt", bias=[0.5, -1.0, 2.0])

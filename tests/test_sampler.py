@@ -162,11 +162,10 @@ def test_overfit_batches_trains_and_checkpoints_on_lightnings_sequential_sampler
     # Lightning rebuilds the training loader with a SequentialSampler for overfit_batches; saving
     # the checkpoint asked that sampler for its seed, and the trained run was lost.
     import pytorch_lightning as pl
-
-    from lightning_geco import GECOCallback
     from lightning_geco.datamodules import ShapesDataModule
 
     from helpers import tiny_conv_vae
+    from lightning_geco import GECOCallback
 
     data = ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=16)
     trainer = pl.Trainer(max_steps=4, overfit_batches=2, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -557,11 +557,21 @@ class VAEModule(pl.LightningModule):
         # model's traversal panel as the trained one's.
         if self.kl_per_dimension is not None:
             checkpoint["kl_per_dimension"] = self.kl_per_dimension.tolist()
+        # Which model the weights are (a load into another class is then named, not a key wall).
+        checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a differently built model with the differing setting named, and
         bring a checkpoint of an earlier version to this one (or say what to pass)."""
         saved = checkpoint.get("hyper_parameters", {})
+        saved_class, weights = checkpoint.get("model_class"), checkpoint.get("state_dict")
+        if saved_class and weights is not None and set(weights) != set(self.state_dict()):
+            # A class of its own with the same weights (a variant overriding a hook) loads as it is.
+            name = saved_class.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"The checkpoint holds a {name} ({saved_class}), whose weights this {type(self).__name__} does not "
+                f"have: load it with {name}.load_from_checkpoint(path)."
+            )
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
             if key in saved and _as_comparable(saved[key]) != _as_comparable(current):
