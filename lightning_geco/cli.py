@@ -429,8 +429,10 @@ class GECOLightningCLI(LightningCLI):
             )
         if not Path(ckpt_path).is_file():
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
-        if any(Path(ckpt_path).resolve().parent.parent == folder.resolve() for folder in folders):
-            self.resumed_run_id = Path(ckpt_path).parent.name
+        # Through the <dirpath>/last.ckpt link too: the run is the folder the file is in.
+        resolved = Path(ckpt_path).resolve()
+        if any(resolved.parent.parent == folder.resolve() for folder in folders):
+            self.resumed_run_id = resolved.parent.name
         checkpoint = mapped_checkpoint(ckpt_path)
         hyperparameters, step = checkpoint_head(checkpoint)
         # The DataModule's part (read now, from this one load; checked once the DataModule exists).

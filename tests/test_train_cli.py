@@ -403,6 +403,12 @@ def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(cap
     joined = {row["trainer/global_step"] for row in joined_history(segments[1]) if "trainer/global_step" in row}
     assert min(steps[0]) < 2 <= min(steps[1]) and joined == steps[0] | steps[1]
     assert first != other
+    # Through the stable link <dirpath>/last.ckpt: the run the link points at, not a run named
+    # after the link's folder ("default", which every run extended so would have shared).
+    linked = fit("--trainer.max_steps", "6", "--ckpt_path", str(folder / "last.ckpt"))
+    assert _wandb_run_id(Path(linked[-1]).parents[1].name) == run_id
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
+    assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
 def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_in_two_lines(capsys):
