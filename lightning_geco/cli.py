@@ -352,6 +352,10 @@ class SaveConfigToRun(SaveConfigCallback):
     for ``test`` and ``validate``) and logs it as hyperparameters."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # --tolerance is in the model's constraints already: kept as well, the saved file ran the
+        # flag's list back as one string and could not be run again.
+        resolved = self.config.clone()
+        resolved.pop("tolerance", None)
         if trainer.is_global_zero:
             directory = run_directory(trainer)
             directory.mkdir(parents=True, exist_ok=True)
@@ -359,8 +363,8 @@ class SaveConfigToRun(SaveConfigCallback):
             # into runs/) keeps the run's own config.yaml.
             stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
             name = "config.yaml" if stage == "fit" else f"{stage}_config.yaml"
-            self.parser.save(self.config, directory / name, skip_unset=False, overwrite=True, multifile=False)
-        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
+            self.parser.save(resolved, directory / name, skip_unset=False, overwrite=True, multifile=False)
+        config = yaml.safe_load(self.parser.dump(resolved, skip_unset=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 

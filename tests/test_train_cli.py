@@ -277,6 +277,12 @@ def test_tolerance_flag_sets_the_constraint_in_its_unit_or_as_psnr(capsys):
     summary = _summary(capsys)
     assert summary["tolerance"] == pytest.approx(0.01)  # 20 dB of images in [0, 1] is an MSE of 0.01
     assert summary["tolerance_stated"] == {"value": 20.0, "unit": "psnr"}
+    # The run's saved config holds the tolerance it ran with, and runs again as it is (the
+    # flag's list was saved beside it and read back as one string: "'[' is not a number").
+    saved = Path(summary["path"]).parent / "config.yaml"
+    assert "tolerance" not in yaml.safe_load(saved.read_text())
+    main(["fit", "--config", str(saved), "--trainer.max_steps", "4"])
+    assert _summary(capsys)["tolerance_stated"] == {"value": 20.0, "unit": "psnr"}
 
 
 def test_print_config_shows_the_tolerance_the_run_would_use(capsys):
