@@ -482,10 +482,12 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def _test_set(self) -> Dataset:
+        # Asked every time, not only when building: a later checkpoint restored into this
+        # DataModule may have trained on the test files the cached set holds.
+        reason = self.missing_test_split()
+        if reason is not None:
+            raise NoTestSplitError(reason)
         if self.test_dataset is None:
-            reason = self.missing_test_split()
-            if reason is not None:
-                raise NoTestSplitError(reason)
             self.test_dataset = self.build_test()
         return self.test_dataset
 

@@ -324,6 +324,16 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
                "training data. Test a model trained with source 'train' (--data.source train).")
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
         quiet_trainer().test(model, datamodule=MNISTDataModule(str(tmp_path), batch_size=8), ckpt_path=tmp_path / "model.ckpt")
+    # Also from a DataModule that tested another checkpoint first (its test set was cached, and
+    # the refusal was asked only when the set was built).
+    other = tiny_conv_vae(image_shape=(1, 28, 28))
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(other, datamodule=MNISTDataModule(str(tmp_path), num_val=8, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "other.ckpt")
+    data = MNISTDataModule(str(tmp_path), num_val=8, batch_size=8)
+    quiet_trainer().test(other, datamodule=data, ckpt_path=tmp_path / "other.ckpt", verbose=False)
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        quiet_trainer().test(model, datamodule=data, ckpt_path=tmp_path / "model.ckpt")
 
 
 def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(capsys):
