@@ -382,14 +382,17 @@ class ImageDataModule(pl.LightningDataModule):
         self.trained_source = state_dict.get("source")
         self.check_held_out_split(state_dict.get("split"))
 
-    def check_held_out_split(self, trained: dict[str, Any] | None) -> None:
+    def check_held_out_split(self, trained: dict[str, Any] | None, fitting: bool | None = None) -> None:
         """Refuse a split that would validate on images the checkpoint's model trained on: another
         ``seed`` (a new draw: most of its validation images were training images), or a larger
-        ``num_val`` (the extra ones were); a smaller ``num_val`` is a subset, and so fine. A
-        resumed fit with another ``num_calibration`` trains on another set: warned. The test
-        split (other files) is not concerned. ``trained``: the checkpoint's ``held_out_split()``
-        (None: not recorded, nothing to check); called by :meth:`load_state_dict`, and by
-        ``train.py`` before its W&B run starts."""
+        ``num_val`` (the extra ones were); a smaller ``num_val`` is a subset, and so fine to
+        validate on. A resumed fit with a smaller ``num_val`` and a calibration split is refused
+        (the larger training split draws another calibration split, mostly of images the model
+        trained on); without one, and with another ``num_calibration``, it trains on another set:
+        warned. The test split (other files) is not concerned. ``trained``: the checkpoint's
+        ``held_out_split()`` (None: not recorded, nothing to check); ``fitting``: whether a fit
+        resumes from it (None: as the attached Trainer says); called by :meth:`load_state_dict`,
+        and by ``train.py`` before its W&B run starts."""
         current = self.held_out_split()
         trainer = self.trainer
         evaluating_test_files = trainer is not None and trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING)
@@ -417,7 +420,21 @@ class ImageDataModule(pl.LightningDataModule):
                 f"num_val={trained['num_val']}; this DataModule has {changed}. Use --data.seed {trained['seed']} and "
                 f"--data.num_val {trained['num_val']} or fewer."
             )
-        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting is None:
+            fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and current["num_val"] < trained["num_val"]:
+            if current["num_calibration"]:
+                raise ValueError(
+                    f"{name}: the checkpoint's run held out num_val={trained['num_val']}; this resumed fit holds out "
+                    f"{current['num_val']}, so its training split is larger and its calibration split another draw, "
+                    "mostly of images the model trained on (lambda would be steered by them). Resume with "
+                    f"--data.num_val {trained['num_val']} (a smaller num_val suits train.py validate)."
+                )
+            rank_zero_warn(
+                f"{name}: the checkpoint's run held out num_val={trained['num_val']}; this resumed fit holds out "
+                f"{current['num_val']} and trains on the other {trained['num_val'] - current['num_val']} too, in "
+                "another order than the checkpoint's run: it is not that run continued."
+            )
         if fitting and current["num_calibration"] != trained["num_calibration"]:
             rank_zero_warn(
                 f"{name}: the checkpoint's run carved num_calibration={trained['num_calibration']} images from its "

@@ -564,7 +564,7 @@ class GECOLightningCLI(LightningCLI):
         if self._checkpoint_splits is None or check is None:
             return
         try:
-            check(self._checkpoint_splits.get(type(self.datamodule).__qualname__))
+            check(self._checkpoint_splits.get(type(self.datamodule).__qualname__), fitting=self.subcommand == "fit")
         except ValueError as error:
             _fail(str(error))
 

@@ -400,6 +400,20 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(num_calibration=8), ckpt_path=checkpoint
         )
+    # A resumed fit with a smaller num_val trains on the other held-out images too: warned; with a
+    # calibration split, that split is another draw of the larger training split, mostly of
+    # images the model trained on: refused (it steered lambda by them, silently).
+    with pytest.warns(UserWarning, match=r"held out num_val=16; this resumed fit holds out 8 and trains on the other 8 too"):
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=data(num_val=8), ckpt_path=checkpoint
+        )
+    message = ("MNISTDataModule: the checkpoint's run held out num_val=16; this resumed fit holds out 8, so its training "
+               "split is larger and its calibration split another draw, mostly of images the model trained on (lambda "
+               "would be steered by them). Resume with --data.num_val 16 (a smaller num_val suits train.py validate).")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=data(num_val=8, num_calibration=8), ckpt_path=checkpoint
+        )
 
 
 def test_train_py_refuses_another_split_before_its_wandb_run_starts(tmp_path, capsys):
@@ -422,4 +436,7 @@ def test_train_py_refuses_another_split_before_its_wandb_run_starts(tmp_path, ca
             "error: MNISTDataModule: the checkpoint's model was trained with the split seed=0, num_val=16; this "
             "DataModule has seed=5 (it was 0)"
         )
+    with pytest.raises(SystemExit):  # a resumed fit whose calibration split would be redrawn
+        main(["fit", *config, "--ckpt_path", "last", "--data.num_val", "8", "--data.num_calibration", "8"])
+    assert capsys.readouterr().err.startswith("error: MNISTDataModule: the checkpoint's run held out num_val=16; this resumed fit")
     assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # refused before a W&B run started
