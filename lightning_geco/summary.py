@@ -12,8 +12,9 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.constraints import Constraint
@@ -133,6 +134,11 @@ class RunSummary(Callback):
     Under ``fast_dev_run`` no file is written (:attr:`summary` and :attr:`verdict_line` are still
     set; :attr:`path` stays None), as Lightning writes no logs or checkpoints then.
 
+    Under ``strategy="ddp_spawn"`` or ``"ddp_notebook"`` the fit runs in worker processes, and
+    this object in the process that called ``fit`` stays as it was: rank 0's worker writes the
+    file and logs the verdict line and the file's path (INFO), and reading :attr:`verdict_line`
+    where no fit has ended warns so.
+
     A fit that ends at ``max_steps`` mid-epoch, or in an epoch ``check_val_every_n_epoch`` does
     not divide, is validated at its last step all the same, so the figures are the trained
     model's; where no validation could run then, the verdict line names the step they are of.
@@ -174,7 +180,9 @@ class RunSummary(Callback):
         self.filename = filename
         self.path: Path | None = None
         self.summary: dict[str, Any] = {}
-        self.verdict_line = ""
+        self._verdict_line = ""
+        #: fits that ended in this process (none in the one that spawned DDP workers)
+        self._fits_ended = 0
         #: what the last ``trainer.test`` gave: its fields, its verdict line and its file
         self.test_summary: dict[str, Any] = {}
         self.test_verdict_line = ""
@@ -200,6 +208,21 @@ class RunSummary(Callback):
         self._fitting = False
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
+
+    @property
+    def verdict_line(self) -> str:
+        """The last fit's verdict line (``GECO: ...``); empty before a fit ended in this process."""
+        if self._fits_ended == 0:
+            rank_zero_warn(
+                "RunSummary.verdict_line: no fit has ended in this process, so there is no verdict (none ran, or it "
+                "stopped with an error). Under strategy='ddp_spawn' or 'ddp_notebook' the fit runs in worker "
+                "processes: rank 0's worker logged the verdict line and wrote summary.json (its path is logged beside it)."
+            )
+        return self._verdict_line
+
+    @verdict_line.setter
+    def verdict_line(self, line: str) -> None:
+        self._verdict_line = line
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
@@ -365,6 +388,10 @@ class RunSummary(Callback):
         summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")
+        self._fits_ended += 1
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            # ddp_spawn / ddp_notebook: this worker's object is not the caller's, which stays empty.
+            rank_zero_info(f"{self._verdict_line}\nsummary: {self.path}")
 
     def _warn_nothing_trained(self, trainer: pl.Trainer) -> None:
         """A fit that starts where its limits end it (a resumed run with no step left) trains
