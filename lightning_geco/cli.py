@@ -492,6 +492,13 @@ class GECOLightningCLI(LightningCLI):
                     "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
                 )
         self._check_held_out_split()
+        if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
+            # Lightning means fast_dev_run to write no checkpoint, but 2.6's ModelCheckpoint writes
+            # save_last's at the end of training all the same: a smoke test's model would become
+            # what --ckpt_path last resumes and tests.
+            for checkpoint in self.trainer.checkpoint_callbacks:
+                if isinstance(checkpoint, ModelCheckpoint):
+                    checkpoint.save_last = False
         for callback in getattr(self.trainer, "callbacks", []):
             no_split = getattr(self.datamodule, "num_calibration", None) == 0
             if isinstance(callback, GECOCallback) and callback.drive == "calibration" and callback.calibration_dataset is None and no_split:
@@ -522,7 +529,8 @@ class GECOLightningCLI(LightningCLI):
         # A fresh id: another logger's version (version_0) repeats across its save_dirs. Other
         # ranks get rank 0's folder: ModelCheckpoint broadcasts its dirpath in setup.
         fresh = uuid.uuid4().hex[:8]
-        if self.trainer.loggers and self.trainer.loggers[0].version is not None:
+        # (fast_dev_run's stand-in logger has version "": no folder name starting with "-")
+        if self.trainer.loggers and self.trainer.loggers[0].version not in (None, ""):
             version = self.trainer.loggers[0].version
             return f"{version if isinstance(version, str) else f'version_{version}'}-{fresh}"
         return fresh

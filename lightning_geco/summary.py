@@ -375,6 +375,8 @@ class RunSummary(Callback):
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
         if "verdict_line" in summary:
+            if getattr(trainer, "fast_dev_run", False):  # a smoke test's figures, not a trained model's
+                summary["verdict_line"] += f" (fast_dev_run: {trainer.global_step} steps, a smoke test)"
             if validated_step is not None and validated_step != trainer.global_step:
                 # A validation that could not run at the end (e.g. the validation loop turned
                 # off): the figures are of an older model, and the line says which.

@@ -659,6 +659,7 @@ def test_a_fast_dev_run_writes_no_summary_file(tmp_path, monkeypatch):
     train = DataLoader(TensorDataset(_images()), batch_size=32)
     trainer.fit(tiny_conv_vae(), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
     assert summary.path is None and summary.verdict_line.startswith("GECO: ")
+    assert summary.verdict_line.endswith(" (fast_dev_run: 1 steps, a smoke test)")  # not a trained model's verdict
     assert list(tmp_path.iterdir()) == []
 
 
