@@ -457,6 +457,15 @@ class GECOLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        interval = trainer.get("val_check_interval") if trainer is not None else None
+        if isinstance(interval, float) and trainer.get("check_val_every_n_epoch") is None:
+            # The Trainer refuses it as it is built, in a 30-line trace that does not say the fix.
+            _fail(
+                f"--trainer.val_check_interval {interval:g} is a fraction of an epoch, which needs "
+                "--trainer.check_val_every_n_epoch (this config sets it null, to validate every N steps): add "
+                "--trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps (an int)."
+            )
         if config.get("tolerance"):
             try:
                 apply_tolerances(config.model, config.tolerance)
@@ -482,15 +491,7 @@ class GECOLightningCLI(LightningCLI):
         # What can be checked before the W&B run starts is checked here, so a mistake costs no run.
         if self.trainer.max_steps == 0:
             _fail("--trainer.max_steps 0 trains no step; set it > 0 (or -1 to train for --trainer.max_epochs).")
-        if self._checkpoint is not None:
-            path, hyperparameters = self._checkpoint
-            saved, current = hyperparameters.get("image_shape"), getattr(self.model, "hparams", {}).get("image_shape")
-            if saved is not None and current is not None and list(saved) != list(current):
-                _fail(
-                    f"--ckpt_path {path} was trained on images of shape {tuple(saved)}; the data gives "
-                    f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only loads into the model it was "
-                    "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
-                )
+        self._check_image_shape()
         self._check_held_out_split()
         if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
             # Lightning means fast_dev_run to write no checkpoint, but 2.6's ModelCheckpoint writes
@@ -512,6 +513,20 @@ class GECOLightningCLI(LightningCLI):
                 if logger.save_dir:
                     os.makedirs(logger.save_dir, exist_ok=True)
         self._checkpoints_into(self._run_id())
+
+    def _check_image_shape(self) -> None:
+        """Refuse, before the W&B run starts, a checkpoint trained on images of another shape than
+        the data gives (its weights would not load)."""
+        if self._checkpoint is None:
+            return
+        path, hyperparameters = self._checkpoint
+        saved, current = hyperparameters.get("image_shape"), getattr(self.model, "hparams", {}).get("image_shape")
+        if saved is not None and current is not None and list(saved) != list(current):
+            _fail(
+                f"--ckpt_path {path} was trained on images of shape {tuple(saved)}; the data gives "
+                f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only loads into the model it was "
+                "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
+            )
 
     def _run_id(self) -> str:
         """The resumed run's id, else this run's W&B id / logger version, else a fresh id."""
@@ -560,6 +575,7 @@ class GECOLightningCLI(LightningCLI):
     def before_validate(self) -> None:
         # A checkpoint of one of the config's runs is read where fit wrote it, so Lightning's
         # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
+        self._check_image_shape()
         if self.resumed_run_id is not None:
             self._checkpoints_into(self.resumed_run_id)
         if self.subcommand == "validate":

@@ -489,6 +489,9 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path
         (("--config", str(calibration_config)), NO_CALIBRATION_SPLIT),
         (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
+        (("--trainer.val_check_interval", "0.5"), "--trainer.val_check_interval 0.5 is a fraction of an epoch, which needs "
+         "--trainer.check_val_every_n_epoch (this config sets it null, to validate every N steps): add "
+         "--trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps (an int)."),
         # A constructor's refusal, which jsonargparse's Union report wrapped in a 75-line trace.
         (("--data.init_args.device", "banana"), "ShapesDataModule(device='banana'): not a torch device ("),
     ]:
@@ -518,6 +521,14 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "was trained on images of shape (1, 64, 64); the data gives (1, 32, 32) (ShapesDataModule)" in err, err
+    for subcommand in ("validate", "test"):  # refused before their W&B run too (it started, then failed)
+        runs = sorted(Path("runs/wandb").glob("*run-*"))
+        with pytest.raises(SystemExit):
+            main([subcommand, "--config", str(REPO / "configs" / "default.yaml"), "--data.init_args.image_size", "32",
+                  "--ckpt_path", "last"])
+        err = capsys.readouterr().err
+        assert "was trained on images of shape (1, 64, 64); the data gives (1, 32, 32) (ShapesDataModule)" in err, err
+        assert sorted(Path("runs/wandb").glob("*run-*")) == runs
     with pytest.raises(SystemExit):
         main(_fit(REPO / "configs" / "shapes_convvae_elbo.yaml", *QUICK, "--ckpt_path", str(last)))
     err = capsys.readouterr().err
