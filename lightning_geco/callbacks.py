@@ -79,6 +79,7 @@ __all__ = [
     "CALLBACK_DRIVES",
     "CONTROLLER_DEFAULTS",
     "GECOCallback",
+    "NO_CALIBRATION_SPLIT",
     "NonFiniteConstraintError",
     "UNLOGGED_CHECK_EVERY",
     "UNPLANNED_STALL_WINDOW",
