@@ -18,6 +18,7 @@ from lightning_geco import (
     ClassificationConstraint,
     ConvVAE,
     FeatureReconstruction,
+    FlowVAE,
     FrozenClassifier,
     GaussianLikelihood,
     GECOCallback,
@@ -139,9 +140,19 @@ def test_a_checkpoint_loaded_into_another_model_class_names_the_class_to_load_it
     model = _trained(build("ConvVAE", (1, 16, 16)), tmp_path)
     # The base class (or another variant) has other weights: a wall of unexpected keys before.
     message = ("The checkpoint holds a ConvVAE (lightning_geco.models.conv_vae.ConvVAE), whose weights this VAEModule "
-               "does not have: load it with ConvVAE.load_from_checkpoint(path).")
+               "does not have: load it with ConvVAE.load_from_checkpoint(path) (strict=False takes the weights that match).")
     with pytest.raises(ValueError, match=re.escape(message)):
         VAEModule.load_from_checkpoint(tmp_path / "model.ckpt")
+    # strict=False takes the weights that match, as Lightning's load does (an encoder carried over).
+    flow = FlowVAE.load_from_checkpoint(tmp_path / "model.ckpt", strict=False)
+    assert torch.equal(flow.state_dict()["encoder.convs.0.weight"], model.state_dict()["encoder.convs.0.weight"])
+    # The model's own class from a checkpoint of an earlier format loads (its keys upgraded on load).
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    for key in [k for k in checkpoint["state_dict"] if k.startswith("objective.multipliers.")]:
+        del checkpoint["state_dict"][key]
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    with pytest.warns(UserWarning):
+        ConvVAE.load_from_checkpoint(tmp_path / "earlier.ckpt")
 
     class OwnHook(ConvVAE):  # a variant that overrides a hook has the same weights: it loads
         def reparameterization_noise(self, x, posterior):

@@ -189,6 +189,8 @@ class VAEModule(pl.LightningModule):
         self.reading_precision: dict[str, MeanWithStandardError] = {}
         #: KL per latent dimension at the last validation (nats), for the traversal panel
         self.kl_per_dimension: Tensor | None = None
+        #: the model class a checkpoint being loaded names (set by on_load_checkpoint, read by load_state_dict)
+        self._checkpoint_model_class: str | None = None
         self._checked_range = False
         # Running (min, max) of the training pixels since the last host check; NaN propagates.
         self._pixel_range: Tensor | None = None
@@ -546,6 +548,23 @@ class VAEModule(pl.LightningModule):
             return list(range(min(count, n)))
         return torch.argsort(self.kl_per_dimension[:n], descending=True)[:count].tolist()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; weights of another model class (a checkpoint loaded into
+        a class without its weights, e.g. ``VAEModule.load_from_checkpoint`` of a ConvVAE) are
+        refused naming the class to load them with, instead of a list of unexpected keys."""
+        saved_class, self._checkpoint_model_class = self._checkpoint_model_class, None
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            own_class = f"{type(self).__module__}.{type(self).__qualname__}"
+            if not saved_class or saved_class == own_class:
+                raise
+            name = saved_class.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"The checkpoint holds a {name} ({saved_class}), whose weights this {type(self).__name__} does not "
+                f"have: load it with {name}.load_from_checkpoint(path) (strict=False takes the weights that match)."
+            ) from error
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The objective and the likelihood are modules, which save_hyperparameters cannot
         # store: record the configs that rebuild them, so load_from_checkpoint(path) needs nothing else.
@@ -564,15 +583,8 @@ class VAEModule(pl.LightningModule):
         """Refuse a checkpoint of a differently built model with the differing setting named, and
         bring a checkpoint of an earlier version to this one (or say what to pass)."""
         saved = checkpoint.get("hyper_parameters", {})
-        saved_class, weights = checkpoint.get("model_class"), checkpoint.get("state_dict")
-        own_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        if saved_class and saved_class != own_class and weights is not None and set(weights) != set(self.state_dict()):
-            # A class of its own with the same weights (a variant overriding a hook) loads as it is.
-            name = saved_class.rsplit(".", 1)[-1]
-            raise ValueError(
-                f"The checkpoint holds a {name} ({saved_class}), whose weights this {type(self).__name__} does not "
-                f"have: load it with {name}.load_from_checkpoint(path)."
-            )
+        # Named if the weights then do not load (see load_state_dict).
+        self._checkpoint_model_class = checkpoint.get("model_class")
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
             if key in saved and _as_comparable(saved[key]) != _as_comparable(current):
