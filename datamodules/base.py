@@ -388,8 +388,9 @@ class ImageDataModule(pl.LightningDataModule):
         ``num_val`` (the extra ones were); a smaller ``num_val`` is a subset, and so fine to
         validate on. A resumed fit with a smaller ``num_val`` and a calibration split is refused
         (the larger training split draws another calibration split, mostly of images the model
-        trained on); without one, and with another ``num_calibration``, it trains on another set:
-        warned. The test split (other files) is not concerned. ``trained``: the checkpoint's
+        trained on), as is one with a larger ``num_calibration`` (the extra images were trained
+        on); without a calibration split, and with a smaller ``num_calibration``, it trains on
+        another set: warned. The test split (other files) is not concerned. ``trained``: the checkpoint's
         ``held_out_split()`` (None: not recorded, nothing to check); ``fitting``: whether a fit
         resumes from it (None: as the attached Trainer says); called by :meth:`load_state_dict`,
         and by ``train.py`` before its W&B run starts."""
@@ -427,13 +428,22 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"{name}: the checkpoint's run held out num_val={trained['num_val']}; this resumed fit holds out "
                     f"{current['num_val']}, so its training split is larger and its calibration split another draw, "
-                    "mostly of images the model trained on (lambda would be steered by them). Resume with "
-                    f"--data.num_val {trained['num_val']} (a smaller num_val suits train.py validate)."
+                    "mostly of images the model trained on (a calibration drive would steer lambda by them). Resume "
+                    f"with --data.num_val {trained['num_val']} (a smaller num_val suits train.py validate)."
                 )
             rank_zero_warn(
                 f"{name}: the checkpoint's run held out num_val={trained['num_val']}; this resumed fit holds out "
                 f"{current['num_val']} and trains on the other {trained['num_val'] - current['num_val']} too, in "
                 "another order than the checkpoint's run: it is not that run continued."
+            )
+        if fitting and current["num_calibration"] > trained["num_calibration"]:
+            # The split is the first num_calibration of one seeded order: the extra ones were trained on.
+            raise ValueError(
+                f"{name}: the checkpoint's run carved num_calibration={trained['num_calibration']} images from its "
+                f"training split; this resumed fit carves {current['num_calibration']}, and the "
+                f"{current['num_calibration'] - trained['num_calibration']} more are images the model trained on (a "
+                f"calibration drive would steer lambda by them). Resume with --data.num_calibration "
+                f"{trained['num_calibration']} or fewer."
             )
         if fitting and current["num_calibration"] != trained["num_calibration"]:
             rank_zero_warn(

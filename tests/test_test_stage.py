@@ -396,7 +396,11 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
     more = MNISTDataModule(str(tmp_path / "more"), batch_size=8, num_val=16)
     with pytest.warns(UserWarning, match=r"the checkpoint's split was drawn from 48 images; this data has 56, so its split"):
         quiet_trainer().validate(model, datamodule=more, ckpt_path=checkpoint, verbose=False)
-    with pytest.warns(UserWarning, match=r"carved num_calibration=0 images from its training split; this one carves 8"):
+    # More calibration images than the checkpoint's run carved: the extra ones were trained on.
+    message = ("MNISTDataModule: the checkpoint's run carved num_calibration=0 images from its training split; this "
+               "resumed fit carves 8, and the 8 more are images the model trained on (a calibration drive would steer "
+               "lambda by them). Resume with --data.num_calibration 0 or fewer.")
+    with pytest.raises(ValueError, match=re.escape(message)):
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(num_calibration=8), ckpt_path=checkpoint
         )
@@ -408,8 +412,8 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
             model, datamodule=data(num_val=8), ckpt_path=checkpoint
         )
     message = ("MNISTDataModule: the checkpoint's run held out num_val=16; this resumed fit holds out 8, so its training "
-               "split is larger and its calibration split another draw, mostly of images the model trained on (lambda "
-               "would be steered by them). Resume with --data.num_val 16 (a smaller num_val suits train.py validate).")
+               "split is larger and its calibration split another draw, mostly of images the model trained on (a calibration "
+               "drive would steer lambda by them). Resume with --data.num_val 16 (a smaller num_val suits train.py validate).")
     with pytest.raises(ValueError, match=re.escape(message)):
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(num_val=8, num_calibration=8), ckpt_path=checkpoint
