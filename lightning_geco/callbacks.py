@@ -24,6 +24,7 @@ controller's state and the constraints as stated (name, tolerance, unit).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -183,6 +184,13 @@ def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor
     return output
 
 
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """torch's random state forked: the CPU's, and ``device``'s when it is a CUDA or MPS one."""
+    kind = device.type
+    devices = [device] if kind in ("cuda", "mps") else []
+    return torch.random.fork_rng(devices=devices, device_type=kind if devices else None)
+
+
 @contextmanager
 def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA or
@@ -190,14 +198,8 @@ def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[N
     froze in eval stays so)."""
     modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
-    kind = pl_module.device.type
-    devices = [pl_module.device] if kind in ("cuda", "mps") else []
     try:
-        with (
-            torch.no_grad(),
-            torch.random.fork_rng(devices=devices, device_type=kind if devices else None),
-            trainer.precision_plugin.forward_context(),
-        ):
+        with torch.no_grad(), _forked_rng(pl_module.device), trainer.precision_plugin.forward_context():
             yield
     finally:
         for module, training in modes:
@@ -890,8 +892,7 @@ class GECOCallback(Callback):
         if logging:  # the batch mean is read for the logs only: no ops for it on other steps
             # A step with a non-finite value has no batch mean (its sums left the non-finite
             # values out): NaN, not the 0 that would read as "at the tolerance".
-            nonfinite = statistics[-1] > 0
-            self._log(pl_module, torch.where(nonfinite, torch.nan, constraint_means(statistics)))
+            self._log(pl_module, torch.where(geco.skipped, torch.nan, constraint_means(statistics)))
         if checking:
             self._watch(trainer)
         # On the device path the count is read at those steps only (reading it syncs).
@@ -909,7 +910,7 @@ class GECOCallback(Callback):
             )
             raise NonFiniteConstraintError(
                 f"GECO saw a non-finite constraint or loss on {longest} consecutive optimizer steps "
-                f"(max_nonfinite_steps={self.max_nonfinite_steps}; counted on the device, read at the logging steps); "
+                f"(max_nonfinite_steps={self.max_nonfinite_steps}; the longest run since the last check); "
                 f"lambda was last {geco.lagrange_multiplier.tolist()}. {now} {_nonfinite_advice(trainer)}"
             )
 
@@ -990,7 +991,7 @@ class GECOCallback(Callback):
         self._calibration_checked = True
         dataset = self._ready_calibration
         first = list(range(min(self.calibration_batch_size, dataset_length(dataset))))
-        with torch.random.fork_rng(devices=[]):  # a dataset's random transform draws here, not from training's
+        with _forked_rng(pl_module.device):  # a dataset's random transform draws here, not from training's
             images = _calibration_inputs(trainer, dataset, first)[0]
         problem = _images_mismatch(self._training_images, _image_summary(images))
         flag = torch.tensor([0.0 if problem is None else 1.0], device=pl_module.device)
@@ -1017,10 +1018,8 @@ class GECOCallback(Callback):
         with _measuring(trainer, pl_module):
             # A dataset's random transform draws in a fork of its own, seeded: the images, and
             # the latent noise after them, are functions of (seed, measurement, rank) alone.
-            with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(
-                    _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1))
-                )
+            with _forked_rng(pl_module.device):
+                _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1)))
                 x, labels = _calibration_inputs(trainer, dataset, mine)
             # The latent noise of a measurement is seeded too, without touching the training RNG.
             _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))

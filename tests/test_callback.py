@@ -125,7 +125,7 @@ def test_a_run_of_skips_that_ends_between_two_logging_steps_still_stops_the_run(
     callback = GECOCallback(max_nonfinite_steps=3)
     trainer = _trainer([callback], max_steps=30, limit_val_batches=0, log_every_n_steps=10)
     message = ("GECO saw a non-finite constraint or loss on 5 consecutive optimizer steps (max_nonfinite_steps=3; "
-               "counted on the device, read at the logging steps)")
+               "the longest run since the last check)")
     with pytest.raises(NonFiniteConstraintError, match=re.escape(message)) as error:
         trainer.fit(tiny_conv_vae(model_class=NaNBetweenStepsVAE), _loader())
     assert "The run of skips has ended (0 in a row now)" in str(error.value)
