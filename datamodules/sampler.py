@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 __all__ = ["ResumableLoader", "ResumableSampler"]
 
@@ -98,7 +98,8 @@ class ResumableLoader(DataLoader):
     order is refused rather than silently mixed.
     """
 
-    sampler: ResumableSampler
+    #: a ResumableSampler, unless Lightning rebuilt the loader with one of its own (overfit_batches)
+    sampler: ResumableSampler | Sampler
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning may rebuild the loader with a sampler of its own (overfit_batches: a

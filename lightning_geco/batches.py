@@ -63,9 +63,11 @@ def shared_items(dataset: Dataset, other: Dataset) -> int | None:
     other_base, other_indices = _stored_indices(other)
     if base is not other_base:
         return None
-    mine = set(range(dataset_length(base))) if indices is None else {int(i) for i in indices}
-    theirs = set(range(dataset_length(base))) if other_indices is None else {int(i) for i in other_indices}
-    return len(mine & theirs)
+    if indices is None:  # the whole store: everything the other holds is shared
+        return dataset_length(base) if other_indices is None else len({int(i) for i in other_indices})
+    if other_indices is None:
+        return len({int(i) for i in indices})
+    return len({int(i) for i in indices} & {int(i) for i in other_indices})
 
 
 def gather(dataset: Dataset, indices: list[int]) -> Any:

@@ -813,7 +813,9 @@ class GECOCallback(Callback):
         self._validation_overlap_checked = True
         calibration = self._calibration
         datamodule = getattr(trainer, "datamodule", None)
-        validation = getattr(datamodule, "val_dataset", None) or _loader_dataset(trainer.val_dataloaders)
+        validation = getattr(datamodule, "val_dataset", None)
+        if validation is None:
+            validation = _loader_dataset(trainer.val_dataloaders)
         if validation is not None and (shared := shared_items(calibration, validation)):
             rank_zero_warn(
                 f"GECO: the calibration split shares {shared} of its {dataset_length(calibration)} images with the "

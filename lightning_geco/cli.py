@@ -462,9 +462,10 @@ class GECOLightningCLI(LightningCLI):
         if isinstance(interval, float) and trainer.get("check_val_every_n_epoch") is None:
             # The Trainer refuses it as it is built, in a 30-line trace that does not say the fix.
             _fail(
-                f"--trainer.val_check_interval {interval:g} is a fraction of an epoch, which needs "
-                "--trainer.check_val_every_n_epoch (this config sets it null, to validate every N steps): add "
-                "--trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps (an int)."
+                f"--trainer.val_check_interval {interval!r}: a float is a fraction of an epoch (1.0: once an epoch), "
+                "which needs --trainer.check_val_every_n_epoch (this config sets it null, to validate every N "
+                "steps): add --trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps "
+                "(an int, e.g. 500)."
             )
         if config.get("tolerance"):
             try:
@@ -500,10 +501,10 @@ class GECOLightningCLI(LightningCLI):
             for checkpoint in self.trainer.checkpoint_callbacks:
                 if isinstance(checkpoint, ModelCheckpoint):
                     checkpoint.save_last = False
-        for callback in getattr(self.trainer, "callbacks", []):
-            no_split = getattr(self.datamodule, "num_calibration", None) == 0
-            if isinstance(callback, GECOCallback) and callback.drive == "calibration" and callback.calibration_dataset is None and no_split:
-                _fail(NO_CALIBRATION_SPLIT)
+        if getattr(self.datamodule, "num_calibration", None) == 0:
+            for callback in getattr(self.trainer, "callbacks", []):
+                if isinstance(callback, GECOCallback) and callback.drive == "calibration" and callback.calibration_dataset is None:
+                    _fail(NO_CALIBRATION_SPLIT)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 # Two warnings every run printed, neither the user's to act on: Lightning passes

@@ -30,6 +30,7 @@ from torch import Tensor
 from lightning_geco.batches import batch_images
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.panels import (
+    DISTORTION_AXIS_LABEL,
     log_image_grid,
     rate_distortion_figure,
     reconstruction_grid,
@@ -125,7 +126,7 @@ class DiagnosticPanels(Callback):
         if self.history:
             tolerance = _reconstruction_tolerance(pl_module, self.distortion_key.removeprefix("val/"))
             # Another reading than the MSE (a BCE, a pNCC) is labelled by its key.
-            label = "distortion (MSE / element)" if self.distortion_key == "val/distortion" else self.distortion_key
+            label = DISTORTION_AXIS_LABEL if self.distortion_key == "val/distortion" else self.distortion_key
             chart = rate_distortion_figure(self.history, tolerance, label)
             log_image_grid(loggers, "val/rate_distortion", chart, step)
 

@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-__all__ = ["log_image_grid", "rate_distortion_figure", "reconstruction_grid", "sample_grid", "traversal_grid"]
+__all__ = ["DISTORTION_AXIS_LABEL", "log_image_grid", "rate_distortion_figure", "reconstruction_grid", "sample_grid", "traversal_grid"]
 
 
 def reconstruction_grid(x: Tensor, reconstruction: Tensor, columns: int = 8) -> Tensor:
@@ -33,10 +33,14 @@ def traversal_grid(images: Tensor, steps: int = 9) -> Tensor:
     return make_grid(images.float().clamp(0, 1).cpu(), nrow=steps, pad_value=1.0)
 
 
+#: the axis label of the per-element MSE (the default distortion reading)
+DISTORTION_AXIS_LABEL = "distortion (MSE / element)"
+
+
 def rate_distortion_figure(
     history: Sequence[tuple[int, float, float]],
     tolerance: float | None,
-    distortion_label: str = "distortion (MSE / element)",
+    distortion_label: str = DISTORTION_AXIS_LABEL,
 ) -> Tensor:
     """Distortion against rate at each validation, the path coloured by step, with the tolerance.
 

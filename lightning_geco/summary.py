@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import weakref
 from pathlib import Path
@@ -12,7 +13,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
@@ -181,8 +181,10 @@ class RunSummary(Callback):
         self.path: Path | None = None
         self.summary: dict[str, Any] = {}
         self._verdict_line = ""
-        #: fits that ended in this process (none in the one that spawned DDP workers)
-        self._fits_ended = 0
+        #: whether the last fit ended in this process (not in the one that spawned DDP workers)
+        self._fit_ended = False
+        #: the process this object was made in: a worker that fits a pickled copy is another
+        self._made_in_process = os.getpid()
         #: what the last ``trainer.test`` gave: its fields, its verdict line and its file
         self.test_summary: dict[str, Any] = {}
         self.test_verdict_line = ""
@@ -212,7 +214,7 @@ class RunSummary(Callback):
     @property
     def verdict_line(self) -> str:
         """The last fit's verdict line (``GECO: ...``); empty before a fit ended in this process."""
-        if self._fits_ended == 0:
+        if not self._fit_ended:
             rank_zero_warn(
                 "RunSummary.verdict_line: no fit has ended in this process, so there is no verdict (none ran, or it "
                 "stopped with an error). Under strategy='ddp_spawn' or 'ddp_notebook' the fit runs in worker "
@@ -230,6 +232,7 @@ class RunSummary(Callback):
         self._fitting = True
         self._trained = False
         self.verdict_line = ""
+        self._fit_ended = False
         self.path = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -376,7 +379,8 @@ class RunSummary(Callback):
         validated_step = self._history[-1][0] if self._history else None
         if "verdict_line" in summary:
             if getattr(trainer, "fast_dev_run", False):  # a smoke test's figures, not a trained model's
-                summary["verdict_line"] += f" (fast_dev_run: {trainer.global_step} steps, a smoke test)"
+                steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
+                summary["verdict_line"] += f" (fast_dev_run: {steps}, a smoke test)"
             if validated_step is not None and validated_step != trainer.global_step:
                 # A validation that could not run at the end (e.g. the validation loop turned
                 # off): the figures are of an older model, and the line says which.
@@ -390,10 +394,10 @@ class RunSummary(Callback):
         summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")
-        self._fits_ended += 1
-        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-            # ddp_spawn / ddp_notebook: this worker's object is not the caller's, which stays empty.
-            rank_zero_info(f"{self._verdict_line}\nsummary: {self.path}")
+        self._fit_ended = True
+        if os.getpid() != self._made_in_process and self._verdict_line:
+            # ddp_spawn / ddp_notebook: this worker's copy is not the caller's, which stays empty.
+            rank_zero_info(self._verdict_line + (f"\nsummary: {self.path}" if self.path is not None else ""))
 
     def _warn_nothing_trained(self, trainer: pl.Trainer) -> None:
         """A fit that starts where its limits end it (a resumed run with no step left) trains

@@ -102,38 +102,3 @@ def test_a_two_rank_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted
         assert second[rank] == whole[rank][4:]
     assert_same_parameters(tmp_path / "whole" / "params.pt", tmp_path / "second" / "params.pt", rtol=0, atol=0)
 
-
-SPAWNED_FIT = """
-import warnings
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-from lightning_geco import ConvVAE, GECOCallback, RunSummary
-
-if __name__ == "__main__":
-    images = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    summary = RunSummary()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_spawn", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[GECOCallback(), summary], default_root_dir=r"{root}")
-    model = ConvVAE(image_shape=(1, 16, 16), latent_dim=2, widths=(4,), hidden_dim=8)
-    trainer.fit(model, DataLoader(TensorDataset(images), batch_size=8), DataLoader(TensorDataset(images[:8]), batch_size=8))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        print("parent:", repr(summary.verdict_line), "|", " ".join(str(w.message) for w in caught))
-"""
-
-
-@pytest.mark.timeout(300)
-def test_under_ddp_spawn_the_worker_logs_the_verdict_and_the_callers_summary_says_where_it_went(tmp_path):
-    # The fit runs in a worker process; the caller's RunSummary stays empty, and read the empty
-    # line with no word (a new-user trial's print(summary.verdict_line) under ddp_spawn).
-    script = tmp_path / "spawned.py"
-    script.write_text(SPAWNED_FIT.format(root=tmp_path))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    assert "GECO: " in output and f"summary: {tmp_path / 'summary.json'}" in output
-    assert (tmp_path / "summary.json").is_file()
-    (parent,) = [line for line in done.stdout.splitlines() if line.startswith("parent:")]
-    assert parent.startswith("parent: '' | RunSummary.verdict_line: no fit has ended in this process")

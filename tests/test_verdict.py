@@ -659,7 +659,7 @@ def test_a_fast_dev_run_writes_no_summary_file(tmp_path, monkeypatch):
     train = DataLoader(TensorDataset(_images()), batch_size=32)
     trainer.fit(tiny_conv_vae(), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
     assert summary.path is None and summary.verdict_line.startswith("GECO: ")
-    assert summary.verdict_line.endswith(" (fast_dev_run: 1 steps, a smoke test)")  # not a trained model's verdict
+    assert summary.verdict_line.endswith(" (fast_dev_run: 1 step, a smoke test)")  # not a trained model's verdict
     assert list(tmp_path.iterdir()) == []
 
 
@@ -725,3 +725,26 @@ def test_summary_json_holds_null_for_a_non_finite_number_at_any_depth(tmp_path):
     written = json.loads(text)
     assert written["distortion"] is None and written["lambda"] == [1.5, None]
     assert written["relative_violation"] == {"a": None, "b": 0.25} and written["steps"] == 3
+
+
+def test_a_fit_in_a_spawned_worker_logs_its_verdict_and_the_callers_summary_says_where_it_went(tmp_path, caplog):
+    # Under ddp_spawn / ddp_notebook the fit runs on a pickled copy in a worker process; the
+    # caller's RunSummary stayed empty and print(summary.verdict_line) printed "" with no word.
+    with pytest.warns(UserWarning, match=re.escape("RunSummary.verdict_line: no fit has ended in this process")):
+        assert RunSummary().verdict_line == ""
+    worker = RunSummary()
+    worker._made_in_process = -1  # what a copy unpickled in another process sees
+    trainer = quiet_trainer(max_steps=2, val_check_interval=2, callbacks=[GECOCallback(), worker], default_root_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(32)), batch_size=16),
+                    DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
+    assert f"{worker.verdict_line}\nsummary: {tmp_path / 'summary.json'}" in caplog.text
+    assert worker.verdict_line.startswith("GECO: ")
+    # In the process that made it, nothing more is logged (train.py prints the line itself).
+    caplog.clear()
+    here = RunSummary()
+    trainer = quiet_trainer(max_steps=2, val_check_interval=2, callbacks=[GECOCallback(), here], default_root_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(32)), batch_size=16),
+                    DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
+    assert here.verdict_line not in caplog.text
