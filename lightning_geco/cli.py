@@ -341,6 +341,14 @@ class ShortErrorParser(LightningArgumentParser):
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
+def _written_into(checkpoint: dict[str, Any]) -> Path | None:
+    """The folder a checkpoint's ModelCheckpoint wrote it into (its saved ``dirpath``), if any."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("dirpath"):
+            return Path(state["dirpath"]).resolve()
+    return None
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -433,11 +441,14 @@ class GECOLightningCLI(LightningCLI):
             )
         if not Path(ckpt_path).is_file():
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
-        # Through the <dirpath>/last.ckpt link too: the run is the folder the file is in.
-        resolved = Path(ckpt_path).resolve()
-        if any(resolved.parent.parent == folder.resolve() for folder in folders):
-            self.resumed_run_id = resolved.parent.name
         checkpoint = mapped_checkpoint(ckpt_path)
+        # Through the <dirpath>/last.ckpt link too: the run is the folder the file is in; for the
+        # copy written where there are no symlinks, the folder its ModelCheckpoint wrote into.
+        run_folder = Path(ckpt_path).resolve().parent
+        if any(run_folder == folder.resolve() for folder in folders):
+            run_folder = _written_into(checkpoint) or run_folder
+        if any(run_folder.parent == folder.resolve() for folder in folders):
+            self.resumed_run_id = run_folder.name
         hyperparameters, step = checkpoint_head(checkpoint)
         # The DataModule's part (read now, from this one load; checked once the DataModule exists).
         self._checkpoint_splits = {

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -415,6 +416,13 @@ def test_each_run_writes_its_own_checkpoint_folder_and_a_resume_continues_it(cap
     assert _wandb_run_id(Path(linked[-1]).parents[1].name) == run_id
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
     assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 6
+    # Where there are no symlinks the link is a copy: the run it was copied from, all the same.
+    copied = (folder / "last.ckpt").resolve()
+    (folder / "last.ckpt").unlink()
+    shutil.copyfile(copied, folder / "last.ckpt")
+    fit("--trainer.max_steps", "8", "--ckpt_path", str(folder / "last.ckpt"))
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == runs
+    assert torch.load(folder / run_id / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
 def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_in_two_lines(capsys):
