@@ -480,7 +480,8 @@ def test_a_library_error_raised_from_another_is_told_in_one_line_and_anything_el
 def test_a_fast_dev_run_writes_no_checkpoint_for_ckpt_path_last_to_take(capsys):
     # Lightning 2.6's ModelCheckpoint wrote save_last's file under fast_dev_run, into a folder
     # named "-<id>", and the smoke test's 3-step model became the one `--ckpt_path last` tested.
-    main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.fast_dev_run", "2"])
+    main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.fast_dev_run", "2", "--data.init_args.num_train", "128",
+          "--data.init_args.num_val", "64"])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].endswith(" (fast_dev_run: 2 steps, a smoke test)")
     assert not list(Path("runs").glob("checkpoints/**/*.ckpt"))
