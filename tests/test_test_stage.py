@@ -24,7 +24,7 @@ from lightning_geco.datamodules.shapes import _image_keys
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, quiet_trainer, random_images, tiny_conv_vae
-from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE, RunSummary
+from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE, RunSummary
 from lightning_geco.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,11 +382,17 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
         "seed=5 (it was 0): another draw, whose validation images are mostly ones the model trained on": data(seed=5),
         "num_val=24 (it was 16): the images beyond 16 were training images": data(num_val=24),
     }
+    loaded = ConvVAE.load_from_checkpoint(checkpoint)  # on its own: no DataModule state restored
     for changed, datamodule in refusals.items():
         message = (f"MNISTDataModule: the checkpoint's model was trained with the split seed=0, num_val=16; this "
                    f"DataModule has {changed}. Use --data.seed 0 and --data.num_val 16 or fewer.")
         with pytest.raises(ValueError, match=re.escape(message)):
             quiet_trainer().validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        # Load, then validate: the model carries its split (it was validated with no word).
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quiet_trainer().validate(loaded, datamodule=data(**{"seed": 5} if "seed" in changed else {"num_val": 24}),
+                                     verbose=False)
+    quiet_trainer().validate(loaded, datamodule=data(num_val=8), verbose=False)  # a subset: fine
     quiet_trainer().validate(model, datamodule=data(num_val=8), ckpt_path=checkpoint, verbose=False)
     quiet_trainer().test(model, datamodule=data(seed=5), ckpt_path=checkpoint, verbose=False)
     quiet_trainer().predict(model, datamodule=data(seed=5), ckpt_path=checkpoint)  # the test files too

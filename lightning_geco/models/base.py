@@ -191,6 +191,8 @@ class VAEModule(pl.LightningModule):
         self.kl_per_dimension: Tensor | None = None
         #: the model class a checkpoint being loaded names (set by on_load_checkpoint, read by load_state_dict)
         self._checkpoint_model_class: str | None = None
+        #: the held-out split of the DataModule the loaded checkpoint's model trained with (see setup)
+        self._trained_split: dict[str, Any] | None = None
         self._checked_range = False
         # Running (min, max) of the training pixels since the last host check; NaN propagates.
         self._pixel_range: Tensor | None = None
@@ -565,6 +567,18 @@ class VAEModule(pl.LightningModule):
                 f"have: load it with {name}.load_from_checkpoint(path) (strict=False takes the weights that match)."
             ) from error
 
+    def setup(self, stage: str) -> None:
+        """Before ``trainer.validate`` of a model loaded on its own (no ``ckpt_path``, so no
+        DataModule state restored): refuse a split whose validation images the model trained on,
+        as the DataModule refuses it when a checkpoint restores it."""
+        trainer = self._trainer
+        if stage != "validate" or self._trained_split is None or trainer is None or trainer.ckpt_path is not None:
+            return
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector, not declared
+        check = getattr(datamodule, "check_held_out_split", None)
+        if callable(check) and self._trained_split.get("datamodule") == type(datamodule).__qualname__:
+            check(self._trained_split.get("split"), fitting=False)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The objective and the likelihood are modules, which save_hyperparameters cannot
         # store: record the configs that rebuild them, so load_from_checkpoint(path) needs nothing else.
@@ -578,6 +592,13 @@ class VAEModule(pl.LightningModule):
             checkpoint["kl_per_dimension"] = self.kl_per_dimension.tolist()
         # Which model the weights are (a load into another class is then named, not a key wall).
         checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # How the DataModule held images out, kept with the model: a model loaded on its own and
+        # validated on another split is refused as one restored with its DataModule is (setup).
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        held_out = getattr(datamodule, "held_out_split", None)
+        if callable(held_out):
+            checkpoint["held_out_split"] = {"datamodule": type(datamodule).__qualname__, "split": held_out()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a differently built model with the differing setting named, and
@@ -585,6 +606,7 @@ class VAEModule(pl.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         # Named if the weights then do not load (see load_state_dict).
         self._checkpoint_model_class = checkpoint.get("model_class")
+        self._trained_split = checkpoint.get("held_out_split")
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
             if key in saved and _as_comparable(saved[key]) != _as_comparable(current):
