@@ -387,6 +387,12 @@ class GECOLightningCLI(LightningCLI):
     #: that checkpoint's held-out split records, by DataModule state key (its class's qualname)
     _checkpoint_splits: dict[str, Any] | None = None
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: Lightning's ``predict`` returns its outputs to Python, so from
+        the command line it ran the model and wrote nothing (``trainer.predict`` stays, in Python)."""
+        return {name: skipped for name, skipped in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             "data", "model.init_args.image_shape", compute_fn=lambda data: list(data.image_shape), apply_on="instantiate"

@@ -510,6 +510,12 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert f"error: {message}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # predict returns its outputs to Python: from the command line it wrote nothing (and its
+    # checkpoint checks came after the W&B run had started).
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", str(REPO / "configs" / "default.yaml")])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')" in capsys.readouterr().err
     assert not Path("runs/wandb").exists()
 
 
