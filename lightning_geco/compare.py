@@ -63,6 +63,13 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A run from a W&B run folder, its ``files`` folder, or a ``summary.json``."""
     path = Path(path)
+    named: str | None = None  # a folder given that holds no summary keeps its name on the row
+    if path.is_dir() and not (path / "files" / "summary.json").exists() and _wandb_run_id(path) is not None:
+        # A segment stopped before its end (killed, then resumed) writes none: the run's row is its
+        # newest summary, as for any other folder of it.
+        written = [s for s in _segments(path) if (s / "files" / "summary.json").exists()]
+        if written:
+            named, path = path.name, written[-1]
     if path.is_dir() and (path / "files" / "summary.json").exists():
         summary_file = path / "files" / "summary.json"
     elif path.is_dir() and (path / "summary.json").exists():
@@ -102,7 +109,7 @@ def load_run(path: str | Path) -> Run:
     # after the trained run whose checkpoint they read.
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     checkpoint = summary.get("checkpoint") if stage else None
-    name = _trained_run(Path(checkpoint)) if checkpoint else run_dir.name
+    name = _trained_run(Path(checkpoint)) if checkpoint else (named or run_dir.name)
     source = (segments[0].resolve(), summary_file.name) if last_segment is None else (summary_file.resolve(), "")
     return Run(name=name + stage, summary=summary, history=joined_history(run_dir, last_segment), source=source)
 

@@ -731,6 +731,13 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     assert capsys.readouterr().err == (
         f"error: {resumed} and {first} are the same run (a resumed run's W&B folders are one run): pass one of them.\n"
     )
+    # A segment killed before its end wrote no summary: its folder reads the run's newest too.
+    killed = tmp_path / "offline-run-20261127_095000-abc123"
+    (killed / "files").mkdir(parents=True)
+    run = load_run(killed)
+    assert run.name == killed.name and run.summary["global_step"] == 300
+    assert compare_main([str(killed), str(resumed), "--out", str(tmp_path / "killed")]) == 2
+    assert "are the same run" in capsys.readouterr().err
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "summary.json").write_text('{"rate": 3')
     assert compare_main([str(tmp_path / "cut"), "--out", str(tmp_path / "bad")]) == 2
