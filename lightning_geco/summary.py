@@ -378,9 +378,14 @@ class RunSummary(Callback):
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
         if "verdict_line" in summary:
+            planned = trainer.estimated_stepping_batches
             if getattr(trainer, "fast_dev_run", False):  # a smoke test's figures, not a trained model's
                 steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
                 summary["verdict_line"] += f" (fast_dev_run: {steps}, a smoke test)"
+            elif math.isfinite(planned) and 0 < trainer.global_step < planned:
+                # Stopped before its plan (max_time, early stopping): a learning-rate schedule and
+                # lambda's catch-up planned for the whole fit did not run to their end.
+                summary["verdict_line"] += f" (the fit stopped at step {trainer.global_step} of {int(planned)} planned)"
             if validated_step is not None and validated_step != trainer.global_step:
                 # A validation that could not run at the end (e.g. the validation loop turned
                 # off): the figures are of an older model, and the line says which.

@@ -748,3 +748,22 @@ def test_a_fit_in_a_spawned_worker_logs_its_verdict_and_the_callers_summary_says
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(32)), batch_size=16),
                     DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
     assert here.verdict_line not in caplog.text
+
+
+def test_a_fit_stopped_before_its_plan_says_so_in_its_line():
+    # max_time or an early stop ends the fit short of its planned steps: the line read as if the
+    # model had had them all (its cosine schedule and lambda's catch-up had not run to their end).
+    class StopAt3(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 3
+
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=8, val_check_interval=2, callbacks=[GECOCallback(), summary, StopAt3()])
+    trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(_images(64)), batch_size=8),
+                DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
+    assert trainer.global_step == 3 and "(the fit stopped at step 3 of 8 planned)" in summary.verdict_line
+    full = RunSummary()
+    quiet_trainer(max_steps=4, val_check_interval=2, callbacks=[GECOCallback(), full]).fit(
+        tiny_conv_vae(), DataLoader(TensorDataset(_images(64)), batch_size=8),
+        DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
+    assert "stopped" not in full.verdict_line
