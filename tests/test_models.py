@@ -228,6 +228,9 @@ def test_images_out_of_range_after_the_first_batch_and_nan_are_named(monkeypatch
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="The images of this batch contain NaN"):
         tiny_conv_vae().check_images(nan, check_range=True)
+    # reconstruct (a loaded model's first call) reads images in [0, 255] as it reads training's.
+    with pytest.raises(ValueError, match=r"Images must lie in \[0, 1\] .*this batch held values in \[0\.\d+, 25\d\.\d+\]"):
+        tiny_conv_vae().reconstruct(random_images(4) * 255)
 
 
 @pytest.mark.parametrize("call", ["forward", "reconstruct", "importance_weighted_bound"])

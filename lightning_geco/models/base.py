@@ -366,8 +366,9 @@ class VAEModule(pl.LightningModule):
     def reconstruct(self, x: Tensor) -> Tensor:
         """The reconstruction of images x (N, C, H, W): the likelihood's mean at the posterior
         code, clamped to [0, 1] (a Gaussian mean may overshoot), (N, C, H, W)."""
-        # Checked here too: some wrong sizes pass a conv encoder and come back resized, silently.
-        self.check_images(x)
+        # Checked here too: some wrong sizes pass a conv encoder and come back resized, silently;
+        # and images in [0, 255] came back as a plausible-looking reconstruction of nothing.
+        self.check_images(x, check_range=True)
         return self.likelihood.mean(self.decode_posterior_code(x)).clamp(0, 1)
 
     @property
