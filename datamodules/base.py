@@ -374,13 +374,25 @@ class ImageDataModule(pl.LightningDataModule):
         """What a resumed run needs: the seed of the training order; the files it trained on
         (``source``, where the DataModule has one), so a test never reads them as its test split;
         and how the held-out images were drawn (:meth:`held_out_split`), so a validation never
-        reads images the model trained on."""
-        return {"shuffle_seed": self.shuffle_seed, "source": self.files_source, "split": self.held_out_split()}
+        reads images the model trained on; the ``batch_size``, so a resumed fit with another says so."""
+        return {
+            "shuffle_seed": self.shuffle_seed, "source": self.files_source, "split": self.held_out_split(),
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.trained_source = state_dict.get("source")
         self.check_held_out_split(state_dict.get("split"))
+        trained_batch = state_dict.get("batch_size")
+        trainer = self.trainer
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if fitting and trained_batch is not None and trained_batch != self.batch_size:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's run trained with batch_size={trained_batch}; this resumed fit "
+                f"has {self.batch_size}, so it goes on with other batches than that run would have: it is not that run "
+                "continued."
+            )
 
     def check_held_out_split(self, trained: dict[str, Any] | None, fitting: bool | None = None) -> None:
         """Refuse a split that would validate on images the checkpoint's model trained on: another

@@ -318,7 +318,7 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
 
     assert OmniglotDataModule("nowhere").state_dict() == {
         "shuffle_seed": None, "source": None,
-        "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None},
+        "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None}, "batch_size": 64,
     }
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
@@ -409,6 +409,11 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
     with pytest.raises(ValueError, match=re.escape(message)):
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(num_calibration=8), ckpt_path=checkpoint
+        )
+    # Another batch size: the resumed fit goes on with other batches (it said nothing).
+    with pytest.warns(UserWarning, match=re.escape("the checkpoint's run trained with batch_size=8; this resumed fit has 16, so it")):
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=MNISTDataModule(str(tmp_path), batch_size=16, num_val=16), ckpt_path=checkpoint
         )
     # A resumed fit with a smaller num_val trains on the other held-out images too: warned; with a
     # calibration split, that split is another draw of the larger training split, mostly of
