@@ -385,14 +385,17 @@ class ImageDataModule(pl.LightningDataModule):
         self.trained_source = state_dict.get("source")
         self.check_held_out_split(state_dict.get("split"))
         trained_batch = state_dict.get("batch_size")
-        trainer = self.trainer
-        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        if fitting and trained_batch is not None and trained_batch != self.batch_size:
+        if self._fitting and trained_batch is not None and trained_batch != self.batch_size:
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint's run trained with batch_size={trained_batch}; this resumed fit "
                 f"has {self.batch_size}, so it goes on with other batches than that run would have: it is not that run "
                 "continued."
             )
+
+    @property
+    def _fitting(self) -> bool:
+        """Whether the attached Trainer is fitting (a checkpoint restored now resumes a fit)."""
+        return self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
 
     def check_held_out_split(self, trained: dict[str, Any] | None, fitting: bool | None = None) -> None:
         """Refuse a split that would validate on images the checkpoint's model trained on: another
@@ -434,7 +437,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"--data.num_val {trained['num_val']} or fewer."
             )
         if fitting is None:
-            fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+            fitting = self._fitting
         if fitting and current["num_val"] < trained["num_val"]:
             if current["num_calibration"]:
                 raise ValueError(

@@ -86,6 +86,7 @@ __all__ = [
     "UNPLANNED_STALL_WINDOW",
     "find_geco_objective",
     "is_logging_step",
+    "planned_steps",
     "upgrade_multiplier_buffers",
 ]
 
@@ -139,7 +140,7 @@ def _learning_rate(optimizer: Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def _planned_steps(trainer: pl.Trainer) -> int | None:
+def planned_steps(trainer: pl.Trainer) -> int | None:
     """The fit's planned optimizer steps, from ``max_steps`` or ``max_epochs``, whichever ends it
     first (None: unbounded). Needs the training loader's length: asked at the start of training."""
     planned = trainer.estimated_stepping_batches
@@ -699,7 +700,7 @@ class GECOCallback(Callback):
         ]
         if self.calibration_dataset is not None:
             reasons.append("a calibration split was given (GECOCallback(calibration_dataset=...))")
-        epochs = _planned_epochs(trainer, _planned_steps(trainer))
+        epochs = _planned_epochs(trainer, planned_steps(trainer))
         if epochs > AUTO_CALIBRATION_EPOCHS:
             reasons.append(
                 f"the run sees each training image {epochs:.3g} times (more than {AUTO_CALIBRATION_EPOCHS:g}), "
@@ -788,7 +789,7 @@ class GECOCallback(Callback):
         if self.detector is not None:
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
-            planned = _planned_steps(trainer)
+            planned = planned_steps(trainer)
             self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
 
     def _refuse_training_images(self, trainer: pl.Trainer) -> None:

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_geco.callbacks import GECOCallback
+from lightning_geco.callbacks import GECOCallback, planned_steps
 from lightning_geco.constraints import Constraint
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.resume import checkpoint_head
@@ -378,14 +378,14 @@ class RunSummary(Callback):
         summary.update(self._geco_fields(trainer))
         validated_step = self._history[-1][0] if self._history else None
         if "verdict_line" in summary:
-            planned = trainer.estimated_stepping_batches
+            planned = planned_steps(trainer)
             if getattr(trainer, "fast_dev_run", False):  # a smoke test's figures, not a trained model's
                 steps = f"{trainer.global_step} step{'s' if trainer.global_step != 1 else ''}"
                 summary["verdict_line"] += f" (fast_dev_run: {steps}, a smoke test)"
-            elif math.isfinite(planned) and 0 < trainer.global_step < planned:
+            elif planned is not None and 0 < trainer.global_step < planned:
                 # Stopped before its plan (max_time, early stopping): a learning-rate schedule and
                 # lambda's catch-up planned for the whole fit did not run to their end.
-                summary["verdict_line"] += f" (the fit stopped at step {trainer.global_step} of {int(planned)} planned)"
+                summary["verdict_line"] += f" (the fit stopped at step {trainer.global_step} of {planned} planned)"
             if validated_step is not None and validated_step != trainer.global_step:
                 # A validation that could not run at the end (e.g. the validation loop turned
                 # off): the figures are of an older model, and the line says which.
@@ -462,12 +462,12 @@ class RunSummary(Callback):
         fields: dict[str, Any] = {key: _per_constraint(constraints, values) for key, values in per_constraint.items()}
         fields["drive"] = callback.active_drive
         fields["satisfied"] = _satisfied(constraints, self._validation)
-        stalls = list(callback.detector.stalls) if callback.detector is not None else [None] * len(constraints)
+        found = callback.detector.stalls if callback.detector is not None else [None] * len(constraints)
         bests = [self._best(constraint) for constraint in constraints]
         # Met by the verdict's own rule (within its band): a model that met it can, however its
         # last validation reads and whatever lambda did since, so it is not unreachable.
         bests_met = [best is not None and verdict(c.relative_violation(best[0]), None) == "met" for c, best in zip(constraints, bests)]
-        stalls = [None if met else stall for stall, met in zip(stalls, bests_met)]
+        stalls = [None if met else stall for stall, met in zip(found, bests_met)]
         outcomes = [verdict(v, stall) for v, stall in zip(violation, stalls)]
         clauses = []
         for k, (constraint, outcome) in enumerate(zip(constraints, outcomes)):

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_geco.batches import batch_images, batch_labels
-from lightning_geco.callbacks import is_logging_step, upgrade_multiplier_buffers
+from lightning_geco.callbacks import is_logging_step, planned_steps, upgrade_multiplier_buffers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
@@ -551,6 +551,11 @@ class VAEModule(pl.LightningModule):
             return list(range(min(count, n)))
         return torch.argsort(self.kl_per_dimension[:n], descending=True)[:count].tolist()
 
+    @property
+    def _class_path(self) -> str:
+        """``module.Class`` of this model, as its checkpoints record it (``model_class``)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; weights of another model class (a checkpoint loaded into
         a class without its weights, e.g. ``VAEModule.load_from_checkpoint`` of a ConvVAE) are
@@ -559,8 +564,7 @@ class VAEModule(pl.LightningModule):
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as error:
-            own_class = f"{type(self).__module__}.{type(self).__qualname__}"
-            if not saved_class or saved_class == own_class:
+            if not saved_class or saved_class == self._class_path:
                 raise
             name = saved_class.rsplit(".", 1)[-1]
             raise ValueError(
@@ -592,7 +596,7 @@ class VAEModule(pl.LightningModule):
         if self.kl_per_dimension is not None:
             checkpoint["kl_per_dimension"] = self.kl_per_dimension.tolist()
         # Which model the weights are (a load into another class is then named, not a key wall).
-        checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["model_class"] = self._class_path
         # How the DataModule held images out, kept with the model: a model loaded on its own and
         # validated on another split is refused as one restored with its DataModule is (setup).
         trainer = self._trainer
@@ -675,15 +679,16 @@ class VAEModule(pl.LightningModule):
         """The optimizer steps the fit plans: ``max_steps`` or what ``max_epochs`` makes of the
         training loader, whichever ends the fit first (Lightning's ``estimated_stepping_batches``;
         read once training starts, when the loader is set up)."""
-        estimated = self.trainer.estimated_stepping_batches
-        if not math.isfinite(estimated) or estimated < 1:
+        planned = planned_steps(self.trainer)
+        if planned is None:
+            estimated = self.trainer.estimated_stepping_batches
             raise ValueError(
                 "lr_schedule='cosine' anneals over the fit's planned optimizer steps, Trainer(max_steps=...) or "
                 f"max_epochs times the batches of an epoch; got max_steps={self.trainer.max_steps} and "
                 f"max_epochs={self.trainer.max_epochs} ({estimated} steps). Set max_steps > 0, or max_epochs > 0 "
                 "with a training loader that has a length, or use lr_schedule='constant'."
             )
-        return int(estimated)
+        return planned
 
     def on_train_start(self) -> None:
         # Runs after Lightning restored the checkpoint's scheduler. A run resumed with the same
