@@ -357,7 +357,8 @@ def _fail(message: str, exit_code: int = 2) -> NoReturn:
 # ------------------------------------------------------------------- the CLI
 class SaveConfigToRun(SaveConfigCallback):
     """Saves the run's full config as ``config.yaml`` in the run's own folder (``<stage>_config.yaml``
-    for ``test`` and ``validate``) and logs it as hyperparameters."""
+    for ``test`` and ``validate``) and logs it as hyperparameters, with the objective's constraints
+    also at the top level: ``constraints.<name>.tolerance`` and ``.unit``."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # --tolerance is in the model's constraints already: kept as well, the saved file ran the
@@ -373,6 +374,11 @@ class SaveConfigToRun(SaveConfigCallback):
             name = "config.yaml" if stage == "fit" else f"{stage}_config.yaml"
             self.parser.save(resolved, directory / name, skip_unset=False, overwrite=True, multifile=False)
         config = yaml.safe_load(self.parser.dump(resolved, skip_unset=False))
+        # The tolerances at the top level too, as a dashboard groups and filters runs by them
+        # (inside the model's objective they are a list entry, which W&B shows as one JSON cell).
+        constraints = getattr(getattr(pl_module, "objective", None), "constraints", None) or []
+        if constraints:
+            config["constraints"] = {c.name: {"tolerance": c.tolerance, "unit": c.unit} for c in constraints}
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 

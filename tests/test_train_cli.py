@@ -224,6 +224,15 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     validations = [row for row in history if "val/distortion" in row]
     assert len(validations) == 2
     assert (validations[-1]["val/distortion"], validations[-1]["val/rate"]) == (summary["distortion"], summary["rate"])
+    # The run's config, with the tolerance at its top level for a dashboard to group runs by.
+    config = {
+        item.key: json.loads(item.value_json)
+        for record in read_records(run_dir)
+        if record.WhichOneof("record_type") == "config"
+        for item in record.config.update
+    }
+    assert config["constraints"] == {"reconstruction": {"tolerance": 0.005, "unit": "mse"}}
+    assert config["model"]["class_path"] == "lightning_geco.ConvVAE" and "tolerance" not in config
 
 
 def test_image_shape_comes_from_the_data_even_when_the_config_repeats_it():
