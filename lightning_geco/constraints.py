@@ -61,7 +61,8 @@ class Constraint(Rebuildable, nn.Module):
 
     Subclasses set ``name``, ``unit``, ``tolerance`` and ``reading_name`` and implement
     :meth:`reading` and :meth:`forward`. Every controller reads a constraint relative to
-    :attr:`scale`: the default PI controller's error is ``ln(reading / tolerance)``, and under
+    :attr:`scale`: the default PI controller's error is ``ln(1 + value / scale)`` (for an MSE
+    ``ln(reading / tolerance)``; for pNCC ``ln((1 - pncc) / (1 - minimum))``), and under
     ``GECOCallback(controller="relative")`` the step is ``nu * value / scale``, where
     ``step_size`` (None: the callback's ``step_size``; no units) gives this constraint its own
     ``nu``. The PI and paper controllers do not read ``step_size``.

@@ -25,7 +25,8 @@ The rules (documented in the README, "The verdict"):
     and the reading down by less than 13 %; and, at the pace the reading fell over that window
     (in log terms, per step), it would not reach the band by the run's last step (``max_steps``;
     without one, within another window). Lambda at its upper bound while clearly violated
-    counts too, on the pace alone (no more lambda can come), from whatever history there is, and
+    counts too, on the pace alone (no more lambda can come), from whatever history there is (two
+    readings at least: one has no pace), and
     is withdrawn when that pace, judged again at each logging step, reaches the band in time. At unit gain (a Gaussian decoder in its linear regime) a 4-fold lambda lowers
     the MSE about 4-fold; a tenth of that says more lambda no longer helps, and the pace says
     the model will not get there on its own at this budget either. (Without the pace, the
@@ -40,7 +41,9 @@ The rules (documented in the README, "The verdict"):
     ``MIN_VIOLATION`` (5 %), by at least ``MAX_GAIN`` times lambda's rise since, in log terms,
     and by twice that difference's standard error (from the window's spread about its line)
     withdraws it too: more lambda buys quality again, so the stall was a plateau, and a later
-    stall is judged only on the readings from the withdrawn one's end on. (On an image folder a
+    stall is judged only on the readings from the withdrawn one's end on. So does one that has
+    fallen at least half the way to the band, beyond that noise, at a pace that reaches the band
+    in the steps left: the stall's "not in time" no longer holds. (On an image folder a
     new-user trial saw a plateau at 4.7x the tolerance for 300 steps, warned at step 524, then the
     reading fell to 1.29x by step 1500 at a gain of 0.32: without this it ended ``unreachable``.)
     The window's fall is read from a least-squares line through its ``ln`` readings, not from its
@@ -114,13 +117,15 @@ class Stall:
             through the window's ``ln`` readings (two single readings of a noisy measurement, a
             64-image calibration draw varying by 6-12 %, made and unmade stalls by chance).
         at_bound: lambda reached its upper bound (the stall is then found on the pace alone,
-            and from whatever history there is: no more lambda can come).
+            and from whatever history there is, two readings at least: no more lambda can come).
         steps_needed: optimizer steps the reading would need, at the window's pace, to reach
             the band (inf: it was not falling).
         steps_left: optimizer steps left when the stall was found (None: unknown).
         noise: the spread of the window's ``ln`` readings about that line (their residual
             standard deviation, log units); None: not fitted.
         points: readings in the window (0: not fitted).
+        open_ended: the run had no last step: ``steps_left`` is the one more window the reading
+            was given, not steps left in the run.
     """
 
     first_step: int
@@ -134,6 +139,7 @@ class Stall:
     steps_left: int | None = None
     noise: float | None = None
     points: int = 0
+    open_ended: bool = False
 
     def describe(self) -> str:
         """One clause with the figures, e.g. ``lambda rose 4.3x (12 -> 51.6) over steps 1100-1400
@@ -142,8 +148,12 @@ class Stall:
         moved = 100.0 * (self.ratio_after / self.ratio_before - 1.0)
         pace = ""
         if self.steps_needed is not None and self.steps_left is not None:
-            need = "it was not falling" if math.isinf(self.steps_needed) else f"at that pace it needs {self.steps_needed:.0f} more steps"
-            pace = f"; {need}, {self.steps_left} are left"
+            if math.isinf(self.steps_needed):
+                pace = "; it was not falling" + ("" if self.open_ended else f", {self.steps_left} are left")
+            elif self.open_ended:  # no last step: it was given one more window
+                pace = f"; at that pace it needs {self.steps_needed:.0f} more steps, more than a window ({self.steps_left})"
+            else:
+                pace = f"; at that pace it needs {self.steps_needed:.0f} more steps, {self.steps_left} are left"
         if self.at_bound and self.lambda_after <= 1.001 * self.lambda_before:  # at the bound throughout the window
             return (
                 f"lambda was at its upper bound ({self.lambda_after:.3g}) at step {self.last_step} with the reading "
@@ -201,7 +211,8 @@ class StallDetector:
         good: no stall is found again), or when, at ``REACHED_READINGS`` logging steps in a row,
         the reading has fallen since the stall, beyond the noise of its measurements, by at least
         ``MIN_VIOLATION`` (5 %) and by at least ``MAX_GAIN`` times lambda's rise since, in log
-        terms: more lambda buys quality again (a plateau broke; :meth:`_judge_response`). A stall
+        terms: more lambda buys quality again (a plateau broke), or at least half the way to the
+        band at a pace that reaches it in the steps left (:meth:`_judge_response`). A stall
         found again after that is judged only on what came after it.
         """
         found = []
@@ -229,12 +240,19 @@ class StallDetector:
         return found
 
     def _judge_response(self, k: int, stall: Stall, step: int, log_lam: float) -> None:
-        """Withdraw constraint ``k``'s stall once its reading has fallen again, beyond noise, as
-        lambda rose (see :meth:`observe`): at ``REACHED_READINGS`` logging steps in a row, the mean
-        ``ln`` reading of the last ``RESPONSE_READINGS`` since the stall lies below the stall
-        window's fitted end (``ratio_after``) by at least ``MIN_VIOLATION`` (5 %), ``MAX_GAIN`` times
-        lambda's rise since, and twice the standard error of that difference (from the
-        window's ``noise``): single 64-image measurements vary by 6-12 %."""
+        """Withdraw constraint ``k``'s stall once its reading has fallen again, beyond noise (see
+        :meth:`observe`): at ``REACHED_READINGS`` logging steps in a row, the mean ``ln`` reading of
+        the last ``RESPONSE_READINGS`` since the stall lies below the stall window's fitted end
+        (``ratio_after``) by twice the standard error of that difference (from the window's
+        ``noise``: single 64-image measurements vary by 6-12 %) and either
+
+        - by at least ``MIN_VIOLATION`` (5 %) and ``MAX_GAIN`` times lambda's rise since: more
+          lambda buys quality again; or
+        - by at least half the way to the band, at a pace (that fall over the steps since the
+          stall) that reaches the band in the steps left: the stall's other half, "it will not
+          get there in time", no longer holds. (A reading that slid from 8 % to 1.5 % past over
+          1200 steps while lambda rose 6-fold fell too little for the first rule, and ended
+          ``unreachable`` 1.5 % past its tolerance.)"""
         since = [math.log(r) for s, _, r in self.history[k] if s > stall.last_step][-RESPONSE_READINGS:]
         if len(since) < RESPONSE_READINGS:
             return
@@ -244,15 +262,28 @@ class StallDetector:
         rise = log_lam - math.log(stall.lambda_after)
         noise = stall.noise or 0.0
         beyond_noise = 2.0 * noise * math.sqrt(1.0 / max(stall.points, 1) + 1.0 / len(since))
-        responding = fall >= max(-math.log(1.0 - MIN_VIOLATION), MAX_GAIN * rise, beyond_noise)
-        self._responding[k] = self._responding[k] + 1 if responding else 0
+        band = math.log(1.0 + MET_BAND)
+        buys_quality = fall >= max(-math.log(1.0 - MIN_VIOLATION), MAX_GAIN * rise, beyond_noise)
+        pace = fall / (step - stall.last_step)
+        in_time = (
+            fall > 0
+            and fall >= max(0.5 * (level - band), beyond_noise)
+            and (latest - band) / pace <= self._steps_left(step)
+        )
+        self._responding[k] = self._responding[k] + 1 if buys_quality or in_time else 0
         if self._responding[k] >= REACHED_READINGS:
+            why = "more lambda buys quality again" if buys_quality else "at that pace it reaches its tolerance in the steps left"
             self._withdraw(
                 k, step, f"fell {100 * (1 - math.exp(-fall)):.1f} % ({100 * (math.exp(level) - 1):.1f} % -> "
                 f"{100 * (math.exp(latest) - 1):.1f} % past the tolerance, the stall's fitted end against the mean of "
                 f"the last {len(since)} readings) over steps {stall.last_step}-{step} while lambda moved "
-                f"{math.exp(rise):.3g}x: more lambda buys quality again"
+                f"{math.exp(rise):.3g}x: {why}"
             )
+
+    def _steps_left(self, step: int) -> int:
+        """Optimizer steps after ``step`` a reading has to reach the band: to the run's last step,
+        or (no last step known) one more window."""
+        return self.window_steps if self.last_step is None else max(0, self.last_step - step)
 
     def _judge_at_bound(self, k: int, step: int) -> None:
         """Withdraw constraint ``k``'s stall at lambda's bound once the stall rule, applied afresh to
@@ -294,6 +325,8 @@ class StallDetector:
         first_step, first_log_lam, _ = window[0]
         if step - first_step < self.window_steps and not at_bound:
             return None  # not enough history yet
+        if len(window) < 2:
+            return None  # at the bound, but one reading has no pace: "not falling" would be unfounded
         if any(r < 1.0 + MIN_VIOLATION for _, _, r in window):
             return None
         rise = log_lam - first_log_lam
@@ -302,14 +335,14 @@ class StallDetector:
         # The pace: steps to the band if ln(reading) kept falling as it did over the window.
         pace = fall / (step - first_step) if step > first_step else 0.0
         steps_needed = (end_level - math.log(1.0 + MET_BAND)) / pace if pace > 0 else math.inf
-        steps_left = self.window_steps if self.last_step is None else max(0, self.last_step - step)
+        steps_left = self._steps_left(step)
         if steps_needed <= steps_left:
             return None  # falling onto the band in time, lambda at its bound or not
         gain = fall / rise if rise > 0 else 0.0
         if at_bound or (rise >= math.log(MIN_LAMBDA_FACTOR) and gain < MAX_GAIN):
             return Stall(
                 first_step, step, math.exp(first_log_lam), math.exp(log_lam), math.exp(start_level), math.exp(end_level),
-                at_bound, steps_needed, steps_left, noise, len(window),
+                at_bound, steps_needed, steps_left, noise, len(window), self.last_step is None,
             )
         return None
 
@@ -477,7 +510,7 @@ def constraint_clause(
             noise = f" ± {100.0 * standard_error:.1f} %"
         if outcome == "met":
             if relative_violation <= 0:
-                return f"{name} {_fmt(reading)} {better} {_fmt(tolerance)} ({-percent:.1f} %{noise} better than asked)"
+                return f"{name} {_fmt(reading)} {better} {_fmt(tolerance)} ({abs(percent):.1f} %{noise} better than asked)"
             return f"{name} {_fmt(reading)} ~ {_fmt(tolerance)} ({percent:.1f} %{noise} past it, within the {100 * MET_BAND:g} % band)"
         parts = [f"{label}: {name} {_fmt(reading)} {worse} {_fmt(tolerance)} ({percent:+.1f} %{noise})"]
     if stall is not None:

@@ -162,6 +162,26 @@ def test_a_plateau_that_breaks_withdraws_the_stall_and_the_run_ends_not_met():
     assert verdict(0.29, detector.stalls[0]) == "not_met"
 
 
+def test_a_reading_that_slides_onto_its_tolerance_in_time_withdraws_the_stall_though_lambda_rose_more():
+    # A plateau 8 % past while lambda rose 6x (a stall), then a slide to 1.5 % past as lambda
+    # rose on, 5x more: too little fall for "a tenth of lambda's rise" (0.062 against 0.18 in log
+    # terms), so the run ended UNREACHABLE 1.5 % past its tolerance, quoting step 300's pace.
+    def run(floor):
+        detector = StallDetector(1, window_steps=300, log_lambda_max=math.log(1e6), last_step=1500)
+        for step in range(0, 1501, 50):
+            log_lambda = 0.006 * min(step, 600) + 0.0012 * max(0, step - 600)
+            detector.observe(step, [log_lambda], [1.08 if step <= 600 else max(floor, 1.08 - 0.00011 * (step - 600))])
+        return detector
+
+    slid = run(floor=1.015)
+    assert slid.stalls == [None] and slid.withdrawn[0].last_step == 300 and slid.withdrawn_at == [1150]
+    assert slid.withdrawn_why[0].endswith("at that pace it reaches its tolerance in the steps left")
+    assert verdict(0.015, slid.stalls[0]) == "not_met"
+    # Sliding less than half the way to the band (8 % -> 5.5 % past): the stall stands.
+    stuck = run(floor=1.055)
+    assert stuck.stalls[0] is not None and stuck.withdrawn == [None] and verdict(0.055, stuck.stalls[0]) == "unreachable"
+
+
 def test_a_reading_as_noisy_as_a_calibration_draw_withdraws_no_stall_of_an_impossible_tolerance():
     # Flat at 3x its tolerance while lambda rises 1800x over a 1500-step run, each reading one
     # 64-image measurement (6-12 % noise): the last-reading rule withdrew 7-33 % of such stalls
@@ -219,15 +239,31 @@ def test_the_callback_says_when_a_warned_tolerance_was_reached_after_all():
     assert callback.detector.stalls == [None]
 
 
-def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_once():
-    detector = StallDetector(1, window_steps=1000, log_lambda_max=5.0)
-    assert detector.observe(10, [5.0], [3.0]) == [0]
-    assert detector.stalls[0].at_bound
+def test_lambda_at_its_upper_bound_while_violated_is_a_stall_at_its_second_reading():
+    detector = StallDetector(1, window_steps=1000, log_lambda_max=5.0, last_step=2000)
+    # One reading has no pace: "it was not falling" would be said of a reading never seen to move.
+    assert detector.observe(10, [5.0], [3.0]) == [] and detector.stalls == [None]
+    assert detector.observe(20, [5.0], [3.0]) == [0]
+    assert detector.stalls[0].at_bound and detector.stalls[0].points == 2
     # Said as it is (it read "lambda rose 1x (148 -> 148) and reached its upper bound over steps 10-10").
     assert detector.stalls[0].describe() == (
-        "lambda was at its upper bound (148) at step 10 with the reading 200.0 % past the tolerance; it was not "
-        "falling, 1000 are left"
+        "lambda was at its upper bound (148) at step 20 with the reading 200.0 % past the tolerance; it was not "
+        "falling, 1980 are left"
     )
+
+
+def test_a_run_without_a_last_step_gives_the_reading_a_window_and_says_so():
+    # Without max_steps the pace is judged against one more window, which the line named as the steps left.
+    detector = StallDetector(1, window_steps=100, log_lambda_max=30.0)
+    for step in range(0, 101, 25):
+        detector.observe(step, [step / 100 * math.log(5.0)], [1.5 - 0.0005 * step])
+    stall = detector.stalls[0]
+    assert stall.open_ended and stall.steps_left == 100 and 100 < stall.steps_needed < math.inf
+    assert stall.describe().endswith(f"; at that pace it needs {stall.steps_needed:.0f} more steps, more than a window (100)")
+    flat = StallDetector(1, window_steps=100, log_lambda_max=30.0)
+    for step in range(0, 101, 25):
+        flat.observe(step, [step / 100 * math.log(5.0)], [1.3])
+    assert flat.stalls[0].describe().endswith("(30.0 % -> 30.0 % past the tolerance); it was not falling")
 
 
 def test_at_its_bound_a_reading_falling_onto_its_tolerance_in_time_is_no_stall_and_a_fall_withdraws_one():
@@ -254,7 +290,7 @@ def test_at_its_bound_a_reading_falling_onto_its_tolerance_in_time_is_no_stall_a
     events = []
     for step in range(25, 1001, 25):
         events += [step] * len(slow.observe(step, [bound], [3.0 * math.exp(-0.001 * step)]))
-    assert events == [25] and slow.stalls[0] is not None and slow.withdrawn == [None]
+    assert events == [50] and slow.stalls[0] is not None and slow.withdrawn == [None]
 
 
 @pytest.mark.parametrize("log_every", [1, 10, 50])
@@ -296,12 +332,13 @@ def test_a_loaded_stall_is_judged_again_only_against_another_plan():
     assert kept.stalls == [None]
     at_bound = StallDetector(1, window_steps=1000, log_lambda_max=5.0, last_step=300)
     at_bound.observe(10, [5.0], [3.0])
+    at_bound.observe(20, [5.0], [3.0])
     resumed = StallDetector(1, window_steps=1, log_lambda_max=5.0)
     resumed.load_state_dict(at_bound.state_dict())
     resumed.plan(1000, 100_000)
     # At its bound, with a reading that was not falling, it stands against the new plan too.
     (again,) = resumed.stalls
-    assert again is not None and again.at_bound and (again.steps_needed, again.steps_left) == (math.inf, 99_990)
+    assert again is not None and again.at_bound and (again.steps_needed, again.steps_left) == (math.inf, 99_980)
     resumed.forget(0)
     assert (resumed.history, resumed.stalls, resumed.reached, resumed.withdrawn) == ([[]], [None], [None], [None])
 
@@ -324,6 +361,8 @@ def test_the_former_max_steps_keyword_of_constraint_clause_still_works_and_is_de
 def test_verdict_lines_carry_the_figures():
     met = constraint_clause("distortion", 0.00455, 0.005, -0.09, True, "met")
     assert verdict_line([met], 24.71) == "GECO: distortion 0.00455 <= 0.005 (9.0 % better than asked), rate 24.7 nats"
+    exact = constraint_clause("distortion", 0.005, 0.005, 0.0, True, "met")  # it read "-0.0 % better"
+    assert exact == "distortion 0.005 <= 0.005 (0.0 % better than asked)"
     close = constraint_clause("distortion", 0.01004, 0.01, 0.004, True, "met")
     assert close == "distortion 0.01004 ~ 0.01 (0.4 % past it, within the 1 % band)"
     missed = constraint_clause(
