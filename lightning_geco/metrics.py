@@ -37,7 +37,11 @@ The draws use a fixed seed, matched to the posteriors by position, so an estimat
 deterministic function of the posteriors in the order they are gathered, and equal on every DDP
 rank (states are gathered with ``dist_reduce_fx="cat"``). Another order gives other draws: a
 2-rank run, whose sampler deals the validation images out in turn, reads the same images as one
-process within the estimates' Monte Carlo noise (~1e-4 nats at N = 2,000, d = 10), not to the bit.
+process within the estimates' Monte Carlo noise, not to the bit: at N = 2,000, d = 10 (posterior
+log variances around -2) the estimates' standard deviation over seeds is 0.006-0.009 nats, and the
+2-rank order moved the marginal KL by 0.012. The total correlation and the dimension-wise KL are
+Monte Carlo differences, so either can read a little below 0 where the truth is 0. With one image
+or one latent dimension they are exact (0 and the marginal KL; one image: the rate).
 
 Computation: the O(N^2 d) log-densities are float32 log-sum-exps, shifted by an upper bound or
 the row maximum, either in one ``torch.compile``-fused kernel per chunk (compiled once, ~3 s
@@ -47,6 +51,7 @@ blocks on the CPU: 6-24x faster at N = 5k-20k, 20.6 s at N = 50k against the def
 ~512 s; in large blocks on a GPU: 0.42 s at N = 50k on an H200; ``benchmarks/marginal_kl.py``);
 both agree with the float64 definition, ``aggregate_log_densities_reference``, to ~1e-4 nats
 per value or better and to ~1e-6 nats on the estimates (see ``aggregate_log_densities``).
+Non-finite posteriors (a diverged model) give NaN estimates at once, with a warning.
 
 Reading precision (``MeanWithStandardError``)
 ---------------------------------------------
@@ -140,6 +145,13 @@ _EAGER_BLOCK = 512
 _EXPANDED_SQUARE_LIMIT = 64.0
 # Elsewhere (a GPU) a tile holds up to this many elements: 64 MB in float32, 128 MB in float64.
 _EAGER_TILE_ELEMENTS = 1 << 24
+# The eager joint expands sum_j P (z - m)^2 into float64 terms of size ~ sum_j P_j max(z_j^2, m_j^2),
+# which cancel to ~1e-16 of that: up to this size the error stays under ~1e-7 nats. Beyond it
+# (posteriors of std ~1e-4 and narrower: at log variance -30 the expansion was 0.14 nats off, at
+# -60 1.9e12) the joint takes the direct difference, in float64 tiles of at most
+# _JOINT_DIRECT_ELEMENTS (32 MB).
+_JOINT_EXPANSION_LIMIT = 1e9
+_JOINT_DIRECT_ELEMENTS = 1 << 22
 _LOWEST_FLOAT64 = torch.finfo(torch.float64).min
 # The same floor for the compiled path's base-2 exponents: 2**-125 is a normal float32.
 _MIN_EXPONENT2 = -125.0
@@ -164,8 +176,8 @@ def aggregate_log_densities(
     """``log q(z_i)`` and ``log q(z_ij)`` for the mixture ``q = 1/N sum_n N(mean_n, diag(var_n))``, fast.
 
     Same definition as ``aggregate_log_densities_reference``, in float32 with every sum a max- or
-    bound-shifted log-sum-exp: per value within ~1e-5 nats (compiled) or ~1e-4 nats (fallback,
-    in the sparse tails of its sorted chunks), on average over the points within ~1e-6 nats.
+    bound-shifted log-sum-exp: per value within ~1e-4 nats (compiled: measured up to 5.5e-5;
+    fallback: in the sparse tails of its sorted chunks), on average over the points within ~1e-6 nats.
     Two ways (N = 1 is always eager):
 
     - compiled (``torch.compile``): per chunk of rows one fused kernel evaluates every
@@ -180,7 +192,8 @@ def aggregate_log_densities(
       small where it matters (components near z) (for posteriors so narrow that float32 would
       lose ~1e-5 nats to the expansion, std ~1e-3 and below, a chunk evaluates ``(z - mean)^2``
       elementwise instead), and the joint density is a
-      ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11), summed over
+      ``[z^2, z] @ [-P/2, M P]^T`` float64 matmul (cancellation there is ~1e-11; posteriors of std
+      ~1e-4 and narrower take the direct difference, see :data:`_JOINT_EXPANSION_LIMIT`), summed over
       blocks of components with a running maximum (:func:`_eager_block_size`: on the CPU each
       (chunk, block) tile small enough to stay in cache; on a GPU few, large blocks).
 
@@ -386,23 +399,38 @@ def _eager_joint(z: Tensor, mean: Tensor, log_variance: Tensor, chunk_size: int,
     The components go in blocks of ``block_size`` with a running maximum (an online log-sum-exp),
     so on the CPU each (chunk, block) float64 tile stays in cache instead of going to memory once
     per pass, which at N = 50,000 (a 100 MB (chunk, N) row block) set the CPU fallback's pace.
+    Posteriors so narrow that the matmul's expanded square would cancel badly (see
+    :data:`_JOINT_EXPANSION_LIMIT`) take the direct difference ``(z - mean)^2`` instead, at
+    several times the cost.
     """
     z, mean, log_variance = z.double(), mean.double(), log_variance.double()
     precision = torch.exp(-log_variance)
-    # sum_j log N = Z^2 @ (-P/2)^T + Z @ (M P)^T + const_n; float64 keeps the cancellation of
-    # these O(d |z|^2 / var) terms at ~1e-11 nats.
-    weights = torch.cat([-0.5 * precision, mean * precision], dim=1).T.contiguous()  # (2d, N)
-    const = (-0.5 * (log_variance + LOG_2PI) - 0.5 * mean.pow(2) * precision).sum(dim=1)  # (N,)
+    size = (precision.amax(dim=0) * torch.maximum(z.abs().amax(dim=0), mean.abs().amax(dim=0)).square()).sum()
+    direct = bool(size > _JOINT_EXPANSION_LIMIT)  # one host read
+    d = mean.shape[1]
+    if direct:
+        log_norm = (-0.5 * (log_variance + LOG_2PI)).sum(dim=1)  # (N,)
+        block_size = max(1, min(block_size, _JOINT_DIRECT_ELEMENTS // (chunk_size * d)))
+    else:
+        # sum_j log N = Z^2 @ (-P/2)^T + Z @ (M P)^T + const_n; float64 keeps the cancellation of
+        # these O(d |z|^2 / var) terms at ~1e-11 nats for the posteriors this path gets.
+        weights = torch.cat([-0.5 * precision, mean * precision], dim=1).T.contiguous()  # (2d, N)
+        const = (-0.5 * (log_variance + LOG_2PI) - 0.5 * mean.pow(2) * precision).sum(dim=1)  # (N,)
     n = mean.shape[0]
     joint = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
     for start in range(0, z.shape[0], chunk_size):
         chunk = z[start : start + chunk_size]
-        features = torch.cat([chunk * chunk, chunk], dim=1)  # (c, 2d)
+        if not direct:
+            features = torch.cat([chunk * chunk, chunk], dim=1)  # (c, 2d)
         top = torch.full((chunk.shape[0], 1), -math.inf, dtype=torch.float64, device=z.device)
         total = torch.zeros(chunk.shape[0], dtype=torch.float64, device=z.device)
         for first in range(0, n, block_size):
             block = slice(first, first + block_size)
-            exponent = torch.addmm(const[block], features, weights[:, block])  # (c, block)
+            if direct:
+                squares = (chunk[:, None, :] - mean[None, block]).square_().mul_(precision[None, block])  # (c, block, d)
+                exponent = log_norm[block] - 0.5 * squares.sum(dim=2)
+            else:
+                exponent = torch.addmm(const[block], features, weights[:, block])  # (c, block)
             # Finite even while every exponent so far is -inf (a component of infinite variance),
             # so the differences below stay -inf or finite, never NaN.
             new_top = torch.maximum(top, exponent.amax(dim=1, keepdim=True)).clamp_min(_LOWEST_FLOAT64)
@@ -430,7 +458,17 @@ def _use_compiler(compile: bool | None, z: Tensor, n: int, chunk_size: int) -> b
         return False
     m, d = z.shape
     compiled = (min(m, chunk_size), d, z.device.type) in _COMPILER_STATE["shapes"]
+    if not compiled and len(_COMPILER_STATE["shapes"]) >= _recompile_limit():
+        # Past dynamo's limit a new shape would run _fused_chunk uncompiled, holding a (chunk, d, N)
+        # tensor (GBs at N = 50k): a notebook sweeping many latent sizes takes the eager path instead.
+        return False
     return compiled or m * n * d >= _COMPILE_MIN_WORK
+
+
+def _recompile_limit() -> int:
+    """How many shapes dynamo compiles one function for before it runs it uncompiled."""
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
 
 
 def compiler_available(device: torch.device | str = "cpu") -> bool:
@@ -470,8 +508,9 @@ class AggregatePosteriorKL(Metric):
         chunk_size: rows per chunk of the N x N computation (bounds memory to O(chunk_size * N)).
         seed: seed of the draws z_n ~ q(z|x_n).
         compile: how ``aggregate_log_densities`` runs: True compiled (``torch.compile``), False
-            the eager fallback, None (default) compiled where a compiler is usable. Both agree
-            with the float64 definition to ~1e-5 nats; compiling costs seconds once per process.
+            the eager fallback, None (default) compiled where a compiler is usable (and dynamo
+            would not run it uncompiled: see ``_use_compiler``). Both agree with the float64
+            definition to ~1e-4 nats per value; compiling costs seconds once per process.
     """
 
     full_state_update = False
@@ -497,18 +536,46 @@ class AggregatePosteriorKL(Metric):
         self.log_variances.append(log_variance.detach().float())
 
     def compute(self) -> dict[str, Tensor]:
+        if isinstance(self.means, list) and not self.means:  # synced over ranks, it is one tensor
+            raise ValueError(
+                "AggregatePosteriorKL.compute() needs the posteriors of at least one image: update(mean, "
+                "log_variance) was not called since the last reset."
+            )
         mean = dim_zero_cat(self.means).double()
         log_variance = dim_zero_cat(self.log_variances).double()
+        n, d = mean.shape
+        if n == 0:
+            raise ValueError("AggregatePosteriorKL.compute() needs the posteriors of at least one image, got N = 0.")
+        rate = gaussian_kl_per_dimension(mean, log_variance).sum(dim=1).mean()
+        if not (mean.isfinite().all() and log_variance.isfinite().all()):
+            # A diverged model: NaN at once, not a float64 recomputation of every row (minutes at N = 50k).
+            bad = int((~(mean.isfinite() & log_variance.isfinite())).any(dim=1).sum())
+            warnings.warn(
+                f"AggregatePosteriorKL: {bad} of {n} posteriors have a non-finite mean or log variance; the "
+                "latent-space estimates are NaN.",
+                stacklevel=2,
+            )
+            nan = torch.full((), math.nan, dtype=torch.float32, device=mean.device)
+            return {"marginal_kl": nan, "mutual_info": nan, "total_correlation": nan, "dimensionwise_kl": nan, "rate": rate.float()}
+        if n == 1:
+            # q(z) is the one posterior: no information, no correlation, every KL the rate, exactly
+            # (a single draw's Monte Carlo estimate read a total correlation of -8 nats).
+            zero = torch.zeros((), dtype=torch.float32, device=mean.device)
+            return {"marginal_kl": rate.float(), "mutual_info": zero, "total_correlation": zero,
+                    "dimensionwise_kl": rate.float(), "rate": rate.float()}
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(mean.device)
-        z = mean + noise * torch.exp(0.5 * log_variance)
+        # Rounded to float32 first, as aggregate_log_densities reads it: every term below is then
+        # evaluated at the same z (posteriors whose std nears float32's spacing of their mean
+        # otherwise read log q(z|x) at another point than log q(z): 0.6 nats off at std 4e-8).
+        z = (mean + noise * torch.exp(0.5 * log_variance)).float().double()
         log_q_z, log_q_zj = aggregate_log_densities(z, mean, log_variance, self.chunk_size, self.use_compile)
-        log_q_z_given_x = -0.5 * (noise.pow(2) + log_variance + LOG_2PI).sum(dim=1)
+        log_q_z_given_x = -0.5 * ((z - mean).pow(2) * torch.exp(-log_variance) + log_variance + LOG_2PI).sum(dim=1)
         log_p_zj = -0.5 * (z.pow(2) + LOG_2PI)
         mutual_info = (log_q_z_given_x - log_q_z).mean()
-        rate = gaussian_kl_per_dimension(mean, log_variance).sum(dim=1).mean()
         marginal_kl = rate - mutual_info
-        dimensionwise_kl = (log_q_zj - log_p_zj).sum(dim=1).mean()
+        # With one dimension q(z) is its own product of marginals: no total correlation, exactly.
+        dimensionwise_kl = marginal_kl if d == 1 else (log_q_zj - log_p_zj).sum(dim=1).mean()
         return {
             "marginal_kl": marginal_kl.float(),
             "mutual_info": mutual_info.float(),

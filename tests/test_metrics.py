@@ -84,6 +84,71 @@ def test_mutual_information_saturates_at_log_n_for_point_like_posteriors():
     assert mi == pytest.approx(math.log(n), rel=1e-3)
 
 
+def test_one_image_or_one_dimension_gives_the_exact_values_not_monte_carlo_noise():
+    # One image: q(z) is its posterior; one dimension: q(z) is its own marginal. A single draw's
+    # estimate read a total correlation of -8.1 nats for one image and 0.28 for one dimension.
+    mean, log_variance = _random_posteriors(1, 4)
+    metric = AggregatePosteriorKL()
+    metric.update(mean, log_variance)
+    one = metric.compute()
+    rate = gaussian_kl_per_dimension(mean.double(), log_variance.double()).sum().float()
+    assert one["rate"] == one["marginal_kl"] == one["dimensionwise_kl"] == rate
+    assert one["mutual_info"] == one["total_correlation"] == 0.0
+    mean, log_variance = _random_posteriors(50, 1)
+    metric = AggregatePosteriorKL()
+    metric.update(mean, log_variance)
+    line = metric.compute()
+    assert line["total_correlation"] == 0.0 and line["dimensionwise_kl"] == line["marginal_kl"]
+    assert line["mutual_info"] + line["marginal_kl"] == pytest.approx(line["rate"].item(), abs=1e-6)
+
+
+def test_every_term_is_read_at_the_same_float32_point():
+    # Posteriors whose std (4e-8) nears float32's spacing of their mean: log q(z|x) was read at
+    # the float64 draw, log q(z) at its float32 rounding, 0.04 nats apart in mutual information.
+    generator = torch.Generator().manual_seed(0)
+    mean, log_variance = torch.randn(500, 16, generator=generator), torch.full((500, 16), -34.0)
+    metric = AggregatePosteriorKL(compile=False)
+    metric.update(mean, log_variance)
+    result = metric.compute()
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (mean.double() + noise * math.exp(-17.0)).float().double()
+    log_q, log_q_per_dim = aggregate_log_densities_reference(z, mean, log_variance)
+    log_q_given_x = -0.5 * ((z - mean.double()).pow(2) * math.exp(34.0) - 34.0 + math.log(2 * math.pi)).sum(dim=1)
+    assert result["mutual_info"].item() == pytest.approx((log_q_given_x - log_q).mean().item(), abs=1e-5)
+    dimensionwise = (log_q_per_dim + 0.5 * (z.pow(2) + math.log(2 * math.pi))).sum(dim=1).mean().item()
+    assert result["dimensionwise_kl"].item() == pytest.approx(dimensionwise, abs=1e-4)
+
+
+def test_an_empty_metric_or_a_non_finite_posterior_is_said_so(monkeypatch):
+    with pytest.raises(ValueError, match=r"needs the posteriors of at least one image: update\(mean, log_variance\) was not"):
+        AggregatePosteriorKL().compute()
+    empty = AggregatePosteriorKL()
+    empty.update(torch.zeros(0, 4), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match=r"needs the posteriors of at least one image, got N = 0"):
+        empty.compute()
+    # A diverged model: NaN at once, without recomputing every row in float64 (minutes at N = 50k).
+    mean, log_variance = _random_posteriors(40, 3)
+    mean[3, 1] = math.nan
+    metric = AggregatePosteriorKL(compile=False)
+    metric.update(mean, log_variance)
+    monkeypatch.setattr(metrics, "aggregate_log_densities_reference", lambda *args: pytest.fail("recomputed"))
+    with pytest.warns(UserWarning, match=r"1 of 40 posteriors have a non-finite mean or log variance"):
+        result = metric.compute()
+    assert all(math.isnan(result[k].item()) for k in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"))
+
+
+def test_auto_mode_compiles_no_more_shapes_than_dynamo_keeps(monkeypatch):
+    # Past dynamo's recompile limit a new shape runs the chunk function uncompiled, holding a
+    # (chunk, d, N) tensor: auto mode takes the eager path instead.
+    z = torch.zeros(50_000, 10)
+    monkeypatch.setattr(metrics, "compiler_available", lambda device: True)
+    monkeypatch.setitem(metrics._COMPILER_STATE, "shapes", {(256, d, "cpu") for d in range(20, 20 + metrics._recompile_limit())})
+    assert not metrics._use_compiler(None, z, 50_000, 256)
+    assert metrics._use_compiler(None, torch.zeros(50_000, 20), 50_000, 256)  # a shape it has
+    monkeypatch.setitem(metrics._COMPILER_STATE, "shapes", set())
+    assert metrics._use_compiler(None, z, 50_000, 256)
+
+
 def test_at_the_log_n_ceiling_total_correlation_takes_the_marginal_kls_excess():
     # Independent posteriors whose aggregate is exactly N(0, I): true marginal KL and total
     # correlation are 0. With an encoder separating every image (std 0.018), mutual information
@@ -197,11 +262,12 @@ def test_metrics_match_the_float64_definition_within_a_thousandth_of_a_nat(make,
     assert result["rate"] == expected["rate"]  # closed form, untouched
 
 
-@pytest.mark.parametrize("log_variance_value", [-10.0, -14.0, -20.0])
+@pytest.mark.parametrize("log_variance_value", [-10.0, -14.0, -20.0, -30.0, -60.0])
 def test_the_eager_path_is_exact_for_very_narrow_posteriors(log_variance_value, monkeypatch):
-    # A std of 7e-3 to 5e-5: 1 / (2 var) up to 2.4e8, where the expanded square (u - w)^2 cancels
+    # A std of 7e-3 to 1e-13: 1 / (2 var) up to 5e25, where the expanded square (u - w)^2 cancels
     # in float32 (at -10 it was 0.02 nats off, at -20 it overflowed: dimension-wise KL inf and
-    # total correlation -inf). Those chunks take the direct difference.
+    # total correlation -inf), and the joint's float64 expansion too (at -30 0.14 nats off, at -60
+    # 1.9e12: a mutual information of -1.5e10). Those take the direct difference.
     generator = torch.Generator().manual_seed(2)
     mean = torch.randn(600, 4, generator=generator)
     log_variance = torch.full_like(mean, log_variance_value)
