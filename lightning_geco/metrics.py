@@ -468,7 +468,8 @@ def _use_compiler(compile: bool | None, z: Tensor, n: int, chunk_size: int) -> b
 def _recompile_limit() -> int:
     """How many shapes dynamo compiles one function for before it runs it uncompiled."""
     config = torch._dynamo.config
-    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
+    limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
+    return int(limit) if limit is not None else 8
 
 
 def compiler_available(device: torch.device | str = "cpu") -> bool:
