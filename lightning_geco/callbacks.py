@@ -295,9 +295,14 @@ def find_geco_objective(pl_module: pl.LightningModule) -> GECOObjective:
     """The model's single :class:`GECOObjective`; a clear error when there is none or several."""
     found = [m for m in pl_module.modules() if isinstance(m, GECOObjective)]
     if len(found) != 1:
+        fix = (
+            "Put every constraint in one GECOObjective(constraints=[...]) (one lambda each)"
+            if found
+            else "Use objective=GECOObjective(...) or remove the callback"
+        )
         raise ValueError(
             f"GECOCallback needs a model with exactly one GECOObjective, found {len(found)} in "
-            f"{type(pl_module).__name__}. Use objective=GECOObjective(...) or remove the callback."
+            f"{type(pl_module).__name__}. {fix}."
         )
     return found[0]
 
@@ -671,8 +676,9 @@ class GECOCallback(Callback):
         scale = constraint.scale
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(
-                f"GECO steps relative to a constraint's scale, but {constraint.name!r} has scale {scale!r}; "
-                "it must be a positive finite number."
+                f"GECO steps relative to a constraint's scale, but {constraint.name!r} has scale {scale!r} "
+                f"(its tolerance, {constraint.tolerance!r} {constraint.unit}, unless {type(constraint).__name__} "
+                "defines scale); it must be a positive finite number."
             )
         return float(scale)
 

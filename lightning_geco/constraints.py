@@ -120,8 +120,10 @@ class Constraint(Rebuildable, nn.Module):
 
     def relative_violation(self, reading: float) -> float:
         """How far a reading (e.g. a validation average) is past the tolerance, in units of
-        :attr:`scale`: 0.05 is 5 % over, -0.1 is 10 % better than asked (default: at most it)."""
-        return (reading - self.reading_tolerance) / self.scale
+        :attr:`scale`: 0.05 is 5 % past it, -0.1 is 10 % better than asked; "past" is above an
+        "at most" tolerance, below an "at least" one (``lower_is_better = False``)."""
+        past = reading - self.reading_tolerance if self.lower_is_better else self.reading_tolerance - reading
+        return past / self.scale
 
     def satisfied_by(self, reading: float) -> bool:
         """Whether a reading meets the tolerance."""
@@ -159,7 +161,8 @@ class ReconstructionMSE(Constraint):
         tolerance: in ``unit``: an MSE in the data's units squared, or a PSNR in dB.
         unit: ``"mse"`` or ``"psnr"``.
         name: the constraint's name in logs (``geco/<name>/...`` when there are several).
-        peak: the data's peak value (images in [0, 1]: 1, the default). With a peak an MSE
+        peak: the data's peak value, i.e. their range (images in [0, 1]: 1, the default; data
+            normalised to [-1, 1]: 2). With a peak an MSE
             tolerance lies in (0, peak²] and a PSNR in (0, 100] dB (``MSE = peak² 10^(-PSNR/10)``:
             20 dB is 0.01 for images in [0, 1]). ``None``: data in any units (standardised
             vectors, raw sensor values): any positive MSE, and no PSNR.
@@ -175,6 +178,8 @@ class ReconstructionMSE(Constraint):
         step_size: float | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+            raise TypeError(f"ReconstructionMSE tolerance must be a number (in unit {unit!r}), got {tolerance!r}.")
         if peak is not None and not (math.isfinite(peak) and peak > 0):
             raise ValueError(f"ReconstructionMSE peak must be a positive finite number or None, got {peak!r}.")
         if unit == "mse":
@@ -228,13 +233,15 @@ class ReconstructionMSE(Constraint):
         return mse_to_psnr(self.tolerance_mse / (self.peak or 1.0) ** 2)
 
     def check_data(self, output: VAEOutput) -> None:
-        # A PSNR, or an MSE checked against a peak, means something only for data in [0, peak]:
-        # data outside it, or far below it (peak 255 on images in [0, 1]: 48 dB off), make the
-        # stated figure another quality (images in [0, 255] under an MSE of 0.03 drove lambda to 6e12).
+        # A PSNR, or an MSE checked against a peak, means something only for data whose range is
+        # the peak ([0, peak], or [-peak/2, peak/2] for signed data): data spanning more, or far
+        # less (peak 255 on images in [0, 1]: 48 dB off), make the stated figure another quality
+        # (images in [0, 255] under an MSE of 0.03 drove lambda to 6e12).
         if self.peak is None:
             return
         low, high = float(output.x.min()), float(output.x.max())
-        if low < -1e-3 * self.peak or high > (1 + 1e-3) * self.peak or high < 0.1 * self.peak:
+        span = high - low
+        if span > (1 + 1e-3) * self.peak or span < 0.1 * self.peak:
             stated = f"a PSNR of {self.tolerance:g} dB" if self.unit == "psnr" else f"an MSE of {self.tolerance:g}"
             fix = (
                 "or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)"
@@ -242,10 +249,10 @@ class ReconstructionMSE(Constraint):
                 else "or pass peak=None (in a config: peak: null) for an MSE in the data's own units squared"
             )
             rank_zero_warn(
-                f"ReconstructionMSE {self.name!r}: {stated} is stated against peak {self.peak:g} (data in "
-                f"[0, {self.peak:g}]), but the first training batch spans [{low:.4g}, {high:.4g}]: the quality it "
-                f"holds is not the one asked for. Scale the data to [0, {self.peak:g}], pass peak= the data's peak "
-                f"value, {fix}."
+                f"ReconstructionMSE {self.name!r}: {stated} is stated against peak {self.peak:g} (data whose range "
+                f"is {self.peak:g}, e.g. [0, {self.peak:g}]), but the first training batch spans [{low:.4g}, {high:.4g}]: "
+                f"the quality it holds is not the one asked for. Scale the data to a range of {self.peak:g}, pass "
+                f"peak= the data's range (max - min: 2 for data in [-1, 1]), {fix}."
             )
 
     def reading(self, output: VAEOutput) -> Tensor:
@@ -304,6 +311,14 @@ class ReconstructionBCE(Constraint):
             )
 
     def check_data(self, output: VAEOutput) -> None:
+        low, high = float(output.x.min()), float(output.x.max())
+        if low < 0.0 or high > 1.0:
+            # A cross-entropy against targets outside [0, 1] has no floor: images in [0, 255]
+            # read -9313 nats/element, "met" by a factor of 10^5.
+            raise ValueError(
+                f"ReconstructionBCE reads the data as probabilities in [0, 1], but the first training batch spans "
+                f"[{low:.4g}, {high:.4g}]. Scale the data to [0, 1] (e.g. x / 255), or use ReconstructionMSE."
+            )
         floor = float(binary_entropy(output.x).mean())
         if floor >= self.tolerance:
             raise ValueError(
@@ -412,9 +427,6 @@ class PatchNCC(Constraint):
             raise ValueError(
                 f"PatchNCC patch_size {self.patch_size} is larger than the {height}x{width} images; use a smaller patch."
             )
-
-    def relative_violation(self, reading: float) -> float:
-        return (self.tolerance - reading) / self.scale
 
     @property
     def scale(self) -> float:

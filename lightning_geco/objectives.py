@@ -199,9 +199,14 @@ class GECOObjective(Objective):
         constraints = list(constraints) if constraints is not None else [ReconstructionMSE()]
         if not constraints:
             raise ValueError("GECOObjective needs at least one constraint, got an empty list.")
+        for index, constraint in enumerate(constraints):
+            _check_constraint(index, constraint)
         names = [c.name for c in constraints]
         if len(set(names)) != len(names):
-            raise ValueError(f"GECOObjective constraint names must be unique, got {names}.")
+            raise ValueError(
+                f"GECOObjective constraint names must be unique, got {names}; give each its own, e.g. "
+                f"{type(constraints[-1]).__name__}(..., name='{names[-1]}_2') (the name keys its lambda and its logs)."
+            )
         readers = Counter(type(c).reading_name for c in constraints)
         for constraint in constraints:
             if readers[type(constraint).reading_name] > 1:
@@ -295,7 +300,15 @@ class GECOObjective(Objective):
 
     def constraint_values(self, output: VAEOutput) -> Tensor:
         """Per-example constraint values, shape (N, K), fp32."""
-        return torch.stack([_as_fp32(c(output)) for c in self.constraints], dim=1)
+        values = [_as_fp32(c(output)) for c in self.constraints]
+        if not self._data_checked:  # the first batch: a wrong shape named by its constraint
+            for constraint, value in zip(self.constraints, values):
+                if value.shape != output.x.shape[:1]:
+                    raise ValueError(
+                        f"{type(constraint).__name__} {constraint.name!r}: forward() must return one value per "
+                        f"example, shape ({output.x.shape[0]},), got {tuple(value.shape)}."
+                    )
+        return torch.stack(values, dim=1)
 
     def forward(self, output: VAEOutput) -> Tensor:
         """The Lagrangian; in eval mode the batch's own constraint with lambda as it stands."""
@@ -304,8 +317,12 @@ class GECOObjective(Objective):
             # tolerance the data make impossible (or meaningless) is said now, not after the run.
             for stated in self.constraints:
                 stated.check_data(output)
+            values = self.constraint_values(output)
+            for k, stated in enumerate(self.constraints):
+                _check_sign(stated, output, values[:, k])
             self._data_checked = True
-        values = self.constraint_values(output)
+        else:
+            values = self.constraint_values(output)
         if self.training:
             if self.geco is None:
                 raise RuntimeError(
@@ -325,3 +342,49 @@ class GECOObjective(Objective):
         if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss
+
+
+def _check_constraint(index: int, constraint: object) -> None:
+    """Refuse what GECOObjective cannot read as a constraint, naming it (a bare float, a class
+    missing the interface's attributes) before it fails deep inside."""
+    if not isinstance(constraint, Constraint):
+        raise TypeError(
+            f"GECOObjective constraints must be Constraint instances, got {type(constraint).__name__} "
+            f"{constraint!r} at position {index}; e.g. ReconstructionMSE(tolerance=0.01)."
+        )
+    missing = [name for name in ("name", "unit", "tolerance", "reading_name") if not hasattr(constraint, name)]
+    if missing:
+        raise TypeError(
+            f"{type(constraint).__name__} (constraint {index}) does not set {', '.join(missing)}: a Constraint "
+            "sets name, unit, tolerance and reading_name (the key of its validation reading, val/<reading_name>)."
+        )
+    tolerance = constraint.tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance):
+        raise ValueError(
+            f"{type(constraint).__name__} {constraint.name!r} has tolerance {tolerance!r}; it must be a finite "
+            f"number of {constraint.unit}."
+        )
+
+
+def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> None:
+    """On the first training batch, refuse a constraint whose ``forward`` (<= 0: met) and whose
+    reading against its tolerance (:meth:`Constraint.relative_violation`) disagree clearly on
+    whether it is met: lambda would be steered the wrong way, and the verdict would judge
+    another quality (an "at least" PSNR with forward ``tolerance - reading`` but
+    ``lower_is_better`` left True ended "met" 56 % short of it)."""
+    try:
+        reading = float(constraint.reading(output).float().mean())
+    except NotImplementedError:
+        return
+    value = float(values.mean())
+    past = constraint.relative_violation(reading)
+    if math.isfinite(value) and math.isfinite(past) and abs(past) > 0.05 and value * past < 0:
+        direction = "at most" if constraint.lower_is_better else "at least"
+        raise ValueError(
+            f"{type(constraint).__name__} {constraint.name!r}: on the first training batch forward() gives "
+            f"{value:.4g} ({'met' if value <= 0 else 'not met'}: <= 0 is met), but the reading {reading:.4g} "
+            f"against the tolerance {constraint.tolerance:g}, read as '{direction}' (lower_is_better="
+            f"{constraint.lower_is_better}), is {100 * past:+.1f} % past it. For an 'at most' tolerance forward "
+            "returns reading - tolerance; for an 'at least' one tolerance - reading, with lower_is_better = False."
+        )
+

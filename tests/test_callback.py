@@ -171,8 +171,15 @@ def test_training_a_geco_model_without_the_callback_fails_loudly():
 
 def test_callback_on_a_model_without_a_geco_objective_is_rejected():
     trainer = _trainer([GECOCallback()], max_steps=2, limit_val_batches=0)
-    with pytest.raises(ValueError, match=r"exactly one GECOObjective, found 0 in ConvVAE"):
+    with pytest.raises(ValueError, match=r"exactly one GECOObjective, found 0 in ConvVAE. Use objective=GECOObjective"):
         trainer.fit(tiny_conv_vae(objective=ELBO()), _loader())
+    # One objective per output head: the hint is to put the constraints in one.
+    model = tiny_conv_vae()
+    model.second = GECOObjective([ReconstructionMSE(0.02)])
+    with pytest.raises(ValueError, match=re.escape(
+        "exactly one GECOObjective, found 2 in ConvVAE. Put every constraint in one GECOObjective(constraints=[...])"
+    )):
+        GECOCallback().setup(trainer, model, "fit")
 
 
 def test_elbo_model_trains_without_the_callback():

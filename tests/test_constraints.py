@@ -303,7 +303,8 @@ def test_a_constraints_own_step_size_is_relative_too_and_a_bad_scale_is_refused(
     class Unscaled(ReconstructionMSE):
         scale = 0.0
 
-    with pytest.raises(ValueError, match=re.escape("GECO steps relative to a constraint's scale, but 'reconstruction' has scale 0.0; it must be a positive finite number.")):
+    with pytest.raises(ValueError, match=re.escape("GECO steps relative to a constraint's scale, but 'reconstruction' has scale 0.0 (its tolerance, 0.01 mse, "
+                                                   "unless Unscaled defines scale); it must be a positive finite number.")):
         callback.absolute_step_size(Unscaled(0.01))
 
 
@@ -336,3 +337,83 @@ def test_two_constraints_of_one_kind_log_their_readings_apart_and_each_verdict_r
     assert fine != coarse and "val/pncc" not in trainer.callback_metrics
     assert summary.summary["reading"] == {"fine": "pncc_fine", "coarse": "pncc_coarse"}
     assert summary.summary["relative_violation"]["fine"] == pytest.approx((0.9 - fine) / (1 - 0.9), rel=1e-5)
+
+
+class _PSNRAtLeast(constraints.Constraint):
+    """A user's "at least" constraint: PSNR in dB per image, forward ``tolerance - reading``."""
+
+    unit = "dB"
+    reading_name = "psnr"
+    lower_is_better = False
+
+    def __init__(self, tolerance, name="psnr"):
+        super().__init__()
+        self.tolerance, self.name = tolerance, name
+
+    def reading(self, output):
+        return -10 * torch.log10((output.reconstruction - output.x).pow(2).flatten(1).mean(dim=1))
+
+    def forward(self, output):
+        return self.tolerance - self.reading(output)
+
+
+def _lagrangian_on_first_batch(constraint, x, reconstruction):
+    objective = GECOObjective([constraint])
+    attach_fixed_lambda(objective, 1.0)
+    return objective.lagrangian(torch.zeros(x.shape[0]), x, reconstruction)
+
+
+def test_a_users_at_least_constraint_is_judged_below_its_tolerance_and_a_flipped_sign_is_refused():
+    # A PSNR of 17.7 dB against "at least 40" read "55.8 % better than asked", verdict met: the
+    # base class read every reading as "at most".
+    at_least = _PSNRAtLeast(40.0)
+    assert at_least.relative_violation(17.66) == pytest.approx((40 - 17.66) / 40)
+    assert not at_least.satisfied_by(17.66) and at_least.satisfied_by(41.0)
+    x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # ~20 dB
+    _lagrangian_on_first_batch(at_least, x, noisy)  # forward and reading agree: not met either way
+
+    class Flipped(_PSNRAtLeast):
+        lower_is_better = True  # left at the default: forward says "not met", the reading "met"
+
+    with pytest.raises(ValueError, match=re.escape(
+        "Flipped 'psnr': on the first training batch forward() gives 20.33 (not met: <= 0 is met), but the reading "
+        "19.67 against the tolerance 40"
+    )) as error:
+        _lagrangian_on_first_batch(Flipped(40.0), x, noisy)
+    assert "read as 'at most' (lower_is_better=True), is -50.8 % past it" in str(error.value)
+    assert "for an 'at least' one tolerance - reading, with lower_is_better = False" in str(error.value)
+
+
+def test_a_users_constraint_mistakes_are_named_before_they_fail_deep_inside():
+    with pytest.raises(TypeError, match=re.escape(
+        "GECOObjective constraints must be Constraint instances, got float 0.01 at position 0; e.g. ReconstructionMSE(tolerance=0.01)."
+    )):
+        GECOObjective([0.01])
+
+    class Unnamed(_PSNRAtLeast):
+        pass
+
+    del _PSNRAtLeast.reading_name
+    try:
+        with pytest.raises(TypeError, match=r"Unnamed \(constraint 1\) does not set reading_name: a Constraint sets"):
+            GECOObjective([ReconstructionMSE(0.01), Unnamed(30.0)])
+    finally:
+        _PSNRAtLeast.reading_name = "psnr"
+    with pytest.raises(ValueError, match=r"_PSNRAtLeast 'psnr' has tolerance nan; it must be a finite number of dB\."):
+        GECOObjective([_PSNRAtLeast(math.nan)])
+    with pytest.raises(TypeError, match=re.escape("ReconstructionMSE tolerance must be a number (in unit 'mse'), got '0.01'.")):
+        ReconstructionMSE("0.01")
+    with pytest.raises(ValueError, match=re.escape(
+        "constraint names must be unique, got ['reconstruction', 'reconstruction']; give each its own, e.g. "
+        "ReconstructionBCE(..., name='reconstruction_2')"
+    )):
+        GECOObjective([ReconstructionMSE(0.01), ReconstructionBCE(0.1)])
+
+    class Columns(_PSNRAtLeast):
+        def forward(self, output):
+            return super().forward(output)[:, None]
+
+    x = torch.rand(8, 1, 6, 6)
+    with pytest.raises(ValueError, match=re.escape("Columns 'psnr': forward() must return one value per example, shape (8,), got (8, 1).")):
+        _lagrangian_on_first_batch(Columns(10.0), x, x * 0.9)

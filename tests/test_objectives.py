@@ -213,20 +213,22 @@ def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_
     with torch.no_grad():  # a validation step: not checked
         psnr.lagrangian(rate, raw, raw)
     with pytest.warns(UserWarning, match=re.escape(
-        "ReconstructionMSE 'reconstruction': a PSNR of 20 dB is stated against peak 1 (data in [0, 1]), but the first "
-        "training batch spans [-24, 52]: the quality it holds is not the one asked for. Scale the data to [0, 1], pass "
-        "peak= the data's peak value, or state the tolerance as an MSE (unit='mse', peak=None: the data's units squared)."
+        "ReconstructionMSE 'reconstruction': a PSNR of 20 dB is stated against peak 1 (data whose range is 1, e.g. "
+        "[0, 1]), but the first training batch spans [-24, 52]: the quality it holds is not the one asked for. Scale the "
+        "data to a range of 1, pass peak= the data's range (max - min: 2 for data in [-1, 1]), or state the tolerance "
+        "as an MSE (unit='mse', peak=None: the data's units squared)."
     )):
         psnr.lagrangian(rate, raw, raw)
-    with pytest.warns(UserWarning, match=re.escape("a PSNR of 30 dB is stated against peak 255 (data in [0, 255]), but "
-                                                   "the first training batch spans [0, 1]")):
+    with pytest.warns(UserWarning, match=re.escape("a PSNR of 30 dB is stated against peak 255 (data whose range is 255, "
+                                                   "e.g. [0, 255]), but the first training batch spans [0, 1]")):
         images = torch.linspace(0, 1, 160).reshape(8, 20)  # peak 255 on images in [0, 1]: 48 dB off
         objective(ReconstructionMSE(30, unit="psnr", peak=255)).lagrangian(rate, images, images)
     # An MSE against the default peak 1 on images in [0, 255] (it drove lambda to 6e12, then non-finite).
     with pytest.warns(UserWarning, match=re.escape(
-        "ReconstructionMSE 'reconstruction': an MSE of 0.03 is stated against peak 1 (data in [0, 1]), but the first "
-        "training batch spans [0, 255]: the quality it holds is not the one asked for. Scale the data to [0, 1], pass "
-        "peak= the data's peak value, or pass peak=None (in a config: peak: null) for an MSE in the data's own units squared."
+        "ReconstructionMSE 'reconstruction': an MSE of 0.03 is stated against peak 1 (data whose range is 1, e.g. "
+        "[0, 1]), but the first training batch spans [0, 255]: the quality it holds is not the one asked for. Scale the "
+        "data to a range of 1, pass peak= the data's range (max - min: 2 for data in [-1, 1]), or pass peak=None (in a "
+        "config: peak: null) for an MSE in the data's own units squared."
     )):
         bytes_ = torch.linspace(0, 255, 160).reshape(8, 20)
         objective(ReconstructionMSE(0.03)).lagrangian(rate, bytes_, bytes_)
@@ -236,6 +238,15 @@ def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_
         objective(ReconstructionMSE(0.03)).lagrangian(rate, torch.linspace(0, 1, 160).reshape(8, 20), raw)
         objective(ReconstructionMSE(0.03, peak=None)).lagrangian(rate, raw, raw)  # data in their own units
         objective(ReconstructionMSE(20, unit="psnr", peak=255)).lagrangian(rate, raw.abs() * 4, raw.abs())
+        # Data normalised to [-1, 1] (Normalize(0.5, 0.5)): a PSNR against their range, 2 (it warned "data in [0, 2]").
+        signed = torch.linspace(-1, 1, 160).reshape(8, 20)
+        objective(ReconstructionMSE(20, unit="psnr", peak=2.0)).lagrangian(rate, signed, signed)
+    # Targets outside [0, 1] under a cross-entropy: no floor (images in [0, 255] read -9313, "met").
+    with pytest.raises(ValueError, match=re.escape(
+        "ReconstructionBCE reads the data as probabilities in [0, 1], but the first training batch spans [0, 255]. "
+        "Scale the data to [0, 1] (e.g. x / 255), or use ReconstructionMSE."
+    )):
+        objective(ReconstructionBCE(0.1)).lagrangian(rate, bytes_, bytes_, decoder_output=bytes_)
     # A tolerance below the data's own entropy is refused at the first batch, as in training_step.
     with pytest.raises(ValueError, match=r"ReconstructionBCE tolerance 0.01 nats/element cannot be met"):
         objective(ReconstructionBCE(0.01)).lagrangian(rate, torch.full((8, 4), 0.5), torch.zeros(8, 4), decoder_output=torch.zeros(8, 4))
