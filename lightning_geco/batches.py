@@ -7,6 +7,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sized
 from typing import Any
 
@@ -56,18 +57,34 @@ def _stored_indices(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
 
 
 def shared_items(dataset: Dataset, other: Dataset) -> int | None:
-    """How many stored items two datasets share: both the same object, or Subsets (at any depth)
-    of one stored dataset, as the DataModules' splits are. None when that cannot be told (other
-    stored datasets, which may still hold the same images)."""
+    """How many items two datasets share: both the same object, or Subsets (at any depth) of one
+    stored dataset, as the DataModules' splits are, told from their indices; two in-memory
+    ``TensorDataset`` stores (slices or copies of one tensor, under any Subsets), told by content:
+    how many of ``dataset``'s images are among ``other``'s, byte for byte. None when it cannot be
+    told (other stored datasets, which may still hold the same images: comparing them would read
+    every image of both)."""
     base, indices = _stored_indices(dataset)
     other_base, other_indices = _stored_indices(other)
     if base is not other_base:
+        if isinstance(base, TensorDataset) and isinstance(other_base, TensorDataset):
+            theirs = set(_image_digests(other_base, other_indices))
+            return sum(digest in theirs for digest in set(_image_digests(base, indices)))
         return None
     if indices is None:  # the whole store: everything the other holds is shared
         return dataset_length(base) if other_indices is None else len({int(i) for i in other_indices})
     if other_indices is None:
         return len({int(i) for i in indices})
     return len({int(i) for i in indices} & {int(i) for i in other_indices})
+
+
+def _image_digests(store: TensorDataset, indices: list[int] | None) -> list[bytes]:
+    """A digest of each image (the store's first tensor, one row per item) of ``indices``: 16
+    bytes of BLAKE2 over the image's dtype, shape and bytes, so equal images, and only those,
+    compare equal (60,000 MNIST images in ~0.3 s)."""
+    images = store.tensors[0] if indices is None else store.tensors[0][indices]
+    rows = images.detach().reshape(images.shape[0], -1).contiguous().cpu().numpy()
+    header = f"{rows.dtype}{tuple(images.shape[1:])}".encode()
+    return [hashlib.blake2b(header + row.tobytes(), digest_size=16).digest() for row in rows]
 
 
 def gather(dataset: Dataset, indices: list[int]) -> Any:

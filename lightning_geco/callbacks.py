@@ -170,14 +170,16 @@ def _seed_device(device: torch.device, seed: int) -> None:
 
 
 def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor | None) -> VAEOutput:
-    """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take it."""
+    """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take
+    it, or ``model(x)`` when the images have no labels (a user's ``forward(self, x)``)."""
     message = (
-        f"GECOCallback(drive='calibration') reads the model as model(x, labels) -> VAEOutput, as the "
-        f"collection's models do; {type(pl_module).__name__} {{}}. Use drive='training' with your own "
-        "module, or have its forward(x, labels) return VAEOutput.from_terms(x, reconstruction, rate)."
+        f"GECOCallback(drive='calibration') reads the model as model(x, labels) -> VAEOutput (model(x) for "
+        f"images without labels), as the collection's models do; {type(pl_module).__name__} {{}}. Use "
+        "drive='training' with your own module, or have its forward(x, labels=None) return "
+        "VAEOutput.from_terms(x, reconstruction, rate)."
     )
     try:
-        output = pl_module(x, labels)
+        output = pl_module(x) if labels is None else pl_module(x, labels)
     except TypeError as error:
         raise TypeError(message.format(f"cannot be called so ({error})")) from error
     if not isinstance(output, VAEOutput):
@@ -801,8 +803,9 @@ class GECOCallback(Callback):
     def _refuse_training_images(self, trainer: pl.Trainer) -> None:
         """Refuse a calibration split that shares images with the training set: it would steer
         lambda by images the model learns, what ``drive="training"`` does, under another name.
-        Told from the datasets' Subset indices (the DataModules' splits, ``random_split``); two
-        stored datasets that hold the same images are not detected."""
+        Told from the datasets' Subset indices (the DataModules' splits, ``random_split``), or for
+        in-memory ``TensorDataset`` stores by the images' content; two other stored datasets that
+        hold the same images are not detected (see :func:`~lightning_geco.batches.shared_items`)."""
         calibration = self._ready_calibration
         training = _loader_dataset(trainer.train_dataloader)
         if training is not None and (shared := shared_items(calibration, training)):

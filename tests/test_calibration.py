@@ -317,7 +317,30 @@ def test_shared_items_counts_the_stored_items_two_subsets_have_in_common():
     assert shared_items(outer, Subset(stored, [5, 6, 7])) == 2
     assert shared_items(outer, stored) == 3 and shared_items(stored, stored) == 10
     assert shared_items(outer, Subset(stored, [0, 1])) == 0
-    assert shared_items(outer, TensorDataset(torch.arange(10.0))) is None  # other storage: cannot tell
+    # In-memory stores of their own (slices or copies of one tensor): told by the images' bytes.
+    images = torch.rand(40, 1, 4, 4)
+    assert shared_items(TensorDataset(images[:30]), TensorDataset(images[:10].clone(), torch.arange(10))) == 10
+    assert shared_items(Subset(TensorDataset(images[20:].clone()), [0, 1, 19]), TensorDataset(images[:25])) == 2
+    assert shared_items(TensorDataset(images[:20]), TensorDataset(images[20:])) == 0
+    assert shared_items(TensorDataset(images[:5]), TensorDataset(images[:5].double())) == 0  # another dtype: other bytes
+
+    class Stored(torch.utils.data.Dataset):  # any other dataset: reading every image of both is not done
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return images[index]
+
+    assert shared_items(Stored(), TensorDataset(images)) is None
+
+
+def test_a_calibration_tensor_dataset_of_training_images_is_refused_though_stored_apart():
+    # A new-user trial: TensorDataset(x[:1000]) to train on, TensorDataset(x[:300]) to calibrate on.
+    images = _images(48, 0)
+    callback = GECOCallback(drive="calibration", calibration_dataset=TensorDataset(images[:8].clone()))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    with pytest.raises(ValueError, match=re.escape("the calibration split shares 8 of its 8 images with the training set (40 images)")):
+        trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(images[:40]), batch_size=8))
 
 
 def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():
@@ -478,6 +501,16 @@ def test_auto_drive_leaves_a_module_of_your_own_on_the_training_batches_and_says
     with pytest.warns(UserWarning, match=re.escape(message)):
         callback, _ = _own_fit(OwnVAE, OptimisticMSE(0.05), max_steps=4, num_calibration=0)
     assert callback.active_drive == "training"
+
+
+def test_a_module_of_your_own_without_labels_is_measured_on_a_split_without_labels_as_model_x():
+    # A forward(self, x) was tried as model(x, None) on a split of bare images, failed, and the
+    # split the user gave was dropped for the training batches.
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=16)
+    callback = GECOCallback(drive="auto", calibration_every=2, calibration_dataset=TensorDataset(_images(8, 3)))
+    quiet_trainer(max_steps=6, limit_val_batches=0, callbacks=[callback]).fit(OwnVAE(ReconstructionMSE(0.05)), data)
+    assert callback.active_drive == "calibration" and callback.geco.num_measurements == 3
 
 
 def test_auto_drive_measures_a_module_of_your_own_whose_forward_takes_labels_exactly_as_drive_calibration():
