@@ -765,14 +765,14 @@ class GECOCallback(Callback):
             name = type(pl_module).__name__
             if why_not is not None:
                 fix = (
-                    f"drive='auto' tried {name}(x, labels) on one calibration image to measure the split, and "
-                    f"it failed ({why_not})"
+                    f"drive='auto' tried {name}(x, labels) (or {name}(x): images without labels) on one "
+                    f"calibration image to measure the split, and it failed ({why_not})"
                 )
             else:
                 fix = "there is no calibration split (the DataModule's num_calibration, or GECOCallback(calibration_dataset=...))"
             message = (
                 "GECO: " + "; ".join(reasons) + f". Lambda is driven by the training batches: {fix}. A module of "
-                "your own is measured on the split when its forward(x, labels) returns "
+                "your own is measured on the split when its forward(x, labels=None) returns "
                 "VAEOutput.from_terms(x, reconstruction, rate, labels=labels)."
             )
             # Many epochs alone are said, not warned: whether the module overfits is for its own
