@@ -88,7 +88,7 @@ def load_run(path: str | Path) -> Run:
             )
         raise NotARunError(
             f"No run at {path}: expected a W&B run folder (with files/summary.json), a folder holding "
-            "summary.json, or a summary.json file (a run stopped before its end writes none)."
+            "summary.json, or a summary.json file (a run killed before its end writes none)."
         )
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
     segments = _segments(run_dir)

@@ -295,6 +295,24 @@ class RunSummary(Callback):
         self._restore_validation_schedule(trainer)
         if self._fitting:  # a fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end
             self._ended_seconds, self._fitting = self._run_seconds(), False
+            self._write_failure(trainer, exception)
+
+    def _write_failure(self, trainer: pl.Trainer, exception: BaseException) -> None:
+        """Write a ``summary.json`` that says the fit stopped with an error (``verdict`` null): where
+        fits share a folder (``logger=False``), an earlier fit's summary left in place read as this
+        one's verdict. Writing it must not hide the fit's own error, so a failure here is dropped."""
+        error = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
+        summary = {
+            "verdict": None,
+            "error": error if len(error) <= 1000 else error[:1000] + " ...",
+            "validated_step": self._history[-1][0] if self._history else None,
+            "global_step": trainer.global_step,
+            "wall_clock_seconds": round(self._ended_seconds, 3),
+        }
+        try:
+            self.path = self._write(trainer, self.filename, summary, "summary")
+        except Exception:  # noqa: BLE001, S110 - the fit's error is the one to raise
+            pass
 
     def _run_seconds(self) -> float:
         """Wall-clock seconds of the run so far: this fit's, and those of the fits it goes on from."""

@@ -816,7 +816,7 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
     assert compare_main([str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err == (
         f"error: No run at {tmp_path}: expected a W&B run folder (with files/summary.json), a folder holding "
-        "summary.json, or a summary.json file (a run stopped before its end writes none).\n"
+        "summary.json, or a summary.json file (a run killed before its end writes none).\n"
     )
     # A test run's folder holds test_summary.json: said so, with the file to pass.
     tested = tmp_path / "offline-run-20261127_120000-tst123" / "files"

@@ -649,6 +649,13 @@ def test_a_fit_that_raises_in_its_last_validation_leaves_the_trainer_as_it_was(t
     with pytest.raises(RuntimeError, match="the last validation failed"):
         trainer.fit(tiny_conv_vae(tolerance=0.4), train, DataLoader(TensorDataset(_images(64, seed=1)), batch_size=64))
     assert trainer.check_val_every_n_epoch == 3 and summary._check_val_every_n_epoch is None
+    # The folder's summary.json says so: a fit before it in this folder (logger=False) left its
+    # own, which read as this fit's verdict.
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == {
+        "verdict": None, "error": "RuntimeError: the last validation failed", "validated_step": 12, "global_step": 12,
+        "wall_clock_seconds": written["wall_clock_seconds"], "path": str((tmp_path / "summary.json").resolve()),
+    }
 
 
 def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
