@@ -365,7 +365,12 @@ class VAEModule(pl.LightningModule):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """The reconstruction of images x (N, C, H, W): the likelihood's mean at the posterior
-        code, clamped to [0, 1] (a Gaussian mean may overshoot), (N, C, H, W)."""
+        code, clamped to [0, 1] (a Gaussian mean may overshoot), (N, C, H, W).
+
+        Not the reconstruction the constraint and the verdict read: those decode a code *drawn*
+        from the posterior (``forward``, as the ELBO's expectation has it), which reads worse. An
+        MSE computed from this one comes out lower than ``val/distortion`` (15 % lower in a
+        new-user trial on Fashion-MNIST); compare with ``model(x).distortion`` instead."""
         # Checked here too: some wrong sizes pass a conv encoder and come back resized, silently;
         # and images in [0, 255] came back as a plausible-looking reconstruction of nothing.
         self.check_images(x, check_range=True)
