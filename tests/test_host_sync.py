@@ -132,10 +132,11 @@ def test_a_step_that_does_not_log_reads_nothing_on_the_host(controller, device):
     assert len(silent) >= 3 and callback.logging_steps
     assert all(callback.reads[step] == [] for step in silent), callback.reads
     assert all(callback.reads[step] for step in callback.logging_steps)  # a logging step reads what it writes
-    # The training step around GECO's objective reads nothing either, once the first batch's
-    # range is checked (its minimum and maximum, by the model and by the MSE against its peak).
+    # The training step around GECO's objective reads nothing either, once the first batch is
+    # checked: its range (minimum and maximum, by the model and by the MSE against its peak) and
+    # that the constraint's value and its reading agree on whether it is met (two means).
     assert set(step_reads) == set(callback.reads)
-    assert step_reads[0] == ["__float__"] * 4
+    assert step_reads[0] == ["__float__"] * 6
     assert all(step_reads[step] == [] for step in silent if step > 0), step_reads
 
 
