@@ -302,14 +302,14 @@ class RunSummary(Callback):
         fits share a folder (``logger=False``), an earlier fit's summary left in place read as this
         one's verdict. Writing it must not hide the fit's own error, so a failure here is dropped."""
         error = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
-        summary = {
-            "verdict": None,
-            "error": error if len(error) <= 1000 else error[:1000] + " ...",
-            "validated_step": self._history[-1][0] if self._history else None,
-            "global_step": trainer.global_step,
-            "wall_clock_seconds": round(self._ended_seconds, 3),
-        }
         try:
+            summary = {
+                "verdict": None,
+                "error": error if len(error) <= 1000 else error[:1000] + " ...",
+                "validated_step": self._history[-1][0] if self._history else None,
+                "global_step": trainer.global_step,
+                "wall_clock_seconds": round(self._ended_seconds, 3),
+            }
             self.path = self._write(trainer, self.filename, summary, "summary")
         except Exception:  # noqa: BLE001, S110 - the fit's error is the one to raise
             pass
