@@ -101,8 +101,9 @@ def instantiate(config: Mapping[str, Any], what: str = "piece") -> Any:
         what: the argument the piece is for (``"objective"``), named in errors.
 
     Raises:
-        NotRebuildableError: the config has no ``init_args`` (the piece did not state them)
-            or its class cannot be imported.
+        NotRebuildableError: the config has no ``init_args`` (the piece did not state them),
+            its class cannot be imported, or it is not a :class:`Rebuildable` class (a checkpoint
+            naming any other callable, ``os.system``, is refused before it is called).
     """
     class_path = str(config["class_path"])
     if "init_args" not in config:
@@ -118,6 +119,13 @@ def instantiate(config: Mapping[str, Any], what: str = "piece") -> Any:
             f"The checkpoint's {what} is {class_path}, which cannot be imported here ({error}). Install the code "
             f"that defines it, or pass the {what} when loading: load_from_checkpoint(path, {what}=...)."
         ) from error
+    if not (isinstance(cls, type) and issubclass(cls, Rebuildable)):
+        # A checkpoint is data: calling whatever it names (os.system with a command) would run it.
+        raise NotRebuildableError(
+            f"The checkpoint's {what} is {class_path}, which is not a Rebuildable piece (an objective, constraint, "
+            f"likelihood or frozen network), so it is not built from the file. Pass the {what} when loading: "
+            f"load_from_checkpoint(path, {what}=...)."
+        )
 
     def built(value: Any) -> Any:
         if _is_config(value):

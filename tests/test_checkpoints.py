@@ -93,6 +93,21 @@ def test_a_piece_that_does_not_state_its_arguments_is_recorded_by_class_and_load
     assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
 
 
+def test_a_checkpoint_naming_a_callable_that_is_no_piece_is_refused_before_it_is_called(tmp_path):
+    # The file is data: a hyperparameter {"class_path": "os.system", "init_args": {...}} ran its command.
+    _trained(build("ConvVAE", (1, 16, 16)), tmp_path)
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    marker = tmp_path / "ran"
+    checkpoint["hyper_parameters"]["objective"] = {"class_path": "os.makedirs", "init_args": {"name": str(marker)}}
+    torch.save(checkpoint, tmp_path / "tampered.ckpt")
+    with pytest.raises(NotRebuildableError, match=re.escape(
+        "The checkpoint's objective is os.makedirs, which is not a Rebuildable piece (an objective, constraint, "
+        "likelihood or frozen network), so it is not built from the file."
+    )):
+        ConvVAE.load_from_checkpoint(tmp_path / "tampered.ckpt")
+    assert not marker.exists()
+
+
 def _trained(model, folder, steps=6, callbacks=None, binary=False):
     torch.manual_seed(0)
     x = random_images(24, model.image_shape)
