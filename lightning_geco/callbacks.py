@@ -24,7 +24,6 @@ controller's state and the constraints as stated (name, tolerance, unit).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ from lightning_geco.geco import (
 from lightning_geco.metrics import compiler_available
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.records import VAEOutput
+from lightning_geco.resume import forked_rng, seed_device
 from lightning_geco.verdict import StallDetector
 
 #: what ``GECOCallback(drive=...)`` accepts: GECO's two drives, or ``"auto"`` to pick one per run
@@ -156,19 +156,6 @@ def _planned_epochs(trainer: pl.Trainer, planned_steps: int | None) -> float:
     return planned_steps / math.ceil(batches / max(1, trainer.accumulate_grad_batches))
 
 
-def _seed_device(device: torch.device, seed: int) -> None:
-    """Seed the generators the model's noise on ``device`` comes from: the CPU's, and the CUDA
-    device's (or MPS's) when it is one. What ``torch.manual_seed`` does for them, without its seeding of
-    every other backend (with CUDA present but not started, that queues a lazy call that formats
-    a stack trace: 0.5 ms, a tenth of a calibration measurement on the CPU)."""
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
-    elif device.type == "mps":
-        torch.mps.manual_seed(seed)
-
-
 def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor | None) -> VAEOutput:
     """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take
     it, or ``model(x)`` when the images have no labels (a user's ``forward(self, x)``)."""
@@ -187,13 +174,6 @@ def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor
     return output
 
 
-def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """torch's random state forked: the CPU's, and ``device``'s when it is a CUDA or MPS one."""
-    kind = device.type
-    devices = [device] if kind in ("cuda", "mps") else []
-    return torch.random.fork_rng(devices=devices, device_type=kind if devices else None)
-
-
 @contextmanager
 def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA or
@@ -202,7 +182,7 @@ def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[N
     modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
     try:
-        with torch.no_grad(), _forked_rng(pl_module.device), trainer.precision_plugin.forward_context():
+        with torch.no_grad(), forked_rng(pl_module.device), trainer.precision_plugin.forward_context():
             yield
     finally:
         for module, training in modes:
@@ -1003,7 +983,7 @@ class GECOCallback(Callback):
         self._calibration_checked = True
         dataset = self._ready_calibration
         first = list(range(min(self.calibration_batch_size, dataset_length(dataset))))
-        with _forked_rng(pl_module.device):  # a dataset's random transform draws here, not from training's
+        with forked_rng(pl_module.device):  # a dataset's random transform draws here, not from training's
             images = _calibration_inputs(trainer, dataset, first)[0]
         problem = _images_mismatch(self._training_images, _image_summary(images))
         flag = torch.tensor([0.0 if problem is None else 1.0], device=pl_module.device)
@@ -1030,11 +1010,11 @@ class GECOCallback(Callback):
         with _measuring(trainer, pl_module):
             # A dataset's random transform draws in a fork of its own, seeded: the images, and
             # the latent noise after them, are functions of (seed, measurement, rank) alone.
-            with _forked_rng(pl_module.device):
-                _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1)))
+            with forked_rng(pl_module.device):
+                seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1)))
                 x, labels = _calibration_inputs(trainer, dataset, mine)
             # The latent noise of a measurement is seeded too, without touching the training RNG.
-            _seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
+            seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
             values = self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels)).float()
         return constraint_statistics(values)
 

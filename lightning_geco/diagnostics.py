@@ -24,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
@@ -37,8 +38,12 @@ from lightning_geco.panels import (
     sample_grid,
     traversal_grid,
 )
+from lightning_geco.resume import forked_rng, seed_device
 
 __all__ = ["DiagnosticPanels"]
+
+#: seed of the panels' own random draws (the prior samples), the same at every validation
+PANEL_SEED = 0
 
 
 def _reconstruction_tolerance(pl_module: pl.LightningModule, reading: str) -> float | None:
@@ -73,6 +78,15 @@ class DiagnosticPanels(Callback):
         self.history: list[tuple[int, float, float]] = []
         self._images: Tensor | None = None
         self._warned_not_images = False
+        #: the global step of the checkpoint an evaluation (validate, test) loaded, if any
+        self._checkpoint_step: int | None = None
+
+    def _step(self, trainer: pl.Trainer) -> int:
+        """The step the panels and the chart's point are of: the fit's global step, or in an
+        evaluation of a checkpoint (whose Trainer counts from 0) the step the checkpoint was saved at."""
+        if trainer.state.fn == "fit" or self._checkpoint_step is None:
+            return trainer.global_step
+        return self._checkpoint_step
 
     def _count(self, pl_module: pl.LightningModule) -> int:
         return self.num_images if self.num_images is not None else int(getattr(pl_module, "num_logged_images", 32))
@@ -91,36 +105,22 @@ class DiagnosticPanels(Callback):
             return
         metrics = trainer.callback_metrics
         if self.rate_key in metrics and self.distortion_key in metrics:
-            self.history.append((trainer.global_step, float(metrics[self.rate_key]), float(metrics[self.distortion_key])))
+            self.history.append((self._step(trainer), float(metrics[self.rate_key]), float(metrics[self.distortion_key])))
         self._log(trainer, pl_module, images)
 
     @rank_zero_only
     @torch.no_grad()
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor | None) -> None:
-        step, loggers = trainer.global_step, trainer.loggers
+        step, loggers = self._step(trainer), trainer.loggers
         was_training = pl_module.training
         pl_module.eval()
         try:
-            if images is not None and images.dim() != 4 and not self._warned_not_images:
-                self._warned_not_images = True
-                rank_zero_warn(
-                    f"DiagnosticPanels: the validation batches hold data of shape {tuple(images.shape)}, not images "
-                    "(N, C, H, W): no reconstruction, sample or traversal panels (the rate-distortion chart is logged)."
-                )
-            if images is not None and images.dim() == 4:
-                # getattr: what the panels need is duck-typed (a user's module has what it has).
-                reconstruct = getattr(pl_module, "reconstruct", None)
-                sample = getattr(pl_module, "sample", None)
-                traverse = getattr(pl_module, "latent_traversal", None)
-                dimensions = getattr(pl_module, "traversal_dimensions", None)
-                if callable(reconstruct):
-                    log_image_grid(loggers, "val/reconstructions", reconstruction_grid(images, reconstruct(images)), step)
-                if callable(sample):
-                    log_image_grid(loggers, "val/samples", sample_grid(sample(images.shape[0])), step)
-                if callable(traverse) and callable(dimensions):
-                    traversal = traverse(images, dimensions())
-                    if traversal is not None:
-                        log_image_grid(loggers, "val/traversals", traversal_grid(traversal), step)
+            # The prior draws come from a fork, seeded: the training's random stream is the same
+            # with panels or without (and on rank 0, which alone draws them, as on the others),
+            # and every validation's samples decode the same codes, so the panels show the model change.
+            with forked_rng(pl_module.device):
+                seed_device(pl_module.device, PANEL_SEED)
+                self._log_images(loggers, pl_module, images, step)
         finally:
             pl_module.train(was_training)
         if self.history:
@@ -130,10 +130,39 @@ class DiagnosticPanels(Callback):
             chart = rate_distortion_figure(self.history, tolerance, label)
             log_image_grid(loggers, "val/rate_distortion", chart, step)
 
+    def _log_images(self, loggers: list[Logger], pl_module: pl.LightningModule, images: Tensor | None, step: int) -> None:
+        """The reconstruction, sample and traversal panels of the first validation images."""
+        if images is not None and images.dim() != 4 and not self._warned_not_images:
+            self._warned_not_images = True
+            rank_zero_warn(
+                f"DiagnosticPanels: the validation batches hold data of shape {tuple(images.shape)}, not images "
+                "(N, C, H, W): no reconstruction, sample or traversal panels (the rate-distortion chart is logged)."
+            )
+        if images is None or images.dim() != 4:
+            return
+        # getattr: what the panels need is duck-typed (a user's module has what it has).
+        reconstruct = getattr(pl_module, "reconstruct", None)
+        sample = getattr(pl_module, "sample", None)
+        traverse = getattr(pl_module, "latent_traversal", None)
+        dimensions = getattr(pl_module, "traversal_dimensions", None)
+        if callable(reconstruct):
+            log_image_grid(loggers, "val/reconstructions", reconstruction_grid(images, reconstruct(images)), step)
+        if callable(sample):
+            log_image_grid(loggers, "val/samples", sample_grid(sample(images.shape[0])), step)
+        if callable(traverse) and callable(dimensions):
+            traversal = traverse(images, dimensions())
+            if traversal is not None:
+                log_image_grid(loggers, "val/traversals", traversal_grid(traversal), step)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Each fit (or test) charts its own run; a resumed one gets its history back afterwards,
         # when Lightning restores the checkpoint.
         self.history = []
+        self._checkpoint_step = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if isinstance(step, int) else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}

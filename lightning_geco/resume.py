@@ -9,6 +9,7 @@ saves every rank's generator states in the checkpoint and restores them when tra
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head", "mapped_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head", "forked_rng", "mapped_checkpoint", "seed_device"]
 
 #: key of the saved states in the checkpoint
 CHECKPOINT_KEY = "random_states"
@@ -41,6 +42,26 @@ def checkpoint_head(checkpoint: str | Path | dict[str, Any]) -> tuple[dict[str, 
     if not isinstance(checkpoint, dict):
         checkpoint = mapped_checkpoint(checkpoint)
     return dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("global_step")
+
+
+def seed_device(device: torch.device, seed: int) -> None:
+    """Seed the generators the model's noise on ``device`` comes from: the CPU's, and the CUDA
+    device's (or MPS's) when it is one. What ``torch.manual_seed`` does for them, without its seeding of
+    every other backend (with CUDA present but not started, that queues a lazy call that formats
+    a stack trace: 0.5 ms, a tenth of a calibration measurement on the CPU)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """torch's random state forked: the CPU's, and ``device``'s when it is a CUDA or MPS one."""
+    kind = device.type
+    devices = [device] if kind in ("cuda", "mps") else []
+    return torch.random.fork_rng(devices=devices, device_type=kind if devices else None)
 
 
 def _generator_states() -> dict[str, Tensor]:

@@ -111,3 +111,43 @@ def test_the_rate_distortion_chart_labels_another_reading_by_its_key(monkeypatch
         trainer = quiet_trainer(max_steps=2, val_check_interval=2, callbacks=[GECOCallback(), DiagnosticPanels(distortion_key=key)])
         trainer.fit(tiny_conv_vae(), DataLoader(random_images(16), batch_size=8), DataLoader(random_images(8), batch_size=8))
     assert labels == ["distortion (MSE / element)", "val/elbo"]
+
+
+def _fit_with(panels, tmp_path):
+    pl.seed_everything(0)
+    model = tiny_conv_vae()
+    callbacks = [GECOCallback()] + ([panels] if panels is not None else [])
+    trainer = quiet_trainer(max_steps=6, val_check_interval=2, logger=CSVLogger(tmp_path), callbacks=callbacks)
+    x = random_images(32)
+    trainer.fit(model, DataLoader(x, batch_size=8), DataLoader(x[:8], batch_size=8))
+    return trainer, model
+
+
+def test_the_panels_draw_from_their_own_seeded_stream_not_the_training_one(tmp_path):
+    # The prior samples came from torch's global generator, on rank 0 alone: the training's noise
+    # after each validation depended on whether the panels were attached (and drifted on rank 0).
+    _, with_panels = _fit_with(DiagnosticPanels(num_images=4), tmp_path / "a")
+    _, without = _fit_with(None, tmp_path / "b")
+    for (name, a), b in zip(with_panels.state_dict().items(), without.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The same codes at every validation: the sample panel shows the model change, not the draw.
+    panels = DiagnosticPanels(num_images=4)
+    trainer, model = _fit_with(panels, tmp_path / "c")
+    drawn = []
+    model.sample = lambda n, sample=model.sample: drawn.append(torch.randn(2)) or sample(n)
+    for _ in range(2):
+        panels._log(trainer, model, random_images(4))
+    assert torch.equal(drawn[0], drawn[1])
+
+
+def test_an_evaluation_of_a_checkpoint_charts_it_at_the_step_it_was_saved(tmp_path):
+    # trainer.validate(ckpt_path=...) counts from step 0: the validated model was drawn as step 0,
+    # over the fit's own last point, and its panels logged at step 0.
+    panels = DiagnosticPanels(num_images=4)
+    trainer, model = _fit_with(panels, tmp_path / "fit")
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    evaluation = quiet_trainer(logger=CSVLogger(tmp_path / "validate"), callbacks=[GECOCallback(), panels])
+    evaluation.validate(model, DataLoader(random_images(8), batch_size=8), ckpt_path=tmp_path / "model.ckpt")
+    assert [step for step, _, _ in panels.history] == [2, 4, 6, 6]
+    found = _panels(tmp_path / "validate" / "lightning_logs" / "version_0")
+    assert found["val_samples"] == ["step_0000006.png"]
