@@ -62,7 +62,8 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """A run from a W&B run folder, its ``files`` folder, or a ``summary.json``."""
-    path = Path(path)
+    # A link (W&B's latest-run) is read as the folder it points at: its run id, its segments.
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     named: str | None = None  # a folder given that holds no summary keeps its name on the row
     if path.is_dir() and not (path / "files" / "summary.json").exists() and _wandb_run_id(path) is not None:
         # A segment stopped before its end (killed, then resumed) writes none: the run's row is its
@@ -105,13 +106,17 @@ def load_run(path: str | Path) -> Run:
         summary = json.loads(summary_file.read_text())
     except ValueError as error:  # a file cut short, or not JSON
         raise NotARunError(f"{summary_file} is not a summary: {error}.") from error
+    if not isinstance(summary, dict):
+        raise NotARunError(f"{summary_file} is not a summary: it holds a JSON {type(summary).__name__}, not an object.")
     # A test's or a validation's figures (train.py test / validate) are named so in the table,
     # after the trained run whose checkpoint they read.
     stage = {"test_summary.json": " (test set)", "validate_summary.json": " (validation set)"}.get(summary_file.name, "")
     checkpoint = summary.get("checkpoint") if stage else None
     name = _trained_run(Path(checkpoint)) if checkpoint else (named or run_dir.name)
     source = (segments[0].resolve(), summary_file.name) if last_segment is None else (summary_file.resolve(), "")
-    return Run(name=name + stage, summary=summary, history=joined_history(run_dir, last_segment), source=source)
+    # An evaluation's W&B folder logs its one validation or test at step 0: no curve of the run.
+    history = [] if stage else joined_history(run_dir, last_segment)
+    return Run(name=name + stage, summary=summary, history=history, source=source)
 
 
 def _trained_run(checkpoint: Path) -> str:
@@ -212,7 +217,15 @@ def _distortion_tolerance(summary: dict[str, Any]) -> float | None:
 
 
 def _row(run: Run) -> list[str]:
-    return [_cell(_readings(run.summary) if c == "reading" else run.summary.get(c)) for c in COLUMNS]
+    return [_cell(_readings(run.summary) if c == "reading" else _value(run.summary, c)) for c in COLUMNS]
+
+
+def _value(summary: dict[str, Any], column: str) -> Any:
+    """A column's value; the verdict of a fit that stopped with an error is that error."""
+    if column == "verdict" and summary.get("verdict") is None and summary.get("error"):
+        error = str(summary["error"])
+        return "failed: " + (error if len(error) <= 80 else error[:77] + "...")
+    return summary.get(column)
 
 
 def markdown_table(runs: Sequence[Run]) -> str:
@@ -272,10 +285,12 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), dpi=100)
     for ax, (key, label) in zip(axes.flat, CURVES):
         for i, run in enumerate(runs):
-            points = [(row[STEP], row[key]) for row in run.history if key in row and STEP in row]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, color=f"C{i % 10}", label=run.name, marker="o" if len(points) < 20 else None)
+            for curve, suffix, style in _curve_keys(run, key):
+                points = [(row[STEP], row[curve]) for row in run.history if curve in row and STEP in row]
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, color=f"C{i % 10}", linestyle=style, label=run.name + suffix,
+                            marker="o" if len(points) < 20 else None)
         if key == "train/distortion":
             for i, run in enumerate(runs):
                 tolerance = _distortion_tolerance(run.summary)
@@ -291,6 +306,19 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _curve_keys(run: Run, key: str) -> list[tuple[str, str, str]]:
+    """(history key, label suffix, line style) of the curves ``key`` stands for in ``run``: itself,
+    or for ``geco/lambda`` in a run with several constraints, which logs ``geco/<name>/lambda``
+    per constraint, one line each."""
+    if key != "geco/lambda" or any(key in row for row in run.history):
+        return [(key, "", "-")]
+    names = sorted({k.split("/")[1] for row in run.history for k in row if k.startswith("geco/") and k.endswith("/lambda")})
+    return [(f"geco/{name}/lambda", f" ({name})", _LINE_STYLES[j % len(_LINE_STYLES)]) for j, name in enumerate(names)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,6 +372,8 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
     if any(run.history for run in runs):
         written.append(out / "curves.png")
         _plot_curves(runs, written[-1], plt)
+    elif (out / "curves.png").exists():
+        (out / "curves.png").unlink()  # another comparison's curves, beside this one's table
     print(table)
     for path in written:
         print(path)

@@ -43,6 +43,8 @@ def _payloads(data: bytes) -> Iterator[bytes]:
             continue
         _, length, kind = _CHUNK_HEADER.unpack_from(data, offset)
         offset += _CHUNK_HEADER.size
+        if offset + length > len(data):
+            break  # a file cut mid-record (a process killed while writing it): the records before it
         chunk = data[offset : offset + length]
         offset += length
         if kind == _FULL:
@@ -59,7 +61,8 @@ def _payloads(data: bytes) -> Iterator[bytes]:
 
 
 def read_records(path: str | Path) -> Iterator[Any]:
-    """Every protobuf ``Record`` in a ``.wandb`` file (or the run folder holding one)."""
+    """Every protobuf ``Record`` in a ``.wandb`` file (or the run folder holding one); of a file
+    cut short (a run killed while it wrote), the records written whole."""
     from wandb.proto import wandb_internal_pb2
 
     path = Path(path)

@@ -751,6 +751,24 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     (tmp_path / "cut" / "summary.json").write_text('{"rate": 3')
     assert compare_main([str(tmp_path / "cut"), "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'cut' / 'summary.json'} is not a summary: Expecting")
+    (tmp_path / "cut" / "summary.json").write_text("[1, 2]")
+    assert compare_main([str(tmp_path / "cut"), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'cut' / 'summary.json'} is not a summary: it holds a JSON list, not an object.\n"
+    )
+    # W&B's latest-run link is the run it points at: the same run as its folder, its own name.
+    (tmp_path / "latest-run").symlink_to(resumed)
+    assert load_run(tmp_path / "latest-run").name == resumed.name
+    assert compare_main([str(tmp_path / "latest-run"), str(first), "--out", str(tmp_path / "latest")]) == 2
+    assert "are the same run" in capsys.readouterr().err
+    # A fit that stopped with an error wrote verdict null and the error: the row says so.
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "summary.json").write_text(json.dumps(
+        {"verdict": None, "error": "NonFiniteConstraintError: lambda is not finite", "global_step": 40}))
+    row = compare_module._row(load_run(tmp_path / "failed" / "summary.json"))
+    assert row[COMPARED.index("verdict")] == "failed: NonFiniteConstraintError: lambda is not finite"
+    # A test row has no curves: its W&B folder logged the one evaluation at step 0.
+    assert load_run(resumed / "files" / "test_summary.json").history == []
 
 
 def test_compare_shows_each_constraints_own_reading_and_draws_only_a_distortion_tolerance_on_its_axis(tmp_path):
@@ -770,6 +788,21 @@ def test_compare_shows_each_constraints_own_reading_and_draws_only_a_distortion_
     assert rows[2][COMPARED.index("verdict") + 1] == "reconstruction=met, features=unreachable"
     # The rate-distortion plane's dashed line is the MSE's tolerance, never a pNCC's 0.94 on an MSE axis.
     assert [compare_module._distortion_tolerance(s) for s in summaries.values()] == [0.005, None, 0.015, 0.005]
+    # Several constraints log a lambda each (geco/<name>/lambda), no geco/lambda: a line each
+    # (the lambda panel stayed empty for them).
+    rows = [{"trainer/global_step": 1, "geco/reconstruction/lambda": 1.0, "geco/features/lambda": 2.0}]
+    assert compare_module._curve_keys(Run("two", summaries["two"], rows), "geco/lambda") == [
+        ("geco/features/lambda", " (features)", "-"), ("geco/reconstruction/lambda", " (reconstruction)", "--")
+    ]
+    one = [{"trainer/global_step": 1, "geco/lambda": 1.0}]
+    assert compare_module._curve_keys(Run("mse", summaries["mse"], one), "geco/lambda") == [("geco/lambda", "", "-")]
+    # Runs without W&B curves leave no other comparison's curves.png beside their table.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "curves.png").write_bytes(b"another comparison's")
+    (tmp_path / "mse.json").write_text(json.dumps(summaries["mse"]))
+    assert compare_main([str(tmp_path / "mse.json"), "--out", str(out)]) == 0
+    assert not (out / "curves.png").exists()
 
 
 def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):

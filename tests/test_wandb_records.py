@@ -108,6 +108,12 @@ def test_records_across_blocks_and_block_trailers_read_back_exactly(tmp_path):
     # A file still being written ends in zeros W&B preallocated: the rows so far, no error.
     path.write_bytes(data + bytes(100))
     assert read_history(path) == [small, large, after_padding, legacy]
+    # A file cut mid-record (a run killed while writing): the records written whole, no error.
+    # (Cut inside the last record, it raised protobuf's DecodeError: "Wire format was corrupt".)
+    path.write_bytes(data[:-5])
+    assert read_history(path) == [small, large, after_padding]
+    path.write_bytes(data[: len(head) - 100])  # inside the large record's LAST chunk
+    assert read_history(path) == [small]
 
 
 def test_a_file_that_is_not_a_wandb_log_is_refused_naming_its_header(tmp_path):
