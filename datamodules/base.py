@@ -123,6 +123,19 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 
+def split_indices(split: dict[str, Any]) -> tuple[set[int], set[int], set[int]]:
+    """The (training, validation, calibration) item indices a ``held_out_split()`` record draws
+    (``seed``, ``num_val``, ``num_calibration``, ``num_items``), by :func:`seeded_split` and
+    :func:`carve_calibration` as :meth:`ImageDataModule.setup` draws them."""
+    items = TensorDataset(torch.arange(int(split["num_items"])))  # only the count matters
+    train, val = seeded_split(items, int(split["num_val"]), int(split["seed"]))
+    calibration: list[int] = []
+    if split.get("num_calibration"):
+        train, carved = carve_calibration(train, int(split["num_calibration"]))
+        calibration = list(carved.indices)
+    return set(train.indices), set(val.indices), set(calibration)
+
+
 def subset(dataset: Dataset, indices: list[int]) -> Subset:
     """``Subset(dataset, indices)``, flattened when ``dataset`` is itself a Subset.
 
@@ -302,6 +315,40 @@ class ImageDataModule(pl.LightningDataModule):
                 calibration if self.device is None else self._on_device(calibration, self.device)
             )
         self.train_dataset, self.val_dataset = train, val
+        self.check_readers_trained_apart()
+
+    def check_readers_trained_apart(self) -> None:
+        """Refuse held-out images (validation, calibration) that a frozen network the model reads
+        was trained on: a classifier of a classification constraint, whose checkpoint records its
+        own DataModule's split (``FrozenClassifier.trained_split``). Its readings of its training
+        images are optimistic: the validation reading, the verdict, and a calibration drive (which
+        exists to avoid exactly that) would read them. (A classifier trained with num_val 1000 read
+        971 of 2000 validation images and 1935 of 2000 calibration images of a VAE run with
+        --data.num_val 2000.) Splits of other files or sizes are not compared."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        current = self.held_out_split()
+        if module is None or current is None:
+            return
+        _, validation, calibration = split_indices(current)
+        for reader in module.modules():
+            trained = getattr(reader, "trained_split", None)
+            if not isinstance(trained, dict) or any(trained.get(k) != current[k] for k in ("source", "num_items")):
+                continue
+            reader_training = split_indices(trained)[0]
+            seen_val, seen_cal = len(validation & reader_training), len(calibration & reader_training)
+            if not (seen_val or seen_cal):
+                continue
+            what = getattr(reader, "checkpoint", type(reader).__name__)
+            raise ValueError(
+                f"{type(self).__name__}: the classifier {what} trained on {seen_val} of this run's {len(validation)} "
+                f"validation images and {seen_cal} of its {len(calibration)} calibration images (it held out "
+                f"num_val={trained['num_val']}, num_calibration={trained['num_calibration']} with seed={trained['seed']}; "
+                f"this DataModule holds out num_val={current['num_val']}, num_calibration={current['num_calibration']} "
+                f"with seed={current['seed']}): its readings of them are optimistic, and so would be the validation "
+                f"reading, the verdict and lambda's calibration. Use --data.num_val {trained['num_val']} "
+                f"--data.num_calibration {trained['num_calibration']} --data.seed {trained['seed']}, or train the "
+                "classifier with this run's split."
+            )
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.rebuild import Rebuildable
+from lightning_geco.resume import mapped_checkpoint
 
 __all__ = ["FrozenClassifier", "FrozenNetwork", "TorchvisionFeatures"]
 
@@ -25,6 +26,15 @@ def _existing_file(path: str | Path, what: str, how: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: looked for {path.resolve()}. {how}")
     return path
+
+
+def _trained_split(path: Path) -> dict[str, Any] | None:
+    """The ``split`` a checkpoint's DataModule state records (``ImageDataModule.held_out_split``)."""
+    checkpoint = mapped_checkpoint(path)
+    for value in checkpoint.values():
+        if isinstance(value, dict) and isinstance(value.get("split"), dict):
+            return dict(value["split"])
+    return None
 
 
 class FrozenNetwork(Rebuildable, nn.Module):
@@ -64,6 +74,10 @@ class FrozenClassifier(FrozenNetwork):
         super().__init__()
         from lightning_geco.classifier import ImageClassifier
 
+        #: how the classifier's DataModule held images out of its training (its checkpoint's
+        #: ``held_out_split``; None: not recorded), so a VAE's DataModule can refuse to validate or
+        #: calibrate on images it trained on
+        self.trained_split: dict[str, Any] | None = None
         path = Path(checkpoint).expanduser()
         if path.is_file() or architecture is None:
             path = _existing_file(
@@ -73,6 +87,7 @@ class FrozenClassifier(FrozenNetwork):
                 "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
             )
             self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+            self.trained_split = _trained_split(path)
         else:
             rank_zero_warn(
                 f"Classifier checkpoint {path} not found: the classifier is built from the architecture recorded "

@@ -123,3 +123,37 @@ def test_a_truncated_gz_or_empty_idx_file_is_named_in_the_error(tmp_path):
     (tmp_path / "header").write_bytes(b"\x00\x00\x08\x03\x00\x00")
     with pytest.raises(ValueError, match=r"header is truncated inside its header \(6 bytes for 3 dimensions\)"):
         read_idx(tmp_path / "header")
+
+
+def test_a_classifier_that_trained_on_the_held_out_images_is_refused_with_the_split_to_use(tmp_path):
+    # A classifier trained holding out num_val=20, num_calibration=20; a VAE run holding out
+    # num_val=40 validated and calibrated on images the classifier trained on, with no word.
+    import pytorch_lightning as pl
+
+    from helpers import quiet_trainer, tiny_conv_vae
+    from lightning_geco import ClassificationConstraint, FrozenClassifier, GECOCallback, GECOObjective, ImageClassifier
+
+    make_mnist(tmp_path / "MNIST" / "raw", 120, "train", True)
+    classifier = ImageClassifier(image_shape=(1, 28, 28), widths=(4, 4), hidden_dim=8)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(classifier, MNISTDataModule(root=str(tmp_path), num_val=20, num_calibration=20, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "classifier.ckpt")
+    reader = FrozenClassifier(str(tmp_path / "classifier.ckpt"))
+    assert reader.trained_split == {"seed": 0, "num_val": 20, "num_calibration": 20, "num_items": 120, "source": "train"}
+
+    def fit(**split):
+        pl.seed_everything(0)
+        model = tiny_conv_vae((1, 28, 28), objective=GECOObjective([ClassificationConstraint(reader, tolerance=5.0)]))
+        data = MNISTDataModule(root=str(tmp_path), batch_size=16, **split)
+        quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[GECOCallback()]).fit(model, data)
+
+    with pytest.raises(ValueError, match=re.escape(
+        f"MNISTDataModule: the classifier {tmp_path / 'classifier.ckpt'} trained on "
+    )) as error:
+        fit(num_val=40, num_calibration=20)
+    assert "(it held out num_val=20, num_calibration=20 with seed=0; this DataModule holds out num_val=40" in str(error.value)
+    assert str(error.value).endswith(
+        "Use --data.num_val 20 --data.num_calibration 20 --data.seed 0, or train the classifier with this run's split."
+    )
+    fit(num_val=20, num_calibration=20)  # the classifier's own split: held out from it too
+    fit(num_val=20, num_calibration=0)  # its validation images alone (the features config's)
