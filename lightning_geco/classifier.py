@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.nets import ConvDownsampler, ConvEncoder
 
 __all__ = ["ImageClassifier", "class_labels"]
@@ -91,7 +92,7 @@ class ImageClassifier(pl.LightningModule):
         return self.head(self.features(x))
 
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        x, labels = batch[0], class_labels(batch[1], self.label_column)
+        x, labels = batch_images(batch), class_labels(batch_labels(batch), self.label_column)
         logits = self(x)
         return F.cross_entropy(logits, labels), logits, labels
 

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.rebuild import Rebuildable
-from lightning_geco.resume import mapped_checkpoint
+from lightning_geco.resume import checkpoint_head, mapped_checkpoint
 
 __all__ = ["FrozenClassifier", "FrozenNetwork", "TorchvisionFeatures"]
 
@@ -26,6 +26,15 @@ def _existing_file(path: str | Path, what: str, how: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: looked for {path.resolve()}. {how}")
     return path
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters compared as plain values: tuples as lists, any mapping as a dict."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _trained_split(path: Path) -> dict[str, Any] | None:
@@ -65,9 +74,9 @@ class FrozenClassifier(FrozenNetwork):
         checkpoint: path of the ``.ckpt`` file (e.g. ``runs/checkpoints/mnist_classifier/last.ckpt``).
         architecture: the classifier's hyperparameters, recorded with it (:meth:`init_args`) so a
             model checkpoint that holds the classifier's weights (a VAE trained with a
-            classification constraint) loads where ``checkpoint`` is not: the classifier is then
-            built from them, with a warning, and takes its weights from that model checkpoint.
-            Ignored while ``checkpoint`` exists; leave it None when building one yourself.
+            classification constraint) loads where ``checkpoint`` is not, or where it now holds
+            another classifier: the recorded one is then built, with a warning, and takes its
+            weights from that model checkpoint. Leave it None when building one yourself.
     """
 
     def __init__(self, checkpoint: str, architecture: dict[str, Any] | None = None) -> None:
@@ -79,14 +88,28 @@ class FrozenClassifier(FrozenNetwork):
         #: calibrate on images it trained on
         self.trained_split: dict[str, Any] | None = None
         path = Path(checkpoint).expanduser()
-        if path.is_file() or architecture is None:
+        if architecture is not None and path.is_file() and _plain(checkpoint_head(path)[0]) != _plain(architecture):
+            rank_zero_warn(
+                f"Classifier checkpoint {path} now holds another classifier than the one recorded with this model "
+                "(retrained at the same path?): the recorded architecture is built, and its weights must come from "
+                "the checkpoint being loaded (a model trained with it holds them)."
+            )
+            self.classifier = ImageClassifier(**architecture)
+        elif path.is_file() or architecture is None:
             path = _existing_file(
                 checkpoint,
                 "Classifier checkpoint",
                 "Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml` "
                 "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
             )
-            self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+            try:
+                self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+            except Exception as error:  # noqa: BLE001 - whatever the file holds, say what it had to be
+                raise ValueError(
+                    f"Classifier checkpoint {path} is not an ImageClassifier checkpoint ({type(error).__name__}: "
+                    f"{error}). Point `checkpoint` to the .ckpt of a classifier run, e.g. `python train.py fit "
+                    "--config configs/mnist_classifier.yaml` writes runs/checkpoints/mnist_classifier/last.ckpt."
+                ) from error
             self.trained_split = _trained_split(path)
         else:
             rank_zero_warn(

@@ -23,6 +23,7 @@ from lightning_geco import (
     GaussianLikelihood,
     GECOCallback,
     GECOObjective,
+    ImageClassifier,
     KLWarmup,
     PatchNCC,
     ReconstructionBCE,
@@ -191,6 +192,17 @@ def test_a_model_with_a_classifier_constraint_loads_where_the_classifier_file_is
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
     with pytest.raises(FileNotFoundError, match="Classifier checkpoint not found"):  # built by hand: the file is needed
         FrozenClassifier(str(classifier_file))
+    # The file retrained at the same path with another architecture: the recorded one is built
+    # (the file's, loaded first, could not take the model's weights: "Missing key(s)").
+    other = ImageClassifier(image_shape=(1, 16, 16), num_classes=3, widths=(8, 8), hidden_dim=16, pooling="max")
+    torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams),
+                "pytorch-lightning_version": pl.__version__}, classifier_file)
+    with pytest.warns(UserWarning, match=re.escape(f"Classifier checkpoint {classifier_file} now holds another classifier")):
+        retrained = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert retrained.objective.constraints[1].classifier.classifier.head.bias.tolist() == [0.5, -1.0, 2.0]
+    # A file that is no classifier's (the VAE's own checkpoint) is named so.
+    with pytest.raises(ValueError, match=re.escape(f"Classifier checkpoint {tmp_path / 'model.ckpt'} is not an ImageClassifier checkpoint")):
+        FrozenClassifier(str(tmp_path / "model.ckpt"))
 
 
 @pytest.mark.parametrize(

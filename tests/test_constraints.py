@@ -272,6 +272,9 @@ def test_classifier_rejects_unknown_pooling_and_few_classes():
     pooled = ImageClassifier(image_shape=(1, 20, 24), num_classes=3, widths=(8, 8), hidden_dim=16, pooling="max")
     assert pooled(random_images(2, (1, 20, 24))).shape == (2, 3)
     assert pooled.features(random_images(2, (1, 20, 24))).shape == (2, 16)
+    # Batches as the library reads them anywhere: a dict with "image" and "label" too (KeyError(0) before).
+    x, y = random_images(4, (1, 20, 24)), torch.tensor([0, 1, 2, 1])
+    assert pooled._loss({"image": x, "label": y})[0] == pooled._loss((x, y))[0]
 
 
 # ------------------------------------------------------------------------- relative step size
