@@ -308,6 +308,19 @@ def _plot_curves(runs: Sequence[Run], path: Path, plt) -> None:
     plt.close(fig)
 
 
+def _number_repeated_names(runs: Sequence[Run]) -> None:
+    """Rows of one name (two test summaries of one checkpoint, two runs written into one folder)
+    numbered ``name [1]``, ``name [2]`` in the order given, so no row reads as another's."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.name] = counts.get(run.name, 0) + 1
+    seen: dict[str, int] = {}
+    for run in runs:
+        if counts[run.name] > 1:
+            seen[run.name] = seen.get(run.name, 0) + 1
+            run.name = f"{run.name} [{seen[run.name]}]"
+
+
 _LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -357,6 +370,7 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
         given[run.source] = path
     for run, name in zip(runs, args.names or []):
         run.name = name
+    _number_repeated_names(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)

@@ -769,6 +769,13 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     assert row[COMPARED.index("verdict")] == "failed: NonFiniteConstraintError: lambda is not finite"
     # A test row has no curves: its W&B folder logged the one evaluation at step 0.
     assert load_run(resumed / "files" / "test_summary.json").history == []
+    # Two tests of one checkpoint (say, before and after a fix) are told apart by number.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "test_summary.json").write_text((resumed / "files" / "test_summary.json").read_text())
+    tests = [str(resumed / "files" / "test_summary.json"), str(tmp_path / "again" / "test_summary.json")]
+    assert compare_main([*tests, "--out", str(tmp_path / "tests")]) == 0
+    names = [line.split("|")[1].strip() for line in (tmp_path / "tests" / "comparison.md").read_text().splitlines()[2:]]
+    assert names == ["abc123 (test set) [1]", "abc123 (test set) [2]"]
 
 
 def test_compare_shows_each_constraints_own_reading_and_draws_only_a_distortion_tolerance_on_its_axis(tmp_path):
