@@ -220,6 +220,15 @@ class ReconstructionMSE(Constraint):
         self.name = name
         self.peak = peak
         self.step_size = _step_size("ReconstructionMSE", step_size)
+        if peak is not None and self.tolerance_mse >= peak**2 / 4:
+            # A constant image at the middle of the range is at most (peak / 2)^2 from every pixel.
+            stated = f"a PSNR of {tolerance:g} dB" if unit == "psnr" else f"an MSE of {tolerance:g}"
+            rank_zero_warn(
+                f"ReconstructionMSE {name!r}: {stated} (MSE {self.tolerance_mse:.4g}) is met by a constant mid-grey "
+                f"image, whose MSE is at most {peak**2 / 4:g} (a PSNR of {mse_to_psnr(0.25):.2f} dB) for data of range "
+                f"{peak:g}: the constraint asks nothing of the model. A PSNR tolerance is in dB, e.g. "
+                "--tolerance psnr=20 (MSE 0.01 for images in [0, 1])."
+            )
 
     reading_name = "distortion"
 

@@ -420,3 +420,17 @@ def test_a_users_constraint_mistakes_are_named_before_they_fail_deep_inside():
     x = torch.rand(8, 1, 6, 6)
     with pytest.raises(ValueError, match=re.escape("Columns 'psnr': forward() must return one value per example, shape (8,), got (8, 1).")):
         _lagrangian_on_first_batch(Columns(10.0), x, x * 0.9)
+
+
+def test_a_tolerance_a_constant_grey_image_meets_is_warned():
+    # --tolerance psnr=0.5 (an MSE of 0.89 for images in [0, 1]) asked nothing, with no word.
+    with pytest.warns(UserWarning, match=re.escape(
+        "ReconstructionMSE 'reconstruction': a PSNR of 0.5 dB (MSE 0.8913) is met by a constant mid-grey image, whose "
+        "MSE is at most 0.25 (a PSNR of 6.02 dB) for data of range 1: the constraint asks nothing of the model."
+    )):
+        ReconstructionMSE(0.5, unit="psnr")
+    with pytest.warns(UserWarning, match=r"an MSE of 0.3 \(MSE 0.3\) is met by a constant mid-grey image"):
+        ReconstructionMSE(0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ReconstructionMSE(0.2), ReconstructionMSE(8.0, unit="psnr"), ReconstructionMSE(0.9, peak=None)
