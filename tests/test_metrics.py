@@ -514,3 +514,22 @@ def test_states_reset_under_inference_mode_take_updates_outside_it():
     assert reading.compute()["mean"] == values.double().mean().float()
     expected = gaussian_kl_per_dimension(mean.double(), log_variance.double()).mean(0).float()
     torch.testing.assert_close(activity.compute()["kl_per_dim"], expected)
+
+
+def test_another_order_of_the_same_posteriors_reads_within_the_monte_carlo_noise():
+    # A 2-rank run gathers the validation images dealt out in turn: other draws, so the estimates
+    # move by about their own spread over seeds (the README's DDP section), not to the bit.
+    mean, log_variance = _random_posteriors(300, 4, seed=7)
+    order = torch.cat([torch.arange(0, 300, 2), torch.arange(1, 300, 2)])
+
+    def estimates(m, lv, seed=0):
+        metric = AggregatePosteriorKL(seed=seed, compile=False)
+        metric.update(m, lv)
+        return metric.compute()
+
+    two = estimates(mean[order], log_variance[order])
+    seeds = [estimates(mean, log_variance, seed) for seed in range(8)]
+    assert two["rate"] == pytest.approx(seeds[0]["rate"].item(), rel=1e-6)  # closed form: any order
+    for key in ("marginal_kl", "mutual_info", "total_correlation", "dimensionwise_kl"):
+        values = torch.stack([estimate[key] for estimate in seeds])
+        assert two[key] != seeds[0][key] and abs(two[key] - values.mean()) < 3 * values.std(), key

@@ -224,6 +224,11 @@ def test_default_run_logs_every_metric_and_image_to_an_offline_wandb_run(capsys)
     validations = [row for row in history if "val/distortion" in row]
     assert len(validations) == 2
     assert (validations[-1]["val/distortion"], validations[-1]["val/rate"]) == (summary["distortion"], summary["rate"])
+    # Lightning writes scalars at its own step, one less than the optimizer steps taken; the
+    # panels carry the steps taken (the README's "Step values").
+    assert [row["trainer/global_step"] for row in validations] == [1, 3]
+    panels = [row for row in history if any(key.startswith("val/samples") for key in row)]
+    assert [row["trainer/global_step"] for row in panels] == [2, 4]
     # The run's config, with the tolerance at its top level for a dashboard to group runs by.
     config = {
         item.key: json.loads(item.value_json)
