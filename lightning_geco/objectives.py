@@ -373,10 +373,10 @@ def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> No
     another quality (an "at least" PSNR with forward ``tolerance - reading`` but
     ``lower_is_better`` left True ended "met" 56 % short of it)."""
     try:
-        reading = float(constraint.reading(output).float().mean())
+        reading = float(constraint.reading(output).detach().float().mean())
     except NotImplementedError:
         return
-    value = float(values.mean())
+    value = float(values.detach().mean())
     past = constraint.relative_violation(reading)
     if math.isfinite(value) and math.isfinite(past) and abs(past) > 0.05 and value * past < 0:
         direction = "at most" if constraint.lower_is_better else "at least"
