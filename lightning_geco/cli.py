@@ -349,6 +349,17 @@ def _written_into(checkpoint: dict[str, Any]) -> Path | None:
     return None
 
 
+def _planned_steps_of(checkpoint: dict[str, Any]) -> int | None:
+    """The optimizer steps the checkpoint's fit planned (its GECOCallback's stall detector keeps
+    them); None where it does not say."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith("GECOCallback") and isinstance(state, dict):
+            detector = state.get("stall_detector")
+            if isinstance(detector, dict) and isinstance(detector.get("last_step"), int):
+                return int(detector["last_step"])
+    return None
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -447,6 +458,13 @@ class GECOLightningCLI(LightningCLI):
             return  # Lightning's own names, resolved by the Trainer
         if ckpt_path in _LIGHTNING_CKPT_NAMES:
             # On a fresh Trainer Lightning finds none of these and evaluates the untrained model.
+            if folders:  # "last" was found above; Lightning's other names mean nothing to a new process
+                where = ", ".join(f"{f}/<run id>/" for f in folders)
+                _fail(
+                    f"--ckpt_path {ckpt_path}: {self.config.subcommand} reads a checkpoint file, and '{ckpt_path}' names "
+                    f"one only in the process that trained (its ModelCheckpoint's memory); pass the file's path (the "
+                    f"runs are under {where}) or --ckpt_path last (the config's newest run)."
+                )
             _fail(
                 f"--ckpt_path {ckpt_path}: {self.config.subcommand} reads a checkpoint file; this config's "
                 "ModelCheckpoint has no dirpath to find it in, so pass the file's path."
@@ -469,7 +487,13 @@ class GECOLightningCLI(LightningCLI):
         if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
             run = Path(ckpt_path).parent.name
             doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
-            rank_zero_info(f"--ckpt_path last: {doing} step {step} ({ckpt_path}).")
+            planned = _planned_steps_of(checkpoint)
+            unfinished = (
+                f", of {planned} planned: an interrupted run, not a trained model"
+                if not fitting and isinstance(step, int) and planned is not None and step < planned
+                else ""
+            )
+            rank_zero_info(f"--ckpt_path last: {doing} step {step}{unfinished} ({ckpt_path}).")
         try:
             check_checkpoint_matches(config.model, hyperparameters, ckpt_path)
         except ConfigurationError as error:

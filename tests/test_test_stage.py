@@ -250,6 +250,26 @@ def test_train_py_test_reads_the_last_checkpoint_and_prints_the_verdict_then_the
     result = json.loads(Path(lines[-1]).read_text())
     assert lines[-2] == result["verdict_line"] and lines[-2].startswith("GECO on the validation set: ")
     assert result["global_step"] == 2 and result["checkpoint"] == str(tested.resolve())
+    # Lightning's "best" names a file only in the process that trained: said so, with the way.
+    with pytest.raises(SystemExit):
+        main(["validate", *_small_default("--ckpt_path", "best")])
+    assert ("error: --ckpt_path best: validate reads a checkpoint file, and 'best' names one only in the process "
+            "that trained (its ModelCheckpoint's memory); pass the file's path (the runs are under "
+            "runs/checkpoints/default/<run id>/) or --ckpt_path last (the config's newest run).") in capsys.readouterr().err
+
+
+def test_ckpt_path_last_says_when_it_evaluates_an_interrupted_run(capsys, caplog):
+    main(["fit", *_small_default("--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0")])
+    (last,) = Path("runs/checkpoints/default").glob("*/last.ckpt")
+    checkpoint = torch.load(last, weights_only=False)  # as a run stopped at step 2 of 10 leaves it
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("GECOCallback")]
+    checkpoint["callbacks"][key]["stall_detector"]["last_step"] = 10
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    with caplog.at_level("INFO"):
+        main(["validate", *_small_default("--ckpt_path", "last")])
+    assert (f"--ckpt_path last: validate: run {last.parent.name} at step 2, of 10 planned: an interrupted run, not a "
+            "trained model") in caplog.text
 
 
 def test_a_test_with_only_the_test_files_checks_those_and_trainer_predict_reads_the_test_split(tmp_path):
