@@ -421,10 +421,11 @@ class ImageDataModule(pl.LightningDataModule):
         """What a resumed run needs: the seed of the training order; the files it trained on
         (``source``, where the DataModule has one), so a test never reads them as its test split;
         and how the held-out images were drawn (:meth:`held_out_split`), so a validation never
-        reads images the model trained on; the ``batch_size``, so a resumed fit with another says so."""
+        reads images the model trained on; the ``batch_size`` and the number of processes
+        (``world_size``), so a resumed fit with another says so."""
         return {
             "shuffle_seed": self.shuffle_seed, "source": self.files_source, "split": self.held_out_split(),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "world_size": self.trainer.world_size if self.trainer is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,6 +438,15 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{type(self).__name__}: the checkpoint's run trained with batch_size={trained_batch}; this resumed fit "
                 f"has {self.batch_size}, so it goes on with other batches than that run would have: it is not that run "
                 "continued."
+            )
+        trained_ranks = state_dict.get("world_size")
+        ranks = self.trainer.world_size if self.trainer is not None else None
+        if self._fitting and trained_ranks is not None and ranks is not None and trained_ranks != ranks:
+            # Each rank loads batch_size: the optimizer's batch is their sum.
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's run trained on {trained_ranks} process(es), a global batch of "
+                f"{trained_ranks * (trained_batch or self.batch_size)}; this resumed fit runs on {ranks}, a global batch "
+                f"of {ranks * self.batch_size}, in another order: it is not that run continued."
             )
 
     @property

@@ -435,6 +435,18 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=MNISTDataModule(str(tmp_path), batch_size=16, num_val=16), ckpt_path=checkpoint
         )
+    # Another number of processes: another global batch and order (only the random states said so).
+    two_ranks = torch.load(checkpoint, weights_only=False)
+    assert two_ranks["MNISTDataModule"]["world_size"] == 1
+    two_ranks["MNISTDataModule"]["world_size"] = 2  # as a 2-process DDP run writes it
+    torch.save(two_ranks, tmp_path / "two_ranks.ckpt")
+    with pytest.warns(UserWarning, match=re.escape(
+        "MNISTDataModule: the checkpoint's run trained on 2 process(es), a global batch of 16; this resumed fit runs on "
+        "1, a global batch of 8, in another order: it is not that run continued."
+    )):
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=data(), ckpt_path=tmp_path / "two_ranks.ckpt"
+        )
     # A resumed fit with a smaller num_val trains on the other held-out images too: warned; with a
     # calibration split, that split is another draw of the larger training split, mostly of
     # images the model trained on: refused (it steered lambda by them, silently).
