@@ -359,7 +359,11 @@ def _check_constraint(index: int, constraint: object) -> None:
             "sets name, unit, tolerance and reading_name (the key of its validation reading, val/<reading_name>)."
         )
     tolerance = constraint.tolerance
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance):
+    try:  # a number, or a one-element tensor (a buffer)
+        finite = not isinstance(tolerance, bool) and math.isfinite(float(tolerance))
+    except (TypeError, ValueError, RuntimeError):
+        finite = False
+    if not finite:
         raise ValueError(
             f"{type(constraint).__name__} {constraint.name!r} has tolerance {tolerance!r}; it must be a finite "
             f"number of {constraint.unit}."
@@ -383,7 +387,7 @@ def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> No
         raise ValueError(
             f"{type(constraint).__name__} {constraint.name!r}: on the first training batch forward() gives "
             f"{value:.4g} ({'met' if value <= 0 else 'not met'}: <= 0 is met), but the reading {reading:.4g} "
-            f"against the tolerance {constraint.tolerance:g}, read as '{direction}' (lower_is_better="
+            f"against the tolerance {constraint.reading_tolerance:g}, read as '{direction}' (lower_is_better="
             f"{constraint.lower_is_better}), is {100 * past:+.1f} % past it. For an 'at most' tolerance forward "
             "returns reading - tolerance; for an 'at least' one tolerance - reading, with lower_is_better = False."
         )
