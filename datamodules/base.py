@@ -324,7 +324,9 @@ class ImageDataModule(pl.LightningDataModule):
         images are optimistic: the validation reading, the verdict, and a calibration drive (which
         exists to avoid exactly that) would read them. (A classifier trained with num_val 1000 read
         971 of 2000 validation images and 1935 of 2000 calibration images of a VAE run with
-        --data.num_val 2000.) Splits of other files or sizes are not compared."""
+        --data.num_val 2000.) Splits of another DataModule class, other files (``source``) or
+        another size are not compared (two image folders of one size would be: their split
+        records do not name the folder)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         current = self.held_out_split()
         if module is None or current is None:
@@ -332,7 +334,7 @@ class ImageDataModule(pl.LightningDataModule):
         _, validation, calibration = split_indices(current)
         for reader in module.modules():
             trained = getattr(reader, "trained_split", None)
-            if not isinstance(trained, dict) or any(trained.get(k) != current[k] for k in ("source", "num_items")):
+            if not isinstance(trained, dict) or any(trained.get(k) != current[k] for k in ("dataset", "source", "num_items")):
                 continue
             reader_training = split_indices(trained)[0]
             seen_val, seen_cal = len(validation & reader_training), len(calibration & reader_training)
@@ -405,7 +407,8 @@ class ImageDataModule(pl.LightningDataModule):
         """What decides which images were held out of training, for a DataModule whose
         validation split is drawn from the same set as its training split (:func:`seeded_split`):
         ``seed``, ``num_val``, ``num_calibration``, the set's size ``num_items`` (None before
-        :meth:`setup`) and ``source`` (the files read, where the DataModule has several); None
+        :meth:`setup`), ``source`` (the files read, where the DataModule has several) and
+        ``dataset`` (the DataModule's class name); None
         for one that draws its splits apart (the generated shapes) or does not say."""
         seed, num_val = getattr(self, "seed", None), getattr(self, "num_val", None)
         if not self.validation_drawn_from_training_set or not isinstance(seed, int) or not isinstance(num_val, int):
@@ -414,7 +417,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_items = sum(dataset_length(d) for d in built) if self.train_dataset is not None else None
         return {
             "seed": seed, "num_val": num_val, "num_calibration": self.num_calibration, "num_items": num_items,
-            "source": self.files_source,
+            "source": self.files_source, "dataset": type(self).__name__,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -557,10 +560,15 @@ class ImageDataModule(pl.LightningDataModule):
             dataset = dataset.dataset
         # The items are taken before the move: moving the whole set first held it on the device
         # twice over (dSprites on a GPU: 12 GB of float images, then the training split's 12 more).
-        if isinstance(dataset, UInt8Images):
-            return dataset.to(device, indices)
-        if isinstance(dataset, TensorDataset):
-            return TensorDataset(*(t.to(device) if indices is None else t[indices].to(device) for t in dataset.tensors))
+        if isinstance(dataset, (UInt8Images, TensorDataset)):
+            if isinstance(dataset, UInt8Images):
+                moved = dataset.to(device, indices)
+            else:
+                moved = TensorDataset(*(t.to(device) if indices is None else t[indices].to(device) for t in dataset.tensors))
+            # Which stored items the copy holds: the splits' overlap is then told from indices, as
+            # for the Subsets it replaces (batches.shared_items), not from images that look alike.
+            moved.stored_items = (dataset, None if indices is None else indices.tolist())  # type: ignore[attr-defined]
+            return moved
         raise ValueError(
             f"{type(self).__name__}(device={self.device!r}) needs an in-memory dataset; "
             f"{type(dataset).__name__} reads from disk. Leave device unset."

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
-__all__ = ["batch_images", "batch_labels", "dataset_length", "gather", "shared_items"]
+__all__ = ["batch_images", "batch_labels", "dataset_length", "gather", "identical_images", "shared_items"]
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -48,33 +48,59 @@ def dataset_length(dataset: Dataset) -> int:
 
 
 def _stored_indices(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
-    """(the stored dataset under any chain of Subsets, the indices into it; None: all of it)."""
+    """(the stored dataset under any chain of Subsets, the indices into it; None: all of it). A
+    copy that says what it was copied from (``stored_items = (store, indices)``: the DataModules'
+    splits moved to a device) counts as those items of that store."""
     indices: list[int] | None = None
-    while isinstance(dataset, Subset):
-        indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    return dataset, indices
+    while True:
+        if isinstance(dataset, Subset):
+            indices = list(dataset.indices) if indices is None else [dataset.indices[i] for i in indices]
+            dataset = dataset.dataset
+            continue
+        copied = getattr(dataset, "stored_items", None)
+        if isinstance(copied, tuple) and len(copied) == 2:
+            store, positions = copied
+            if positions is not None:
+                positions = [int(i) for i in positions]
+                indices = positions if indices is None else [positions[i] for i in indices]
+            dataset = store
+            continue
+        return dataset, indices
 
 
 def shared_items(dataset: Dataset, other: Dataset) -> int | None:
-    """How many items two datasets share: both the same object, or Subsets (at any depth) of one
-    stored dataset, as the DataModules' splits are, told from their indices; two in-memory
-    ``TensorDataset`` stores (slices or copies of one tensor, under any Subsets), told by content:
-    how many of ``dataset``'s images are among ``other``'s, byte for byte. None when it cannot be
-    told (other stored datasets, which may still hold the same images: comparing them would read
-    every image of both)."""
+    """How many stored items two datasets share: both the same object, or Subsets (at any depth)
+    of one stored dataset, as the DataModules' splits are (on a device too). None when that
+    cannot be told (other stored datasets: see :func:`identical_images`)."""
     base, indices = _stored_indices(dataset)
     other_base, other_indices = _stored_indices(other)
     if base is not other_base:
-        if isinstance(base, TensorDataset) and isinstance(other_base, TensorDataset):
-            theirs = set(_image_digests(other_base, other_indices))
-            return sum(digest in theirs for digest in set(_image_digests(base, indices)))
         return None
     if indices is None:  # the whole store: everything the other holds is shared
         return dataset_length(base) if other_indices is None else len({int(i) for i in other_indices})
     if other_indices is None:
         return len({int(i) for i in indices})
     return len({int(i) for i in indices} & {int(i) for i in other_indices})
+
+
+#: in-memory stores larger than this (bytes, both together) are not compared image by image
+IDENTICAL_IMAGES_MAX_BYTES = 1 << 30
+
+
+def identical_images(dataset: Dataset, other: Dataset) -> int | None:
+    """How many of ``dataset``'s images are byte for byte among ``other``'s, for two in-memory
+    ``TensorDataset`` stores (under any Subsets) that :func:`shared_items` cannot relate: slices or
+    copies of one tensor handed over as two datasets. Identical is not the same item: data drawn
+    from a finite set (generated shapes) repeat images by nature. None for other datasets, or
+    stores over :data:`IDENTICAL_IMAGES_MAX_BYTES` (comparing them reads every image of both)."""
+    base, indices = _stored_indices(dataset)
+    other_base, other_indices = _stored_indices(other)
+    if base is other_base or not (isinstance(base, TensorDataset) and isinstance(other_base, TensorDataset)):
+        return None
+    if _bytes(base) + _bytes(other_base) > IDENTICAL_IMAGES_MAX_BYTES:
+        return None
+    theirs = set(_image_digests(other_base, other_indices))
+    return sum(digest in theirs for digest in set(_image_digests(base, indices)))
 
 
 def _image_digests(store: TensorDataset, indices: list[int] | None) -> list[bytes]:
@@ -85,6 +111,11 @@ def _image_digests(store: TensorDataset, indices: list[int] | None) -> list[byte
     rows = images.detach().reshape(images.shape[0], -1).contiguous().cpu().numpy()
     header = f"{rows.dtype}{tuple(images.shape[1:])}".encode()
     return [hashlib.blake2b(header + row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def _bytes(store: TensorDataset) -> int:
+    images = store.tensors[0]
+    return images.numel() * images.element_size()
 
 
 def gather(dataset: Dataset, indices: list[int]) -> Any:

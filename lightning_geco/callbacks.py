@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather, shared_items
+from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather, identical_images, shared_items
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import (
@@ -783,17 +783,28 @@ class GECOCallback(Callback):
     def _refuse_training_images(self, trainer: pl.Trainer) -> None:
         """Refuse a calibration split that shares images with the training set: it would steer
         lambda by images the model learns, what ``drive="training"`` does, under another name.
-        Told from the datasets' Subset indices (the DataModules' splits, ``random_split``), or for
-        in-memory ``TensorDataset`` stores by the images' content; two other stored datasets that
-        hold the same images are not detected (see :func:`~lightning_geco.batches.shared_items`)."""
+        Told from the datasets' Subset indices (the DataModules' splits, on a device too,
+        ``random_split``); two in-memory ``TensorDataset`` stores that hold identical images are
+        warned (:func:`~lightning_geco.batches.identical_images`: identical is not always the same
+        item); other stored datasets are not compared."""
         calibration = self._ready_calibration
         training = _loader_dataset(trainer.train_dataloader)
-        if training is not None and (shared := shared_items(calibration, training)):
+        if training is None:
+            return
+        if shared := shared_items(calibration, training):
             raise ValueError(
                 f"GECOCallback: the calibration split shares {shared} of its {dataset_length(calibration)} images "
                 f"with the training set ({dataset_length(training)} images): lambda would be steered by images the "
                 "model trains on. Carve the calibration split out of the training set (the DataModule's "
                 "num_calibration does, e.g. --data.num_calibration 1000) or use drive='training'."
+            )
+        if identical := identical_images(calibration, training):
+            # Stored apart: a slice of the training tensor, or images that repeat by nature.
+            rank_zero_warn(
+                f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
+                f"for byte, to training images: if the split was cut from the training set, lambda is steered by "
+                "images the model trains on. Carve it out of the training set (the DataModule's num_calibration "
+                "does) or use drive='training'; data that repeat images by nature (a finite grid) can ignore this."
             )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -813,6 +824,13 @@ class GECOCallback(Callback):
                 "from it, then judge images lambda was steered by, and read better than new images would. Give the "
                 "calibration split images of its own (the DataModule's num_calibration carves them from the "
                 "training set)."
+            )
+        elif validation is not None and (identical := identical_images(calibration, validation)):
+            rank_zero_warn(
+                f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
+                "for byte, to validation images: if the split was cut from the validation set, the verdict judges "
+                "images lambda was steered by. Give the calibration split images of its own; data that repeat "
+                "images by nature (a finite grid) can ignore this."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -489,7 +489,7 @@ class GECOLightningCLI(LightningCLI):
             doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
             planned = _planned_steps_of(checkpoint)
             unfinished = (
-                f", of {planned} planned: an interrupted run, not a trained model"
+                f", of {planned} planned: a run stopped before its end (interrupted, or stopped early)"
                 if not fitting and isinstance(step, int) and planned is not None and step < planned
                 else ""
             )

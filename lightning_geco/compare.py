@@ -63,7 +63,9 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A run from a W&B run folder, its ``files`` folder, or a ``summary.json``."""
     # A link (W&B's latest-run) is read as the folder it points at: its run id, its segments.
-    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    path = Path(path)
+    if any(part.is_symlink() for part in (path, *path.parents)):
+        path = path.resolve()
     named: str | None = None  # a folder given that holds no summary keeps its name on the row
     if path.is_dir() and not (path / "files" / "summary.json").exists() and _wandb_run_id(path) is not None:
         # A segment stopped before its end (killed, then resumed) writes none: the run's row is its

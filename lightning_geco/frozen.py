@@ -29,9 +29,11 @@ def _existing_file(path: str | Path, what: str, how: str) -> Path:
 
 
 def _plain(value: Any) -> Any:
-    """Hyperparameters compared as plain values: tuples as lists, any mapping as a dict."""
+    """Hyperparameters compared as plain values: tuples as lists, any mapping as a dict, without
+    the bookkeeping keys LightningCLI adds (``_class_path``, ``_instantiator``), which a loaded
+    model's ``hparams`` do not keep."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value

@@ -315,11 +315,16 @@ class GECOObjective(Objective):
         if self.training and torch.is_grad_enabled() and not self._data_checked:
             # Once, on the first training batch (the collection's models' and lagrangian()'s): a
             # tolerance the data make impossible (or meaningless) is said now, not after the run.
-            for stated in self.constraints:
-                stated.check_data(output)
-            values = self.constraint_values(output)
-            for k, stated in enumerate(self.constraints):
-                _check_sign(stated, output, values[:, k])
+            problem: ValueError | None = None
+            try:
+                for stated in self.constraints:
+                    stated.check_data(output)
+                values = self.constraint_values(output)
+                for k, stated in enumerate(self.constraints):
+                    _check_sign(stated, output, values[:, k])
+            except ValueError as error:
+                problem = error
+            _raise_on_every_rank(problem, output.x.device)
             self._data_checked = True
         else:
             values = self.constraint_values(output)
@@ -377,7 +382,8 @@ def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> No
     another quality (an "at least" PSNR with forward ``tolerance - reading`` but
     ``lower_is_better`` left True ended "met" 56 % short of it)."""
     try:
-        reading = float(constraint.reading(output).detach().float().mean())
+        with torch.no_grad():  # a frozen network's second pass: no graph kept
+            reading = float(constraint.reading(output).float().mean())
     except NotImplementedError:
         return
     value = float(values.detach().mean())
@@ -391,4 +397,17 @@ def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> No
             f"{constraint.lower_is_better}), is {100 * past:+.1f} % past it. For an 'at most' tolerance forward "
             "returns reading - tolerance; for an 'at least' one tolerance - reading, with lower_is_better = False."
         )
+
+
+def _raise_on_every_rank(problem: ValueError | None, device: torch.device) -> None:
+    """Raise ``problem`` on this rank, and an error on every other, together: each rank checks its
+    own first batch, and one rank raising alone would leave the others waiting in the gradients'
+    all-reduce. One collective, on the first training batch only."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        torch.distributed.all_reduce(flag)
+        if problem is None and float(flag[0]) > 0:
+            raise ValueError("GECOObjective: another rank refused its first training batch (see its error).")
+    if problem is not None:
+        raise problem
 

@@ -456,7 +456,10 @@ class RunSummary(Callback):
         path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update({f"{wandb_prefix}/{k}": v for k, v in summary.items()})
+                update = {f"{wandb_prefix}/{k}": v for k, v in summary.items()}
+                # A resumed run's summary replaces the error an interrupted segment wrote there.
+                update.setdefault(f"{wandb_prefix}/error", None)
+                logger.experiment.summary.update(update)
         return path
 
     def _geco_fields(self, trainer: pl.Trainer) -> dict[str, Any]:

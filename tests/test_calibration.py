@@ -310,19 +310,24 @@ def test_a_calibration_split_that_is_the_validation_set_is_warned_once_and_a_spl
 def test_shared_items_counts_the_stored_items_two_subsets_have_in_common():
     from torch.utils.data import Subset
 
-    from lightning_geco.batches import shared_items
+    from lightning_geco.batches import identical_images, shared_items
 
     stored = TensorDataset(torch.arange(10.0))
     outer = Subset(Subset(stored, [9, 8, 7, 6, 5]), [0, 2, 4])  # stored items 9, 7, 5
     assert shared_items(outer, Subset(stored, [5, 6, 7])) == 2
     assert shared_items(outer, stored) == 3 and shared_items(stored, stored) == 10
     assert shared_items(outer, Subset(stored, [0, 1])) == 0
-    # In-memory stores of their own (slices or copies of one tensor): told by the images' bytes.
+    # A copy that says what it holds (a DataModule's split moved to a device) is those items.
+    copy = TensorDataset(stored.tensors[0][[5, 6]])
+    copy.stored_items = (stored, [5, 6])
+    assert shared_items(outer, copy) == 1 and shared_items(Subset(copy, [1]), Subset(stored, [6])) == 1
+    # In-memory stores of their own (slices or copies of one tensor): identical images, by bytes.
     images = torch.rand(40, 1, 4, 4)
-    assert shared_items(TensorDataset(images[:30]), TensorDataset(images[:10].clone(), torch.arange(10))) == 10
-    assert shared_items(Subset(TensorDataset(images[20:].clone()), [0, 1, 19]), TensorDataset(images[:25])) == 2
-    assert shared_items(TensorDataset(images[:20]), TensorDataset(images[20:])) == 0
-    assert shared_items(TensorDataset(images[:5]), TensorDataset(images[:5].double())) == 0  # another dtype: other bytes
+    assert identical_images(TensorDataset(images[:30]), TensorDataset(images[:10].clone(), torch.arange(10))) == 10
+    assert identical_images(Subset(TensorDataset(images[20:].clone()), [0, 1, 19]), TensorDataset(images[:25])) == 2
+    assert identical_images(TensorDataset(images[:20]), TensorDataset(images[20:])) == 0
+    assert identical_images(TensorDataset(images[:5]), TensorDataset(images[:5].double())) == 0  # other bytes
+    assert identical_images(outer, Subset(stored, [0])) is None  # one store: shared_items tells
 
     class Stored(torch.utils.data.Dataset):  # any other dataset: reading every image of both is not done
         def __len__(self):
@@ -331,16 +336,25 @@ def test_shared_items_counts_the_stored_items_two_subsets_have_in_common():
         def __getitem__(self, index):
             return images[index]
 
-    assert shared_items(Stored(), TensorDataset(images)) is None
+    assert shared_items(Stored(), TensorDataset(images)) is None and identical_images(Stored(), TensorDataset(images)) is None
 
 
-def test_a_calibration_tensor_dataset_of_training_images_is_refused_though_stored_apart():
+def test_a_calibration_tensor_dataset_of_training_images_stored_apart_is_warned_and_a_device_split_is_not():
     # A new-user trial: TensorDataset(x[:1000]) to train on, TensorDataset(x[:300]) to calibrate on.
     images = _images(48, 0)
     callback = GECOCallback(drive="calibration", calibration_dataset=TensorDataset(images[:8].clone()))
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
-    with pytest.raises(ValueError, match=re.escape("the calibration split shares 8 of its 8 images with the training set (40 images)")):
+    with pytest.warns(UserWarning, match=re.escape("GECO: 8 of the calibration split's 8 images are identical, byte for byte, "
+                                                   "to training images: if the split was cut from the training set")):
         trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(images[:40]), batch_size=8))
+    # The DataModule's own split moved to the device: told by its items, not by shapes that repeat
+    # (12 of 200 generated shapes matched training ones byte for byte, and the fit was refused).
+    data = ShapesDataModule(image_size=16, num_train=2000, num_val=100, num_calibration=200, batch_size=16, device="cpu")
+    callback = GECOCallback(drive="calibration", calibration_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, limit_val_batches=1, callbacks=[callback]).fit(tiny_conv_vae(), data)
+    assert not [w for w in caught if "calibration split" in str(w.message)] and callback.geco.num_measurements == 1
 
 
 def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():

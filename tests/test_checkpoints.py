@@ -183,6 +183,15 @@ def test_a_model_with_a_classifier_constraint_loads_where_the_classifier_file_is
     classifier_file = save_classifier(tmp_path / "classifier.ckpt", bias=[0.5, -1.0, 2.0])
     constraint = ClassificationConstraint(FrozenClassifier(str(classifier_file)), 0.3, "prediction")
     model = _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([ReconstructionMSE(0.02), constraint])), tmp_path)
+    # A classifier trained by train.py carries LightningCLI's _class_path and _instantiator among
+    # its hyperparameters, which the loaded model's hparams do not: still the same classifier
+    # (every load warned "now holds another classifier").
+    saved = torch.load(classifier_file, weights_only=False)
+    saved["hyper_parameters"].update(_class_path="lightning_geco.ImageClassifier", _instantiator="pytorch_lightning.cli.instantiate_module")
+    torch.save(saved, classifier_file)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*now holds another classifier.*")
+        ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
     classifier_file.unlink()
     with pytest.warns(UserWarning, match=re.escape(f"Classifier checkpoint {classifier_file} not found: the classifier is built")):
         loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")

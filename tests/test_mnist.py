@@ -139,7 +139,9 @@ def test_a_classifier_that_trained_on_the_held_out_images_is_refused_with_the_sp
     trainer.fit(classifier, MNISTDataModule(root=str(tmp_path), num_val=20, num_calibration=20, batch_size=16))
     trainer.save_checkpoint(tmp_path / "classifier.ckpt")
     reader = FrozenClassifier(str(tmp_path / "classifier.ckpt"))
-    assert reader.trained_split == {"seed": 0, "num_val": 20, "num_calibration": 20, "num_items": 120, "source": "train"}
+    assert reader.trained_split == {
+        "seed": 0, "num_val": 20, "num_calibration": 20, "num_items": 120, "source": "train", "dataset": "MNISTDataModule"
+    }
 
     def fit(**split):
         pl.seed_everything(0)

@@ -264,3 +264,37 @@ def test_a_users_own_tensors_get_errors_that_name_what_to_pass():
         GECOObjective([PatchNCC(0.8)]).lagrangian(rate, torch.rand(8, 20), torch.rand(8, 20))
     with pytest.raises(ValueError, match=r"a PSNR in dB \(peak 255\) must lie in \(0, 100\]"):
         ReconstructionMSE(130, unit="psnr", peak=255)
+
+
+def _first_batch_on_rank(rank, world_size, port, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        objective = GECOObjective([ReconstructionBCE(0.5)])
+        attach_fixed_lambda(objective, 1.0)
+        x = torch.full((4, 3), 1.0 if rank == 0 else 255.0)  # rank 1's batch alone is out of [0, 1]
+        try:
+            objective.lagrangian(torch.zeros(4), x, x.clamp(0, 1), decoder_output=torch.zeros(4, 3))
+            said = "no error"
+        except ValueError as error:
+            said = str(error)
+        with open(f"{out}/rank{rank}.txt", "w") as handle:
+            handle.write(said)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_first_batch_refused_on_one_rank_is_refused_on_every_rank(tmp_path):
+    # Each rank checks its own first batch: one raising alone left the others waiting in the
+    # gradients' all-reduce.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_first_batch_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "GECOObjective: another rank refused its first training batch (see its error)."
+    assert (tmp_path / "rank1.txt").read_text().startswith("ReconstructionBCE reads the data as probabilities in [0, 1]")

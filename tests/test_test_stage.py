@@ -268,8 +268,8 @@ def test_ckpt_path_last_says_when_it_evaluates_an_interrupted_run(capsys, caplog
     capsys.readouterr()
     with caplog.at_level("INFO"):
         main(["validate", *_small_default("--ckpt_path", "last")])
-    assert (f"--ckpt_path last: validate: run {last.parent.name} at step 2, of 10 planned: an interrupted run, not a "
-            "trained model") in caplog.text
+    assert (f"--ckpt_path last: validate: run {last.parent.name} at step 2, of 10 planned: a run stopped before its "
+            "end (interrupted, or stopped early)") in caplog.text
 
 
 def test_a_test_with_only_the_test_files_checks_those_and_trainer_predict_reads_the_test_split(tmp_path):
@@ -396,7 +396,7 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
     checkpoint = tmp_path / "model.ckpt"
     model.trainer.save_checkpoint(checkpoint)
     assert torch.load(checkpoint, weights_only=False)["MNISTDataModule"]["split"] == {
-        "seed": 0, "num_val": 16, "num_calibration": 0, "num_items": 48, "source": "train"
+        "seed": 0, "num_val": 16, "num_calibration": 0, "num_items": 48, "source": "train", "dataset": "MNISTDataModule"
     }
     refusals = {
         "seed=5 (it was 0): another draw, whose validation images are mostly ones the model trained on": data(seed=5),

@@ -764,6 +764,7 @@ def test_compare_reads_a_resumed_runs_newest_summary_names_test_rows_and_refuses
     # W&B's latest-run link is the run it points at: the same run as its folder, its own name.
     (tmp_path / "latest-run").symlink_to(resumed)
     assert load_run(tmp_path / "latest-run").name == resumed.name
+    assert load_run(tmp_path / "latest-run" / "files" / "summary.json").name == resumed.name  # through it, too
     assert compare_main([str(tmp_path / "latest-run"), str(first), "--out", str(tmp_path / "latest")]) == 2
     assert "are the same run" in capsys.readouterr().err
     # A fit that stopped with an error wrote verdict null and the error: the row says so.

@@ -813,3 +813,20 @@ def test_a_fit_stopped_before_its_plan_says_so_in_its_line():
         tiny_conv_vae(), DataLoader(TensorDataset(_images(64)), batch_size=8),
         DataLoader(TensorDataset(_images(16, seed=1)), batch_size=16))
     assert "stopped" not in full.verdict_line
+
+
+def test_a_finished_segment_clears_the_error_an_interrupted_one_left_in_the_wandb_summary(tmp_path):
+    # Ctrl-C wrote summary/error into the W&B run's summary; the resumed run (same id) finished
+    # and updated its own keys, and the dashboard showed a finished run with an error.
+    from types import SimpleNamespace
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    logger = object.__new__(WandbLogger)
+    logger._experiment = SimpleNamespace(summary={}, dir=str(tmp_path))
+    trainer = SimpleNamespace(is_global_zero=True, fast_dev_run=False, loggers=[logger])
+    RunSummary._write(trainer, "summary.json", {"verdict": None, "error": "KeyboardInterrupt"}, "summary")
+    assert logger._experiment.summary["summary/error"] == "KeyboardInterrupt"
+    RunSummary._write(trainer, "summary.json", {"verdict": "met", "distortion": 0.0049}, "summary")
+    assert logger._experiment.summary["summary/error"] is None and logger._experiment.summary["summary/verdict"] == "met"
+    assert "error" not in json.loads((tmp_path / "summary.json").read_text())
