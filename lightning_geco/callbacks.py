@@ -798,7 +798,9 @@ class GECOCallback(Callback):
                 "model trains on. Carve the calibration split out of the training set (the DataModule's "
                 "num_calibration does, e.g. --data.num_calibration 1000) or use drive='training'."
             )
-        if identical := identical_images(calibration, training):
+        # Byte-identical images are compared for a split the user handed over only: the
+        # DataModules carve theirs apart by construction, and generated shapes repeat by nature.
+        if self.calibration_dataset is not None and (identical := identical_images(calibration, training)):
             # Stored apart: a slice of the training tensor, or images that repeat by nature.
             rank_zero_warn(
                 f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
@@ -825,7 +827,9 @@ class GECOCallback(Callback):
                 "calibration split images of its own (the DataModule's num_calibration carves them from the "
                 "training set)."
             )
-        elif validation is not None and (identical := identical_images(calibration, validation)):
+        elif self.calibration_dataset is not None and validation is not None and (
+            identical := identical_images(calibration, validation)
+        ):
             rank_zero_warn(
                 f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
                 "for byte, to validation images: if the split was cut from the validation set, the verdict judges "

@@ -355,6 +355,12 @@ def test_a_calibration_tensor_dataset_of_training_images_stored_apart_is_warned_
         warnings.simplefilter("always")
         quiet_trainer(max_steps=2, limit_val_batches=1, callbacks=[callback]).fit(tiny_conv_vae(), data)
     assert not [w for w in caught if "calibration split" in str(w.message)] and callback.geco.num_measurements == 1
+    # Nor the validation set of the shapes classifier config's sizes (5 of 2000 repeat by nature).
+    data = ShapesDataModule(image_size=16, num_train=3000, num_val=2000, num_calibration=2000, batch_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, limit_val_batches=1, callbacks=[GECOCallback(drive="calibration")]).fit(tiny_conv_vae(), data)
+    assert not [w for w in caught if "calibration split" in str(w.message)]
 
 
 def test_gather_is_default_collate_of_the_items_in_one_indexing_operation():
