@@ -190,6 +190,23 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
             f"{configured_objective} (--model.init_args.objective). Resume with the objective it was trained with, "
             "or start a new run without --ckpt_path."
         )
+    saved_constraints, configured_constraints = _saved_constraints(hyperparameters), _configured_constraints(model)
+    if saved_constraints is not None and configured_constraints and saved_constraints != configured_constraints:
+        # The multipliers are one per constraint: another list does not load (a size-mismatch trace).
+        raise ConfigurationError(
+            f"--ckpt_path {ckpt_path} was trained with the constraints {_listed(saved_constraints)}; the config has "
+            f"{_listed(configured_constraints)}. A checkpoint holds one lambda per constraint: resume with its "
+            "constraints, or start a new run without --ckpt_path."
+        )
+    saved_likelihood = (hyperparameters.get("likelihood") or {}).get("class_path")
+    configured_likelihood = init_args.get("likelihood")
+    configured_likelihood = configured_likelihood.get("class_path") if isinstance(configured_likelihood, Namespace) else None
+    if saved_likelihood and configured_likelihood and import_object(saved_likelihood) is not import_object(configured_likelihood):
+        raise ConfigurationError(
+            f"--ckpt_path {ckpt_path} was trained with the likelihood {saved_likelihood}; the config's is "
+            f"{configured_likelihood} (--model.init_args.likelihood). Resume with the likelihood it was trained with, "
+            "or start a new run without --ckpt_path."
+        )
     for key in getattr(config_class, "architecture_keys", ()):
         # image_shape comes from the data only when the classes are built (a link): the
         # model's on_load_checkpoint compares it then.
@@ -203,6 +220,34 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
                     f"{key}={configured!r} (--model.init_args.{key}). A checkpoint only loads into the model it was "
                     "built for: use its setting, or start a new run without --ckpt_path."
                 )
+
+
+def _saved_constraints(hyperparameters: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """(class name, constraint name) of each constraint a checkpoint's objective records; None
+    where it records none (another objective, or one that did not state its arguments)."""
+    objective = hyperparameters.get("objective") or {}
+    constraints = (objective.get("init_args") or {}).get("constraints") if isinstance(objective, dict) else None
+    if not isinstance(constraints, list) or not all(isinstance(c, dict) and "class_path" in c for c in constraints):
+        return None
+    try:
+        return [
+            (str(c["class_path"]).rsplit(".", 1)[-1], (c.get("init_args") or {}).get("name") or _default_name(c["class_path"]))
+            for c in constraints
+        ]
+    except (ImportError, AttributeError, ValueError):  # a class not importable here: loading says so
+        return None
+
+
+def _configured_constraints(model: Namespace) -> list[tuple[str, str]]:
+    """The same of the config's objective (empty when it has none)."""
+    return [
+        (str(c.class_path).rsplit(".", 1)[-1], (c.get("init_args") or Namespace()).get("name") or _default_name(c.class_path))
+        for c in _constraint_namespaces(model)
+    ]
+
+
+def _listed(constraints: list[tuple[str, str]]) -> str:
+    return "[" + ", ".join(f"{kind} {name!r}" for kind, name in constraints) + "]"
 
 
 #: model settings a resumed run cannot change: the optimizer and its schedule continue from the checkpoint

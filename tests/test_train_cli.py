@@ -567,6 +567,26 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
         r"the config's objective is \S*ELBO \(--model.init_args.objective\)",
         err,
     ), err
+    # Another list of constraints (one lambda each): one line before the W&B run, not a size-mismatch trace after it.
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    config["model"]["init_args"]["objective"]["init_args"]["constraints"].append(
+        {"class_path": "lightning_geco.PatchNCC", "init_args": {"minimum": 0.5, "patch_size": 4, "stride": 4}}
+    )
+    (Path("two.yaml")).write_text(yaml.safe_dump(config))
+    runs = sorted(Path("runs/wandb").glob("*run-*"))
+    for subcommand in ("test", "fit"):
+        with pytest.raises(SystemExit):
+            main([subcommand, "--config", "two.yaml", "--ckpt_path", str(last)])
+        err = capsys.readouterr().err
+        assert (f"--ckpt_path {last} was trained with the constraints [ReconstructionMSE 'reconstruction']; the config "
+                "has [ReconstructionMSE 'reconstruction', PatchNCC 'pncc']. A checkpoint holds one lambda per "
+                "constraint") in err, err
+    with pytest.raises(SystemExit):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--model.init_args.likelihood",
+                  "lightning_geco.BernoulliLikelihood", "--ckpt_path", str(last)))
+    assert re.search(rf"--ckpt_path {re.escape(str(last))} was trained with the likelihood \S*GaussianLikelihood; the "
+                     r"config's is \S*BernoulliLikelihood", capsys.readouterr().err)
+    assert sorted(Path("runs/wandb").glob("*run-*")) == runs
     with pytest.warns(UserWarning, match=r"continues its optimizer and learning-rate schedule with "
                       r"learning_rate=0\.001 \(the config asks for 0\.01\), lr_schedule='cosine' \(the config "
                       r"asks for 'constant'\)"):
