@@ -585,6 +585,7 @@ class GECOLightningCLI(LightningCLI):
         if self.trainer.max_steps == 0:
             _fail("--trainer.max_steps 0 trains no step; set it > 0 (or -1 to train for --trainer.max_epochs).")
         self._check_image_shape()
+        self._check_dataset()
         self._check_held_out_split()
         if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
             # Lightning means fast_dev_run to write no checkpoint, but 2.6's ModelCheckpoint writes
@@ -669,10 +670,23 @@ class GECOLightningCLI(LightningCLI):
         # A checkpoint of one of the config's runs is read where fit wrote it, so Lightning's
         # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
         self._check_image_shape()
+        self._check_dataset()
         if self.resumed_run_id is not None:
             self._checkpoints_into(self.resumed_run_id)
         if self.subcommand == "validate":
             self._check_held_out_split()
+
+    def _check_dataset(self) -> None:
+        """Warn when the checkpoint's model trained on another DataModule than this run reads:
+        Lightning restores a DataModule's state by its class name, so another one gets none,
+        and nothing of it is checked (a Fashion-MNIST model tested under the MNIST config)."""
+        name = type(self.datamodule).__qualname__
+        if not self._checkpoint_splits or name in self._checkpoint_splits:
+            return
+        trained = ", ".join(sorted(self._checkpoint_splits))
+        doing = "resumes on" if self.subcommand == "fit" else f"{self.subcommand}s it on"
+        what = "it is not that run continued" if self.subcommand == "fit" else "its figures are of data it did not train on"
+        rank_zero_warn(f"The checkpoint's model was trained on {trained}; this run {doing} {name}, another dataset: {what}.")
 
     def _check_held_out_split(self) -> None:
         """Refuse, before the W&B run starts, a split that would validate on images the

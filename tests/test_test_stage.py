@@ -487,3 +487,19 @@ def test_train_py_refuses_another_split_before_its_wandb_run_starts(tmp_path, ca
         main(["fit", *config, "--ckpt_path", "last", "--data.num_val", "8", "--data.num_calibration", "8"])
     assert capsys.readouterr().err.startswith("error: MNISTDataModule: the checkpoint's run held out num_val=16; this resumed fit")
     assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # refused before a W&B run started
+
+
+def test_train_py_test_of_a_model_on_another_dataset_says_so(capsys):
+    # A Fashion-MNIST checkpoint tested under the MNIST config (`last` was the newest run): Lightning
+    # restores a DataModule's state by class name, so nothing was checked and nothing said.
+    make_mnist(Path("data/MNIST/raw"), 40, "t10k", gzipped=True)
+    main(["fit", *_small_default("--data.init_args.image_size", "28", "--trainer.max_steps", "2",
+                                 "--trainer.num_sanity_val_steps", "0")])
+    (last,) = Path("runs/checkpoints/default").glob("*/last.ckpt")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=re.escape(
+        "The checkpoint's model was trained on ShapesDataModule; this run tests it on MNISTDataModule, another dataset: "
+        "its figures are of data it did not train on."
+    )):
+        main(["test", *_small_default("--data", "lightning_geco.datamodules.MNISTDataModule", "--data.root", "data",
+                                      "--data.batch_size", "8", "--ckpt_path", str(last))])
