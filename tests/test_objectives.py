@@ -250,6 +250,11 @@ def test_the_lagrangian_checks_the_first_training_batch_once_as_the_collections_
     # A tolerance below the data's own entropy is refused at the first batch, as in training_step.
     with pytest.raises(ValueError, match=r"ReconstructionBCE tolerance 0.01 nats/element cannot be met"):
         objective(ReconstructionBCE(0.01)).lagrangian(rate, torch.full((8, 4), 0.5), torch.zeros(8, 4), decoder_output=torch.zeros(8, 4))
+    # Within 10 % above it: one batch's entropy is a sample of it, warned.
+    grey = torch.full((8, 4), 0.5)  # 0.6931 nats/element
+    with pytest.warns(UserWarning, match=re.escape("ReconstructionBCE tolerance 0.74 nats/element lies within 10 % of "
+                                                   "the data's own entropy on the first batch (0.6931 nats/element)")):
+        objective(ReconstructionBCE(0.74)).lagrangian(rate, grey, grey, decoder_output=torch.zeros(8, 4))
 
 
 def test_a_users_own_tensors_get_errors_that_name_what_to_pass():
