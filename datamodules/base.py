@@ -31,6 +31,7 @@ __all__ = [
     "find_file",
     "missing_files_message",
     "seeded_split",
+    "split_indices",
     "subset",
 ]
 

@@ -14,7 +14,15 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
-__all__ = ["batch_images", "batch_labels", "dataset_length", "gather", "identical_images", "shared_items"]
+__all__ = [
+    "IDENTICAL_IMAGES_MAX_BYTES",
+    "batch_images",
+    "batch_labels",
+    "dataset_length",
+    "gather",
+    "identical_images",
+    "shared_items",
+]
 
 
 def batch_images(batch: Any) -> Tensor:

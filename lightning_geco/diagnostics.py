@@ -40,7 +40,7 @@ from lightning_geco.panels import (
 )
 from lightning_geco.resume import forked_rng, seed_device
 
-__all__ = ["DiagnosticPanels"]
+__all__ = ["PANEL_SEED", "DiagnosticPanels"]
 
 #: seed of the panels' own random draws (the prior samples), the same at every validation
 PANEL_SEED = 0

@@ -338,7 +338,9 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
 
     assert OmniglotDataModule("nowhere").state_dict() == {
         "shuffle_seed": None, "source": None,
-        "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None}, "batch_size": 64,
+        "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None,
+                  "dataset": "OmniglotDataModule"},
+        "batch_size": 64, "world_size": None,
     }
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
