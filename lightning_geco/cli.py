@@ -181,15 +181,16 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
                 "with, or start a new run without --ckpt_path."
             )
     init_args = model.get("init_args") or Namespace()
-    saved_objective = (hyperparameters.get("objective") or {}).get("class_path")
-    configured = init_args.get("objective")
-    configured_objective = configured.get("class_path") if isinstance(configured, Namespace) else None
-    if saved_objective and configured_objective and import_object(saved_objective) is not import_object(configured_objective):
-        raise ConfigurationError(
-            f"--ckpt_path {ckpt_path} was trained with the objective {saved_objective}; the config's objective is "
-            f"{configured_objective} (--model.init_args.objective). Resume with the objective it was trained with, "
-            "or start a new run without --ckpt_path."
-        )
+    for piece in ("objective", "likelihood"):  # the pieces a model is given: refused when of another class
+        saved = (hyperparameters.get(piece) or {}).get("class_path")
+        configured = init_args.get(piece)
+        configured_path = configured.get("class_path") if isinstance(configured, Namespace) else None
+        if saved and configured_path and import_object(saved) is not import_object(configured_path):
+            raise ConfigurationError(
+                f"--ckpt_path {ckpt_path} was trained with the {piece} {saved}; the config's {piece} is "
+                f"{configured_path} (--model.init_args.{piece}). Resume with the {piece} it was trained with, "
+                "or start a new run without --ckpt_path."
+            )
     saved_constraints, configured_constraints = _saved_constraints(hyperparameters), _configured_constraints(model)
     if saved_constraints is not None and configured_constraints and saved_constraints != configured_constraints:
         # The multipliers are one per constraint: another list does not load (a size-mismatch trace).
@@ -197,15 +198,6 @@ def check_checkpoint_matches(model: Namespace, hyperparameters: dict[str, Any], 
             f"--ckpt_path {ckpt_path} was trained with the constraints {_listed(saved_constraints)}; the config has "
             f"{_listed(configured_constraints)}. A checkpoint holds one lambda per constraint: resume with its "
             "constraints, or start a new run without --ckpt_path."
-        )
-    saved_likelihood = (hyperparameters.get("likelihood") or {}).get("class_path")
-    configured_likelihood = init_args.get("likelihood")
-    configured_likelihood = configured_likelihood.get("class_path") if isinstance(configured_likelihood, Namespace) else None
-    if saved_likelihood and configured_likelihood and import_object(saved_likelihood) is not import_object(configured_likelihood):
-        raise ConfigurationError(
-            f"--ckpt_path {ckpt_path} was trained with the likelihood {saved_likelihood}; the config's is "
-            f"{configured_likelihood} (--model.init_args.likelihood). Resume with the likelihood it was trained with, "
-            "or start a new run without --ckpt_path."
         )
     for key in getattr(config_class, "architecture_keys", ()):
         # image_shape comes from the data only when the classes are built (a link): the

@@ -585,7 +585,7 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
         main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--model.init_args.likelihood",
                   "lightning_geco.BernoulliLikelihood", "--ckpt_path", str(last)))
     assert re.search(rf"--ckpt_path {re.escape(str(last))} was trained with the likelihood \S*GaussianLikelihood; the "
-                     r"config's is \S*BernoulliLikelihood", capsys.readouterr().err)
+                     r"config's likelihood is \S*BernoulliLikelihood", capsys.readouterr().err)
     assert sorted(Path("runs/wandb").glob("*run-*")) == runs
     with pytest.warns(UserWarning, match=r"continues its optimizer and learning-rate schedule with "
                       r"learning_rate=0\.001 \(the config asks for 0\.01\), lr_schedule='cosine' \(the config "
