@@ -332,11 +332,16 @@ class ImageDataModule(pl.LightningDataModule):
         current = self.held_out_split()
         if module is None or current is None:
             return
+        readers: list[tuple[Any, dict[str, Any]]] = [
+            (reader, trained)
+            for reader in module.modules()
+            if isinstance(trained := getattr(reader, "trained_split", None), dict)
+            and all(trained.get(k) == current[k] for k in ("dataset", "source", "num_items"))
+        ]
+        if not readers:
+            return  # nothing to compare: no redraw of the splits at every setup
         _, validation, calibration = split_indices(current)
-        for reader in module.modules():
-            trained = getattr(reader, "trained_split", None)
-            if not isinstance(trained, dict) or any(trained.get(k) != current[k] for k in ("dataset", "source", "num_items")):
-                continue
+        for reader, trained in readers:
             reader_training = split_indices(trained)[0]
             seen_val, seen_cal = len(validation & reader_training), len(calibration & reader_training)
             if not (seen_val or seen_cal):

@@ -378,23 +378,27 @@ class ShortErrorParser(LightningArgumentParser):
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
+def _callback_state(checkpoint: dict[str, Any], callback: str) -> dict[str, Any]:
+    """The saved state of the checkpoint's first callback of class ``callback`` (Lightning keys
+    them by class name and arguments); empty where there is none."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith(callback) and isinstance(state, dict):
+            return state
+    return {}
+
+
 def _written_into(checkpoint: dict[str, Any]) -> Path | None:
     """The folder a checkpoint's ModelCheckpoint wrote it into (its saved ``dirpath``), if any."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("dirpath"):
-            return Path(state["dirpath"]).resolve()
-    return None
+    dirpath = _callback_state(checkpoint, "ModelCheckpoint").get("dirpath")
+    return Path(dirpath).resolve() if dirpath else None
 
 
 def _planned_steps_of(checkpoint: dict[str, Any]) -> int | None:
     """The optimizer steps the checkpoint's fit planned (its GECOCallback's stall detector keeps
     them); None where it does not say."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if str(key).startswith("GECOCallback") and isinstance(state, dict):
-            detector = state.get("stall_detector")
-            if isinstance(detector, dict) and isinstance(detector.get("last_step"), int):
-                return int(detector["last_step"])
-    return None
+    detector = _callback_state(checkpoint, "GECOCallback").get("stall_detector")
+    last_step = detector.get("last_step") if isinstance(detector, dict) else None
+    return last_step if isinstance(last_step, int) else None
 
 
 def _fail(message: str, exit_code: int = 2) -> NoReturn:

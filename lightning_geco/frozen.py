@@ -39,9 +39,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _trained_split(path: Path) -> dict[str, Any] | None:
+def _trained_split(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The ``split`` a checkpoint's DataModule state records (``ImageDataModule.held_out_split``)."""
-    checkpoint = mapped_checkpoint(path)
     for value in checkpoint.values():
         if isinstance(value, dict) and isinstance(value.get("split"), dict):
             return dict(value["split"])
@@ -90,14 +89,16 @@ class FrozenClassifier(FrozenNetwork):
         #: calibrate on images it trained on
         self.trained_split: dict[str, Any] | None = None
         path = Path(checkpoint).expanduser()
-        if architecture is not None and path.is_file() and _plain(checkpoint_head(path)[0]) != _plain(architecture):
+        # Read once, memory-mapped (not the weights): its hyperparameters and its DataModule's split.
+        saved = mapped_checkpoint(path) if path.is_file() else None
+        if architecture is not None and saved is not None and _plain(checkpoint_head(saved)[0]) != _plain(architecture):
             rank_zero_warn(
                 f"Classifier checkpoint {path} now holds another classifier than the one recorded with this model "
                 "(retrained at the same path?): the recorded architecture is built, and its weights must come from "
                 "the checkpoint being loaded (a model trained with it holds them)."
             )
             self.classifier = ImageClassifier(**architecture)
-        elif path.is_file() or architecture is None:
+        elif saved is not None or architecture is None:
             path = _existing_file(
                 checkpoint,
                 "Classifier checkpoint",
@@ -112,7 +113,8 @@ class FrozenClassifier(FrozenNetwork):
                     f"{error}). Point `checkpoint` to the .ckpt of a classifier run, e.g. `python train.py fit "
                     "--config configs/mnist_classifier.yaml` writes runs/checkpoints/mnist_classifier/last.ckpt."
                 ) from error
-            self.trained_split = _trained_split(path)
+            assert saved is not None  # _existing_file raised otherwise
+            self.trained_split = _trained_split(saved)
         else:
             rank_zero_warn(
                 f"Classifier checkpoint {path} not found: the classifier is built from the architecture recorded "
