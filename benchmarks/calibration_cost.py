@@ -6,7 +6,7 @@
 ``GECOCallback(drive="calibration")`` reads ``calibration_batch_size`` held-out images (64)
 without gradients every ``calibration_every`` optimizer steps (16). This trains the default
 ConvVAE on generated shapes with that drive and times, inside the same run, the calibration
-measurements (``measure_calibration``: drawing the images, the no-grad eval-mode pass and the
+measurements (``CalibrationStream.measure``: drawing the images, the no-grad eval-mode pass and the
 constraint sums) and the training steps (``on_train_batch_start`` to ``on_train_batch_end``,
 which holds the measurement: GECO takes it in ``on_before_optimizer_step``). Both timings come
 from one run, so the machine's noise between runs does not enter the ratio.
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning_geco.callbacks as callbacks  # noqa: E402
+import lightning_geco.calibration as calibration  # noqa: E402
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE  # noqa: E402
 
@@ -58,7 +58,7 @@ def one_round(args, seed: int) -> dict:
     model = ConvVAE(objective=GECOObjective(constraints=[ReconstructionMSE(0.005)]), image_shape=data.image_shape)
     geco = GECOCallback(drive="calibration", calibration_every=args.calibration_every)
     measuring = {"seconds": 0.0, "count": 0, "forward": 0.0, "timed": False}
-    measure, forward = geco.measure_calibration, callbacks._calibration_output
+    measure, forward = calibration.CalibrationStream.measure, calibration._calibration_output
 
     def timed_forward(pl_module, x, labels):
         begin = time.perf_counter()
@@ -67,17 +67,17 @@ def one_round(args, seed: int) -> dict:
             measuring["forward"] += time.perf_counter() - begin
         return output
 
-    def timed_measure(trainer, pl_module):
+    def timed_measure(stream, trainer, pl_module, objective, measurement):
         measuring["timed"] = trainer.global_step >= args.warmup
         begin = time.perf_counter()
-        result = measure(trainer, pl_module)
+        result = measure(stream, trainer, pl_module, objective, measurement)
         if trainer.global_step >= args.warmup:
             measuring["seconds"] += time.perf_counter() - begin
             measuring["count"] += 1
         return result
 
-    geco.measure_calibration = timed_measure  # type: ignore[method-assign]
-    callbacks._calibration_output = timed_forward
+    calibration.CalibrationStream.measure = timed_measure  # type: ignore[method-assign]
+    calibration._calibration_output = timed_forward
     timer = _Timer(args.warmup)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
@@ -86,7 +86,8 @@ def one_round(args, seed: int) -> dict:
     try:
         trainer.fit(model, data)
     finally:
-        callbacks._calibration_output = forward
+        calibration.CalibrationStream.measure = measure  # type: ignore[method-assign]
+        calibration._calibration_output = forward
     return {
         "forward_ms": 1e3 * measuring["forward"] / max(1, measuring["count"]),
         "step_ms": 1e3 * timer.total / args.steps,

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,21 +36,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather, identical_images, shared_items
+from lightning_geco.batches import dataset_length
+from lightning_geco.calibration import NO_CALIBRATION_SPLIT, CalibrationStream, why_not_measurable
+from lightning_geco.collectives import all_reduce_sum
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
-from lightning_geco.geco import (
-    DEFAULT_LOG_LAMBDA_BOUNDS,
-    DRIVES,
-    GECO,
-    MultiplierState,
-    constraint_means,
-    constraint_statistics,
-)
+from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_means
 from lightning_geco.metrics import compiler_available
 from lightning_geco.objectives import GECOObjective
-from lightning_geco.records import VAEOutput
-from lightning_geco.resume import forked_rng, seed_device
 from lightning_geco.verdict import StallDetector
 
 #: what ``GECOCallback(drive=...)`` accepts: GECO's two drives, or ``"auto"`` to pick one per run
@@ -80,7 +71,6 @@ __all__ = [
     "CALLBACK_DRIVES",
     "CONTROLLER_DEFAULTS",
     "GECOCallback",
-    "NO_CALIBRATION_SPLIT",
     "NonFiniteConstraintError",
     "UNLOGGED_CHECK_EVERY",
     "UNPLANNED_STALL_WINDOW",
@@ -124,16 +114,6 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return due or last
 
 
-def _all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
-    """Sum over all ranks, identical everywhere. One all-reduce under torch.distributed (the
-    strategy's ``reduce`` adds a barrier: a second collective per step); other strategies
-    (e.g. XLA) go through ``strategy.reduce``."""
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
-    return trainer.strategy.reduce(tensor, reduce_op="sum")
-
-
 def _learning_rate(optimizer: Optimizer) -> float:
     """The first parameter group's learning rate, as a Python float (a tensor learning rate, as
     capturable optimizers keep, is read on the host: a sync on a GPU)."""
@@ -154,102 +134,6 @@ def _planned_epochs(trainer: pl.Trainer, planned_steps: int | None) -> float:
     if planned_steps is None or not math.isfinite(batches) or batches <= 0:
         return 0.0
     return planned_steps / math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-
-
-def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor | None) -> VAEOutput:
-    """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take
-    it, or ``model(x)`` when the images have no labels (a user's ``forward(self, x)``)."""
-    message = (
-        f"GECOCallback(drive='calibration') reads the model as model(x, labels) -> VAEOutput (model(x) for "
-        f"images without labels), as the collection's models do; {type(pl_module).__name__} {{}}. Use "
-        "drive='training' with your own module, or have its forward(x, labels=None) return "
-        "VAEOutput.from_terms(x, reconstruction, rate)."
-    )
-    try:
-        output = pl_module(x) if labels is None else pl_module(x, labels)
-    except TypeError as error:
-        raise TypeError(message.format(f"cannot be called so ({error})")) from error
-    if not isinstance(output, VAEOutput):
-        raise TypeError(message.format(f"returned {type(output).__name__}"))
-    return output
-
-
-@contextmanager
-def _measuring(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, no gradients and the torch random state forked (CPU, and the module's CUDA or
-    MPS device) around a measurement; each submodule gets back the mode it had (one the user
-    froze in eval stays so)."""
-    modes = [(module, module.training) for module in pl_module.modules()]
-    pl_module.eval()
-    try:
-        with torch.no_grad(), forked_rng(pl_module.device), trainer.precision_plugin.forward_context():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _calibration_inputs(trainer: pl.Trainer, dataset: Dataset, indices: Sequence[int]) -> tuple[Tensor, Tensor | None]:
-    """``(x, labels)`` of the calibration images ``indices``, on the device and in the precision
-    the training batches get."""
-    batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(gather(dataset, list(indices))))
-    return batch_images(batch), batch_labels(batch)
-
-
-#: the refusal of drive="calibration" without a split (train.py says it before its W&B run starts)
-NO_CALIBRATION_SPLIT = (
-    "GECOCallback(drive='calibration') needs a calibration split the model does not train on: set the DataModule's "
-    "num_calibration (e.g. --data.num_calibration 1000, or a tenth of a smaller training set) or pass "
-    "GECOCallback(calibration_dataset=...)."
-)
-
-
-def _loader_dataset(loaders: Any) -> Dataset | None:
-    """The dataset of a fit's loader (the first, when there are several); None when there is none."""
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    elif isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    return getattr(loaders, "dataset", None)
-
-
-#: (shape of one image, mean magnitude, min, max) of a batch's images
-_ImageSummary = tuple[tuple[int, ...], float, float, float]
-
-
-def _image_summary(batch: Any) -> _ImageSummary | None:
-    """What the calibration images are checked against; None when the batch holds no images we can find."""
-    try:
-        x = batch_images(batch)
-    except TypeError:
-        return None
-    if x.dim() < 2 or x.numel() == 0:
-        return None
-    values = x.detach()
-    low, high = torch.aminmax(values)
-    return tuple(x.shape[1:]), float(values.float().abs().mean()), float(low), float(high)
-
-
-def _images_mismatch(training: _ImageSummary | None, calibration: _ImageSummary | None) -> str | None:
-    """Why calibration images are unlike the training images, or None: another shape, or a mean
-    magnitude more than 10x apart (images in [0, 255] beside [0, 1]: 255x; a sample's mean, not
-    its extremes, so standardised or heavy-tailed data of one kind pass)."""
-    if training is None or calibration is None:
-        return None
-    (shape, scale, low, high), (calibration_shape, calibration_scale, calibration_low, calibration_high) = training, calibration
-    if calibration_shape != shape:
-        return f"the calibration images have shape {calibration_shape}, the training images {shape}"
-    if scale > 0 and calibration_scale > 0 and not 0.1 <= calibration_scale / scale <= 10.0:
-        return (
-            f"the calibration images' mean magnitude is {calibration_scale:.4g} (range [{calibration_low:.4g}, "
-            f"{calibration_high:.4g}]), the first training batch's {scale:.4g} ([{low:.4g}, {high:.4g}])"
-        )
-    return None
-
-
-def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
-    """A seed that is a function of (seed, measurement number, stream) alone."""
-    return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
 #: the settings only some controllers read, and those controllers
@@ -531,15 +415,9 @@ class GECOCallback(Callback):
         self.geco: GECO | None = None
         self.objective: GECOObjective | None = None
         self.detector: StallDetector | None = None
-        self._calibration: Dataset | None = None
+        # the fit's calibration stream, when the calibration split drives lambda (set up per fit)
+        self._calibration: CalibrationStream | None = None
         self._last_calibration: Tensor | None = None
-        # _image_summary of this rank's first training batch of the fit, which the first calibration
-        # measurement is checked against (None: no images found in it, or not seen yet)
-        self._training_images: _ImageSummary | None = None
-        self._training_images_seen = False
-        self._calibration_checked = False
-        # whether this fit's calibration split was compared with its validation set
-        self._validation_overlap_checked = False
         self._warned_repeated_calls = False
         self._manual_updates = 0  # GECO's updates in this run under manual optimization (see _update_index)
         self._state_to_load: dict[str, Any] | None = None
@@ -573,12 +451,6 @@ class GECOCallback(Callback):
             raise self._not_set_up("the model's GECOObjective")
         return self.objective
 
-    @property
-    def _ready_calibration(self) -> Dataset:
-        if self._calibration is None:
-            raise self._not_set_up("the calibration split (drive='calibration')")
-        return self._calibration
-
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._resumed_drive = None  # a fit without a checkpoint chooses afresh; a checkpoint's is restored below
@@ -592,8 +464,7 @@ class GECOCallback(Callback):
         self._peak_learning_rate = None
         if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
             self._last_calibration = None
-            self._training_images, self._training_images_seen, self._calibration_checked = None, False, False
-            self._validation_overlap_checked = False
+            self._calibration = None
             self._manual_updates = 0  # a checkpoint's count is restored below
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
@@ -601,9 +472,10 @@ class GECOCallback(Callback):
             # its own so far; on_train_start hands it the plan.
             self.detector = StallDetector(geco.num_constraints, UNPLANNED_STALL_WINDOW, self.log_lambda_bounds[1])
         if stage == "fit" and self.drive == "calibration":
-            self._calibration = self._find_calibration(trainer)
-            if self._calibration is None:
+            calibration = self._find_calibration(trainer)
+            if calibration is None:
                 raise ValueError(NO_CALIBRATION_SPLIT)
+            self._calibration = self._stream(calibration)
         self._restore_if_pending()
 
     def _build_geco(self, objective: GECOObjective) -> GECO:
@@ -677,6 +549,11 @@ class GECOCallback(Callback):
             return None
         return dataset
 
+    def _stream(self, dataset: Dataset) -> CalibrationStream:
+        return CalibrationStream(
+            dataset, self.calibration_batch_size, self.calibration_seed, given=self.calibration_dataset is not None
+        )
+
     def reasons_for_calibration(self, trainer: pl.Trainer) -> list[str]:
         """Why the training batches would read better than new images in this fit (empty: they
         would not); what ``drive="auto"`` decides on. Needs the training loader's length, so it is
@@ -708,7 +585,7 @@ class GECOCallback(Callback):
         own_module = not isinstance(pl_module, VAEModule)
         why_not = None  # why a module of the user's could not be measured, when it was tried
         if own_module and calibration is not None and self._resumed_drive is None:
-            why_not = self._why_not_measurable(trainer, pl_module, calibration)
+            why_not = why_not_measurable(trainer, pl_module, self._ready_objective, calibration)
             if why_not is not None:
                 calibration = None
         choice = "calibration" if calibration is not None else "training"
@@ -731,7 +608,7 @@ class GECOCallback(Callback):
                     "num_calibration or pass GECOCallback(calibration_dataset=...)."
                 )
         self._ready_geco.drive = choice
-        self._calibration = calibration if choice == "calibration" else None
+        self._calibration = self._stream(calibration) if choice == "calibration" and calibration is not None else None
         if self._resumed_drive is not None:
             return
         if choice == "calibration":
@@ -773,69 +650,17 @@ class GECOCallback(Callback):
         if self.drive == "auto":
             self._choose_drive(trainer, pl_module)
         if self._calibration is not None:
-            self._refuse_training_images(trainer)
+            self._calibration.refuse_training_images(trainer)
         if self.detector is not None:
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
             planned = planned_steps(trainer)
             self.detector.plan(max(1, round(self.stall_window * planned)) if planned else UNPLANNED_STALL_WINDOW, planned)
 
-    def _refuse_training_images(self, trainer: pl.Trainer) -> None:
-        """Refuse a calibration split that shares images with the training set: it would steer
-        lambda by images the model learns, what ``drive="training"`` does, under another name.
-        Told from the datasets' Subset indices (the DataModules' splits, on a device too,
-        ``random_split``); two in-memory ``TensorDataset`` stores that hold identical images are
-        warned (:func:`~lightning_geco.batches.identical_images`: identical is not always the same
-        item); other stored datasets are not compared."""
-        calibration = self._ready_calibration
-        training = _loader_dataset(trainer.train_dataloader)
-        if training is None:
-            return
-        if shared := shared_items(calibration, training):
-            raise ValueError(
-                f"GECOCallback: the calibration split shares {shared} of its {dataset_length(calibration)} images "
-                f"with the training set ({dataset_length(training)} images): lambda would be steered by images the "
-                "model trains on. Carve the calibration split out of the training set (the DataModule's "
-                "num_calibration does, e.g. --data.num_calibration 1000) or use drive='training'."
-            )
-        # Byte-identical images are compared for a split the user handed over only: the
-        # DataModules carve theirs apart by construction, and generated shapes repeat by nature.
-        if self.calibration_dataset is not None and (identical := identical_images(calibration, training)):
-            # Stored apart: a slice of the training tensor, or images that repeat by nature.
-            rank_zero_warn(
-                f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
-                f"for byte, to training images: if the split was cut from the training set, lambda is steered by "
-                "images the model trains on. Carve it out of the training set (the DataModule's num_calibration "
-                "does) or use drive='training'; data that repeat images by nature (a finite grid) can ignore this."
-            )
-
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The validation set is known here (a fit without sanity check loads it at its first validation).
-        if trainer.state.fn != "fit" or self._calibration is None or self._validation_overlap_checked:
-            return
-        self._validation_overlap_checked = True
-        calibration = self._calibration
-        datamodule = getattr(trainer, "datamodule", None)
-        validation = getattr(datamodule, "val_dataset", None)
-        if validation is None:
-            validation = _loader_dataset(trainer.val_dataloaders)
-        if validation is not None and (shared := shared_items(calibration, validation)):
-            rank_zero_warn(
-                f"GECO: the calibration split shares {shared} of its {dataset_length(calibration)} images with the "
-                f"validation set ({dataset_length(validation)} images): the validation reading, and the verdict "
-                "from it, then judge images lambda was steered by, and read better than new images would. Give the "
-                "calibration split images of its own (the DataModule's num_calibration carves them from the "
-                "training set)."
-            )
-        elif self.calibration_dataset is not None and validation is not None and (
-            identical := identical_images(calibration, validation)
-        ):
-            rank_zero_warn(
-                f"GECO: {identical} of the calibration split's {dataset_length(calibration)} images are identical, byte "
-                "for byte, to validation images: if the split was cut from the validation set, the verdict judges "
-                "images lambda was steered by. Give the calibration split images of its own; data that repeat "
-                "images by nature (a finite grid) can ignore this."
-            )
+        if trainer.state.fn == "fit" and self._calibration is not None:
+            self._calibration.warn_validation_overlap(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The strategy has put the model on its device by now; the statistics must live there
@@ -860,9 +685,8 @@ class GECOCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_updated = False
         self._ready_geco.recorded_calls = 0
-        if not self._training_images_seen and self.active_drive == "calibration":
-            self._training_images_seen = True
-            self._training_images = _image_summary(batch)  # host reads on the fit's first batch only
+        if self._calibration is not None:
+            self._calibration.see_training_batch(batch)  # host reads on the fit's first batch only
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -883,12 +707,12 @@ class GECOCallback(Callback):
             rate = _learning_rate(torch_optimizer)
             self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
             geco.controller.pace.fill_(rate / self._peak_learning_rate if self._peak_learning_rate > 0 else 1.0)
-        statistics = _all_reduce_sum(trainer, geco.pending_statistics())
+        statistics = all_reduce_sum(trainer, geco.pending_statistics())
         geco.update(statistics)
-        if self.active_drive == "calibration" and self._update_index(trainer) % self.calibration_every == 0:
-            if not self._calibration_checked:
-                self._check_calibration_images(trainer, pl_module)
-            measured = _all_reduce_sum(trainer, self.measure_calibration(trainer, pl_module))
+        index = self._update_index(trainer)
+        if self._calibration is not None and index % self.calibration_every == 0:
+            measurement = self._calibration.measure(trainer, pl_module, self._ready_objective, index // self.calibration_every)
+            measured = all_reduce_sum(trainer, measurement)
             geco.control(measured, self.calibration_every)
             self._last_calibration = constraint_means(measured)
         self._manual_updates += 1
@@ -975,18 +799,6 @@ class GECOCallback(Callback):
         """Optimizer steps skipped in a row for a non-finite value (reading it syncs the host)."""
         return self.geco.num_consecutive_skips if self.geco is not None else 0
 
-    def _why_not_measurable(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> str | None:
-        """None when a module of the user's can be measured as the collection's models are
-        (``model(x, labels)`` on one calibration image returns a VAEOutput its constraints can
-        read), else why not: the error that call raised, which the caller reports."""
-        try:
-            with _measuring(trainer, pl_module):
-                x, labels = _calibration_inputs(trainer, dataset, [0])
-                self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels))
-        except Exception as error:  # noqa: BLE001 - a speculative call: whatever fails, train as before, and say why
-            return f"{type(error).__name__}: {error}"
-        return None
-
     def _update_index(self, trainer: pl.Trainer) -> int:
         """GECO's updates before the present one, which the calibration schedule is a function of:
         ``global_step`` under automatic optimization; under manual optimization, where
@@ -996,49 +808,6 @@ class GECOCallback(Callback):
         if trainer.lightning_module.automatic_optimization:
             return trainer.global_step
         return self._manual_updates
-
-    def _check_calibration_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse calibration images of another shape or scale than the training images (before the
-        first measurement of a fit): a measurement on them would steer lambda by a meaningless
-        reading (images in [0, 255] beside training images in [0, 1] drove lambda to 3.4 million).
-        Decided on every rank alike, from a flag all-reduced over the ranks."""
-        self._calibration_checked = True
-        dataset = self._ready_calibration
-        first = list(range(min(self.calibration_batch_size, dataset_length(dataset))))
-        with forked_rng(pl_module.device):  # a dataset's random transform draws here, not from training's
-            images = _calibration_inputs(trainer, dataset, first)[0]
-        problem = _images_mismatch(self._training_images, _image_summary(images))
-        flag = torch.tensor([0.0 if problem is None else 1.0], device=pl_module.device)
-        if float(_all_reduce_sum(trainer, flag)[0]) > 0:
-            raise ValueError(
-                "GECOCallback(drive='calibration'): "
-                + (problem or "another rank found the calibration images unlike its training images (see its error)")
-                + ". The calibration split must hold images like the training images (the same shape, scaling and "
-                "transforms), or lambda is steered by a reading of other data."
-            )
-
-    def measure_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        """This rank's ``[sum_1..sum_K, count, nonfinite]`` of the constraint values on its share of
-        measurement ``update index // calibration_every``'s calibration images (eval mode, no
-        gradients; see :meth:`_update_index`)."""
-        measurement = self._update_index(trainer) // self.calibration_every
-        dataset = self._ready_calibration
-        generator = torch.Generator().manual_seed(_measurement_seed(self.calibration_seed, measurement))
-        indices = torch.randint(dataset_length(dataset), (self.calibration_batch_size,), generator=generator)
-        mine = indices[trainer.global_rank :: trainer.world_size].tolist()
-        k = self._ready_geco.num_constraints
-        if not mine:
-            return torch.zeros(k + 2, device=pl_module.device)
-        with _measuring(trainer, pl_module):
-            # A dataset's random transform draws in a fork of its own, seeded: the images, and
-            # the latent noise after them, are functions of (seed, measurement, rank) alone.
-            with forked_rng(pl_module.device):
-                seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, -(trainer.global_rank + 1)))
-                x, labels = _calibration_inputs(trainer, dataset, mine)
-            # The latent noise of a measurement is seeded too, without touching the training RNG.
-            seed_device(pl_module.device, _measurement_seed(self.calibration_seed, measurement, trainer.global_rank + 1))
-            values = self._ready_objective.constraint_values(_calibration_output(pl_module, x, labels)).float()
-        return constraint_statistics(values)
 
     def regulated_ratio(self) -> list[float]:
         """Per constraint, the reading the controller regulates over its tolerance (1.1: 10 % past

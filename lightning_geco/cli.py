@@ -38,7 +38,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_geco.callbacks import NO_CALIBRATION_SPLIT, GECOCallback
+from lightning_geco.calibration import NO_CALIBRATION_SPLIT
+from lightning_geco.callbacks import GECOCallback
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.resume import RandomState, checkpoint_head, mapped_checkpoint

@@ -38,7 +38,7 @@ from lightning_geco.panels import (
     sample_grid,
     traversal_grid,
 )
-from lightning_geco.resume import forked_rng, seed_device
+from lightning_geco.resume import seeded_fork
 
 __all__ = ["PANEL_SEED", "DiagnosticPanels"]
 
@@ -118,8 +118,7 @@ class DiagnosticPanels(Callback):
             # The prior draws come from a fork, seeded: the training's random stream is the same
             # with panels or without (and on rank 0, which alone draws them, as on the others),
             # and every validation's samples decode the same codes, so the panels show the model change.
-            with forked_rng(pl_module.device):
-                seed_device(pl_module.device, PANEL_SEED)
+            with seeded_fork(pl_module.device, PANEL_SEED):
                 self._log_images(loggers, pl_module, images, step)
         finally:
             pl_module.train(was_training)

@@ -18,6 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_geco.collectives import raise_on_every_rank
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.distributions import LOG_2PI
 from lightning_geco.geco import GECO, MultiplierState, _as_fp32
@@ -324,7 +325,9 @@ class GECOObjective(Objective):
                     _check_sign(stated, output, values[:, k])
             except ValueError as error:
                 problem = error
-            _raise_on_every_rank(problem, output.x.device)
+            raise_on_every_rank(
+                problem, output.x.device, "GECOObjective: another rank refused its first training batch (see its error)."
+            )
             self._data_checked = True
         else:
             values = self.constraint_values(output)
@@ -397,17 +400,4 @@ def _check_sign(constraint: Constraint, output: VAEOutput, values: Tensor) -> No
             f"{constraint.lower_is_better}), is {100 * past:+.1f} % past it. For an 'at most' tolerance forward "
             "returns reading - tolerance; for an 'at least' one tolerance - reading, with lower_is_better = False."
         )
-
-
-def _raise_on_every_rank(problem: ValueError | None, device: torch.device) -> None:
-    """Raise ``problem`` on this rank, and an error on every other, together: each rank checks its
-    own first batch, and one rank raising alone would leave the others waiting in the gradients'
-    all-reduce. One collective, on the first training batch only."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
-        torch.distributed.all_reduce(flag)
-        if problem is None and float(flag[0]) > 0:
-            raise ValueError("GECOObjective: another rank refused its first training batch (see its error).")
-    if problem is not None:
-        raise problem
 

@@ -10,6 +10,7 @@ saves every rank's generator states in the checkpoint and restores them when tra
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_KEY", "RandomState", "checkpoint_head", "forked_rng", "mapped_checkpoint", "seed_device"]
+__all__ = [
+    "CHECKPOINT_KEY", "RandomState", "checkpoint_head", "forked_rng", "mapped_checkpoint", "seed_device", "seeded_fork",
+]
 
 #: key of the saved states in the checkpoint
 CHECKPOINT_KEY = "random_states"
@@ -62,6 +65,16 @@ def forked_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     kind = device.type
     devices = [device] if kind in ("cuda", "mps") else []
     return torch.random.fork_rng(devices=devices, device_type=kind if devices else None)
+
+
+@contextlib.contextmanager
+def seeded_fork(device: torch.device, seed: int) -> Iterator[None]:
+    """A fork of torch's random state (:func:`forked_rng`) seeded with ``seed``: what is drawn
+    inside is a function of ``seed`` alone, and the random stream outside goes on as if nothing
+    had been drawn."""
+    with forked_rng(device):
+        seed_device(device, seed)
+        yield
 
 
 def _generator_states() -> dict[str, Tensor]:

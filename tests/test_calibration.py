@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from geco_run import run
 from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
 from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
+from lightning_geco.calibration import CalibrationStream
 from lightning_geco.resume import RandomState
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
@@ -194,7 +195,7 @@ def test_calibration_images_unlike_the_training_images_are_refused_before_they_m
 
 def test_calibration_images_of_one_kind_pass_the_check_however_they_are_scaled_or_tailed():
     # Extremes of 8 images against 64 refused standardised MNIST in 56 of 100 draws; a mean does not.
-    from lightning_geco.callbacks import _image_summary, _images_mismatch
+    from lightning_geco.calibration import _image_summary, _images_mismatch
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -206,26 +207,31 @@ def test_calibration_images_of_one_kind_pass_the_check_however_they_are_scaled_o
 
 
 @pytest.mark.parametrize("manual", [False, True])
-def test_a_calibration_driven_run_resumed_at_an_epoch_end_measures_where_the_uninterrupted_run_does(tmp_path, manual):
+def test_a_calibration_driven_run_resumed_at_an_epoch_end_measures_where_the_uninterrupted_run_does(
+    tmp_path, monkeypatch, manual
+):
     # Lightning's count of batches that stepped comes back one ahead from an epoch-end checkpoint
     # (a reviewer's run measured at updates 11 and 15 instead of 8 and 12 after a resume); the
     # schedule is global_step's, or under manual optimization (two optimizers a batch, the critic
     # first) the callback's own count of GECO's updates, saved in its state. (Exact lambda on
     # resume is the DataModules' and RandomState's: test_calibration_driven_lambda_resumes_exactly.)
     steps_per_batch = 2 if manual else 1
+    measure = CalibrationStream.measure
+
+    def _spy(measure, measured, callback):
+        def spy(stream, *args):
+            measured.append(callback.geco.num_updates - 1)  # this update's number: the count includes it
+            return measure(stream, *args)
+
+        return spy
 
     def fit(max_batches, ckpt_path=None):
         pl.seed_everything(0)
         model = tiny_conv_vae(model_class=TwoOptimizerVAE, critic_first=True) if manual else tiny_conv_vae()
         callback = GECOCallback(controller="pi", drive="calibration", calibration_every=3, calibration_batch_size=5,
                                 calibration_dataset=TensorDataset(_images(20, 1)))
-        measured, measure = [], callback.measure_calibration
-
-        def spy(trainer, pl_module):
-            measured.append(callback.geco.num_updates - 1)  # this update's number: the count includes it
-            return measure(trainer, pl_module)
-
-        callback.measure_calibration = spy
+        measured = []
+        monkeypatch.setattr(CalibrationStream, "measure", _spy(measure, measured, callback))
         # Saved where the configs save: at the validation after each epoch's last batch (8 a epoch).
         saving = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)] if ckpt_path is None else []
         trainer = quiet_trainer(max_steps=max_batches * steps_per_batch, limit_val_batches=1,

@@ -27,7 +27,7 @@ from PIL import Image
 from helpers import make_celeba, make_cifar, make_dsprites, make_mnist, make_omniglot
 from lightning_geco import ConvVAE
 from lightning_geco import compare as compare_module
-from lightning_geco.callbacks import NO_CALIBRATION_SPLIT
+from lightning_geco.calibration import NO_CALIBRATION_SPLIT
 from lightning_geco.cli import (
     ConfigurationError,
     _constraint_namespaces,
