@@ -124,6 +124,13 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 
+def _split_identity(split: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of a split record that say which images it drew from: two records that agree on
+    them drew the same indices from the same images. A record of a folder names it (records of
+    checkpoints from before it did are compared by size alone)."""
+    return ("dataset", "source", "num_items", *(("folder",) if "folder" in split else ()))
+
+
 def split_indices(split: dict[str, Any]) -> tuple[set[int], set[int], set[int]]:
     """The (training, validation, calibration) item indices a ``held_out_split()`` record draws
     (``seed``, ``num_val``, ``num_calibration``, ``num_items``), by :func:`seeded_split` and
@@ -326,8 +333,7 @@ class ImageDataModule(pl.LightningDataModule):
         exists to avoid exactly that) would read them. (A classifier trained with num_val 1000 read
         971 of 2000 validation images and 1935 of 2000 calibration images of a VAE run with
         --data.num_val 2000.) Splits of another DataModule class, other files (``source``) or
-        another size are not compared (two image folders of one size would be: their split
-        records do not name the folder)."""
+        another size, or another image folder (the ``folder`` a split record names), are not compared."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         current = self.held_out_split()
         if module is None or current is None:
@@ -336,7 +342,7 @@ class ImageDataModule(pl.LightningDataModule):
             (reader, trained)
             for reader in module.modules()
             if isinstance(trained := getattr(reader, "trained_split", None), dict)
-            and all(trained.get(k) == current[k] for k in ("dataset", "source", "num_items"))
+            and all(trained.get(k) == current.get(k) for k in _split_identity(trained))
         ]
         if not readers:
             return  # nothing to compare: no redraw of the splits at every setup

@@ -22,10 +22,11 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -58,20 +59,25 @@ def _has_images(folder: Path) -> bool:
 
 
 def read_image(path: str | Path, mode: str) -> Image.Image:
-    """The image at ``path`` fully decoded in PIL ``mode`` ("L" or "RGB"); a clear error naming a bad file.
+    """The image at ``path`` fully decoded in PIL ``mode`` ("L" or "RGB"), turned upright by its
+    EXIF orientation (as a viewer shows it); a clear error naming a bad file.
 
     Grayscale of more than 8 bits is scaled to 8 (PIL's ``convert`` clips it instead: a 16-bit
     image came out nearly all white, a float one in [0, 1] nearly black): 16-bit integers (PIL
-    modes ``I;16*``, and ``I`` holding values past 255, up to 65535) by 255 / 65535, floats
-    (``F``) in [0, 1] by 255; an ``I`` image within [0, 255] is read as 8-bit, as ``convert``
-    reads it; a float image outside [0, 1] or a 32-bit one past 65535 is refused, since its
-    white is unknown.
+    modes ``I;16*``, a file PIL reads as ``I`` that stores 16 bits, as a PGM of maxval 65535, and
+    an ``I`` of 32-bit values past 255, up to 65535) by 255 / 65535, whatever the image holds (a
+    dark 16-bit frame is not 8-bit); floats (``F``) in [0, 1] by 255; an ``I`` image of 32-bit
+    values within [0, 255] is read as 8-bit, as ``convert`` reads it; a float image outside
+    [0, 1] or a 32-bit one past 65535 is refused, since its white is unknown.
     """
     try:
         with Image.open(path) as image:
+            sixteen_bits = _stores_16_bits(image)  # before load(), which drops the file's layout
             image.load()
+            # As a viewer shows it: a phone's photo is stored sideways with an EXIF orientation.
+            image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I") or image.mode == "F":
-                image = _to_8_bit(image)
+                image = _to_8_bit(image, sixteen_bits)
             return image.convert(mode)
     except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
         raise ValueError(
@@ -80,7 +86,17 @@ def read_image(path: str | Path, mode: str) -> Image.Image:
         ) from error
 
 
-def _to_8_bit(image: Image.Image) -> Image.Image:
+def _stores_16_bits(image: Image.Image) -> bool:
+    """Whether the file stores 16-bit samples (its raw mode, e.g. ``I;16B``), whatever mode PIL
+    opens it in."""
+    for tile in getattr(image, "tile", None) or ():
+        raw_mode = tile.args[0] if isinstance(tile.args, tuple) and tile.args else tile.args
+        if isinstance(raw_mode, str) and raw_mode.startswith("I;16"):
+            return True
+    return False
+
+
+def _to_8_bit(image: Image.Image, sixteen_bits: bool = False) -> Image.Image:
     """A 16-bit integer or float grayscale image as 8-bit "L", scaled (see :func:`read_image`)."""
     values = np.asarray(image, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -88,7 +104,7 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
         if low < 0.0 or high > 1.0 or math.isnan(low) or math.isnan(high):
             raise ValueError(f"a float image must lie in [0, 1]; this one holds [{low:g}, {high:g}]")
         white = 1.0
-    elif image.mode == "I" and low >= 0.0 and high <= 255.0:  # 32-bit integers holding 8-bit values
+    elif image.mode == "I" and not sixteen_bits and low >= 0.0 and high <= 255.0:  # 32-bit integers holding 8-bit values
         white = 255.0
     else:
         if low < 0.0 or high > 65535.0:
@@ -237,6 +253,12 @@ class ImageFolderDataModule(ImageDataModule):
             return _ClassFolders(str(self.root), transform=transform, loader=loader, allow_empty=True)
         files = sorted(path for path in self.root.iterdir() if _is_image(path))
         return FlatImages(files, transform, loader)
+
+    def held_out_split(self) -> dict[str, Any] | None:
+        """The base class's record, and the ``folder`` read (resolved): two folders of one size
+        draw the same indices from one seed, which are not the same images."""
+        split = super().held_out_split()
+        return None if split is None else {**split, "folder": str(self.root.resolve())}
 
     def build_splits(self) -> tuple[Subset, Subset]:
         as_uint8 = v2.Compose([v2.ToImage(), _CoverCrop(self.size), v2.ToPureTensor()])

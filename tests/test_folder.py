@@ -119,6 +119,32 @@ def test_16_bit_and_float_grayscale_are_scaled_to_the_unit_interval_not_clipped(
         _setup(root=root, image_size=16, channels=1, num_val=1)
 
 
+def test_a_dark_16_bit_frame_is_scaled_as_16_bits_whatever_it_holds(tmp_path):
+    # A 16-bit PGM opens as PIL mode "I"; one whose values all lie in [0, 255] was read as 8-bit,
+    # 257x too bright beside the brighter frames of the same folder.
+    from lightning_geco.datamodules.folder import read_image
+
+    for value in (200, 40000):
+        Image.fromarray(numpy.full((4, 4), value, numpy.uint16)).save(tmp_path / f"{value}.pgm")
+        with Image.open(tmp_path / f"{value}.pgm") as opened:
+            assert opened.mode == "I"
+        assert numpy.asarray(read_image(tmp_path / f"{value}.pgm", "L")).max() == round(value * 255 / 65535)
+
+
+def test_a_photo_is_read_upright_by_its_exif_orientation(tmp_path):
+    # A phone stores a portrait photo as landscape pixels with Orientation 6 (rotate 90 clockwise).
+    from lightning_geco.datamodules.folder import read_image
+
+    pixels = numpy.zeros((20, 40, 3), numpy.uint8)
+    pixels[:, :10] = 255  # a white band at the stored image's left edge: its top once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    upright = numpy.asarray(read_image(tmp_path / "phone.png", "L"))
+    assert upright.shape == (40, 20)
+    assert upright[:10].min() == 255 and upright[10:].max() == 0
+
+
 def test_split_is_deterministic_and_follows_the_seed(tmp_path):
     root = make_class_folders(tmp_path / "images")
 
@@ -271,3 +297,30 @@ def test_conv_vae_with_geco_trains_three_steps_on_a_folder(tmp_path):
     trainer = quiet_trainer(max_steps=3, callbacks=[GECOCallback()], limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_classifier_split_is_compared_with_a_run_on_its_own_folder_only(tmp_path):
+    # Two folders of one size draw the same indices from one seed: a classifier trained on the
+    # first was compared with a VAE run on the second, and refused it for images it never saw.
+    first, second = make_flat(tmp_path / "first", n=12), make_flat(tmp_path / "second", n=12)
+    classifier_data = _setup(root=first, image_size=8, channels=1, num_val=2)
+    trained = classifier_data.held_out_split()
+    assert trained["folder"] == str(first.resolve()) and trained["num_items"] == 12
+
+    def fit(root, num_val):
+        model = tiny_conv_vae(image_shape=(1, 8, 8))
+        model.reader = torch.nn.Module()  # what a FrozenClassifier records of its own training split
+        model.reader.trained_split = trained
+        data = ImageFolderDataModule(root, image_size=8, channels=1, num_val=num_val, batch_size=4)
+        quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[GECOCallback()]).fit(model, data)
+
+    fit(second, num_val=6)  # the other folder: its validation images were never the classifier's
+    # The same folder by another path: the classifier trained on some of these validation images.
+    with pytest.raises(ValueError, match=r"ImageFolderDataModule: the classifier \w+ trained on [1-9]\d* of this run's 6"):
+        fit(tmp_path / "first" / ".." / "first", num_val=6)
+    fit(first, num_val=2)  # its own split
+    # A record from before folders were named is compared by size, as it was.
+    del trained["folder"]
+    with pytest.raises(ValueError, match=r"trained on [1-9]\d* of this run's 6 validation images"):
+        fit(second, num_val=6)
