@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import colorsys
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -72,7 +73,14 @@ def read_idx(path: str | Path) -> Tensor:
         raise ValueError(f"{path} is truncated inside its header ({len(raw)} bytes for {num_dims} dimensions).")
     shape = struct.unpack(f">{num_dims}I", raw[4 : 4 + 4 * num_dims])
     dtype = _DTYPES[dtype_code]
-    data = torch.frombuffer(bytearray(raw[4 + 4 * num_dims :]), dtype=dtype)
+    payload = raw[4 + 4 * num_dims :]
+    if len(payload) % dtype.itemsize:
+        expected_bytes = math.prod(shape) * dtype.itemsize
+        raise ValueError(
+            f"{path} is truncated: {len(payload)} bytes of {dtype} values after its header, which promises {shape} "
+            f"({expected_bytes} bytes); download it again."
+        )
+    data = torch.frombuffer(bytearray(payload), dtype=dtype)
     if dtype.itemsize > 1:  # idx stores big-endian
         data = data.view(torch.uint8).view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
     expected = 1
@@ -142,11 +150,13 @@ class MNISTDataModule(ImageDataModule):
         then ``<root>/raw`` and ``<root>`` itself, those two for a root named after the dataset
         (``FashionMNIST``, ``kmnist``, ...), or for MNIST one named after none of the others: the
         datasets share their file names, so Fashion-MNIST or KMNIST read from a folder named after
-        no dataset might read MNIST's, and MNIST from ``FashionMNIST/`` Fashion-MNIST's."""
+        no dataset might read MNIST's, and MNIST from ``FashionMNIST/`` Fashion-MNIST's. A root
+        named ``raw`` is named by its parent (``FashionMNIST/raw`` is Fashion-MNIST's)."""
         folder = self.folder_name
         named = [self.root / folder / "raw", self.root / folder.lower() / "raw"]
+        root_name = (self.root.parent.name if self.root.name.lower() == "raw" else self.root.name).lower()
         # MNIST's files anywhere but in a folder named after another dataset of the same file names.
-        generic = self.root.name.lower() not in _OTHER_FOLDERS if folder == "MNIST" else self.root.name.lower() == folder.lower()
+        generic = root_name not in _OTHER_FOLDERS if folder == "MNIST" else root_name == folder.lower()
         return [*named, self.root / "raw", self.root] if generic else named
 
     def files(self) -> tuple[Path, Path]:

@@ -85,6 +85,12 @@ def test_fashion_mnist_and_kmnist_never_read_mnists_files_nor_mix_two_folders(tm
     # Nor does MNIST read Fashion-MNIST's files from a root named after it.
     with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte"):
         MNISTDataModule(root=str(tmp_path / "FashionMNIST"), source="test", num_val=10).files()
+    # ... nor from its raw/ folder (read as MNIST, silently), which is Fashion-MNIST's own.
+    fashion_raw, _ = make_mnist(tmp_path / "fashionmnist" / "raw", 40, "t10k", False, seed=3)
+    with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte"):
+        MNISTDataModule(root=str(tmp_path / "fashionmnist" / "raw"), source="test", num_val=10).files()
+    raw_named = FashionMNISTDataModule(root=str(tmp_path / "fashionmnist" / "raw"), source="test", num_val=10)
+    assert torch.equal(raw_named.load().images[:, 0], fashion_raw)
     # Images in one folder, labels in another: never paired, the error says where each was found.
     (tmp_path / "mnist" / "raw").mkdir(parents=True)
     (tmp_path / "raw" / "t10k-labels-idx1-ubyte").rename(tmp_path / "mnist" / "raw" / "t10k-labels-idx1-ubyte")
@@ -120,6 +126,12 @@ def test_a_truncated_gz_or_empty_idx_file_is_named_in_the_error(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty is empty or truncated: 0 bytes, an idx header alone needs 4"):
         read_idx(tmp_path / "empty")
+    # int32 values cut mid-value: named, with the bytes its header promises
+    (tmp_path / "ints").write_bytes(b"\x00\x00\x0c\x01\x00\x00\x00\x03" + bytes(10))
+    with pytest.raises(ValueError, match=re.escape(
+        f"{tmp_path / 'ints'} is truncated: 10 bytes of torch.int32 values after its header, which promises (3,) (12 bytes)"
+    )):
+        read_idx(tmp_path / "ints")
     (tmp_path / "header").write_bytes(b"\x00\x00\x08\x03\x00\x00")
     with pytest.raises(ValueError, match=r"header is truncated inside its header \(6 bytes for 3 dimensions\)"):
         read_idx(tmp_path / "header")
