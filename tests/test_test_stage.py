@@ -356,6 +356,14 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
     quiet_trainer().test(other, datamodule=data, ckpt_path=tmp_path / "other.ckpt", verbose=False)
     with pytest.raises(NoTestSplitError, match=re.escape(message)):
         quiet_trainer().test(model, datamodule=data, ckpt_path=tmp_path / "model.ckpt")
+    # A model loaded on its own carries where it trained (it was tested on those files, with no word).
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        quiet_trainer().test(loaded, datamodule=MNISTDataModule(str(tmp_path), batch_size=8), verbose=False)
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        quiet_trainer().predict(loaded, datamodule=MNISTDataModule(str(tmp_path), batch_size=8))
+    other_loaded = ConvVAE.load_from_checkpoint(tmp_path / "other.ckpt")
+    quiet_trainer().test(other_loaded, datamodule=MNISTDataModule(str(tmp_path), batch_size=8), verbose=False)
 
 
 def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(capsys):

@@ -578,16 +578,25 @@ class VAEModule(pl.LightningModule):
             ) from error
 
     def setup(self, stage: str) -> None:
-        """Before ``trainer.validate`` of a model loaded on its own (no ``ckpt_path``, so no
-        DataModule state restored): refuse a split whose validation images the model trained on,
-        as the DataModule refuses it when a checkpoint restores it."""
+        """Before ``trainer.validate`` / ``test`` / ``predict`` of a model loaded on its own (no
+        ``ckpt_path``, so no DataModule state restored), what the DataModule checks when a
+        checkpoint restores it: a validation split whose images the model trained on is refused,
+        and so is a test split of the files it trained on (a model trained with ``source='test'``)."""
         trainer = self._trainer
-        if stage != "validate" or self._trained_split is None or trainer is None or trainer.ckpt_path is not None:
+        if stage not in ("validate", "test", "predict") or self._trained_split is None or trainer is None:
+            return
+        if trainer.ckpt_path is not None:
             return
         datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector, not declared
+        if self._trained_split.get("datamodule") != type(datamodule).__qualname__:
+            return
+        split = self._trained_split.get("split")
         check = getattr(datamodule, "check_held_out_split", None)
-        if callable(check) and self._trained_split.get("datamodule") == type(datamodule).__qualname__:
-            check(self._trained_split.get("split"), fitting=False)
+        if stage == "validate" and callable(check):
+            check(split, fitting=False)
+        elif stage != "validate" and isinstance(split, dict) and datamodule is not None and hasattr(datamodule, "trained_source"):
+            # What load_state_dict sets from a checkpoint: the test split then refuses those files.
+            datamodule.trained_source = split.get("source")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The objective and the likelihood are modules, which save_hyperparameters cannot
