@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
@@ -47,10 +48,16 @@ def read_omniglot(source: Path, image_size: int) -> UInt8Images:
     """Every image of an Omniglot folder or zip ``images_<subset>[.zip]``: (N, 1, S, S) uint8, labels (N,).
 
     ``source`` holds ``<alphabet>/<character>/<image>.png`` (in a zip, under one top folder).
-    Characters are numbered in sorted (alphabet, character) order, images sorted by name.
+    Characters are numbered in sorted (alphabet, character) order, images sorted by name. Hidden
+    files and folders (a name starting with ".", as macOS's ``._<image>.png``) and a zip's
+    ``__MACOSX/`` tree are not images of the set and are skipped.
     """
     if source.is_dir():
-        files = {path.relative_to(source).as_posix(): path for path in source.glob("*/*/*.png")}
+        files = {
+            path.relative_to(source).as_posix(): path
+            for path in source.glob("*/*/*.png")
+            if not _hidden(PurePosixPath(path.relative_to(source).as_posix()))
+        }
 
         def read(name: str) -> bytes:
             return files[name].read_bytes()
@@ -63,6 +70,7 @@ def read_omniglot(source: Path, image_size: int) -> UInt8Images:
         except (zipfile.BadZipFile, OSError) as error:
             raise ValueError(f"{source} is not a zip file or is damaged ({error}); download it again.") from None
         entries = [PurePosixPath(name) for name in archive.namelist() if name.endswith(".png")]
+        entries = [entry for entry in entries if not _hidden(entry)]
         # Drop the zip's top folder so both sources name images <alphabet>/<character>/<file>.
         by_name = {str(PurePosixPath(*entry.parts[-3:])): str(entry) for entry in entries if len(entry.parts) >= 3}
         names = sorted(by_name)
@@ -91,6 +99,11 @@ def read_omniglot(source: Path, image_size: int) -> UInt8Images:
             archive.close()
     labels = torch.tensor([index[str(PurePosixPath(name).parent)] for name in names])
     return UInt8Images(images, labels)
+
+
+def _hidden(path: PurePosixPath) -> bool:
+    """A hidden file or folder on the path, or macOS's ``__MACOSX`` tree in a zip."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
 
 
 class OmniglotDataModule(ImageDataModule):
@@ -161,4 +174,14 @@ class OmniglotDataModule(ImageDataModule):
         self.source()
 
     def build_splits(self) -> tuple[Subset, Subset]:
-        return seeded_split(read_omniglot(self.source(), self.image_size), self.num_val, self.seed)
+        source = self.source()
+        images = read_omniglot(source, self.image_size)
+        characters, count = OMNIGLOT_SUBSETS[self.subset]
+        found = (int(images.targets.max()) + 1, len(images.targets))
+        if found != (characters, count):
+            # A partial extraction, or a zip holding a set twice (one copy of each name is read).
+            rank_zero_warn(
+                f"OmniglotDataModule: {source} holds {found[1]} images of {found[0]} characters; the official "
+                f"images_{self.subset} has {count} of {characters}. Download the set again if this was not meant."
+            )
+        return seeded_split(images, self.num_val, self.seed)

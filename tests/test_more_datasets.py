@@ -141,6 +141,26 @@ def test_omniglot_reads_zip_and_folder_alike_inverted_with_sorted_character_numb
     assert served.shape == (6, 1, 28, 28) and torch.equal(targets, from_zip.targets)
 
 
+def test_omniglot_skips_macos_files_and_warns_a_set_of_other_counts(tmp_path):
+    # A zip made again on macOS holds __MACOSX/.../._<image>.png resource forks, an extracted
+    # folder ._ files beside the images: both were refused as "cannot read image", download again.
+    make_omniglot(tmp_path, "background")
+    before = read_omniglot(tmp_path / "images_background.zip", image_size=28)
+    with zipfile.ZipFile(tmp_path / "images_background.zip", "a") as archive:
+        archive.writestr("__MACOSX/images_background/Greek/character01/._0000_01.png", b"\x00\x05\x16\x07 fork")
+        archive.writestr("images_background/Greek/.hidden/0000_01.png", b"not an image")
+    folder = tmp_path / "omniglot-py" / "images_background"
+    (folder / "Greek" / "character01" / "._0000_01.png").write_bytes(b"\x00\x05\x16\x07 fork")
+    for source in (tmp_path / "images_background.zip", folder):
+        after = read_omniglot(source, image_size=28)
+        assert torch.equal(after.images, before.images) and torch.equal(after.targets, before.targets)
+    # 6 images of 3 characters is not the official set: said, with the counts.
+    with pytest.warns(UserWarning, match=re.escape(
+        f"OmniglotDataModule: {folder} holds 6 images of 3 characters; the official images_background has 19280 of 964."
+    )):
+        OmniglotDataModule(str(tmp_path), subset="background", num_val=2).setup()
+
+
 def test_omniglot_holds_the_same_images_and_characters_as_torchvision(tmp_path, monkeypatch):
     from torchvision.datasets import Omniglot
 
