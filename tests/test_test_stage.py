@@ -366,6 +366,29 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
     quiet_trainer().test(other_loaded, datamodule=MNISTDataModule(str(tmp_path), batch_size=8), verbose=False)
 
 
+def test_a_shapes_model_is_tested_only_on_the_test_split_drawn_apart_from_its_own_training_shapes(tmp_path):
+    # The test split leaves out the DataModule's own training shapes: with another seed than the
+    # model's, 119 of 2,000 test shapes at 32 x 32 were that model's training images, silently.
+    shapes = lambda **kwargs: ShapesDataModule(**{"image_size": 16, "num_train": 64, "num_val": 16,  # noqa: E731
+                                                  "num_test": 16, "batch_size": 8, **kwargs})
+    model = tiny_conv_vae(image_shape=(1, 16, 16))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(model, datamodule=shapes())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    message = ("ShapesDataModule has seed=1 (it trained on 0), num_train=32 (it trained on 64): its test split is drawn "
+               "apart from its own training shapes, not the checkpoint's model's, and may hold images that model "
+               "trained on. Test with --data.seed 0 --data.num_train 64 --data.num_val 16 --data.image_size 16.")
+    loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    for run in (
+        lambda data: quiet_trainer().test(model, datamodule=data, ckpt_path=tmp_path / "model.ckpt", verbose=False),
+        lambda data: quiet_trainer().test(loaded, datamodule=data, verbose=False),  # on its own: its record
+        lambda data: quiet_trainer().predict(loaded, datamodule=data),
+    ):
+        with pytest.raises(NoTestSplitError, match=re.escape(message)):
+            run(shapes(seed=1, num_train=32))
+        run(shapes(num_test=8))  # the same shapes trained on: another test size is fine
+
+
 def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(capsys):
     from types import SimpleNamespace
 

@@ -191,8 +191,8 @@ class VAEModule(pl.LightningModule):
         self.kl_per_dimension: Tensor | None = None
         #: the model class a checkpoint being loaded names (set by on_load_checkpoint, read by load_state_dict)
         self._checkpoint_model_class: str | None = None
-        #: the held-out split of the DataModule the loaded checkpoint's model trained with (see setup)
-        self._trained_split: dict[str, Any] | None = None
+        #: (class name, state) of the DataModule the loaded checkpoint's model trained with (see setup)
+        self._trained_data: tuple[str, dict[str, Any]] | None = None
         self._checked_range = False
         # Running (min, max) of the training pixels since the last host check; NaN propagates.
         self._pixel_range: Tensor | None = None
@@ -579,24 +579,17 @@ class VAEModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before ``trainer.validate`` / ``test`` / ``predict`` of a model loaded on its own (no
-        ``ckpt_path``, so no DataModule state restored), what the DataModule checks when a
-        checkpoint restores it: a validation split whose images the model trained on is refused,
-        and so is a test split of the files it trained on (a model trained with ``source='test'``)."""
+        ``ckpt_path``, so Lightning restores no DataModule state), the DataModule gets the state
+        the model's checkpoint holds of it, as it would from ``ckpt_path``: a validation split whose
+        images the model trained on is refused, and so is a test split of its training images (a
+        model trained on the test files; the shapes of another seed)."""
         trainer = self._trainer
-        if stage not in ("validate", "test", "predict") or self._trained_split is None or trainer is None:
-            return
-        if trainer.ckpt_path is not None:
+        if stage not in ("validate", "test", "predict") or self._trained_data is None or trainer is None:
             return
         datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector, not declared
-        if self._trained_split.get("datamodule") != type(datamodule).__qualname__:
-            return
-        split = self._trained_split.get("split")
-        check = getattr(datamodule, "check_held_out_split", None)
-        if stage == "validate" and callable(check):
-            check(split, fitting=False)
-        elif stage != "validate" and isinstance(split, dict) and datamodule is not None and hasattr(datamodule, "trained_source"):
-            # What load_state_dict sets from a checkpoint: the test split then refuses those files.
-            datamodule.trained_source = split.get("source")
+        name, state = self._trained_data
+        if trainer.ckpt_path is None and datamodule is not None and type(datamodule).__qualname__ == name:
+            datamodule.load_state_dict(state)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The objective and the likelihood are modules, which save_hyperparameters cannot
@@ -625,7 +618,10 @@ class VAEModule(pl.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         # Named if the weights then do not load (see load_state_dict).
         self._checkpoint_model_class = checkpoint.get("model_class")
-        self._trained_split = checkpoint.get("held_out_split")
+        # Lightning keeps the DataModule's state under its class name; the record names the class.
+        name = (checkpoint.get("held_out_split") or {}).get("datamodule")
+        state = checkpoint.get(name) if isinstance(name, str) else None
+        self._trained_data = (name, state) if isinstance(name, str) and isinstance(state, dict) else None
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
             if key in saved and _as_comparable(saved[key]) != _as_comparable(current):
