@@ -4,6 +4,7 @@ optional calibration split carved from the training set."""
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sized
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,6 +125,16 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 
+def _is_count(value: object, minimum: int) -> bool:
+    """Whether ``value`` is an integer >= ``minimum`` (a Python or NumPy integer; not a bool, not 2.5)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= minimum  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
 def _split_identity(split: dict[str, Any]) -> tuple[str, ...]:
     """The keys of a split record that say which images it drew from: two records that agree on
     them drew the same indices from the same images. A record of a folder names it (records of
@@ -217,12 +228,12 @@ class ImageDataModule(pl.LightningDataModule):
         num_calibration: int = 0,
     ):
         super().__init__()
-        if batch_size < 1:
+        if not _is_count(batch_size, 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
-        if num_calibration < 0:
-            raise ValueError(f"num_calibration must be >= 0, got {num_calibration!r}.")
+        if not _is_count(num_workers, 0):
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}.")
+        if not _is_count(num_calibration, 0):
+            raise ValueError(f"num_calibration must be an int >= 0, got {num_calibration!r}.")
         if device is not None:
             self._parse_device(device)
         self.batch_size = batch_size

@@ -192,7 +192,7 @@ def test_calibration_split_as_large_as_train_names_both_numbers(tmp_path):
     with pytest.raises(ValueError, match=r"num_calibration must lie in \[0, 10\) for a training set of 10 images, got 10 "
                        r"\(--data.num_calibration; 0 carves no calibration split\)"):
         dm.setup()
-    with pytest.raises(ValueError, match="num_calibration must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_calibration must be an int >= 0, got -1"):
         ShapesDataModule(num_calibration=-1)
 
 

@@ -158,6 +158,7 @@ def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
     (lambda: FlowVAE(flow_hidden_dim=0), "flow hidden_dim must be a positive int (flow_hidden_dim: each coupling network's width), got 0."),
     (lambda: FlowVAE(flow_depth=2.0), "flow depth must be a positive int (flow_depth: coupling layers), got 2.0."),
     (lambda: ConvVAE(latent_dim=4.7), "latent_dim must be a positive int, got 4.7."),
+    (lambda: ConvVAE(iwae_samples=2.5), "iwae_samples must be an int >= 0 (0 turns the bound off), got 2.5."),
     (lambda: ConvVAE(learning_rate=float("inf")), "learning_rate must be positive and finite, got inf."),
     (lambda: GaussianLikelihood(sigma=float("inf")), "GaussianLikelihood sigma must be positive and finite (data units), got inf."),
     (lambda: SigmaVAE(min_log_sigma=float("nan")), "SigmaVAE min_log_sigma must be a finite ln sigma (the authors: -6), got nan."),

@@ -83,6 +83,9 @@ def test_datamodule_knows_its_shape_before_setup_and_yields_images_with_factors(
         ({"image_size": 4}, r"image_size must be at least 8 pixels, got 4"),
         ({"num_train": 0}, r"num_train and num_val must be positive, got 0 and 2000"),
         ({"batch_size": 0}, r"batch_size must be a positive int, got 0"),
+        ({"batch_size": 2.5}, r"batch_size must be a positive int, got 2.5"),  # failed deep in the sampler
+        ({"num_calibration": 2.5}, r"num_calibration must be an int >= 0, got 2.5"),
+        ({"num_workers": True}, r"num_workers must be an int >= 0, got True"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, message):

@@ -154,8 +154,8 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}.")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
-        if iwae_samples < 0:
-            raise ValueError(f"iwae_samples must be >= 0 (0 turns the bound off), got {iwae_samples!r}.")
+        if isinstance(iwae_samples, bool) or not (iwae_samples == 0 or is_positive_int(iwae_samples)):
+            raise ValueError(f"iwae_samples must be an int >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         if not (isinstance(num_logged_images, int) and num_logged_images >= 1):
             raise ValueError(
                 f"num_logged_images must be a positive int (images per panel), got {num_logged_images!r}; "
