@@ -425,6 +425,10 @@ class GECOCallback(Callback):
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
         # same batch, under manual optimization, must not update it again).
         self._batch_updated = False
+        # Whether the objective was recorded (and GECO updated) in this fit, and its training
+        # batches so far: a training_step that never calls the objective is refused (_check_engaged).
+        self._engaged = False
+        self._batches_this_fit = 0
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -466,6 +470,7 @@ class GECOCallback(Callback):
             self._last_calibration = None
             self._calibration = None
             self._manual_updates = 0  # a checkpoint's count is restored below
+            self._engaged, self._batches_this_fit = False, 0
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -703,6 +708,7 @@ class GECOCallback(Callback):
         if not geco.recorded:
             return
         self._batch_updated, geco.recorded = True, False
+        self._engaged = True
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
             rate = _learning_rate(torch_optimizer)
             self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
@@ -755,6 +761,9 @@ class GECOCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._batches_this_fit += 1
+        if self._batches_this_fit == UNLOGGED_CHECK_EVERY * max(1, trainer.accumulate_grad_batches):
+            self._check_engaged()
         calls = self._ready_geco.recorded_calls
         if calls > 1 and not self._warned_repeated_calls:
             self._warned_repeated_calls = True
@@ -764,6 +773,22 @@ class GECOCallback(Callback):
                 "update, as micro-batches do. Call it once a batch, on the batch you train on; for a figure to "
                 "log, read objective.constraint_values(output), which records nothing."
             )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_engaged()  # a fit shorter than the check in on_train_batch_end
+
+    def _check_engaged(self) -> None:
+        """Refuse a fit whose training batches never went through the GECO objective: lambda never
+        moved, and a verdict would describe a GECO that did not run."""
+        if self._engaged or self._batches_this_fit == 0:
+            return
+        raise RuntimeError(
+            f"GECOCallback: {self._batches_this_fit} training batches, and the model's GECOObjective recorded no "
+            "constraint on any of them: training_step never called it (nor its lagrangian) in training mode, so "
+            "lambda never moved from its initial value. Return the loss of objective(output) or "
+            "objective.lagrangian(rate, x, reconstruction) from training_step, or remove GECOCallback for a loss "
+            "of your own."
+        )
 
     @staticmethod
     def _withhold_if_skipped(optimizer: Optimizer, torch_optimizer: Optimizer, skip: Tensor) -> bool:

@@ -343,3 +343,25 @@ def test_a_loss_recorded_twice_on_one_training_batch_is_warned_once():
     with warnings.catch_warnings():  # once a batch, micro-batches included: nothing to say
         warnings.filterwarnings("error", message="GECO: the constraints were recorded")
         _trainer([GECOCallback()], limit_val_batches=0, accumulate_grad_batches=2).fit(tiny_conv_vae(), _loader())
+
+
+class OwnLossVAE(ConvVAE):
+    """Holds a GECOObjective, but its training_step returns a loss of its own (a negative ELBO)."""
+
+    def training_step(self, batch, batch_idx):
+        output = self(batch[0])
+        return (output.rate + output.distortion * 100).mean()
+
+
+@pytest.mark.parametrize("max_steps", [4, UNLOGGED_CHECK_EVERY + 10])
+def test_a_training_step_that_never_calls_the_geco_objective_is_refused(max_steps):
+    # GECOCallback in the Trainer, the objective never called in training: the run ended with a
+    # verdict from lambda 1 and a moving average of 0 ("at the tolerance"), and no word.
+    model = tiny_conv_vae(model_class=OwnLossVAE)
+    trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[GECOCallback()])
+    batches = min(max_steps, UNLOGGED_CHECK_EVERY)  # at the end of a short fit, else at the 50th batch
+    with pytest.raises(RuntimeError, match=re.escape(
+        f"GECOCallback: {batches} training batches, and the model's GECOObjective recorded no constraint on any of them"
+    )):
+        trainer.fit(model, DataLoader(TensorDataset(torch.rand(16, 1, 16, 16)), batch_size=4))
+    assert trainer.global_step == batches
