@@ -18,6 +18,7 @@ Beyond Lightning's CLI:
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -348,6 +349,15 @@ def short_parser_message(message: str, options: list[str]) -> str:
         option = unrecognized.group(1).split("=")[0]
         close = difflib.get_close_matches(option, options, n=1)
         return f"unknown option {option}." + (f" Did you mean {close[0]}?" if close else "")
+    not_ours = re.search(r"Import path \S+ does not correspond to a subclass of ImageDataModule", message)
+    if not_ours:
+        return (
+            f"{not_ours.group(0)}: train.py reads a subclass of lightning_geco.datamodules.ImageDataModule (an "
+            "image_shape and build_splits; README, 'Your own DataModule on the command line')."
+        )
+    nested = _nested_cause(message)
+    if nested is not None:
+        return nested
     # Otherwise the deepest listed error that is not the 'or None' alternative.
     reasons = [
         line.strip()[2:]
@@ -355,6 +365,57 @@ def short_parser_message(message: str, options: list[str]) -> str:
         if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line and "Problem with" not in line
     ]
     return reasons[-1] if reasons else message.splitlines()[0]
+
+
+#: lines of jsonargparse's nested Union report that frame a cause rather than state one
+_REPORT_FRAMES = (
+    "Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+    "- Expected a <class 'NoneType'>", "Parser key ", "- Problem with given class_path ",
+)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _nested_cause(message: str) -> str | None:
+    """The deepest cause of jsonargparse's nested report on a ``class_path`` / ``init_args``
+    value, with the option it belongs to (``model.init_args.latent_dim (lightning_geco.ConvVAE):
+    Expected a <class 'int'>. Got value: abc``; the report's first line alone, 'Parser key
+    "model":', named neither); None for a message of another shape."""
+    lines = message.splitlines()
+    causes = [(i, _indent(line)) for i, line in enumerate(lines) if line.strip() and not line.strip().startswith(_REPORT_FRAMES)]
+    if not causes or not any("Problem with given class_path" in line for line in lines):
+        return None
+    where, level = max(causes, key=lambda cause: (cause[1], -cause[0]))
+    path: list[str] = []  # from the cause outwards: option keys, and the classes they were given
+    for line in reversed(lines[:where]):
+        if _indent(line) >= level:
+            continue
+        text = line.strip()
+        if key := re.match(r'Parser key "([^"]+)":', text):
+            path.append(key.group(1))
+        elif given := re.match(r"- Problem with given class_path '([^']+)':", text):
+            path.append("class_path=" + given.group(1))
+        else:
+            continue
+        level = _indent(line)
+    path.reverse()
+    dotted = ".".join("init_args" if part.startswith("class_path=") else part for part in path)
+    cause = lines[where].strip()
+    if path and path[-1].startswith("class_path="):  # the class itself: not found, or not accepted
+        class_path = path[-1].removeprefix("class_path=")
+        missing = re.match(r"module '([\w.]+)' has no attribute '(\w+)'", cause)
+        hint = ""
+        if missing:
+            try:
+                close = difflib.get_close_matches(missing.group(2), dir(importlib.import_module(missing.group(1))), n=1)
+            except ImportError:
+                close = []
+            hint = f" Did you mean {missing.group(1)}.{close[0]}?" if close else ""
+        return f"{dotted.removesuffix('.init_args')}.class_path {class_path}: {cause}.{hint}"
+    classes = [part.removeprefix("class_path=") for part in path if part.startswith("class_path=")]
+    return f"{dotted}" + (f" ({classes[-1]})" if classes else "") + f": {cause}"
 
 
 class ShortErrorParser(LightningArgumentParser):

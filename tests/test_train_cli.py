@@ -346,6 +346,18 @@ def test_tolerance_flag_reaches_every_constraint_of_every_config(config):
         (["--trainer.max_stepz", "5"], "unknown option --trainer.max_stepz. Did you mean --trainer.max_steps?"),
         (["--trainer.max_step", "5"], "unknown option --trainer.max_step. Did you mean --trainer.max_steps?"),
         (["--data.init_args.batch_size", "0"], "batch_size must be a positive int, got 0."),
+        # A wrong value or class inside model / data: the report's first line, 'Parser key "model":', was all
+        (["--model.init_args.latent_dim", "abc"],
+         "model.init_args.latent_dim (lightning_geco.ConvVAE): Expected a <class 'int'>. Got value: abc"),
+        (["--model.init_args.objective.init_args.constraints.init_args.unit", "db"],
+         "model.init_args.objective.init_args.constraints.init_args.unit (lightning_geco.ReconstructionMSE): Expected a "
+         "typing.Literal['mse', 'psnr']. Got value: db"),
+        (["--model.init_args.objective.init_args.constraints.class_path", "lightning_geco.ReconstructionMSEE"],
+         "model.init_args.objective.init_args.constraints.class_path lightning_geco.ReconstructionMSEE: module "
+         "'lightning_geco' has no attribute 'ReconstructionMSEE'. Did you mean lightning_geco.ReconstructionMSE?"),
+        (["--data.class_path", "pytorch_lightning.LightningDataModule"],
+         "Import path pytorch_lightning.LightningDataModule does not correspond to a subclass of ImageDataModule: "
+         "train.py reads a subclass of lightning_geco.datamodules.ImageDataModule"),
         (["--data.init_args.num_train", "0"], "num_train and num_val must be positive, got 0 and 64."),
         (["--tolerance", "0"], "ReconstructionMSE tolerance 0.0 (unit 'mse') cannot be expressed"),
         (["--tolerance", "x=0.1"], "--tolerance 'x=0.1': 'x' is no constraint of this config; accepted names: reconstruction, mse, psnr."),
@@ -368,6 +380,24 @@ def test_configuration_errors_show_their_cause_in_a_few_lines(override, message,
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[0] and len(err) <= 3, err
     assert not any("Union subtypes" in line for line in err)
+
+
+def test_the_readme_own_datamodule_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
+    # The README's mydata.py, as written, by its class path (train.py took an ImageDataModule
+    # subclass only, and no README section said so).
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("**Your own DataModule on the command line**")
+    code = re.search(r"```python\n(.*?)```", readme[start:], re.S).group(1)
+    command = re.search(r"```bash\n(.*?)```", readme[start:], re.S).group(1)
+    assert "--data mydata.NoiseSquares" in command
+    (tmp_path / "mydata.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main([*_fit(REPO / "configs" / "default.yaml", *QUICK), "--data", "mydata.NoiseSquares", "--data.num_images", "256",
+          "--data.num_val", "32", "--data.batch_size", "16"])
+    assert capsys.readouterr().out.strip().splitlines()[-2].startswith("GECO: ")  # then the summary path
+    with pytest.raises(SystemExit):
+        main([*_fit(REPO / "configs" / "default.yaml", *QUICK), "--data", "mydata.NoiseSquares", "--data.num_images", "abc"])
+    assert "error: data.init_args.num_images (mydata.NoiseSquares): Expected a <class 'int'>. Got value: abc" in capsys.readouterr().err
 
 
 def _checkpoint(capsys) -> Path:
