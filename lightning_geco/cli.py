@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from jsonargparse._util import import_object
@@ -506,6 +507,8 @@ class GECOLightningCLI(LightningCLI):
     _checkpoint: tuple[str, dict[str, Any]] | None = None
     #: that checkpoint's held-out split records, by DataModule state key (its class's qualname)
     _checkpoint_splits: dict[str, Any] | None = None
+    #: that checkpoint's weight shapes, by state-dict key
+    _checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -587,6 +590,12 @@ class GECOLightningCLI(LightningCLI):
         self._checkpoint_splits = {
             key: state.get("split") for key, state in checkpoint.items() if isinstance(state, dict) and "shuffle_seed" in state
         }
+        weights = checkpoint.get("state_dict")
+        self._checkpoint_shapes = (
+            {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
+            if isinstance(weights, dict)
+            else None
+        )
         if from_last:  # "last" is the newest of the config's runs: say which, so a wrong one shows
             run = Path(ckpt_path).parent.name
             doing = f"resuming run {run} from" if self.config.subcommand == "fit" else f"{self.config.subcommand}: run {run} at"
@@ -643,6 +652,7 @@ class GECOLightningCLI(LightningCLI):
         if self.trainer.max_steps == 0:
             _fail("--trainer.max_steps 0 trains no step; set it > 0 (or -1 to train for --trainer.max_epochs).")
         self._check_image_shape()
+        self._check_weight_shapes()
         self._check_dataset()
         self._check_held_out_split()
         if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
@@ -679,6 +689,41 @@ class GECOLightningCLI(LightningCLI):
                 f"{tuple(current)} ({type(self.datamodule).__name__}). A checkpoint only loads into the model it was "
                 "built for: use the data settings it was trained with, or start a new run without --ckpt_path."
             )
+
+    def _check_weight_shapes(self) -> None:
+        """Refuse, before the W&B run starts, a checkpoint whose weights have other shapes than the
+        config's model (a module of the user's built with another latent size: Lightning's
+        size-mismatch trace came after the run had started). The collection's models are refused
+        by their architecture settings (:func:`check_checkpoint_matches`), which this backs up."""
+        if self._checkpoint is None or not self._checkpoint_shapes:
+            return
+        model_shapes = {key: tuple(value.shape) for key, value in self.model.state_dict().items()}
+        differing = [
+            f"{key} {saved} in the checkpoint, {model_shapes[key]} in the model"
+            for key, saved in self._checkpoint_shapes.items()
+            if key in model_shapes and model_shapes[key] != saved
+        ]
+        if not differing:
+            return
+        path, hyperparameters = self._checkpoint
+        settings = getattr(self.model, "hparams", {})
+        plain = (int, float, str, bool, list, tuple)  # settings to name; a module or a tensor is not one
+        changed = [
+            f"{key}={hyperparameters[key]!r} (the config: {settings[key]!r})"
+            for key in settings
+            if key in hyperparameters
+            and isinstance(settings[key], plain)
+            and isinstance(hyperparameters[key], plain)
+            and _as_comparable(hyperparameters[key]) != _as_comparable(settings[key])
+        ]
+        more = f" (and {len(differing) - 2} more)" if len(differing) > 2 else ""
+        _fail(
+            f"--ckpt_path {path} holds weights of other shapes than the config's {type(self.model).__name__}: "
+            f"{'; '.join(differing[:2])}{more}."
+            + (f" It was trained with {', '.join(changed)}." if changed else "")
+            + " A checkpoint only loads into the model it was built for: use its settings, or start a new run "
+            "without --ckpt_path."
+        )
 
     def _run_id(self) -> str:
         """The resumed run's id, else this run's W&B id / logger version, else a fresh id."""
@@ -728,6 +773,7 @@ class GECOLightningCLI(LightningCLI):
         # A checkpoint of one of the config's runs is read where fit wrote it, so Lightning's
         # ModelCheckpoint does not warn that its dirpath changed (test and validate write none).
         self._check_image_shape()
+        self._check_weight_shapes()
         self._check_dataset()
         if self.resumed_run_id is not None:
             self._checkpoints_into(self.resumed_run_id)

@@ -406,6 +406,61 @@ def _checkpoint(capsys) -> Path:
     return Path("runs/checkpoints/default/last.ckpt").resolve().relative_to(Path.cwd().resolve())
 
 
+OWN_MODULE = """
+import torch
+import pytorch_lightning as pl
+
+
+class TinyOwnVAE(pl.LightningModule):
+    \"\"\"A user's module: an MLP VAE with its own latent_dim, trained on GECOObjective.lagrangian.\"\"\"
+
+    def __init__(self, objective, image_shape=(1, 64, 64), latent_dim: int = 4):
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective"])
+        self.objective, size = objective, image_shape[0] * image_shape[1] * image_shape[2]
+        self.encoder, self.decoder = torch.nn.Linear(size, 2 * latent_dim), torch.nn.Linear(latent_dim, size)
+
+    def forward(self, x):
+        mean, log_variance = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * (0.5 * log_variance).exp()
+        rate = 0.5 * (mean.pow(2) + log_variance.exp() - 1 - log_variance).sum(dim=1)
+        return rate, torch.sigmoid(self.decoder(z)).view_as(x)
+
+    def training_step(self, batch, batch_idx):
+        rate, reconstruction = self(batch[0])
+        return self.objective.lagrangian(rate, batch[0], reconstruction)
+
+    def validation_step(self, batch, batch_idx):
+        rate, reconstruction = self(batch[0])
+        self.log("val/distortion", (reconstruction - batch[0]).pow(2).mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+"""
+
+
+def test_a_checkpoint_of_a_users_module_with_other_weight_shapes_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    # Another latent_dim on resume: Lightning's 52-line size-mismatch trace came after the W&B
+    # run had started (the collection's models are refused by their architecture settings).
+    (tmp_path / "ownmodule.py").write_text(OWN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = ("--model", "ownmodule.TinyOwnVAE")
+    main(_fit(REPO / "configs" / "default.yaml", *QUICK, *own, "--model.latent_dim", "4", "--trainer.max_steps", "2"))
+    capsys.readouterr()
+    last = Path("runs/checkpoints/default/last.ckpt").resolve().relative_to(Path.cwd().resolve())
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, *own, "--model.latent_dim", "8", "--ckpt_path", str(last)))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"error: --ckpt_path {last} holds weights of other shapes than the config's TinyOwnVAE: encoder.weight (8, 4096) "
+        "in the checkpoint, (16, 4096) in the model; encoder.bias (8,) in the checkpoint, (16,) in the model (and 1 "
+        "more). It was trained with latent_dim=4 (the config: 8). A checkpoint only loads into the model it was built "
+        "for: use its settings, or start a new run without --ckpt_path."
+    ), err
+    assert not list(Path("runs/wandb").glob("*/files/summary.json"))[1:]  # no second W&B run was started
+
+
 def test_a_checkpoint_of_another_architecture_or_class_is_refused_naming_both(capsys):
     last = _checkpoint(capsys)
     with pytest.raises(SystemExit):
