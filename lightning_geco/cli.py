@@ -44,6 +44,7 @@ from lightning_geco.calibration import NO_CALIBRATION_SPLIT
 from lightning_geco.callbacks import GECOCallback
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
+from lightning_geco.objectives import GECOObjective
 from lightning_geco.resume import RandomState, checkpoint_head, mapped_checkpoint
 from lightning_geco.summary import RunSummary, run_directory
 
@@ -655,6 +656,14 @@ class GECOLightningCLI(LightningCLI):
         self._check_weight_shapes()
         self._check_dataset()
         self._check_held_out_split()
+        has_objective = any(isinstance(module, GECOObjective) for module in self.model.modules())
+        if has_objective and not any(isinstance(c, GECOCallback) for c in getattr(self.trainer, "callbacks", [])):
+            # Else the first training step raises, after the W&B run has started, in a trace.
+            _fail(
+                f"the config's {type(self.model).__name__} trains on a GECOObjective, and the trainer has no "
+                "GECOCallback to move its lambda: add '- class_path: lightning_geco.GECOCallback' under "
+                "trainer.callbacks (or --trainer.callbacks+ lightning_geco.GECOCallback)."
+            )
         if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
             # Lightning means fast_dev_run to write no checkpoint, but 2.6's ModelCheckpoint writes
             # save_last's at the end of training all the same: a smoke test's model would become

@@ -461,6 +461,24 @@ def test_a_checkpoint_of_a_users_module_with_other_weight_shapes_is_refused_befo
     assert not list(Path("runs/wandb").glob("*/files/summary.json"))[1:]  # no second W&B run was started
 
 
+def test_a_config_without_geco_callback_is_refused_before_the_run_with_the_line_to_add(tmp_path, capsys):
+    # The objective's own error came at the first training step, in a trace, phrased for Python.
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if c["class_path"] != "lightning_geco.GECOCallback"]
+    (tmp_path / "no_callback.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(tmp_path / "no_callback.yaml", *QUICK))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the config's ConvVAE trains on a GECOObjective, and the trainer has no GECOCallback to move its lambda: "
+        "add '- class_path: lightning_geco.GECOCallback' under trainer.callbacks (or --trainer.callbacks+ "
+        "lightning_geco.GECOCallback)."
+    )
+    assert not Path("runs/wandb").exists()  # refused before the W&B run
+    main(_fit(tmp_path / "no_callback.yaml", *QUICK, "--trainer.max_steps", "2", "--trainer.callbacks+", "lightning_geco.GECOCallback"))
+    assert capsys.readouterr().out.strip().splitlines()[-2].startswith("GECO: ")  # the flag it names works
+
+
 def test_a_checkpoint_of_another_architecture_or_class_is_refused_naming_both(capsys):
     last = _checkpoint(capsys)
     with pytest.raises(SystemExit):
