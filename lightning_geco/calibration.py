@@ -84,6 +84,14 @@ def _measurement_seed(seed: int, measurement: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + measurement * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
+class _NotMeasurable(TypeError):
+    """The model cannot be measured as the collection's models are; ``cause`` says why, briefly."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor | None) -> VAEOutput:
     """The model's pass on calibration images: ``model(x, labels)``, as the collection's models take
     it, or ``model(x)`` when the images have no labels (a user's ``forward(self, x)``)."""
@@ -96,9 +104,11 @@ def _calibration_output(pl_module: pl.LightningModule, x: Tensor, labels: Tensor
     try:
         output = pl_module(x) if labels is None else pl_module(x, labels)
     except TypeError as error:
-        raise TypeError(message.format(f"cannot be called so ({error})")) from error
+        cause = f"cannot be called so ({error})"
+        raise _NotMeasurable(message.format(cause), cause) from error
     if not isinstance(output, VAEOutput):
-        raise TypeError(message.format(f"returned {type(output).__name__}"))
+        cause = f"returned {type(output).__name__}"
+        raise _NotMeasurable(message.format(cause), cause)
     return output
 
 
@@ -134,6 +144,8 @@ def why_not_measurable(
         with _measuring(trainer, pl_module):
             x, labels = _calibration_inputs(trainer, dataset, [0])
             objective.constraint_values(_calibration_output(pl_module, x, labels))
+    except _NotMeasurable as error:  # the caller says what it takes: the cause alone
+        return f"it {error.cause}"
     except Exception as error:  # noqa: BLE001 - a speculative call: whatever fails, train as before, and say why
         return f"{type(error).__name__}: {error}"
     return None
