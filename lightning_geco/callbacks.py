@@ -429,6 +429,8 @@ class GECOCallback(Callback):
         # batches so far: a training_step that never calls the objective is refused (_check_engaged).
         self._engaged = False
         self._batches_this_fit = 0
+        # The Trainer's precision in this fit (saved, so a resume in another one says so)
+        self._precision: str | None = None
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -471,6 +473,7 @@ class GECOCallback(Callback):
             self._calibration = None
             self._manual_updates = 0  # a checkpoint's count is restored below
             self._engaged, self._batches_this_fit = False, 0
+            self._precision = str(trainer.precision)
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -900,6 +903,7 @@ class GECOCallback(Callback):
             "stall_detector": self.detector.state_dict() if self.detector is not None else None,
             "last_calibration": None if self._last_calibration is None else self._last_calibration.tolist(),
             "manual_updates": self._manual_updates,
+            "precision": self._precision,
         }
 
     def _constraints_as_trained(self) -> list[dict[str, Any]]:
@@ -944,6 +948,13 @@ class GECOCallback(Callback):
             for k, tolerance_changed in enumerate(changed):
                 if tolerance_changed:
                     self.detector.forget(k)
+        trained_in = state.get("precision")
+        if trained_in is not None and self._precision is not None and trained_in != self._precision:
+            rank_zero_warn(
+                f"GECO: the checkpoint's run trained in precision {trained_in!r}; this resumed fit runs in "
+                f"{self._precision!r}, so its numbers differ from the ones that run would have gone on with: it is "
+                f"not that run continued (--trainer.precision {trained_in} continues it)."
+            )
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive

@@ -365,3 +365,22 @@ def test_a_training_step_that_never_calls_the_geco_objective_is_refused(max_step
     )):
         trainer.fit(model, DataLoader(TensorDataset(torch.rand(16, 1, 16, 16)), batch_size=4))
     assert trainer.global_step == batches
+
+
+def test_a_fit_resumed_in_another_precision_says_it_is_not_that_run_continued(tmp_path):
+    images = DataLoader(TensorDataset(torch.rand(16, 1, 16, 16)), batch_size=4)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()])
+    trainer.fit(tiny_conv_vae(), images)
+    trainer.save_checkpoint(tmp_path / "fp32.ckpt")
+    assert torch.load(tmp_path / "fp32.ckpt", weights_only=False)["callbacks"]["GECOCallback"]["precision"] == "32-true"
+    message = ("GECO: the checkpoint's run trained in precision '32-true'; this resumed fit runs in 'bf16-mixed', so its "
+               "numbers differ from the ones that run would have gone on with: it is not that run continued "
+               "(--trainer.precision 32-true continues it).")
+    resumed = quiet_trainer(max_steps=4, limit_val_batches=0, precision="bf16-mixed", callbacks=[GECOCallback()])
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        resumed.fit(tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="GECO: the checkpoint's run trained in precision")
+        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt"
+        )
