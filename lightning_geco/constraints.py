@@ -189,8 +189,14 @@ class ReconstructionMSE(Constraint):
                         f"ReconstructionMSE tolerance {tolerance!r} (unit 'mse', no peak) must be a positive finite "
                         "MSE in the data's units squared."
                     )
-            elif not (0.0 < tolerance <= peak**2) or math.isnan(tolerance):
-                range_text = "(0, 1]" if peak == 1.0 else f"(0, {peak**2:g}] (peak {peak:g})"
+            elif not (peak**2 * psnr_to_mse(MAX_PSNR_DB) <= tolerance <= peak**2) or math.isnan(tolerance):
+                # Below the MSE of MAX_PSNR_DB no reading tells it apart: lambda would wind up to its bound.
+                smallest = peak**2 * psnr_to_mse(MAX_PSNR_DB)
+                range_text = (
+                    f"[{smallest:g}, 1] (a PSNR of at most {MAX_PSNR_DB:g} dB)"
+                    if peak == 1.0
+                    else f"[{smallest:g}, {peak**2:g}] (peak {peak:g}; a PSNR of at most {MAX_PSNR_DB:g} dB)"
+                )
                 data_text = "images in [0, 1]" if peak == 1.0 else f"data with peak {peak:g}"
                 # A number of decibels' size is most likely a PSNR written as an MSE.
                 psnr_hint = (
@@ -310,6 +316,14 @@ class ReconstructionBCE(Constraint):
         self.tolerance = _positive_finite("ReconstructionBCE", tolerance, "nats per element")
         self.name = name
         self.step_size = _step_size("ReconstructionBCE", step_size)
+        if self.tolerance >= math.log(2):
+            # Logits of 0 (p = 1/2) read ln 2 on any data in [0, 1].
+            rank_zero_warn(
+                f"ReconstructionBCE {name!r}: a tolerance of {self.tolerance:g} nats/element is met by a decoder that "
+                f"outputs p = 1/2 everywhere, whose cross-entropy is ln 2 = {math.log(2):.4f} nats/element on any "
+                "data in [0, 1]: the constraint asks nothing of the model (the binarised-MNIST config asks 0.08, met at "
+                "31.6 nats)."
+            )
 
     def check_model(self, model: VAEModule) -> None:
         if not isinstance(model.likelihood, BernoulliLikelihood):

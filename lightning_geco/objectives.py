@@ -167,7 +167,8 @@ class SigmaVAE(Objective):
 
     def log_sigma(self, output: VAEOutput) -> Tensor:
         """``ln sigma`` of the batch (0-dim), soft-clipped from below."""
-        raw = 0.5 * output.distortion.float().mean().log()
+        # Clamped above 0: a batch reconstructed exactly (log 0 = -inf) gave a finite loss and NaN gradients.
+        raw = 0.5 * output.distortion.float().mean().clamp_min(torch.finfo(torch.float32).tiny).log()
         return self.min_log_sigma + torch.nn.functional.softplus(raw - self.min_log_sigma)
 
     def forward(self, output: VAEOutput) -> Tensor:

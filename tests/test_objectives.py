@@ -16,6 +16,7 @@ from lightning_geco import (
     PatchNCC,
     ReconstructionBCE,
     ReconstructionMSE,
+    SigmaVAE,
 )
 from lightning_geco.records import VAEOutput
 
@@ -99,7 +100,9 @@ def test_validation_loss_reads_lambda_without_recording():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"tolerance": 0.0}, r"tolerance 0.0 \(unit 'mse'\) cannot be expressed: .* must lie in \(0, 1\]"),
+        ({"tolerance": 0.0}, r"tolerance 0.0 \(unit 'mse'\) cannot be expressed: .* must lie in \[1e-10, 1\] \(a PSNR of at most 100 dB\)"),
+        # 120 dB: no reading tells it apart, and lambda wound up to its bound (psnr=120 was refused)
+        ({"tolerance": 1e-12}, r"tolerance 1e-12 \(unit 'mse'\) cannot be expressed: .* must lie in \[1e-10, 1\]"),
         ({"tolerance": -0.01}, r"tolerance -0.01 \(unit 'mse'\) cannot be expressed"),
         ({"tolerance": 1.5}, r"tolerance 1.5 \(unit 'mse'\) cannot be expressed: .*peak: null\)\.$"),
         ({"tolerance": 20}, r"cannot be expressed: .* A PSNR of 20 dB is unit='psnr' \(on the command line --tolerance psnr=20\)\.$"),
@@ -179,7 +182,7 @@ def test_scheduled_objective_follows_the_trainers_step_and_logs_its_weight():
 def test_mse_tolerances_in_the_datas_own_units():
     assert ReconstructionMSE(5.0, peak=None).reading_tolerance == 5.0
     assert ReconstructionMSE(20.0, unit="psnr", peak=255.0).reading_tolerance == pytest.approx(255.0**2 * 0.01)
-    with pytest.raises(ValueError, match=re.escape("must lie in (0, 1]; for data in other units pass peak=None (in a config: peak: null).")):
+    with pytest.raises(ValueError, match=re.escape("must lie in [1e-10, 1] (a PSNR of at most 100 dB); for data in other units pass peak=None (in a config: peak: null).")):
         ReconstructionMSE(5.0)
     with pytest.raises(ValueError, match=re.escape("ReconstructionMSE unit 'psnr' needs the data's peak value; got peak=None.")):
         ReconstructionMSE(20.0, unit="psnr", peak=None)
@@ -303,3 +306,26 @@ def test_a_first_batch_refused_on_one_rank_is_refused_on_every_rank(tmp_path):
     torch.multiprocessing.spawn(_first_batch_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0.txt").read_text() == "GECOObjective: another rank refused its first training batch (see its error)."
     assert (tmp_path / "rank1.txt").read_text().startswith("ReconstructionBCE reads the data as probabilities in [0, 1]")
+
+
+def test_sigma_vae_on_a_batch_reconstructed_exactly_has_finite_gradients():
+    # log of a zero MSE is -inf: the loss stayed finite and the gradients were NaN, which Adam
+    # wrote into the weights (no GECO skip guards this objective).
+    x = torch.full((2, 1, 4, 4), 0.5)
+    reconstruction = x.clone().requires_grad_(True)
+    rate = torch.zeros(2, requires_grad=True)
+    objective = SigmaVAE()
+    loss = objective(VAEOutput.from_terms(x, reconstruction, rate))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(reconstruction.grad).all() and torch.isfinite(rate.grad).all()
+    assert objective.log_sigma(VAEOutput.from_terms(x, reconstruction, rate)).item() == pytest.approx(-6.0)  # its floor
+
+
+def test_a_bce_tolerance_a_constant_decoder_meets_is_warned():
+    message = ("ReconstructionBCE 'reconstruction': a tolerance of 0.7 nats/element is met by a decoder that outputs "
+               "p = 1/2 everywhere, whose cross-entropy is ln 2 = 0.6931 nats/element on any data in [0, 1]")
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        ReconstructionBCE(0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ReconstructionBCE(0.5)
