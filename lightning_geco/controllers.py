@@ -50,7 +50,10 @@ valid. Two classes, three laws selectable by name (``GECOCallback(controller=...
 Gains are stated per optimizer step: a controller measured every ``period`` steps (the
 calibration stream) integrates ``K_I * period`` per measurement and smooths with
 ``s = exp(-period / smoothing_steps)`` and ``r = exp(-period / trend_steps)``, so one setting
-means the same at every period.
+means the same at every period. (Nearly: the slope divides by ``T_slow - T_fast``, the two
+averages' lag difference at period 1; at period 16 it is 38.4 steps, so the calibration
+stream's slope reads 4 % shallow, and the hold comes a little less often. Left so: the controller
+table in docs/RESULTS.md was measured with it.)
 """
 
 from __future__ import annotations
