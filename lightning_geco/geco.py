@@ -150,8 +150,8 @@ class MultiplierState(nn.Module):
         super().__init__()
         if num_constraints < 1:
             raise ValueError(f"MultiplierState needs at least one constraint, got {num_constraints!r}.")
-        if not initial_lambda > 0:
-            raise ValueError(f"MultiplierState initial_lambda must be positive, got {initial_lambda!r}.")
+        if not (initial_lambda > 0 and math.isfinite(initial_lambda)):
+            raise ValueError(f"MultiplierState initial_lambda must be positive and finite, got {initial_lambda!r}.")
         # fp32 whatever the default dtype (Lightning's -true precisions set it while a module is built)
         self.register_buffer(
             "log_lagrange_multiplier", torch.full((num_constraints,), math.log(initial_lambda), dtype=torch.float32)

@@ -239,6 +239,13 @@ def test_bad_hyperparameters_are_rejected_with_the_value(kwargs, message):
         GECO(["c"], **kwargs)
 
 
+def test_a_multiplier_state_refuses_an_infinite_initial_lambda():
+    from lightning_geco.geco import MultiplierState
+
+    with pytest.raises(ValueError, match=re.escape("MultiplierState initial_lambda must be positive and finite, got inf.")):
+        MultiplierState(1, initial_lambda=float("inf"))
+
+
 def test_constraint_shape_is_checked():
     with pytest.raises(ValueError, match=r"shape \(N, 2\), got \(4,\)"):
         GECO(["a", "b"]).constraint_term(torch.zeros(4))
