@@ -396,7 +396,11 @@ class ImageDataModule(pl.LightningDataModule):
             generator=generator,
             num_workers=workers,
             pin_memory=self.pin_memory and not in_memory,
-            persistent_workers=workers > 0,
+            # Each new iterator of a loader without a generator of its own draws its workers' base
+            # seed from the global generator the latent noise comes from: a persistent validation
+            # loader drew once per process, so a resumed run's validations drew other noise than the
+            # uninterrupted run's (and than with num_workers 0). Started afresh, they draw alike.
+            persistent_workers=workers > 0 and sampler is not None,
             drop_last=shuffle,
         )
 

@@ -174,3 +174,24 @@ def test_overfit_batches_trains_and_checkpoints_on_lightnings_sequential_sampler
         trainer.fit(tiny_conv_vae(), data)
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
     assert trainer.global_step == 4 and torch.load(checkpoint, weights_only=False)["global_step"] == 4
+
+
+def test_validations_with_workers_draw_from_the_global_generator_as_without():
+    # A persistent validation loader drew its workers' seed from the global generator once per
+    # process: a resumed run's validations, and num_workers 0's, drew other latent noise.
+    from lightning_geco.datamodules import ShapesDataModule
+
+    def generator_after_two_validations(num_workers):
+        data = ShapesDataModule(image_size=8, num_train=64, num_val=16, batch_size=8, num_workers=num_workers)
+        data.setup("fit")
+        loader = data.val_dataloader()
+        torch.manual_seed(0)
+        for _ in range(2):
+            for _ in loader:
+                pass
+        return torch.get_rng_state()
+
+    assert torch.equal(generator_after_two_validations(0), generator_after_two_validations(2))
+    data = ShapesDataModule(image_size=8, num_train=64, num_val=16, batch_size=8, num_workers=2)
+    data.setup("fit")
+    assert data.train_dataloader().persistent_workers and not data.val_dataloader().persistent_workers
