@@ -624,8 +624,8 @@ class GECOLightningCLI(LightningCLI):
             _fail(
                 f"--trainer.val_check_interval {interval!r}: a float is a fraction of an epoch (1.0: once an epoch), "
                 "which needs --trainer.check_val_every_n_epoch (this config sets it null, to validate every N "
-                "steps): add --trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps "
-                "(an int, e.g. 500)."
+                "training batches): add --trainer.check_val_every_n_epoch 1, or give val_check_interval in training "
+                "batches (an int, e.g. 500: optimizer steps unless gradients accumulate)."
             )
         if config.get("tolerance"):
             try:

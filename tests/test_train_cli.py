@@ -617,8 +617,8 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
         (("--trainer.val_check_interval", "0.5"), "--trainer.val_check_interval 0.5: a float is a fraction of an epoch "
          "(1.0: once an epoch), which needs --trainer.check_val_every_n_epoch (this config sets it null, to validate "
-         "every N steps): add --trainer.check_val_every_n_epoch 1, or give val_check_interval in optimizer steps (an "
-         "int, e.g. 500)."),
+         "every N training batches): add --trainer.check_val_every_n_epoch 1, or give val_check_interval in training "
+         "batches (an int, e.g. 500: optimizer steps unless gradients accumulate)."),
         # A constructor's refusal, which jsonargparse's Union report wrapped in a 75-line trace.
         (("--data.init_args.device", "banana"), "ShapesDataModule(device='banana'): not a torch device ("),
     ]:
