@@ -75,6 +75,7 @@ __all__ = [
     "UNLOGGED_CHECK_EVERY",
     "UNPLANNED_STALL_WINDOW",
     "find_geco_objective",
+    "is_last_batch_of_fit",
     "is_logging_step",
     "planned_steps",
     "upgrade_multiplier_buffers",
@@ -110,8 +111,20 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     """
     connector = getattr(trainer, "_logger_connector", None)
     due = connector.should_update_logs if connector is not None else True
-    last = 0 < trainer.max_steps <= trainer.global_step + 1
-    return due or last
+    return due or is_last_batch_of_fit(trainer, trainer.global_step + 1)
+
+
+def is_last_batch_of_fit(trainer: pl.Trainer, steps: int) -> bool:
+    """Whether the training batch at hand is the fit's last, ``steps`` being the optimizer steps
+    taken once it has stepped (``global_step + 1`` before its step, ``global_step`` after):
+    ``max_steps`` reached, or the last batch of the last of ``max_epochs`` (an epoch-bounded
+    fit's last step logged stale values, read before it had stepped)."""
+    if 0 < trainer.max_steps <= steps:
+        return True
+    max_epochs = trainer.max_epochs
+    last_epoch = max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
+    # Lightning's data fetcher sets this when it fetches the batch, also for a loader without a length.
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def _learning_rate(optimizer: Optimizer) -> float:
@@ -127,10 +140,26 @@ def planned_steps(trainer: pl.Trainer) -> int | None:
     return int(planned) if math.isfinite(planned) and planned > 0 else None
 
 
+def _full_pass_batches(trainer: pl.Trainer) -> float:
+    """Batches (per process) in one pass over the whole training set: the loader's length, not
+    the epoch's (``limit_train_batches`` shortens an epoch, and the next goes on through the
+    shuffled set); the epoch's where the loader has no length."""
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    elif isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    try:
+        return float(len(loader))  # type: ignore[arg-type]
+    except TypeError:
+        return float(trainer.num_training_batches)
+
+
 def _planned_epochs(trainer: pl.Trainer, planned_steps: int | None) -> float:
-    """How many times the fit goes over its training set: ``planned_steps`` over an epoch's
-    optimizer steps (a last partial accumulation window steps too); 0 when either is unknown."""
-    batches = trainer.num_training_batches
+    """How many times the fit goes over its training set: ``planned_steps`` over the optimizer
+    steps of one pass over it (a last partial accumulation window steps too); 0 when either is
+    unknown."""
+    batches = _full_pass_batches(trainer)
     if planned_steps is None or not math.isfinite(batches) or batches <= 0:
         return 0.0
     return planned_steps / math.ceil(batches / max(1, trainer.accumulate_grad_batches))
@@ -429,8 +458,9 @@ class GECOCallback(Callback):
         # batches so far: a training_step that never calls the objective is refused (_check_engaged).
         self._engaged = False
         self._batches_this_fit = 0
-        # The Trainer's precision in this fit (saved, so a resume in another one says so)
-        self._precision: str | None = None
+        # The Trainer settings a resumed fit must share to continue its checkpoint's run
+        # (saved, so a resume with others says so): precision and gradient accumulation
+        self._trainer_settings: dict[str, Any] = {}
         # The largest learning rate this fit has stepped with (ramp_follows_lr); saved, so a
         # resumed run paces the drift as the uninterrupted one.
         self._peak_learning_rate: float | None = None
@@ -473,7 +503,9 @@ class GECOCallback(Callback):
             self._calibration = None
             self._manual_updates = 0  # a checkpoint's count is restored below
             self._engaged, self._batches_this_fit = False, 0
-            self._precision = str(trainer.precision)
+            self._trainer_settings = {
+                "precision": str(trainer.precision), "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            }
         if stage == "fit" and (rebuilt or self.detector is None or trainer.global_step == 0):
             # Each fit watches its own history, a resumed one its checkpoint's (restored below, or
             # after on_fit_start with some strategies), a Trainer fitted again on the same model
@@ -903,7 +935,7 @@ class GECOCallback(Callback):
             "stall_detector": self.detector.state_dict() if self.detector is not None else None,
             "last_calibration": None if self._last_calibration is None else self._last_calibration.tolist(),
             "manual_updates": self._manual_updates,
-            "precision": self._precision,
+            **self._trainer_settings,
         }
 
     def _constraints_as_trained(self) -> list[dict[str, Any]]:
@@ -948,13 +980,14 @@ class GECOCallback(Callback):
             for k, tolerance_changed in enumerate(changed):
                 if tolerance_changed:
                     self.detector.forget(k)
-        trained_in = state.get("precision")
-        if trained_in is not None and self._precision is not None and trained_in != self._precision:
-            rank_zero_warn(
-                f"GECO: the checkpoint's run trained in precision {trained_in!r}; this resumed fit runs in "
-                f"{self._precision!r}, so its numbers differ from the ones that run would have gone on with: it is "
-                f"not that run continued (--trainer.precision {trained_in} continues it)."
-            )
+        for setting, now in self._trainer_settings.items():
+            trained = state.get(setting)
+            if trained is not None and trained != now:
+                rank_zero_warn(
+                    f"GECO: the checkpoint's run trained with {setting}={trained!r}; this resumed fit has {now!r}, so "
+                    "its numbers differ from the ones that run would have gone on with: it is not that run continued "
+                    f"(--trainer.{setting} {trained} continues it)."
+                )
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:
             self._resumed_drive = saved_drive

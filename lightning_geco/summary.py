@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_geco.callbacks import GECOCallback, planned_steps
+from lightning_geco.callbacks import GECOCallback, is_last_batch_of_fit, planned_steps
 from lightning_geco.constraints import Constraint
 from lightning_geco.objectives import GECOObjective
 from lightning_geco.resume import checkpoint_head
@@ -42,17 +42,6 @@ def run_directory(trainer: pl.Trainer) -> Path:
         first = trainer.loggers[0]
         directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
     return Path(directory or trainer.default_root_dir)
-
-
-def _is_last_batch_of_fit(trainer: pl.Trainer) -> bool:
-    """Whether the training batch just ended is the fit's last: ``max_steps`` reached, or the
-    last batch of the last of ``max_epochs``."""
-    if 0 < trainer.max_steps <= trainer.global_step:
-        return True
-    max_epochs = trainer.max_epochs
-    last_epoch = max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
-    # Lightning's data fetcher sets this before on_train_batch_end, also for a loader without a length.
-    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def _number(value: Any) -> float | None:
@@ -274,7 +263,7 @@ class RunSummary(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._trained = True
-        if not _is_last_batch_of_fit(trainer):
+        if not is_last_batch_of_fit(trainer, trainer.global_step):
             return
         # Lightning validates a run stopped early but not one that reaches max_steps mid-epoch;
         # asking it to stop at its last batch gets the final validation the summary reports.

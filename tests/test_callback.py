@@ -367,20 +367,48 @@ def test_a_training_step_that_never_calls_the_geco_objective_is_refused(max_step
     assert trainer.global_step == batches
 
 
-def test_a_fit_resumed_in_another_precision_says_it_is_not_that_run_continued(tmp_path):
+def test_a_fit_resumed_in_another_precision_or_accumulation_says_it_is_not_that_run_continued(tmp_path):
     images = DataLoader(TensorDataset(torch.rand(16, 1, 16, 16)), batch_size=4)
     trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback()])
     trainer.fit(tiny_conv_vae(), images)
     trainer.save_checkpoint(tmp_path / "fp32.ckpt")
     assert torch.load(tmp_path / "fp32.ckpt", weights_only=False)["callbacks"]["GECOCallback"]["precision"] == "32-true"
-    message = ("GECO: the checkpoint's run trained in precision '32-true'; this resumed fit runs in 'bf16-mixed', so its "
+    message = ("GECO: the checkpoint's run trained with precision='32-true'; this resumed fit has 'bf16-mixed', so its "
                "numbers differ from the ones that run would have gone on with: it is not that run continued "
                "(--trainer.precision 32-true continues it).")
     resumed = quiet_trainer(max_steps=4, limit_val_batches=0, precision="bf16-mixed", callbacks=[GECOCallback()])
     with pytest.warns(UserWarning, match=re.escape(message)):
         resumed.fit(tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt")
+    # Another gradient accumulation is another global batch, as is another batch size.
+    message = ("GECO: the checkpoint's run trained with accumulate_grad_batches=1; this resumed fit has 2, so its "
+               "numbers differ")
+    accumulating = quiet_trainer(max_steps=4, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[GECOCallback()])
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        accumulating.fit(tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="GECO: the checkpoint's run trained in precision")
         quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt"
         )
+
+
+def test_an_epoch_bounded_fit_logs_its_last_step(tmp_path):
+    # With max_epochs and no max_steps the last step was not a logging step: the loggers got the
+    # values of the last logging step again (lambda 5.34 in W&B, 5.58 in summary.json).
+    from pytorch_lightning.loggers import CSVLogger
+
+    callback = GECOCallback()
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, log_every_n_steps=50, logger=CSVLogger(tmp_path),
+                            callbacks=[callback])
+    trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(torch.rand(24, 1, 16, 16)), batch_size=4))
+    assert trainer.global_step == 12
+    assert trainer.logged_metrics["geco/lambda"].item() == callback.geco.lagrange_multiplier.item()
+
+
+def test_auto_drive_counts_whole_passes_over_the_data_when_epochs_are_limited():
+    # 10 epochs of a tenth of the batches are one pass over the shuffled set, not 10.
+    callback = GECOCallback()
+    trainer = quiet_trainer(max_epochs=10, limit_train_batches=0.1, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(torch.rand(400, 1, 16, 16)), batch_size=4))
+    assert trainer.global_step == 100 and callback.active_drive == "training"
+    assert callback.reasons_for_calibration(trainer) == []
