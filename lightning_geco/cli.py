@@ -928,9 +928,12 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
 
 
 def _fail_short(error: BaseException) -> None:
-    """Exit with the message of a mistake in the data or the settings, not a 50-line trace (which
-    LIGHTNING_GECO_TRACEBACK=1 brings back); return for anything else, which the caller raises."""
+    """Exit with the message of a mistake in the data or the settings, or of a stop the library
+    itself raised, not a 50-line trace (which LIGHTNING_GECO_TRACEBACK=1 brings back); return for
+    anything else, which the caller raises."""
     mistake = _innermost_mistake(error, (ValueError, TypeError, FileNotFoundError))
+    if mistake is None:  # GECO's own stops (a run of non-finite steps, an objective never called): said, too
+        mistake = _innermost_mistake(error, (RuntimeError,), library_only=True)
     if mistake is not None and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
         _fail(f"{mistake}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 

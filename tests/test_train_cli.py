@@ -740,6 +740,19 @@ def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_
     assert f"--ckpt_path last: resuming run {newest.parent.name} from step 2 ({newest})." in caplog.text
 
 
+def test_a_run_of_non_finite_steps_ends_with_where_it_stopped_and_the_cause_in_two_lines(capsys, monkeypatch):
+    # The stop line came above Lightning's 70-line trace of NonFiniteConstraintError.
+    monkeypatch.delenv("LIGHTNING_GECO_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "14", "--trainer.log_every_n_steps", "12", "--trainer.logger",
+                  "CSVLogger", "--trainer.logger.init_args.save_dir", "csv", "--model.init_args.learning_rate", "1e30"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback (most recent call last):" not in err
+    assert err[-3].startswith("GECO: stopped at step ") and err[-2].startswith("error: GECO saw a non-finite constraint"), err
+    assert err[-1] == "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)"
+
+
 def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
     first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
