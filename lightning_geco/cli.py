@@ -39,6 +39,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_geco.calibration import NO_CALIBRATION_SPLIT
 from lightning_geco.callbacks import GECOCallback
@@ -761,7 +762,7 @@ class GECOLightningCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
-            if self.trainer.is_global_zero and (self._stopped_by_ctrl_c(error) or self.trainer.global_step > 0):
+            if self.trainer.is_global_zero and (self._interruption(error) or self.trainer.global_step > 0):
                 try:
                     line = self._where_to_resume()
                 except Exception as unreadable:  # a checkpoint cut short must not hide the error itself
@@ -857,10 +858,13 @@ class GECOLightningCLI(LightningCLI):
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         return next(c for c in callbacks if isinstance(c, RunSummary))
 
-    def _stopped_by_ctrl_c(self, error: BaseException) -> bool:
-        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (and marks the
-        # trainer interrupted, as it does for any exception).
-        return isinstance(error, SystemExit) and self.trainer.interrupted
+    def _interruption(self, error: BaseException) -> str | None:
+        """What interrupted the fit, in words, or None for an error of its own."""
+        if not (isinstance(error, SystemExit) and self.trainer.interrupted):
+            return None
+        # Lightning's loop raises this SystemExit after a SIGTERM (kill, a job scheduler's stop);
+        # it turns Ctrl-C into a plain SystemExit(1) after its graceful shutdown.
+        return "a SIGTERM (kill, or a job scheduler's stop)" if isinstance(error, SIGTERMException) else "an interrupt (Ctrl-C)"
 
     def _where_to_resume(self) -> str:
         """One line after a fit that stopped early: the step this run's newest checkpoint holds and
@@ -891,8 +895,7 @@ class GECOLightningCLI(LightningCLI):
                 if failed_with is None:
                     print(f"W&B run ({mode}): {run_dir}")
                 else:
-                    stopped = self._stopped_by_ctrl_c(failed_with)
-                    cause = "an interrupt (Ctrl-C)" if stopped else f"{type(failed_with).__name__}: {failed_with}"
+                    cause = self._interruption(failed_with) or f"{type(failed_with).__name__}: {failed_with}"
                     sys.stderr.write(f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by {cause}\n")
 
     def after_fit(self) -> None:

@@ -753,6 +753,29 @@ def test_a_run_of_non_finite_steps_ends_with_where_it_stopped_and_the_cause_in_t
     assert err[-1] == "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)"
 
 
+def test_a_run_stopped_by_sigterm_says_so(capsys, monkeypatch):
+    # Lightning's loop raises SIGTERMException after a SIGTERM (kill, a job scheduler's stop): it was
+    # reported as "an interrupt (Ctrl-C)".
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from lightning_geco import ConvVAE
+
+    training_step = ConvVAE.training_step
+
+    def terminated_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise SIGTERMException(1)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ConvVAE, "training_step", terminated_at_step_3)
+    with pytest.raises(SystemExit):
+        main(_fit(REPO / "configs" / "default.yaml", "--trainer.max_steps", "8", "--trainer.val_check_interval", "8"))
+    err = capsys.readouterr().err
+    assert re.search(r"W&B run \(offline\) \S+ finished as failed \(exit code 1\) by a SIGTERM \(kill, or a job "
+                     r"scheduler's stop\)\n", err), err
+    assert "GECO: stopped at step 3, before this run wrote a checkpoint" in err and "Ctrl-C" not in err
+
+
 def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
     first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
