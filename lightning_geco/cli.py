@@ -482,6 +482,9 @@ class SaveConfigToRun(SaveConfigCallback):
         # flag's list back as one string and could not be run again.
         resolved = self.config.clone()
         resolved.pop("tolerance", None)
+        if resolved.get("trainer") is not None and resolved.trainer.get("precision") is not None:
+            # What ran: Lightning falls back from 16-mixed to bf16-mixed on a CPU, with a warning.
+            resolved.trainer.precision = str(trainer.precision)
         if trainer.is_global_zero:
             directory = run_directory(trainer)
             directory.mkdir(parents=True, exist_ok=True)

@@ -776,6 +776,14 @@ def test_a_run_stopped_by_sigterm_says_so(capsys, monkeypatch):
     assert "GECO: stopped at step 3, before this run wrote a checkpoint" in err and "Ctrl-C" not in err
 
 
+def test_the_saved_config_records_the_precision_that_ran(capsys):
+    # On a CPU Lightning runs 16-mixed as bf16-mixed (with a warning); config.yaml said 16-mixed.
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "1", "--trainer.precision", "16-mixed"))
+    saved = yaml.safe_load(Path("runs/config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
+
+
 def test_a_resumed_summary_counts_the_whole_runs_wall_clock(capsys):
     main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "2"))
     first = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
