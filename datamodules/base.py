@@ -314,7 +314,10 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the splits once (every stage shares them), then carve the calibration split.
         ``"test"`` and ``"predict"`` build nothing here: they read the test set alone, built when
-        its loader is asked for (after a checkpoint's DataModule state is back)."""
+        its loader is asked for (after a checkpoint's DataModule state is back). What an earlier
+        checkpoint's run trained on is forgotten here: each stage's own checkpoint (or loaded
+        model) says it again after setup."""
+        self.forget_training()
         if stage in ("test", "predict"):
             return
         if self.train_dataset is not None:
@@ -458,9 +461,20 @@ class ImageDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size, "world_size": self.trainer.world_size if self.trainer is not None else None,
         }
 
+    def remember_training(self, state_dict: dict[str, Any]) -> None:
+        """Keep what a checkpoint's run trained on, from its DataModule state (:meth:`state_dict`):
+        its files (``source``), which the test split then refuses. :meth:`load_state_dict` calls
+        it, and so does ``VAEModule.setup`` for a model loaded on its own (without the training
+        order a restore also takes back); :meth:`setup` forgets it."""
+        self.trained_source = state_dict.get("source")
+
+    def forget_training(self) -> None:
+        """Forget what :meth:`remember_training` kept (a DataModule used again for another model)."""
+        self.trained_source = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
-        self.trained_source = state_dict.get("source")
+        self.remember_training(state_dict)
         self.check_held_out_split(state_dict.get("split"))
         trained_batch = state_dict.get("batch_size")
         if self._fitting and trained_batch is not None and trained_batch != self.batch_size:

@@ -138,9 +138,13 @@ class ShapesDataModule(ImageDataModule):
         """:meth:`ImageDataModule.state_dict` and the :meth:`generation` of the shapes trained on."""
         return {**super().state_dict(), "generation": self.generation()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def remember_training(self, state_dict: dict[str, Any]) -> None:
+        super().remember_training(state_dict)
         self.trained_generation = state_dict.get("generation")
+
+    def forget_training(self) -> None:
+        super().forget_training()
+        self.trained_generation = None
 
     def missing_test_split(self) -> str | None:
         """A test split for a checkpoint's model trained on the shapes of another generation is

@@ -512,6 +512,8 @@ class GECOLightningCLI(LightningCLI):
     _checkpoint: tuple[str, dict[str, Any]] | None = None
     #: that checkpoint's held-out split records, by DataModule state key (its class's qualname)
     _checkpoint_splits: dict[str, Any] | None = None
+    #: that checkpoint's DataModule states, by state key
+    _checkpoint_data: dict[str, Any] | None = None
     #: that checkpoint's weight shapes, by state-dict key
     _checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -592,9 +594,10 @@ class GECOLightningCLI(LightningCLI):
             self.resumed_run_id = run_folder.name
         hyperparameters, step = checkpoint_head(checkpoint)
         # The DataModule's part (read now, from this one load; checked once the DataModule exists).
-        self._checkpoint_splits = {
-            key: state.get("split") for key, state in checkpoint.items() if isinstance(state, dict) and "shuffle_seed" in state
+        self._checkpoint_data = {
+            key: state for key, state in checkpoint.items() if isinstance(state, dict) and "shuffle_seed" in state
         }
+        self._checkpoint_splits = {key: state.get("split") for key, state in self._checkpoint_data.items()}
         weights = checkpoint.get("state_dict")
         self._checkpoint_shapes = (
             {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
@@ -775,7 +778,12 @@ class GECOLightningCLI(LightningCLI):
             raise
 
     def before_test(self) -> None:
-        # Checked before the W&B run starts, as before_fit does: a test with nothing to read.
+        # Checked before the W&B run starts, as before_fit does: a test with nothing to read (also
+        # for the checkpoint's model: its test files, or its shapes of another seed).
+        state = (self._checkpoint_data or {}).get(type(self.datamodule).__qualname__)
+        remember = getattr(self.datamodule, "remember_training", None)
+        if state is not None and callable(remember):
+            remember(state)
         missing = getattr(self.datamodule, "missing_test_split", None)
         reason = missing() if callable(missing) else None
         if reason is not None:

@@ -387,6 +387,16 @@ def test_a_shapes_model_is_tested_only_on_the_test_split_drawn_apart_from_its_ow
         with pytest.raises(NoTestSplitError, match=re.escape(message)):
             run(shapes(seed=1, num_train=32))
         run(shapes(num_test=8))  # the same shapes trained on: another test size is fine
+    # The refusal stays with that model: a model trained on the other shapes tests on them (the
+    # DataModule kept the loaded model's record, and refused this one, nor kept its training order).
+    other_shapes = shapes(seed=1, num_train=32)
+    with pytest.raises(NoTestSplitError, match=re.escape(message)):
+        quiet_trainer().test(loaded, datamodule=other_shapes, verbose=False)
+    quiet_trainer().validate(loaded, datamodule=other_shapes, verbose=False)
+    assert other_shapes.shuffle_seed is None
+    other = tiny_conv_vae(image_shape=(1, 16, 16))
+    quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[GECOCallback()]).fit(other, datamodule=other_shapes)
+    quiet_trainer().test(other, datamodule=other_shapes, verbose=False)
 
 
 def test_train_py_test_refuses_data_without_a_test_split_before_any_run_starts(capsys):

@@ -461,6 +461,21 @@ def test_a_checkpoint_of_a_users_module_with_other_weight_shapes_is_refused_befo
     assert not list(Path("runs/wandb").glob("*/files/summary.json"))[1:]  # no second W&B run was started
 
 
+def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_before_the_run(capsys):
+    last = _checkpoint(capsys)
+    runs = sorted(Path("runs/wandb").glob("*run-*"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", str(REPO / "configs" / "default.yaml"), "--data.init_args.num_train", "128",
+              "--data.init_args.num_val", "64", "--data.init_args.seed", "1", "--ckpt_path", str(last)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ShapesDataModule has seed=1 (it trained on 0): its test split is drawn apart from its own training "
+        "shapes, not the checkpoint's model's, and may hold images that model trained on. Test with --data.seed 0 "
+        "--data.num_train 128 --data.num_val 64 --data.image_size 64."
+    )
+    assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
+
+
 def test_a_config_without_geco_callback_is_refused_before_the_run_with_the_line_to_add(tmp_path, capsys):
     # The objective's own error came at the first training step, in a trace, phrased for Python.
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())

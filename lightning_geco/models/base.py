@@ -579,17 +579,22 @@ class VAEModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before ``trainer.validate`` / ``test`` / ``predict`` of a model loaded on its own (no
-        ``ckpt_path``, so Lightning restores no DataModule state), the DataModule gets the state
-        the model's checkpoint holds of it, as it would from ``ckpt_path``: a validation split whose
-        images the model trained on is refused, and so is a test split of its training images (a
-        model trained on the test files; the shapes of another seed)."""
+        ``ckpt_path``, so Lightning restores no DataModule state), the DataModule checks what the
+        model's checkpoint holds of its data, as it would from ``ckpt_path``: a validation split
+        whose images the model trained on is refused, and so is a test split of its training
+        images (a model trained on the test files; the shapes of another seed). The DataModule's
+        own training order is left as it is."""
         trainer = self._trainer
         if stage not in ("validate", "test", "predict") or self._trained_data is None or trainer is None:
             return
         datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector, not declared
         name, state = self._trained_data
-        if trainer.ckpt_path is None and datamodule is not None and type(datamodule).__qualname__ == name:
-            datamodule.load_state_dict(state)
+        if trainer.ckpt_path is not None or datamodule is None or type(datamodule).__qualname__ != name:
+            return
+        if stage == "validate" and callable(check := getattr(datamodule, "check_held_out_split", None)):
+            check(state.get("split"), fitting=False)
+        elif stage != "validate" and callable(remember := getattr(datamodule, "remember_training", None)):
+            remember(state)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The objective and the likelihood are modules, which save_hyperparameters cannot
