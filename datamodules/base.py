@@ -378,7 +378,7 @@ class ImageDataModule(pl.LightningDataModule):
                 "classifier with this run's split."
             )
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, training: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called.")
         in_memory = self.device is not None
@@ -402,8 +402,9 @@ class ImageDataModule(pl.LightningDataModule):
             # Each new iterator of a loader without a generator of its own draws its workers' base
             # seed from the global generator the latent noise comes from: a persistent validation
             # loader drew once per process, so a resumed run's validations drew other noise than the
-            # uninterrupted run's (and than with num_workers 0). Started afresh, they draw alike.
-            persistent_workers=workers > 0 and sampler is not None,
+            # uninterrupted run's (and than with num_workers 0). Started afresh at each validation,
+            # they draw alike; the training loader keeps its workers, as before.
+            persistent_workers=workers > 0 and training,
             drop_last=shuffle,
         )
 
@@ -624,7 +625,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"batch_size {self.batch_size}; no full batch, so no training step. Lower batch_size to at most "
                 f"{len(dataset)} or use more training images."
             )
-        return self._loader(self.train_dataset, shuffle=self.shuffle)
+        return self._loader(self.train_dataset, shuffle=self.shuffle, training=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

@@ -1,7 +1,7 @@
 """lightning_geco: VAEs trained with GECO (Rezende & Viola, "Taming VAEs", 2018) on PyTorch Lightning."""
 
 from lightning_geco.batches import batch_images, batch_labels
-from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError
+from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError, ObjectiveNeverCalledError
 from lightning_geco.classifier import ImageClassifier
 from lightning_geco.constraints import (
     ClassificationConstraint,
@@ -66,6 +66,7 @@ __all__ = [
     "MultiplierController",
     "MultiplierState",
     "NonFiniteConstraintError",
+    "ObjectiveNeverCalledError",
     "Objective",
     "PIController",
     "PatchNCC",

@@ -18,12 +18,23 @@ __all__ = [
     "IDENTICAL_IMAGES_MAX_BYTES",
     "batch_images",
     "batch_labels",
+    "first_loader",
     "dataset_length",
     "gather",
     "identical_images",
     "shared_items",
 ]
 
+
+
+def first_loader(loaders: Any) -> Any:
+    """The loader of a fit's loaders (the first, when a list, tuple or dict holds several); None
+    when there is none."""
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
 
 def batch_images(batch: Any) -> Tensor:
     """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``."""

@@ -20,7 +20,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_geco.batches import batch_images, batch_labels, dataset_length, gather, identical_images, shared_items
+from lightning_geco.batches import (
+    batch_images,
+    batch_labels,
+    dataset_length,
+    first_loader,
+    gather,
+    identical_images,
+    shared_items,
+)
 from lightning_geco.collectives import raise_on_every_rank
 from lightning_geco.geco import constraint_statistics
 from lightning_geco.objectives import GECOObjective
@@ -42,11 +50,7 @@ ImageSummary = tuple[tuple[int, ...], float, float, float]
 
 def loader_dataset(loaders: Any) -> Dataset | None:
     """The dataset of a fit's loader (the first, when there are several); None when there is none."""
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    elif isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    return getattr(loaders, "dataset", None)
+    return getattr(first_loader(loaders), "dataset", None)
 
 
 def _image_summary(batch: Any) -> ImageSummary | None:
@@ -235,6 +239,7 @@ class CalibrationStream:
             pl_module.device,
             "GECOCallback(drive='calibration'): another rank found the calibration images unlike its training "
             f"images (see its error){advice}",
+            trainer,
         )
 
     def refuse_training_images(self, trainer: pl.Trainer) -> None:

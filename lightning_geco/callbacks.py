@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from lightning_geco.batches import dataset_length
+from lightning_geco.batches import dataset_length, first_loader
 from lightning_geco.calibration import NO_CALIBRATION_SPLIT, CalibrationStream, why_not_measurable
 from lightning_geco.collectives import all_reduce_sum
 from lightning_geco.constraints import Constraint
@@ -72,6 +72,7 @@ __all__ = [
     "CONTROLLER_DEFAULTS",
     "GECOCallback",
     "NonFiniteConstraintError",
+    "ObjectiveNeverCalledError",
     "UNLOGGED_CHECK_EVERY",
     "UNPLANNED_STALL_WINDOW",
     "find_geco_objective",
@@ -80,6 +81,10 @@ __all__ = [
     "planned_steps",
     "upgrade_multiplier_buffers",
 ]
+
+
+class ObjectiveNeverCalledError(RuntimeError):
+    """A fit whose training batches never went through the model's GECOObjective (see GECOCallback)."""
 
 
 class NonFiniteConstraintError(RuntimeError):
@@ -142,15 +147,11 @@ def planned_steps(trainer: pl.Trainer) -> int | None:
 
 def _full_pass_batches(trainer: pl.Trainer) -> float:
     """Batches (per process) in one pass over the whole training set: the loader's length, not
-    the epoch's (``limit_train_batches`` shortens an epoch, and the next goes on through the
-    shuffled set); the epoch's where the loader has no length."""
-    loader = trainer.train_dataloader
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    elif isinstance(loader, dict):
-        loader = next(iter(loader.values()), None)
+    the epoch's (``limit_train_batches`` shortens an epoch; the DataModules' next epoch goes on
+    through the shuffled set, and a loader that reshuffles each epoch draws another tenth);
+    the epoch's where the loader has no length."""
     try:
-        return float(len(loader))  # type: ignore[arg-type]
+        return float(len(first_loader(trainer.train_dataloader)))
     except TypeError:
         return float(trainer.num_training_batches)
 
@@ -743,7 +744,6 @@ class GECOCallback(Callback):
         if not geco.recorded:
             return
         self._batch_updated, geco.recorded = True, False
-        self._engaged = True
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
             rate = _learning_rate(torch_optimizer)
             self._peak_learning_rate = max(rate, self._peak_learning_rate or 0.0)
@@ -796,10 +796,11 @@ class GECOCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches_this_fit += 1
-        if self._batches_this_fit == UNLOGGED_CHECK_EVERY * max(1, trainer.accumulate_grad_batches):
-            self._check_engaged()
         calls = self._ready_geco.recorded_calls
+        self._engaged = self._engaged or calls > 0 or self._batch_updated
+        self._batches_this_fit += 1
+        if self._batches_this_fit == UNLOGGED_CHECK_EVERY:
+            self._check_engaged()
         if calls > 1 and not self._warned_repeated_calls:
             self._warned_repeated_calls = True
             rank_zero_warn(
@@ -817,7 +818,7 @@ class GECOCallback(Callback):
         moved, and a verdict would describe a GECO that did not run."""
         if self._engaged or self._batches_this_fit == 0:
             return
-        raise RuntimeError(
+        raise ObjectiveNeverCalledError(
             f"GECOCallback: {self._batches_this_fit} training batches, and the model's GECOObjective recorded no "
             "constraint on any of them: training_step never called it (nor its lagrangian) in training mode, so "
             "lambda never moved from its initial value. Return the loss of objective(output) or "

@@ -42,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_geco.calibration import NO_CALIBRATION_SPLIT
-from lightning_geco.callbacks import GECOCallback
+from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError, ObjectiveNeverCalledError
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.objectives import GECOObjective
@@ -466,6 +466,11 @@ def _planned_steps_of(checkpoint: dict[str, Any]) -> int | None:
     return last_step if isinstance(last_step, int) else None
 
 
+def _as_list(callbacks: Any) -> list[Any]:
+    """``configure_callbacks()``'s answer (a callback or a sequence of them) as a list."""
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -664,7 +669,9 @@ class GECOLightningCLI(LightningCLI):
         self._check_dataset()
         self._check_held_out_split()
         has_objective = any(isinstance(module, GECOObjective) for module in self.model.modules())
-        if has_objective and not any(isinstance(c, GECOCallback) for c in getattr(self.trainer, "callbacks", [])):
+        # The module's own configure_callbacks() are attached when the fit starts, after this.
+        callbacks = [*getattr(self.trainer, "callbacks", []), *_as_list(self.model.configure_callbacks())]
+        if has_objective and not any(isinstance(c, GECOCallback) for c in callbacks):
             # Else the first training step raises, after the W&B run has started, in a trace.
             _fail(
                 f"the config's {type(self.model).__name__} trains on a GECOObjective, and the trainer has no "
@@ -942,12 +949,12 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
 
 
 def _fail_short(error: BaseException) -> None:
-    """Exit with the message of a mistake in the data or the settings, or of a stop the library
-    itself raised, not a 50-line trace (which LIGHTNING_GECO_TRACEBACK=1 brings back); return for
+    """Exit with the message of a mistake in the data or the settings, or of one of GECO's stops,
+    not a 50-line trace (which LIGHTNING_GECO_TRACEBACK=1 brings back); return for
     anything else, which the caller raises."""
     mistake = _innermost_mistake(error, (ValueError, TypeError, FileNotFoundError))
     if mistake is None:  # GECO's own stops (a run of non-finite steps, an objective never called): said, too
-        mistake = _innermost_mistake(error, (RuntimeError,), library_only=True)
+        mistake = _innermost_mistake(error, (NonFiniteConstraintError, ObjectiveNeverCalledError))
     if mistake is not None and not os.environ.get("LIGHTNING_GECO_TRACEBACK"):
         _fail(f"{mistake}\n(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)", exit_code=1)
 

@@ -28,14 +28,21 @@ def all_reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
-def raise_on_every_rank(problem: Exception | None, device: torch.device, elsewhere: str) -> None:
+def raise_on_every_rank(
+    problem: Exception | None, device: torch.device, elsewhere: str, trainer: pl.Trainer | None = None
+) -> None:
     """Raise ``problem`` on this rank and ``ValueError(elsewhere)`` on every other rank, together;
     nothing when no rank has a problem. Each rank checks its own data, and one rank raising alone
     would leave the others waiting in the next collective. One all-reduce of one number on
-    ``device`` (NCCL needs it on the GPU)."""
-    if _distributed():
+    ``device`` (NCCL needs it on the GPU): through :func:`all_reduce_sum` when the ``trainer`` is
+    known (its ranks, and strategies without torch.distributed), else over torch.distributed's
+    default group (a module's own check, which has no Trainer at hand)."""
+    if trainer is not None or _distributed():
         flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
-        torch.distributed.all_reduce(flag)
+        if trainer is not None:
+            flag = all_reduce_sum(trainer, flag)
+        else:
+            torch.distributed.all_reduce(flag)
         if problem is None and float(flag[0]) > 0:
             raise ValueError(elsewhere)
     if problem is not None:

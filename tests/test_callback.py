@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
 from lightning_geco import ELBO, ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
-from lightning_geco.callbacks import UNLOGGED_CHECK_EVERY, NonFiniteConstraintError
+from lightning_geco.callbacks import UNLOGGED_CHECK_EVERY, NonFiniteConstraintError, ObjectiveNeverCalledError
 from lightning_geco.models.base import VAEModule
 
 
@@ -360,7 +360,7 @@ def test_a_training_step_that_never_calls_the_geco_objective_is_refused(max_step
     model = tiny_conv_vae(model_class=OwnLossVAE)
     trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[GECOCallback()])
     batches = min(max_steps, UNLOGGED_CHECK_EVERY)  # at the end of a short fit, else at the 50th batch
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(ObjectiveNeverCalledError, match=re.escape(
         f"GECOCallback: {batches} training batches, and the model's GECOObjective recorded no constraint on any of them"
     )):
         trainer.fit(model, DataLoader(TensorDataset(torch.rand(16, 1, 16, 16)), batch_size=4))
@@ -386,7 +386,7 @@ def test_a_fit_resumed_in_another_precision_or_accumulation_says_it_is_not_that_
     with pytest.warns(UserWarning, match=re.escape(message)):
         accumulating.fit(tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt")
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="GECO: the checkpoint's run trained in precision")
+        warnings.filterwarnings("error", message="GECO: the checkpoint's run trained with")
         quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt"
         )
@@ -394,15 +394,24 @@ def test_a_fit_resumed_in_another_precision_or_accumulation_says_it_is_not_that_
 
 def test_an_epoch_bounded_fit_logs_its_last_step(tmp_path):
     # With max_epochs and no max_steps the last step was not a logging step: the loggers got the
-    # values of the last logging step again (lambda 5.34 in W&B, 5.58 in summary.json).
+    # values of the last logging step again (lambda 5.34 in W&B, 5.58 in summary.json). Lightning
+    # writes the last step when the fit stops there, as RunSummary asks it to (train.py adds it).
+    import csv
+
     from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_geco import RunSummary
 
     callback = GECOCallback()
     trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, log_every_n_steps=50, logger=CSVLogger(tmp_path),
-                            callbacks=[callback])
+                            callbacks=[callback, RunSummary()])
     trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(torch.rand(24, 1, 16, 16)), batch_size=4))
     assert trainer.global_step == 12
-    assert trainer.logged_metrics["geco/lambda"].item() == callback.geco.lagrange_multiplier.item()
+    (metrics,) = tmp_path.glob("lightning_logs/*/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics.open()) if row.get("geco/lambda")]
+    assert [int(row["step"]) for row in rows] == [11]  # Lightning's step of the 12th optimizer step
+    assert float(rows[-1]["geco/lambda"]) == callback.geco.lagrange_multiplier.item()
+    assert float(rows[-1]["train/distortion"]) > 0  # the model's own step values, logged at that step too
 
 
 def test_auto_drive_counts_whole_passes_over_the_data_when_epochs_are_limited():
@@ -412,3 +421,28 @@ def test_auto_drive_counts_whole_passes_over_the_data_when_epochs_are_limited():
     trainer.fit(tiny_conv_vae(), DataLoader(TensorDataset(torch.rand(400, 1, 16, 16)), batch_size=4))
     assert trainer.global_step == 100 and callback.active_drive == "training"
     assert callback.reasons_for_calibration(trainer) == []
+
+
+class HandAccumulatingVAE(ConvVAE):
+    """Manual optimization that steps once every 64 batches, calling the objective on every one."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = self.objective(self(batch[0]))
+        self.manual_backward(loss / 64)
+        if (batch_idx + 1) % 64 == 0:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+
+def test_a_fit_that_steps_less_often_than_the_check_but_calls_the_objective_is_not_refused():
+    # Steps every 64 batches: refused at batch 50 as "never called", though it was on every batch.
+    callback = GECOCallback()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(tiny_conv_vae(model_class=HandAccumulatingVAE), DataLoader(TensorDataset(torch.rand(64, 1, 16, 16)), batch_size=1))
+    assert trainer.global_step == 1 and callback.geco.num_updates == 1

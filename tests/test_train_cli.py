@@ -492,6 +492,18 @@ def test_a_config_without_geco_callback_is_refused_before_the_run_with_the_line_
     assert not Path("runs/wandb").exists()  # refused before the W&B run
     main(_fit(tmp_path / "no_callback.yaml", *QUICK, "--trainer.max_steps", "2", "--trainer.callbacks+", "lightning_geco.GECOCallback"))
     assert capsys.readouterr().out.strip().splitlines()[-2].startswith("GECO: ")  # the flag it names works
+    # A module that brings its own (configure_callbacks) is not refused: Lightning attaches it later.
+    (tmp_path / "own_callback.py").write_text(
+        "import lightning_geco\n\n\nclass SelfCallbackVAE(lightning_geco.ConvVAE):\n"
+        "    def configure_callbacks(self):\n        return [lightning_geco.GECOCallback()]\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        main(_fit(tmp_path / "no_callback.yaml", *QUICK, "--trainer.max_steps", "2", "--model.class_path",
+                  "own_callback.SelfCallbackVAE"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert capsys.readouterr().out.strip().splitlines()[-2].startswith("GECO: ")
 
 
 def test_a_checkpoint_of_another_architecture_or_class_is_refused_naming_both(capsys):
