@@ -987,7 +987,7 @@ class GECOCallback(Callback):
                 rank_zero_warn(
                     f"GECO: the checkpoint's run trained with {setting}={trained!r}; this resumed fit has {now!r}, so "
                     "its numbers differ from the ones that run would have gone on with: it is not that run continued "
-                    f"(--trainer.{setting} {trained} continues it)."
+                    f"(Trainer({setting}={trained!r}), on the command line --trainer.{setting} {trained}, continues it)."
                 )
         saved_drive = state.get("active_drive")
         if self.drive == "auto" and saved_drive in DRIVES:

@@ -375,7 +375,7 @@ def test_a_fit_resumed_in_another_precision_or_accumulation_says_it_is_not_that_
     assert torch.load(tmp_path / "fp32.ckpt", weights_only=False)["callbacks"]["GECOCallback"]["precision"] == "32-true"
     message = ("GECO: the checkpoint's run trained with precision='32-true'; this resumed fit has 'bf16-mixed', so its "
                "numbers differ from the ones that run would have gone on with: it is not that run continued "
-               "(--trainer.precision 32-true continues it).")
+               "(Trainer(precision='32-true'), on the command line --trainer.precision 32-true, continues it).")
     resumed = quiet_trainer(max_steps=4, limit_val_batches=0, precision="bf16-mixed", callbacks=[GECOCallback()])
     with pytest.warns(UserWarning, match=re.escape(message)):
         resumed.fit(tiny_conv_vae(), images, ckpt_path=tmp_path / "fp32.ckpt")
