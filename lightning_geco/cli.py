@@ -650,7 +650,8 @@ class GECOLightningCLI(LightningCLI):
             super().instantiate_classes()
         except Exception as error:  # noqa: BLE001 - reported as its cause; the chain stays attached
             # A constructor's own refusal, wherever jsonargparse's Union report put it in the chain.
-            refusal = _innermost_mistake(error, (ValueError, TypeError), library_only=True)
+            # (A missing file a constructor reads, such as a classifier checkpoint, is one of them.)
+            refusal = _innermost_mistake(error, (ValueError, TypeError, FileNotFoundError), library_only=True)
             if refusal is not None:
                 _fail(str(refusal))
             cause = _root_cause(error)

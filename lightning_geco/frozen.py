@@ -68,6 +68,17 @@ class FrozenNetwork(Rebuildable, nn.Module):
         raise NotImplementedError
 
 
+def _how_to_train(checkpoint: str | Path) -> str:
+    """How to get the classifier a missing ``checkpoint`` names: the classifier config that writes
+    ``runs/checkpoints/<config>/last.ckpt``, with the VAE run's data flags."""
+    parts = Path(checkpoint).parts
+    config = parts[-2] if len(parts) >= 2 and parts[-1] == "last.ckpt" else "mnist_classifier"
+    return (
+        f"Train one first, e.g. `python train.py fit --config configs/{config}.yaml` with the same data flags "
+        f"(e.g. --data.root), which writes runs/checkpoints/{config}/last.ckpt, and point `checkpoint` to it."
+    )
+
+
 class FrozenClassifier(FrozenNetwork):
     """An :class:`~lightning_geco.classifier.ImageClassifier` loaded from a Lightning checkpoint.
 
@@ -99,12 +110,7 @@ class FrozenClassifier(FrozenNetwork):
             )
             self.classifier = ImageClassifier(**architecture)
         elif saved is not None or architecture is None:
-            path = _existing_file(
-                checkpoint,
-                "Classifier checkpoint",
-                "Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml` "
-                "(it writes runs/checkpoints/mnist_classifier/last.ckpt), and point `checkpoint` to it.",
-            )
+            path = _existing_file(checkpoint, "Classifier checkpoint", _how_to_train(checkpoint))
             try:
                 self.classifier = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
             except Exception as error:  # noqa: BLE001 - whatever the file holds, say what it had to be

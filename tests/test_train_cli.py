@@ -476,6 +476,19 @@ def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_befor
     assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
 
 
+def test_a_missing_classifier_checkpoint_is_one_line_naming_the_config_that_writes_it(capsys):
+    # A 177-line jsonargparse trace, which recommended the MNIST classifier's config for the shapes'.
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "shapes_convvae_geco_classifier.yaml", *QUICK))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: Classifier checkpoint not found: looked for {Path('runs/checkpoints/shapes_classifier/last.ckpt').resolve()}. "
+        "Train one first, e.g. `python train.py fit --config configs/shapes_classifier.yaml` with the same data flags "
+        "(e.g. --data.root), which writes runs/checkpoints/shapes_classifier/last.ckpt, and point `checkpoint` to it."
+    ], err
+
+
 def test_a_config_without_geco_callback_is_refused_before_the_run_with_the_line_to_add(tmp_path, capsys):
     # The objective's own error came at the first training step, in a trace, phrased for Python.
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
