@@ -476,6 +476,17 @@ def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_befor
     assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
 
 
+def test_the_sigma_vae_runs_from_the_elbo_config_and_ends_without_a_verdict(capsys):
+    # README, "Models and objectives": the objective override on the ELBO config (a GECO config's
+    # GECOCallback refuses an objective that is no GECOObjective).
+    main(_fit(REPO / "configs" / "shapes_convvae_elbo.yaml", *QUICK, "--trainer.max_steps", "2",
+              "--model.init_args.objective", "lightning_geco.SigmaVAE"))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert not any(line.startswith("GECO") for line in printed), printed
+    summary = json.loads(Path(printed[-1]).read_text())
+    assert "verdict" not in summary and "tolerance" not in summary and math.isfinite(summary["distortion"])
+
+
 def test_a_missing_classifier_checkpoint_is_one_line_naming_the_config_that_writes_it(capsys):
     # A 177-line jsonargparse trace, which recommended the MNIST classifier's config for the shapes'.
     with pytest.raises(SystemExit) as exit_:
