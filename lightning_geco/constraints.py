@@ -587,6 +587,21 @@ class FeatureReconstruction(Constraint):
         self.step_size = _step_size("FeatureReconstruction", step_size)
         self._feature_elements: int | None = None  # known after the first reading
 
+    def check_data(self, output: VAEOutput) -> None:
+        # What a model that learned nothing reads: the first batch's mean image for every image
+        # (a network too weak to tell images apart read a blank reconstruction "met", 40 % under).
+        with torch.no_grad():
+            target = self.network.features(output.x).float()
+            mean_image = output.x.mean(dim=0, keepdim=True).expand_as(output.x)
+            blank = (self.network.features(mean_image).float() - target).pow(2).flatten(1).mean(dim=1).mean()
+        if blank <= self.tolerance:
+            rank_zero_warn(
+                f"FeatureReconstruction {self.name!r}: the first batch's mean image, given for every image, reads a "
+                f"feature distance of {float(blank):.4g}, within the tolerance {self.tolerance:g}: a model that learned "
+                "nothing meets it. Lower the tolerance, or give the constraint a network whose features tell the "
+                "images apart (a better trained classifier), or add a pixel constraint beside it."
+            )
+
     def reading(self, output: VAEOutput) -> Tensor:
         with torch.no_grad():
             target = self.network.features(output.x)

@@ -436,3 +436,30 @@ def test_a_tolerance_a_constant_grey_image_meets_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ReconstructionMSE(0.2), ReconstructionMSE(8.0, unit="psnr"), ReconstructionMSE(0.9, peak=None)
+
+
+class _Features(torch.nn.Module):
+    """A stand-in frozen network: an image's pixels pooled to ``size`` x ``size``."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def features(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, self.size)
+
+
+def test_a_feature_tolerance_the_batch_mean_image_meets_is_warned():
+    # A network too weak to tell images apart read a blank reconstruction "met", 40 % under, unwarned.
+    x = random_images(16, (1, 16, 16))
+    weak = FeatureReconstruction(_Features(1), tolerance=0.01)  # one number per image: its mean grey
+    blank = (x.mean(dim=(1, 2, 3)) - x.mean()).pow(2).mean().item()
+    assert blank < 0.01
+    with pytest.warns(UserWarning, match=re.escape(
+        f"FeatureReconstruction 'features': the first batch's mean image, given for every image, reads a feature "
+        f"distance of {blank:.4g}, within the tolerance 0.01: a model that learned nothing meets it."
+    )):
+        weak.check_data(fake_output(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FeatureReconstruction(_Features(16), tolerance=0.01).check_data(fake_output(x))  # pixels: the mean misses
