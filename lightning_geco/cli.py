@@ -466,6 +466,19 @@ def _planned_steps_of(checkpoint: dict[str, Any]) -> int | None:
     return last_step if isinstance(last_step, int) else None
 
 
+def _check_test_split(datamodule: Any, checkpoint_data: dict[str, Any] | None = None) -> None:
+    """Refuse a test of data without a test split, or, given the checkpoint's DataModule states,
+    one of the checkpoint's model's own training data (its test files; its shapes of another seed)."""
+    state = (checkpoint_data or {}).get(type(datamodule).__qualname__)
+    remember = getattr(datamodule, "remember_training", None)
+    if state is not None and callable(remember):
+        remember(state)
+    missing = getattr(datamodule, "missing_test_split", None)
+    reason = missing() if callable(missing) else None
+    if reason is not None:
+        _fail(reason)
+
+
 def _as_list(callbacks: Any) -> list[Any]:
     """``configure_callbacks()``'s answer (a callback or a sequence of them) as a list."""
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
@@ -786,16 +799,8 @@ class GECOLightningCLI(LightningCLI):
             raise
 
     def before_test(self) -> None:
-        # Checked before the W&B run starts, as before_fit does: a test with nothing to read (also
-        # for the checkpoint's model: its test files, or its shapes of another seed).
-        state = (self._checkpoint_data or {}).get(type(self.datamodule).__qualname__)
-        remember = getattr(self.datamodule, "remember_training", None)
-        if state is not None and callable(remember):
-            remember(state)
-        missing = getattr(self.datamodule, "missing_test_split", None)
-        reason = missing() if callable(missing) else None
-        if reason is not None:
-            _fail(reason)
+        # Checked before the W&B run starts, as before_fit does: a test with nothing to read.
+        _check_test_split(self.datamodule)
         self.before_validate()
 
     def before_validate(self) -> None:
@@ -804,6 +809,8 @@ class GECOLightningCLI(LightningCLI):
         self._check_image_shape()
         self._check_weight_shapes()
         self._check_dataset()
+        if self.subcommand == "test":  # once the checkpoint is known to fit the config
+            _check_test_split(self.datamodule, self._checkpoint_data)
         if self.resumed_run_id is not None:
             self._checkpoints_into(self.resumed_run_id)
         if self.subcommand == "validate":
