@@ -456,6 +456,13 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
             quiet_trainer().validate(loaded, datamodule=data(**{"seed": 5} if "seed" in changed else {"num_val": 24}),
                                      verbose=False)
     quiet_trainer().validate(loaded, datamodule=data(num_val=8), verbose=False)  # a subset: fine
+    # A checkpoint without the DataModule's state (written by hand): the model's own record of the split stands in.
+    stripped = torch.load(checkpoint, weights_only=False)
+    del stripped["MNISTDataModule"]
+    torch.save(stripped, tmp_path / "stripped.ckpt")
+    with pytest.raises(ValueError, match=re.escape("this DataModule has seed=5 (it was 0)")):
+        quiet_trainer().validate(ConvVAE.load_from_checkpoint(tmp_path / "stripped.ckpt"), datamodule=data(seed=5),
+                                 verbose=False)
     quiet_trainer().validate(model, datamodule=data(num_val=8), ckpt_path=checkpoint, verbose=False)
     quiet_trainer().test(model, datamodule=data(seed=5), ckpt_path=checkpoint, verbose=False)
     quiet_trainer().predict(model, datamodule=data(seed=5), ckpt_path=checkpoint)  # the test files too

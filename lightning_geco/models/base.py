@@ -623,9 +623,13 @@ class VAEModule(pl.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         # Named if the weights then do not load (see load_state_dict).
         self._checkpoint_model_class = checkpoint.get("model_class")
-        # Lightning keeps the DataModule's state under its class name; the record names the class.
-        name = (checkpoint.get("held_out_split") or {}).get("datamodule")
+        # Lightning keeps the DataModule's state under its class name, which the record names; a
+        # weights-only checkpoint holds none, and the record's split stands in for it.
+        record = checkpoint.get("held_out_split") or {}
+        name, split = record.get("datamodule"), record.get("split")
         state = checkpoint.get(name) if isinstance(name, str) else None
+        if not isinstance(state, dict) and isinstance(split, dict):
+            state = {"split": split, "source": split.get("source")}
         self._trained_data = (name, state) if isinstance(name, str) and isinstance(state, dict) else None
         for key in self.architecture_keys:
             current = self.hparams.get(key, getattr(self, key, None))
