@@ -72,7 +72,9 @@ def _how_to_train(checkpoint: str | Path) -> str:
     """How to get the classifier a missing ``checkpoint`` names: the classifier config that writes
     ``runs/checkpoints/<config>/last.ckpt``, with the VAE run's data flags."""
     parts = Path(checkpoint).parts
-    config = parts[-2] if len(parts) >= 2 and parts[-1] == "last.ckpt" else "mnist_classifier"
+    # runs/checkpoints/<config>/last.ckpt, as the classifier configs (<name>_classifier.yaml) write it
+    named = len(parts) >= 2 and parts[-1] == "last.ckpt" and parts[-2].endswith("_classifier")
+    config = parts[-2] if named else "mnist_classifier"
     return (
         f"Train one first, e.g. `python train.py fit --config configs/{config}.yaml` with the same data flags "
         f"(e.g. --data.root), which writes runs/checkpoints/{config}/last.ckpt, and point `checkpoint` to it."
