@@ -921,7 +921,8 @@ class GECOLightningCLI(LightningCLI):
                 if failed_with is None:
                     print(f"W&B run ({mode}): {run_dir}")
                 else:
-                    cause = self._interruption(failed_with) or f"{type(failed_with).__name__}: {failed_with}"
+                    # The error itself follows (its line, or its trace): named here, said once.
+                    cause = self._interruption(failed_with) or type(failed_with).__name__
                     sys.stderr.write(f"W&B run ({mode}) {run_dir} finished as failed (exit code 1) by {cause}\n")
 
     def after_fit(self) -> None:

@@ -601,6 +601,7 @@ def test_a_failure_after_wandb_started_finishes_that_run_as_failed_and_says_so_i
     err = capsys.readouterr().err
     assert re.search(r"W&B run \(offline\) \S+offline-run-\S+ finished as failed \(exit code 1\) by MissingDatasetError", err)
     assert "error: MNIST (train split): missing train-images-idx3-ubyte" in err
+    assert err.count("missing train-images-idx3-ubyte") == 1  # said once (the W&B line repeated it)
     assert "Traceback" not in err and "(LIGHTNING_GECO_TRACEBACK=1 shows the traceback)" in err
 
 
