@@ -4,7 +4,6 @@ optional calibration split carved from the training set."""
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Sized
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_geco.batches import dataset_length
+from lightning_geco.nets.conv import is_count
 
 from .sampler import ResumableLoader, ResumableSampler
 
@@ -125,16 +125,6 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 
-def _is_count(value: object, minimum: int) -> bool:
-    """Whether ``value`` is an integer >= ``minimum`` (a Python or NumPy integer; not a bool, not 2.5)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        return operator.index(value) >= minimum  # type: ignore[arg-type]
-    except TypeError:
-        return False
-
-
 def _split_identity(split: dict[str, Any]) -> tuple[str, ...]:
     """The keys of a split record that say which images it drew from: two records that agree on
     them drew the same indices from the same images. A record of a folder names it (records of
@@ -228,11 +218,11 @@ class ImageDataModule(pl.LightningDataModule):
         num_calibration: int = 0,
     ):
         super().__init__()
-        if not _is_count(batch_size, 1):
+        if not is_count(batch_size, 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-        if not _is_count(num_workers, 0):
+        if not is_count(num_workers, 0):
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}.")
-        if not _is_count(num_calibration, 0):
+        if not is_count(num_calibration, 0):
             raise ValueError(f"num_calibration must be an int >= 0, got {num_calibration!r}.")
         if device is not None:
             self._parse_device(device)
@@ -602,19 +592,20 @@ class ImageDataModule(pl.LightningDataModule):
             dataset = dataset.dataset
         # The items are taken before the move: moving the whole set first held it on the device
         # twice over (dSprites on a GPU: 12 GB of float images, then the training split's 12 more).
-        if isinstance(dataset, (UInt8Images, TensorDataset)):
-            if isinstance(dataset, UInt8Images):
-                moved = dataset.to(device, indices)
-            else:
-                moved = TensorDataset(*(t.to(device) if indices is None else t[indices].to(device) for t in dataset.tensors))
-            # Which stored items the copy holds: the splits' overlap is then told from indices, as
-            # for the Subsets it replaces (batches.shared_items), not from images that look alike.
-            moved.stored_items = (dataset, None if indices is None else indices.tolist())  # type: ignore[attr-defined]
-            return moved
-        raise ValueError(
-            f"{type(self).__name__}(device={self.device!r}) needs an in-memory dataset; "
-            f"{type(dataset).__name__} reads from disk. Leave device unset."
-        )
+        moved: Dataset
+        if isinstance(dataset, UInt8Images):
+            moved = dataset.to(device, indices)
+        elif isinstance(dataset, TensorDataset):
+            moved = TensorDataset(*(t.to(device) if indices is None else t[indices].to(device) for t in dataset.tensors))
+        else:
+            raise ValueError(
+                f"{type(self).__name__}(device={self.device!r}) needs an in-memory dataset; "
+                f"{type(dataset).__name__} reads from disk. Leave device unset."
+            )
+        # Which stored items the copy holds: the splits' overlap is then told from indices, as
+        # for the Subsets it replaces (batches.shared_items), not from images that look alike.
+        moved.stored_items = (dataset, None if indices is None else indices.tolist())  # type: ignore[attr-defined]
+        return moved
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset

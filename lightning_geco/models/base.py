@@ -35,7 +35,7 @@ from lightning_geco.callbacks import is_logging_step, planned_steps, upgrade_mul
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
-from lightning_geco.nets.conv import is_positive_int
+from lightning_geco.nets.conv import is_count, is_positive_int
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
@@ -154,7 +154,7 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}.")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
-        if isinstance(iwae_samples, bool) or not (iwae_samples == 0 or is_positive_int(iwae_samples)):
+        if not is_count(iwae_samples, 0):
             raise ValueError(f"iwae_samples must be an int >= 0 (0 turns the bound off), got {iwae_samples!r}.")
         if not (isinstance(num_logged_images, int) and num_logged_images >= 1):
             raise ValueError(

@@ -19,6 +19,7 @@ __all__ = [
     "ConvUpsampler",
     "check_image_shape",
     "check_widths",
+    "is_count",
     "is_positive_int",
     "conv_feature_sizes",
 ]
@@ -38,14 +39,19 @@ def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[i
     return sizes
 
 
-def is_positive_int(value: object) -> bool:
-    """Whether ``value`` is an integer >= 1 (a Python or NumPy integer; not a bool, not a float)."""
+def is_count(value: object, minimum: int) -> bool:
+    """Whether ``value`` is an integer >= ``minimum`` (a Python or NumPy integer; not a bool, not a float)."""
     if isinstance(value, bool):
         return False
     try:
-        return operator.index(value) >= 1  # type: ignore[arg-type]
+        return operator.index(value) >= minimum  # type: ignore[arg-type]
     except TypeError:
         return False
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an integer >= 1 (a Python or NumPy integer; not a bool, not a float)."""
+    return is_count(value, 1)
 
 
 def check_widths(widths: Sequence[int]) -> list[int]:
