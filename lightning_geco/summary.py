@@ -284,20 +284,26 @@ class RunSummary(Callback):
         self._restore_validation_schedule(trainer)
         if self._fitting:  # a fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end
             self._ended_seconds, self._fitting = self._run_seconds(), False
-            self._write_failure(trainer, exception)
+            self._write_failure(trainer, exception, started=True)
+        elif trainer.state.fn == TrainerFn.FITTING:
+            # A fit that failed in its setup (its data files missing or damaged): the DataModule
+            # sets up before any callback, so nothing of this fit ran and nothing recorded is its own.
+            self._write_failure(trainer, exception, started=False)
 
-    def _write_failure(self, trainer: pl.Trainer, exception: BaseException) -> None:
+    def _write_failure(self, trainer: pl.Trainer, exception: BaseException, started: bool) -> None:
         """Write a ``summary.json`` that says the fit stopped with an error (``verdict`` null): where
         fits share a folder (``logger=False``), an earlier fit's summary left in place read as this
-        one's verdict. Writing it must not hide the fit's own error, so a failure here is dropped."""
+        one's verdict. ``started``: the fit reached ``on_fit_start`` (else it has no validations and
+        no seconds of its own). Writing it must not hide the fit's own error, so a failure here is
+        dropped."""
         error = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
         try:
             summary = {
                 "verdict": None,
                 "error": error if len(error) <= 1000 else error[:1000] + " ...",
-                "validated_step": self._history[-1][0] if self._history else None,
+                "validated_step": self._history[-1][0] if started and self._history else None,
                 "global_step": trainer.global_step,
-                "wall_clock_seconds": round(self._ended_seconds, 3),
+                "wall_clock_seconds": round(self._ended_seconds, 3) if started else 0.0,
             }
             self.path = self._write(trainer, self.filename, summary, "summary")
         except Exception:  # noqa: BLE001, S110 - the fit's error is the one to raise

@@ -658,6 +658,26 @@ def test_a_fit_that_raises_in_its_last_validation_leaves_the_trainer_as_it_was(t
     }
 
 
+def test_a_fit_whose_data_fails_to_set_up_replaces_the_folders_earlier_summary(tmp_path):
+    # The DataModule sets up before any callback, so the failure reaches RunSummary before its fit
+    # started: the summary an earlier fit left in the folder (logger=False) read as this one's.
+    class MissingFiles(pl.LightningDataModule):
+        def setup(self, stage):
+            raise FileNotFoundError("no train-images-idx3-ubyte")
+
+    (tmp_path / "summary.json").write_text(json.dumps({"verdict": "met", "validated_step": 1500}))
+    summary = RunSummary()
+    summary._history = [(1500, {"distortion": 0.004})]  # an earlier fit's, in this callback
+    trainer = quiet_trainer(max_steps=4, callbacks=[GECOCallback(), summary], default_root_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no train-images"):
+        trainer.fit(tiny_conv_vae(tolerance=0.4), datamodule=MissingFiles())
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == {
+        "verdict": None, "error": "FileNotFoundError: no train-images-idx3-ubyte", "validated_step": None,
+        "global_step": 0, "wall_clock_seconds": 0.0, "path": str((tmp_path / "summary.json").resolve()),
+    }
+
+
 def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
     # The validation loop turned off after the first validation (step 4 of 6): the last figures
     # are of step 4, and the line says so rather than pass them off as the trained model's.
