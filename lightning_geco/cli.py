@@ -528,12 +528,17 @@ class GECOLightningCLI(LightningCLI):
     resumed_run_id: str | None = None
     #: (path, hyperparameters) of the checkpoint a ``--ckpt_path`` resumes
     _checkpoint: tuple[str, dict[str, Any]] | None = None
-    #: that checkpoint's held-out split records, by DataModule state key (its class's qualname)
-    _checkpoint_splits: dict[str, Any] | None = None
-    #: that checkpoint's DataModule states, by state key
+    #: that checkpoint's DataModule states, by state key (its class's qualname)
     _checkpoint_data: dict[str, Any] | None = None
     #: that checkpoint's weight shapes, by state-dict key
     _checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def _checkpoint_splits(self) -> dict[str, Any] | None:
+        """That checkpoint's held-out split records, by DataModule state key."""
+        if self._checkpoint_data is None:
+            return None
+        return {key: state.get("split") for key, state in self._checkpoint_data.items()}
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -615,7 +620,6 @@ class GECOLightningCLI(LightningCLI):
         self._checkpoint_data = {
             key: state for key, state in checkpoint.items() if isinstance(state, dict) and "shuffle_seed" in state
         }
-        self._checkpoint_splits = {key: state.get("split") for key, state in self._checkpoint_data.items()}
         weights = checkpoint.get("state_dict")
         self._checkpoint_shapes = (
             {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
