@@ -108,7 +108,8 @@ def _nonfinite_advice(trainer: pl.Trainer) -> str:
 
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether values logged now reach the loggers: Lightning writes step values every
-    ``log_every_n_steps`` optimizer steps; we add the last step so a run's final values are there.
+    ``log_every_n_steps`` optimizer steps, and at the fit's last step when it stops there (as
+    :class:`~lightning_geco.summary.RunSummary` asks it to); the values are logged at that step too.
 
     Step-level ``self.log`` calls cost ~0.5-1 ms each in Lightning's bookkeeping whether or not
     they are written, which is ~10 % of a small model's step; skipping them between writes
