@@ -46,7 +46,7 @@ from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError, Obj
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.objectives import GECOObjective
-from lightning_geco.resume import RandomState, checkpoint_head, mapped_checkpoint
+from lightning_geco.resume import RandomState, UnreadableCheckpointError, checkpoint_head, mapped_checkpoint
 from lightning_geco.summary import RunSummary, run_directory
 
 __all__ = [
@@ -268,10 +268,11 @@ def keep_the_checkpoints_optimizer_settings(model: Namespace, hyperparameters: d
     for key in keys:
         init_args[key] = hyperparameters[key]
     if changed:
+        model_class = str(model.get("class_path") or "ConvVAE").rsplit(".", 1)[-1]
         rank_zero_warn(
             f"--ckpt_path {ckpt_path} continues its optimizer and learning-rate schedule with {', '.join(changed)}: "
             "a resumed run keeps the checkpoint's. To train with the new setting, start a new run (initialised "
-            "from the checkpoint's weights with ConvVAE.load_from_checkpoint if you want them) without --ckpt_path."
+            f"from the checkpoint's weights with {model_class}.load_from_checkpoint if you want them) without --ckpt_path."
         )
 
 
@@ -607,7 +608,10 @@ class GECOLightningCLI(LightningCLI):
             )
         if not Path(ckpt_path).is_file():
             _fail(f"--ckpt_path {ckpt_path}: no such file (resolved: {Path(ckpt_path).resolve()}).")
-        checkpoint = mapped_checkpoint(ckpt_path)
+        try:
+            checkpoint = mapped_checkpoint(ckpt_path)
+        except UnreadableCheckpointError as error:
+            _fail(f"--ckpt_path {error}")
         # Through the <dirpath>/last.ckpt link too: the run is the folder the file is in; for the
         # copy written where there are no symlinks, the folder its ModelCheckpoint wrote into.
         run_folder = Path(ckpt_path).resolve().parent

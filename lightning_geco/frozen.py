@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.rebuild import Rebuildable
-from lightning_geco.resume import checkpoint_head, mapped_checkpoint
+from lightning_geco.resume import UnreadableCheckpointError, checkpoint_head, mapped_checkpoint
 
 __all__ = ["FrozenClassifier", "FrozenNetwork", "TorchvisionFeatures"]
 
@@ -68,6 +68,12 @@ class FrozenNetwork(Rebuildable, nn.Module):
         raise NotImplementedError
 
 
+_POINT_TO_A_CLASSIFIER = (
+    "Point `checkpoint` to the .ckpt of a classifier run, e.g. `python train.py fit --config "
+    "configs/mnist_classifier.yaml` writes runs/checkpoints/mnist_classifier/last.ckpt."
+)
+
+
 def _how_to_train(checkpoint: str | Path) -> str:
     """How to get the classifier a missing ``checkpoint`` names: the classifier config that writes
     ``runs/checkpoints/<config>/last.ckpt``, with the VAE run's data flags."""
@@ -103,7 +109,10 @@ class FrozenClassifier(FrozenNetwork):
         self.trained_split: dict[str, Any] | None = None
         path = Path(checkpoint).expanduser()
         # Read once, memory-mapped (not the weights): its hyperparameters and its DataModule's split.
-        saved = mapped_checkpoint(path) if path.is_file() else None
+        try:
+            saved = mapped_checkpoint(path) if path.is_file() else None
+        except UnreadableCheckpointError as error:
+            raise ValueError(f"Classifier checkpoint {error} {_POINT_TO_A_CLASSIFIER}") from error
         if architecture is not None and saved is not None and _plain(checkpoint_head(saved)[0]) != _plain(architecture):
             rank_zero_warn(
                 f"Classifier checkpoint {path} now holds another classifier than the one recorded with this model "
@@ -118,8 +127,7 @@ class FrozenClassifier(FrozenNetwork):
             except Exception as error:  # noqa: BLE001 - whatever the file holds, say what it had to be
                 raise ValueError(
                     f"Classifier checkpoint {path} is not an ImageClassifier checkpoint ({type(error).__name__}: "
-                    f"{error}). Point `checkpoint` to the .ckpt of a classifier run, e.g. `python train.py fit "
-                    "--config configs/mnist_classifier.yaml` writes runs/checkpoints/mnist_classifier/last.ckpt."
+                    f"{error}). {_POINT_TO_A_CLASSIFIER}"
                 ) from error
             assert saved is not None  # _existing_file raised otherwise
             self.trained_split = _trained_split(saved)

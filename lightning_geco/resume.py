@@ -22,21 +22,50 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 __all__ = [
-    "CHECKPOINT_KEY", "RandomState", "checkpoint_head", "forked_rng", "mapped_checkpoint", "seed_device", "seeded_fork",
+    "CHECKPOINT_KEY",
+    "RandomState",
+    "UnreadableCheckpointError",
+    "checkpoint_head",
+    "forked_rng",
+    "mapped_checkpoint",
+    "seed_device",
+    "seeded_fork",
 ]
 
 #: key of the saved states in the checkpoint
 CHECKPOINT_KEY = "random_states"
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a Lightning checkpoint torch can read (damaged, cut short, or another file)."""
+
+
 def mapped_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's dict, memory-mapped, so reading its small parts does not read the weights
     and optimizer state (the Trainer reads them when it restores); a checkpoint in torch's legacy
-    format cannot be mapped and is read whole."""
+    format cannot be mapped and is read whole.
+
+    Raises:
+        UnreadableCheckpointError: the file does not load, or holds no Lightning checkpoint (a
+            dict with a ``state_dict``); its message starts with the path.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - whatever torch says of the file, it is not a checkpoint
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UnreadableCheckpointError(
+            f"{path} is not a checkpoint torch can read ({type(error).__name__}: {cause[:200]}); a save cut short "
+            "(the run killed while writing it) reads so too."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UnreadableCheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict with a state_dict, as "
+            "ModelCheckpoint and trainer.save_checkpoint write)."
+        )
+    return checkpoint
 
 
 def checkpoint_head(checkpoint: str | Path | dict[str, Any]) -> tuple[dict[str, Any], int | None]:

@@ -212,6 +212,12 @@ def test_a_model_with_a_classifier_constraint_loads_where_the_classifier_file_is
     # A file that is no classifier's (the VAE's own checkpoint) is named so.
     with pytest.raises(ValueError, match=re.escape(f"Classifier checkpoint {tmp_path / 'model.ckpt'} is not an ImageClassifier checkpoint")):
         FrozenClassifier(str(tmp_path / "model.ckpt"))
+    # Nor is a file torch cannot read (a save cut short): the same advice, not an unpickling trace.
+    classifier_file.write_bytes(classifier_file.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"Classifier checkpoint {classifier_file} is not a checkpoint torch "
+                                                   "can read (")) as refused:
+        FrozenClassifier(str(classifier_file))
+    assert str(refused.value).endswith("writes runs/checkpoints/mnist_classifier/last.ckpt.")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from lightning_geco.cli import (
     _default_name,
     _fail_short,
     apply_tolerances,
+    keep_the_checkpoints_optimizer_settings,
     main,
 )
 from lightning_geco.compare import Run, compare, joined_history, load_run, markdown_table
@@ -663,7 +664,16 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path
     geco["init_args"] = {"drive": "calibration"}
     calibration_config = tmp_path / "calibration.yaml"
     calibration_config.write_text(yaml.safe_dump(config))
+    # Files --ckpt_path may name by mistake: text, a save cut short (a kill while writing), a tensor.
+    text, cut, tensor = tmp_path / "notes.ckpt", tmp_path / "cut.ckpt", tmp_path / "tensor.ckpt"
+    text.write_text("not a checkpoint\n")
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 3}, cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    torch.save(torch.zeros(3), tensor)
     for extra, message in [
+        *[(("--ckpt_path", str(path)), f"--ckpt_path {path} is not a checkpoint torch can read (") for path in (text, cut)],
+        (("--ckpt_path", str(tensor)), f"--ckpt_path {tensor} holds a Tensor, not a Lightning checkpoint (a dict with a "
+         "state_dict, as ModelCheckpoint and trainer.save_checkpoint write)."),
         (("--config", str(calibration_config)), NO_CALIBRATION_SPLIT),
         (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
@@ -753,6 +763,13 @@ def test_a_checkpoint_of_other_data_or_another_objective_is_refused_and_a_change
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 3 and len(resumed["lr_schedulers"]) == 1
     assert (resumed["hyper_parameters"]["learning_rate"], resumed["hyper_parameters"]["lr_schedule"]) == (0.001, "cosine")
+
+
+def test_the_changed_learning_rate_warning_names_the_configs_model_class():
+    model = dict_to_namespace({"class_path": "lightning_geco.LadderVAE", "init_args": {"learning_rate": 0.01}})
+    with pytest.warns(UserWarning, match=r"with LadderVAE\.load_from_checkpoint if you want them"):
+        keep_the_checkpoints_optimizer_settings(model, {"learning_rate": 0.001}, "run.ckpt")
+    assert model.init_args.learning_rate == 0.001
 
 
 def test_an_interrupted_run_says_what_can_be_resumed_and_last_says_which_run_it_takes(capsys, caplog, monkeypatch):
