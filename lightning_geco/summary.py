@@ -197,6 +197,8 @@ class RunSummary(Callback):
         self._ended_seconds = 0.0
         #: whether a fit is under way (between on_fit_start and its end or exception)
         self._fitting = False
+        #: the ``val/*`` entries of the Trainer's callback_metrics as the running validation started
+        self._before_validation: dict[str, Any] = {}
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
         self._check_val_every_n_epoch: int | None = None
 
@@ -318,13 +320,22 @@ class RunSummary(Callback):
             trainer.check_val_every_n_epoch = self._check_val_every_n_epoch
             self._check_val_every_n_epoch = None
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's callback_metrics keeps every key a fit logged, so a val/* key an earlier
+        # validation logged and this one did not (a module's metric of every Nth validation) would
+        # read as this validation's: what was there before it is told apart by identity, since
+        # Lightning computes a new tensor for every key an evaluation logs.
+        self._before_validation = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if trainer.state.fn == TrainerFn.VALIDATING:
             self._validated_alone(trainer, pl_module)
             return
-        self._validation, self._standard_errors = _stage_readings(trainer.callback_metrics, "val")
+        before = self._before_validation
+        logged = {k: v for k, v in trainer.callback_metrics.items() if not (k in before and before[k] is v)}
+        self._validation, self._standard_errors = _stage_readings(logged, "val")
         self._history.append((trainer.global_step, dict(self._validation)))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

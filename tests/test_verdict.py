@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer, tiny_conv_vae
-from lightning_geco import GECOCallback, GECOObjective, PatchNCC, ReconstructionMSE, RunSummary
+from lightning_geco import ConvVAE, GECOCallback, GECOObjective, PatchNCC, ReconstructionMSE, RunSummary
 from lightning_geco.summary import _relative_standard_error, run_directory
 from lightning_geco.verdict import (
     MET_BAND,
@@ -678,6 +678,25 @@ def test_a_fit_whose_data_fails_to_set_up_replaces_the_folders_earlier_summary(t
     }
 
 
+def test_a_key_an_earlier_validation_logged_is_not_reported_as_the_last_ones(tmp_path):
+    # Lightning's callback_metrics keeps every key of the fit: a metric a module logs at its first
+    # validation only (an expensive one, every Nth) was written to summary.json as the last one's.
+    class FirstValidationOnly(ConvVAE):
+        def on_validation_epoch_end(self):
+            super().on_validation_epoch_end()
+            if self.global_step == 4:
+                self.log("val/expensive", 0.25)
+
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=8, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                            callbacks=[GECOCallback(), summary], default_root_dir=tmp_path)
+    loader = DataLoader(TensorDataset(_images()), batch_size=32)
+    trainer.fit(tiny_conv_vae(tolerance=0.4, model_class=FirstValidationOnly), loader, loader)
+    assert [(step, "expensive" in readings) for step, readings in summary._history] == [(4, True), (8, False)]
+    written = json.loads(summary.path.read_text())
+    assert written["validated_step"] == 8 and "expensive" not in written and written["distortion"] > 0
+
+
 def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
     # The validation loop turned off after the first validation (step 4 of 6): the last figures
     # are of step 4, and the line says so rather than pass them off as the trained model's.
@@ -742,7 +761,9 @@ def test_an_error_outside_a_fit_adds_no_seconds_to_the_run():
 
     summary = RunSummary()
     summary._ended_seconds, summary._start = 60.0, time.monotonic() - 3600.0
-    summary.on_exception(SimpleNamespace(), None, ValueError("no test split"))
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    summary.on_exception(SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING)), None, ValueError("no test split"))
     assert summary._ended_seconds == 60.0
     summary.on_fit_start(SimpleNamespace(), None)  # a fit interrupted (Ctrl-C) does count
     summary._earlier_seconds, summary._start = 60.0, time.monotonic() - 30.0
