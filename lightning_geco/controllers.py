@@ -96,6 +96,12 @@ class MultiplierController:
     def reset(self, log_lambda: Tensor) -> None:
         """(Re)initialise the state for the K constraints of ``log_lambda`` (K,)."""
 
+    def continue_from(self, log_lambda: Tensor) -> None:
+        """(Re)initialise the state to go on from a trained model's ``log_lambda`` (K,), with no
+        saved state of this controller (a new Trainer fitting a trained or loaded model): the
+        first update must move lambda as little as any later one. :meth:`reset` by default."""
+        self.reset(log_lambda)
+
     def to(self, device: torch.device | str) -> None:
         """Move the state's tensors to ``device``."""
 
@@ -310,7 +316,17 @@ class PIController(MultiplierController):
         self.release_threshold = release_threshold
         self.reset(torch.zeros(1))
 
+    def continue_from(self, log_lambda: Tensor) -> None:
+        """Bumpless transfer: the integrator starts at ``log lambda`` less the first update's P
+        term, so lambda goes on from where the trained model left it. From :meth:`reset`, the
+        first update adds ``K_P * e`` in full (a new run's kick: lambda 2.5 became 5.1 in one step
+        when a new Trainer fitted a trained model on, at a reading 4.3x its tolerance)."""
+        self.reset(log_lambda)
+        self._bumpless = True
+
     def reset(self, log_lambda: Tensor) -> None:
+        #: whether the first valid update takes its P term out of the integrator (continue_from)
+        self._bumpless = False
         self.integral = log_lambda.detach().clone().float()
         self.smoothed_error = torch.zeros_like(self.integral)
         self.slow_error = torch.zeros_like(self.integral)
@@ -373,6 +389,7 @@ class PIController(MultiplierController):
         floor = state.get("release_floor", state["integral"])
         self.release_floor = floor.to(device=device, dtype=torch.float32).clone()
         self.started = torch.tensor(bool(state["started"]), device=device)
+        self._bumpless = False  # the saved integrator holds its own P term out
 
     def _corrected(self, error: Tensor, slow_before: Tensor, r: float, valid: Tensor) -> Tensor:
         """``e + var(e) / 2``, the variance a running mean of ``(e - slow average)^2``."""
@@ -422,6 +439,9 @@ class PIController(MultiplierController):
         previous = torch.where(self.started, self.smoothed_error, error)
         smoothed = s * previous + (1.0 - s) * error
         low, high = self.log_lambda_bounds
+        integral_before = self.integral
+        if self._bumpless:  # until the first valid update (a host flag: no read of `started`)
+            integral_before = torch.where(self.started, self.integral, self.integral - self.proportional_gain * smoothed)
         limit = math.inf if self.integral_error_limit is None else self.integral_error_limit
         integrated = error if self.integral_error_limit is None else error.clamp(-limit, limit)
         held: Tensor | None = None
@@ -435,20 +455,20 @@ class PIController(MultiplierController):
             held = (smoothed > 0) & (slope < 0) & (smoothed < slope * -self.approach_steps)
             integrated = integrated.masked_fill(held, 0.0)
         if self.ramp_steps is None:
-            integral = (self.integral + self.integral_gain * period * integrated).clamp(low, high)
+            integral = (integral_before + self.integral_gain * period * integrated).clamp(low, high)
         else:
             # A second integrator learns the steady drift of log lambda per step that a model
             # still improving asks for, so the first needs no standing error to follow it. It
             # learns only while tracking (smoothed error within the clip band, not held, the
             # integrator off its bounds) and never drifts faster than the integrator's largest
             # rise. The drift is the trend lambda follows, so it moves lambda during a hold too.
-            saturated = (self.integral <= low) | (self.integral >= high)
+            saturated = (integral_before <= low) | (integral_before >= high)
             tracking = (smoothed.abs() < limit) & ~saturated
             if held is not None:
                 tracking = tracking & ~held
             learned = torch.where(tracking, error, 0.0) * (self.integral_gain / self.ramp_steps * period)
             bound = self.integral_gain * limit
-            integral = (self.integral + period * (self.integral_gain * integrated + self.pace * self.drift)).clamp(low, high)
+            integral = (integral_before + period * (self.integral_gain * integrated + self.pace * self.drift)).clamp(low, high)
             self.drift = torch.where(valid, (self.drift + learned).clamp(-bound, bound), self.drift)
         if self.release_threshold is not None:
             integral = self._released(integral, smoothed, slow, self.release_threshold, period, valid)

@@ -334,12 +334,16 @@ class GECO:
                 f"GECO has {k} constraints {names}, but the MultiplierState holds "
                 f"{state.log_lagrange_multiplier.numel()} multipliers."
             )
-        elif not bool(state.seeded):
+        trained = bool(state.seeded)
+        if not trained:
             state.log_lagrange_multiplier.fill_(math.log(initial_lambda))
         self.state = state
         self.compile = bool(compile)
         self.controller.limit_to(self.log_lambda_bounds)
-        self.controller.reset(self.log_lagrange_multiplier)
+        if trained:  # a trained model fitted on: lambda goes on from where it stands
+            self.controller.continue_from(self.log_lagrange_multiplier)
+        else:
+            self.controller.reset(self.log_lagrange_multiplier)
         self._num_updates = torch.zeros((), dtype=torch.int64)
         self._num_skipped_updates = torch.zeros((), dtype=torch.int64)
         self._num_consecutive_skips = torch.zeros((), dtype=torch.int64)
@@ -465,7 +469,7 @@ class GECO:
         else:
             # A checkpoint of another controller (or of a version before controllers): the
             # new one starts from the saved lambda, so the run continues where it stood.
-            self.controller.reset(self.log_lagrange_multiplier)
+            self.controller.continue_from(self.log_lagrange_multiplier)
         self.reset_pending()
 
     # --------------------------------------------------------------- the loss

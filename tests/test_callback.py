@@ -46,6 +46,27 @@ def test_lambda_moves_once_per_optimizer_step_and_logs_the_geco_keys():
     assert trainer.callback_metrics["geco/lambda"].item() == pytest.approx(callback.geco.lagrange_multiplier.item())
 
 
+class LambdaTrace(pl.Callback):
+    def __init__(self):
+        self.log_lambda = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.log_lambda.append(pl_module.objective.multipliers.log_lagrange_multiplier.item())
+
+
+def test_a_new_trainer_fitting_a_trained_model_on_moves_lambda_no_further_than_a_step_does():
+    # A new Trainer (a fine-tune of a loaded model) had no controller state: its first update added
+    # the PI's P term on top of a lambda that held it already (2.5 -> 5.1 in one step).
+    pl.seed_everything(0)
+    model = tiny_conv_vae(tolerance=0.01)  # far past it: the P term is large (K_P * ln 4 ~ 0.7)
+    _trainer([GECOCallback()], max_steps=8).fit(model, _loader())
+    trained, trace = model.objective.multipliers.log_lagrange_multiplier.item(), LambdaTrace()
+    _trainer([GECOCallback(), trace], max_steps=3).fit(model, _loader())
+    steps = [b - a for a, b in zip([trained, *trace.log_lambda], trace.log_lambda)]
+    assert steps[0] == pytest.approx(0.08 * 0.075, abs=1e-6)  # the integrator's step alone: K_I times the clip
+    assert all(abs(step) < 0.02 for step in steps[1:]), steps  # and the P term moves with the error's changes only
+
+
 def test_gradient_accumulation_updates_once_per_window_from_all_micro_batches():
     pl.seed_everything(0)
     spy = UpdateSpy()

@@ -78,6 +78,24 @@ def test_pi_first_kick_uses_the_first_error_and_integrates_the_raw_error():
     assert out.item() == pytest.approx(0.01 * (e0 + e1) + 0.5 * (s * e0 + (1 - s) * e1), rel=1e-6)
 
 
+def test_pi_continuing_a_trained_lambda_moves_it_no_further_than_its_integrator_does():
+    # Bumpless transfer: a new Trainer fitting a trained model on (no controller state saved)
+    # took lambda from 2.5 to 5.1 in one step, the first update's P term added in full.
+    pi = PIController()  # K_P 0.5, K_I 0.08, clip 0.075
+    pi.continue_from(torch.tensor([2.0]))
+    scale, e0 = torch.tensor([0.01]), math.log(3.0)
+    invalid = pi.step(torch.tensor([2.0]), torch.tensor([math.nan]), torch.tensor([0.0]), scale, 1, torch.tensor(False))
+    assert invalid.item() == 2.0  # a skipped first step changes nothing, and the next valid one is still bumpless
+    out = pi.step(torch.tensor([2.0]), torch.tensor([0.02]), torch.tensor([0.0]), scale, 1, torch.tensor(True))
+    assert out.item() == pytest.approx(2.0 + 0.08 * 0.075, abs=1e-6)
+    assert pi.integral.item() == pytest.approx(2.0 - 0.5 * e0 + 0.08 * 0.075, abs=1e-6)
+    # From there on it is the PI law as ever: the P term follows the smoothed error.
+    s, e1 = math.exp(-1 / 10), math.log(2.0)
+    out = pi.step(out, torch.tensor([0.01]), torch.tensor([0.0]), scale, 1, torch.tensor(True))
+    assert out.item() == pytest.approx(pi.integral.item() + 0.5 * (s * e0 + (1 - s) * e1), abs=1e-6)
+    assert pi.integral.item() == pytest.approx(2.0 - 0.5 * e0 + 2 * 0.08 * 0.075, abs=1e-6)
+
+
 def test_the_integrator_reads_the_error_clipped_so_an_untrained_decoder_cannot_wind_it_up():
     pi = PIController(proportional_gain=0.0, integral_gain=0.02, integral_error_limit=0.3)
     pi.reset(torch.zeros(1))
