@@ -226,6 +226,15 @@ class RunSummary(Callback):
         self._fit_ended = False
         self.path = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Said up front: the verdict reads the validation set, and a fit without one ends NOT MET.
+        if not trainer.enable_validation:
+            rank_zero_warn(
+                "RunSummary: this fit runs no validation (no validation loader, limit_val_batches=0, or no "
+                "validation_step), so summary.json will hold no validation figures, and a GECO verdict has no reading "
+                "to judge (its line says: no validation reading)."
+            )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before a checkpoint is restored (which sets a resumed run's earlier seconds and validations).
         # A Trainer fitted again on the same model goes on from its step: its validations so far stay.

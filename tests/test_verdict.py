@@ -697,6 +697,15 @@ def test_a_key_an_earlier_validation_logged_is_not_reported_as_the_last_ones(tmp
     assert written["validated_step"] == 8 and "expensive" not in written and written["distortion"] > 0
 
 
+def test_a_fit_without_validation_is_told_up_front_that_its_verdict_has_nothing_to_read(tmp_path):
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[GECOCallback(), summary], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=re.escape("RunSummary: this fit runs no validation (no validation loader, "
+                                                   "limit_val_batches=0, or no validation_step)")):
+        trainer.fit(tiny_conv_vae(tolerance=0.4), DataLoader(TensorDataset(_images()), batch_size=32))
+    assert "no validation reading" in summary.verdict_line
+
+
 def test_a_verdict_of_an_older_validation_names_its_step(tmp_path):
     # The validation loop turned off after the first validation (step 4 of 6): the last figures
     # are of step 4, and the line says so rather than pass them off as the trained model's.
