@@ -48,7 +48,8 @@ CURVES = (
 
 
 class NotARunError(FileNotFoundError):
-    """A path that holds no finished run (or a second path of one already given)."""
+    """A path that holds no finished run (or a second path of one already given, or an ``--out``
+    that is not a folder): the command's one-line refusals."""
 
 
 @dataclass
@@ -96,10 +97,13 @@ def load_run(path: str | Path) -> Run:
     run_dir = summary_file.parent.parent if summary_file.parent.name == "files" else summary_file.parent
     segments = _segments(run_dir)
     last_segment = None
+    unfinished = ""
     if summary_file.name == "summary.json" and not path.is_file():
         # A resumed run's figures are its newest segment's (the folder given may be an earlier one).
         newest = [s / "files" / "summary.json" for s in segments if (s / "files" / "summary.json").exists()]
         summary_file = newest[-1] if newest else summary_file
+        if not (segments[-1] / "files" / "summary.json").exists():  # killed, or still running
+            unfinished = f" (its newest segment, {segments[-1].name}, wrote no summary: an earlier fit's figures)"
     elif summary_file.name == "summary.json" and run_dir.resolve() != segments[-1].resolve():
         # A file named by path is read as it is: an extended run's earlier summary (before a longer
         # fit or another tolerance), with the curves up to it, apart from the run's newest.
@@ -117,8 +121,11 @@ def load_run(path: str | Path) -> Run:
     name = _trained_run(Path(checkpoint)) if checkpoint else (named or run_dir.name)
     source = (segments[0].resolve(), summary_file.name) if last_segment is None else (summary_file.resolve(), "")
     # An evaluation's W&B folder logs its one validation or test at step 0: no curve of the run.
-    history = [] if stage else joined_history(run_dir, last_segment)
-    return Run(name=name + stage, summary=summary, history=history, source=source)
+    try:
+        history = [] if stage else joined_history(run_dir, last_segment)
+    except ValueError as error:  # a run-*.wandb file that is not W&B's log (a header that is not its)
+        raise NotARunError(f"{run_dir}: its curves cannot be read: {error}") from error
+    return Run(name=name + unfinished + stage, summary=summary, history=history, source=source)
 
 
 def _trained_run(checkpoint: Path) -> str:
@@ -128,13 +135,31 @@ def _trained_run(checkpoint: Path) -> str:
     return folder.parent.name if folder.name == "checkpoints" else folder.name
 
 
-_WANDB_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)(?:-(\d+))?")
+_WANDB_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")
+
+
+def _wandb_folder(folder: Path) -> tuple[str, str, int] | None:
+    """``(start time, run id, n)`` of a W&B run folder, ``[offline-]run-<date>_<time>-<id>[-<n>]``
+    (W&B adds ``-<n>`` where the name is taken: a resume in the same second); None: not one.
+
+    The id is read from the run's log file, ``run-<id>.wandb``: in the name alone an id with a
+    hyphen (``--trainer.logger.init_args.id exp-2``) reads as id ``exp`` and n 2. A folder without
+    the file (nothing logged yet) is taken as its name says, n 0.
+    """
+    match = _WANDB_FOLDER.fullmatch(folder.name)
+    if match is None:
+        return None
+    started, rest = match.groups()
+    logs = sorted(folder.glob("run-*.wandb")) if folder.is_dir() else []
+    run_id = logs[0].name[len("run-") : -len(".wandb")] if logs else rest
+    n = rest[len(run_id) + 1 :] if rest.startswith(run_id + "-") else ""
+    return started, run_id, int(n) if n.isdigit() else 0
 
 
 def _wandb_run_id(folder: Path) -> str | None:
-    """The id in a W&B run folder's name, ``[offline-]run-<date>_<time>-<id>`` (None: not one)."""
-    match = _WANDB_FOLDER.fullmatch(folder.name)
-    return match.group(2) if match else None
+    """The run id of a W&B run folder (None: not one); see :func:`_wandb_folder`."""
+    parts = _wandb_folder(folder)
+    return parts[1] if parts else None
 
 
 def _segments(run_dir: Path) -> list[Path]:
@@ -144,13 +169,9 @@ def _segments(run_dir: Path) -> list[Path]:
     run_id = _wandb_run_id(run_dir)
     if run_id is None:
         return [run_dir]
-
-    def started(folder: Path) -> tuple[str, int]:
-        match = _WANDB_FOLDER.fullmatch(folder.name)
-        assert match is not None  # only folders with this run's id are sorted
-        return match.group(1), int(match.group(3) or 0)
-
-    return sorted((f for f in run_dir.parent.iterdir() if _wandb_run_id(f) == run_id), key=started)
+    folders = {f: _wandb_folder(f) for f in run_dir.parent.iterdir()}
+    ours = {f: (parts[0], parts[2]) for f, parts in folders.items() if parts is not None and parts[1] == run_id}
+    return sorted(ours, key=lambda f: ours[f])
 
 
 #: row keys that are W&B's or Lightning's bookkeeping, not a logged figure
@@ -374,6 +395,8 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
         run.name = name
     _number_repeated_names(runs)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotARunError(f"--out {out} is a file; it names the folder the table and the plots go to.")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
     (out / "comparison.md").write_text(table + "\n")

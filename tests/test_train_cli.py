@@ -898,6 +898,47 @@ def test_other_loggers_get_the_same_scalars(tmp_path):
         assert list(Path(cli.trainer.logger.log_dir).glob(f"images/{panel.replace('/', '_')}/step_*.png")), panel
 
 
+def _summary_folder(root: Path, name: str, run_id: str | None, summary: dict | None) -> Path:
+    """A W&B run folder as W&B names it, its run-<id>.wandb log (empty) and its files/summary.json."""
+    folder = root / name
+    (folder / "files").mkdir(parents=True)
+    if run_id is not None:
+        (folder / f"run-{run_id}.wandb").write_bytes(b"")
+    if summary is not None:
+        (folder / "files" / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_compare_reads_a_run_id_with_a_hyphen_from_its_log_and_marks_a_newest_segment_without_a_summary(tmp_path, capsys):
+    # Ids set by hand may hold hyphens and capitals; W&B adds "-<n>" to a folder name that is taken.
+    # From the name alone "exp-2" read as a segment of "exp": its figures under the other run.
+    exp = _summary_folder(tmp_path, "offline-run-20260101_000000-exp", "exp", {"verdict": "met", "global_step": 1500})
+    exp2 = _summary_folder(tmp_path, "offline-run-20260101_010000-exp-2", "exp-2", {"verdict": "not_met", "global_step": 300})
+    again = _summary_folder(tmp_path, "offline-run-20260101_010000-exp-2-1", "exp-2", {"verdict": "met", "global_step": 600})
+    mine = _summary_folder(tmp_path, "offline-run-20260101_020000-My_Run", "My_Run", {"verdict": "met", "global_step": 50})
+    assert load_run(exp).summary["global_step"] == 1500 and load_run(exp).name == exp.name
+    assert load_run(exp2).summary["global_step"] == 600  # its newest segment, the "-1" folder of the same second
+    assert load_run(again).source == load_run(exp2).source != load_run(exp).source
+    assert compare_main([str(exp), str(exp2), str(mine), "--out", str(tmp_path / "three")]) == 0
+    capsys.readouterr()
+    # A run extended, then killed before its summary: its row is the earlier fit's, and says so.
+    killed = _summary_folder(tmp_path, "offline-run-20260101_030000-My_Run", "My_Run", None)
+    run = load_run(killed)
+    assert run.summary["global_step"] == 50
+    assert run.name == (f"{killed.name} (its newest segment, {killed.name}, wrote no summary: an earlier fit's figures)")
+    # Refused in one line: a log that is not W&B's, and an --out that is a file.
+    (exp / "run-exp.wandb").write_bytes(b"not a W&B log at all")
+    assert compare_main([str(exp), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {exp}: its curves cannot be read: Not a W&B run file (header b'not ', magic 0x2061, version 87).\n"
+    )
+    (tmp_path / "table.md").write_text("")
+    assert compare_main([str(mine), "--out", str(tmp_path / "table.md")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path / 'table.md'} is a file; it names the folder the table and the plots go to.\n"
+    )
+
+
 def test_a_resumed_runs_curves_are_the_segments_joined_the_resumed_part_replacing_the_overlap(tmp_path, monkeypatch):
     # Offline, a resume is a second folder of the run's id. The interrupted segment logged steps
     # 10-40, its checkpoint held step 20, so the resumed one logs 30-50: 30 and 40 are its own.
