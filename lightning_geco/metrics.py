@@ -161,7 +161,8 @@ _MIN_EXPONENT2 = -125.0
 # own component is within a few nats of the bound); it guards arbitrary z far from every component.
 _UNDERFLOW = 1e-25
 # The compiled joint's float32 exponents carry an error of ~6e-8 of their size: rows whose best
-# component is more than 1000 nats below the bound (error > ~6e-5 nats) are recomputed likewise.
+# component is more than 1000 nats below the bound (error > ~6e-5 nats) get their joint
+# recomputed in float64 (their per-dimension sums are not affected).
 _JOINT_FLOOR = -1000.0
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -243,10 +244,15 @@ def aggregate_log_densities(
                 raise
             _COMPILER_STATE["broken"] = True
             warnings.warn(f"torch.compile failed ({error!r}); using the eager path from now on.", stacklevel=2)
+    block = _eager_block_size(z.device, n, chunk_size)
     if sums is None or joint is None:  # set together: both None unless the compiled path succeeded
-        block = _eager_block_size(z.device, n, chunk_size)
         sums = _eager_per_dim_sums(z32, mean32, half_precision, shifted_log_norm, chunk_size, block)
         joint = _eager_joint(z, mean, log_variance, chunk_size, block)
+    elif (far := suspicious.nonzero().squeeze(1)).numel():
+        # The joint alone, in float64 matmuls: with many latent dimensions of widely spread
+        # variances every row can lie that far below the bound (d = 256, log variances in
+        # [-20, 0]), and recomputing whole rows in the per-dimension reference took 18-53 s there.
+        joint[far] = _eager_joint(z[far], mean, log_variance, chunk_size, block)
 
     log_n = math.log(n)
     log_q = joint - log_n
@@ -254,7 +260,7 @@ def aggregate_log_densities(
     # Each term is <= 1 (shifted by its bound), so a sum outside [_UNDERFLOW, N] or not finite is
     # a float32 failure: those rows are recomputed in float64.
     bad_sums = ~((sums >= _UNDERFLOW) & (sums <= n * (1 + 1e-4)))
-    redo = (suspicious | bad_sums.any(dim=1)).nonzero().squeeze(1)
+    redo = bad_sums.any(dim=1).nonzero().squeeze(1)
     if redo.numel():
         exact_joint, exact = aggregate_log_densities_reference(z[redo], mean, log_variance, chunk_size)
         log_q[redo], log_q_per_dim[redo] = exact_joint, exact

@@ -326,6 +326,24 @@ def test_compiled_path_equals_the_eager_fallback_and_the_definition():
         assert metric.compute()[key].item() == pytest.approx(value.item(), abs=1e-4), key
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on CPU")
+def test_rows_far_below_the_compiled_bound_get_their_joint_in_float64_and_keep_their_per_dimension_sums(monkeypatch):
+    # 128 latent dimensions of log variances spread over [-40, 0] put every row's joint more than
+    # 1000 nats below the bound the compiled kernel shifts by: each whole row went through the
+    # per-dimension float64 reference (18-53 s at N = 1000, d = 256), where the joint alone needs it.
+    g = torch.Generator().manual_seed(0)
+    mean, log_variance = torch.randn(64, 128, generator=g), -40 * torch.rand(64, 128, generator=g)
+    z = mean + torch.randn(64, 128, generator=g) * (0.5 * log_variance).exp()
+    reference = aggregate_log_densities_reference(z, mean, log_variance, 64)
+    rows = []
+    monkeypatch.setattr(metrics, "aggregate_log_densities_reference", lambda z, *args: rows.append(len(z)))
+    joint, per_dim = aggregate_log_densities(z, mean, log_variance, 64, compile=True)
+    assert rows == []  # no row needed the whole reference
+    torch.testing.assert_close(joint, reference[0], rtol=0, atol=1e-9)  # float64: the compiled float32 is ~1e-5 off
+    torch.testing.assert_close(per_dim, reference[1], rtol=0, atol=1e-4)
+
+
 def test_latent_activity_counts_active_units_and_splits_the_rate_by_dimension():
     g = torch.Generator().manual_seed(0)
     mean = torch.zeros(1000, 4)
