@@ -17,12 +17,14 @@ Beyond Lightning's CLI:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
 import os
 import re
 import shutil
+import signal
 import sys
 import uuid
 import warnings
@@ -797,6 +799,7 @@ class GECOLightningCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
+            self._stop_launched_ranks()
             if self.trainer.is_global_zero and (self._interruption(error) or self.trainer.global_step > 0):
                 try:
                     line = self._where_to_resume()
@@ -871,8 +874,24 @@ class GECOLightningCLI(LightningCLI):
             run(model, **kwargs)
         except BaseException as error:
             self._finish_wandb(failed_with=error)
+            self._stop_launched_ranks()
             _fail_short(error)
             raise
+
+    def _stop_launched_ranks(self) -> None:
+        """End the processes this one launched (Lightning's DDP launcher starts ranks 1.. as its
+        children), and wait for them, before a failure ends the command: an error raised on this
+        rank alone (missing data, found by prepare_data on rank 0) left them waiting in a
+        collective until the connection dropped, and they printed a trace after the command had
+        returned. Lightning does the same on Ctrl-C."""
+        launcher = self.trainer.strategy.launcher
+        processes = getattr(launcher, "procs", None)  # _SubprocessScriptLauncher's children
+        if launcher is None or not processes:
+            return
+        launcher.kill(signal.SIGKILL)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.wait(timeout=30)
 
     def after_test(self) -> None:
         summary = self._run_summary()

@@ -1153,6 +1153,23 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_missing_data_under_ddp_ends_in_one_message_with_every_rank_gone(tmp_path):
+    # prepare_data finds the files missing on rank 0 alone: rank 1, waiting in a collective,
+    # outlived the command and printed a 35-line trace after it had returned. capture_output
+    # reads the pipes to their end, so a rank still alive and writing would be caught here.
+    command = [
+        sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "mnist_convvae_geco.yaml"),
+        "--data.root", str(tmp_path / "nowhere"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 1
+    assert proc.stderr.count("error: MNIST (train split): missing train-images-idx3-ubyte") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
 def test_two_process_ddp_run_through_train_py_logs_to_wandb_and_writes_one_summary(tmp_path):
     command = [
         sys.executable, str(REPO / "train.py"), *_fit(REPO / "configs" / "default.yaml"),
