@@ -449,8 +449,19 @@ class ImageDataModule(pl.LightningDataModule):
         (``world_size``), so a resumed fit with another says so."""
         return {
             "shuffle_seed": self.shuffle_seed, "source": self.files_source, "split": self.held_out_split(),
+            "calibration": self.calibration_split(),
             "batch_size": self.batch_size, "world_size": self.trainer.world_size if self.trainer is not None else None,
         }
+
+    def calibration_split(self) -> dict[str, Any]:
+        """How the calibration split was carved from the training set: ``num_calibration`` and
+        the size of the set it was carved from, ``num_items`` (None before :meth:`setup`). The
+        split is the first ``num_calibration`` of an order fixed by that size
+        (:func:`carve_calibration`); kept for every DataModule, since one whose validation split
+        is drawn apart (the shapes) has no :meth:`held_out_split` record to hold it."""
+        built = [d for d in (self.train_dataset, self.calibration_dataset) if d is not None]
+        num_items = sum(dataset_length(d) for d in built) if self.train_dataset is not None else None
+        return {"num_calibration": self.num_calibration, "num_items": num_items}
 
     def remember_training(self, state_dict: dict[str, Any]) -> None:
         """Keep what a checkpoint's run trained on, from its DataModule state (:meth:`state_dict`):
@@ -467,21 +478,35 @@ class ImageDataModule(pl.LightningDataModule):
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.remember_training(state_dict)
         self.check_held_out_split(state_dict.get("split"))
-        trained_batch = state_dict.get("batch_size")
-        if self._fitting and trained_batch is not None and trained_batch != self.batch_size:
+        calibration = state_dict.get("calibration")
+        if self.held_out_split() is None and self._fitting and calibration is not None:
+            # No split record compares it (validation drawn apart): the calibration split alone.
+            items = self.calibration_split()["num_items"]
+            if calibration.get("num_items") is not None and calibration["num_items"] == items:
+                self._compare_calibration(calibration["num_calibration"], self.num_calibration)
+        self._compare_batches(state_dict.get("batch_size"), state_dict.get("world_size"))
+
+    def _compare_batches(self, trained_batch: int | None, trained_ranks: int | None) -> None:
+        """Warn a resumed fit whose global batch (``batch_size`` per process, summed over the
+        processes) is not its checkpoint's: it draws other batches. Another number of processes
+        with the same global batch reads the same images in each (:class:`ResumableSampler`); its
+        random states are :class:`~lightning_geco.resume.RandomState`'s to warn about."""
+        if not self._fitting or trained_batch is None:
+            return
+        name, ranks = type(self).__name__, self.trainer.world_size if self.trainer is not None else None
+        if trained_ranks is None or ranks is None or trained_ranks == ranks:
+            if trained_batch != self.batch_size:
+                rank_zero_warn(
+                    f"{name}: the checkpoint's run trained with batch_size={trained_batch}; this resumed fit has "
+                    f"{self.batch_size}, so it goes on with other batches than that run would have: it is not that "
+                    "run continued."
+                )
+        elif trained_ranks * trained_batch != ranks * self.batch_size:
             rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint's run trained with batch_size={trained_batch}; this resumed fit "
-                f"has {self.batch_size}, so it goes on with other batches than that run would have: it is not that run "
-                "continued."
-            )
-        trained_ranks = state_dict.get("world_size")
-        ranks = self.trainer.world_size if self.trainer is not None else None
-        if self._fitting and trained_ranks is not None and ranks is not None and trained_ranks != ranks:
-            # Each rank loads batch_size: the optimizer's batch is their sum.
-            rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint's run trained on {trained_ranks} process(es), a global batch of "
-                f"{trained_ranks * (trained_batch or self.batch_size)}; this resumed fit runs on {ranks}, a global batch "
-                f"of {ranks * self.batch_size}, in another order: it is not that run continued."
+                f"{name}: the checkpoint's run trained on {trained_ranks} process(es), a global batch of "
+                f"{trained_ranks * trained_batch}; this resumed fit runs on {ranks}, a global batch of "
+                f"{ranks * self.batch_size}, so it goes on with other batches than that run would have: it is not "
+                "that run continued."
             )
 
     @property
@@ -543,20 +568,25 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{current['num_val']} and trains on the other {trained['num_val'] - current['num_val']} too, in "
                 "another order than the checkpoint's run: it is not that run continued."
             )
-        if fitting and current["num_calibration"] > trained["num_calibration"]:
+        if fitting:
+            self._compare_calibration(trained["num_calibration"], current["num_calibration"])
+
+    def _compare_calibration(self, trained: int, current: int) -> None:
+        """A resumed fit's calibration split against its checkpoint's (``num_calibration`` carved
+        from a training set of the same size): a larger one is refused, another one warned."""
+        name = type(self).__name__
+        if current > trained:
             # The split is the first num_calibration of one seeded order: the extra ones were trained on.
             raise ValueError(
-                f"{name}: the checkpoint's run carved num_calibration={trained['num_calibration']} images from its "
-                f"training split; this resumed fit carves {current['num_calibration']}, and the "
-                f"{current['num_calibration'] - trained['num_calibration']} more are images the model trained on (a "
-                f"calibration drive would steer lambda by them). Resume with --data.num_calibration "
-                f"{trained['num_calibration']} or fewer."
+                f"{name}: the checkpoint's run carved num_calibration={trained} images from its training split; this "
+                f"resumed fit carves {current}, and the {current - trained} more are images the model trained on (a "
+                f"calibration drive would steer lambda by them). Resume with --data.num_calibration {trained} or fewer."
             )
-        if fitting and current["num_calibration"] != trained["num_calibration"]:
+        if current != trained:
             rank_zero_warn(
-                f"{name}: the checkpoint's run carved num_calibration={trained['num_calibration']} images from its "
-                f"training split; this one carves {current['num_calibration']}: the resumed run trains, and measures "
-                "its calibration split, on other images than the checkpoint's run did."
+                f"{name}: the checkpoint's run carved num_calibration={trained} images from its training split; this "
+                f"one carves {current}: the resumed run trains, and measures its calibration split, on other images "
+                "than the checkpoint's run did."
             )
 
     def _parse_device(self, device: str) -> torch.device:

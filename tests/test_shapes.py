@@ -91,3 +91,31 @@ def test_datamodule_knows_its_shape_before_setup_and_yields_images_with_factors(
 def test_bad_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ShapesDataModule(**kwargs)
+
+
+def test_a_resumed_fit_on_shapes_with_more_calibration_images_is_refused_and_with_fewer_warned(tmp_path):
+    # The shapes draw their validation split apart, so no split record held the calibration
+    # split, and a resume that carved more calibration images from the training set (images the
+    # model had trained on) went on without a word.
+    import re
+
+    from helpers import quiet_trainer, tiny_conv_vae
+    from lightning_geco import GECOCallback
+
+    def data(num_calibration):
+        return ShapesDataModule(image_size=16, num_train=64, num_val=16, batch_size=8, num_calibration=num_calibration)
+
+    def fit(num_calibration, **kwargs):
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()])
+        trainer.fit(model, datamodule=data(num_calibration), **kwargs)
+        return trainer
+
+    model = tiny_conv_vae()
+    fit(8).save_checkpoint(tmp_path / "run.ckpt")
+    message = ("ShapesDataModule: the checkpoint's run carved num_calibration=8 images from its training split; this "
+               "resumed fit carves 16, and the 8 more are images the model trained on")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(16, ckpt_path=tmp_path / "run.ckpt")
+    with pytest.warns(UserWarning, match=re.escape("the checkpoint's run carved num_calibration=8 images from its "
+                                                   "training split; this one carves 4: the resumed run trains")):
+        fit(4, ckpt_path=tmp_path / "run.ckpt")

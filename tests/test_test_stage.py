@@ -3,6 +3,7 @@ test split, its verdict on those images, and ``trainer.predict``."""
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -340,7 +341,7 @@ def test_a_model_trained_on_the_test_files_is_never_tested_on_them(tmp_path):
         "shuffle_seed": None, "source": None,
         "split": {"seed": 0, "num_val": 500, "num_calibration": 0, "num_items": None, "source": None,
                   "dataset": "OmniglotDataModule"},
-        "batch_size": 64, "world_size": None,
+        "calibration": {"num_calibration": 0, "num_items": None}, "batch_size": 64, "world_size": None,
     }
     message = ("the checkpoint was trained on MNISTDataModule's test files (source 'test'), so its test split is its own "
                "training data. Test a model trained with source 'train' (--data.source train).")
@@ -492,10 +493,17 @@ def test_a_validation_of_images_the_checkpoints_model_trained_on_is_refused(tmp_
     torch.save(two_ranks, tmp_path / "two_ranks.ckpt")
     with pytest.warns(UserWarning, match=re.escape(
         "MNISTDataModule: the checkpoint's run trained on 2 process(es), a global batch of 16; this resumed fit runs on "
-        "1, a global batch of 8, in another order: it is not that run continued."
+        "1, a global batch of 8, so it goes on with other batches than that run would have: it is not that run continued."
     )):
         quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
             model, datamodule=data(), ckpt_path=tmp_path / "two_ranks.ckpt"
+        )
+    # The same global batch on another number of processes reads the same images in each batch
+    # (ResumableSampler): nothing to say of the batches (a batch_size compared per process was warned).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other batches.*")
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[GECOCallback()]).fit(
+            model, datamodule=MNISTDataModule(str(tmp_path), batch_size=16, num_val=16), ckpt_path=tmp_path / "two_ranks.ckpt"
         )
     # A resumed fit with a smaller num_val trains on the other held-out images too: warned; with a
     # calibration split, that split is another draw of the larger training split, mostly of
