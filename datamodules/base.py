@@ -478,12 +478,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.remember_training(state_dict)
         self.check_held_out_split(state_dict.get("split"))
-        calibration = state_dict.get("calibration")
-        if self.held_out_split() is None and self._fitting and calibration is not None:
-            # No split record compares it (validation drawn apart): the calibration split alone.
-            items = self.calibration_split()["num_items"]
-            if calibration.get("num_items") is not None and calibration["num_items"] == items:
-                self._compare_calibration(calibration["num_calibration"], self.num_calibration)
+        self.check_calibration_split(state_dict.get("calibration"))
         self._compare_batches(state_dict.get("batch_size"), state_dict.get("world_size"))
 
     def _compare_batches(self, trained_batch: int | None, trained_ranks: int | None) -> None:
@@ -570,6 +565,22 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if fitting:
             self._compare_calibration(trained["num_calibration"], current["num_calibration"])
+
+    def check_calibration_split(self, trained: dict[str, Any] | None, fitting: bool | None = None) -> None:
+        """For a DataModule whose validation split is drawn apart (no :meth:`held_out_split` record
+        to compare, as for the shapes): refuse a resumed fit that carves more calibration images
+        than its checkpoint's run did (the extra ones were trained on), warn one that carves
+        others. ``trained``: the checkpoint's :meth:`calibration_split` (None: not recorded);
+        ``fitting``: as in :meth:`check_held_out_split`; called by :meth:`load_state_dict`, and by
+        ``train.py`` before its W&B run starts (before setup, when the set's size is not known yet)."""
+        if trained is None or self.held_out_split() is not None:
+            return  # nothing recorded, or check_held_out_split compares it with the split
+        if not (self._fitting if fitting is None else fitting):
+            return
+        items, trained_items = self.calibration_split()["num_items"], trained.get("num_items")
+        if items is not None and trained_items is not None and items != trained_items:
+            return  # carved from another set: another draw, nothing to compare
+        self._compare_calibration(int(trained.get("num_calibration", 0)), self.num_calibration)
 
     def _compare_calibration(self, trained: int, current: int) -> None:
         """A resumed fit's calibration split against its checkpoint's (``num_calibration`` carved

@@ -536,13 +536,6 @@ class GECOLightningCLI(LightningCLI):
     #: that checkpoint's weight shapes, by state-dict key
     _checkpoint_shapes: dict[str, tuple[int, ...]] | None = None
 
-    @property
-    def _checkpoint_splits(self) -> dict[str, Any] | None:
-        """That checkpoint's held-out split records, by DataModule state key."""
-        if self._checkpoint_data is None:
-            return None
-        return {key: state.get("split") for key, state in self._checkpoint_data.items()}
-
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test: Lightning's ``predict`` returns its outputs to Python, so from
@@ -832,9 +825,9 @@ class GECOLightningCLI(LightningCLI):
         Lightning restores a DataModule's state by its class name, so another one gets none,
         and nothing of it is checked (a Fashion-MNIST model tested under the MNIST config)."""
         name = type(self.datamodule).__qualname__
-        if not self._checkpoint_splits or name in self._checkpoint_splits:
+        if not self._checkpoint_data or name in self._checkpoint_data:
             return
-        trained = ", ".join(sorted(self._checkpoint_splits))
+        trained = ", ".join(sorted(self._checkpoint_data))
         doing = "resumes on" if self.subcommand == "fit" else f"{self.subcommand}s it on"
         what = "it is not that run continued" if self.subcommand == "fit" else "its figures are of data it did not train on"
         rank_zero_warn(f"The checkpoint's model was trained on {trained}; this run {doing} {name}, another dataset: {what}.")
@@ -843,10 +836,14 @@ class GECOLightningCLI(LightningCLI):
         """Refuse, before the W&B run starts, a split that would validate on images the
         checkpoint's model trained on (the DataModule refuses it again when the Trainer restores)."""
         check = getattr(self.datamodule, "check_held_out_split", None)
-        if self._checkpoint_splits is None or check is None:
+        if self._checkpoint_data is None or check is None:
             return
+        state = self._checkpoint_data.get(type(self.datamodule).__qualname__) or {}
+        check_calibration = getattr(self.datamodule, "check_calibration_split", None)
         try:
-            check(self._checkpoint_splits.get(type(self.datamodule).__qualname__), fitting=self.subcommand == "fit")
+            check(state.get("split"), fitting=self.subcommand == "fit")
+            if check_calibration is not None:
+                check_calibration(state.get("calibration"), fitting=self.subcommand == "fit")
         except ValueError as error:
             _fail(str(error))
 
@@ -885,12 +882,16 @@ class GECOLightningCLI(LightningCLI):
         collective until the connection dropped, and they printed a trace after the command had
         returned. Lightning does the same on Ctrl-C."""
         launcher = self.trainer.strategy.launcher
-        processes = getattr(launcher, "procs", None)  # _SubprocessScriptLauncher's children
-        if launcher is None or not processes:
+        launched = getattr(launcher, "procs", None)  # _SubprocessScriptLauncher's children
+        if not launched:
             return
-        launcher.kill(signal.SIGKILL)
+        # Emptied first: the launcher's watcher thread reads this list, and a child it finds
+        # killed makes it SIGKILL every process, this one too (exit code 137, the message lost).
+        processes = list(launched)
+        launched.clear()
         for process in processes:
             with contextlib.suppress(Exception):
+                process.send_signal(signal.SIGKILL)
                 process.wait(timeout=30)
 
     def after_test(self) -> None:

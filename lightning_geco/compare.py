@@ -102,7 +102,8 @@ def load_run(path: str | Path) -> Run:
         # A resumed run's figures are its newest segment's (the folder given may be an earlier one).
         newest = [s / "files" / "summary.json" for s in segments if (s / "files" / "summary.json").exists()]
         summary_file = newest[-1] if newest else summary_file
-        if not (segments[-1] / "files" / "summary.json").exists():  # killed, or still running
+        if _wandb_run_id(run_dir) is not None and not (segments[-1] / "files" / "summary.json").exists():
+            # killed, or still running
             unfinished = f" (its newest segment, {segments[-1].name}, wrote no summary: an earlier fit's figures)"
     elif summary_file.name == "summary.json" and run_dir.resolve() != segments[-1].resolve():
         # A file named by path is read as it is: an extended run's earlier summary (before a longer

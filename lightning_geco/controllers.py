@@ -370,6 +370,8 @@ class PIController(MultiplierController):
             "error_variance": self.error_variance.detach().cpu().clone(),
             "release_floor": self.release_floor.detach().cpu().clone(),
             "started": bool(self.started),
+            # a checkpoint before the first valid update of a continued run keeps its bumpless start
+            "bumpless": self._bumpless and not bool(self.started),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -389,7 +391,9 @@ class PIController(MultiplierController):
         floor = state.get("release_floor", state["integral"])
         self.release_floor = floor.to(device=device, dtype=torch.float32).clone()
         self.started = torch.tensor(bool(state["started"]), device=device)
-        self._bumpless = False  # the saved integrator holds its own P term out
+        # Once started, the saved integrator holds its own P term out; a checkpoint of a continued
+        # run written before its first valid update still takes that term out (older ones: no).
+        self._bumpless = bool(state.get("bumpless", False)) and not bool(state["started"])
 
     def _corrected(self, error: Tensor, slow_before: Tensor, r: float, valid: Tensor) -> Tensor:
         """``e + var(e) / 2``, the variance a running mean of ``(e - slow average)^2``."""

@@ -197,6 +197,9 @@ class RunSummary(Callback):
         self._ended_seconds = 0.0
         #: whether a fit is under way (between on_fit_start and its end or exception)
         self._fitting = False
+        #: where the fit at hand is: "idle" (none, or set up by the DataModule alone), "set_up"
+        #: (this callback's setup ran), "fitting" (on_fit_start ran) or "ended" (on_fit_end ran)
+        self._fit_phase = "idle"
         #: the ``val/*`` entries of the Trainer's callback_metrics as the running validation started
         self._before_validation: dict[str, Any] = {}
         #: the Trainer's check_val_every_n_epoch while the last epoch validates regardless
@@ -220,7 +223,7 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
         self._start = time.monotonic()
-        self._fitting = True
+        self._fitting, self._fit_phase = True, "fitting"
         self._trained = False
         self.verdict_line = ""
         self._fit_ended = False
@@ -240,6 +243,7 @@ class RunSummary(Callback):
         # A Trainer fitted again on the same model goes on from its step: its validations so far stay.
         if stage != "fit":
             return
+        self._fit_phase = "set_up"
         again = trainer.global_step > 0 and self._fitted is not None and self._fitted() is pl_module
         # Not the time between the fits (a notebook's pause): the seconds the fits ran.
         self._earlier_seconds = self._ended_seconds if again else 0.0
@@ -296,10 +300,16 @@ class RunSummary(Callback):
         if self._fitting:  # a fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end
             self._ended_seconds, self._fitting = self._run_seconds(), False
             self._write_failure(trainer, exception, started=True)
-        elif trainer.state.fn == TrainerFn.FITTING:
-            # A fit that failed in its setup (its data files missing or damaged): the DataModule
-            # sets up before any callback, so nothing of this fit ran and nothing recorded is its own.
+        elif trainer.state.fn == TrainerFn.FITTING and self._fit_phase in ("idle", "set_up"):
+            # A fit that failed before it started (its data files missing or damaged, a checkpoint
+            # refused): nothing of it ran, and nothing recorded is its own. One that failed after
+            # its end (a later callback's on_fit_end) keeps the summary it wrote.
             self._write_failure(trainer, exception, started=False)
+        self._fit_phase = "idle"
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_phase = "idle"
 
     def _write_failure(self, trainer: pl.Trainer, exception: BaseException, started: bool) -> None:
         """Write a ``summary.json`` that says the fit stopped with an error (``verdict`` null): where
@@ -428,7 +438,7 @@ class RunSummary(Callback):
             self.verdict_line = summary["verdict_line"]
         summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
-        self._ended_seconds, self._fitting = self._run_seconds(), False
+        self._ended_seconds, self._fitting, self._fit_phase = self._run_seconds(), False, "ended"
         summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")

@@ -83,6 +83,10 @@ def test_pi_continuing_a_trained_lambda_moves_it_no_further_than_its_integrator_
     # took lambda from 2.5 to 5.1 in one step, the first update's P term added in full.
     pi = PIController()  # K_P 0.5, K_I 0.08, clip 0.075
     pi.continue_from(torch.tensor([2.0]))
+    # A checkpoint written before the first valid update (a calibration drive measures only every
+    # 16 steps) keeps the bumpless start: restored, the first update added K_P * e (0.84) in full.
+    saved, pi = pi.state_dict(), PIController()
+    pi.load_state_dict(saved)
     scale, e0 = torch.tensor([0.01]), math.log(3.0)
     invalid = pi.step(torch.tensor([2.0]), torch.tensor([math.nan]), torch.tensor([0.0]), scale, 1, torch.tensor(False))
     assert invalid.item() == 2.0  # a skipped first step changes nothing, and the next valid one is still bumpless

@@ -462,6 +462,21 @@ def test_a_checkpoint_of_a_users_module_with_other_weight_shapes_is_refused_befo
     assert not list(Path("runs/wandb").glob("*/files/summary.json"))[1:]  # no second W&B run was started
 
 
+def test_train_py_resuming_the_shapes_with_more_calibration_images_is_refused_before_the_run(capsys):
+    last = _checkpoint(capsys)  # carved no calibration split
+    runs = sorted(Path("runs/wandb").glob("*run-*"))
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4",
+                  "--data.init_args.num_calibration", "32", "--ckpt_path", str(last)))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ShapesDataModule: the checkpoint's run carved num_calibration=0 images from its training split; this "
+        "resumed fit carves 32, and the 32 more are images the model trained on (a calibration drive would steer "
+        "lambda by them). Resume with --data.num_calibration 0 or fewer."
+    )
+    assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
+
+
 def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_before_the_run(capsys):
     last = _checkpoint(capsys)
     runs = sorted(Path("runs/wandb").glob("*run-*"))
@@ -919,6 +934,10 @@ def test_compare_reads_a_run_id_with_a_hyphen_from_its_log_and_marks_a_newest_se
     assert load_run(exp).summary["global_step"] == 1500 and load_run(exp).name == exp.name
     assert load_run(exp2).summary["global_step"] == 600  # its newest segment, the "-1" folder of the same second
     assert load_run(again).source == load_run(exp2).source != load_run(exp).source
+    plain = tmp_path / "csv_run"  # a folder holding summary.json itself (logger=False): no W&B segments
+    plain.mkdir()
+    (plain / "summary.json").write_text(json.dumps({"verdict": "met", "global_step": 10}))
+    assert load_run(plain).name == "csv_run"
     assert compare_main([str(exp), str(exp2), str(mine), "--out", str(tmp_path / "three")]) == 0
     capsys.readouterr()
     # A run extended, then killed before its summary: its row is the earlier fit's, and says so.

@@ -678,6 +678,22 @@ def test_a_fit_whose_data_fails_to_set_up_replaces_the_folders_earlier_summary(t
     }
 
 
+def test_an_error_after_the_fit_ended_keeps_its_summary(tmp_path):
+    # A later callback's on_fit_end raising: the fit's summary stands (a failure summary with no
+    # verdict and 0 seconds replaced it).
+    class FailsAfterTheEnd(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            raise RuntimeError("a later callback failed")
+
+    summary = RunSummary()
+    trainer = quiet_trainer(max_steps=2, callbacks=[GECOCallback(), summary, FailsAfterTheEnd()], default_root_dir=tmp_path)
+    loader = DataLoader(TensorDataset(_images()), batch_size=32)
+    with pytest.raises(RuntimeError, match="a later callback failed"):
+        trainer.fit(tiny_conv_vae(tolerance=0.4), loader, loader)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["verdict"] in ("met", "not_met") and written["validated_step"] == 2 and "error" not in written
+
+
 def test_a_key_an_earlier_validation_logged_is_not_reported_as_the_last_ones(tmp_path):
     # Lightning's callback_metrics keeps every key of the fit: a metric a module logs at its first
     # validation only (an expensive one, every Nth) was written to summary.json as the last one's.
