@@ -487,6 +487,10 @@ def _as_list(callbacks: Any) -> list[Any]:
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
 
 
+#: Lightning's refusal of two stateful callbacks of one kind (two GECOCallbacks), a trace in train.py
+_DUPLICATE_CALLBACK = re.compile(r"Found more than one stateful callback of type `(\w+)`")
+
+
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(exit_code)
@@ -671,6 +675,11 @@ class GECOLightningCLI(LightningCLI):
             if refusal is not None:
                 _fail(str(refusal))
             cause = _root_cause(error)
+            if isinstance(cause, RuntimeError) and (twice := _DUPLICATE_CALLBACK.search(str(cause))):
+                _fail(
+                    f"--trainer.callbacks holds more than one {twice.group(1)} (the config's, and one added?): keep one. "
+                    "A checkpoint keeps one state per callback of a kind."
+                )
             if isinstance(cause, ModuleNotFoundError) and "tensorboard" in str(cause):
                 _fail(f"{str(cause).splitlines()[0]} TensorBoardLogger needs it: pip install -e \".[tensorboard]\"")
             if isinstance(cause, (ValueError, TypeError, ImportError)):

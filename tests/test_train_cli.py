@@ -691,6 +691,9 @@ def test_mistakes_found_before_the_run_starts_cost_no_wandb_run(capsys, tmp_path
          "state_dict, as ModelCheckpoint and trainer.save_checkpoint write)."),
         (("--config", str(calibration_config)), NO_CALIBRATION_SPLIT),
         (("--trainer.max_steps", "0"), "--trainer.max_steps 0 trains no step; set it > 0"),
+        # Lightning's refusal of two stateful callbacks of a kind was a 40-line trace here.
+        (("--trainer.callbacks+=lightning_geco.GECOCallback",), "--trainer.callbacks holds more than one GECOCallback "
+         "(the config's, and one added?): keep one. A checkpoint keeps one state per callback of a kind."),
         (("--ckpt_path", "nope.ckpt"), f"--ckpt_path nope.ckpt: no such file (resolved: {Path.cwd() / 'nope.ckpt'})."),
         (("--trainer.val_check_interval", "0.5"), "--trainer.val_check_interval 0.5: a float is a fraction of an epoch "
          "(1.0: once an epoch), which needs --trainer.check_val_every_n_epoch (this config sets it null, to validate "
