@@ -462,34 +462,35 @@ def test_a_checkpoint_of_a_users_module_with_other_weight_shapes_is_refused_befo
     assert not list(Path("runs/wandb").glob("*/files/summary.json"))[1:]  # no second W&B run was started
 
 
-def test_train_py_resuming_the_shapes_with_more_calibration_images_is_refused_before_the_run(capsys):
-    last = _checkpoint(capsys)  # carved no calibration split
+def _refused_before_any_run(capsys, args: list[str], last_line: str) -> None:
+    """``train.py args`` exits 2 with ``last_line`` last on stderr, and starts no W&B run."""
     runs = sorted(Path("runs/wandb").glob("*run-*"))
     with pytest.raises(SystemExit) as exit_:
-        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4",
-                  "--data.init_args.num_calibration", "32", "--ckpt_path", str(last)))
+        main(args)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines()[-1] == last_line
+    assert sorted(Path("runs/wandb").glob("*run-*")) == runs
+
+
+def test_train_py_resuming_the_shapes_with_more_calibration_images_is_refused_before_the_run(capsys):
+    last = _checkpoint(capsys)  # carved no calibration split
+    _refused_before_any_run(capsys, _fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "4",
+                                         "--data.init_args.num_calibration", "32", "--ckpt_path", str(last)), (
         "error: ShapesDataModule: the checkpoint's run carved num_calibration=0 images from its training split; this "
         "resumed fit carves 32, and the 32 more are images the model trained on (a calibration drive would steer "
         "lambda by them). Resume with --data.num_calibration 0 or fewer."
-    )
-    assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
+    ))
 
 
 def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_before_the_run(capsys):
     last = _checkpoint(capsys)
-    runs = sorted(Path("runs/wandb").glob("*run-*"))
-    with pytest.raises(SystemExit) as exit_:
-        main(["test", "--config", str(REPO / "configs" / "default.yaml"), "--data.init_args.num_train", "128",
-              "--data.init_args.num_val", "64", "--data.init_args.seed", "1", "--ckpt_path", str(last)])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    _refused_before_any_run(capsys, ["test", "--config", str(REPO / "configs" / "default.yaml"), "--data.init_args.num_train",
+                                     "128", "--data.init_args.num_val", "64", "--data.init_args.seed", "1",
+                                     "--ckpt_path", str(last)], (
         "error: ShapesDataModule has seed=1 (it trained on 0): its test split is drawn apart from its own training "
         "shapes, not the checkpoint's model's, and may hold images that model trained on. Test with --data.seed 0 "
         "--data.num_train 128 --data.num_val 64 --data.image_size 64."
-    )
-    assert sorted(Path("runs/wandb").glob("*run-*")) == runs  # no W&B run was started
+    ))
 
 
 def test_the_sigma_vae_runs_from_the_elbo_config_and_ends_without_a_verdict(capsys):
