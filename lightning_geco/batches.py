@@ -18,13 +18,12 @@ __all__ = [
     "IDENTICAL_IMAGES_MAX_BYTES",
     "batch_images",
     "batch_labels",
-    "first_loader",
     "dataset_length",
+    "first_loader",
     "gather",
     "identical_images",
     "shared_items",
 ]
-
 
 
 def first_loader(loaders: Any) -> Any:
@@ -35,6 +34,7 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
+
 
 def batch_images(batch: Any) -> Tensor:
     """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch["image"]``."""

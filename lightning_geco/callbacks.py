@@ -798,7 +798,7 @@ class GECOCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         calls = self._ready_geco.recorded_calls
-        self._engaged = self._engaged or calls > 0 or self._batch_updated
+        self._engaged = self._engaged or calls > 0
         self._batches_this_fit += 1
         if self._batches_this_fit == UNLOGGED_CHECK_EVERY:
             self._check_engaged()

@@ -151,7 +151,8 @@ def _wandb_folder(folder: Path) -> tuple[str, str, int] | None:
     if match is None:
         return None
     started, rest = match.groups()
-    logs = sorted(folder.glob("run-*.wandb")) if folder.is_dir() else []
+    # Only a name with a hyphen after the time is ambiguous (W&B's own ids have none): no file read for the rest.
+    logs = sorted(folder.glob("run-*.wandb")) if "-" in rest and folder.is_dir() else []
     run_id = logs[0].name[len("run-") : -len(".wandb")] if logs else rest
     n = rest[len(run_id) + 1 :] if rest.startswith(run_id + "-") else ""
     return started, run_id, int(n) if n.isdigit() else 0

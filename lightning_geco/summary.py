@@ -195,8 +195,6 @@ class RunSummary(Callback):
         self._earlier_seconds = 0.0
         #: seconds of the run when the last fit ended (a Trainer fitted again goes on from them)
         self._ended_seconds = 0.0
-        #: whether a fit is under way (between on_fit_start and its end or exception)
-        self._fitting = False
         #: where the fit at hand is: "idle" (none, or set up by the DataModule alone), "set_up"
         #: (this callback's setup ran), "fitting" (on_fit_start ran) or "ended" (on_fit_end ran)
         self._fit_phase = "idle"
@@ -223,7 +221,7 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_val_every_n_epoch = None  # every fit starts from its Trainer's own schedule
         self._start = time.monotonic()
-        self._fitting, self._fit_phase = True, "fitting"
+        self._fit_phase = "fitting"
         self._trained = False
         self.verdict_line = ""
         self._fit_ended = False
@@ -297,8 +295,9 @@ class RunSummary(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit that raised (in that last validation, say) never reaches on_train_end.
         self._restore_validation_schedule(trainer)
-        if self._fitting:  # a fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end
-            self._ended_seconds, self._fitting = self._run_seconds(), False
+        # A fit interrupted by Ctrl-C may be fitted again; a test's error is no fit's end.
+        if self._fit_phase == "fitting":
+            self._ended_seconds = self._run_seconds()
             self._write_failure(trainer, exception, started=True)
         elif trainer.state.fn == TrainerFn.FITTING and self._fit_phase in ("idle", "set_up"):
             # A fit that failed before it started (its data files missing or damaged, a checkpoint
@@ -438,7 +437,7 @@ class RunSummary(Callback):
             self.verdict_line = summary["verdict_line"]
         summary["validated_step"] = validated_step
         summary["global_step"] = trainer.global_step
-        self._ended_seconds, self._fitting, self._fit_phase = self._run_seconds(), False, "ended"
+        self._ended_seconds, self._fit_phase = self._run_seconds(), "ended"
         summary["wall_clock_seconds"] = round(self._ended_seconds, 3)
         self.summary = summary
         self.path = self._write(trainer, self.filename, summary, "summary")
