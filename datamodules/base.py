@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_geco.batches import dataset_length
-from lightning_geco.nets.conv import is_count
+from lightning_geco.checks import is_count
 
 from .sampler import ResumableLoader, ResumableSampler
 

@@ -3,14 +3,16 @@
 A constraint reads one number per example (its *reading*, e.g. the per-element MSE of the
 reconstruction), compares it to a tolerance the user stated in the same data units, and
 returns a per-example *value* that is <= 0 when the example meets the tolerance. Values are
-per element, so one GECO step size fits every resolution; ``num_elements`` turns them into
-per-image units for the Lagrangian (``lambda * num_elements * value``, next to a rate in
-nats per image).
+per element of what the constraint reads (a pixel for MSE and BCE, a patch and channel for
+pNCC, a feature; the classifier's cross-entropy is per image), so one GECO step size fits every
+resolution; ``num_elements`` turns them into per-image units for the Lagrangian
+(``lambda * num_elements * value``, next to a rate in nats per image).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_geco.checks import is_count, is_number
 from lightning_geco.classifier import class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
@@ -163,7 +166,7 @@ class ReconstructionMSE(Constraint):
         name: the constraint's name in logs (``geco/<name>/...`` when there are several).
         peak: the data's peak value, i.e. their range (images in [0, 1]: 1, the default; data
             normalised to [-1, 1]: 2). With a peak an MSE
-            tolerance lies in (0, peak²] and a PSNR in (0, 100] dB (``MSE = peak² 10^(-PSNR/10)``:
+            tolerance lies in [peak² 1e-10, peak²] and a PSNR in (0, 100] dB (``MSE = peak² 10^(-PSNR/10)``:
             20 dB is 0.01 for images in [0, 1]). ``None``: data in any units (standardised
             vectors, raw sensor values): any positive MSE, and no PSNR.
         step_size: see :class:`Constraint`.
@@ -178,10 +181,11 @@ class ReconstructionMSE(Constraint):
         step_size: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        if not is_number(tolerance):
             raise TypeError(f"ReconstructionMSE tolerance must be a number (in unit {unit!r}), got {tolerance!r}.")
-        if peak is not None and not (math.isfinite(peak) and peak > 0):
+        if peak is not None and not (is_number(peak) and math.isfinite(peak) and peak > 0):
             raise ValueError(f"ReconstructionMSE peak must be a positive finite number or None, got {peak!r}.")
+        peak = None if peak is None else float(peak)
         if unit == "mse":
             if peak is None:
                 if not (math.isfinite(tolerance) and tolerance > 0):
@@ -278,7 +282,7 @@ class ReconstructionMSE(Constraint):
 
 
 def _positive_finite(owner: str, tolerance: float, unit: str) -> float:
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+    if not (is_number(tolerance) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(
             f"{owner} tolerance must be a positive finite number of {unit}, got {tolerance!r}: "
             "a value of 0 or less can only be met by a perfect reconstruction, or never."
@@ -287,9 +291,9 @@ def _positive_finite(owner: str, tolerance: float, unit: str) -> float:
 
 
 def _step_size(owner: str, step_size: float | None) -> float | None:
-    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+    if step_size is not None and not (is_number(step_size) and math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"{owner} step_size must be a positive finite number or None, got {step_size!r}.")
-    return step_size
+    return None if step_size is None else float(step_size)
 
 
 class ReconstructionBCE(Constraint):
@@ -435,15 +439,15 @@ class PatchNCC(Constraint):
         step_size: float | None = None,
     ) -> None:
         super().__init__()
-        if not (isinstance(minimum, (int, float)) and -1.0 < minimum < 1.0):
+        if not (is_number(minimum) and -1.0 < minimum < 1.0):
             raise ValueError(
                 f"PatchNCC minimum must lie in (-1, 1), got {minimum!r}: a normalised cross-correlation is at "
                 "most 1 (so 1 or more can never be met by an imperfect reconstruction) and -1 or less always holds."
             )
-        if patch_size < 2 or stride < 1:
-            raise ValueError(f"PatchNCC needs patch_size >= 2 and stride >= 1, got {patch_size!r} and {stride!r}.")
+        if not (is_count(patch_size, 2) and is_count(stride, 1)):
+            raise ValueError(f"PatchNCC needs ints patch_size >= 2 and stride >= 1, got {patch_size!r} and {stride!r}.")
         self.tolerance = float(minimum)
-        self.patch_size, self.stride = int(patch_size), int(stride)
+        self.patch_size, self.stride = operator.index(patch_size), operator.index(stride)
         self.name = name
         self.step_size = _step_size("PatchNCC", step_size)
 

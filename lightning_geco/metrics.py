@@ -74,6 +74,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_geco.checks import is_positive_int
+
 __all__ = [
     "LOG_2PI",
     "AggregatePosteriorKL",
@@ -494,7 +496,7 @@ def compiler_available(device: torch.device | str = "cpu") -> bool:
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
 
 
@@ -531,7 +533,7 @@ class AggregatePosteriorKL(Metric):
         super().__init__(**kwargs)
         _check_chunk_size(chunk_size)
         _check_compile(compile)
-        self.chunk_size = chunk_size
+        self.chunk_size = int(chunk_size)
         self.seed = seed
         self.use_compile = compile  # not `self.compile`: that would shadow nn.Module.compile
         self.add_state("means", default=[], dist_reduce_fx="cat")

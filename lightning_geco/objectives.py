@@ -18,6 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_geco.checks import is_number, is_positive_int
 from lightning_geco.collectives import raise_on_every_rank
 from lightning_geco.constraints import Constraint, ConstraintList, ReconstructionMSE
 from lightning_geco.distributions import LOG_2PI
@@ -53,9 +54,10 @@ class Objective(Rebuildable, nn.Module):
         raise NotImplementedError
 
 
-def _check_steps(name: str, value: int) -> None:
-    if not (isinstance(value, int) and value >= 1):
+def _check_steps(name: str, value: int) -> int:
+    if not is_positive_int(value):
         raise ValueError(f"{name} must be a positive int (optimizer steps), got {value!r}.")
+    return operator.index(value)
 
 
 class ELBO(Objective):
@@ -70,7 +72,7 @@ class BetaVAE(Objective):
 
     def __init__(self, beta: float = 4.0) -> None:
         super().__init__()
-        if not (beta >= 0 and math.isfinite(beta)):
+        if not (is_number(beta) and beta >= 0 and math.isfinite(beta)):
             raise ValueError(f"BetaVAE beta must be >= 0 and finite, got {beta!r}.")
         self.beta = float(beta)
 
@@ -91,8 +93,8 @@ class KLWarmup(Objective):
 
     def __init__(self, warmup_steps: int = 1000, start_beta: float = 0.0) -> None:
         super().__init__()
-        _check_steps("KLWarmup warmup_steps", warmup_steps)
-        if not 0.0 <= start_beta <= 1.0:
+        warmup_steps = _check_steps("KLWarmup warmup_steps", warmup_steps)
+        if not (is_number(start_beta) and 0.0 <= start_beta <= 1.0):
             raise ValueError(f"KLWarmup start_beta must lie in [0, 1], got {start_beta!r}.")
         self.warmup_steps = warmup_steps
         self.start_beta = float(start_beta)
@@ -122,11 +124,11 @@ class CapacityBetaVAE(Objective):
 
     def __init__(self, gamma: float = 100.0, max_capacity: float = 25.0, capacity_steps: int = 1000) -> None:
         super().__init__()
-        if not (gamma > 0 and math.isfinite(gamma)):
+        if not (is_number(gamma) and gamma > 0 and math.isfinite(gamma)):
             raise ValueError(f"CapacityBetaVAE gamma must be positive and finite, got {gamma!r}.")
-        if not (max_capacity >= 0 and math.isfinite(max_capacity)):
+        if not (is_number(max_capacity) and max_capacity >= 0 and math.isfinite(max_capacity)):
             raise ValueError(f"CapacityBetaVAE max_capacity must be >= 0 nats and finite, got {max_capacity!r}.")
-        _check_steps("CapacityBetaVAE capacity_steps", capacity_steps)
+        capacity_steps = _check_steps("CapacityBetaVAE capacity_steps", capacity_steps)
         self.gamma = float(gamma)
         self.max_capacity = float(max_capacity)
         self.capacity_steps = capacity_steps
@@ -161,7 +163,7 @@ class SigmaVAE(Objective):
 
     def __init__(self, min_log_sigma: float = -6.0) -> None:
         super().__init__()
-        if not math.isfinite(min_log_sigma):
+        if not (is_number(min_log_sigma) and math.isfinite(min_log_sigma)):
             raise ValueError(f"SigmaVAE min_log_sigma must be a finite ln sigma (the authors: -6), got {min_log_sigma!r}.")
         self.min_log_sigma = float(min_log_sigma)
 
@@ -198,6 +200,11 @@ class GECOObjective(Objective):
 
     def __init__(self, constraints: Sequence[Constraint] | None = None) -> None:
         super().__init__()
+        if isinstance(constraints, Constraint):
+            raise TypeError(
+                f"GECOObjective takes a list of constraints, got one {type(constraints).__name__}: pass "
+                f"GECOObjective([{type(constraints).__name__}(...)])."
+            )
         constraints = list(constraints) if constraints is not None else [ReconstructionMSE()]
         if not constraints:
             raise ValueError("GECOObjective needs at least one constraint, got an empty list.")

@@ -14,6 +14,7 @@ from lightning_geco import (
     ELBO,
     BernoulliLikelihood,
     BetaVAE,
+    CapacityBetaVAE,
     ConvDRAW,
     ConvVAE,
     DiagnosticPanels,
@@ -21,6 +22,7 @@ from lightning_geco import (
     GaussianLikelihood,
     GECOCallback,
     GECOObjective,
+    KLWarmup,
     LadderVAE,
     ReconstructionMSE,
     SigmaVAE,
@@ -137,7 +139,7 @@ def test_flow_rate_and_importance_weight_are_the_same_monte_carlo_log_ratio():
 
 
 def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
-    with pytest.raises(ValueError, match=r"LadderVAE needs at least two stochastic layers of positive size, got latent_dims=\[8\]"):
+    with pytest.raises(ValueError, match=re.escape("LadderVAE needs at least two stochastic layers of positive int size (e.g. latent_dims=[16, 8]), got latent_dims=(8,).")):
         LadderVAE(latent_dims=(8,))
     with pytest.raises(ValueError, match="ConvDRAW num_steps, latent_channels and hidden_channels must be positive"):
         ConvDRAW(num_steps=0)
@@ -163,6 +165,17 @@ def test_ladder_vae_needs_two_layers_and_convdraw_positive_sizes():
     (lambda: GaussianLikelihood(sigma=float("inf")), "GaussianLikelihood sigma must be positive and finite (data units), got inf."),
     (lambda: SigmaVAE(min_log_sigma=float("nan")), "SigmaVAE min_log_sigma must be a finite ln sigma (the authors: -6), got nan."),
     (lambda: BetaVAE(beta=float("inf")), "BetaVAE beta must be >= 0 and finite, got inf."),
+    # these failed inside Python's len() or int(), or a comparison with None, without the name;
+    # the floats were truncated silently
+    (lambda: ConvVAE(image_shape=28), "image_shape must be (channels, height, width) of positive ints, got 28."),
+    (lambda: ConvVAE(image_shape=(1, 28.5, 28)), "image_shape must be (channels, height, width) of positive ints, got (1, 28.5, 28)."),
+    (lambda: LadderVAE(latent_dims=8), "LadderVAE needs at least two stochastic layers of positive int size (e.g. latent_dims=[16, 8]), got latent_dims=8."),
+    (lambda: LadderVAE(latent_dims=[4.7, 3]), "got latent_dims=[4.7, 3]."),
+    (lambda: ConvVAE(learning_rate=None), "learning_rate must be positive and finite, got None."),
+    (lambda: ConvVAE(active_unit_threshold="0.01"), "active_unit_threshold must be >= 0 (a variance), got '0.01'."),
+    (lambda: BetaVAE(beta=None), "BetaVAE beta must be >= 0 and finite, got None."),
+    (lambda: KLWarmup(start_beta=None), "KLWarmup start_beta must lie in [0, 1], got None."),
+    (lambda: CapacityBetaVAE(gamma="100"), "CapacityBetaVAE gamma must be positive and finite, got '100'."),
 ])
 def test_a_bad_architecture_is_refused_naming_the_value(build_it, message):
     with pytest.raises(ValueError, match=re.escape(message)):

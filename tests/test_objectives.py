@@ -2,6 +2,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,9 +11,11 @@ from lightning_geco import (
     ELBO,
     BetaVAE,
     CapacityBetaVAE,
+    ConvVAE,
     GaussianLikelihood,
     GECOObjective,
     KLWarmup,
+    LadderVAE,
     PatchNCC,
     ReconstructionBCE,
     ReconstructionMSE,
@@ -120,6 +123,33 @@ def test_psnr_tolerance_is_converted_to_mse():
     constraint = ReconstructionMSE(20.0, unit="psnr")
     assert constraint.tolerance_mse == pytest.approx(0.01)
     assert constraint.tolerance_psnr == pytest.approx(20.0)
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
+    # np.int64 steps, np.float32 tolerances (a value read from an array, a sweep's grid) were
+    # refused with messages that contradicted the value: "must be a positive int, got 1000"
+    model = ConvVAE(image_shape=np.array([1, 16, 16]), latent_dim=np.int64(4), widths=[8], hidden_dim=16,
+                    num_logged_images=np.int64(8), marginal_kl_chunk_size=np.int64(64))
+    assert (model.image_shape, model.num_logged_images, model.aggregate_posterior.chunk_size) == ((1, 16, 16), 8, 64)
+    assert type(model.aggregate_posterior.chunk_size) is int
+    assert KLWarmup(np.int64(1000)).warmup_steps == 1000
+    assert CapacityBetaVAE(capacity_steps=np.int64(500)).capacity_steps == 500
+    assert ReconstructionMSE(np.float32(0.01)).tolerance_mse == pytest.approx(0.01)
+    assert ReconstructionMSE(np.float32(20), unit="psnr", peak=np.float64(1)).tolerance_mse == pytest.approx(0.01)
+    assert ReconstructionBCE(np.float32(0.1)).tolerance == pytest.approx(0.1)
+    assert PatchNCC(np.float32(0.8), patch_size=np.int64(5), stride=np.int64(5)).patch_size == 5
+    assert LadderVAE(image_shape=(1, 16, 16), latent_dims=np.array([4, 2]), widths=[8], hidden_dim=16).latent_dims == [4, 2]
+    with pytest.raises(TypeError, match=re.escape("ReconstructionMSE tolerance must be a number (in unit 'mse'), got True.")):
+        ReconstructionMSE(True)
+    with pytest.raises(ValueError, match=re.escape("PatchNCC needs ints patch_size >= 2 and stride >= 1, got 7.5 and 7.")):
+        PatchNCC(patch_size=7.5)
+
+
+def test_one_constraint_not_in_a_list_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=re.escape(
+        "GECOObjective takes a list of constraints, got one ReconstructionMSE: pass GECOObjective([ReconstructionMSE(...)])."
+    )):
+        GECOObjective(ReconstructionMSE(0.005))
 
 
 def test_duplicate_constraint_names_are_rejected():

@@ -32,10 +32,11 @@ from torch import Tensor
 
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import is_logging_step, planned_steps, upgrade_multiplier_buffers
+from lightning_geco.checks import is_count, is_number, is_positive_int
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
-from lightning_geco.nets.conv import is_count, is_positive_int
+from lightning_geco.nets.conv import check_image_shape
 from lightning_geco.objectives import GECOObjective, Objective
 from lightning_geco.rebuild import instantiate, piece_config
 from lightning_geco.records import LatentPass, VAEOutput
@@ -146,26 +147,25 @@ class VAEModule(pl.LightningModule):
         lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
-        if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
-            raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {image_shape!r}.")
+        image_shape = check_image_shape(image_shape)
         if not is_positive_int(latent_dim):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}.")
-        if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        if not (is_number(learning_rate) and learning_rate > 0 and math.isfinite(learning_rate)):
             raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}.")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
         if not is_count(iwae_samples, 0):
             raise ValueError(f"iwae_samples must be an int >= 0 (0 turns the bound off), got {iwae_samples!r}.")
-        if not (isinstance(num_logged_images, int) and num_logged_images >= 1):
+        if not is_positive_int(num_logged_images):
             raise ValueError(
                 f"num_logged_images must be a positive int (images per panel), got {num_logged_images!r}; "
                 "for no panels, leave DiagnosticPanels out of the Trainer's callbacks."
             )
-        if not (isinstance(marginal_kl_chunk_size, int) and marginal_kl_chunk_size >= 1):
+        if not is_positive_int(marginal_kl_chunk_size):
             raise ValueError(f"marginal_kl_chunk_size must be a positive int (rows), got {marginal_kl_chunk_size!r}.")
-        if not active_unit_threshold >= 0:
+        if not (is_number(active_unit_threshold) and active_unit_threshold >= 0):
             raise ValueError(f"active_unit_threshold must be >= 0 (a variance), got {active_unit_threshold!r}.")
-        self.image_shape = tuple(int(s) for s in image_shape)
+        self.image_shape = image_shape
         self.latent_dim = int(latent_dim)
         # A checkpoint's hyperparameters carry the objective and likelihood as the configs that
         # rebuild them (see on_save_checkpoint); LightningCLI may have built them already.
@@ -178,10 +178,10 @@ class VAEModule(pl.LightningModule):
         for constraint in self.constraints:
             constraint.check_model(self)
         self.learning_rate = learning_rate
-        self.num_logged_images = num_logged_images
+        self.num_logged_images = operator.index(num_logged_images)
         self.iwae_samples = iwae_samples
         self.lr_schedule = lr_schedule
-        self.aggregate_posterior = AggregatePosteriorKL(chunk_size=marginal_kl_chunk_size)
+        self.aggregate_posterior = AggregatePosteriorKL(chunk_size=operator.index(marginal_kl_chunk_size))
         self.latent_activity = LatentActivity(threshold=active_unit_threshold)
         # One per constraint reading, its validation mean's standard error (the verdict's noise).
         # Built at each validation from the constraints of that moment (an objective may be

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.checks import is_positive_int
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl
 from lightning_geco.nets import ConvDownsampler, ConvLSTMCell, ConvUpsampler
-from lightning_geco.nets.conv import check_image_shape, is_positive_int
+from lightning_geco.nets.conv import check_image_shape
 
 __all__ = ["ConvDRAW"]
 

@@ -25,13 +25,14 @@ their KL to N(0, I) is exactly the rate above; the top layer's coordinates are t
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import reduce
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_geco.checks import is_positive_int
 from lightning_geco.distributions import LOG_2PI
 from lightning_geco.models.base import DiagonalGaussian, LatentPass, VAEModule, gaussian_kl, traversal_codes
 from lightning_geco.nets import ConvDecoder, ConvEncoder
@@ -83,11 +84,13 @@ class LadderVAE(VAEModule):
                 f"LadderVAE takes latent_dims, one size per stochastic layer (its latent_dim is their sum), got "
                 f"latent_dim={kwargs['latent_dim']!r}: pass e.g. latent_dims=[16, 8]."
             )
-        latent_dims = [int(d) for d in latent_dims]
-        if len(latent_dims) < 2 or min(latent_dims) < 1:
+        sizes = list(latent_dims) if isinstance(latent_dims, Iterable) and not isinstance(latent_dims, str) else []
+        if len(sizes) < 2 or not all(is_positive_int(d) for d in sizes):
             raise ValueError(
-                f"LadderVAE needs at least two stochastic layers of positive size, got latent_dims={latent_dims}."
+                f"LadderVAE needs at least two stochastic layers of positive int size (e.g. latent_dims=[16, 8]), "
+                f"got latent_dims={latent_dims!r}."
             )
+        latent_dims = [operator.index(d) for d in sizes]
         super().__init__(
             image_shape=image_shape,
             latent_dim=sum(latent_dims),

@@ -8,9 +8,11 @@ encoder saw, so odd sizes (28, 33, ...) round-trip without cropping or padding t
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
+
+from lightning_geco.checks import is_positive_int
 
 __all__ = [
     "ConvDecoder",
@@ -19,8 +21,6 @@ __all__ = [
     "ConvUpsampler",
     "check_image_shape",
     "check_widths",
-    "is_count",
-    "is_positive_int",
     "conv_feature_sizes",
 ]
 
@@ -37,21 +37,6 @@ def conv_feature_sizes(height: int, width: int, num_levels: int) -> list[tuple[i
             )
         sizes.append((h // 2, w // 2))
     return sizes
-
-
-def is_count(value: object, minimum: int) -> bool:
-    """Whether ``value`` is an integer >= ``minimum`` (a Python or NumPy integer; not a bool, not a float)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        return operator.index(value) >= minimum  # type: ignore[arg-type]
-    except TypeError:
-        return False
-
-
-def is_positive_int(value: object) -> bool:
-    """Whether ``value`` is an integer >= 1 (a Python or NumPy integer; not a bool, not a float)."""
-    return is_count(value, 1)
 
 
 def check_widths(widths: Sequence[int]) -> list[int]:
@@ -72,9 +57,10 @@ def _check_hidden_dim(hidden_dim: int) -> int:
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     """``image_shape`` as ``(C, H, W)`` ints; a clear error for anything else."""
-    if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
-        raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {tuple(image_shape)}.")
-    c, h, w = (int(s) for s in image_shape)
+    sizes = list(image_shape) if isinstance(image_shape, Iterable) and not isinstance(image_shape, str) else []
+    if len(sizes) != 3 or not all(is_positive_int(s) for s in sizes):
+        raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {image_shape!r}.")
+    c, h, w = (operator.index(s) for s in sizes)
     return c, h, w
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_geco.nets.conv import is_positive_int
+from lightning_geco.checks import is_positive_int
 
 __all__ = ["AffineCoupling", "CouplingFlow"]
 
