@@ -456,10 +456,18 @@ class GECOCallback(Callback):
         # Whether this training batch's optimizer step updated GECO (a second optimizer on the
         # same batch, under manual optimization, must not update it again).
         self._batch_updated = False
+        # Fused optimizers this batch's skip decision was handed to (found_inf): the flag is taken
+        # off at the batch's end, as GradScaler deletes its own after the step, or every later
+        # step of that optimizer GECO does not decide would read it.
+        self._flagged: list[Optimizer] = []
         # Whether the objective was recorded (and GECO updated) in this fit, and its training
         # batches so far: a training_step that never calls the objective is refused (_check_engaged).
         self._engaged = False
         self._batches_this_fit = 0
+        # calibration measurements taken in this fit, and (valid ones so far, measurements then) as
+        # last seen by _check_measurements
+        self._measurements_this_fit = 0
+        self._valid_measurements_seen = (0, 0)
         # The Trainer settings a resumed fit must share to continue its checkpoint's run
         # (saved, so a resume with others says so): precision and gradient accumulation
         self._trainer_settings: dict[str, Any] = {}
@@ -693,6 +701,9 @@ class GECOCallback(Callback):
             self._choose_drive(trainer, pl_module)
         if self._calibration is not None:
             self._calibration.refuse_training_images(trainer)
+        # This fit's measurements, and where the last valid one was seen (see _check_measurements).
+        self._measurements_this_fit = 0
+        self._valid_measurements_seen = (self._ready_geco.num_measurements, 0)
         if self.detector is not None:
             # The window is a share of the fit's planned steps, whether max_steps or max_epochs
             # ends it; only now is the training loader's length known.
@@ -755,8 +766,11 @@ class GECOCallback(Callback):
         if self._calibration is not None and index % self.calibration_every == 0:
             measurement = self._calibration.measure(trainer, pl_module, self._ready_objective, index // self.calibration_every)
             measured = all_reduce_sum(trainer, measurement)
-            geco.control(measured, self.calibration_every)
-            self._last_calibration = constraint_means(measured)
+            valid = geco.control(measured, self.calibration_every)
+            # One that moved nothing is NaN, not the 0 of its zeroed sums, which reads as "at the
+            # tolerance" (in the logs, the stall watch and summary.json).
+            self._last_calibration = torch.where(valid, constraint_means(measured), torch.nan)
+            self._measurements_this_fit += 1
         self._manual_updates += 1
         on_device = self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
         logging = is_logging_step(trainer)
@@ -775,6 +789,7 @@ class GECOCallback(Callback):
             self._log(pl_module, torch.where(geco.skipped, torch.nan, constraint_means(statistics)))
         if checking:
             self._watch(trainer)
+            self._check_measurements(trainer)
         # On the device path the count is read at those steps only (reading it syncs).
         if not (checking or not on_device):
             return
@@ -797,6 +812,7 @@ class GECOCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._take_skip_flags()
         calls = self._ready_geco.recorded_calls
         self._engaged = self._engaged or calls > 0
         self._batches_this_fit += 1
@@ -812,7 +828,15 @@ class GECOCallback(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_skip_flags()  # a fit stopped inside a batch (max_time, a callback's should_stop)
         self._check_engaged()  # a fit shorter than the check in on_train_batch_end
+
+    def _take_skip_flags(self) -> None:
+        """Take the skip flags this batch handed to fused optimizers off them again."""
+        for torch_optimizer in self._flagged:
+            if hasattr(torch_optimizer, "found_inf"):  # GradScaler (16-mixed) deletes its own
+                del torch_optimizer.found_inf
+        self._flagged.clear()
 
     def _check_engaged(self) -> None:
         """Refuse a fit whose training batches never went through the GECO objective: lambda never
@@ -827,8 +851,7 @@ class GECOCallback(Callback):
             "of your own."
         )
 
-    @staticmethod
-    def _withhold_if_skipped(optimizer: Optimizer, torch_optimizer: Optimizer, skip: Tensor) -> bool:
+    def _withhold_if_skipped(self, optimizer: Optimizer, torch_optimizer: Optimizer, skip: Tensor) -> bool:
         """Keep the gradients of a skipped (non-finite) step from the optimizer; True when that
         was decided on the device, with no host read."""
         if getattr(torch_optimizer, "_step_supports_amp_scaling", False):
@@ -837,6 +860,7 @@ class GECOCallback(Callback):
             # found_inf is not an Optimizer attribute: GradScaler sets it on these fused optimizers
             # (torch.amp.GradScaler.step), and their step() reads it; we set it the same way.
             torch_optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+            self._flagged.append(torch_optimizer)
             return True
         if bool(skip):  # the one host read of the step, for every other optimizer
             optimizer.zero_grad(set_to_none=True)
@@ -901,6 +925,30 @@ class GECOCallback(Callback):
                 f"unreachable for this model: {stall.describe()}. More lambda is not buying quality; unless the "
                 "reading falls again (a plateau can break, and this warning is then withdrawn), stop the run and "
                 "loosen the tolerance, or give the model more capacity or steps."
+            )
+
+    def _check_measurements(self, trainer: pl.Trainer) -> None:
+        """Stop a fit whose calibration measurements have all been non-finite for
+        ``max_nonfinite_steps`` of them: each left lambda where it was, and the training batches,
+        finite, would go on training a model GECO no longer steers. Read at checking steps only
+        (one host read); the count runs from the check that last saw a new valid one, so it can
+        start late by the measurements between two checks, never early."""
+        if self._calibration is None:
+            return
+        valid, attempts_then = self._valid_measurements_seen
+        now = self._ready_geco.num_measurements
+        if now != valid:
+            self._valid_measurements_seen = (now, self._measurements_this_fit)
+            return
+        failed = self._measurements_this_fit - attempts_then
+        if failed >= self.max_nonfinite_steps:
+            raise NonFiniteConstraintError(
+                f"GECO's calibration measurements were non-finite on the last {failed} of them (max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}; step {trainer.global_step}): the model's eval-mode pass without gradients "
+                "gives NaN or infinity on held-out images while its training batches are finite, so lambda has not "
+                f"moved since (it is {self._ready_geco.lagrange_multiplier.tolist()}). Check what eval mode changes "
+                "(BatchNorm running statistics, dropout, a branch on self.training), or drive lambda from the "
+                "training batches (drive='training')."
             )
 
     def lambda_rising(self, k: int) -> bool:

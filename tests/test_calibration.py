@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from geco_run import run
 from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
-from lightning_geco import GECOCallback, GECOObjective, ReconstructionMSE
+from lightning_geco import ConvVAE, GECOCallback, GECOObjective, ReconstructionMSE
 from lightning_geco.calibration import CalibrationStream
+from lightning_geco.callbacks import NonFiniteConstraintError
 from lightning_geco.resume import RandomState
 
 SCRIPT = Path(__file__).with_name("geco_run.py")
@@ -172,6 +173,35 @@ def test_a_resumed_fit_keeps_the_last_calibration_measurement(tmp_path):
     training = GECOCallback(controller="pi", drive="training")
     fit(training, 5, ckpt_path=tmp_path / "five.ckpt")
     assert training.last_calibration is None
+
+
+class EvalNaNVAE(ConvVAE):
+    """Finite in training, non-finite in eval mode (as a blown-up BatchNorm statistic makes it)."""
+
+    def reparameterization_noise(self, x, posterior):
+        return None if self.training else torch.full_like(posterior.mean, float("nan"))
+
+
+def test_a_non_finite_measurement_reads_nan_and_a_run_of_them_stops_the_fit():
+    # Its zeroed sums were kept as the last measurement, 0: "at the tolerance" in the logs, the
+    # summary and the stall watch, while lambda never moved and the fit trained on unsteered.
+    def fit(max_steps):
+        pl.seed_everything(0)
+        callback = GECOCallback(controller="pi", drive="calibration", calibration_every=2, calibration_batch_size=5,
+                                max_nonfinite_steps=3, calibration_dataset=TensorDataset(_images(20, 1)))
+        trainer = quiet_trainer(max_steps=max_steps, limit_val_batches=0, log_every_n_steps=1, callbacks=[callback])
+        trainer.fit(tiny_conv_vae(model_class=EvalNaNVAE), DataLoader(TensorDataset(_images(64, 0)), batch_size=8))
+        return callback, trainer
+
+    callback, _ = fit(4)  # measurements at steps 0 and 2: two in a row, under the limit of 3
+    assert torch.isnan(callback.last_calibration).all() and callback.geco.num_measurements == 0
+    assert callback.regulated_ratio() != [1.0]
+    with pytest.raises(NonFiniteConstraintError, match=re.escape(
+        "GECO's calibration measurements were non-finite on the last 3 of them (max_nonfinite_steps=3; step 4): the "
+        "model's eval-mode pass without gradients gives NaN or infinity on held-out images while its training "
+        "batches are finite, so lambda has not moved since (it is [1.0])."
+    )):
+        fit(20)
 
 
 @pytest.mark.parametrize("calibration, message", [
