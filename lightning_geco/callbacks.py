@@ -79,6 +79,8 @@ __all__ = [
     "is_last_batch_of_fit",
     "is_logging_step",
     "planned_steps",
+    "step_values_monitored",
+    "step_values_read",
     "upgrade_multiplier_buffers",
 ]
 
@@ -118,6 +120,27 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     connector = getattr(trainer, "_logger_connector", None)
     due = connector.should_update_logs if connector is not None else True
     return due or is_last_batch_of_fit(trainer, trainer.global_step + 1)
+
+
+# what the keys logged at training steps (by GECOCallback and the collection's models) start with
+STEP_KEY_PREFIXES = ("geco/", "train/")
+
+
+def step_values_monitored(trainer: pl.Trainer) -> bool:
+    """Whether a callback (a ``ModelCheckpoint`` or ``EarlyStopping``: any with a ``monitor``) or a
+    learning-rate scheduler of ``trainer`` monitors a key logged at training steps (``geco/...``,
+    ``train/...``). It reads ``callback_metrics`` whenever it checks, which Lightning keeps fresh at
+    every step for a value logged at every step: such keys must then be logged at every step,
+    not at the loggers' steps only (:func:`is_logging_step`), or it ranks a stale value."""
+    monitors = [getattr(callback, "monitor", None) for callback in trainer.callbacks]  # type: ignore[attr-defined]
+    monitors += [config.monitor for config in getattr(trainer, "lr_scheduler_configs", None) or []]
+    return any(isinstance(key, str) and key.startswith(STEP_KEY_PREFIXES) for key in monitors)
+
+
+def step_values_read(trainer: pl.Trainer) -> bool:
+    """Whether values logged at this training step are read: by the loggers
+    (:func:`is_logging_step`), or by a monitor at every step (:func:`step_values_monitored`)."""
+    return is_logging_step(trainer) or step_values_monitored(trainer)
 
 
 def is_last_batch_of_fit(trainer: pl.Trainer, steps: int) -> bool:
@@ -783,7 +806,7 @@ class GECOCallback(Callback):
             getattr(trainer, "log_every_n_steps", 1) == 0
             and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % UNLOGGED_CHECK_EVERY == 0
         )
-        if logging:  # the batch mean is read for the logs only: no ops for it on other steps
+        if logging or step_values_monitored(trainer):  # read by the logs (or a monitor) only: no ops on other steps
             # A step with a non-finite value has no batch mean (its sums left the non-finite
             # values out): NaN, not the 0 that would read as "at the tolerance".
             self._log(pl_module, torch.where(geco.skipped, torch.nan, constraint_means(statistics)))

@@ -1,10 +1,12 @@
 import math
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TwoOptimizerVAE, quiet_trainer, tiny_conv_vae
@@ -101,6 +103,30 @@ def test_a_second_optimizer_on_a_skipped_batch_is_withheld_too(critic_first):
         assert torch.equal(before, snapshots[2][name]) != (critic_first and name.startswith("critic.")), name
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(not torch.equal(snapshots[2][name], after) for name, after in snapshots[3].items() if name.startswith("encoder"))
+
+
+@pytest.mark.parametrize("key", ["geco/constraint_ema", "train/distortion"])
+def test_a_checkpoint_monitoring_a_step_key_between_logging_steps_ranks_that_steps_value(tmp_path, key):
+    # The keys were logged at the loggers' steps only (every 10th): a checkpoint saved at steps 14,
+    # 21 and 28 was ranked by step 9's or 19's value, silently; 21 and 28 tied at one stale score.
+    pl.seed_everything(0)
+    seen = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = float(trainer.callback_metrics[key])
+
+    callback = GECOCallback()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor=key, save_top_k=-1, every_n_train_steps=7)
+    trainer = _trainer([callback, Record(), checkpoint], max_steps=30, limit_val_batches=0, log_every_n_steps=10,
+                       enable_checkpointing=True)
+    trainer.fit(tiny_conv_vae(), _loader())
+    scores = {int(Path(path).stem.split("step=")[1]): float(score) for path, score in checkpoint.best_k_models.items()}
+    assert sorted(scores) == [7, 14, 21, 28]
+    assert scores == {step: seen[step] for step in scores}  # each ranked by its own step's value
+    assert len(set(seen.values())) == 30  # fresh at every step
+    if key.startswith("geco/"):
+        assert seen[30] == pytest.approx(float(callback.geco.constraint_ema), rel=1e-6)
 
 
 class OwnLossAfterNaNVAE(ConvVAE):

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_geco.batches import batch_images, batch_labels
-from lightning_geco.callbacks import is_logging_step, planned_steps, upgrade_multiplier_buffers
+from lightning_geco.callbacks import planned_steps, step_values_read, upgrade_multiplier_buffers
 from lightning_geco.checks import is_count, is_number, is_positive_int
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
@@ -406,7 +406,7 @@ class VAEModule(pl.LightningModule):
         self._checked_range = True
         self.objective.set_step(self.global_step)
         loss = self.objective(output)  # a GECOObjective checks the first training batch against its constraints
-        if is_logging_step(self.trainer):
+        if step_values_read(self.trainer):
             self._log_terms("train", output, loss, on_step=True)
             for key, value in self.objective.logged_values().items():
                 self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
