@@ -709,6 +709,11 @@ class VAEModule(pl.LightningModule):
             )
         return planned
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A scheduled objective's step follows the steps taken, so a validation after this batch
+        # weighs the terms as a checkpoint written here weighs them when loaded (its global_step).
+        self.objective.set_step(self.global_step)
+
     def on_train_start(self) -> None:
         # Runs after Lightning restored the checkpoint's scheduler. A run resumed with the same
         # plan keeps it (and so equals the uninterrupted run); an extended (or shortened) run
