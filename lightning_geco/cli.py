@@ -44,7 +44,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_geco.calibration import NO_CALIBRATION_SPLIT
-from lightning_geco.callbacks import GECOCallback, NonFiniteConstraintError, ObjectiveNeverCalledError
+from lightning_geco.callbacks import (
+    GECOCallback,
+    NonFiniteConstraintError,
+    ObjectiveNeverCalledError,
+    find_geco_objective,
+)
 from lightning_geco.datamodules.base import ImageDataModule
 from lightning_geco.diagnostics import DiagnosticPanels
 from lightning_geco.objectives import GECOObjective
@@ -704,6 +709,11 @@ class GECOLightningCLI(LightningCLI):
                 "GECOCallback to move its lambda: add '- class_path: lightning_geco.GECOCallback' under "
                 "trainer.callbacks (or --trainer.callbacks+ lightning_geco.GECOCallback)."
             )
+        if any(isinstance(c, GECOCallback) for c in callbacks):
+            try:  # else refused at setup, after the W&B run has started (an objective without constraints)
+                find_geco_objective(self.model)
+            except ValueError as error:
+                _fail(str(error))
         if getattr(self.trainer, "fast_dev_run", False):  # set by Lightning's init, not declared
             # Lightning means fast_dev_run to write no checkpoint, but 2.6's ModelCheckpoint writes
             # save_last's at the end of training all the same: a smoke test's model would become

@@ -504,6 +504,15 @@ def test_the_sigma_vae_runs_from_the_elbo_config_and_ends_without_a_verdict(caps
     assert "verdict" not in summary and "tolerance" not in summary and math.isfinite(summary["distortion"])
 
 
+def test_a_geco_config_given_an_objective_without_constraints_is_refused_before_the_run(capsys):
+    # Refused at setup, after the W&B run had started (and been marked failed).
+    _refused_before_any_run(capsys, _fit(REPO / "configs" / "default.yaml", *QUICK, "--model.init_args.objective",
+                                         "lightning_geco.SigmaVAE"), (
+        "error: GECOCallback needs a model with exactly one GECOObjective, found 0 in ConvVAE. Use "
+        "objective=GECOObjective(...) or remove the callback."
+    ))
+
+
 def test_a_missing_classifier_checkpoint_is_one_line_naming_the_config_that_writes_it(capsys):
     # A 177-line jsonargparse trace, which recommended the MNIST classifier's config for the shapes'.
     with pytest.raises(SystemExit) as exit_:
