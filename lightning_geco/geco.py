@@ -60,6 +60,8 @@ __all__ = [
 # exp(log_lambda) must stay finite and non-zero in fp32 (max ~3.4e38, ln ~ 88.7), and
 # lambda * (per-image sum) must too; +-30 leaves ~ 1e13 of head room for the sums.
 DEFAULT_LOG_LAMBDA_BOUNDS = (-30.0, 30.0)
+#: the widest bounds accepted: e^60 ~ 1e26 still leaves ~ 1e12 of fp32 head room for the sums
+LOG_LAMBDA_LIMIT = 60.0
 
 #: what moves lambda: the training batches, or measurements on a calibration split
 DRIVES = ("training", "calibration")
@@ -310,8 +312,12 @@ class GECO:
                     )
             controller = Algorithm1(sizes, release_speedup, increases)
         low, high = log_lambda_bounds
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"GECO log_lambda_bounds must be finite with low < high, got {log_lambda_bounds!r}.")
+        if not (-LOG_LAMBDA_LIMIT <= low < high <= LOG_LAMBDA_LIMIT):
+            raise ValueError(
+                f"GECO log_lambda_bounds must lie in [-{LOG_LAMBDA_LIMIT:g}, {LOG_LAMBDA_LIMIT:g}] with low < high, got "
+                f"{log_lambda_bounds!r}: lambda = e^bound and lambda times a per-image constraint sum must stay finite "
+                "in fp32 (e^88.7 is its largest number)."
+            )
         if not initial_lambda > 0 or not low <= math.log(initial_lambda) <= high:
             raise ValueError(
                 f"GECO initial_lambda must be positive with log(lambda) in {log_lambda_bounds}, got {initial_lambda!r}."

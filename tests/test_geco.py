@@ -229,7 +229,12 @@ def test_the_longest_run_of_skips_since_the_last_read_counts_a_run_that_has_ende
         ({"alpha": -0.1}, r"alpha must lie in \[0, 1\), got -0.1"),
         ({"step_size": 0.0}, r"step_size \(nu\) must be a positive finite number, got 0.0"),
         ({"step_size": -1.0}, r"step_size \(nu\) must be a positive finite number, got -1.0"),
-        ({"log_lambda_bounds": (3.0, 1.0)}, r"log_lambda_bounds must be finite with low < high"),
+        ({"log_lambda_bounds": (3.0, 1.0)}, r"log_lambda_bounds must lie in \[-60, 60\] with low < high, got \(3.0, 1.0\)"),
+        # e^100 is inf in fp32: an unreachable tolerance drove lambda there, and every step was
+        # skipped as non-finite, with advice about gradients
+        ({"log_lambda_bounds": (-30.0, 100.0)}, r"got \(-30.0, 100.0\): lambda = e\^bound and lambda times a per-image "
+                                                r"constraint sum must stay finite in fp32"),
+        ({"log_lambda_bounds": (float("nan"), 1.0)}, r"log_lambda_bounds must lie in \[-60, 60\]"),
         ({"initial_lambda": 0.0}, r"initial_lambda must be positive"),
         ({"release_speedup": 0.5}, r"release_speedup must be a finite number >= 1, got 0.5"),
     ],
