@@ -8,8 +8,11 @@ lambda and records nothing.
 DDP: every rank contributes ``[sum of per-example constraints (K), example count, non-finite
 flags]`` in fp32 to ONE all-reduce (SUM), every rank applies the same update to the same
 numbers, so lambda and the moving average are bit-identical on all ranks without a
-broadcast. The collective runs on every rank at every optimizer step; no rank-local
-condition can skip it.
+broadcast. Under automatic optimization the collective runs on every rank at every optimizer
+step, whether or not this rank's batch went through the objective (a rank that recorded
+nothing adds no examples); no rank-local condition can skip it. Under manual optimization it
+runs at the first step after the objective was called on the batch, so every rank must call
+it on the same batches.
 
 Non-finite values: a NaN/inf in any rank's constraint or loss makes the reduced flag
 non-zero on every rank together: lambda is left alone, the step's gradients are dropped
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,6 +42,7 @@ from torch.utils.data import Dataset
 
 from lightning_geco.batches import dataset_length, first_loader
 from lightning_geco.calibration import NO_CALIBRATION_SPLIT, CalibrationStream, why_not_measurable
+from lightning_geco.checks import is_count, is_positive_int
 from lightning_geco.collectives import all_reduce_sum
 from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
@@ -412,11 +417,14 @@ class GECOCallback(Callback):
         )
         if max_relative_violation is not None and not max_relative_violation > 0:
             raise ValueError(f"max_relative_violation must be positive or None, got {max_relative_violation!r}.")
-        if max_nonfinite_steps < 1:
+        if not is_positive_int(max_nonfinite_steps):
             raise ValueError(f"max_nonfinite_steps must be a positive int, got {max_nonfinite_steps!r}.")
         for name, value in (("calibration_every", calibration_every), ("calibration_batch_size", calibration_batch_size)):
-            if not (isinstance(value, int) and value >= 1):
+            if not is_positive_int(value):
                 raise ValueError(f"GECOCallback {name} must be a positive int, got {value!r}.")
+        if not is_count(calibration_seed, 0):
+            # else a trace from torch's manual_seed at the first measurement, mid-fit
+            raise ValueError(f"GECOCallback calibration_seed must be an int >= 0, got {calibration_seed!r}.")
         for name, flag in (("compile", compile), ("ramp_follows_lr", ramp_follows_lr)):
             if not isinstance(flag, bool):
                 raise ValueError(f"GECOCallback {name} must be True or False, got {flag!r}.")
@@ -456,14 +464,14 @@ class GECOCallback(Callback):
         self.ramp_follows_lr = ramp_follows_lr
         self.noise_correction = noise_correction
         self.release_threshold = release_threshold
-        self.calibration_every = calibration_every
-        self.calibration_batch_size = calibration_batch_size
-        self.calibration_seed = calibration_seed
+        self.calibration_every = operator.index(calibration_every)
+        self.calibration_batch_size = operator.index(calibration_batch_size)
+        self.calibration_seed = operator.index(calibration_seed)
         self.calibration_dataset = calibration_dataset
         lower, upper = log_lambda_bounds
         self.log_lambda_bounds: tuple[float, float] = (lower, upper)
         self.initial_lambda = initial_lambda
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.max_nonfinite_steps = operator.index(max_nonfinite_steps)
         self.stall_window = stall_window
         self.compile = compile
         self.geco: GECO | None = None
@@ -776,7 +784,10 @@ class GECOCallback(Callback):
         if self._batch_updated:
             self._withhold_if_skipped(optimizer, torch_optimizer, geco.skipped)
             return
-        if not geco.recorded:
+        # Under automatic optimization (one optimizer) every step updates, on every rank: a rank
+        # whose batch skipped the objective must still join the others' collective, with no
+        # examples. Under manual optimization a step before the GECO loss is left alone.
+        if not geco.recorded and not pl_module.automatic_optimization:
             return
         self._batch_updated, geco.recorded = True, False
         if self.ramp_follows_lr and isinstance(geco.controller, PIController):
@@ -809,7 +820,9 @@ class GECOCallback(Callback):
         if logging or step_values_monitored(trainer):  # read by the logs (or a monitor) only: no ops on other steps
             # A step with a non-finite value has no batch mean (its sums left the non-finite
             # values out): NaN, not the 0 that would read as "at the tolerance".
-            self._log(pl_module, torch.where(geco.skipped, torch.nan, constraint_means(statistics)))
+            # So does a step whose batches, on every rank, skipped the objective (no examples).
+            no_mean = geco.skipped | (statistics[-2] == 0)
+            self._log(pl_module, torch.where(no_mean, torch.nan, constraint_means(statistics)))
         if checking:
             self._watch(trainer)
             self._check_measurements(trainer)

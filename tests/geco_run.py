@@ -35,10 +35,13 @@ class DataSeededNoiseVAE(ConvVAE):
     identical examples, so their trajectories must agree to float tolerance.
     """
 
-    def __init__(self, nan_steps=(), nan_rank: int = 0, **kwargs):
+    def __init__(self, nan_steps=(), nan_rank: int = 0, own_loss_steps=(), own_loss_rank: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.nan_steps = set(nan_steps)
         self.nan_rank = nan_rank
+        # steps at which rank own_loss_rank trains on a loss of its own, without the objective
+        self.own_loss_steps = set(own_loss_steps)
+        self.own_loss_rank = own_loss_rank
         generator = torch.Generator().manual_seed(123)
         self.register_buffer("projection", torch.randn(math.prod(IMAGE_SHAPE), self.latent_dim, generator=generator))
 
@@ -48,6 +51,9 @@ class DataSeededNoiseVAE(ConvVAE):
     def training_step(self, batch, batch_idx):
         if self.batch_for_step is not None:
             batch = self.batch_for_step(self.global_step).to(self.device)
+        if self.global_step in self.own_loss_steps and self.global_rank == self.own_loss_rank:
+            output = self(batch[0] if isinstance(batch, (list, tuple)) else batch, None)
+            return (output.reconstruction - output.x).pow(2).mean() + 0.0 * output.rate.mean()
         return super().training_step(batch, batch_idx)
 
     def reparameterization_noise(self, x, posterior):
@@ -87,11 +93,13 @@ def distributed_order(n: int, seed: int = 0) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def build_model(nan_steps=(), nan_rank: int = 0, tolerance: float = 0.05) -> DataSeededNoiseVAE:
+def build_model(nan_steps=(), nan_rank: int = 0, tolerance: float = 0.05, own_loss_steps=()) -> DataSeededNoiseVAE:
     torch.manual_seed(0)
     return DataSeededNoiseVAE(
         nan_steps=nan_steps,
         nan_rank=nan_rank,
+        own_loss_steps=own_loss_steps,
+        own_loss_rank=1,
         image_shape=IMAGE_SHAPE,
         latent_dim=4,
         widths=(8, 8),
@@ -122,6 +130,7 @@ def run(
     summary: bool = False,
     random_state: bool = False,
     ckpt_every: int = 0,
+    own_loss_steps=(),
 ) -> pl.Trainer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,7 @@ def run(
         loader = DataLoader(data, batch_size=batch_size, sampler=distributed_order(len(data)))
     else:
         loader = DataLoader(data, batch_size=batch_size)
-    model = build_model(nan_steps, nan_rank, tolerance)
+    model = build_model(nan_steps, nan_rank, tolerance, own_loss_steps)
     if step_indexed:
         # Lightning restarts a non-stateful loader at the start of an epoch on resume (and
         # replays a batch after an end-of-epoch checkpoint), so a resume test that must match
@@ -206,6 +215,7 @@ if __name__ == "__main__":
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--nan-at-step", type=int, default=-1)
     parser.add_argument("--nan-rank", type=int, default=0)
+    parser.add_argument("--own-loss-at-step", type=int, default=-1, help="rank 1 skips the objective at this step")
     parser.add_argument("--calibration", action="store_true")
     parser.add_argument("--resumable-sampler", action="store_true")
     parser.add_argument("--drive", default="calibration", help="the drive of --calibration runs")
@@ -234,4 +244,5 @@ if __name__ == "__main__":
         ckpt_in=args.ckpt_in,
         ckpt_out=args.ckpt_out,
         ckpt_every=args.ckpt_every,
+        own_loss_steps=[args.own_loss_at_step] if args.own_loss_at_step >= 0 else [],
     )

@@ -246,6 +246,10 @@ def test_calibration_drive_moves_lambda_only_through_control():
         ({"noise_correction": 1}, "PIController noise_correction must be True or False, got 1."),
         ({"release_threshold": 0.0}, "PIController release_threshold must be a positive finite number, got 0.0."),
         ({"calibration_every": 0}, "GECOCallback calibration_every must be a positive int, got 0."),
+        # these failed at the first measurement, mid-fit, in a trace from torch's manual_seed
+        ({"calibration_seed": 0.5}, "GECOCallback calibration_seed must be an int >= 0, got 0.5."),
+        ({"calibration_seed": None}, "GECOCallback calibration_seed must be an int >= 0, got None."),
+        ({"max_nonfinite_steps": 2.5}, "max_nonfinite_steps must be a positive int, got 2.5."),
         ({"stall_window": 1.5}, "GECOCallback stall_window must lie in (0, 1] (a fraction of the planned steps), got 1.5."),
     ],
 )

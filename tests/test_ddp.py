@@ -67,6 +67,16 @@ def test_nan_on_one_rank_skips_the_update_on_both_ranks_together(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_a_rank_whose_batch_skips_the_objective_still_joins_the_update(tmp_path):
+    # Rank 1 trains step 3 on a loss of its own: it skipped GECO's collective while rank 0 waited
+    # in it, and the run hung. It now adds no examples: the update reads rank 0's alone.
+    rank0, rank1 = _ddp(tmp_path / "ddp", "--batch-size", "8", "--max-steps", "6", "--own-loss-at-step", "3")
+    assert rank0 == rank1
+    assert [row["updates"] for row in rank0] == list(range(1, 7)) and rank0[-1]["skipped"] == 0
+    assert rank0[3]["log_lambda"] != rank0[2]["log_lambda"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(not compiler_available("cpu"), reason="torch.compile needs a C++ compiler on the CPU")
 def test_a_compiled_geco_on_two_ranks_stays_identical_skips_together_and_follows_the_eager_run(tmp_path):
     # The calibration drive, so the compiled control() runs too; a NaN on rank 1 at step 4.
