@@ -78,6 +78,7 @@ __all__ = [
     "GECOCallback",
     "NonFiniteConstraintError",
     "ObjectiveNeverCalledError",
+    "STEP_KEY_PREFIXES",
     "UNLOGGED_CHECK_EVERY",
     "UNPLANNED_STALL_WINDOW",
     "find_geco_objective",

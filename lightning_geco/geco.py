@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_LOG_LAMBDA_BOUNDS",
     "DRIVES",
     "GECO",
+    "LOG_LAMBDA_LIMIT",
     "MultiplierState",
     "constraint_means",
     "constraint_statistics",
