@@ -413,13 +413,16 @@ class ImageDataModule(pl.LightningDataModule):
         )
         def batches_done() -> int:
             # The batches per rank training has consumed, from the optimizer steps (what a
-            # checkpoint restores exactly), the accumulation and the epoch's last, shorter window.
+            # checkpoint restores exactly), the accumulation and each epoch's last, shorter
+            # window, at the epoch's end limit_train_batches sets (num_training_batches).
             module = trainer.lightning_module
             if module is not None and not module.automatic_optimization:
                 # Manual optimization may step several optimizers on a batch, each counted in
                 # global_step; Lightning's count of batches that stepped counts the batch once.
                 return trainer.fit_loop.epoch_loop._batches_that_stepped
-            return sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches)
+            limit = trainer.num_training_batches  # inf for a loader without a length
+            epoch_limit = None if limit == float("inf") else int(limit)
+            return sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches, epoch_limit)
 
         sampler.batches_done = batches_done
         return sampler

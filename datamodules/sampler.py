@@ -66,13 +66,26 @@ class ResumableSampler(DistributedSampler):
         """Indices per rank in a full epoch."""
         return self.batches_per_epoch * self.batch_size
 
-    def batches_after(self, optimizer_steps: int, accumulate: int = 1) -> int:
+    def batches_after(self, optimizer_steps: int, accumulate: int = 1, epoch_limit: int | None = None) -> int:
         """Batches per rank consumed after ``optimizer_steps`` optimizer steps of ``accumulate``
-        batches each, where an epoch's last, shorter window steps too (as Lightning does: 4
-        batches an epoch at ``accumulate`` 3 are 2 steps, of 3 and 1 batches)."""
-        steps_per_epoch = -(-self.batches_per_epoch // max(1, accumulate))
-        epochs, steps = divmod(int(optimizer_steps), steps_per_epoch)
-        return epochs * self.batches_per_epoch + steps * max(1, accumulate)
+        batches each.
+
+        Lightning ends an epoch after ``epoch_limit`` batches (``limit_train_batches``; None: a
+        whole pass) or where this sampler's pass ends, whichever comes first, and the epoch's
+        last, shorter window steps too: 4 batches an epoch at ``accumulate`` 3 are 2 steps, of 3
+        and 1 batches; a pass of 12 at ``limit_train_batches`` 5 and ``accumulate`` 2 is epochs of
+        5, 5 and 2 batches, in 3, 3 and 1 steps. The next epoch goes on through the pass, so the
+        count follows those windows, or it would skip the batches the short ones left.
+        """
+        window = max(1, accumulate)
+        per_pass = self.batches_per_epoch
+        limit = per_pass if epoch_limit is None else max(1, min(int(epoch_limit), per_pass))
+        full_epochs, last_epoch = divmod(per_pass, limit)
+        steps_per_epoch = -(-limit // window)
+        steps_per_pass = full_epochs * steps_per_epoch + -(-last_epoch // window)
+        passes, steps = divmod(int(optimizer_steps), steps_per_pass)
+        epochs, steps = divmod(steps, steps_per_epoch)  # at most full_epochs: then steps fall in the last
+        return passes * per_pass + epochs * limit + steps * window
 
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s permutation of the dataset's indices (the same on every rank)."""

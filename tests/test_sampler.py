@@ -108,6 +108,38 @@ def test_batches_after_counts_the_last_shorter_accumulation_window_of_an_epoch()
     assert [sampler.batches_after(steps) for steps in range(3)] == [0, 1, 2]
 
 
+def test_batches_after_follows_the_epochs_limit_train_batches_cuts():
+    # A pass of 12 batches in epochs of 5, 5 and 2 (limit_train_batches 5), windows of 2: 3, 3
+    # and 1 steps. Counting steps x 2 put epoch 1's start at batch 6: batch 5 was never trained on.
+    sampler = ResumableSampler(range(192), batch_size=16, seed=0)
+    assert [sampler.batches_after(steps, 2, epoch_limit=5) for steps in range(9)] == [0, 2, 4, 5, 7, 9, 10, 12, 14]
+    assert [sampler.batches_after(steps, 3, epoch_limit=12) for steps in range(5)] == [0, 3, 6, 9, 12]
+    assert sampler.batches_after(7, 2, epoch_limit=50) == sampler.batches_after(7, 2) == 14  # a limit past the pass
+
+
+def test_a_fit_cut_by_limit_train_batches_with_accumulation_trains_on_every_image_of_a_pass():
+    import pytorch_lightning as pl
+    from lightning_geco.datamodules import ShapesDataModule
+
+    from helpers import quiet_trainer, tiny_conv_vae
+    from lightning_geco import ELBO
+
+    pl.seed_everything(0)
+    data = ShapesDataModule(image_size=16, num_train=192, num_val=16, batch_size=16)  # 12 batches a pass
+    seen = []
+
+    class Images(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.extend(image.numpy().tobytes() for image in batch[0])
+
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=0, accumulate_grad_batches=2,
+                            callbacks=[Images()])
+    trainer.fit(tiny_conv_vae(objective=ELBO()), data)
+    assert trainer.global_step == 7  # epochs of 5, 5 and 2 batches: 3 + 3 + 1 steps
+    training = [image.numpy().tobytes() for image, *_ in data.train_dataloader().dataset]
+    assert len(training) == 192 and sorted(seen) == sorted(training)  # each image once, none left out
+
+
 def test_a_datamodule_with_accumulation_that_does_not_divide_its_epoch_keeps_stepping():
     # 4 batches an epoch at accumulate_grad_batches 3: Lightning steps twice an epoch. Counting
     # consumed batches as steps x 3 started epoch 1 at its batch 2 and every later epoch there
