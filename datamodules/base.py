@@ -4,6 +4,7 @@ optional calibration split carved from the training set."""
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sized
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,11 +118,14 @@ class UInt8Images(Dataset):
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:
     """Deterministic (train, val) split: the same indices on every rank and every run."""
     n = dataset_length(dataset)
-    if not 0 < num_val < n:
+    if not (is_count(num_val, 1) and num_val < n):
         raise ValueError(
-            f"num_val must lie in (0, {n}) for a dataset of {n} items, got {num_val} (--data.num_val)."
+            f"num_val must be an int in (0, {n}) for a dataset of {n} items, got {num_val!r} (--data.num_val)."
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    if not (is_count(seed, 0) and seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r} (--data.seed).")
+    num_val = operator.index(num_val)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(operator.index(seed))).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
 
 

@@ -14,6 +14,7 @@ split is the same everywhere. There is no download: the files live on Google Dri
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -131,5 +132,21 @@ class CelebADataModule(ImageDataModule):
         )
 
         names = sorted(name for name, part in partition.items() if part == code)
+        unlisted = [name for name in names if name not in attributes]
+        if unlisted:
+            raise MissingDatasetError(
+                f"CelebA: {len(unlisted)} of the {len(names)} images of partition {code} in {folder / PARTITION} have no "
+                f"line in {folder / ATTRIBUTES} (e.g. {unlisted[0]}): the two files do not go together. Get both again "
+                f"from {SOURCE}."
+            )
+        # Checked here, not when a loader (perhaps in a worker) first reaches a missing file mid-epoch.
+        present = set(os.listdir(folder / IMAGES))
+        absent = [name for name in names if name not in present]
+        if absent:
+            raise MissingDatasetError(
+                f"CelebA: {len(absent)} of the {len(names)} images of partition {code} listed in {folder / PARTITION} are "
+                f"not in {folder / IMAGES} (e.g. {absent[0]}): unzip img_align_celeba.zip there again (was it cut "
+                f"short?). Get it from {SOURCE}."
+            )
         attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), 40)
         return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)

@@ -38,8 +38,11 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
-        data = torch.as_tensor(batch[b"data"], dtype=torch.uint8)
-        return data.reshape(-1, 3, 32, 32), torch.as_tensor(batch[b"labels"], dtype=torch.int64)
+        images = torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
+        labels = torch.as_tensor(batch[b"labels"], dtype=torch.int64)
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{len(images)} images and {labels.numel()} labels")
+        return images, labels
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(
             f"{path} is not a CIFAR-10 python batch or is damaged ({type(error).__name__}: {error}); download it again."

@@ -184,7 +184,7 @@ class MNISTDataModule(ImageDataModule):
         image_file, label_file = self.files()
         images = read_idx(image_file)
         labels = read_idx(label_file).long()
-        if images.dim() != 3 or images.shape[0] != labels.shape[0]:
+        if images.shape[1:] != (28, 28) or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{image_file} holds {tuple(images.shape)} and {label_file} holds {tuple(labels.shape)}: "
                 "expected (N, 28, 28) images with N labels."

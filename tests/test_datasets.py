@@ -1,5 +1,6 @@
 """CIFAR-10, dSprites, coloured MNIST and CelebA from fixtures in their real file formats."""
 
+import re
 import time
 
 import pytest
@@ -80,6 +81,25 @@ def test_celeba_crops_resizes_and_uses_the_official_partitions(tmp_path):
     images, attributes = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 32, 32) and 0.0 <= images.min() and images.max() <= 1.0
     assert attributes.shape == (2, 40) and set(attributes.unique().tolist()) <= {0, 1}
+
+
+def test_celeba_refuses_listed_images_missing_from_its_folder_at_setup(tmp_path):
+    # A partly unzipped folder passed setup and failed mid-epoch, in a loader, with a bare
+    # FileNotFoundError; a partition name without attributes, with a KeyError.
+    make_celeba(tmp_path / "celeba", partitions=[0, 0, 0, 1, 1, 2])
+    (tmp_path / "celeba" / "img_align_celeba" / "000002.jpg").unlink()
+    dm = CelebADataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0)
+    dm.prepare_data()
+    with pytest.raises(MissingDatasetError, match=re.escape(
+        f"CelebA: 1 of the 3 images of partition 0 listed in {tmp_path / 'celeba' / 'list_eval_partition.txt'} are not "
+        f"in {tmp_path / 'celeba' / 'img_align_celeba'} (e.g. 000002.jpg): unzip img_align_celeba.zip there again"
+    )):
+        dm.setup("fit")
+    make_celeba(tmp_path / "whole" / "celeba", partitions=[0, 0, 0, 1, 1, 2])
+    attributes = tmp_path / "whole" / "celeba" / "list_attr_celeba.txt"
+    attributes.write_text("\n".join(attributes.read_text().split("\n")[:-3]) + "\n")  # the last two images' lines
+    with pytest.raises(MissingDatasetError, match=re.escape("CelebA: 1 of the 2 images of partition 1 in ")):
+        CelebADataModule(root=str(tmp_path / "whole"), image_size=32, num_workers=0).build_splits()
 
 
 @pytest.mark.parametrize(

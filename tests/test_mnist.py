@@ -49,6 +49,36 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert not set(a.train_dataset.indices) & set(a.val_dataset.indices)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    # a traceback from a slice, a comparison or torch's manual_seed; True was taken as 1
+    ({"num_val": 30.0}, "num_val must be an int in (0, 100) for a dataset of 100 items, got 30.0 (--data.num_val)."),
+    ({"num_val": "30"}, "num_val must be an int in (0, 100) for a dataset of 100 items, got '30' (--data.num_val)."),
+    ({"num_val": True}, "num_val must be an int in (0, 100) for a dataset of 100 items, got True (--data.num_val)."),
+    ({"num_val": 100}, "num_val must be an int in (0, 100) for a dataset of 100 items, got 100 (--data.num_val)."),
+    ({"seed": 0.5}, "seed must be an int in [0, 2**63), got 0.5 (--data.seed)."),
+    ({"seed": 2**70}, f"seed must be an int in [0, 2**63), got {2**70} (--data.seed)."),
+])
+def test_a_bad_split_is_refused_naming_the_value(tmp_path, kwargs, message):
+    make_mnist(tmp_path / "MNIST" / "raw", 100, "t10k", True)
+    data = MNISTDataModule(root=str(tmp_path), source="test", **{"num_val": 30, **kwargs})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.setup("fit")
+
+
+def test_an_idx_file_of_other_sized_images_is_refused_naming_it(tmp_path):
+    # 32x32 images were served as they were, under an image_shape of (1, 28, 28): the model
+    # failed at its first forward pass.
+    folder = tmp_path / "MNIST" / "raw"
+    make_mnist(folder, 10, "t10k", False)
+    write_idx(folder / "t10k-images-idx3-ubyte", torch.zeros(10, 32, 32, dtype=torch.uint8), False)
+    data = MNISTDataModule(root=str(tmp_path), source="test", num_val=2)
+    with pytest.raises(ValueError, match=re.escape(
+        f"{folder / 't10k-images-idx3-ubyte'} holds (10, 32, 32) and {folder / 't10k-labels-idx1-ubyte'} holds (10,): "
+        "expected (N, 28, 28) images with N labels."
+    )):
+        data.setup("fit")
+
+
 def test_missing_files_get_one_error_naming_paths_files_and_source(tmp_path):
     make_mnist(tmp_path / "MNIST" / "raw", 10, "train", True)
     (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").unlink()

@@ -1,6 +1,7 @@
 """KMNIST, EMNIST, SVHN and Omniglot from fixtures in their real file formats (and the real
 KMNIST and Omniglot files where ``../shared/data`` has them)."""
 
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -232,6 +233,12 @@ def test_a_damaged_file_of_any_reader_is_named_with_what_to_do(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:100])
     with pytest.raises(ValueError, match=re.escape(f"{batch} is not a CIFAR-10 python batch or is damaged (UnpicklingError: ")):
+        CIFAR10DataModule(root=str(tmp_path), num_val=2).setup()
+    # A batch with a label short: UInt8Images' generic count error, which named no file.
+    with open(batch, "wb") as handle:
+        pickle.dump({b"data": torch.zeros(4, 3072, dtype=torch.uint8).numpy(), b"labels": [0, 1, 2]}, handle)
+    with pytest.raises(ValueError, match=re.escape(f"{batch} is not a CIFAR-10 python batch or is damaged (ValueError: "
+                                                   "4 images and 3 labels); download it again.")):
         CIFAR10DataModule(root=str(tmp_path), num_val=2).setup()
     npz = tmp_path / "dsprites" / FILE_NAME
     make_dsprites(npz, n=8)
