@@ -38,11 +38,18 @@ class Rebuildable:
         argument under another name (or converted) overrides this; a test rebuilds every piece
         of the library and compares.
         """
-        parameters = [
-            p
-            for p in inspect.signature(type(self).__init__).parameters.values()
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
+        init = type(self).__init__
+        if init is nn.Module.__init__:  # no constructor of its own: built with no arguments
+            return {}
+        parameters = [p for p in inspect.signature(init).parameters.values() if p.name != "self"]
+        passed_on = [("**" if p.kind == p.VAR_KEYWORD else "*") + p.name for p in parameters if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if passed_on:
+            # What went through *args / **kwargs is not recorded: rebuilt from the named ones
+            # alone, the piece would come back with its parent's defaults, silently.
+            raise NotRebuildableError(
+                f"{_class_path(self)} takes {' and '.join(passed_on)}, whose arguments are not recorded: name each "
+                "argument in __init__, or override init_args() to state the arguments it was built with."
+            )
         missing = [p.name for p in parameters if not hasattr(self, p.name)]
         if missing:
             raise NotRebuildableError(

@@ -94,6 +94,26 @@ def test_a_piece_that_does_not_state_its_arguments_is_recorded_by_class_and_load
     assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
 
 
+class PassedOnConstraint(ReconstructionMSE):
+    """A user's thin subclass that passes its arguments on through **kwargs."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+
+def test_a_piece_that_passes_its_arguments_on_through_kwargs_is_recorded_by_class_alone():
+    # Recorded with init_args {}: rebuilt with the defaults (MSE 0.01, named "reconstruction",
+    # no step size) for a PSNR of 23 dB named "pix", silently.
+    objective = GECOObjective([PassedOnConstraint(tolerance=23.0, unit="psnr", name="pix", step_size=0.5)])
+    with pytest.raises(NotRebuildableError, match=re.escape(
+        "PassedOnConstraint takes **kwargs, whose arguments are not recorded: name each argument in __init__, or "
+        "override init_args() to state the arguments it was built with."
+    )):
+        piece_config(objective, strict=True)
+    assert piece_config(objective) == {"class_path": "lightning_geco.objectives.GECOObjective"}
+    assert piece_config(ELBO(), strict=True) == {"class_path": "lightning_geco.objectives.ELBO", "init_args": {}}
+
+
 def test_a_checkpoint_naming_a_callable_that_is_no_piece_is_refused_before_it_is_called(tmp_path):
     # The file is data: a hyperparameter {"class_path": "os.system", "init_args": {...}} ran its command.
     _trained(build("ConvVAE", (1, 16, 16)), tmp_path)
