@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_geco.batches import batch_images, batch_labels
+from lightning_geco.checks import is_count
 from lightning_geco.nets import ConvDownsampler, ConvEncoder
 
-__all__ = ["ImageClassifier", "class_labels"]
+__all__ = ["ImageClassifier", "check_class_labels", "class_labels"]
 
 
 def class_labels(labels: Tensor | None, label_column: int = 0) -> Tensor:
@@ -31,8 +32,35 @@ def class_labels(labels: Tensor | None, label_column: int = 0) -> Tensor:
             "(or a dict with 'label'). Use target='prediction' to keep the classifier's prediction on x instead."
         )
     if labels.dim() == 2:
+        if not 0 <= label_column < labels.shape[1]:
+            raise ValueError(
+                f"label_column {label_column} is not a column of the batch's labels, which have {labels.shape[1]} "
+                f"(0 to {labels.shape[1] - 1})."
+            )
         labels = labels[:, label_column]
     return labels.long()
+
+
+def check_class_labels(labels: Tensor | None, label_column: int, num_classes: int) -> None:
+    """Refuse labels a classifier of ``num_classes`` cannot read as classes: values that are not
+    whole numbers (a continuous factor: the shapes' scale, 0.5 to 1, would truncate to 0 and 1)
+    or outside [0, num_classes). Reads the labels on the host: call it on a first batch."""
+    if labels is None:
+        return
+    column = labels[:, label_column] if labels.dim() == 2 and 0 <= label_column < labels.shape[1] else labels
+    where = f"column {label_column} of the labels" if labels.dim() == 2 else "the labels"
+    if column.is_floating_point() and not torch.equal(column, column.round()):
+        values = ", ".join(f"{v:.4g}" for v in column.unique()[:5].tolist())
+        raise ValueError(
+            f"{where} holds values that are not classes ({values}, ...): a classifier reads whole numbers in "
+            f"[0, {num_classes}). Pick a column of classes (label_column), or bucket the values into classes first."
+        )
+    if column.numel() and not (0 <= int(column.min()) and int(column.max()) < num_classes):
+        raise ValueError(
+            f"{where} hold classes {int(column.min())} to {int(column.max())}, but the classifier has "
+            f"num_classes={num_classes} (classes 0 to {num_classes - 1}): set num_classes to the data's, or pick "
+            "another label_column."
+        )
 
 
 class ImageClassifier(pl.LightningModule):
@@ -60,8 +88,10 @@ class ImageClassifier(pl.LightningModule):
         label_column: int = 0,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
+        if not is_count(num_classes, 2):
+            raise ValueError(f"num_classes must be an int of at least 2, got {num_classes!r}.")
+        if not is_count(label_column, 0):
+            raise ValueError(f"label_column must be an int >= 0 (a column of 2-d labels), got {label_column!r}.")
         if pooling not in ("flatten", "max"):
             raise ValueError(f"pooling must be 'flatten' or 'max', got {pooling!r}.")
         self.save_hyperparameters()
@@ -81,6 +111,7 @@ class ImageClassifier(pl.LightningModule):
         self.head = nn.Linear(hidden_dim, num_classes)
         self.learning_rate = learning_rate
         self.label_column = label_column
+        self._labels_checked = False
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
 
     def features(self, x: Tensor) -> Tensor:
@@ -92,6 +123,9 @@ class ImageClassifier(pl.LightningModule):
         return self.head(self.features(x))
 
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if not self._labels_checked:  # a host read, on the first batch only
+            check_class_labels(batch_labels(batch), self.label_column, self.head.out_features)
+            self._labels_checked = True
         x, labels = batch_images(batch), class_labels(batch_labels(batch), self.label_column)
         logits = self(x)
         return F.cross_entropy(logits, labels), logits, labels

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_geco.checks import is_count, is_number
-from lightning_geco.classifier import class_labels
+from lightning_geco.classifier import check_class_labels, class_labels
 from lightning_geco.frozen import FrozenClassifier, FrozenNetwork
 from lightning_geco.geco import mse_to_psnr, psnr_to_mse
 from lightning_geco.likelihoods import BernoulliLikelihood, binary_entropy
@@ -281,6 +281,15 @@ class ReconstructionMSE(Constraint):
         return output.distortion - self.tolerance_mse
 
 
+def _check_classifier_shape(classifier: FrozenNetwork, model: VAEModule) -> None:
+    trained = tuple(getattr(classifier, "image_shape", ()))
+    if trained != tuple(model.image_shape):
+        raise ValueError(
+            f"The classifier was trained on images of shape {trained}, the model makes {tuple(model.image_shape)}; "
+            "train the classifier on the same data."
+        )
+
+
 def _positive_finite(owner: str, tolerance: float, unit: str) -> float:
     if not (is_number(tolerance) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(
@@ -518,11 +527,7 @@ class ClassificationConstraint(Constraint):
         self.step_size = _step_size("ClassificationConstraint", step_size)
 
     def check_model(self, model: VAEModule) -> None:
-        if tuple(self.classifier.image_shape) != tuple(model.image_shape):
-            raise ValueError(
-                f"The classifier was trained on images of shape {tuple(self.classifier.image_shape)}, the model makes "
-                f"{tuple(model.image_shape)}; train the classifier on the same data."
-            )
+        _check_classifier_shape(self.classifier, model)
 
     def _targets(self, output: VAEOutput) -> Tensor:
         if self.target == "prediction":
@@ -531,6 +536,8 @@ class ClassificationConstraint(Constraint):
         return class_labels(output.labels, self.classifier.label_column)
 
     def check_data(self, output: VAEOutput) -> None:
+        if self.target == "label":
+            check_class_labels(output.labels, self.classifier.label_column, self.classifier.num_classes)
         with torch.no_grad():
             per_image = F.cross_entropy(self.classifier.logits(output.x).float(), self._targets(output), reduction="none")
         # A cross-entropy is heavy-tailed (one misread digit costs nats): on MNIST a classifier of
@@ -590,6 +597,20 @@ class FeatureReconstruction(Constraint):
         self.name = name
         self.step_size = _step_size("FeatureReconstruction", step_size)
         self._feature_elements: int | None = None  # known after the first reading
+
+    def check_model(self, model: VAEModule) -> None:
+        if getattr(self.network, "image_shape", None) is not None:
+            # A max-pooling classifier reads any size: it would read features of images at a size
+            # it never saw, silently; a flattening one failed in a matmul at the first step.
+            _check_classifier_shape(self.network, model)
+            return
+        mean = getattr(self.network, "mean", None)
+        channels = int(model.image_shape[0])
+        if isinstance(mean, Tensor) and channels not in (1, mean.shape[1]):
+            raise ValueError(
+                f"FeatureReconstruction: the network reads {mean.shape[1]}-channel images (grey ones repeated), the model "
+                f"makes {channels} channels."
+            )
 
     def check_data(self, output: VAEOutput) -> None:
         # What a model that learned nothing reads: the first batch's mean image for every image

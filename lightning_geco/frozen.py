@@ -142,6 +142,7 @@ class FrozenClassifier(FrozenNetwork):
         self.architecture = dict(self.classifier.hparams)
         self.image_shape = self.classifier.image_shape
         self.label_column = self.classifier.label_column
+        self.num_classes = self.classifier.head.out_features
         self.freeze()
 
     def features(self, x: Tensor) -> Tensor:

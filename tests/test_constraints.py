@@ -141,6 +141,31 @@ def test_classification_reads_a_factor_column_and_reports_missing_labels(tmp_pat
         ClassificationConstraint(classifier).reading(fake_output(random_images(2)))
 
 
+def test_labels_a_classifier_cannot_read_as_classes_are_refused_on_the_first_batch(tmp_path):
+    # A continuous column truncated silently into other classes (the shapes' scale, 0.5 to 1:
+    # classes 0 and 1); a column past the table and a class past num_classes were IndexErrors.
+    classifier = FrozenClassifier(str(save_classifier(tmp_path / "c.ckpt", num_classes=3, label_column=1)))
+    constraint = ClassificationConstraint(classifier, tolerance=5.0)
+    scales = torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.6, 0.0], [2.0, 1.0, 0.0]])
+    with pytest.raises(ValueError, match=re.escape(
+        "column 1 of the labels holds values that are not classes (0.5, 0.6, 1, ...): a classifier reads whole numbers "
+        "in [0, 3). Pick a column of classes (label_column), or bucket the values into classes first."
+    )):
+        constraint.check_data(fake_output(random_images(3), labels=scales))
+    with pytest.raises(ValueError, match=re.escape(
+        "the labels hold classes 0 to 8, but the classifier has num_classes=3 (classes 0 to 2): set num_classes to the "
+        "data's, or pick another label_column."
+    )):
+        constraint.check_data(fake_output(random_images(3), labels=torch.tensor([0, 8, 2])))
+    with pytest.raises(ValueError, match=re.escape(
+        "label_column 1 is not a column of the batch's labels, which have 1 (0 to 0)."
+    )):
+        constraint.reading(fake_output(random_images(3), labels=torch.tensor([[0], [1], [2]])))
+    constraint.check_data(fake_output(random_images(3), labels=torch.tensor([[2.0, 1.0], [0.0, 2.0], [1.0, 0.0]])))
+    with pytest.raises(ValueError, match=re.escape("label_column must be an int >= 0 (a column of 2-d labels), got -1.")):
+        ImageClassifier(label_column=-1)
+
+
 def test_classification_tolerance_and_checkpoint_errors(tmp_path):
     missing = tmp_path / "nowhere" / "last.ckpt"
     with pytest.raises(FileNotFoundError, match=re.escape(f"Classifier checkpoint not found: looked for {missing.resolve()}. Train one first, e.g. `python train.py fit --config configs/mnist_classifier.yaml`")):
@@ -152,6 +177,9 @@ def test_classification_tolerance_and_checkpoint_errors(tmp_path):
         ClassificationConstraint(classifier, target="logits")
     with pytest.raises(ValueError, match=re.escape("The classifier was trained on images of shape (1, 16, 16), the model makes (1, 20, 20)")):
         tiny_conv_vae(image_shape=(1, 20, 20), objective=GECOObjective([ClassificationConstraint(classifier)]))
+    # The feature constraint too (a max-pooling classifier read features of any size, silently).
+    with pytest.raises(ValueError, match=re.escape("The classifier was trained on images of shape (1, 16, 16), the model makes (1, 20, 20)")):
+        tiny_conv_vae(image_shape=(1, 20, 20), objective=GECOObjective([FeatureReconstruction(classifier, 0.5)]))
     # A classifier that is wrong on the real images: the tolerance can't be met by a faithful reconstruction.
     wrong = ClassificationConstraint(FrozenClassifier(str(save_classifier(tmp_path / "w.ckpt", bias=[0.0, 5.0, 0.0]))), tolerance=0.1)
     with pytest.warns(UserWarning, match=re.escape("The classifier's cross-entropy on the real images is 5.013 nats (+-0, the "
@@ -267,7 +295,7 @@ def test_an_unattainable_bce_tolerance_stops_training_on_the_first_batch():
 def test_classifier_rejects_unknown_pooling_and_few_classes():
     with pytest.raises(ValueError, match="pooling must be 'flatten' or 'max', got 'mean'"):
         ImageClassifier(pooling="mean")
-    with pytest.raises(ValueError, match="num_classes must be at least 2, got 1"):
+    with pytest.raises(ValueError, match="num_classes must be an int of at least 2, got 1"):
         ImageClassifier(num_classes=1)
     pooled = ImageClassifier(image_shape=(1, 20, 24), num_classes=3, widths=(8, 8), hidden_dim=16, pooling="max")
     assert pooled(random_images(2, (1, 20, 24))).shape == (2, 3)
