@@ -16,10 +16,15 @@ __all__ = ["DISTORTION_AXIS_LABEL", "log_image_grid", "rate_distortion_figure", 
 
 
 def reconstruction_grid(x: Tensor, reconstruction: Tensor, columns: int = 8) -> Tensor:
-    """Rows alternate inputs and their reconstructions; (3, H', W') in [0, 1]."""
+    """Rows alternate inputs and their reconstructions, each reconstruction under its input;
+    (3, H', W') in [0, 1]. A last row shorter than ``columns`` is filled with blank tiles, so
+    its inputs and reconstructions keep rows of their own."""
+    columns = max(1, min(columns, x.shape[0]))
+    blank = torch.ones_like(x[:1])
     rows = []
     for start in range(0, x.shape[0], columns):
-        rows += [x[start : start + columns], reconstruction[start : start + columns]]
+        for images in (x[start : start + columns], reconstruction[start : start + columns]):
+            rows += [images, blank.expand(columns - len(images), *images.shape[1:]).to(images)]
     return make_grid(torch.cat(rows).float().clamp(0, 1).cpu(), nrow=columns, pad_value=1.0)
 
 

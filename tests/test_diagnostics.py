@@ -151,3 +151,27 @@ def test_an_evaluation_of_a_checkpoint_charts_it_at_the_step_it_was_saved(tmp_pa
     assert [step for step, _, _ in panels.history] == [2, 4, 6, 6]
     found = _panels(tmp_path / "validate" / "lightning_logs" / "version_0")
     assert found["val_samples"] == ["step_0000006.png"]
+
+
+@pytest.mark.parametrize("n", [12, 5, 16])
+def test_every_reconstruction_sits_under_its_input_whatever_the_count(n):
+    # 12 images in rows of 8 put the last 4 inputs and their 4 reconstructions in one row.
+    from lightning_geco.panels import reconstruction_grid
+
+    side, pad = 4, 2
+    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, side, side) / 100
+    grid = reconstruction_grid(x, x + 0.5, columns=8)
+    columns = min(8, n)
+
+    def tile(row, column):
+        top, left = pad + row * (side + pad), pad + column * (side + pad)
+        return grid[0, top : top + side, left : left + side]
+
+    for i in range(n):
+        row, column = divmod(i, columns)
+        assert torch.allclose(tile(2 * row, column), torch.full((side, side), (i + 1) / 100))
+        assert torch.allclose(tile(2 * row + 1, column), torch.full((side, side), (i + 1) / 100 + 0.5))
+    last = 2 * ((n - 1) // columns)
+    for column in range(n % columns or columns, columns):  # the last two rows' blank tiles
+        assert torch.equal(tile(last, column), torch.ones(side, side))
+        assert torch.equal(tile(last + 1, column), torch.ones(side, side))
