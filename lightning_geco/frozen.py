@@ -162,6 +162,10 @@ class TorchvisionFeatures(FrozenNetwork):
             names, e.g. ``"layer2"`` for a ResNet).
         mean, std: per-channel input normalisation (ImageNet's by default). Grey images are
             repeated to 3 channels.
+        weights_in_checkpoint: set in what a model checkpoint records (:meth:`init_args`): the
+            checkpoint holds the weights, so where ``weights`` is missing the network is built
+            without them, with a warning, and takes them from that checkpoint. Leave it False
+            when building one yourself: a missing file is then an error.
     """
 
     mean: Tensor  # buffers, (1, C, 1, 1)
@@ -174,20 +178,28 @@ class TorchvisionFeatures(FrozenNetwork):
         layer: str,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        weights_in_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         from torchvision.models import get_model
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        path = _existing_file(
-            weights,
-            f"Weights file for torchvision's {architecture}",
-            "Nothing is downloaded: save the weights with torch.save(model.state_dict(), path) on a "
-            "machine that has them and point `weights` to the file.",
-        )
-        self.architecture, self.weights, self.layer = architecture, str(path), layer
+        path = Path(weights).expanduser()
         network = get_model(architecture, weights=None)
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if weights_in_checkpoint and not path.is_file():
+            rank_zero_warn(
+                f"Weights file {path} for torchvision's {architecture} not found: the network is built without "
+                "weights, which must come from the checkpoint being loaded (a model trained with it holds them)."
+            )
+        else:
+            path = _existing_file(
+                weights,
+                f"Weights file for torchvision's {architecture}",
+                "Nothing is downloaded: save the weights with torch.save(model.state_dict(), path) on a "
+                "machine that has them and point `weights` to the file.",
+            )
+            network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.architecture, self.weights, self.layer = architecture, str(path), layer
         self.extractor = create_feature_extractor(network, return_nodes={layer: "features"})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -200,6 +212,8 @@ class TorchvisionFeatures(FrozenNetwork):
             "layer": self.layer,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
+            # A model checkpoint holds the weights: rebuilt from it, the file may be gone.
+            "weights_in_checkpoint": True,
         }
 
     def features(self, x: Tensor) -> Tensor:

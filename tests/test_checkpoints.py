@@ -168,6 +168,22 @@ def test_load_from_checkpoint_with_no_arguments_is_the_trained_geco_model(name, 
     _same_outputs(model, loaded, random_images(4, (1, 16, 16), seed=3))
 
 
+def test_a_model_with_torchvision_features_loads_where_the_weights_file_is_not(tmp_path):
+    # Refused: the weights file had to exist wherever the model was loaded, though the model
+    # checkpoint holds the network's weights (a FrozenClassifier's missing file was warned).
+    torch.manual_seed(0)
+    features = TorchvisionFeatures("resnet18", _resnet_weights(tmp_path), "layer1")
+    model = _trained(build("ConvVAE", (1, 16, 16), objective=GECOObjective([FeatureReconstruction(features, 0.4)])), tmp_path)
+    (tmp_path / "resnet18.pt").unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"Weights file {tmp_path / 'resnet18.pt'} for torchvision's resnet18 "
+                                                   "not found: the network is built without weights")):
+        loaded = ConvVAE.load_from_checkpoint(tmp_path / "model.ckpt")
+    for name, value in model.objective.constraints[0].network.state_dict().items():
+        assert torch.equal(loaded.objective.constraints[0].network.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="Weights file for torchvision's resnet18 not found"):
+        TorchvisionFeatures("resnet18", str(tmp_path / "resnet18.pt"), "layer1")  # built by hand: still an error
+
+
 def test_a_checkpoint_loaded_into_another_model_class_names_the_class_to_load_it_with(tmp_path):
     from lightning_geco.models.base import VAEModule
 
