@@ -484,9 +484,17 @@ class ImageDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
         self.remember_training(state_dict)
-        self.check_held_out_split(state_dict.get("split"))
-        self.check_calibration_split(state_dict.get("calibration"))
+        self.check_checkpoint_data(state_dict)
         self._compare_batches(state_dict.get("batch_size"), state_dict.get("world_size"))
+
+    def check_checkpoint_data(self, state: dict[str, Any], fitting: bool | None = None) -> None:
+        """Refuse (or warn) this DataModule's data against what a checkpoint's run trained on:
+        ``state`` is the checkpoint's :meth:`state_dict` of it; :meth:`check_held_out_split`,
+        :meth:`check_calibration_split`, and what a subclass adds. ``fitting``: whether a fit
+        resumes from it (None: as the attached Trainer says). Called by :meth:`load_state_dict`,
+        and by ``train.py`` before its W&B run starts."""
+        self.check_held_out_split(state.get("split"), fitting)
+        self.check_calibration_split(state.get("calibration"), fitting)
 
     def _compare_batches(self, trained_batch: int | None, trained_ranks: int | None) -> None:
         """Warn a resumed fit whose global batch (``batch_size`` per process, summed over the

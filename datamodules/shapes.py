@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Subset, TensorDataset
 
@@ -137,6 +138,32 @@ class ShapesDataModule(ImageDataModule):
     def state_dict(self) -> dict[str, Any]:
         """:meth:`ImageDataModule.state_dict` and the :meth:`generation` of the shapes trained on."""
         return {**super().state_dict(), "generation": self.generation()}
+
+    def check_checkpoint_data(self, state: dict[str, Any], fitting: bool | None = None) -> None:
+        """:meth:`ImageDataModule.check_checkpoint_data`, and a resumed fit on shapes of another
+        seed or size than its checkpoint's run trained on refused: it would train on other shapes,
+        and no test split could then be drawn apart from all the shapes the model trained on.
+        Another ``num_val`` (other validation shapes, none trained on) is warned."""
+        super().check_checkpoint_data(state, fitting)
+        trained = state.get("generation")
+        if trained is None or not (self._fitting if fitting is None else fitting):
+            return
+        current = self.generation()
+        changed = [key for key in ("seed", "num_train", "image_size") if trained.get(key) != current[key]]
+        if changed:
+            now = ", ".join(f"{key}={current[key]} (it trained on {trained.get(key)})" for key in changed)
+            flags = " ".join(f"--data.{key} {trained.get(key)}" for key in changed)
+            raise ValueError(
+                f"ShapesDataModule: this resumed fit generates its shapes with {now}: it would go on training on other "
+                "shapes than the checkpoint's run, and no test split could then be drawn apart from all the shapes "
+                f"the model trained on. Resume with {flags}, or start a new run."
+            )
+        if trained.get("num_val") != current["num_val"]:
+            rank_zero_warn(
+                f"ShapesDataModule: the checkpoint's run validated on num_val={trained.get('num_val')} shapes; this "
+                f"resumed fit validates on {current['num_val']}, other ones, so its readings are not comparable with "
+                "the earlier validations' (the verdict's best reading among them)."
+            )
 
     def remember_training(self, state_dict: dict[str, Any]) -> None:
         super().remember_training(state_dict)

@@ -854,15 +854,12 @@ class GECOLightningCLI(LightningCLI):
     def _check_held_out_split(self) -> None:
         """Refuse, before the W&B run starts, a split that would validate on images the
         checkpoint's model trained on (the DataModule refuses it again when the Trainer restores)."""
-        check = getattr(self.datamodule, "check_held_out_split", None)
+        check = getattr(self.datamodule, "check_checkpoint_data", None)
         if self._checkpoint_data is None or check is None:
             return
         state = self._checkpoint_data.get(type(self.datamodule).__qualname__) or {}
-        check_calibration = getattr(self.datamodule, "check_calibration_split", None)
         try:
-            check(state.get("split"), fitting=self.subcommand == "fit")
-            if check_calibration is not None:
-                check_calibration(state.get("calibration"), fitting=self.subcommand == "fit")
+            check(state, fitting=self.subcommand == "fit")
         except ValueError as error:
             _fail(str(error))
 

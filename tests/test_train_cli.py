@@ -482,6 +482,23 @@ def test_train_py_resuming_the_shapes_with_more_calibration_images_is_refused_be
     ))
 
 
+def test_train_py_resuming_the_shapes_with_another_seed_or_size_is_refused_before_the_run(capsys):
+    # Trained on other shapes from the checkpoint's step on, silently, into the same W&B run; and
+    # the test split, drawn apart from the new seed's shapes, could hold the old seed's.
+    last = _checkpoint(capsys)
+    _refused_before_any_run(capsys, _fit(REPO / "configs" / "default.yaml", *QUICK, "--data.init_args.seed", "5",
+                                         "--data.init_args.num_train", "256", "--ckpt_path", str(last)), (
+        "error: ShapesDataModule: this resumed fit generates its shapes with seed=5 (it trained on 0), num_train=256 "
+        "(it trained on 128): it would go on training on other shapes than the checkpoint's run, and no test split "
+        "could then be drawn apart from all the shapes the model trained on. Resume with --data.seed 0 "
+        "--data.num_train 128, or start a new run."
+    ))
+    with pytest.warns(UserWarning, match=re.escape("ShapesDataModule: the checkpoint's run validated on num_val=64 "
+                                                   "shapes; this resumed fit validates on 32, other ones")):
+        main(_fit(REPO / "configs" / "default.yaml", *QUICK, "--trainer.max_steps", "3", "--data.init_args.num_val",
+                  "32", "--ckpt_path", str(last)))
+
+
 def test_train_py_test_of_a_shapes_checkpoint_with_another_seed_is_refused_before_the_run(capsys):
     last = _checkpoint(capsys)
     _refused_before_any_run(capsys, ["test", "--config", str(REPO / "configs" / "default.yaml"), "--data.init_args.num_train",
