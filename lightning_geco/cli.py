@@ -819,6 +819,7 @@ class GECOLightningCLI(LightningCLI):
                     line = f"GECO: stopped at step {self.trainer.global_step} (its checkpoints could not be read: {unreadable})"
                 sys.stderr.write(line + "\n")
             _fail_short(error)
+            _exit_if_terminated(error)
             raise
 
     def before_test(self) -> None:
@@ -889,6 +890,7 @@ class GECOLightningCLI(LightningCLI):
             self._finish_wandb(failed_with=error)
             self._stop_launched_ranks()
             _fail_short(error)
+            _exit_if_terminated(error)
             raise
 
     def _stop_launched_ranks(self) -> None:
@@ -999,6 +1001,14 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
         print(verdict_line)
     if summary_path is not None:
         print(summary_path, flush=True)
+
+
+def _exit_if_terminated(error: BaseException) -> None:
+    """Exit 143 (128 + SIGTERM, as a process SIGTERM ends) for Lightning's SIGTERMException,
+    which is SystemExit(None): exit status 0, a finished run's, so a job scheduler that stopped
+    the run would record it as succeeded."""
+    if isinstance(error, SIGTERMException):
+        raise SystemExit(128 + signal.SIGTERM) from error
 
 
 def _fail_short(error: BaseException) -> None:

@@ -878,12 +878,13 @@ def test_a_run_stopped_by_sigterm_says_so(capsys, monkeypatch):
 
     def terminated_at_step_3(self, batch, batch_idx):
         if self.global_step == 3:
-            raise SIGTERMException(1)
+            raise SIGTERMException()  # as Lightning raises it: SystemExit(None), exit status 0
         return training_step(self, batch, batch_idx)
 
     monkeypatch.setattr(ConvVAE, "training_step", terminated_at_step_3)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(_fit(REPO / "configs" / "default.yaml", "--trainer.max_steps", "8", "--trainer.val_check_interval", "8"))
+    assert exit_.value.code == 143  # 128 + SIGTERM: it exited 0, a finished run's status, to a job scheduler
     err = capsys.readouterr().err
     assert re.search(r"W&B run \(offline\) \S+ finished as failed \(exit code 1\) by a SIGTERM \(kill, or a job "
                      r"scheduler's stop\)\n", err), err
