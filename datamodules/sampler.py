@@ -26,9 +26,9 @@ class ResumableSampler(DistributedSampler):
     is positions ``[j * B * R, (j + 1) * B * R)`` of it (``B`` the per-rank batch size, ``R`` the
     ranks), of which rank ``r`` takes the ``r``-th run of ``B``; the last incomplete batch is
     dropped. Each time an iteration starts it asks ``batches_done()`` how many batches per
-    rank training has consumed in all (optimizer steps x accumulation) and starts at that
-    batch of that epoch, so a run resumed from any checkpoint draws exactly the batches the
-    uninterrupted run would. A subclass of ``DistributedSampler`` so Lightning leaves it in
+    rank training has consumed in all (:meth:`batches_after`) and yields one pass's worth from
+    that batch of that epoch on (into the next epoch's order where it started inside one), so a
+    run resumed from any checkpoint draws exactly the batches the uninterrupted run would. A subclass of ``DistributedSampler`` so Lightning leaves it in
     place under DDP instead of wrapping it.
 
     Args:
@@ -71,32 +71,39 @@ class ResumableSampler(DistributedSampler):
         batches each.
 
         Lightning ends an epoch after ``epoch_limit`` batches (``limit_train_batches``; None: a
-        whole pass) or where this sampler's pass ends, whichever comes first, and the epoch's
-        last, shorter window steps too: 4 batches an epoch at ``accumulate`` 3 are 2 steps, of 3
-        and 1 batches; a pass of 12 at ``limit_train_batches`` 5 and ``accumulate`` 2 is epochs of
-        5, 5 and 2 batches, in 3, 3 and 1 steps. The next epoch goes on through the pass, so the
-        count follows those windows, or it would skip the batches the short ones left.
+        whole pass), and the epoch's last, shorter window steps too: 4 batches an epoch at
+        ``accumulate`` 3 are 2 steps, of 3 and 1 batches. An epoch cut short by the limit is that
+        many batches wherever it starts (:meth:`__iter__` goes on into the next pass), so each
+        epoch is ``epoch_limit`` batches in the same number of steps.
         """
         window = max(1, accumulate)
-        per_pass = self.batches_per_epoch
-        limit = per_pass if epoch_limit is None else max(1, min(int(epoch_limit), per_pass))
-        full_epochs, last_epoch = divmod(per_pass, limit)
-        steps_per_epoch = -(-limit // window)
-        steps_per_pass = full_epochs * steps_per_epoch + -(-last_epoch // window)
-        passes, steps = divmod(int(optimizer_steps), steps_per_pass)
-        epochs, steps = divmod(steps, steps_per_epoch)  # at most full_epochs: then steps fall in the last
-        return passes * per_pass + epochs * limit + steps * window
+        per_epoch = self.batches_per_epoch if epoch_limit is None else max(1, min(int(epoch_limit), self.batches_per_epoch))
+        steps_per_epoch = -(-per_epoch // window)
+        epochs, steps = divmod(int(optimizer_steps), steps_per_epoch)
+        return epochs * per_epoch + steps * window
 
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s permutation of the dataset's indices (the same on every rank)."""
         return torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def __iter__(self) -> Iterator[int]:
+        """One pass's worth of batches (``len(self)`` indices), from the batch training has
+        reached on, into the next pass where it started inside one.
+
+        Lightning takes what its epoch holds: the loader's length counted from where a resumed
+        epoch stands, or ``limit_train_batches``, so an epoch the limit cuts is that many batches
+        even where a pass ends inside it. Had the iterator stopped at the pass's end, that epoch
+        would have ended without stepping its last, shorter accumulation window, and the count of
+        batches consumed (:meth:`batches_after`) would have started the next epoch on those
+        batches again, and again.
+        """
         done = int(self.batches_done())
-        epoch, first = divmod(done, self.batches_per_epoch)
-        order = self.order(epoch)
         width = self.batch_size * self.num_replicas
-        for batch in range(first, self.batches_per_epoch):
+        order, order_epoch = self.order(done // self.batches_per_epoch), done // self.batches_per_epoch
+        for position in range(done, done + self.batches_per_epoch):
+            epoch, batch = divmod(position, self.batches_per_epoch)
+            if epoch != order_epoch:  # into the next pass
+                order, order_epoch = self.order(epoch), epoch
             start = batch * width + self.rank * self.batch_size
             yield from order[start : start + self.batch_size].tolist()
 

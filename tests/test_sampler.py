@@ -23,16 +23,19 @@ def test_each_epoch_is_a_seeded_permutation_without_the_last_incomplete_batch():
     assert second == sampler.order(1)[:48].tolist() != first
 
 
-def test_iteration_starts_at_the_batch_training_has_reached():
+def test_iteration_starts_at_the_batch_training_has_reached_and_holds_one_pass():
+    # A pass's worth of batches from there, into the next pass where it started inside one: an
+    # epoch cut by limit_train_batches is that many batches wherever it starts.
     done = [0]
     sampler = ResumableSampler(range(50), batch_size=8, batches_done=lambda: done[0], seed=3)
-    whole = _batches(sampler, 8) + [None]
-    done[0] = 6
-    whole = whole[:-1] + _batches(sampler, 8)
+    whole = []
+    for start in (0, 6, 12):  # three passes of 6 batches
+        done[0] = start
+        whole += _batches(sampler, 8)
+    assert whole[6:12] == _batches(ResumableSampler(range(50), 8, seed=4), 8)  # pass 1: seed 3 + 1
     for reached in (0, 2, 5, 6, 9):
         done[0] = reached
-        epoch_end = (reached // 6 + 1) * 6
-        assert _batches(sampler, 8) == whole[reached:epoch_end]
+        assert _batches(sampler, 8) == whole[reached : reached + 6]
 
 
 def test_ranks_take_disjoint_runs_of_each_global_batch_that_together_are_the_one_process_batch():
@@ -113,11 +116,18 @@ def test_batches_after_follows_the_epochs_limit_train_batches_cuts():
     # and 1 steps. Counting steps x 2 put epoch 1's start at batch 6: batch 5 was never trained on.
     sampler = ResumableSampler(range(192), batch_size=16, seed=0)
     assert [sampler.batches_after(steps, 2, epoch_limit=5) for steps in range(9)] == [0, 2, 4, 5, 7, 9, 10, 12, 14]
+    assert [sampler.batches_after(steps, 3, epoch_limit=5) for steps in range(5)] == [0, 3, 5, 8, 10]
     assert [sampler.batches_after(steps, 3, epoch_limit=12) for steps in range(5)] == [0, 3, 6, 9, 12]
     assert sampler.batches_after(7, 2, epoch_limit=50) == sampler.batches_after(7, 2) == 14  # a limit past the pass
 
 
-def test_a_fit_cut_by_limit_train_batches_with_accumulation_trains_on_every_image_of_a_pass():
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("accumulate, max_steps", [(2, 9), (3, 10)])
+def test_a_fit_cut_by_limit_train_batches_with_accumulation_trains_on_every_image_of_each_pass(accumulate, max_steps):
+    # Epochs of 5 batches over passes of 12. Counted as steps x window, an epoch's short last
+    # window skipped the batches it left (accumulate 2: 1 in 6 of the data); stopped at the pass's
+    # end, an epoch of its 2 leftover batches never stepped under accumulate 3, and the next
+    # epoch started on them again: the fit never ended.
     import pytorch_lightning as pl
     from lightning_geco.datamodules import ShapesDataModule
 
@@ -130,14 +140,16 @@ def test_a_fit_cut_by_limit_train_batches_with_accumulation_trains_on_every_imag
 
     class Images(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.extend(image.numpy().tobytes() for image in batch[0])
+            seen.append([image.numpy().tobytes() for image in batch[0]])
 
-    trainer = quiet_trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=0, accumulate_grad_batches=2,
-                            callbacks=[Images()])
+    trainer = quiet_trainer(max_steps=max_steps, limit_train_batches=5, limit_val_batches=0,
+                            accumulate_grad_batches=accumulate, callbacks=[Images()])
     trainer.fit(tiny_conv_vae(objective=ELBO()), data)
-    assert trainer.global_step == 7  # epochs of 5, 5 and 2 batches: 3 + 3 + 1 steps
-    training = [image.numpy().tobytes() for image, *_ in data.train_dataloader().dataset]
-    assert len(training) == 192 and sorted(seen) == sorted(training)  # each image once, none left out
+    epochs = max_steps // -(-5 // accumulate)
+    assert trainer.global_step == max_steps and trainer.current_epoch == epochs and len(seen) == 5 * epochs
+    training = sorted(image.numpy().tobytes() for image, *_ in data.train_dataloader().dataset)
+    for first in range(0, len(seen) - 11, 12):  # each whole pass: every image once, none left out
+        assert sorted(image for batch in seen[first : first + 12] for image in batch) == training
 
 
 def test_a_datamodule_with_accumulation_that_does_not_divide_its_epoch_keeps_stepping():
