@@ -122,8 +122,8 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
         raise ValueError(
             f"num_val must be an int in (0, {n}) for a dataset of {n} items, got {num_val!r} (--data.num_val)."
         )
-    if not (is_count(seed, 0) and seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r} (--data.seed).")
+    if not (is_count(seed, -(2**63)) and seed < 2**64):  # what torch.manual_seed takes
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r} (--data.seed).")
     num_val = operator.index(num_val)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(operator.index(seed))).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])

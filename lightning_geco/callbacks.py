@@ -17,7 +17,8 @@ it on the same batches.
 Non-finite values: a NaN/inf in any rank's constraint or loss makes the reduced flag
 non-zero on every rank together: lambda is left alone, the step's gradients are dropped
 (so NaN never reaches the optimizer state), the skip is counted and logged, and after
-``max_nonfinite_steps`` consecutive skips training stops with an error.
+``max_nonfinite_steps`` consecutive skips training stops with an error (as it does after as
+many non-finite calibration measurements in a row, which leave lambda alone).
 
 Checkpoints: lambda and the moving average are buffers of the model's objective
 (:class:`~lightning_geco.geco.MultiplierState`), saved and loaded with the weights; this
@@ -357,11 +358,13 @@ class GECOCallback(Callback):
         calibration_every: optimizer steps between calibration measurements (under manual
             optimization, GECO's updates: a critic's steps do not count).
         calibration_batch_size: images per calibration measurement, over all ranks together.
-        calibration_seed: seed of the measurements' images and latent noise.
+        calibration_seed: seed of the measurements' images and latent noise (an int >= 0).
         calibration_dataset: the calibration split (default: ``trainer.datamodule.calibration_dataset``).
-        log_lambda_bounds: clamp of log lambda, so exp() never overflows.
+        log_lambda_bounds: clamp of log lambda, so exp() never overflows; within [-60, 60]
+            (``lightning_geco.geco.LOG_LAMBDA_LIMIT``: e^60 ~ 1e26 leaves fp32 head room for the per-image sums).
         initial_lambda: lambda before the first update (the paper: 1).
-        max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error.
+        max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error;
+            under the calibration drive, consecutive non-finite calibration measurements too.
         stall_window: steps the unreachable rule looks back over, as a fraction of the fit's
             planned optimizer steps (``max_steps``, or what ``max_epochs`` makes of them; with
             neither, 300 steps).
@@ -826,10 +829,17 @@ class GECOCallback(Callback):
             self._log(pl_module, torch.where(no_mean, torch.nan, constraint_means(statistics)))
         if checking:
             self._watch(trainer)
-            self._check_measurements(trainer)
         # On the device path the count is read at those steps only (reading it syncs).
         if not (checking or not on_device):
             return
+        self._check_skips(trainer)
+        if checking:  # after the training streak's check: its message is the one that holds then
+            self._check_measurements(trainer)
+
+    def _check_skips(self, trainer: pl.Trainer) -> None:
+        """Stop a fit after ``max_nonfinite_steps`` skipped optimizer steps in a row (the longest
+        run since the last check: one that ended between two checks counts)."""
+        geco = self._ready_geco
         longest = geco.take_longest_skips()
         if longest >= self.max_nonfinite_steps:
             ongoing = self.consecutive_nonfinite_steps

@@ -31,14 +31,19 @@ def class_labels(labels: Tensor | None, label_column: int = 0) -> Tensor:
             "A class label is needed but the batch carries none: batches must be (images, labels) "
             "(or a dict with 'label'). Use target='prediction' to keep the classifier's prediction on x instead."
         )
-    if labels.dim() == 2:
-        if not 0 <= label_column < labels.shape[1]:
-            raise ValueError(
-                f"label_column {label_column} is not a column of the batch's labels, which have {labels.shape[1]} "
-                f"(0 to {labels.shape[1] - 1})."
-            )
-        labels = labels[:, label_column]
-    return labels.long()
+    return _label_column(labels, label_column).long()
+
+
+def _label_column(labels: Tensor, label_column: int) -> Tensor:
+    """Labels (N,) as they are, or column ``label_column`` of (N, K) ones; a clear error past K."""
+    if labels.dim() != 2:
+        return labels
+    if not 0 <= label_column < labels.shape[1]:
+        raise ValueError(
+            f"label_column {label_column} is not a column of the batch's labels, which have {labels.shape[1]} "
+            f"(0 to {labels.shape[1] - 1})."
+        )
+    return labels[:, label_column]
 
 
 def check_class_labels(labels: Tensor | None, label_column: int, num_classes: int) -> None:
@@ -47,7 +52,7 @@ def check_class_labels(labels: Tensor | None, label_column: int, num_classes: in
     or outside [0, num_classes). Reads the labels on the host: call it on a first batch."""
     if labels is None:
         return
-    column = labels[:, label_column] if labels.dim() == 2 and 0 <= label_column < labels.shape[1] else labels
+    column = _label_column(labels, label_column)
     where = f"column {label_column} of the labels" if labels.dim() == 2 else "the labels"
     if column.is_floating_point() and not torch.equal(column, column.round()):
         values = ", ".join(f"{v:.4g}" for v in column.unique()[:5].tolist())

@@ -129,37 +129,69 @@ def test_a_checkpoint_monitoring_a_step_key_between_logging_steps_ranks_that_ste
         assert seen[30] == pytest.approx(float(callback.geco.constraint_ema), rel=1e-6)
 
 
-class OwnLossAfterNaNVAE(ConvVAE):
-    """Batch 1's GECO loss is non-finite; batches 2 and 3 train on a loss of the module's own
-    (no objective call, so GECO decides nothing about their steps)."""
+class CriticEveryBatchVAE(pl.LightningModule):
+    """Manual optimization, n_critic = 2: the VAE steps on even batches (batch 2 non-finite), a
+    fused critic after it on every batch, alone on the odd ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder, self.decoder, self.critic = torch.nn.Linear(256, 4), torch.nn.Linear(4, 256), torch.nn.Linear(256, 1)
+        self.objective = GECOObjective([ReconstructionMSE(0.05)])
+        self.critic_stepped = []
 
     def training_step(self, batch, batch_idx):
-        output = self(batch[0], None)
-        if batch_idx in (2, 3):
-            return (output.reconstruction - output.x).pow(2).mean()
-        if batch_idx == 1:
-            output = VAEOutput.from_terms(output.x, output.reconstruction * float("nan"), output.rate)
-        return self.objective(output)
+        vae_optimizer, critic_optimizer = self.optimizers()
+        x = batch[0].flatten(1)
+        if batch_idx % 2 == 0:
+            z = self.encoder(x)
+            reconstruction = torch.sigmoid(self.decoder(z)) * (float("nan") if batch_idx == 2 else 1.0)
+            vae_optimizer.zero_grad()
+            self.manual_backward(self.objective.lagrangian(0.5 * z.pow(2).sum(1), x, reconstruction))
+            vae_optimizer.step()
+        before = self.critic.weight.detach().clone()
+        with torch.no_grad():
+            fake = torch.sigmoid(self.decoder(self.encoder(x)))
+        critic_optimizer.zero_grad()
+        self.manual_backward(self.critic(fake).mean() - self.critic(x).mean())
+        critic_optimizer.step()
+        self.critic_stepped.append(not torch.equal(before, self.critic.weight))
+
+    def configure_optimizers(self):
+        vae = [*self.encoder.parameters(), *self.decoder.parameters()]
+        return torch.optim.Adam(vae, lr=1e-2, fused=True), torch.optim.Adam(self.critic.parameters(), lr=1e-2, fused=True)
 
 
 def test_a_skip_handed_to_a_fused_optimizer_is_taken_off_at_the_batch_end():
-    # The found_inf flag set for batch 1's skip stayed on the fused Adam: batches 2 and 3, whose
-    # steps GECO does not decide, were dropped too, silently, until GECO's next update.
+    # The found_inf flag of batch 2's skip stayed on the fused critic: its step alone on batch 3,
+    # which GECO does not decide, was dropped too, silently, until GECO's next update.
     pl.seed_everything(0)
-    snapshots = []
+    model = CriticEveryBatchVAE()
+    trainer = _trainer([GECOCallback()], max_steps=-1, max_epochs=1, limit_train_batches=6, limit_val_batches=0)
+    trainer.fit(model, _loader(n=48))
+    assert model.critic_stepped == [True, True, False, True, True, True]  # withheld on the skipped batch only
+    assert not any(hasattr(optimizer, "found_inf") for optimizer in trainer.optimizers)
 
-    class Parameters(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append([p.detach().clone() for p in pl_module.parameters()])
 
-    callback = GECOCallback()
-    trainer = _trainer([callback, Parameters()], max_steps=5, limit_val_batches=0)
-    trainer.fit(tiny_conv_vae(model_class=OwnLossAfterNaNVAE), _loader())
-    optimizer = trainer.optimizers[0]
-    assert optimizer.defaults["fused"] and not hasattr(optimizer, "found_inf")
-    moved = [not all(torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(snapshots, snapshots[1:])]
-    assert moved == [False, True, True, True]  # batch 1 skipped; 2, 3 (own loss) and 4 stepped
-    assert callback.geco.num_skipped_updates == 1
+class NaNBetweenOwnLossesVAE(ConvVAE):
+    """Every other batch trains on a loss of the module's own; the GECO batches are non-finite."""
+
+    def training_step(self, batch, batch_idx):
+        output = self(batch[0], None)
+        if batch_idx % 2:
+            return (output.reconstruction - output.x).pow(2).mean()
+        return self.objective(VAEOutput.from_terms(output.x, output.reconstruction * float("nan"), output.rate))
+
+
+def test_steps_whose_batches_skip_the_objective_neither_extend_nor_end_a_run_of_skips():
+    # GECO updates on every step; one with no examples reset the run of skips, so alternating
+    # them with non-finite GECO batches never reached max_nonfinite_steps.
+    pl.seed_everything(0)
+    callback = GECOCallback(max_nonfinite_steps=3)
+    trainer = _trainer([callback], max_steps=14, limit_val_batches=0, log_every_n_steps=1)
+    with pytest.raises(NonFiniteConstraintError, match="non-finite constraint or loss on 3 consecutive optimizer steps"):
+        trainer.fit(tiny_conv_vae(model_class=NaNBetweenOwnLossesVAE), _loader(n=128))
+    assert trainer.global_step == 4 and callback.geco.num_skipped_updates == 3  # batches 0, 2 and 4
 
 
 def test_a_run_stepping_two_optimizers_a_batch_without_step_logs_still_stops_on_non_finite_steps():
