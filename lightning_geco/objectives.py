@@ -225,6 +225,10 @@ class GECOObjective(Objective):
         self.geco: GECO | None = None
         # Whether the first training batch's data were checked (each constraint's check_data).
         self._data_checked = False
+        # The moving average's shift for a tolerance changed since the checkpoint, applied once
+        # the multipliers have loaded (set_extra_state runs before its children load).
+        self._tolerance_shift: Tensor | None = None
+        self.register_load_state_dict_post_hook(_shift_to_the_new_tolerances)
 
     def init_args(self) -> dict[str, object]:
         return {"constraints": list(self.constraints)}
@@ -249,21 +253,27 @@ class GECOObjective(Objective):
 
     def set_extra_state(self, state: Any) -> None:
         """Warn, naming both values, when a constraint now asks for another tolerance than the one
-        the loaded lambda was trained for (the model's own constructor argument wins)."""
+        the loaded lambda was trained for (the model's own constructor argument wins), and move
+        the moving average by the change: it holds each constraint's value, reading - tolerance
+        (tolerance - reading for an "at least" one), and must read against the new tolerance."""
         if not isinstance(state, Tensor) or state.numel() != len(self.constraints):
             return
+        shifts = []
         for trained, constraint in zip(state.tolist(), self.constraints):
+            change = trained - constraint.reading_tolerance
+            shifts.append(change if constraint.lower_is_better else -change)
             if not math.isclose(trained, constraint.reading_tolerance, rel_tol=1e-9):
                 rank_zero_warn(
                     f"GECO constraint {constraint.name!r} now asks for {constraint.reading_name} at "
                     f"{constraint.reading_tolerance:g} (stated: {constraint.tolerance:g} {constraint.unit}); the "
-                    f"checkpoint was trained with {trained:g}. Lambda and the moving average are the checkpoint's: "
-                    "a resumed run goes on from them towards the new tolerance (the moving average, kept as "
-                    "reading - old tolerance, reads shifted by the change until it has averaged new steps), and "
-                    "a test or validation judges the model against the new tolerance. "
+                    f"checkpoint was trained with {trained:g}. Lambda is the checkpoint's: a resumed run goes on "
+                    "from it towards the new tolerance (the moving average, reading - tolerance, is moved by the "
+                    "change), and a test or validation judges the model against the new tolerance. "
                     "To load the model as trained, build it with the trained tolerance (a LightningModule that "
                     "calls self.save_hyperparameters() gets it back from load_from_checkpoint)."
                 )
+        if any(shifts):
+            self._tolerance_shift = torch.tensor(shifts, dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(
@@ -358,6 +368,14 @@ class GECOObjective(Objective):
         if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss
+
+
+def _shift_to_the_new_tolerances(objective: GECOObjective, incompatible_keys: Any) -> None:
+    """After a load: move the moving average by the tolerances' change set_extra_state found."""
+    shift, objective._tolerance_shift = objective._tolerance_shift, None
+    if shift is not None:
+        ema = objective.multipliers.constraint_ema
+        ema.add_(shift.to(device=ema.device, dtype=ema.dtype))
 
 
 def _check_constraint(index: int, constraint: object) -> None:

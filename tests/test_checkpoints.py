@@ -477,9 +477,21 @@ def test_a_module_loaded_with_another_tolerance_than_it_was_trained_for_warns_na
     with pytest.warns(UserWarning, match=r"'reconstruction' now asks for distortion at 0.5 \(stated: 0.5 mse\); the checkpoint was trained with 0.2\."):
         loaded = _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt")
     assert torch.equal(loaded.objective.lagrange_multiplier, model.objective.lagrange_multiplier)
+    # The moving average holds reading - tolerance: read against 0.5 it is 0.3 lower (it was kept
+    # as reading - 0.2, so a zero-step resume reported it "met" against a tighter tolerance).
+    trained_ema = model.objective.multipliers.constraint_ema
+    torch.testing.assert_close(loaded.objective.multipliers.constraint_ema, trained_ema - 0.3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same tolerance loads quietly
-        _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt", tolerance=0.2)
+        warnings.simplefilter("error")  # the same tolerance loads quietly, its moving average as saved
+        same = _OwnVAE.load_from_checkpoint(tmp_path / "own.ckpt", tolerance=0.2)
+    assert torch.equal(same.objective.multipliers.constraint_ema, trained_ema)
+    # An "at least" constraint's value is tolerance - reading: a higher minimum raises it.
+    ncc = GECOObjective([PatchNCC(0.8)])
+    ncc.multipliers.constraint_ema.fill_(0.01)
+    stricter = GECOObjective([PatchNCC(0.9)])
+    with pytest.warns(UserWarning, match="now asks for pncc at 0.9"):
+        stricter.load_state_dict(ncc.state_dict())
+    torch.testing.assert_close(stricter.multipliers.constraint_ema, torch.tensor([0.11]))
     # A checkpoint from before the objective saved its constraints still loads, quietly.
     checkpoint = torch.load(tmp_path / "own.ckpt", weights_only=False)
     del checkpoint["state_dict"]["objective._extra_state"]
