@@ -1024,6 +1024,7 @@ class GECOCallback(Callback):
             return {}
         return {
             "geco": self.geco.state_dict(),
+            "controller": self.controller,
             "constraints": self._constraints_as_trained(),
             # Also where the previous version kept it, so that version reads the streak back.
             "consecutive_nonfinite_steps": self.consecutive_nonfinite_steps,
@@ -1060,6 +1061,13 @@ class GECOCallback(Callback):
         geco_state = dict(state["geco"])
         # Checkpoints from before GECO counted skips in a row kept the count here.
         geco_state.setdefault("num_consecutive_skips", state.get("consecutive_nonfinite_steps", 0))
+        trained_controller = state.get("controller")  # None: a checkpoint from before it was saved
+        if trained_controller is not None and trained_controller != self.controller:
+            rank_zero_warn(
+                f"GECO: the checkpoint's run moved lambda with controller={trained_controller!r}; this fit uses "
+                f"{self.controller!r}, which starts from the saved lambda (a bumpless transfer): it is not that run "
+                "continued."
+            )
         self.geco.load_state_dict(geco_state)
         # What drove lambda before: drive="auto" keeps it for the rest of the run (checkpoints from
         # before "auto" carry none and choose afresh).

@@ -70,6 +70,22 @@ def test_a_new_trainer_fitting_a_trained_model_on_moves_lambda_no_further_than_a
     assert all(abs(step) < 0.02 for step in steps[1:]), steps  # and the P term moves with the error's changes only
 
 
+def test_a_fit_resumed_under_another_controller_is_warned_naming_both(tmp_path):
+    # Accepted without a word; lambda then moved by other rules than the checkpoint's run.
+    pl.seed_everything(0)
+    trainer = _trainer([GECOCallback()], max_steps=4, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(tiny_conv_vae(), _loader())
+    trainer.save_checkpoint(tmp_path / "pi.ckpt")
+    with pytest.warns(UserWarning, match=re.escape(
+        "GECO: the checkpoint's run moved lambda with controller='pi'; this fit uses 'relative', which starts from "
+        "the saved lambda (a bumpless transfer): it is not that run continued."
+    )):
+        _trainer([GECOCallback(controller="relative")], max_steps=6).fit(tiny_conv_vae(), _loader(), ckpt_path=tmp_path / "pi.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="GECO: the checkpoint's run moved lambda")
+        _trainer([GECOCallback()], max_steps=6).fit(tiny_conv_vae(), _loader(), ckpt_path=tmp_path / "pi.ckpt")
+
+
 def test_gradient_accumulation_updates_once_per_window_from_all_micro_batches():
     pl.seed_everything(0)
     spy = UpdateSpy()
