@@ -213,11 +213,13 @@ def joined_history(run_dir: Path, last_segment: Path | None = None) -> list[dict
     return rows
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, digits: int | None = 4) -> str:
+    """A table cell: floats to ``digits`` significant digits (None: as stored, for the CSV a
+    script reads), a dict as ``k=v`` pairs."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return repr(value) if digits is None else f"{value:.{digits}g}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={_cell(v, digits)}" for k, v in value.items())
     return "" if value is None else str(value)
 
 
@@ -241,8 +243,8 @@ def _distortion_tolerance(summary: dict[str, Any]) -> float | None:
     return _scalar(tolerance) if names == "distortion" else None
 
 
-def _row(run: Run) -> list[str]:
-    return [_cell(_readings(run.summary) if c == "reading" else _value(run.summary, c)) for c in COLUMNS]
+def _row(run: Run, digits: int | None = 4) -> list[str]:
+    return [_cell(_readings(run.summary) if c == "reading" else _value(run.summary, c), digits) for c in COLUMNS]
 
 
 def _value(summary: dict[str, Any], column: str) -> Any:
@@ -406,7 +408,7 @@ def compare(argv: Sequence[str] | None = None) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["run", *COLUMNS])
         for run in runs:
-            writer.writerow([run.name, *_row(run)])
+            writer.writerow([run.name, *_row(run, digits=None)])  # every digit summary.json holds
     written = [out / "comparison.md", out / "comparison.csv", out / "rate_distortion.png", out / "metrics.png"]
     _plot_rate_distortion(runs, written[2], plt)
     _plot_metrics(runs, written[3], plt)

@@ -1159,25 +1159,31 @@ def test_compare_command_turns_runs_into_a_table_and_plots(tmp_path, capsys):
         image = Image.open(png)
         assert image.size[0] > 300 and numpy.asarray(image.convert("L")).std() > 5, png
     assert {p.name for p in written} >= {"rate_distortion.png", "metrics.png", "curves.png", "comparison.csv"}
-    # One row per run, in both files, each figure the run's summary.json holds (floats to 4 digits).
+    # One row per run, in both files, each figure the run's summary.json holds (the table's floats
+    # to 4 digits, the CSV's as stored: a script reading it lost digits, lambda 1.67 for 1.6705).
     header, rule, *rows = table.strip().splitlines()
     assert header == "| run | " + " | ".join(COMPARED) + " |" and rule == "|---" * (len(COMPARED) + 1) + "|"
     markdown_rows = [[part.strip() for part in row.strip("|").split("|")] for row in rows]
-    cell = lambda value: f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)  # noqa: E731
-    expected = []
-    for path in summaries:
-        summary = json.loads(path.read_text())
-        readings = {"reading": f"distortion={cell(summary['distortion'])}"}
-        expected.append([path.parent.parent.name, *(readings.get(column) or cell(summary[column]) for column in COMPARED)])
+
+    def expected_rows(cell):
+        rows = []
+        for path in summaries:
+            summary = json.loads(path.read_text())
+            readings = {"reading": f"distortion={cell(summary['distortion'])}"}
+            rows.append([path.parent.parent.name, *(readings.get(column) or cell(summary[column]) for column in COMPARED)])
+        return rows
+
+    expected = expected_rows(lambda value: f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value))
     assert markdown_rows == expected and [row[3] for row in expected] == ["0.05", "0.02"]
+    stored = expected_rows(lambda value: repr(value) if isinstance(value, float) else "" if value is None else str(value))
     with open(tmp_path / "cmp" / "comparison.csv", newline="") as handle:
-        assert list(csv.reader(handle)) == [["run", *COMPARED], *expected]
+        assert list(csv.reader(handle)) == [["run", *COMPARED], *stored]
     # The command's exit status: 0 when it wrote them (the console script exits with it).
     assert compare_main([str(run_dir), str(summaries[1]), "--out", str(tmp_path / "named"), "--names", "loose", "tight"]) == 0
     named = (tmp_path / "named" / "comparison.md").read_text()
     assert "| loose | " in named and "| tight | " in named
     with open(tmp_path / "named" / "comparison.csv", newline="") as handle:
-        assert list(csv.reader(handle))[1:] == [["loose", *expected[0][1:]], ["tight", *expected[1][1:]]]
+        assert list(csv.reader(handle))[1:] == [["loose", *stored[0][1:]], ["tight", *stored[1][1:]]]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error: the usage, then the message
         compare_main([str(run_dir), "--out", str(tmp_path / "bad"), "--names", "a", "b"])
