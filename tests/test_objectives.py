@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from helpers import attach_fixed_lambda, random_images, tiny_conv_vae
 from lightning_geco import (
@@ -132,6 +133,11 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
                     num_logged_images=np.int64(8), marginal_kl_chunk_size=np.int64(64))
     assert (model.image_shape, model.num_logged_images, model.aggregate_posterior.chunk_size) == ((1, 16, 16), 8, 64)
     assert type(model.aggregate_posterior.chunk_size) is int
+    # hparams.yaml stays plain data: a NumPy scalar was a !!python/object/apply tag yaml.safe_load refuses
+    assert yaml.safe_load(yaml.safe_dump(dict(model.hparams_initial))) == {
+        "image_shape": [1, 16, 16], "latent_dim": 4, "widths": [8], "hidden_dim": 16, "num_logged_images": 8,
+        "marginal_kl_chunk_size": 64,
+    }
     assert KLWarmup(np.int64(1000)).warmup_steps == 1000
     assert CapacityBetaVAE(capacity_steps=np.int64(500)).capacity_steps == 500
     assert ReconstructionMSE(np.float32(0.01)).tolerance_mse == pytest.approx(0.01)

@@ -19,9 +19,10 @@ image; ``distortion`` is the per-element MSE of the reconstruction (the likeliho
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from lightning_geco.batches import batch_images, batch_labels
 from lightning_geco.callbacks import planned_steps, step_values_read, upgrade_multiplier_buffers
-from lightning_geco.checks import is_count, is_number, is_positive_int
+from lightning_geco.checks import is_count, is_number, is_positive_int, plain_numbers
 from lightning_geco.distributions import LOG_2PI, DiagonalGaussian, gaussian_kl, normal_log_density
 from lightning_geco.likelihoods import GaussianLikelihood, Likelihood
 from lightning_geco.metrics import AggregatePosteriorKL, LatentActivity, MeanWithStandardError
@@ -177,12 +178,12 @@ class VAEModule(pl.LightningModule):
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
         for constraint in self.constraints:
             constraint.check_model(self)
-        self.learning_rate = learning_rate
+        self.learning_rate = float(learning_rate)
         self.num_logged_images = operator.index(num_logged_images)
-        self.iwae_samples = iwae_samples
+        self.iwae_samples = operator.index(iwae_samples)
         self.lr_schedule = lr_schedule
         self.aggregate_posterior = AggregatePosteriorKL(chunk_size=operator.index(marginal_kl_chunk_size))
-        self.latent_activity = LatentActivity(threshold=active_unit_threshold)
+        self.latent_activity = LatentActivity(threshold=float(active_unit_threshold))
         # One per constraint reading, its validation mean's standard error (the verdict's noise).
         # Built at each validation from the constraints of that moment (an objective may be
         # replaced after construction); not submodules, so checkpoints and dtype casts skip them.
@@ -197,6 +198,18 @@ class VAEModule(pl.LightningModule):
         # Running (min, max) of the training pixels since the last host check; NaN propagates.
         self._pixel_range: Tensor | None = None
         self._pixel_range_since = 0
+
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, with NumPy numbers among the arguments kept as the Python numbers they
+        hold: ``hparams.yaml`` and the checkpoint's hyperparameters stay plain data (a NumPy
+        scalar became a ``!!python/object/apply`` tag that a safe YAML loader refuses)."""
+        # The frame of the subclass's __init__, which Lightning would take as its own caller's.
+        caller = frame if frame is not None else getattr(inspect.currentframe(), "f_back", None)
+        super().save_hyperparameters(*args, ignore=ignore, frame=caller, logger=logger)
+        for hparams in (self._hparams, self._hparams_initial):
+            assert isinstance(hparams, MutableMapping)  # an AttributeDict
+            for key, value in list(hparams.items()):
+                hparams[key] = plain_numbers(value)
 
     @property
     def constraints(self) -> list:
