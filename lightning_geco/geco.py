@@ -580,10 +580,10 @@ class GECO:
         self._num_updates.add_(valid)
         self.skipped = has_examples & ~valid
         self._num_skipped_updates.add_(self.skipped)
-        # A step with no examples (every rank's batch skipped the objective) neither extends the
-        # run of skips nor ends it: else alternating such steps would keep the stop from firing.
-        kept = torch.where(has_examples, 0, self._num_consecutive_skips)
-        self._num_consecutive_skips = torch.where(self.skipped, self._num_consecutive_skips + 1, kept)
+        # A valid step ends the run of skips, a skipped one extends it, and one with no examples
+        # (every rank's batch skipped the objective) does neither: else alternating such steps
+        # would keep the stop from firing.
+        self._num_consecutive_skips = torch.where(valid, 0, self._num_consecutive_skips + self.skipped)
         self._longest_skips = torch.maximum(self._longest_skips, self._num_consecutive_skips)
         return valid
 

@@ -203,8 +203,10 @@ def test_skips_in_a_row_are_counted_reset_by_a_valid_update_and_saved():
     restored = GECO(["a"], alpha=0.5)
     restored.load_state_dict(geco.state_dict())
     assert restored.num_consecutive_skips == 1 and restored.num_skipped_updates == 3
-    geco.update(torch.tensor([0.0, 0.0, 0.0]))  # no examples: nothing to skip, the streak ends
-    assert geco.num_consecutive_skips == 0 and not geco.skipped and geco.num_skipped_updates == 3
+    geco.update(torch.tensor([0.0, 0.0, 0.0]))  # no examples: nothing skipped, and the streak goes on
+    assert geco.num_consecutive_skips == 1 and not geco.skipped and geco.num_skipped_updates == 3
+    geco.update(torch.tensor([0.1, 1.0, 0.0]))  # a valid update ends it
+    assert geco.num_consecutive_skips == 0
 
 
 def test_the_longest_run_of_skips_since_the_last_read_counts_a_run_that_has_ended():
