@@ -132,21 +132,19 @@ class CelebADataModule(ImageDataModule):
         )
 
         names = sorted(name for name, part in partition.items() if part == code)
-        unlisted = [name for name in names if name not in attributes]
-        if unlisted:
-            raise MissingDatasetError(
-                f"CelebA: {len(unlisted)} of the {len(names)} images of partition {code} in {folder / PARTITION} have no "
-                f"line in {folder / ATTRIBUTES} (e.g. {unlisted[0]}): the two files do not go together. Get both again "
-                f"from {SOURCE}."
-            )
         # Checked here, not when a loader (perhaps in a worker) first reaches a missing file mid-epoch.
         present = set(os.listdir(folder / IMAGES))
-        absent = [name for name in names if name not in present]
-        if absent:
-            raise MissingDatasetError(
-                f"CelebA: {len(absent)} of the {len(names)} images of partition {code} listed in {folder / PARTITION} are "
-                f"not in {folder / IMAGES} (e.g. {absent[0]}): unzip img_align_celeba.zip there again (was it cut "
-                f"short?). Get it from {SOURCE}."
-            )
+        for have, what, fix in (
+            (attributes, f"in {folder / PARTITION} have no line in {folder / ATTRIBUTES}",
+             "the two files do not go together. Get both again from"),
+            (present, f"listed in {folder / PARTITION} are not in {folder / IMAGES}",
+             "unzip img_align_celeba.zip there again (was it cut short?). Get it from"),
+        ):
+            missing = [name for name in names if name not in have]
+            if missing:
+                raise MissingDatasetError(
+                    f"CelebA: {len(missing)} of the {len(names)} images of partition {code} {what} (e.g. {missing[0]}): "
+                    f"{fix} {SOURCE}."
+                )
         attrs = torch.tensor([attributes[name] for name in names], dtype=torch.int64).reshape(len(names), 40)
         return CelebAImages([folder / IMAGES / name for name in names], attrs, transform)
