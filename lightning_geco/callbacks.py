@@ -10,9 +10,10 @@ flags]`` in fp32 to ONE all-reduce (SUM), every rank applies the same update to 
 numbers, so lambda and the moving average are bit-identical on all ranks without a
 broadcast. Under automatic optimization the collective runs on every rank at every optimizer
 step, whether or not this rank's batch went through the objective (a rank that recorded
-nothing adds no examples); no rank-local condition can skip it. Under manual optimization it
-runs at the first step after the objective was called on the batch, so every rank must call
-it on the same batches.
+nothing adds no examples); no rank-local condition can skip it. The first training batch's
+data check is one collective too (in the objective's first call), so every rank calls the
+objective on that batch. Under manual optimization the update runs at the first step after
+the objective was called on the batch, so every rank must call it on the same batches.
 
 Non-finite values: a NaN/inf in any rank's constraint or loss makes the reduced flag
 non-zero on every rank together: lambda is left alone, the step's gradients are dropped
@@ -845,7 +846,8 @@ class GECOCallback(Callback):
             ongoing = self.consecutive_nonfinite_steps
             now = (
                 "A skipped step changes no weight, so the model as the last finite step left it gives non-finite "
-                "values on every batch."
+                "values on every batch (or a step whose loss did not go through the objective, which GECO does "
+                "not guard, made the weights non-finite)."
                 if ongoing == longest
                 else f"The run of skips has ended ({ongoing} in a row now): the non-finite values came from some "
                 "batches, not from every one."

@@ -173,7 +173,8 @@ def test_consecutive_non_finite_steps_stop_training_with_a_clear_error(tmp_path)
         run(tmp_path / "nan", batch_size=32, max_steps=10, nan_steps=range(1, 10), max_nonfinite_steps=3)
     # The advice fits the precision: in 32 bits none to raise it (it said "use ... bf16-mixed or 32").
     assert str(error.value).endswith(
-        "gives non-finite values on every batch. Clip the gradients (--trainer.gradient_clip_val 1.0; a run resumed "
+        "gives non-finite values on every batch (or a step whose loss did not go through the objective, which GECO "
+        "does not guard, made the weights non-finite). Clip the gradients (--trainer.gradient_clip_val 1.0; a run resumed "
         "from an earlier checkpoint takes it too) or train with a lower learning rate, and check the data."
     )
     assert [r["skipped"] for r in _rows(tmp_path / "nan")] == list(range(9))
