@@ -115,6 +115,18 @@ class UInt8Images(Dataset):
         return TensorDataset(images.to(device).float().div_(self.scale), targets.to(device))
 
 
+def _epoch_limit(limit: int | float | None, sampler: ResumableSampler) -> int | None:
+    """The batches of a training epoch that ``limit_train_batches`` sets, as Lightning parses it
+    (an int caps the pass, a fraction takes that share of it; None: the whole pass). Worked out
+    here, not read from ``trainer.num_training_batches``: a loader with workers draws its first
+    indices before Lightning has set that."""
+    if limit is None or isinstance(limit, float) and limit == 1.0:
+        return None
+    if isinstance(limit, float):
+        return int(sampler.batches_per_epoch * limit)
+    return min(int(limit), sampler.batches_per_epoch)
+
+
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:
     """Deterministic (train, val) split: the same indices on every rank and every run."""
     n = dataset_length(dataset)
@@ -122,8 +134,8 @@ def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Sub
         raise ValueError(
             f"num_val must be an int in (0, {n}) for a dataset of {n} items, got {num_val!r} (--data.num_val)."
         )
-    if not (is_count(seed, -(2**63)) and seed < 2**64):  # what torch.manual_seed takes
-        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r} (--data.seed).")
+    if not (is_count(seed, 0) and seed < 2**64):  # torch.manual_seed's range (a negative one aliases 2**64 - s)
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r} (--data.seed).")
     num_val = operator.index(num_val)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(operator.index(seed))).tolist()
     return Subset(dataset, order[num_val:]), Subset(dataset, order[:num_val])
@@ -424,9 +436,9 @@ class ImageDataModule(pl.LightningDataModule):
                 # Manual optimization may step several optimizers on a batch, each counted in
                 # global_step; Lightning's count of batches that stepped counts the batch once.
                 return trainer.fit_loop.epoch_loop._batches_that_stepped
-            limit = trainer.num_training_batches  # inf for a loader without a length
-            epoch_limit = None if limit == float("inf") else int(limit)
-            return sampler.batches_after(trainer.global_step, trainer.accumulate_grad_batches, epoch_limit)
+            return sampler.batches_after(
+                trainer.global_step, trainer.accumulate_grad_batches, _epoch_limit(trainer.limit_train_batches, sampler)
+            )
 
         sampler.batches_done = batches_done
         return sampler

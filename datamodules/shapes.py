@@ -178,10 +178,14 @@ class ShapesDataModule(ImageDataModule):
         refused: it is drawn apart from this DataModule's training shapes, not that model's (of
         2,000 test shapes at 32 x 32, 119 were training images of a model trained with another seed)."""
         trained = self.trained_generation
-        if trained is None or trained == self.generation():
+        # The training shapes are a function of these (num_val only draws the validation shapes,
+        # which a resumed fit may change: none of them was trained on).
+        keys = ("seed", "num_train", "image_size")
+        current = self.generation()
+        if trained is None or all(trained.get(key) == current[key] for key in keys):
             return super().missing_test_split()
-        changed = ", ".join(f"{key}={value} (it trained on {trained.get(key)})" for key, value in self.generation().items()
-                            if trained.get(key) != value)
+        changed = ", ".join(f"{key}={current[key]} (it trained on {trained.get(key)})" for key in keys
+                            if trained.get(key) != current[key])
         flags = " ".join(f"--data.{key} {value}" for key, value in trained.items())
         return (
             f"ShapesDataModule has {changed}: its test split is drawn apart from its own training shapes, not the "

@@ -364,7 +364,8 @@ class GECOCallback(Callback):
         log_lambda_bounds: clamp of log lambda, so exp() never overflows; within [-60, 60]
             (``lightning_geco.geco.LOG_LAMBDA_LIMIT``: e^60 ~ 1e26 leaves fp32 head room for the per-image sums).
         initial_lambda: lambda before the first update (the paper: 1).
-        max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error;
+        max_nonfinite_steps: consecutive non-finite optimizer steps tolerated before an error
+            (a step whose batches skipped the objective neither counts nor breaks the run);
             under the calibration drive, consecutive non-finite calibration measurements too.
         stall_window: steps the unreachable rule looks back over, as a fraction of the fit's
             planned optimizer steps (``max_steps``, or what ``max_epochs`` makes of them; with

@@ -39,8 +39,8 @@ def plain_numbers(value: Any) -> Any:
     Python numbers and lists they hold (a YAML or JSON writer stores those as plain data)."""
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # not a namedtuple, whose constructor takes fields, not an iterable
         return type(value)(plain_numbers(v) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return {k: plain_numbers(v) for k, v in value.items()}
     return value

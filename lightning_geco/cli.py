@@ -810,8 +810,10 @@ class GECOLightningCLI(LightningCLI):
         try:
             self.trainer.fit(model, **kwargs)
         except BaseException as error:
-            self._finish_wandb(failed_with=error)
+            # The launched ranks first: the launcher's watcher SIGKILLs every process once a child
+            # exits non-zero, and they may be on their way out (a forwarded SIGTERM).
             self._stop_launched_ranks()
+            self._finish_wandb(failed_with=error)
             if self.trainer.is_global_zero and (self._interruption(error) or self.trainer.global_step > 0):
                 try:
                     line = self._where_to_resume()
@@ -819,7 +821,7 @@ class GECOLightningCLI(LightningCLI):
                     line = f"GECO: stopped at step {self.trainer.global_step} (its checkpoints could not be read: {unreadable})"
                 sys.stderr.write(line + "\n")
             _fail_short(error)
-            _exit_if_terminated(error)
+            self._exit_if_terminated(error)
             raise
 
     def before_test(self) -> None:
@@ -887,11 +889,20 @@ class GECOLightningCLI(LightningCLI):
         try:
             run(model, **kwargs)
         except BaseException as error:
-            self._finish_wandb(failed_with=error)
             self._stop_launched_ranks()
+            self._finish_wandb(failed_with=error)
             _fail_short(error)
-            _exit_if_terminated(error)
+            self._exit_if_terminated(error)
             raise
+
+    def _exit_if_terminated(self, error: BaseException) -> None:
+        """Exit 143 (128 + SIGTERM, as a process SIGTERM ends) for Lightning's SIGTERMException,
+        which is SystemExit(None): exit status 0, a finished run's, so a job scheduler that
+        stopped the run would record it as succeeded. Only in the process that launched the
+        others (local rank 0): a rank Lightning's launcher started exiting non-zero would have
+        the launcher's watcher SIGKILL them all, this one too."""
+        if isinstance(error, SIGTERMException) and self.trainer.local_rank == 0:
+            raise SystemExit(128 + signal.SIGTERM) from error
 
     def _stop_launched_ranks(self) -> None:
         """End the processes this one launched (Lightning's DDP launcher starts ranks 1.. as its
@@ -1001,14 +1012,6 @@ def _print_ending(verdict_line: str, summary_path: Path | None) -> None:
         print(verdict_line)
     if summary_path is not None:
         print(summary_path, flush=True)
-
-
-def _exit_if_terminated(error: BaseException) -> None:
-    """Exit 143 (128 + SIGTERM, as a process SIGTERM ends) for Lightning's SIGTERMException,
-    which is SystemExit(None): exit status 0, a finished run's, so a job scheduler that stopped
-    the run would record it as succeeded."""
-    if isinstance(error, SIGTERMException):
-        raise SystemExit(128 + signal.SIGTERM) from error
 
 
 def _fail_short(error: BaseException) -> None:

@@ -137,7 +137,9 @@ class Constraint(Rebuildable, nn.Module):
         raise NotImplementedError
 
     def forward(self, output: VAEOutput) -> Tensor:
-        """Per-example constraint value, shape (N,), per element; <= 0 is feasible."""
+        """Per-example constraint value, shape (N,), per element; <= 0 is feasible:
+        ``reading - reading_tolerance`` (``reading_tolerance - reading`` when higher is better),
+        which a model loaded under another tolerance relies on to move its moving average."""
         raise NotImplementedError
 
     def num_elements(self, output: VAEOutput) -> int:

@@ -371,9 +371,11 @@ class GECOObjective(Objective):
 
 
 def _shift_to_the_new_tolerances(objective: GECOObjective, incompatible_keys: Any) -> None:
-    """After a load: move the moving average by the tolerances' change set_extra_state found."""
+    """After a load: move the moving average by the tolerances' change set_extra_state found,
+    where the load brought the checkpoint's moving average (not one kept or reset beside it)."""
     shift, objective._tolerance_shift = objective._tolerance_shift, None
-    if shift is not None:
+    kept = any(key.endswith("multipliers.constraint_ema") for key in incompatible_keys.missing_keys)
+    if shift is not None and not kept:
         ema = objective.multipliers.constraint_ema
         ema.add_(shift.to(device=ema.device, dtype=ema.dtype))
 

@@ -492,6 +492,13 @@ def test_a_module_loaded_with_another_tolerance_than_it_was_trained_for_warns_na
     with pytest.warns(UserWarning, match="now asks for pncc at 0.9"):
         stricter.load_state_dict(ncc.state_dict())
     torch.testing.assert_close(stricter.multipliers.constraint_ema, torch.tensor([0.11]))
+    # A load that does not bring the moving average leaves the one there alone.
+    partial = GECOObjective([PatchNCC(0.9)])
+    partial.multipliers.constraint_ema.fill_(0.02)
+    weights = {k: v for k, v in ncc.state_dict().items() if not k.endswith("constraint_ema")}
+    with pytest.warns(UserWarning, match="now asks for pncc at 0.9"):
+        partial.load_state_dict(weights, strict=False)
+    torch.testing.assert_close(partial.multipliers.constraint_ema, torch.tensor([0.02]))
     # A checkpoint from before the objective saved its constraints still loads, quietly.
     checkpoint = torch.load(tmp_path / "own.ckpt", weights_only=False)
     del checkpoint["state_dict"]["objective._extra_state"]

@@ -55,8 +55,9 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     ({"num_val": "30"}, "num_val must be an int in (0, 100) for a dataset of 100 items, got '30' (--data.num_val)."),
     ({"num_val": True}, "num_val must be an int in (0, 100) for a dataset of 100 items, got True (--data.num_val)."),
     ({"num_val": 100}, "num_val must be an int in (0, 100) for a dataset of 100 items, got 100 (--data.num_val)."),
-    ({"seed": 0.5}, "seed must be an int in [-2**63, 2**64), got 0.5 (--data.seed)."),
-    ({"seed": 2**70}, f"seed must be an int in [-2**63, 2**64), got {2**70} (--data.seed)."),
+    ({"seed": 0.5}, "seed must be an int in [0, 2**64), got 0.5 (--data.seed)."),
+    ({"seed": 2**70}, f"seed must be an int in [0, 2**64), got {2**70} (--data.seed)."),
+    ({"seed": -1}, "seed must be an int in [0, 2**64), got -1 (--data.seed)."),
 ])
 def test_a_bad_split_is_refused_naming_the_value(tmp_path, kwargs, message):
     make_mnist(tmp_path / "MNIST" / "raw", 100, "t10k", True)

@@ -1,3 +1,4 @@
+import collections
 import math
 import re
 import warnings
@@ -22,6 +23,7 @@ from lightning_geco import (
     ReconstructionMSE,
     SigmaVAE,
 )
+from lightning_geco.checks import plain_numbers
 from lightning_geco.records import VAEOutput
 
 
@@ -145,6 +147,8 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
     assert ReconstructionBCE(np.float32(0.1)).tolerance == pytest.approx(0.1)
     assert PatchNCC(np.float32(0.8), patch_size=np.int64(5), stride=np.int64(5)).patch_size == 5
     assert LadderVAE(image_shape=(1, 16, 16), latent_dims=np.array([4, 2]), widths=[8], hidden_dim=16).latent_dims == [4, 2]
+    point = collections.namedtuple("Point", "x y")(np.int64(1), 2)  # an argument of a user's subclass: kept as it is
+    assert plain_numbers([point, np.float32(0.5), {"a": np.array([1, 2])}]) == [point, 0.5, {"a": [1, 2]}]
     with pytest.raises(TypeError, match=re.escape("ReconstructionMSE tolerance must be a number (in unit 'mse'), got True.")):
         ReconstructionMSE(True)
     with pytest.raises(ValueError, match=re.escape("PatchNCC needs ints patch_size >= 2 and stride >= 1, got 7.5 and 7.")):

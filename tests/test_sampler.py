@@ -152,6 +152,41 @@ def test_a_fit_cut_by_limit_train_batches_with_accumulation_trains_on_every_imag
         assert sorted(image for batch in seen[first : first + 12] for image in batch) == training
 
 
+@pytest.mark.timeout(180)
+def test_a_fit_cut_by_limit_train_batches_resumed_with_loader_workers_draws_the_uninterrupted_batches(tmp_path):
+    # A loader with workers draws its first indices before Lightning has set num_training_batches
+    # (inf until then): the resumed epoch started where an unlimited one would, skipping one
+    # batch and training on another twice.
+    import pytorch_lightning as pl
+    from lightning_geco.datamodules import ShapesDataModule
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from helpers import quiet_trainer, tiny_conv_vae
+    from lightning_geco import ELBO
+
+    def fit(max_steps, ckpt_path=None, checkpoints=None):
+        pl.seed_everything(0)
+        data = ShapesDataModule(image_size=16, num_train=192, num_val=16, batch_size=16, num_workers=2)  # 12 a pass
+        seen = []
+
+        class Batches(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append(batch[0].numpy().tobytes())
+
+        callbacks = [Batches()]
+        if checkpoints is not None:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=4, save_top_k=-1))
+        trainer = quiet_trainer(max_steps=max_steps, limit_train_batches=5, limit_val_batches=0, accumulate_grad_batches=2,
+                                callbacks=callbacks, enable_checkpointing=checkpoints is not None)
+        trainer.fit(tiny_conv_vae(objective=ELBO()), data, ckpt_path=ckpt_path)
+        return seen
+
+    whole = fit(8)
+    first = fit(4, checkpoints=tmp_path)
+    resumed = fit(8, ckpt_path=next(tmp_path.glob("*step=4*.ckpt")))
+    assert len(whole) == 14 and first[:7] + resumed == whole  # epochs of 5 batches in 3 steps: step 4 at batch 7
+
+
 def test_a_datamodule_with_accumulation_that_does_not_divide_its_epoch_keeps_stepping():
     # 4 batches an epoch at accumulate_grad_batches 3: Lightning steps twice an epoch. Counting
     # consumed batches as steps x 3 started epoch 1 at its batch 2 and every later epoch there
