@@ -10,10 +10,11 @@ flags]`` in fp32 to ONE all-reduce (SUM), every rank applies the same update to 
 numbers, so lambda and the moving average are bit-identical on all ranks without a
 broadcast. Under automatic optimization the collective runs on every rank at every optimizer
 step, whether or not this rank's batch went through the objective (a rank that recorded
-nothing adds no examples); no rank-local condition can skip it. The first training batch's
-data check is one collective too (in the objective's first call), so every rank calls the
-objective on that batch. Under manual optimization the update runs at the first step after
-the objective was called on the batch, so every rank must call it on the same batches.
+nothing adds no examples); no rank-local condition can skip it. The objective's check of a
+first training batch is said at the end of each batch, on every rank together, until every
+rank has checked one (:meth:`GECOCallback._check_first_batches`). Under manual optimization
+the update runs at the first step after the objective was called on the batch, so every rank
+must call it on the same batches.
 
 Non-finite values: a NaN/inf in any rank's constraint or loss makes the reduced flag
 non-zero on every rank together: lambda is left alone, the step's gradients are dropped
@@ -50,7 +51,7 @@ from lightning_geco.constraints import Constraint
 from lightning_geco.controllers import CONTROLLER_NAMES, Algorithm1, MultiplierController, PIController
 from lightning_geco.geco import DEFAULT_LOG_LAMBDA_BOUNDS, DRIVES, GECO, MultiplierState, constraint_means
 from lightning_geco.metrics import compiler_available
-from lightning_geco.objectives import GECOObjective
+from lightning_geco.objectives import FIRST_BATCH_REFUSED_ELSEWHERE, GECOObjective
 from lightning_geco.verdict import StallDetector
 
 #: what ``GECOCallback(drive=...)`` accepts: GECO's two drives, or ``"auto"`` to pick one per run
@@ -501,6 +502,8 @@ class GECOCallback(Callback):
         # batches so far: a training_step that never calls the objective is refused (_check_engaged).
         self._engaged = False
         self._batches_this_fit = 0
+        # Whether every rank's first training batch was checked (see _check_first_batches).
+        self._first_batches_checked = False
         # calibration measurements taken in this fit, and (valid ones so far, measurements then) as
         # last seen by _check_measurements
         self._measurements_this_fit = 0
@@ -543,6 +546,7 @@ class GECOCallback(Callback):
             self.geco = self._build_geco(self.objective)
         geco = self._ready_geco
         self.objective.attach(geco)
+        self.objective.first_batch_check_deferred = True  # said by _check_first_batches
         # A new fit; a checkpoint's are restored below (or, with some strategies, after on_fit_start).
         self._peak_learning_rate = None
         if stage == "fit":  # each fit starts without a measurement, a resumed one with its checkpoint's
@@ -863,6 +867,7 @@ class GECOCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._take_skip_flags()
+        self._check_first_batches(trainer)
         calls = self._ready_geco.recorded_calls
         self._engaged = self._engaged or calls > 0
         self._batches_this_fit += 1
@@ -876,6 +881,23 @@ class GECOCallback(Callback):
                 "update, as micro-batches do. Call it once a batch, on the batch you train on; for a figure to "
                 "log, read objective.constraint_values(output), which records nothing."
             )
+
+    def _check_first_batches(self, trainer: pl.Trainer) -> None:
+        """Raise a first training batch's problem (the objective's data check) on every rank
+        together, at the end of each batch until every rank has checked one: one all-reduce of
+        two numbers and a host read each such batch (the first only, where every rank calls the
+        objective on it). A collective in the objective's first call mismatched the others' where
+        a rank trained its first batch on a loss of its own (gloo aborted)."""
+        objective = self._ready_objective
+        if self._first_batches_checked:
+            return
+        problem = objective.first_batch_problem
+        flags = torch.tensor([float(problem is not None), float(not objective.first_batch_checked)], device=self._ready_geco.device)
+        problems, unchecked = all_reduce_sum(trainer, flags).tolist()
+        if problems:
+            objective.first_batch_problem = None
+            raise problem if problem is not None else ValueError(FIRST_BATCH_REFUSED_ELSEWHERE)
+        self._first_batches_checked = unchecked == 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_skip_flags()  # a fit stopped inside a batch (max_time, a callback's should_stop)

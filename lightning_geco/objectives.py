@@ -26,7 +26,16 @@ from lightning_geco.geco import GECO, MultiplierState, _as_fp32
 from lightning_geco.rebuild import Rebuildable
 from lightning_geco.records import VAEOutput
 
-__all__ = ["BetaVAE", "CapacityBetaVAE", "ELBO", "GECOObjective", "KLWarmup", "Objective", "SigmaVAE"]
+__all__ = [
+    "FIRST_BATCH_REFUSED_ELSEWHERE",
+    "BetaVAE",
+    "CapacityBetaVAE",
+    "ELBO",
+    "GECOObjective",
+    "KLWarmup",
+    "Objective",
+    "SigmaVAE",
+]
 
 
 class Objective(Rebuildable, nn.Module):
@@ -228,6 +237,12 @@ class GECOObjective(Objective):
         # The moving average's shift for a tolerance changed since the checkpoint, applied once
         # the multipliers have loaded (set_extra_state runs before its children load).
         self._tolerance_shift: Tensor | None = None
+        #: set by GECOCallback: the first training batch's check is said on every rank together by
+        #: the callback, at the end of each batch until every rank has checked one (a rank may
+        #: train its first batches on a loss of its own), not by a collective of the first call
+        self.first_batch_check_deferred = False
+        #: this rank's first training batch's problem, for the callback to raise (deferred check)
+        self.first_batch_problem: ValueError | None = None
         self.register_load_state_dict_post_hook(_shift_to_the_new_tolerances)
 
     def init_args(self) -> dict[str, object]:
@@ -282,6 +297,11 @@ class GECOObjective(Objective):
         # A checkpoint from before the constraints were saved here still loads.
         if prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")
+
+    @property
+    def first_batch_checked(self) -> bool:
+        """Whether this objective has checked a first training batch (its data and signs)."""
+        return self._data_checked
 
     def attach(self, geco: GECO) -> None:
         """Hand the objective the GECO that moves its multipliers (done by GECOCallback)."""
@@ -343,10 +363,16 @@ class GECOObjective(Objective):
                     _check_sign(stated, output, values[:, k])
             except ValueError as error:
                 problem = error
-            raise_on_every_rank(
-                problem, output.x.device, "GECOObjective: another rank refused its first training batch (see its error)."
-            )
             self._data_checked = True
+            if self.first_batch_check_deferred and problem is not None:
+                # Said by the callback at this batch's end, on every rank together. Until then the
+                # step runs on non-finite values, which GECO skips on every rank (no weight, moment
+                # or lambda moves), connected to every weight the reconstruction reads (DDP's
+                # reducer waits for their gradients).
+                self.first_batch_problem = problem
+                values = _non_finite_values(output, len(self.constraints))
+            elif not self.first_batch_check_deferred:
+                raise_on_every_rank(problem, output.x.device, FIRST_BATCH_REFUSED_ELSEWHERE)
         else:
             values = self.constraint_values(output)
         if self.training:
@@ -368,6 +394,15 @@ class GECOObjective(Objective):
         if self.geco is not None and self.training:
             self.geco.record_loss(loss)
         return loss
+
+
+#: what a rank whose first training batch passed says when another rank's did not
+FIRST_BATCH_REFUSED_ELSEWHERE = "GECOObjective: another rank refused its first training batch (see its error)."
+
+
+def _non_finite_values(output: VAEOutput, k: int) -> Tensor:
+    """Constraint values (N, K) of NaN, connected to the reconstruction."""
+    return (output.reconstruction.flatten(1).sum(dim=1, keepdim=True) * float("nan")).float().expand(-1, k)
 
 
 def _shift_to_the_new_tolerances(objective: GECOObjective, incompatible_keys: Any) -> None:

@@ -74,6 +74,10 @@ def test_a_rank_whose_batch_skips_the_objective_still_joins_the_update(tmp_path)
     assert rank0 == rank1
     assert [row["updates"] for row in rank0] == list(range(1, 7)) and rank0[-1]["skipped"] == 0
     assert rank0[3]["log_lambda"] != rank0[2]["log_lambda"]
+    # On the first batch too: the objective's first call checked the data in a collective of its
+    # own, which rank 1's DDP gradient all-reduce met instead (gloo aborted the run).
+    rank0, rank1 = _ddp(tmp_path / "first", "--batch-size", "8", "--max-steps", "4", "--own-loss-at-step", "0")
+    assert rank0 == rank1 and [row["updates"] for row in rank0] == list(range(1, 5))
 
 
 @pytest.mark.timeout(300)
