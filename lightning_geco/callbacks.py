@@ -554,6 +554,7 @@ class GECOCallback(Callback):
             self._calibration = None
             self._manual_updates = 0  # a checkpoint's count is restored below
             self._engaged, self._batches_this_fit = False, 0
+            self._first_batches_checked = False  # this fit's objective may not have checked one yet
             self._trainer_settings = {
                 "precision": str(trainer.precision), "accumulate_grad_batches": trainer.accumulate_grad_batches,
             }
@@ -888,9 +889,9 @@ class GECOCallback(Callback):
         two numbers and a host read each such batch (the first only, where every rank calls the
         objective on it). A collective in the objective's first call mismatched the others' where
         a rank trained its first batch on a loss of its own (gloo aborted)."""
-        objective = self._ready_objective
         if self._first_batches_checked:
             return
+        objective = self._ready_objective
         problem = objective.first_batch_problem
         flags = torch.tensor([float(problem is not None), float(not objective.first_batch_checked)], device=self._ready_geco.device)
         problems, unchecked = all_reduce_sum(trainer, flags).tolist()

@@ -296,6 +296,17 @@ def test_an_unattainable_bce_tolerance_stops_training_on_the_first_batch():
     assert model.objective.lagrange_multiplier.tolist() == [1.0]
 
 
+def test_a_callback_fitting_a_second_model_says_its_first_batch_refusal_too():
+    # The callback's "every rank has checked a first batch" stayed set from its first fit: the
+    # second model's refused batch was skipped on NaN values, step after step, and never said.
+    grey = DataLoader(TensorDataset(torch.full((16, 1, 16, 16), 0.5)), batch_size=8)
+    callback = GECOCallback()
+    quiet_trainer(max_steps=2, callbacks=[callback]).fit(tiny_conv_vae(), grey)
+    model = tiny_conv_vae(objective=GECOObjective([ReconstructionBCE(0.1)]), likelihood=BernoulliLikelihood())
+    with pytest.raises(ValueError, match="ReconstructionBCE tolerance 0.1 nats/element cannot be met"):
+        quiet_trainer(max_steps=3, callbacks=[callback]).fit(model, grey)
+
+
 def test_classifier_rejects_unknown_pooling_and_few_classes():
     with pytest.raises(ValueError, match="pooling must be 'flatten' or 'max', got 'mean'"):
         ImageClassifier(pooling="mean")
