@@ -117,14 +117,13 @@ class UInt8Images(Dataset):
 
 def _epoch_limit(limit: int | float | None, sampler: ResumableSampler) -> int | None:
     """The batches of a training epoch that ``limit_train_batches`` sets, as Lightning parses it
-    (an int caps the pass, a fraction takes that share of it; None: the whole pass). Worked out
-    here, not read from ``trainer.num_training_batches``: a loader with workers draws its first
-    indices before Lightning has set that."""
-    if limit is None or isinstance(limit, float) and limit == 1.0:
+    (an int is a count, a fraction that share of a pass; None: the whole pass), before
+    :meth:`ResumableSampler.batches_after` caps it at a pass. Worked out here, not read from
+    ``trainer.num_training_batches``: a loader with workers draws its first indices before
+    Lightning has set that."""
+    if limit is None:
         return None
-    if isinstance(limit, float):
-        return int(sampler.batches_per_epoch * limit)
-    return min(int(limit), sampler.batches_per_epoch)
+    return int(sampler.batches_per_epoch * limit) if isinstance(limit, float) else int(limit)
 
 
 def seeded_split(dataset: Dataset, num_val: int, seed: int) -> tuple[Subset, Subset]:

@@ -99,7 +99,8 @@ class ResumableSampler(DistributedSampler):
         """
         done = int(self.batches_done())
         width = self.batch_size * self.num_replicas
-        order, order_epoch = self.order(done // self.batches_per_epoch), done // self.batches_per_epoch
+        order_epoch = done // self.batches_per_epoch
+        order = self.order(order_epoch)
         for position in range(done, done + self.batches_per_epoch):
             epoch, batch = divmod(position, self.batches_per_epoch)
             if epoch != order_epoch:  # into the next pass
